@@ -1,0 +1,208 @@
+"""The run configuration: one pydantic model that is also the YAML schema of every command.
+
+Defaults are the paper's (arXiv 2407.16154, Sec. 4.1) and keep the paper's names
+(K, alpha, gamma, tau). Where the paper is silent the default is marked "(choice)".
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A problem a user can fix in the configuration; the message names the YAML path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    teacher: str | None = Field(
+        None, description="Teacher: Hugging Face hub id or local directory."
+    )
+    student: str | None = Field(
+        None, description="Student: Hugging Face hub id or local directory."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = bfloat16 on a GPU that supports it, float32 otherwise."
+    )
+    trust_remote_code: bool = False
+
+
+class PrepareSection(_Section):
+    """`ddk prepare`: corpus -> per-domain packed token shards + validation split."""
+
+    input: str | None = Field(
+        None,
+        description="A folder with one sub-folder per domain, a JSONL/Parquet file with a domain "
+        "field, or a `datasets` dataset saved with save_to_disk.",
+    )
+    output: str | None = Field(None, description="Folder the prepared data is written to.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer (hub id or dir); default: model.student."
+    )
+    text_field: str = "text"
+    domain_field: str = "domain"
+    seq_len: int = Field(
+        2048, ge=8, description="Tokens per training/validation sequence (choice)."
+    )
+    val_sequences: int = Field(
+        500, ge=1, description="Validation sequences per domain (paper: 500 samples per domain)."
+    )
+    batch_docs: int = Field(1000, ge=1, description="Documents per tokenizer batch.")
+    seed: int = 0
+    overwrite: bool = False
+
+
+class DataSection(_Section):
+    prepared: str | None = Field(None, description="Output folder of `ddk prepare`.")
+    domains: list[str] | None = Field(
+        None, description="Subset of prepared domains (default: all)."
+    )
+
+
+Method = Literal["ddk", "kd", "cpt", "ddk_no_smoothing", "equal"]
+Divergence = Literal["forward_kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "none"]
+
+
+class DistillSection(_Section):
+    method: Method = Field("ddk", description="ddk | kd | cpt | ddk_no_smoothing | equal.")
+    K: int = Field(1000, ge=1, description="Distillation interval: steps between domain updates.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Eq. 2 smoothing factor.")
+    gamma: float = Field(0.2, ge=0.0, description="Weight of the divergence term (Eq. 3).")
+    tau: float = Field(1.0, gt=0.0, description="Distillation temperature.")
+    divergence: Divergence = Field(
+        "forward_kl", description="KL direction is unstated in the paper: forward (choice)."
+    )
+    skew_lambda: float = Field(0.1, ge=0.0, le=1.0, description="Mixing of skew KL (DistiLLM).")
+    mixture: dict[str, float] | Literal["natural", "uniform"] = Field(
+        "natural",
+        description="Fixed mixture for kd/cpt: 'natural' (token proportions), 'uniform', "
+        "or {domain: weight}.",
+    )
+    loss_chunk_tokens: int = Field(
+        1024, ge=1, description="Tokens per loss chunk; bounds the logits held in memory."
+    )
+
+
+class TrainerSection(_Section):
+    output_dir: str = "runs/ddk"
+    max_steps: int = Field(30000, ge=1, description="Optimizer steps (paper: about 30k).")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per device per forward.")
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(3e-5, gt=0.0, description="Peak learning rate (paper: 3e-5).")
+    min_lr: float = Field(3e-6, ge=0.0, description="End of the cosine decay (paper: 3e-6).")
+    warmup_steps: int = Field(1000, ge=0, description="Linear warm-up steps (paper: 1000).")
+    weight_decay: float = Field(0.1, ge=0.0, description="(choice)")
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping.")
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    save_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_batch_size: int = Field(8, ge=1)
+    max_bad_steps: int = Field(10, ge=1, description="Consecutive NaN/inf steps before stopping.")
+    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+    gradient_checkpointing: bool = False
+
+
+class Config(_Section):
+    """Everything a run needs; `ddk <command> CONFIG.yaml --set a.b=c` builds one."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    prepare: PrepareSection = Field(default_factory=PrepareSection)
+    data: DataSection = Field(default_factory=DataSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+
+    @model_validator(mode="after")
+    def _check_lr(self) -> Config:
+        if self.trainer.min_lr > self.trainer.lr:
+            raise ValueError("trainer.min_lr must not exceed trainer.lr")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step on one process; the trainer multiplies by world size."""
+        return self.trainer.micro_batch_size * self.trainer.grad_accum_steps
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{where}'")
+        else:
+            problems.append(f"{where}: {e['msg']}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'trainer.lr=1e-4' -> (['trainer', 'lr'], 1e-4); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, _, raw = item.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Read a YAML file (optional), apply `a.b=c` overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"{p}: not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None

@@ -1,0 +1,1 @@
+"""Corpus -> packed per-domain token shards (prepare) and batches from them (dataset)."""

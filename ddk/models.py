@@ -1,0 +1,111 @@
+"""Loading the tokenizer, teacher and student with `from_pretrained`, and the vocabulary check."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ddk.errors import DDKError
+
+
+def _looks_local(name: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else is meant as a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _check_exists(name: str, what: str) -> str:
+    expanded = os.path.expanduser(name)
+    if os.path.exists(expanded):
+        return expanded
+    if _looks_local(name):
+        raise DDKError(
+            f"{what} path '{name}' does not exist; give a local model folder or a hub id"
+        )
+    return name
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """A fast tokenizer from a hub id or a local folder."""
+    from transformers import AutoTokenizer
+
+    path = _check_exists(name, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DDKError(f"cannot load tokenizer '{name}': {first}") from None
+    if not getattr(tok, "is_fast", False):
+        raise DDKError(f"tokenizer '{name}' has no fast (Rust) version; ddk needs a fast tokenizer")
+    return tok
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_model(name: str, *, dtype: torch.dtype, what: str, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    path = _check_exists(name, what)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DDKError(f"cannot load {what} '{name}': {first}") from None
+    return model
+
+
+def load_teacher(name: str, *, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The frozen teacher: eval mode, no gradients."""
+    model = load_model(name, dtype=dtype, what="teacher", trust_remote_code=trust_remote_code)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def embedding_rows(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+@dataclass(frozen=True)
+class VocabCheck:
+    """The shared vocabulary: logits of both models are trimmed to `size` columns."""
+
+    size: int
+    teacher_rows: int
+    student_rows: int
+
+
+def check_vocab(tokenizer_size: int, teacher_rows: int | None, student_rows: int) -> VocabCheck:
+    """Models whose output matrix is padded past the tokenizer (Qwen: 151936 rows for a 151646
+    token tokenizer) pass, with logits trimmed to the tokenizer's size; a model with fewer rows
+    than the tokenizer has tokens cannot score every token and stops the run."""
+    rows = {"student": student_rows}
+    if teacher_rows is not None:
+        rows["teacher"] = teacher_rows
+    for who, n in rows.items():
+        if n < tokenizer_size:
+            sizes = ", ".join(f"{w} {r}" for w, r in rows.items())
+            raise DDKError(
+                f"vocabulary mismatch: tokenizer has {tokenizer_size} tokens but the {who}'s output "
+                f"layer has {n} rows ({sizes}); teacher and student must share one vocabulary"
+            )
+    return VocabCheck(tokenizer_size, teacher_rows or 0, student_rows)
+
+
+def check_tokenizers_match(teacher_tok, student_tok, teacher: str, student: str) -> None:
+    """Identical vocabularies (token -> id) pass; anything else is a real mismatch."""
+    if len(teacher_tok) != len(student_tok) or teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise DDKError(
+            f"vocabulary mismatch: teacher '{teacher}' tokenizer has {len(teacher_tok)} tokens, "
+            f"student '{student}' has {len(student_tok)} (or the same size with other ids); "
+            "ddk needs teacher and student from one model family with one tokenizer"
+        )

@@ -1,0 +1,336 @@
+"""DDK domain weights: Eq. 1, Eq. 2, fixed mixtures and the per-method dispatch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ddk.domains import (
+    METHODS,
+    fixed_mixture,
+    initial_weights,
+    next_weights,
+    perplexity_ratio,
+    smooth_update,
+    uniform_weights,
+)
+
+E = math.e
+
+
+# ----------------------------------------------------------------------------- ratio
+def test_perplexity_ratio_is_student_over_teacher_float64():
+    r = perplexity_ratio([4.0, 3.0, 10.0], [2.0, 3.0, 4.0])
+    assert r.dtype == np.float64
+    np.testing.assert_array_equal(r, [2.0, 1.0, 2.5])
+
+
+def test_perplexity_ratio_length_mismatch():
+    with pytest.raises(ValueError, match="2 student perplexities but 3 teacher"):
+        perplexity_ratio([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+# ----------------------------------------------------------------------------- Eq. 1
+def test_eq1_two_domains_by_hand():
+    # ratios [1, 2] -> r0 = [1/(1+e), e/(1+e)] = [0.26894142..., 0.73105857...]
+    r0 = initial_weights([2.0, 4.0], [2.0, 2.0])
+    np.testing.assert_allclose(r0, [1 / (1 + E), E / (1 + E)], rtol=1e-15, atol=0)
+    np.testing.assert_allclose(r0, [0.2689414213699951, 0.7310585786300049], rtol=1e-15)
+    assert r0.dtype == np.float64
+
+
+def test_eq1_three_domains_by_hand():
+    # ratios [1, 2, 3] -> [1, e, e^2] / (1 + e + e^2) = [0.09003057, 0.24472847, 0.66524096]
+    r0 = initial_weights([1.0, 4.0, 6.0], [1.0, 2.0, 2.0])
+    z = 1 + E + E**2
+    np.testing.assert_allclose(r0, [1 / z, E / z, E**2 / z], rtol=1e-14)
+    np.testing.assert_allclose(r0, [0.09003057317038046, 0.24472847105479767, 0.6652409557748219])
+
+
+def test_eq1_equal_ratios_give_uniform():
+    np.testing.assert_allclose(initial_weights([3.0, 6.0, 9.0], [1.0, 2.0, 3.0]), [1 / 3] * 3)
+
+
+@pytest.mark.parametrize("big", [100.0, 1000.0, 1e5])
+def test_eq1_huge_ratios_do_not_overflow(big):
+    # exp(100) overflows float32, exp(1000) and exp(1e5) overflow float64.
+    # Softmax is shift-invariant, so ratios [big, big + 1] must give [1/(1+e), e/(1+e)].
+    r0 = initial_weights([big, big + 1.0], [1.0, 1.0])
+    assert np.all(np.isfinite(r0))
+    np.testing.assert_allclose(r0, [1 / (1 + E), E / (1 + E)], rtol=1e-9)
+
+
+def test_eq1_ratio_of_a_million():
+    r0 = initial_weights([1e6, 1.0, 2.0], [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(r0, [1.0, 0.0, 0.0], atol=1e-300)
+    assert r0.sum() == pytest.approx(1.0)
+
+
+def test_eq1_matches_naive_float64_where_it_does_not_overflow():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 12))
+        teacher = rng.uniform(1.0, 50.0, n)
+        student = teacher * rng.uniform(0.5, 60.0, n)  # ratios up to 60: exp fits float64
+        x = student / teacher
+        naive = np.exp(x) / np.exp(x).sum()
+        np.testing.assert_allclose(initial_weights(student, teacher), naive, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- Eq. 2
+def test_eq2_by_hand_uniform_prior():
+    # r = [.5, .5], ratios [1, 2]: psi ∝ [e, e^2] -> [1/(1+e), e/(1+e)];
+    # r' = .5 * that + .25 = [0.38447071068, 0.61552928932]
+    r = smooth_update([0.5, 0.5], [1.0, 2.0], [1.0, 1.0], alpha=0.5)
+    np.testing.assert_allclose(r, [0.5 / (1 + E) + 0.25, 0.5 * E / (1 + E) + 0.25], rtol=1e-15)
+    np.testing.assert_allclose(r, [0.38447071068499755, 0.6155292893150024], rtol=1e-15)
+
+
+def test_eq2_by_hand_skewed_prior():
+    # r = [.2, .8], ratios [2, 1]: psi = [.2 e^2, .8 e] ∝ [e, 4] -> [e/(e+4), 4/(e+4)];
+    # alpha = .5: r' = [.5 e/(e+4) + .25, .5 * 4/(e+4) + .25] = [0.45230484, 0.54769516]
+    r = smooth_update([0.2, 0.8], [4.0, 3.0], [2.0, 3.0], alpha=0.5)
+    np.testing.assert_allclose(r, [0.5 * E / (E + 4) + 0.25, 2 / (E + 4) + 0.25], rtol=1e-14)
+    np.testing.assert_allclose(r, [0.45230483759, 0.54769516241], rtol=1e-10)
+
+
+def test_eq2_by_hand_three_domains_alpha_03():
+    # r = [.5, .25, .25], ratios [1, 1, 2]: psi ∝ [2, 1, e] -> / (3 + e);
+    # r' = .3 * psi_norm + .7/3
+    r = smooth_update([0.5, 0.25, 0.25], [1.0, 1.0, 2.0], [1.0, 1.0, 1.0], alpha=0.3)
+    z = 3 + E
+    np.testing.assert_allclose(r, [0.3 * 2 / z + 0.7 / 3, 0.3 / z + 0.7 / 3, 0.3 * E / z + 0.7 / 3])
+
+
+def test_eq2_zero_weight_gets_floor_not_nan():
+    r = smooth_update([0.0, 1.0], [5.0, 1.0], [1.0, 1.0], alpha=0.5)
+    np.testing.assert_array_equal(r, [0.25, 0.75])
+    # With a huge ratio on the zero-weight domain as well (-inf + 1e6 stays -inf).
+    r = smooth_update([0.0, 1.0], [1e6, 1.0], [1.0, 1.0], alpha=0.5)
+    np.testing.assert_array_equal(r, [0.25, 0.75])
+
+
+def test_eq2_alpha_extremes():
+    ratios_s, ratios_t = [1.0, 2.0, 3.0], [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(smooth_update([0.2, 0.3, 0.5], ratios_s, ratios_t, 0.0), [1 / 3] * 3)
+    psi = np.array([0.2, 0.3, 0.5]) * np.exp([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(
+        smooth_update([0.2, 0.3, 0.5], ratios_s, ratios_t, 1.0), psi / psi.sum(), rtol=1e-14
+    )
+
+
+def test_eq2_scale_of_prior_does_not_matter():
+    a = smooth_update([1.0, 3.0], [2.0, 3.0], [1.0, 1.0], 0.5)
+    b = smooth_update([0.25, 0.75], [2.0, 3.0], [1.0, 1.0], 0.5)
+    np.testing.assert_allclose(a, b, rtol=1e-15)
+
+
+@pytest.mark.parametrize("big", [100.0, 1000.0, 1e5, 1e6])
+def test_eq2_huge_ratios_do_not_overflow(big):
+    r = smooth_update([0.5, 0.5], [big, big + 1.0], [1.0, 1.0], alpha=0.5)
+    assert np.all(np.isfinite(r))
+    np.testing.assert_allclose(r, [0.5 / (1 + E) + 0.25, 0.5 * E / (1 + E) + 0.25], rtol=1e-9)
+
+
+def test_eq2_matches_naive_float64_where_it_does_not_overflow():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        n = int(rng.integers(1, 12))
+        teacher = rng.uniform(1.0, 50.0, n)
+        student = teacher * rng.uniform(0.5, 60.0, n)
+        r = rng.dirichlet(np.ones(n))
+        alpha = float(rng.uniform())
+        psi = r * np.exp(student / teacher)
+        naive = alpha * psi / psi.sum() + (1 - alpha) / n
+        np.testing.assert_allclose(smooth_update(r, student, teacher, alpha), naive, rtol=1e-12)
+
+
+def test_eq1_eq2_properties_over_random_inputs():
+    """Property test (seeded): weights are finite, sum to 1 and Eq. 2 keeps the floor."""
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        n = int(rng.integers(1, 16))
+        teacher = np.exp(rng.uniform(0.0, 12.0, n))  # perplexities 1 .. 1.6e5
+        student = np.exp(rng.uniform(0.0, 14.0, n))  # ratios up to ~1e6
+        alpha = float(rng.choice([0.0, 1.0, rng.uniform()]))
+        r = rng.dirichlet(np.ones(n)) * (rng.uniform(size=n) > 0.3)
+        if not r.any():
+            r[int(rng.integers(n))] = 1.0
+
+        r0 = initial_weights(student, teacher)
+        assert np.all(np.isfinite(r0)) and np.all(r0 >= 0)
+        assert r0.sum() == pytest.approx(1.0, abs=1e-12)
+
+        r1 = smooth_update(r, student, teacher, alpha)
+        assert np.all(np.isfinite(r1))
+        assert r1.sum() == pytest.approx(1.0, abs=1e-12)
+        assert np.all(r1 >= (1 - alpha) / n)
+
+        # Iterating Eq. 2 keeps all of the above.
+        r2 = smooth_update(r1, student, teacher, alpha)
+        assert r2.sum() == pytest.approx(1.0, abs=1e-12)
+        assert np.all(r2 >= (1 - alpha) / n)
+
+
+# ------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize(
+    "student, teacher, who",
+    [
+        ([1.0, float("nan"), 2.0], [1.0, 1.0, 1.0], "student"),
+        ([1.0, float("inf"), 2.0], [1.0, 1.0, 1.0], "student"),
+        ([1.0, 0.0, 2.0], [1.0, 1.0, 1.0], "student"),
+        ([1.0, 2.0, 2.0], [1.0, float("nan"), 1.0], "teacher"),
+        ([1.0, 2.0, 2.0], [1.0, float("inf"), 1.0], "teacher"),
+        ([1.0, 2.0, 2.0], [1.0, 0.0, 1.0], "teacher"),
+        ([1.0, 2.0, 2.0], [1.0, -3.0, 1.0], "teacher"),
+    ],
+)
+def test_non_finite_perplexity_raises_naming_the_domain(student, teacher, who):
+    domains = ["web", "code", "math"]
+    for fn in (
+        lambda: initial_weights(student, teacher, domains),
+        lambda: smooth_update([1 / 3] * 3, student, teacher, 0.5, domains),
+        lambda: next_weights("ddk", 0, None, student, teacher, 0.5, None, domains),
+        lambda: next_weights("ddk", 3, [1 / 3] * 3, student, teacher, 0.5, None, domains),
+        lambda: next_weights("ddk_no_smoothing", 3, None, student, teacher, 0.5, None, domains),
+    ):
+        with pytest.raises(ValueError, match=rf"{who} perplexity.*domain 1 \('code'\)") as err:
+            fn()
+        assert "\n" not in str(err.value)
+    # Without names the index is still given.
+    with pytest.raises(ValueError, match=r"domain 1 = "):
+        initial_weights(student, teacher)
+
+
+def test_ratio_overflow_raises():
+    with pytest.raises(ValueError, match=r"overflows.*domain 0 \('web'\)"):
+        initial_weights([1e300, 1.0], [1e-300, 1.0], ["web", "code"])
+
+
+def test_eq2_bad_weights_and_alpha():
+    with pytest.raises(ValueError, match="all zero"):
+        smooth_update([0.0, 0.0], [1.0, 2.0], [1.0, 1.0], 0.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        smooth_update([-0.1, 1.1], [1.0, 2.0], [1.0, 1.0], 0.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        smooth_update([float("nan"), 1.0], [1.0, 2.0], [1.0, 1.0], 0.5)
+    with pytest.raises(ValueError, match="3 entries for 2 domains"):
+        smooth_update([0.2, 0.3, 0.5], [1.0, 2.0], [1.0, 1.0], 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_update([0.5, 0.5], [1.0, 2.0], [1.0, 1.0], 1.5)
+
+
+# ------------------------------------------------------------------- fixed mixtures
+DOMAINS = ["web", "code", "math"]
+
+
+def test_fixed_mixture_natural():
+    w = fixed_mixture(DOMAINS, "natural", {"web": 600, "code": 300, "math": 100, "other": 5})
+    np.testing.assert_allclose(w, [0.6, 0.3, 0.1])
+    assert w.dtype == np.float64
+
+
+def test_fixed_mixture_uniform():
+    np.testing.assert_allclose(fixed_mixture(DOMAINS, "uniform"), [1 / 3] * 3)
+    np.testing.assert_allclose(uniform_weights(4), [0.25] * 4)
+
+
+def test_fixed_mixture_dict_normalises_and_fills_missing_with_zero():
+    np.testing.assert_allclose(fixed_mixture(DOMAINS, {"web": 3, "math": 1}), [0.75, 0.0, 0.25])
+    np.testing.assert_allclose(fixed_mixture(DOMAINS, {"code": 0.2}), [0.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    "spec, tokens, match",
+    [
+        ({"web": 1, "chinese": 1}, None, "unknown domain 'chinese'"),
+        ({"web": -1, "code": 2}, None, "domain 'web' must be finite and >= 0"),
+        ({"web": float("nan")}, None, "domain 'web' must be finite"),
+        ({"web": "lots"}, None, "domain 'web' must be a number"),
+        ({"web": 0, "code": 0}, None, "all zero"),
+        ({}, None, "all zero"),
+        ("natural", None, "token count"),
+        ("natural", {"web": 1, "code": 2}, "no token count for domain 'math'"),
+        ("natural", {"web": 0, "code": 0, "math": 0}, "0 tokens"),
+        ("natural", {"web": -5, "code": 0, "math": 1}, "domain 'web' must be >= 0"),
+        ("zipf", None, "'natural', 'uniform' or"),
+        (0.5, None, "'natural', 'uniform' or"),
+    ],
+)
+def test_fixed_mixture_errors(spec, tokens, match):
+    with pytest.raises(ValueError, match=match) as err:
+        fixed_mixture(DOMAINS, spec, tokens)
+    assert "\n" not in str(err.value)
+
+
+def test_fixed_mixture_rejects_no_or_duplicate_domains():
+    with pytest.raises(ValueError, match="at least one domain"):
+        fixed_mixture([], "uniform")
+    with pytest.raises(ValueError, match="duplicate"):
+        fixed_mixture(["web", "web"], "uniform")
+
+
+# ---------------------------------------------------------------------- next_weights
+STUDENT = [4.0, 3.0, 12.0]
+TEACHER = [2.0, 3.0, 4.0]  # ratios [2, 1, 3]
+FIXED = np.array([0.5, 0.3, 0.2])
+
+
+def test_next_weights_ddk_eq1_then_eq2():
+    r0 = next_weights("ddk", 0, None, STUDENT, TEACHER, 0.5, FIXED, DOMAINS)
+    np.testing.assert_allclose(r0, initial_weights(STUDENT, TEACHER))
+    r1 = next_weights("ddk", 1, r0, STUDENT, TEACHER, 0.5, FIXED, DOMAINS)
+    np.testing.assert_allclose(r1, smooth_update(r0, STUDENT, TEACHER, 0.5))
+    assert not np.allclose(r1, r0)
+    with pytest.raises(ValueError, match="previous interval's weights"):
+        next_weights("ddk", 1, None, STUDENT, TEACHER, 0.5, FIXED)
+
+
+def test_next_weights_ddk_no_smoothing_is_eq1_every_time():
+    expected = initial_weights(STUDENT, TEACHER)
+    for t in (0, 1, 7):
+        w = next_weights("ddk_no_smoothing", t, [0.9, 0.05, 0.05], STUDENT, TEACHER, 0.5, FIXED)
+        np.testing.assert_allclose(w, expected)
+
+
+@pytest.mark.parametrize("method", ["kd", "cpt"])
+def test_next_weights_fixed_methods(method):
+    for t in (0, 5):
+        # Perplexities are not needed (and bad ones are not looked at).
+        w = next_weights(method, t, None, None, None, 0.5, FIXED, DOMAINS)
+        np.testing.assert_array_equal(w, FIXED)
+        assert w is not FIXED
+        w = next_weights(method, t, None, [float("nan")] * 3, TEACHER, 0.5, FIXED)
+        np.testing.assert_array_equal(w, FIXED)
+    with pytest.raises(ValueError, match="needs a fixed mixture"):
+        next_weights(method, 0, None, STUDENT, TEACHER, 0.5, None)
+    with pytest.raises(ValueError, match="sum to 1"):
+        next_weights(method, 0, None, STUDENT, TEACHER, 0.5, [0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="2 entries for 3 domains"):
+        next_weights(method, 0, None, STUDENT, TEACHER, 0.5, [0.5, 0.5])
+
+
+def test_next_weights_equal_is_uniform():
+    for t in (0, 3):
+        w = next_weights("equal", t, None, STUDENT, TEACHER, 0.5, FIXED)
+        np.testing.assert_allclose(w, [1 / 3] * 3)
+    np.testing.assert_allclose(
+        next_weights("equal", 0, None, None, None, 0.5, None, DOMAINS), [1 / 3] * 3
+    )
+
+
+def test_next_weights_every_method_sums_to_one():
+    for method in METHODS:
+        w = next_weights(method, 2, FIXED, STUDENT, TEACHER, 0.5, FIXED, DOMAINS)
+        assert w.sum() == pytest.approx(1.0)
+
+
+def test_next_weights_errors():
+    with pytest.raises(ValueError, match="unknown method 'doremi'"):
+        next_weights("doremi", 0, None, STUDENT, TEACHER, 0.5, FIXED)
+    with pytest.raises(ValueError, match="interval must be >= 0"):
+        next_weights("ddk", -1, None, STUDENT, TEACHER, 0.5, FIXED)
+    with pytest.raises(ValueError, match="number of domains"):
+        next_weights("equal", 0, None, None, None, 0.5, None)
