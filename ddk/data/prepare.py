@@ -12,6 +12,7 @@ Documents are tokenised once, without special tokens, each followed by EOS.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -34,6 +35,12 @@ from ddk.table import format_table
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _COPY_CHUNK = 1 << 24  # tokens copied per step when splitting train/val
+
+
+def vocab_hash(tokenizer) -> str:
+    """Identifies a vocabulary (token -> id), so data and models can be checked against it."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -239,7 +246,7 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
         if not writers:
             raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
         domains = {}
-        for domain, writer in writers.items():
+        for domain in writers:
             domains[domain] = {
                 "folder": names[domain],
                 **_split_domain(tmp / names[domain], domain, cfg, dtype),
@@ -254,6 +261,7 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
                 "vocab_size": vocab_size,
                 "eos_token_id": tokenizer.eos_token_id,
                 "class": type(tokenizer).__name__,
+                "vocab_sha256": vocab_hash(tokenizer),
             },
             "token_dtype": dtype.name,
             "seq_len": cfg.seq_len,

@@ -1,0 +1,138 @@
+"""Crash-safe checkpoints: written to a temporary folder, fsynced, renamed into place, with a
+manifest of SHA-256 checksums; the newest intact checkpoint is the one resumed from.
+
+Nothing here unpickles arbitrary objects: tensors live in safetensors files, the optimizer
+state is read with `torch.load(weights_only=True)`, everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from ddk.errors import DDKError
+
+CHECKSUMS = "checksums.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder), newest first; half-written temporary folders are not listed."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer_state: dict,
+    state: dict,
+    arrays: dict[str, np.ndarray],
+    rng_state: dict,
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep`."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(rng_state, tmp / "rng.pt")
+    for name, arr in arrays.items():
+        np.save(tmp / f"{name}.npy", arr)
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
+    for p in tmp.iterdir():
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. a resumed run's final save)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(root)
+    for _, old in list_checkpoints(run_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when intact, else what is wrong with it."""
+    sums_path = folder / CHECKSUMS
+    if not sums_path.is_file():
+        return "no checksums.json (incomplete)"
+    try:
+        sums = json.loads(sums_path.read_text())
+    except json.JSONDecodeError:
+        return "checksums.json is corrupt"
+    for name, digest in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_good_checkpoint(run_dir: Path, log=print) -> Path | None:
+    """The newest intact checkpoint; a broken newer one is reported and skipped."""
+    for _, folder in list_checkpoints(run_dir):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder
+        log(f"warning: checkpoint '{folder}' is unusable ({problem}); trying the previous one")
+    return None
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, device) -> dict:
+    """Load the weights into `model` and return the rest (state, optimizer, rng, arrays)."""
+    try:
+        load_model(model, str(folder / "model.safetensors"), device=str(device))
+        optimizer_state = torch.load(
+            folder / "optimizer.pt", map_location=device, weights_only=True
+        )
+        rng_state = torch.load(folder / "rng.pt", weights_only=True)
+        state = json.loads((folder / "trainer_state.json").read_text())
+        arrays = {p.stem: np.load(p, allow_pickle=False) for p in folder.glob("*.npy")}
+    except Exception as e:  # a checkpoint that passed its checksums but does not fit the model
+        raise DDKError(f"cannot load checkpoint '{folder}': {str(e).splitlines()[0]}") from None
+    return {"state": state, "optimizer": optimizer_state, "rng": rng_state, "arrays": arrays}

@@ -1,0 +1,112 @@
+"""Per-domain validation perplexity: exp(mean next-token cross-entropy over the domain's
+held-out sequences). Used for Eq. 1/Eq. 2 during training and by `ddk eval`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+
+import torch
+
+from ddk.data.dataset import PreparedData
+from ddk.errors import DDKError
+from ddk.losses import chunked_ce_sum
+from ddk.table import format_table
+
+
+def hidden_and_head(model, input_ids: torch.Tensor):
+    """Last hidden states and the LM head, so logits can be built chunk by chunk."""
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        raise DDKError(
+            f"{type(model).__name__} transforms its logits (softcapping/scale); ddk's fused loss "
+            "does not support it yet"
+        )
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return hidden, model.get_output_embeddings()
+
+
+def _world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def domain_perplexities(
+    model,
+    data: PreparedData,
+    *,
+    vocab_size: int,
+    batch_size: int = 8,
+    max_sequences: int | None = None,
+    autocast=contextlib.nullcontext,
+    chunk_tokens: int = 1024,
+) -> dict[str, dict[str, float]]:
+    """{domain: {"ppl", "loss", "tokens"}}; ranks split the sequences and sum their results."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rank, world = _world()
+    sums = torch.zeros(len(data.domains), 2, dtype=torch.float64, device=device)
+    for d, shard in enumerate(data.domains.values()):
+        n = (
+            shard.num_val_sequences
+            if max_sequences is None
+            else min(max_sequences, shard.num_val_sequences)
+        )
+        mine = list(range(n))[rank::world]
+        for start in range(0, len(mine), batch_size):
+            seqs = shard.sequences("val", mine[start : start + batch_size]).to(device)
+            with autocast():
+                hidden, head = hidden_and_head(model, seqs[:, :-1])
+            loss_sum, tokens = chunked_ce_sum(
+                hidden.reshape(-1, hidden.shape[-1]),
+                head.weight,
+                seqs[:, 1:].reshape(-1),
+                vocab_size=vocab_size,
+                chunk_tokens=chunk_tokens,
+                head_bias=getattr(head, "bias", None),
+            )
+            sums[d, 0] += float(loss_sum)
+            sums[d, 1] += float(tokens)
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    out = {}
+    for d, name in enumerate(data.domains):
+        loss = (sums[d, 0] / sums[d, 1].clamp_min(1)).item()
+        out[name] = {"ppl": math.exp(min(loss, 700.0)), "loss": loss, "tokens": int(sums[d, 1])}
+    return out
+
+
+def evaluate_model_cli(
+    model_name: str,
+    data_dir: str,
+    *,
+    domains: list[str] | None,
+    batch_size: int,
+    max_sequences: int | None,
+    as_json: bool,
+) -> dict:
+    from ddk.models import check_vocab, embedding_rows, load_model, resolve_dtype
+
+    data = PreparedData(data_dir, domains)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_name, dtype=resolve_dtype("auto", device), what="model").to(device)
+    check_vocab(data.vocab_size, None, embedding_rows(model))
+    result = domain_perplexities(
+        model, data, vocab_size=data.vocab_size, batch_size=batch_size, max_sequences=max_sequences
+    )
+    if as_json:
+        print(json.dumps({"model": model_name, "data": str(data_dir), "domains": result}, indent=2))
+    else:
+        rows = [[name, r["ppl"], r["loss"], r["tokens"]] for name, r in result.items()]
+        ppls = [r["ppl"] for r in result.values()]
+        geo = math.exp(sum(math.log(p) for p in ppls) / len(ppls))
+        rows.append(
+            ["geometric mean", geo, math.log(geo), sum(r["tokens"] for r in result.values())]
+        )
+        print(format_table(["domain", "perplexity", "loss (nats)", "tokens"], rows))
+    return result

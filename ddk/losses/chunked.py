@@ -1,0 +1,451 @@
+"""DDK's loss (Eq. 3) without materialising the full [tokens, vocab] logits.
+
+    total = Σ_tokens CE(z_S, y) + γ · Σ_tokens D(softmax(z_T / τ), softmax(z_S / τ))
+
+over the non-ignored target tokens, with z = hidden @ W.T (+ b) trimmed to the
+first ``vocab_size`` columns. The result is a SUM: the caller divides by the
+global token count of the optimizer step (across gradient accumulation and ranks).
+
+In the spirit of Liger-Kernel's ``fused_linear_distillation``, three layers:
+
+- ``_FusedDistillFunction``: a ``torch.autograd.Function`` whose forward walks the
+  tokens chunk by chunk, computes the chunk's logits on detached leaves, gets the
+  gradients of the chunk's loss w.r.t. the hidden states, W and b with
+  ``torch.autograd.grad`` (so any divergence works without a hand-written
+  gradient), accumulates them and returns the sums; backward only scales the
+  stored gradients by ``grad_output``. Peak memory is a few [chunk, vocab] float32
+  tensors plus one float32 gradient buffer of W, independent of the token count.
+- ``fused_distill_loss``: the functional entry point.
+- ``FusedDistillLoss``: an ``nn.Module`` holding the settings.
+
+Numerics: the LM-head matmul runs in the input dtype (for bf16 models: a bf16
+GEMM with float32 accumulation, exactly what the model's own ``lm_head`` does),
+and the logits are upcast to float32 at once; softmax, CE and the divergence run
+in float32 (float64 inputs stay float64). Gradients come back in the input
+dtypes; the W/b gradient is accumulated over chunks in float32.
+
+``naive_distill_loss`` is the plain reference with the same signature (full
+logits, ordinary autograd), and ``chunked_ce_sum`` the evaluation helper
+(per-domain perplexity = exp(sum / tokens)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddk.losses.divergences import DivergenceFn, get_divergence
+
+if TYPE_CHECKING:
+    from ddk.config import DistillSection
+
+IGNORE_INDEX = -100
+
+
+class LossSums(NamedTuple):
+    """Sums over the non-ignored target tokens of one call (not means)."""
+
+    total: Tensor
+    """Σ CE + γ Σ divergence: a differentiable 0-dim float32 tensor."""
+    ce: Tensor
+    """Σ CE, detached."""
+    div: Tensor
+    """Σ divergence (unweighted), detached; 0 when the teacher is skipped."""
+    tokens: int
+    """Number of non-ignored target tokens."""
+
+
+@dataclass(frozen=True)
+class _Settings:
+    vocab_size: int
+    gamma: float
+    tau: float
+    divergence_fn: DivergenceFn | None  # None: no teacher, CE only
+    skew_lambda: float
+    chunk_tokens: int
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """hidden @ weight.T (+ bias) in the input dtype, returned in (at least) float32."""
+    return F.linear(hidden, weight, bias).to(_compute_dtype(hidden.dtype))
+
+
+def _chunk_sums(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    teacher_bias: Tensor | None,
+    labels: Tensor,
+    s: _Settings,
+) -> tuple[Tensor, Tensor | None]:
+    """CE sum and divergence sum of one chunk of valid (non-ignored) rows."""
+    logits = _logits(hidden, weight, bias)
+    ce = F.cross_entropy(logits, labels, reduction="sum")
+    if s.divergence_fn is None:
+        return ce, None
+    with torch.no_grad():
+        teacher_logits = _logits(teacher_hidden, teacher_weight, teacher_bias)
+    div = s.divergence_fn(logits, teacher_logits, s.tau, s.skew_lambda).sum()
+    return ce, div
+
+
+def _run_chunks(
+    student_hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    teacher_bias: Tensor | None,
+    rows: Tensor,
+    labels: Tensor,
+    s: _Settings,
+    want: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    """Loop over chunks of ``rows``; return (ce_sum, div_sum, [grad_hidden, grad_W, grad_b]).
+
+    ``want`` says which of (student_hidden, weight, bias) get a gradient; the
+    gradients are of ``ce + gamma * div`` and come back in the inputs' dtypes.
+    """
+    V = s.vocab_size
+    device = student_hidden.device
+    acc_dtype = _compute_dtype(weight.dtype)
+    # Trimming W (not the logits) skips the padded rows' matmul; their gradient is 0.
+    w = weight[:V].detach().requires_grad_(want[1])
+    b = None if bias is None else bias[:V].detach().requires_grad_(want[2])
+    tw = None if teacher_weight is None else teacher_weight[:V].detach()
+    tb = None if teacher_bias is None else teacher_bias[:V].detach()
+
+    grad_h = torch.zeros_like(student_hidden) if want[0] else None
+    grad_w_full = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if want[1] else None
+    grad_b_full = torch.zeros(bias.shape, dtype=acc_dtype, device=device) if want[2] else None
+
+    ce_sum = torch.zeros((), dtype=_compute_dtype(student_hidden.dtype), device=device)
+    div_sum = torch.zeros_like(ce_sum)
+    for start in range(0, rows.numel(), s.chunk_tokens):
+        idx = rows[start : start + s.chunk_tokens]
+        h = student_hidden.index_select(0, idx).detach().requires_grad_(want[0])
+        th = None if s.divergence_fn is None else teacher_hidden.index_select(0, idx).detach()
+        with torch.set_grad_enabled(any(want)):
+            ce, div = _chunk_sums(h, w, b, th, tw, tb, labels.index_select(0, idx), s)
+            total = ce if div is None else ce + s.gamma * div
+        if any(want):
+            leaves = [leaf for leaf, flag in zip((h, w, b), want) if flag]
+            grads = iter(torch.autograd.grad(total, leaves))
+            if want[0]:
+                grad_h.index_copy_(0, idx, next(grads).to(grad_h.dtype))
+            if want[1]:
+                grad_w_full[:V] += next(grads)
+            if want[2]:
+                grad_b_full[:V] += next(grads)
+        ce_sum += ce.detach()
+        if div is not None:
+            div_sum += div.detach()
+
+    grad_w = None if grad_w_full is None else grad_w_full.to(weight.dtype)
+    grad_b = None if grad_b_full is None else grad_b_full.to(bias.dtype)
+    return ce_sum, div_sum, [grad_h, grad_w, grad_b]
+
+
+class _FusedDistillFunction(torch.autograd.Function):
+    """Inputs: (student_hidden, W, b, teacher_hidden, teacher_W, teacher_b, rows, labels, settings).
+
+    Outputs: (total, ce_sum, div_sum); only ``total`` is differentiable, and only
+    w.r.t. the first three inputs. The gradients are computed in forward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden,
+        weight,
+        bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        rows,
+        labels,
+        settings,
+    ):
+        want = tuple(ctx.needs_input_grad[:3])
+        ce, div, grads = _run_chunks(
+            student_hidden,
+            weight,
+            bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            rows,
+            labels,
+            settings,
+            want,
+        )
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(ce, div)
+        return ce + settings.gamma * div, ce, div
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_div):
+        grads = [None if g is None else g * grad_total for g in ctx.saved_tensors]
+        return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))
+
+
+def _validate(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    labels: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_head_weight: Tensor | None,
+    vocab_size: int,
+    tau: float,
+    skew_lambda: float,
+    chunk_tokens: int,
+) -> None:
+    if student_hidden.dim() != 2 or labels.shape != student_hidden.shape[:1]:
+        raise ValueError(
+            f"expected student_hidden [N, H] and labels [N], got {tuple(student_hidden.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+    if not 0 < vocab_size <= student_head_weight.shape[0]:
+        raise ValueError(
+            f"vocab_size {vocab_size} must be in 1..{student_head_weight.shape[0]} (student head rows)"
+        )
+    if teacher_hidden is not None:
+        if teacher_head_weight is None:
+            raise ValueError("teacher_hidden is given but teacher_head_weight is None")
+        if teacher_hidden.shape[0] != student_hidden.shape[0]:
+            raise ValueError("teacher_hidden and student_hidden must have the same number of rows")
+        if teacher_head_weight.shape[0] < vocab_size:
+            raise ValueError(
+                f"teacher head has {teacher_head_weight.shape[0]} rows < vocab_size {vocab_size}"
+            )
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if not 0.0 <= skew_lambda <= 1.0:
+        raise ValueError(f"skew_lambda must be in [0, 1], got {skew_lambda}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+
+
+def _uses_teacher(divergence: str, gamma: float, teacher_hidden: Tensor | None) -> bool:
+    return divergence != "none" and gamma != 0 and teacher_hidden is not None
+
+
+def fused_distill_loss(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    labels: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_head_weight: Tensor | None,
+    *,
+    vocab_size: int,
+    gamma: float,
+    tau: float,
+    divergence: str,
+    skew_lambda: float = 0.1,
+    chunk_tokens: int = 1024,
+    student_head_bias: Tensor | None = None,
+    teacher_head_bias: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> LossSums:
+    """Σ CE + γ Σ divergence over non-ignored tokens, chunk by chunk (see the module doc).
+
+    ``student_hidden`` [N, H] are the final hidden states already aligned with
+    ``labels`` [N] (shifted, flattened); ``student_head_weight`` [V_s, H] is the LM
+    head (V_s >= vocab_size; extra rows are padding and get a zero gradient).
+    The teacher is skipped entirely (no matmul) when ``divergence == "none"``,
+    ``gamma == 0`` or ``teacher_hidden is None``. No gradient reaches the teacher.
+    """
+    div_fn = get_divergence(divergence)  # validates the name even when unused
+    _validate(
+        student_hidden,
+        student_head_weight,
+        labels,
+        teacher_hidden,
+        teacher_head_weight,
+        vocab_size,
+        tau,
+        skew_lambda,
+        chunk_tokens,
+    )
+    if not _uses_teacher(divergence, gamma, teacher_hidden):
+        div_fn = teacher_hidden = teacher_head_weight = teacher_head_bias = None
+    settings = _Settings(
+        vocab_size, float(gamma), float(tau), div_fn, float(skew_lambda), chunk_tokens
+    )
+    rows = (labels != ignore_index).nonzero().squeeze(1)  # the one host sync of a call
+    args = (
+        student_hidden,
+        student_head_weight,
+        student_head_bias,
+        teacher_hidden,
+        teacher_head_weight,
+        teacher_head_bias,
+        rows,
+        labels,
+    )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in args[:3]
+    )
+    if needs_grad:
+        total, ce, div = _FusedDistillFunction.apply(*args, settings)
+    else:
+        ce, div, _ = _run_chunks(*args, settings, (False, False, False))
+        total = ce + settings.gamma * div
+    return LossSums(total, ce, div, int(rows.numel()))
+
+
+def naive_distill_loss(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    labels: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_head_weight: Tensor | None,
+    *,
+    vocab_size: int,
+    gamma: float,
+    tau: float,
+    divergence: str,
+    skew_lambda: float = 0.1,
+    chunk_tokens: int = 1024,
+    student_head_bias: Tensor | None = None,
+    teacher_head_bias: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> LossSums:
+    """Reference for ``fused_distill_loss``: full [N, V] logits, ordinary autograd.
+
+    Same signature and result; ``chunk_tokens`` is accepted and ignored. Used by
+    the tests and the memory benchmark.
+    """
+    del chunk_tokens
+    div_fn = get_divergence(divergence)
+    _validate(
+        student_hidden,
+        student_head_weight,
+        labels,
+        teacher_hidden,
+        teacher_head_weight,
+        vocab_size,
+        tau,
+        skew_lambda,
+        1,
+    )
+    logits = _logits(student_hidden, student_head_weight, student_head_bias)[:, :vocab_size]
+    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    mask = labels != ignore_index
+    tokens = int(mask.sum())
+    if not _uses_teacher(divergence, gamma, teacher_hidden):
+        div = torch.zeros_like(ce)
+        total = ce
+    else:
+        with torch.no_grad():
+            teacher_logits = _logits(teacher_hidden, teacher_head_weight, teacher_head_bias)
+            teacher_logits = teacher_logits[:, :vocab_size]
+        per_token = div_fn(logits, teacher_logits, float(tau), float(skew_lambda))
+        div = torch.where(mask, per_token, 0.0).sum()
+        total = ce + gamma * div
+    return LossSums(total, ce.detach(), div.detach(), tokens)
+
+
+@torch.no_grad()
+def chunked_ce_sum(
+    hidden: Tensor,
+    head_weight: Tensor,
+    labels: Tensor,
+    *,
+    vocab_size: int,
+    chunk_tokens: int = 1024,
+    head_bias: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Tensor, int]:
+    """(Σ CE over non-ignored tokens as a 0-dim float32 tensor, token count), no graph.
+
+    For evaluation: per-domain perplexity = exp(Σ sums / Σ tokens) over batches.
+    """
+    _validate(hidden, head_weight, labels, None, None, vocab_size, 1.0, 0.0, chunk_tokens)
+    settings = _Settings(vocab_size, 0.0, 1.0, None, 0.0, chunk_tokens)
+    rows = (labels != ignore_index).nonzero().squeeze(1)
+    ce, _, _ = _run_chunks(
+        hidden, head_weight, head_bias, None, None, None, rows, labels, settings, (False,) * 3
+    )
+    return ce, int(rows.numel())
+
+
+class FusedDistillLoss(nn.Module):
+    """``fused_distill_loss`` with its settings held; ``forward`` returns ``LossSums``."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        gamma: float = 0.2,
+        tau: float = 1.0,
+        divergence: str = "forward_kl",
+        skew_lambda: float = 0.1,
+        chunk_tokens: int = 1024,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__()
+        get_divergence(divergence)  # fail at construction on an unknown name
+        self.vocab_size = vocab_size
+        self.gamma = gamma
+        self.tau = tau
+        self.divergence = divergence
+        self.skew_lambda = skew_lambda
+        self.chunk_tokens = chunk_tokens
+        self.ignore_index = ignore_index
+
+    @classmethod
+    def from_config(cls, distill: DistillSection, vocab_size: int) -> FusedDistillLoss:
+        """Settings from the config's ``distill`` section (gamma, tau, divergence, ...)."""
+        return cls(
+            vocab_size,
+            gamma=distill.gamma,
+            tau=distill.tau,
+            divergence=distill.divergence,
+            skew_lambda=distill.skew_lambda,
+            chunk_tokens=distill.loss_chunk_tokens,
+        )
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_head_weight: Tensor,
+        labels: Tensor,
+        teacher_hidden: Tensor | None = None,
+        teacher_head_weight: Tensor | None = None,
+        student_head_bias: Tensor | None = None,
+        teacher_head_bias: Tensor | None = None,
+    ) -> LossSums:
+        return fused_distill_loss(
+            student_hidden,
+            student_head_weight,
+            labels,
+            teacher_hidden,
+            teacher_head_weight,
+            vocab_size=self.vocab_size,
+            gamma=self.gamma,
+            tau=self.tau,
+            divergence=self.divergence,
+            skew_lambda=self.skew_lambda,
+            chunk_tokens=self.chunk_tokens,
+            student_head_bias=student_head_bias,
+            teacher_head_bias=teacher_head_bias,
+            ignore_index=self.ignore_index,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"vocab_size={self.vocab_size}, gamma={self.gamma}, tau={self.tau}, "
+            f"divergence={self.divergence!r}, skew_lambda={self.skew_lambda}, "
+            f"chunk_tokens={self.chunk_tokens}"
+        )

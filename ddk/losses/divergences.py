@@ -1,0 +1,120 @@
+"""Per-token divergences between the student's and the teacher's next-token distributions.
+
+Every function has the signature
+
+    fn(student_logits [n, V], teacher_logits [n, V], tau, skew_lambda) -> Tensor [n]
+
+and returns one value per row (token). The temperature is applied to BOTH sides
+(``softmax(logits / tau)``); there is no ``tau**2`` factor (DDK Eq. 3 has none).
+The math runs in at least float32 (half/bfloat16 inputs are upcast, float64 stays
+float64). Everything is built from ``log_softmax`` and log-space mixtures, and a
+probability that is exactly 0 (a ``-inf`` logit) contributes 0 to the sum, with a
+finite gradient, instead of ``0 * -inf = NaN``.
+
+``DIVERGENCES`` is the one place a divergence name is defined. The config's
+``Divergence`` literal is these names plus ``"none"`` (``NO_DIVERGENCE``): no
+divergence term at all (continued pre-training); the chunked loss handles it by
+skipping the teacher, so it has no entry here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+DivergenceFn = Callable[[Tensor, Tensor, float, float], Tensor]
+
+NO_DIVERGENCE = "none"
+
+
+def _log_probs(logits: Tensor, tau: float) -> Tensor:
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return torch.log_softmax(logits.to(dtype) / tau, dim=-1)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per row from log-probabilities; terms with p == 0 are exactly 0."""
+    p = log_p.exp()
+    # Masking the difference (not only the product) keeps -inf - -inf = NaN out of
+    # both the value and the gradient.
+    diff = torch.where(p > 0, log_p - log_q, 0.0)
+    return (p * diff).sum(dim=-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), elementwise and stable; -inf where both are 0."""
+    # The shift cancels mathematically, so it carries no gradient.
+    shift = torch.maximum(log_a, log_b).detach()
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)
+    inner = weight_a * (log_a - shift).exp() + (1.0 - weight_a) * (log_b - shift).exp()
+    positive = inner > 0
+    return torch.where(positive, shift + torch.where(positive, inner, 1.0).log(), -math.inf)
+
+
+def forward_kl(
+    student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0, skew_lambda: float = 0.0
+) -> Tensor:
+    """KL(p_T || p_S): the teacher-weighted (mean-seeking) direction; DDK's default."""
+    del skew_lambda
+    return _kl(_log_probs(teacher_logits, tau), _log_probs(student_logits, tau))
+
+
+def reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0, skew_lambda: float = 0.0
+) -> Tensor:
+    """KL(p_S || p_T): the student-weighted (mode-seeking) direction (MiniLLM)."""
+    del skew_lambda
+    return _kl(_log_probs(student_logits, tau), _log_probs(teacher_logits, tau))
+
+
+def js(
+    student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0, skew_lambda: float = 0.0
+) -> Tensor:
+    """Jensen-Shannon: 0.5 KL(p_T || m) + 0.5 KL(p_S || m), m = (p_T + p_S) / 2."""
+    del skew_lambda
+    log_s = _log_probs(student_logits, tau)
+    log_t = _log_probs(teacher_logits, tau)
+    log_m = _log_mix(log_t, log_s, 0.5)
+    return 0.5 * _kl(log_t, log_m) + 0.5 * _kl(log_s, log_m)
+
+
+def skew_kl(
+    student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0, skew_lambda: float = 0.1
+) -> Tensor:
+    """DistiLLM skew forward KL: KL(p_T || λ p_T + (1 - λ) p_S), λ = skew_lambda."""
+    log_s = _log_probs(student_logits, tau)
+    log_t = _log_probs(teacher_logits, tau)
+    return _kl(log_t, _log_mix(log_t, log_s, skew_lambda))
+
+
+def skew_reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0, skew_lambda: float = 0.1
+) -> Tensor:
+    """DistiLLM skew reverse KL: KL(p_S || λ p_S + (1 - λ) p_T), λ = skew_lambda."""
+    log_s = _log_probs(student_logits, tau)
+    log_t = _log_probs(teacher_logits, tau)
+    return _kl(log_s, _log_mix(log_s, log_t, skew_lambda))
+
+
+DIVERGENCES: dict[str, DivergenceFn] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "js": js,
+    "skew_kl": skew_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+}
+"""Name -> per-token divergence. The single source of truth for divergence names."""
+
+
+def get_divergence(name: str) -> DivergenceFn | None:
+    """The function registered under ``name``; ``None`` for ``"none"``; ValueError otherwise."""
+    if name == NO_DIVERGENCE:
+        return None
+    try:
+        return DIVERGENCES[name]
+    except KeyError:
+        valid = ", ".join([*DIVERGENCES, NO_DIVERGENCE])
+        raise ValueError(f"unknown divergence '{name}'; expected one of: {valid}") from None

@@ -1,0 +1,566 @@
+"""The DDK training loop (Algorithm 1 of arXiv 2407.16154), shared by every method.
+
+    setup:  load models + data, check vocabularies, teacher perplexities (once, cached),
+            student perplexities -> r_0 (Eq. 1 for DDK, a fixed mixture for baselines)
+    loop:   every K steps: evaluate the student per domain, r_{t+1} by Eq. 2, draw the
+            interval's sequences in proportion to r; each step: teacher signal ->
+            CE + γ·divergence (chunked, normalised by the step's global token count) -> AdamW
+    save:   checkpoints every `save_every` steps, the final student with save_pretrained.
+
+Multi-GPU / multi-node runs go through Hugging Face Accelerate (`accelerate launch -m ddk.cli
+distill ...`); every rank computes the same interval plan and takes its slice of each batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddk.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
+from ddk.config import Config, ConfigError, load_config
+from ddk.data.dataset import PreparedData
+from ddk.domains import fixed_mixture, next_weights, perplexity_ratio
+from ddk.errors import DDKError
+from ddk.evaluate import domain_perplexities, hidden_and_head
+from ddk.losses import LossSums, fused_distill_loss
+from ddk.metrics import MetricsWriter, truncate_metrics
+from ddk.sampler import DomainSampler
+from ddk.schedule import lr_lambda
+from ddk.teacher import OnlineTeacher
+
+FIXED_METHODS = ("kd", "cpt", "equal")
+
+
+class DistillStep(torch.nn.Module):
+    """The student plus the fused loss, as one module, so DDP/FSDP see a single forward."""
+
+    def __init__(self, student, cfg: Config, vocab_size: int):
+        super().__init__()
+        self.student = student
+        self.vocab_size = vocab_size
+        d = cfg.distill
+        self.divergence = "none" if d.method == "cpt" else d.divergence
+        self.gamma, self.tau, self.skew_lambda = d.gamma, d.tau, d.skew_lambda
+        self.chunk_tokens = d.loss_chunk_tokens
+
+    def forward(
+        self, input_ids, labels, teacher_hidden=None, teacher_weight=None, teacher_bias=None
+    ):
+        hidden, head = hidden_and_head(self.student, input_ids)
+        return fused_distill_loss(
+            hidden.reshape(-1, hidden.shape[-1]),
+            head.weight,
+            labels.reshape(-1),
+            teacher_hidden,
+            teacher_weight,
+            vocab_size=self.vocab_size,
+            gamma=self.gamma,
+            tau=self.tau,
+            divergence=self.divergence,
+            skew_lambda=self.skew_lambda,
+            chunk_tokens=self.chunk_tokens,
+            student_head_bias=getattr(head, "bias", None),
+            teacher_head_bias=teacher_bias,
+        )
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.divergence != "none" and self.gamma != 0
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a checkpoint must restore for an exact resume."""
+
+    step: int = 0  # optimizer steps completed
+    interval: int = 0
+    weights: list[float] = field(default_factory=list)
+    sampler: dict = field(default_factory=dict)  # sampler state after drawing `plan`
+    tokens_seen: int = 0
+    bad_steps_total: int = 0
+    bad_steps_in_a_row: int = 0
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM (e.g. cluster preemption) ask the loop to save and exit at a step boundary."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        cuda = torch.cuda.is_available()
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+        self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
+        acc = self.accelerator
+        self.is_main = acc.is_main_process
+        self.world = acc.num_processes
+        self.rank = acc.process_index
+        self.device = acc.device
+        _seed_everything(cfg.trainer.seed)
+        self._setup_data_and_models()
+        self.metrics = MetricsWriter(run_dir, cfg.trainer.report_to, enabled=self.is_main)
+        self.state = TrainState()
+        self.plan: np.ndarray | None = None
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    # ------------------------------------------------------------------ setup
+    def _setup_data_and_models(self) -> None:
+        from ddk.data.prepare import vocab_hash
+        from ddk.models import (
+            check_vocab,
+            embedding_rows,
+            load_model,
+            load_teacher,
+            load_tokenizer,
+            resolve_dtype,
+        )
+
+        cfg = self.cfg
+        self.data = PreparedData(cfg.data.prepared, cfg.data.domains)
+        self.domains = self.data.names
+        self.vocab_size = self.data.vocab_size
+        self.student_tokenizer = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
+        data_vocab = self.data.manifest["tokenizer"].get("vocab_sha256")
+        if data_vocab and vocab_hash(self.student_tokenizer) != data_vocab:
+            raise DDKError(
+                f"data.prepared '{cfg.data.prepared}' was tokenised with "
+                f"'{self.data.manifest['tokenizer']['name_or_path']}', whose vocabulary differs from "
+                f"the student's ('{cfg.model.student}'); prepare the data with the student's tokenizer"
+            )
+        # The student trains in float32 (master weights); bf16 comes from autocast on GPUs.
+        self.student = load_model(
+            cfg.model.student,
+            dtype=torch.float32,
+            what="student",
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        teacher = None
+        if cfg.model.teacher:
+            teacher_dtype = resolve_dtype(cfg.model.dtype, self.device)
+            teacher = load_teacher(
+                cfg.model.teacher,
+                dtype=teacher_dtype,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+            try:
+                teacher_tok = load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code)
+            except DDKError:
+                teacher_tok = None  # a model folder without a tokenizer: rely on the row check
+            if teacher_tok is not None and vocab_hash(teacher_tok) != vocab_hash(
+                self.student_tokenizer
+            ):
+                raise DDKError(
+                    f"vocabulary mismatch: teacher '{cfg.model.teacher}' tokenizer has "
+                    f"{len(teacher_tok)} tokens, student '{cfg.model.student}' has "
+                    f"{len(self.student_tokenizer)} (or the same size with other ids); "
+                    "teacher and student must share one tokenizer"
+                )
+        elif cfg.distill.method != "cpt":
+            raise DDKError(f"model.teacher is required for method '{cfg.distill.method}'")
+        check_vocab(
+            self.vocab_size,
+            embedding_rows(teacher) if teacher is not None else None,
+            embedding_rows(self.student),
+        )
+        for who, model in (("student", self.student), ("teacher", teacher)):
+            limit = getattr(model.config, "max_position_embeddings", None) if model else None
+            if limit is not None and self.data.seq_len > limit:
+                raise DDKError(
+                    f"prepared seq_len {self.data.seq_len} exceeds the {who}'s context of {limit} "
+                    "tokens; prepare the data with a smaller prepare.seq_len"
+                )
+        if cfg.trainer.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable()
+        self.student.config.use_cache = False
+
+        t = cfg.trainer
+        self.step_module = DistillStep(self.student, cfg, self.vocab_size)
+        decay = [p for n, p in self.student.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.student.named_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": t.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=t.lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lr_lambda(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps),
+        )
+        self.step_module, self.optimizer, self.scheduler = self.accelerator.prepare(
+            self.step_module, optimizer, scheduler
+        )
+        self.teacher = None
+        if teacher is not None:
+            self.teacher_model = teacher.to(self.device)
+            self.teacher = OnlineTeacher(self.teacher_model, self.accelerator.autocast)
+
+        method = cfg.distill.method
+        self.fixed = None
+        if method in ("kd", "cpt"):
+            try:
+                self.fixed = fixed_mixture(
+                    self.domains, cfg.distill.mixture, self.data.train_tokens()
+                )
+            except ValueError as e:
+                raise ConfigError(f"distill.mixture: {e}") from None
+        self.sampler = DomainSampler(
+            {n: s.num_train_sequences for n, s in self.data.domains.items()}, cfg.trainer.seed
+        )
+        self.global_batch = t.micro_batch_size * t.grad_accum_steps * self.world
+
+    # ------------------------------------------------------------------ evaluation
+    def _unwrapped_student(self):
+        return self.accelerator.unwrap_model(self.step_module).student
+
+    def evaluate_student(self) -> dict[str, dict]:
+        return domain_perplexities(
+            self._unwrapped_student(),
+            self.data,
+            vocab_size=self.vocab_size,
+            batch_size=self.cfg.trainer.eval_batch_size,
+            autocast=self.accelerator.autocast,
+            chunk_tokens=self.cfg.distill.loss_chunk_tokens,
+        )
+
+    def teacher_perplexities(self) -> dict[str, float] | None:
+        """Computed once per run (the teacher is frozen) and cached in the run folder."""
+        if self.teacher is None:
+            return None
+        cache = self.run_dir / "teacher_ppl.json"
+        key = {"teacher": self.cfg.model.teacher, "data": self.data.fingerprint()}
+        if cache.exists():
+            cached = json.loads(cache.read_text())
+            if cached.get("key") == key and set(cached["ppl"]) >= set(self.domains):
+                return {d: cached["ppl"][d] for d in self.domains}
+        result = domain_perplexities(
+            self.teacher_model,
+            self.data,
+            vocab_size=self.vocab_size,
+            batch_size=self.cfg.trainer.eval_batch_size,
+            autocast=self.accelerator.autocast,
+            chunk_tokens=self.cfg.distill.loss_chunk_tokens,
+        )
+        ppl = {d: r["ppl"] for d, r in result.items()}
+        if self.is_main:
+            cache.write_text(json.dumps({"key": key, "ppl": ppl}, indent=2))
+        return ppl
+
+    def _domain_event(self, event: str, student: dict, teacher: dict | None, weights) -> dict:
+        s_ppl = [student[d]["ppl"] for d in self.domains]
+        ratios = perplexity_ratio(s_ppl, [teacher[d] for d in self.domains]) if teacher else None
+        return {
+            "event": event,
+            "step": self.state.step,
+            "interval": self.state.interval,
+            "domains": {
+                d: {
+                    "student_ppl": student[d]["ppl"],
+                    "teacher_ppl": teacher[d] if teacher else None,
+                    "ratio": float(ratios[i]) if ratios is not None else None,
+                    "weight": float(weights[i]),
+                }
+                for i, d in enumerate(self.domains)
+            },
+        }
+
+    def update_domain_weights(self) -> None:
+        """Algorithm 1 steps 1/4: evaluate, set r_t (Eq. 1 or Eq. 2), draw the interval."""
+        cfg = self.cfg.distill
+        started = time.perf_counter()
+        student = self.evaluate_student()
+        s_ppl = [student[d]["ppl"] for d in self.domains]
+        t_ppl = [self.teacher_ppl[d] for d in self.domains] if self.teacher_ppl else None
+        if cfg.method in ("ddk", "ddk_no_smoothing") and t_ppl is None:
+            raise DDKError("DDK needs teacher perplexities; set model.teacher")
+        try:
+            weights = next_weights(
+                cfg.method,
+                self.state.interval,
+                self.state.weights or None,
+                s_ppl,
+                t_ppl,
+                cfg.alpha,
+                self.fixed,
+                domains=self.domains,
+            )
+        except ValueError as e:
+            raise DDKError(f"cannot update domain weights at step {self.state.step}: {e}") from None
+        self.state.weights = [float(w) for w in weights]
+        record = self._domain_event("domain_update", student, self.teacher_ppl, weights)
+        record["eval_seconds"] = round(time.perf_counter() - started, 3)
+        self.metrics.write(record)
+        self.plan = self.sampler.plan_interval(
+            self.state.interval, weights, self.cfg.distill.K * self.global_batch
+        )
+        self.state.sampler = self.sampler.state_dict()
+
+    # ------------------------------------------------------------------ training
+    def _step_batches(self):
+        """This rank's micro-batches of the current step, and the step's global token count."""
+        t = self.cfg.trainer
+        offset = (self.state.step % self.cfg.distill.K) * self.global_batch
+        rows = self.plan[offset : offset + self.global_batch]
+        rows = rows.reshape(t.grad_accum_steps, self.world, t.micro_batch_size, 2)[:, self.rank]
+        batches = []
+        for micro in rows:
+            seqs = torch.cat(
+                [self.data.domains[self.domains[d]].sequences("train", [i]) for d, i in micro]
+            )
+            batches.append(seqs)
+        tokens = self.global_batch * self.data.seq_len  # packed: every position is a target
+        return batches, tokens
+
+    def train_step(self) -> dict:
+        acc = self.accelerator
+        batches, global_tokens = self._step_batches()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for i, seqs in enumerate(batches):
+            seqs = seqs.to(self.device)
+            input_ids, labels = seqs[:, :-1], seqs[:, 1:]
+            signal_args = ()
+            if self.teacher is not None and self.step_module_uses_teacher:
+                sig = self.teacher.signal(input_ids)
+                signal_args = (sig.hidden, sig.head_weight, sig.head_bias)
+            last = i == len(batches) - 1
+            ctx = acc.no_sync(self.step_module) if not last else contextlib.nullcontext()
+            with ctx:
+                out: LossSums = self.step_module(input_ids, labels, *signal_args)
+                # DDP averages gradients over ranks; scale so the result is sum / global tokens.
+                acc.backward(out.total * (self.world / global_tokens))
+            sums += torch.stack([out.total.detach().double(), out.ce.double(), out.div.double()])
+        if self.world > 1:
+            sums = acc.reduce(sums, reduction="sum")
+        grad_norm = None
+        if self.cfg.trainer.grad_clip > 0:
+            grad_norm = float(
+                acc.clip_grad_norm_(self.step_module.parameters(), self.cfg.trainer.grad_clip)
+            )
+        finite = math.isfinite(float(sums[0])) and (grad_norm is None or math.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.state.bad_steps_in_a_row = 0
+        else:
+            self.state.bad_steps_total += 1
+            self.state.bad_steps_in_a_row += 1
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens_seen += global_tokens
+        return {
+            "loss": float(sums[0]) / global_tokens,
+            "ce": float(sums[1]) / global_tokens,
+            "kl": float(sums[2]) / global_tokens,
+            "grad_norm": grad_norm,
+            "skipped": not finite,
+        }
+
+    @property
+    def step_module_uses_teacher(self) -> bool:
+        return self.accelerator.unwrap_model(self.step_module).uses_teacher
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.is_main:
+            state = dict(self.state.__dict__)
+            path = save_checkpoint(
+                self.run_dir,
+                self.state.step,
+                model=self._unwrapped_student(),
+                optimizer_state=self.optimizer.state_dict(),
+                state={"trainer": state, "scheduler": self.scheduler.state_dict()},
+                arrays={"plan": self.plan},
+                rng_state=_rng_state(),
+                keep=self.cfg.trainer.keep_checkpoints,
+            )
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _restore(self, folder: Path) -> None:
+        loaded = load_checkpoint(folder, self._unwrapped_student(), self.device)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["state"]["scheduler"])
+        self.state = TrainState(**loaded["state"]["trainer"])
+        self.sampler.load_state_dict(self.state.sampler)
+        self.plan = loaded["arrays"]["plan"]
+        _set_rng_state(loaded["rng"])
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Path:
+        cfg = self.cfg
+        t, K = cfg.trainer, cfg.distill.K
+        self.teacher_ppl = self.teacher_perplexities()
+        if self.plan is None:
+            self.update_domain_weights()  # r_0 (Eq. 1 for DDK)
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.state.step,
+            desc=f"distill [{cfg.distill.method}]",
+            disable=not self.is_main,
+            dynamic_ncols=True,
+            unit="step",
+        )
+        window_tokens, window_start = 0, time.perf_counter()
+        stopped_by = None
+        with _StopRequest() as stop:
+            while self.state.step < t.max_steps:
+                if self.state.step // K != self.state.interval:
+                    self.state.interval = self.state.step // K
+                    self.update_domain_weights()
+                logs = self.train_step()
+                if self.state.bad_steps_in_a_row > t.max_bad_steps:
+                    raise DDKError(
+                        f"{self.state.bad_steps_in_a_row} steps in a row had a NaN/inf loss or "
+                        f"gradient (at step {self.state.step}); lower trainer.lr or check the data. "
+                        "The last good checkpoint is intact"
+                    )
+                window_tokens += self.global_batch * self.data.seq_len
+                bar.update(1)
+                if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": self.state.step,
+                        "tokens": self.state.tokens_seen,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        **logs,
+                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        "bad_steps": self.state.bad_steps_total,
+                    }
+                    self.metrics.write(record)
+                    bar.set_postfix(
+                        loss=f"{logs['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
+                    )
+                    window_tokens, window_start = 0, time.perf_counter()
+                if self.state.step % t.save_every == 0 and self.state.step < t.max_steps:
+                    self.save()
+                if stop.signal_name and self.state.step < t.max_steps:
+                    stopped_by = stop.signal_name
+                    break
+        bar.close()
+        if stopped_by:
+            path = self.save()
+            if self.is_main:
+                print(
+                    f"{stopped_by} received: saved {path} at step {self.state.step}. "
+                    f"Resume with: ddk distill --resume {self.run_dir}"
+                )
+            return self.run_dir
+        return self.finish()
+
+    def finish(self) -> Path:
+        student = self.evaluate_student()
+        weights = self.state.weights
+        self.metrics.write(self._domain_event("final_eval", student, self.teacher_ppl, weights))
+        self.save()
+        final = self.run_dir / "final"
+        if self.is_main:
+            self._unwrapped_student().save_pretrained(final)
+            self.student_tokenizer.save_pretrained(final)
+            print(f"final student saved to {final}")
+        self.metrics.close()
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def _check_ready(cfg: Config) -> None:
+    if not cfg.model.student:
+        raise ConfigError("model.student: required (a hub id or a local folder)")
+    if not cfg.data.prepared:
+        raise ConfigError("data.prepared: required (the output folder of `ddk prepare`)")
+
+
+def start_run(cfg: Config) -> Path:
+    """A new run in cfg.trainer.output_dir; refuses a folder that already holds a run."""
+    _check_ready(cfg)
+    run_dir = Path(cfg.trainer.output_dir).expanduser()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise DDKError(
+            f"run folder '{run_dir}' is not empty; resume it with `ddk distill --resume {run_dir}` "
+            "or set trainer.output_dir to a new folder"
+        )
+    trainer = Trainer(cfg, run_dir)
+    if trainer.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+    return trainer.train()
+
+
+def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / "config.yaml").is_file():
+        raise DDKError(f"'{run_dir}' holds no run (no config.yaml) to resume")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    checkpoint = latest_good_checkpoint(run_dir)
+    if checkpoint is None:
+        raise DDKError(f"'{run_dir}' has no intact checkpoint to resume from; start a new run")
+    print(f"resuming from {checkpoint}")
+    trainer = Trainer(cfg, run_dir, resume_from=checkpoint)
+    if trainer.is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+        cfg.save(run_dir / "config.yaml")
+    return trainer.train()
