@@ -156,6 +156,8 @@ class Trainer:
         self.world = acc.num_processes
         self.rank = acc.process_index
         self.device = acc.device
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
         _seed_everything(cfg.trainer.seed)
         self._setup_data_and_models()
         self.metrics = MetricsWriter(run_dir, cfg.trainer.report_to, enabled=self.is_main)
@@ -250,9 +252,9 @@ class Trainer:
             optimizer,
             lr_lambda(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps),
         )
-        self.step_module, self.optimizer, self.scheduler = self.accelerator.prepare(
-            self.step_module, optimizer, scheduler
-        )
+        # The scheduler stays unwrapped: Accelerate would step it once per process.
+        self.step_module, self.optimizer = self.accelerator.prepare(self.step_module, optimizer)
+        self.scheduler = scheduler
         self.teacher = None
         if teacher is not None:
             self.teacher_model = teacher.to(self.device)
@@ -545,7 +547,6 @@ def start_run(cfg: Config) -> Path:
         )
     trainer = Trainer(cfg, run_dir)
     if trainer.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
     return trainer.train()
 
