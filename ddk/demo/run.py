@@ -1,0 +1,233 @@
+"""`ddk demo`: the whole pipeline on this machine, nothing downloaded.
+
+    corpus (stdlib code, docs prose, generated math and records)  -> BPE tokenizer
+    -> teacher: a small Llama pre-trained on the natural mix      (cached)
+    -> student: a smaller Llama pre-trained briefly on a skewed mix (cached; it lags unevenly,
+       as real small models do, which is where DDK has something to steer)
+    -> ddk prepare -> ddk distill with cpt, kd and ddk at equal tokens and seed -> report.
+Every stage runs through the same code (and config schema) a user's run takes; each stage's
+config is written to OUT/configs/ as a YAML to copy for one's own models and data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddk.config import Config, PrepareSection, load_config
+from ddk.table import format_table
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    scale: float
+    vocab: int
+    seq_len: int
+    val_sequences: int
+    teacher_steps: int
+    student_steps: int
+    distill_steps: int
+    K: int
+    batch: int
+
+
+FULL = DemoSize(
+    scale=1.0, vocab=2048, seq_len=128, val_sequences=24, teacher_steps=700, student_steps=150,
+    distill_steps=300, K=30, batch=16,
+)
+QUICK = DemoSize(
+    scale=0.35, vocab=1024, seq_len=64, val_sequences=16, teacher_steps=300, student_steps=60,
+    distill_steps=120, K=20, batch=16,
+)
+TEACHER = {"hidden_size": 128, "num_layers": 4, "num_heads": 4}
+STUDENT = {"hidden_size": 64, "num_layers": 2, "num_heads": 2}
+# The student's pre-training mix: mostly prose, little of the rest, none of math.
+STUDENT_MIX = {"prose": 0.8, "records": 0.15, "code": 0.05, "math": 0.0}
+
+
+def _stage(msg: str, started: float) -> None:
+    print(f"[{time.perf_counter() - started:6.1f}s] {msg}", flush=True)
+
+
+def _common_trainer(size: DemoSize, steps: int, out_dir: Path, lr: float, seed: int) -> list[str]:
+    return [
+        f"trainer.output_dir={out_dir}",
+        f"trainer.max_steps={steps}",
+        f"trainer.micro_batch_size={size.batch}",
+        f"trainer.lr={lr}",
+        f"trainer.min_lr={lr / 10}",
+        f"trainer.warmup_steps={max(1, steps // 20)}",
+        f"trainer.log_every={max(1, steps // 30)}",
+        f"trainer.save_every={steps}",
+        "trainer.keep_checkpoints=1",
+        "trainer.eval_batch_size=16",
+        "trainer.weight_decay=0.0",
+        f"trainer.seed={seed}",
+    ]
+
+
+def _pretrain(base_model: Path, data: Path, run_dir: Path, size: DemoSize, steps: int,
+              mixture, lr: float, seed: int, configs: Path, name: str) -> Path:
+    """Pre-train with the `cpt` method (CE only): the same trainer a user's run takes."""
+    from ddk.trainer import start_run
+
+    overrides = [
+        f"model.student={base_model}",
+        f"data.prepared={data}",
+        "distill.method=cpt",
+        f"distill.K={steps}",
+        f"distill.mixture={json.dumps(mixture)}",
+        *_common_trainer(size, steps, run_dir, lr, seed),
+    ]
+    cfg = load_config(None, overrides)
+    cfg.save(configs / f"{name}.yaml")
+    return start_run(cfg)
+
+
+def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, configs: Path, t0):
+    """Tokenizer, teacher and student base: built once, cached, reused by later runs."""
+    from transformers import AutoTokenizer
+
+    from ddk.demo.build import tiny_causal_lm
+
+    tok_dir = cache / "tokenizer"
+    teacher = cache / "teacher" / "final"
+    student = cache / "student" / "final"
+    if teacher.exists() and student.exists():
+        _stage(f"using cached teacher and student in {cache}", t0)
+        return tok_dir, teacher, student
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    for name, shape, steps, mix, lr in (
+        ("teacher", TEACHER, size.teacher_steps, "natural", 3e-3),
+        ("student", STUDENT, size.student_steps, STUDENT_MIX, 3e-3),
+    ):
+        init = cache / f"{name}-init"
+        model = tiny_causal_lm(len(tok), max_positions=size.seq_len, seed=seed + len(name), **shape)
+        model.save_pretrained(init)
+        tok.save_pretrained(init)
+        n_params = sum(p.numel() for p in model.parameters())
+        _stage(f"pre-training the {name} ({n_params / 1e6:.2f}M parameters, {steps} steps)", t0)
+        run_dir = cache / name
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        _pretrain(init, data, run_dir, size, steps, mix, lr, seed, configs, f"pretrain_{name}")
+    return tok_dir, teacher, student
+
+
+def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Path, t0):
+    from ddk.data.prepare import prepare
+    from ddk.demo.build import train_bpe_tokenizer
+    from ddk.demo.corpus import build_demo_corpus
+
+    corpus = out / "corpus"
+    stats = build_demo_corpus(corpus, scale=size.scale, seed=seed)
+    sizes = ", ".join(f"{d} {s['bytes'] / 1e6:.2f} MB" for d, s in stats.items())
+    _stage(f"corpus built in {corpus}: {sizes}", t0)
+    tok_dir = cache / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+
+        def texts():
+            for f in sorted(corpus.glob("*/*.jsonl")):
+                for line in f.open():
+                    yield json.loads(line)["text"]
+
+        train_bpe_tokenizer(texts(), size.vocab, tok_dir)
+        _stage(f"trained a {size.vocab}-token BPE tokenizer", t0)
+    cfg = Config(
+        prepare=PrepareSection(
+            input=str(corpus), output=str(out / "prepared"), tokenizer=str(tok_dir),
+            seq_len=size.seq_len, val_sequences=size.val_sequences, seed=seed,
+        )
+    )
+    cfg.save(configs / "prepare.yaml")
+    prepare(cfg.prepare, str(tok_dir))
+    return corpus, out / "prepared"
+
+
+def _distill(method: str, teacher: Path, student: Path, data: Path, out: Path, size: DemoSize,
+             steps: int, seed: int, configs: Path) -> Path:
+    from ddk.trainer import start_run
+
+    run_dir = out / "runs" / method
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    overrides = [
+        f"model.teacher={teacher}",
+        f"model.student={student}",
+        f"data.prepared={data}",
+        f"distill.method={method}",
+        f"distill.K={size.K}",
+        *_common_trainer(size, steps, run_dir, 1e-3, seed),
+    ]
+    cfg = load_config(None, overrides)
+    cfg.save(configs / f"distill_{method}.yaml")
+    start_run(cfg)
+    return run_dir
+
+
+def demo_table(summary: dict) -> str:
+    """Per-domain perplexity: teacher, student before, each method after; mean and worst."""
+    runs = summary["runs"]
+    domains = list(summary["teacher"])
+    headers = ["domain", "teacher", "student before"] + [r["label"] for r in runs]
+    rows = []
+    for d in domains:
+        rows.append([d, summary["teacher"][d], summary["before"][d]] + [r["ppl"][d] for r in runs])
+
+    def geo(values):
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+
+    rows.append(["geometric mean", geo(summary["teacher"].values()), geo(summary["before"].values())]
+                + [geo(r["ppl"].values()) for r in runs])
+    before_ratio = {d: summary["before"][d] / summary["teacher"][d] for d in domains}
+    worst_before = max(before_ratio, key=before_ratio.get)
+    rows.append(["worst ratio S/T", 1.0, f"{before_ratio[worst_before]:.3f} ({worst_before})"]
+                + [f"{r['worst_ratio']:.3f} ({r['worst_domain']})" for r in runs])
+    return format_table(headers, rows)
+
+
+def run_demo(args) -> dict:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    size = QUICK if args.quick else FULL
+    if args.scale is not None:
+        size = DemoSize(**{**size.__dict__, "scale": args.scale})
+    steps = args.steps or size.distill_steps
+    t0 = time.perf_counter()
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    configs = out / "configs"
+    configs.mkdir(exist_ok=True)
+    tag = f"{'quick' if args.quick else 'full'}-scale{size.scale:g}-seed{args.seed}"
+    cache = Path(args.cache_dir or Path.home() / ".cache" / "ddk" / "demo").expanduser() / tag
+    cache.mkdir(parents=True, exist_ok=True)
+    n_stages = 3 + len(args.methods)
+    print(f"ddk demo ({tag}): {n_stages} stages; cache {cache}; output {out}", flush=True)
+
+    _, data = _prepare_all(cache, out, size, args.seed, configs, t0)
+    _, teacher, student = _models(cache, out / "corpus", data, size, args.seed, configs, t0)
+    runs = []
+    for i, method in enumerate(args.methods, 1):
+        _stage(f"distilling with {method} ({i}/{len(args.methods)}, {steps} steps)", t0)
+        runs.append(_distill(method, teacher, student, data, out, size, steps, args.seed, configs))
+
+    from ddk.report import summarize_runs, write_report
+
+    summary = summarize_runs(runs)
+    table = demo_table(summary)
+    html = write_report(runs, out / "report")
+    (out / "results.md").write_text(
+        "Validation perplexity per domain (lower is better); worst ratio = largest student/teacher "
+        "perplexity ratio.\n\n```\n" + table + "\n```\n"
+    )
+    print("\n" + table + "\n")
+    _stage(f"done. Report: {html}  Configs to copy: {configs}", t0)
+    return summary
