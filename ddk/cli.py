@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["cpt", "kd", "ddk"])
     p.add_argument("--steps", type=int, help="distillation steps per method")
     p.add_argument("--scale", type=float, help="corpus size multiplier")
+    p.add_argument("--teacher-steps", type=int, help="teacher pre-training steps")
+    p.add_argument("--student-steps", type=int, help="student pre-training steps")
 
     p = sub.add_parser("report", help="plots and a summary of one or more runs")
     p.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")

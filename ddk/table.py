@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def format_table(headers: list[str], rows: list[list], markdown: bool = False) -> str:
     """Right-align numbers, left-align text; `markdown=True` gives a GitHub table."""
-    cells = [[_fmt(c) for c in row] for row in rows]
+    cells = [[fmt_cell(c) for c in row] for row in rows]
     numeric = [
         all(isinstance(r[i], int | float) for r in rows if i < len(r)) if rows else False
         for i in range(len(headers))
@@ -26,7 +26,7 @@ def format_table(headers: list[str], rows: list[list], markdown: bool = False) -
     return "\n".join([line(headers), sep] + [line(r) for r in cells])
 
 
-def _fmt(value) -> str:
+def fmt_cell(value) -> str:
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
             return str(value)

@@ -34,6 +34,7 @@ from ddk.errors import DDKError
 from ddk.evaluate import domain_perplexities, hidden_and_head
 from ddk.losses import LossSums, fused_distill_loss
 from ddk.metrics import MetricsWriter, truncate_metrics
+from ddk.preflight import preflight
 from ddk.sampler import DomainSampler
 from ddk.schedule import lr_lambda
 from ddk.teacher import OnlineTeacher
@@ -156,6 +157,7 @@ class Trainer:
         self.world = acc.num_processes
         self.rank = acc.process_index
         self.device = acc.device
+        preflight(cfg)  # every config/data/model problem at once, before weights load
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         _seed_everything(cfg.trainer.seed)
@@ -168,7 +170,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _setup_data_and_models(self) -> None:
-        from ddk.data.prepare import vocab_hash
         from ddk.models import (
             check_vocab,
             embedding_rows,
@@ -183,13 +184,6 @@ class Trainer:
         self.domains = self.data.names
         self.vocab_size = self.data.vocab_size
         self.student_tokenizer = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
-        data_vocab = self.data.manifest["tokenizer"].get("vocab_sha256")
-        if data_vocab and vocab_hash(self.student_tokenizer) != data_vocab:
-            raise DDKError(
-                f"data.prepared '{cfg.data.prepared}' was tokenised with "
-                f"'{self.data.manifest['tokenizer']['name_or_path']}', whose vocabulary differs from "
-                f"the student's ('{cfg.model.student}'); prepare the data with the student's tokenizer"
-            )
         # The student trains in float32 (master weights); bf16 comes from autocast on GPUs.
         self.student = load_model(
             cfg.model.student,
@@ -205,33 +199,11 @@ class Trainer:
                 dtype=teacher_dtype,
                 trust_remote_code=cfg.model.trust_remote_code,
             )
-            try:
-                teacher_tok = load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code)
-            except DDKError:
-                teacher_tok = None  # a model folder without a tokenizer: rely on the row check
-            if teacher_tok is not None and vocab_hash(teacher_tok) != vocab_hash(
-                self.student_tokenizer
-            ):
-                raise DDKError(
-                    f"vocabulary mismatch: teacher '{cfg.model.teacher}' tokenizer has "
-                    f"{len(teacher_tok)} tokens, student '{cfg.model.student}' has "
-                    f"{len(self.student_tokenizer)} (or the same size with other ids); "
-                    "teacher and student must share one tokenizer"
-                )
-        elif cfg.distill.method != "cpt":
-            raise DDKError(f"model.teacher is required for method '{cfg.distill.method}'")
         check_vocab(
             self.vocab_size,
             embedding_rows(teacher) if teacher is not None else None,
             embedding_rows(self.student),
         )
-        for who, model in (("student", self.student), ("teacher", teacher)):
-            limit = getattr(model.config, "max_position_embeddings", None) if model else None
-            if limit is not None and self.data.seq_len > limit:
-                raise DDKError(
-                    f"prepared seq_len {self.data.seq_len} exceeds the {who}'s context of {limit} "
-                    "tokens; prepare the data with a smaller prepare.seq_len"
-                )
         if cfg.trainer.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         self.student.config.use_cache = False
@@ -529,16 +501,8 @@ class Trainer:
         return final
 
 
-def _check_ready(cfg: Config) -> None:
-    if not cfg.model.student:
-        raise ConfigError("model.student: required (a hub id or a local folder)")
-    if not cfg.data.prepared:
-        raise ConfigError("data.prepared: required (the output folder of `ddk prepare`)")
-
-
 def start_run(cfg: Config) -> Path:
     """A new run in cfg.trainer.output_dir; refuses a folder that already holds a run."""
-    _check_ready(cfg)
     run_dir = Path(cfg.trainer.output_dir).expanduser()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise DDKError(

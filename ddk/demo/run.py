@@ -37,12 +37,26 @@ class DemoSize:
 
 
 FULL = DemoSize(
-    scale=1.0, vocab=2048, seq_len=128, val_sequences=24, teacher_steps=700, student_steps=150,
-    distill_steps=300, K=30, batch=16,
+    scale=1.0,
+    vocab=2048,
+    seq_len=128,
+    val_sequences=24,
+    teacher_steps=700,
+    student_steps=150,
+    distill_steps=300,
+    K=30,
+    batch=16,
 )
 QUICK = DemoSize(
-    scale=0.35, vocab=1024, seq_len=64, val_sequences=16, teacher_steps=300, student_steps=60,
-    distill_steps=120, K=20, batch=16,
+    scale=0.35,
+    vocab=1024,
+    seq_len=64,
+    val_sequences=16,
+    teacher_steps=300,
+    student_steps=60,
+    distill_steps=120,
+    K=20,
+    batch=16,
 )
 TEACHER = {"hidden_size": 128, "num_layers": 4, "num_heads": 4}
 STUDENT = {"hidden_size": 64, "num_layers": 2, "num_heads": 2}
@@ -71,8 +85,18 @@ def _common_trainer(size: DemoSize, steps: int, out_dir: Path, lr: float, seed: 
     ]
 
 
-def _pretrain(base_model: Path, data: Path, run_dir: Path, size: DemoSize, steps: int,
-              mixture, lr: float, seed: int, configs: Path, name: str) -> Path:
+def _pretrain(
+    base_model: Path,
+    data: Path,
+    run_dir: Path,
+    size: DemoSize,
+    steps: int,
+    mixture,
+    lr: float,
+    seed: int,
+    configs: Path,
+    name: str,
+) -> Path:
     """Pre-train with the `cpt` method (CE only): the same trainer a user's run takes."""
     from ddk.trainer import start_run
 
@@ -142,8 +166,12 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
         _stage(f"trained a {size.vocab}-token BPE tokenizer", t0)
     cfg = Config(
         prepare=PrepareSection(
-            input=str(corpus), output=str(out / "prepared"), tokenizer=str(tok_dir),
-            seq_len=size.seq_len, val_sequences=size.val_sequences, seed=seed,
+            input=str(corpus),
+            output=str(out / "prepared"),
+            tokenizer=str(tok_dir),
+            seq_len=size.seq_len,
+            val_sequences=size.val_sequences,
+            seed=seed,
         )
     )
     cfg.save(configs / "prepare.yaml")
@@ -151,8 +179,17 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
     return corpus, out / "prepared"
 
 
-def _distill(method: str, teacher: Path, student: Path, data: Path, out: Path, size: DemoSize,
-             steps: int, seed: int, configs: Path) -> Path:
+def _distill(
+    method: str,
+    teacher: Path,
+    student: Path,
+    data: Path,
+    out: Path,
+    size: DemoSize,
+    steps: int,
+    seed: int,
+    configs: Path,
+) -> Path:
     from ddk.trainer import start_run
 
     run_dir = out / "runs" / method
@@ -186,27 +223,38 @@ def demo_table(summary: dict) -> str:
     def geo(values):
         return math.exp(sum(math.log(v) for v in values) / len(values))
 
-    rows.append(["geometric mean", geo(summary["teacher"].values()), geo(summary["before"].values())]
-                + [geo(r["ppl"].values()) for r in runs])
+    rows.append(
+        ["geometric mean", geo(summary["teacher"].values()), geo(summary["before"].values())]
+        + [geo(r["ppl"].values()) for r in runs]
+    )
     before_ratio = {d: summary["before"][d] / summary["teacher"][d] for d in domains}
     worst_before = max(before_ratio, key=before_ratio.get)
-    rows.append(["worst ratio S/T", 1.0, f"{before_ratio[worst_before]:.3f} ({worst_before})"]
-                + [f"{r['worst_ratio']:.3f} ({r['worst_domain']})" for r in runs])
+    rows.append(
+        ["worst ratio S/T", 1.0, f"{before_ratio[worst_before]:.3f} ({worst_before})"]
+        + [f"{r['worst_ratio']:.3f} ({r['worst_domain']})" for r in runs]
+    )
     return format_table(headers, rows)
 
 
 def run_demo(args) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     size = QUICK if args.quick else FULL
-    if args.scale is not None:
-        size = DemoSize(**{**size.__dict__, "scale": args.scale})
+    changes = {
+        "scale": args.scale,
+        "teacher_steps": args.teacher_steps,
+        "student_steps": args.student_steps,
+    }
+    size = DemoSize(**{**size.__dict__, **{k: v for k, v in changes.items() if v is not None}})
     steps = args.steps or size.distill_steps
     t0 = time.perf_counter()
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     configs = out / "configs"
     configs.mkdir(exist_ok=True)
-    tag = f"{'quick' if args.quick else 'full'}-scale{size.scale:g}-seed{args.seed}"
+    tag = (
+        f"{'quick' if args.quick else 'full'}-scale{size.scale:g}-seed{args.seed}"
+        f"-t{size.teacher_steps}-s{size.student_steps}"
+    )
     cache = Path(args.cache_dir or Path.home() / ".cache" / "ddk" / "demo").expanduser() / tag
     cache.mkdir(parents=True, exist_ok=True)
     n_stages = 3 + len(args.methods)

@@ -147,6 +147,7 @@ def _run_chunks(
                 grad_w_full[:V] += next(grads)
             if want[2]:
                 grad_b_full[:V] += next(grads)
+            del grads  # frees this chunk's [V, H] gradient before the next chunk
         ce_sum += ce.detach()
         if div is not None:
             div_sum += div.detach()

@@ -32,26 +32,56 @@ NO_DIVERGENCE = "none"
 
 def _log_probs(logits: Tensor, tau: float) -> Tensor:
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    return torch.log_softmax(logits.to(dtype) / tau, dim=-1)
+    logits = logits.to(dtype)
+    return torch.log_softmax(logits if tau == 1 else logits / tau, dim=-1)
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p || q) per row from log-probabilities; terms with p == 0 are exactly 0."""
     p = log_p.exp()
-    # Masking the difference (not only the product) keeps -inf - -inf = NaN out of
-    # both the value and the gradient.
-    diff = torch.where(p > 0, log_p - log_q, 0.0)
-    return (p * diff).sum(dim=-1)
+    # Zeroing the difference (not only the product) keeps -inf - -inf = NaN out of
+    # both the value and the gradient. The in-place ops spare a [n, V] tensor each;
+    # autograd keeps what the gradient needs. (Deliberately not a batched matmul:
+    # under TF32, a common trainer setting, it would round p and the difference.)
+    return (log_p - log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(dim=-1)
+
+
+class _LogMix(torch.autograd.Function):
+    """log(w * exp(a) + (1 - w) * exp(b)) elementwise, for log-probabilities a, b.
+
+    A fused primitive rather than a chain of ops: it keeps one output tensor (no
+    temporaries saved for backward) and a NaN-free gradient where both a and b are
+    -inf (torch.logaddexp's gradient is NaN there).
+    """
+
+    @staticmethod
+    def forward(ctx, log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+        # 0 < weight_a < 1 (the wrapper handles the ends).
+        out = torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+        ctx.save_for_backward(log_a, out)
+        ctx.weight_a = weight_a
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        log_a, out = ctx.saved_tensors
+        # Responsibility of a: w * exp(a - out) in [0, 1]; b's is 1 - that. Both are 0
+        # where out == -inf (a and b both zero): no mass, no gradient.
+        resp_a = (log_a - out).exp_().mul_(ctx.weight_a).clamp_(0.0, 1.0)
+        dead = torch.isneginf(out)
+        resp_a.masked_fill_(dead, 0.0)
+        grad_a = grad_out * resp_a
+        grad_b = (grad_out - grad_a).masked_fill_(dead, 0.0)
+        return grad_a, grad_b, None
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
-    """log(weight_a * a + (1 - weight_a) * b), elementwise and stable; -inf where both are 0."""
-    # The shift cancels mathematically, so it carries no gradient.
-    shift = torch.maximum(log_a, log_b).detach()
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    inner = weight_a * (log_a - shift).exp() + (1.0 - weight_a) * (log_b - shift).exp()
-    positive = inner > 0
-    return torch.where(positive, shift + torch.where(positive, inner, 1.0).log(), -math.inf)
+    """log(weight_a * a + (1 - weight_a) * b) for log-probabilities; -inf where both are 0."""
+    if weight_a == 1.0:
+        return log_a
+    if weight_a == 0.0:
+        return log_b
+    return _LogMix.apply(log_a, log_b, float(weight_a))
 
 
 def forward_kl(

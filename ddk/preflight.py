@@ -1,0 +1,125 @@
+"""Checks of a run's config, data and models before any weights load or any step runs.
+
+Every problem is collected and reported at once, each with its YAML path, so a user fixes them
+in one edit instead of one failed launch per typo. Only cheap things are read: the prepared
+manifest, the model configs and tokenizers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ddk.config import Config
+from ddk.errors import DDKError
+
+
+def _load_quietly(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs), None
+    except DDKError as e:
+        return None, str(e)
+
+
+def _model_config(name: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    from ddk.models import _check_exists
+
+    path = _check_exists(name, "model")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DDKError(f"cannot load '{name}': {first}") from None
+
+
+def preflight(cfg: Config) -> None:
+    """Raise one DDKError listing every problem found (empty list: the run may start)."""
+    from ddk.data.prepare import read_manifest, vocab_hash
+    from ddk.models import check_tokenizers_match, load_tokenizer
+
+    problems: list[str] = []
+    method = cfg.distill.method
+
+    manifest = None
+    if not cfg.data.prepared:
+        problems.append("data.prepared: required (the output folder of `ddk prepare`)")
+    elif not Path(cfg.data.prepared).expanduser().exists():
+        problems.append(f"data.prepared: '{cfg.data.prepared}' does not exist; run `ddk prepare`")
+    else:
+        manifest, err = _load_quietly(read_manifest, Path(cfg.data.prepared).expanduser())
+        if err:
+            problems.append(f"data.prepared: {err}")
+    domains = list(manifest["domains"]) if manifest else []
+    if manifest and cfg.data.domains is not None:
+        for d in cfg.data.domains:
+            if d not in manifest["domains"]:
+                problems.append(
+                    f"data.domains: '{d}' is not in the prepared data ({', '.join(domains)})"
+                )
+        domains = [d for d in cfg.data.domains if d in manifest["domains"]]
+    if manifest and isinstance(cfg.distill.mixture, dict) and method in ("kd", "cpt"):
+        for d in cfg.distill.mixture:
+            if d not in domains:
+                problems.append(
+                    f"distill.mixture: '{d}' is not a domain of the run ({', '.join(domains)})"
+                )
+
+    tokenizers, configs = {}, {}
+    roles = [("student", cfg.model.student)]
+    if cfg.model.teacher:
+        roles.append(("teacher", cfg.model.teacher))
+    elif method != "cpt":
+        problems.append(f"model.teacher: required for distill.method '{method}'")
+    if not cfg.model.student:
+        problems.append("model.student: required (a hub id or a local folder)")
+        roles = roles[1:]
+    for role, name in roles:
+        model_cfg, err = _load_quietly(_model_config, name, cfg.model.trust_remote_code)
+        if err:
+            problems.append(f"model.{role}: {err}")
+            continue
+        configs[role] = model_cfg
+        tok, err = _load_quietly(load_tokenizer, name, cfg.model.trust_remote_code)
+        if tok is not None:
+            tokenizers[role] = tok
+        elif role == "student":
+            problems.append(f"model.student: {err}")
+
+    if manifest:
+        seq_len = manifest["seq_len"]
+        for role, model_cfg in configs.items():
+            limit = getattr(model_cfg, "max_position_embeddings", None)
+            if limit is not None and seq_len > limit:
+                problems.append(
+                    f"data.prepared: seq_len {seq_len} exceeds the {role}'s context of {limit} "
+                    "tokens; prepare the data with a smaller prepare.seq_len"
+                )
+        data_vocab = manifest["tokenizer"].get("vocab_sha256")
+        student_tok = tokenizers.get("student")
+        if student_tok is not None and data_vocab and vocab_hash(student_tok) != data_vocab:
+            problems.append(
+                f"data.prepared: tokenised with '{manifest['tokenizer']['name_or_path']}', whose "
+                f"vocabulary differs from the student's ('{cfg.model.student}'); prepare the data "
+                "with the student's tokenizer"
+            )
+        vocab = manifest["tokenizer"]["vocab_size"]
+        for role, model_cfg in configs.items():
+            rows = getattr(model_cfg, "vocab_size", None)
+            if rows is not None and rows < vocab:
+                problems.append(
+                    f"model.{role}: vocabulary mismatch: its output layer has {rows} rows but the "
+                    f"tokenizer has {vocab} tokens"
+                )
+    if "student" in tokenizers and "teacher" in tokenizers:
+        _, err = _load_quietly(
+            check_tokenizers_match,
+            tokenizers["teacher"],
+            tokenizers["student"],
+            cfg.model.teacher,
+            cfg.model.student,
+        )
+        if err:
+            problems.append(f"model.teacher: {err}")
+    if problems:
+        raise DDKError(f"{len(problems)} problem(s): " + "; ".join(problems))

@@ -1,0 +1,669 @@
+"""`ddk report RUN_DIR [RUN_DIR ...]`: plots and a summary of one or more distillation runs.
+
+Reads each run's `config.yaml` and `metrics.jsonl` and writes, into one folder:
+
+- `perplexity_by_domain.png`: teacher, student before and every run after, per domain
+  (the paper's Figure 1);
+- `ratio_over_training.png`: ℓ_S/ℓ_T per domain over training, one panel per run (Figure 3);
+- `domain_weights.png`: the domain sampling weights over training, one panel per run;
+- `loss_curves.png`: CE and KL over training;
+- `summary.md`: per-domain perplexities and ratios, the worst-domain ratio (the largest
+  ℓ_S/ℓ_T) and the geometric-mean perplexity of every run;
+- `report.html`: all of the above on one self-contained page (images inlined as base64).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+import yaml
+
+from ddk.errors import DDKError
+from ddk.metrics import read_metrics
+from ddk.table import fmt_cell, format_table
+
+EVAL_EVENTS = ("domain_update", "final_eval")
+PLOTS = (
+    ("perplexity_by_domain.png", "Perplexity by domain"),
+    ("ratio_over_training.png", "Student/teacher perplexity ratio over training"),
+    ("domain_weights.png", "Domain weights over training"),
+    ("loss_curves.png", "Loss curves"),
+)
+NA = "n/a"  # a ratio that cannot exist (the run has no teacher)
+
+
+# ----------------------------------------------------------------------------- loading
+class _Run:
+    """One run folder, parsed: its config, training logs and evaluation records."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.name = path.name or str(path)
+        self.config = _read_config(path)
+        distill = self.config.get("distill") or {}
+        trainer = self.config.get("trainer") or {}
+        self.method = str(distill.get("method") or "unknown")
+        self.K = distill.get("K")
+        self.alpha = distill.get("alpha")
+        self.gamma = distill.get("gamma")
+        self.max_steps = trainer.get("max_steps")
+        self.label = self.method
+
+        records = read_metrics(path / "metrics.jsonl")
+        self.logs = sorted(
+            (r for r in records if "event" not in r and isinstance(r.get("step"), int | float)),
+            key=lambda r: r["step"],
+        )
+        evals: dict[tuple[str, int], dict] = {}
+        for r in records:  # a resumed run may repeat a record; the later one wins
+            if r.get("event") in EVAL_EVENTS and isinstance(r.get("domains"), dict):
+                evals[(r["event"], r.get("step", 0))] = r
+        # at equal steps a domain_update comes before the final_eval
+        self.evals = sorted(
+            evals.values(), key=lambda r: (r.get("step", 0), r["event"] == "final_eval")
+        )
+        if not self.evals:
+            raise DDKError(
+                f"'{path / 'metrics.jsonl'}' has no evaluation records (domain_update or "
+                "final_eval); the run stopped before its first evaluation"
+            )
+        finals = [r for r in self.evals if r["event"] == "final_eval"]
+        self.has_final = bool(finals)
+        self.final = finals[-1] if finals else self.evals[-1]
+        self.domains = list(dict.fromkeys(d for r in self.evals for d in r["domains"]))
+
+    @property
+    def steps(self) -> int | None:
+        candidates = [r.get("step") for r in (self.final, *self.logs[-1:])]
+        candidates = [s for s in candidates if isinstance(s, int | float)]
+        return int(max(candidates)) if candidates else None
+
+    @property
+    def tokens(self) -> int | None:
+        tokens = [r["tokens"] for r in self.logs if isinstance(r.get("tokens"), int | float)]
+        return int(tokens[-1]) if tokens else None
+
+
+def _read_config(path: Path) -> dict:
+    cfg_path = path / "config.yaml"
+    if not cfg_path.is_file():
+        return {}
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text())
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid YAML"
+        raise DDKError(f"cannot read '{cfg_path}': {first}") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _load_runs(run_dirs) -> list[_Run]:
+    if isinstance(run_dirs, str | Path):
+        run_dirs = [run_dirs]
+    run_dirs = list(run_dirs or [])
+    if not run_dirs:
+        raise DDKError("no run folders given; pass one or more folders written by `ddk distill`")
+    runs = []
+    for d in run_dirs:
+        path = Path(d)
+        if not path.is_dir():
+            raise DDKError(f"run folder '{path}' does not exist")
+        if not (path / "metrics.jsonl").is_file():
+            raise DDKError(
+                f"'{path}' has no metrics.jsonl; is it a folder written by `ddk distill`?"
+            )
+        runs.append(_Run(path))
+    _assign_labels(runs)
+    return runs
+
+
+def _assign_labels(runs: list[_Run]) -> None:
+    """The method name; plus the folder name when two runs share a method."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.method] = counts.get(r.method, 0) + 1
+    seen: set[str] = set()
+    for r in runs:
+        label = r.method if counts[r.method] == 1 else f"{r.method} ({r.name})"
+        base, n = label, 2
+        while label in seen:  # same method and same folder name under different parents
+            label = f"{base} #{n}"
+            n += 1
+        seen.add(label)
+        r.label = label
+
+
+# ----------------------------------------------------------------------------- numbers
+def _num(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _ratio(entry: dict) -> float | None:
+    ratio = _num(entry.get("ratio"))
+    if ratio is None:
+        s, t = _num(entry.get("student_ppl")), _num(entry.get("teacher_ppl"))
+        if s is not None and t is not None and t > 0:
+            ratio = s / t
+    return ratio
+
+
+def _rank(ratio: float) -> float:
+    """Sort key for ratios: NaN (a diverged domain) ranks as infinity, worse than any number."""
+    return math.inf if ratio != ratio else ratio
+
+
+def _geomean(values) -> float | None:
+    values = list(values)
+    if not values:
+        return None
+    if any(v != v or v <= 0 for v in values):  # NaN or a non-positive perplexity
+        return float("nan")
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _summarize(runs: list[_Run]) -> dict:
+    domains = list(dict.fromkeys(d for r in runs for d in r.domains))
+
+    teacher: dict[str, float | None] = {d: None for d in domains}
+    teacher_mismatch = False  # runs distilled from different teachers: compare with care
+    for r in runs:
+        for rec in r.evals:
+            for d, e in rec["domains"].items():
+                t = _num(e.get("teacher_ppl"))
+                if teacher.get(d) is None:
+                    teacher[d] = t
+                elif t is not None and abs(t - teacher[d]) > 1e-3 * abs(teacher[d]):
+                    teacher_mismatch = True
+
+    # "before": the step-0 evaluation of the first run (or of the first run that has one)
+    before: dict[str, float | None] = {d: None for d in domains}
+    before_ratio: dict[str, float] = {}
+    before_from = None
+    for r in runs:
+        start = [rec for rec in r.evals if rec["event"] == "domain_update" and rec["step"] == 0]
+        if start:
+            for d, e in start[0]["domains"].items():
+                before[d] = _num(e.get("student_ppl"))
+                ratio = _ratio(e)
+                if ratio is not None and ratio == ratio:
+                    before_ratio[d] = ratio
+            before_from = r.label
+            break
+    before_worst = max(before_ratio, key=before_ratio.get) if before_ratio else None
+
+    out_runs = []
+    for r in runs:
+        ppl = {d: _num(e.get("student_ppl")) for d, e in r.final["domains"].items()}
+        ratio = {d: _ratio(e) for d, e in r.final["domains"].items()}
+        known = {d: v for d, v in ratio.items() if v is not None}
+        # a NaN ratio (the student diverged on that domain) counts as the worst of all
+        worst = max(known, key=lambda d: _rank(known[d])) if known else None
+        out_runs.append(
+            {
+                "label": r.label,
+                "method": r.method,
+                "run_dir": str(r.path),
+                "K": r.K,
+                "alpha": r.alpha,
+                "gamma": r.gamma,
+                "steps": r.steps,
+                "tokens": r.tokens,
+                "final_step": r.final.get("step"),
+                "has_final_eval": r.has_final,
+                "has_teacher": bool(known),
+                "ppl": ppl,
+                "ratio": ratio,
+                "worst_domain": worst,
+                "worst_ratio": known[worst] if worst is not None else None,
+                "geomean_ppl": _geomean(v for v in ppl.values() if v is not None),
+            }
+        )
+
+    judged = [r for r in out_runs if r["worst_ratio"] is not None]
+    best = min(judged, key=lambda r: _rank(r["worst_ratio"]))["label"] if judged else None
+    teacher_vals = [v for v in teacher.values() if v is not None]
+    before_vals = [v for v in before.values() if v is not None]
+    return {
+        "domains": domains,
+        "teacher": teacher,
+        "teacher_geomean_ppl": _geomean(teacher_vals)
+        if len(teacher_vals) == len(domains)
+        else None,
+        "before": before,
+        "before_from": before_from,
+        "before_geomean_ppl": _geomean(before_vals) if before_vals else None,
+        "before_worst_domain": before_worst,
+        "before_worst_ratio": before_ratio[before_worst] if before_worst else None,
+        "runs": out_runs,
+        "best_run": best,
+        "teacher_mismatch": teacher_mismatch,
+        "same_domains": all(set(r.domains) == set(domains) for r in runs),
+    }
+
+
+def summarize_runs(run_dirs) -> dict:
+    """The numbers the report shows.
+
+    Returns ``{"domains", "teacher": {domain: ppl|None}, "before": {domain: ppl|None},
+    "before_from", "teacher_geomean_ppl", "before_geomean_ppl", "before_worst_domain",
+    "before_worst_ratio", "best_run", "same_domains", "teacher_mismatch",
+    "runs": [{"label", "method", "run_dir", "K", "alpha", "gamma", "steps", "tokens",
+    "final_step", "has_final_eval", "has_teacher", "ppl": {domain: ppl},
+    "ratio": {domain: ratio|None}, "worst_domain", "worst_ratio", "geomean_ppl"}]}``.
+    "worst domain" is the one with the largest student/teacher perplexity ratio; `best_run`
+    is the label of the run whose worst-domain ratio is lowest (None without a teacher).
+    """
+    return _summarize(_load_runs(run_dirs))
+
+
+# ----------------------------------------------------------------------------- tables
+def _cell(value):
+    """Numbers stay numbers (format_table aligns them); missing values are blank."""
+    return "" if value is None else value
+
+
+def _domain_table(summary: dict) -> tuple[list[str], list[list]]:
+    headers = ["domain", "teacher ppl", "student before"]
+    for r in summary["runs"]:
+        headers += [f"{r['label']} ppl", f"{r['label']} ratio"]
+    rows = []
+    for d in summary["domains"]:
+        row = [d, _cell(summary["teacher"].get(d)), _cell(summary["before"].get(d))]
+        for r in summary["runs"]:
+            ppl = r["ppl"].get(d)
+            row.append(_cell(ppl))
+            if ppl is None:
+                row.append("")
+            else:
+                ratio = r["ratio"].get(d)
+                row.append(NA if ratio is None else ratio)
+        rows.append(row)
+    return headers, rows
+
+
+def _run_table(summary: dict) -> tuple[list[str], list[list]]:
+    """One row per run: worst-domain ratio (largest ℓ_S/ℓ_T) and geometric-mean perplexity."""
+    before = summary["before_geomean_ppl"]
+    headers = ["run", "method", "worst domain", "worst ratio", "geo-mean ppl"]
+    if before:
+        headers.append("geo-mean vs before")
+    headers += ["steps", "tokens"]
+    rows = []
+    for r in summary["runs"]:
+        row = [
+            r["label"],
+            r["method"],
+            r["worst_domain"] or NA,
+            NA if r["worst_ratio"] is None else r["worst_ratio"],
+            _cell(r["geomean_ppl"]),
+        ]
+        if before:
+            g = r["geomean_ppl"]
+            row.append(f"{(g / before - 1) * 100:+.1f} %" if g is not None and g == g else "")
+        row += [_cell(r["steps"]), _cell(r["tokens"])]
+        rows.append(row)
+    return headers, rows
+
+
+def _notes(summary: dict) -> list[str]:
+    notes = []
+    runs = summary["runs"]
+    judged = sorted(
+        (r for r in runs if r["worst_ratio"] is not None), key=lambda r: _rank(r["worst_ratio"])
+    )
+    if judged:
+        best = judged[0]
+        text = (
+            f"Lowest worst-domain ratio: **{best['label']}** "
+            f"({fmt_cell(best['worst_ratio'])} on {best['worst_domain']})"
+        )
+        others = [
+            f"{r['label']} {fmt_cell(r['worst_ratio'])} on {r['worst_domain']}" for r in judged[1:]
+        ]
+        if others:
+            text += "; " + ", ".join(others)
+        notes.append(text + ".")
+    else:
+        notes.append("No run has teacher perplexities, so there are no ratios to compare.")
+    ref = []
+    if summary["teacher_geomean_ppl"] is not None:
+        ref.append(f"teacher geo-mean ppl {fmt_cell(summary['teacher_geomean_ppl'])}")
+    if summary["before_geomean_ppl"] is not None:
+        text = f"student before: geo-mean ppl {fmt_cell(summary['before_geomean_ppl'])}"
+        if summary["before_worst_domain"]:
+            text += (
+                f", worst-domain ratio {fmt_cell(summary['before_worst_ratio'])} "
+                f"({summary['before_worst_domain']})"
+            )
+        ref.append(text)
+    if ref:
+        notes.append("Reference: " + "; ".join(ref) + ".")
+    notes.append(
+        "Worst domain = the domain with the largest student/teacher perplexity ratio "
+        "ℓ_S/ℓ_T (what DDK steers by), not the largest perplexity. "
+        "Geo-mean ppl = geometric mean of the per-domain perplexities (lower is better)."
+    )
+    if summary["before_from"]:
+        notes.append(f"Student before = the step-0 evaluation of {summary['before_from']}.")
+    if summary["teacher_mismatch"]:
+        notes.append(
+            "The runs report different teacher perplexities (different teachers or validation "
+            "data); the teacher column shows the first run's, each ratio uses the run's own."
+        )
+    if not summary["same_domains"]:
+        notes.append(
+            "The runs were evaluated on different domains; blanks mark a domain a run lacks, "
+            "and each geo-mean is over that run's own domains."
+        )
+    for r in runs:
+        if not r["has_final_eval"]:
+            notes.append(
+                f"{r['label']} has no final evaluation (stopped early?); its 'after' numbers are "
+                f"from the last interval evaluation, at step {r['final_step']}."
+            )
+    return notes
+
+
+def _markdown(summary: dict) -> str:
+    parts = ["# DDK distillation report", ""]
+    parts += ["## Per-domain perplexity (after = final evaluation)", ""]
+    parts += [format_table(*_domain_table(summary), markdown=True), ""]
+    parts += ["## Runs", ""]
+    parts += [format_table(*_run_table(summary), markdown=True), ""]
+    parts += [f"- {n}" for n in _notes(summary)]
+    return "\n".join(parts) + "\n"
+
+
+def _html_table(headers: list[str], rows: list[list]) -> str:
+    def td(v, tag="td"):
+        num = isinstance(v, int | float) and not isinstance(v, bool)
+        cls = ' class="num"' if num else ""
+        return f"<{tag}{cls}>{html.escape(fmt_cell(v))}</{tag}>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(td(v) for v in row) + "</tr>" for row in rows)
+    return (
+        f'<div class="wide"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+    )
+
+
+def _md_inline(text: str) -> str:
+    """Escape, then turn **bold** into <strong>."""
+    parts = html.escape(text).split("**")
+    return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _html(summary: dict, out: Path) -> str:
+    style = (
+        "body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;"
+        "margin:2em auto;max-width:1100px;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+        "th,td{border:1px solid #ccc;padding:4px 8px}th{background:#f3f3f3}"
+        "td.num{text-align:right;font-variant-numeric:tabular-nums}"
+        "img{max-width:100%;border:1px solid #eee;margin:0.5em 0}"
+        "code{background:#f3f3f3;padding:0 3px}div.wide{overflow-x:auto}"
+    )
+    p = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>DDK distillation report</title>",
+        f"<style>{style}</style></head><body>",
+        "<h1>DDK distillation report</h1>",
+        "<p>Runs: "
+        + ", ".join(
+            f"<strong>{html.escape(r['label'])}</strong> (<code>{html.escape(r['run_dir'])}</code>)"
+            for r in summary["runs"]
+        )
+        + "</p>",
+        "<h2>Per-domain perplexity (after = final evaluation)</h2>",
+        _html_table(*_domain_table(summary)),
+        "<h2>Runs</h2>",
+        _html_table(*_run_table(summary)),
+        "<ul>" + "".join(f"<li>{_md_inline(n)}</li>" for n in _notes(summary)) + "</ul>",
+    ]
+    for name, title in PLOTS:
+        data = base64.b64encode((out / name).read_bytes()).decode("ascii")
+        p += [
+            f"<h2>{html.escape(title)}</h2>",
+            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">',
+        ]
+    p.append("<h2>Run configurations</h2>")
+    headers = ["run", "folder", "method", "K", "alpha", "gamma", "steps", "tokens", "final eval"]
+    rows = [
+        [
+            r["label"],
+            r["run_dir"],
+            r["method"],
+            _cell(r["K"]),
+            _cell(r["alpha"]),
+            _cell(r["gamma"]),
+            _cell(r["steps"]),
+            _cell(r["tokens"]),
+            "yes" if r["has_final_eval"] else f"no (last eval at step {r['final_step']})",
+        ]
+        for r in summary["runs"]
+    ]
+    p.append(_html_table(headers, rows))
+    p.append("</body></html>")
+    return "\n".join(p) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+def _figure(nplots: int, width: float = 5.0, height: float = 3.6):
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on save
+
+    ncols = min(nplots, 3)
+    nrows = math.ceil(nplots / ncols)
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[nplots:]:
+        ax.set_visible(False)
+    return fig, axes[:nplots]
+
+
+def _finite(v) -> bool:
+    return v is not None and v == v and abs(v) != float("inf")
+
+
+def _domain_colors(domains: list[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(domains) <= 10 else "tab20"]
+    return {d: cmap(i % cmap.N) for i, d in enumerate(domains)}
+
+
+def _wide_range(values, factor: float) -> bool:
+    values = [v for v in values if _finite(v) and v > 0]
+    return bool(values) and max(values) / min(values) > factor
+
+
+def _plot_perplexity(summary: dict, runs: list[_Run], path: Path) -> None:
+    import numpy as np
+
+    domains = summary["domains"]
+    series = []
+    if any(v is not None for v in summary["teacher"].values()):
+        series.append(("teacher", [summary["teacher"].get(d) for d in domains], "#444444", ""))
+    if any(v is not None for v in summary["before"].values()):
+        series.append(
+            ("student before", [summary["before"].get(d) for d in domains], "#bbbbbb", "//")
+        )
+    run_colors = _series_colors(len(summary["runs"]))
+    for r, c in zip(summary["runs"], run_colors):
+        series.append((f"{r['label']} after", [r["ppl"].get(d) for d in domains], c, ""))
+
+    fig, (ax,) = _figure(
+        1,
+        width=2.0 + min(16.0, max(5.0, 1.0 + len(domains) * (0.3 * len(series) + 0.4))),
+        height=4.2,
+    )
+    x = np.arange(len(domains))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values, color, hatch) in enumerate(series):
+        ys = [v if _finite(v) else np.nan for v in values]
+        ax.bar(
+            x - 0.4 + width * (i + 0.5),
+            ys,
+            width,
+            label=name,
+            color=color,
+            hatch=hatch,
+            edgecolor="white" if not hatch else "#888888",
+            linewidth=0.5,
+        )
+    ax.set_xticks(x, domains)
+    ax.set_ylabel("perplexity")
+    if _wide_range([v for _, vals, _, _ in series for v in vals], 20):
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (log scale)")
+    ax.set_title("Perplexity by domain (lower is better)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.legend(loc="outside right upper", fontsize="small")
+    fig.savefig(path, dpi=110)
+
+
+def _series_colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["Set2" if n <= 8 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _plot_ratios(summary: dict, runs: list[_Run], colors: dict, path: Path) -> None:
+    fig, axes = _figure(len(runs))
+    all_ratios = [_ratio(e) for r in runs for rec in r.evals for e in rec["domains"].values()]
+    log = _wide_range(all_ratios + [1.0], 10)
+    for ax, r in zip(axes, runs):
+        drawn = False
+        for d in r.domains:
+            pts = [
+                (rec["step"], _ratio(rec["domains"][d])) for rec in r.evals if d in rec["domains"]
+            ]
+            pts = [(s, v) for s, v in pts if _finite(v)]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", markersize=3, color=colors[d], label=d)
+                drawn = True
+        ax.set_title(r.label)
+        ax.set_xlabel("step")
+        if drawn:
+            ax.axhline(1.0, color="#999999", linestyle="--", linewidth=0.8)
+            ax.set_ylabel("ℓ_S / ℓ_T (perplexity ratio)")
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            steps = [rec["step"] for rec in r.evals]
+            if len(set(steps)) == 1:  # one evaluation: a readable axis, not ±0.04 around it
+                ax.set_xlim(steps[0] - 1, max(steps[0] + 1, r.steps or 0))
+        else:
+            ax.text(
+                0.5, 0.5, "no teacher: ratio n/a", ha="center", va="center", transform=ax.transAxes
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+    _domain_legend(fig, summary["domains"], colors, "line")
+    fig.suptitle("Student/teacher perplexity ratio per domain over training")
+    fig.savefig(path, dpi=110)
+
+
+def _domain_legend(fig, domains: list[str], colors: dict, kind: str) -> None:
+    """One legend for all panels (a domain has the same colour everywhere), outside the axes."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    if kind == "line":
+        handles = [Line2D([], [], color=colors[d], marker="o", markersize=3) for d in domains]
+    else:
+        handles = [Patch(color=colors[d], alpha=0.85) for d in domains]
+    fig.legend(handles, domains, loc="outside right upper", fontsize="small", title="domain")
+
+
+def _plot_weights(summary: dict, runs: list[_Run], colors: dict, path: Path) -> None:
+    fig, axes = _figure(len(runs))
+    for ax, r in zip(axes, runs):
+        steps = [rec["step"] for rec in r.evals]
+        names, stacks = [], []
+        for d in r.domains:
+            ws = [_num(rec["domains"].get(d, {}).get("weight")) for rec in r.evals]
+            if any(_finite(w) for w in ws):
+                names.append(d)
+                stacks.append([w if _finite(w) else 0.0 for w in ws])
+        ax.set_title(r.label)
+        ax.set_xlabel("step")
+        if not names:
+            ax.text(0.5, 0.5, "no weights logged", ha="center", va="center", transform=ax.transAxes)
+            continue
+        # the last weights hold until the run's last logged step (or one step, at least)
+        end = max(r.steps or 0, steps[-1] + (1 if len(steps) == 1 else 0))
+        if end > steps[-1]:
+            steps = [*steps, end]
+            stacks = [[*s, s[-1]] for s in stacks]
+        # weights logged at a step hold for the interval that starts there
+        ax.stackplot(
+            steps, stacks, labels=names, colors=[colors[d] for d in names], step="post", alpha=0.85
+        )
+        ax.set_xlim(steps[0], steps[-1])
+        ax.set_ylim(0, max(1.0, max(sum(col) for col in zip(*stacks))))
+        ax.set_ylabel("domain weight")
+    _domain_legend(fig, summary["domains"], colors, "patch")
+    fig.suptitle("Domain sampling weights (stacked) over training")
+    fig.savefig(path, dpi=110)
+
+
+def _plot_losses(summary: dict, runs: list[_Run], path: Path) -> None:
+    fig, axes = _figure(2)
+    colors = _series_colors(len(runs))
+    for ax, key, title in zip(
+        axes, ("ce", "kl"), ("cross-entropy (CE)", "distillation divergence (KL)")
+    ):
+        drawn = False
+        for r, c in zip(runs, colors):
+            pts = [(rec["step"], _num(rec.get(key))) for rec in r.logs]
+            pts = [(s, v) for s, v in pts if _finite(v)]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, color=c, label=r.label, linewidth=1.2)
+                drawn = True
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key.upper())
+        if drawn:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle("Training losses")
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------- entry point
+def write_report(run_dirs, out_dir=None) -> Path:
+    """Write the plots, `summary.md` and a self-contained `report.html`; return report.html.
+
+    `out_dir` defaults to the first run folder's `report/`. Raises DDKError (one line) when a
+    run folder or its metrics.jsonl is missing, or it holds no evaluation record.
+    """
+    runs = _load_runs(run_dirs)
+    summary = _summarize(runs)
+    out = Path(out_dir) if out_dir is not None else runs[0].path / "report"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DDKError(f"cannot create report folder '{out}': {e.strerror or e}") from None
+
+    colors = _domain_colors(summary["domains"])
+    _plot_perplexity(summary, runs, out / "perplexity_by_domain.png")
+    _plot_ratios(summary, runs, colors, out / "ratio_over_training.png")
+    _plot_weights(summary, runs, colors, out / "domain_weights.png")
+    _plot_losses(summary, runs, out / "loss_curves.png")
+    (out / "summary.md").write_text(_markdown(summary), encoding="utf-8")
+    page = out / "report.html"
+    page.write_text(_html(summary, out), encoding="utf-8")
+    print(f"report written to {page}")
+    return page

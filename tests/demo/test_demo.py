@@ -1,0 +1,125 @@
+"""`ddk demo --quick` end to end at tiny sizes, and the README's first command as written."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddk.cli import main
+from ddk.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--scale", "0.06", "--steps", "24", "--teacher-steps", "100", "--student-steps", "10"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _final_and_start(run: Path):
+    records = read_metrics(run / "metrics.jsonl")
+    start = next(r for r in records if r.get("event") == "domain_update")
+    final = next(r for r in records if r.get("event") == "final_eval")
+    return start["domains"], final["domains"]
+
+
+def _geo(values):
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def test_demo_quick(tmp_path, capsys):
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), *TINY]) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("domain  ") :]
+    for word in (
+        "code",
+        "prose",
+        "math",
+        "records",
+        "teacher",
+        "student before",
+        "cpt",
+        "kd",
+        "ddk",
+        "geometric mean",
+        "worst ratio",
+    ):
+        assert word in table, word
+    for method in ("cpt", "kd", "ddk"):
+        start, final = _final_and_start(out / "runs" / method)
+        for domain, d in start.items():
+            assert d["teacher_ppl"] < d["student_ppl"], f"teacher not better on {domain}"
+        assert _geo(v["student_ppl"] for v in final.values()) < _geo(
+            v["student_ppl"] for v in start.values()
+        ), f"{method} did not lower the student's mean perplexity"
+    report = out / "report"
+    for name in (
+        "report.html",
+        "summary.md",
+        "perplexity_by_domain.png",
+        "ratio_over_training.png",
+        "domain_weights.png",
+        "loss_curves.png",
+    ):
+        assert (report / name).is_file(), name
+    for png in report.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        pil = pytest.importorskip("PIL.Image")
+        with pil.open(png) as img:
+            assert img.size[0] > 100 and img.size[1] > 100
+    for stage in ("prepare", "pretrain_teacher", "pretrain_student", "distill_ddk"):
+        assert (out / "configs" / f"{stage}.yaml").is_file()
+    # the second run reuses the cached teacher and student
+    assert (
+        main(
+            [
+                "demo",
+                "--quick",
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(cache),
+                *TINY,
+                "--methods",
+                "ddk",
+            ]
+        )
+        == 0
+    )
+    assert "using cached teacher and student" in capsys.readouterr().out
+
+
+def _readme_first_command() -> str:
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return blocks[0].strip()
+
+
+def test_readme_first_command_as_written(tmp_path):
+    command = _readme_first_command()
+    assert command.endswith("ddk demo --quick"), command
+    # Run it in a copy of the repository. Two additions keep it within CI's time: the
+    # venv sees the already installed dependencies, and the demo gets tiny sizes.
+    work = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(work)], check=True)
+    for path in ("README.md", "pyproject.toml"):  # uncommitted edits count too
+        (work / path).write_text((REPO / path).read_text())
+    subprocess.run(["rm", "-rf", str(work / "ddk")], check=True)
+    subprocess.run(["cp", "-r", str(REPO / "ddk"), str(work / "ddk")], check=True)
+    runnable = command.replace(
+        "python3 -m venv .venv", "python3 -m venv --system-site-packages .venv"
+    )
+    runnable += " " + " ".join(TINY) + f" --cache-dir {tmp_path / 'cache'} --methods kd ddk"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = os.pathsep.join(
+        [str(Path(sys.base_prefix) / "bin"), *env.get("PATH", "").split(os.pathsep)]
+    )
+    done = subprocess.run(
+        ["bash", "-c", runnable], cwd=work, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (work / "ddk-demo" / "report" / "report.html").is_file()
+    assert "worst ratio" in done.stdout

@@ -1,0 +1,81 @@
+import pytest
+
+from ddk.cli import build_parser, main
+from ddk.config import Config, ConfigError, load_config
+
+
+def test_paper_defaults():
+    cfg = Config()
+    assert (cfg.distill.K, cfg.distill.alpha, cfg.distill.gamma, cfg.distill.tau) == (
+        1000,
+        0.5,
+        0.2,
+        1.0,
+    )
+    assert cfg.distill.divergence == "forward_kl" and cfg.distill.method == "ddk"
+    assert cfg.prepare.val_sequences == 500
+    assert (cfg.trainer.lr, cfg.trainer.min_lr, cfg.trainer.warmup_steps) == (3e-5, 3e-6, 1000)
+    assert cfg.trainer.max_steps == 30000
+
+
+def test_yaml_round_trip_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("distill:\n  method: kd\n  gamma: 0.5\ntrainer:\n  lr: 1.0e-4\n")
+    cfg = load_config(
+        path, ["trainer.lr=2e-4", "distill.mixture={code: 1, prose: 3}", "data.domains=[a, b]"]
+    )
+    assert cfg.distill.method == "kd" and cfg.distill.gamma == 0.5
+    assert cfg.trainer.lr == 2e-4
+    assert cfg.distill.mixture == {"code": 1.0, "prose": 3.0}
+    assert cfg.data.domains == ["a", "b"]
+    cfg.save(tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "yaml_text, overrides, words",
+    [
+        ("distill:\n  gama: 0.1\n", [], ["unknown key 'distill.gama'"]),
+        ("", ["trainer.lrr=1"], ["unknown key 'trainer.lrr'"]),
+        ("", ["distill.alpha=1.5"], ["distill.alpha", "less than or equal to 1"]),
+        ("", ["distill.gamma=-1"], ["distill.gamma", "greater than or equal to 0"]),
+        ("", ["distill.K=0"], ["distill.K", "greater than or equal to 1"]),
+        ("", ["trainer.max_steps=ten"], ["trainer.max_steps", "integer"]),
+        ("", ["distill.method=magic"], ["distill.method"]),
+        ("distill: [1, 2]\n", [], ["distill"]),
+        ("a: b: c\n", [], ["not valid YAML", "line 1"]),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, yaml_text, overrides, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["distill.alpha=2", "distill.K=0", "trainer.nope=1"])
+    msg = str(err.value)
+    assert "distill.alpha" in msg and "distill.K" in msg and "trainer.nope" in msg
+
+
+def test_cli_help_and_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "ddk 0." in capsys.readouterr().out
+    help_text = build_parser().format_help()
+    for command in ("prepare", "distill", "eval", "demo", "report"):
+        assert command in help_text
+
+
+def test_cli_config_error_exit_code(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  alfa: 0.5\n")
+    assert main(["distill", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown key 'distill.alfa'" in err
