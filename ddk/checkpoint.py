@@ -71,8 +71,9 @@ def save_checkpoint(
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
+    for stale in root.glob(".tmp-step-*"):  # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")

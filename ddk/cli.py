@@ -148,8 +148,16 @@ COMMANDS = {
 }
 
 
+def _quiet_libraries() -> None:
+    """ddk shows its own progress; transformers' per-load bars would only clutter it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except (DDKError, ConfigError) as e:

@@ -368,12 +368,10 @@ class Trainer:
             sums += torch.stack([out.total.detach().double(), out.ce.double(), out.div.double()])
         if self.world > 1:
             sums = acc.reduce(sums, reduction="sum")
-        grad_norm = None
-        if self.cfg.trainer.grad_clip > 0:
-            grad_norm = float(
-                acc.clip_grad_norm_(self.step_module.parameters(), self.cfg.trainer.grad_clip)
-            )
-        finite = math.isfinite(float(sums[0])) and (grad_norm is None or math.isfinite(grad_norm))
+        # The norm is needed either way: a NaN/inf gradient skips the step.
+        max_norm = self.cfg.trainer.grad_clip if self.cfg.trainer.grad_clip > 0 else math.inf
+        grad_norm = float(acc.clip_grad_norm_(self.step_module.parameters(), max_norm))
+        finite = math.isfinite(float(sums[0])) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
             self.state.bad_steps_in_a_row = 0
@@ -441,12 +439,22 @@ class Trainer:
         )
         window_tokens, window_start = 0, time.perf_counter()
         stopped_by = None
-        with _StopRequest() as stop:
+        with bar, _StopRequest() as stop:
             while self.state.step < t.max_steps:
                 if self.state.step // K != self.state.interval:
                     self.state.interval = self.state.step // K
                     self.update_domain_weights()
                 logs = self.train_step()
+                if logs["skipped"]:
+                    self.metrics.write(
+                        {
+                            "event": "skipped_step",
+                            "step": self.state.step,
+                            "loss": logs["loss"],
+                            "grad_norm": logs["grad_norm"],
+                            "in_a_row": self.state.bad_steps_in_a_row,
+                        }
+                    )
                 if self.state.bad_steps_in_a_row > t.max_bad_steps:
                     raise DDKError(
                         f"{self.state.bad_steps_in_a_row} steps in a row had a NaN/inf loss or "
@@ -475,7 +483,6 @@ class Trainer:
                 if stop.signal_name and self.state.step < t.max_steps:
                     stopped_by = stop.signal_name
                     break
-        bar.close()
         if stopped_by:
             path = self.save()
             if self.is_main:
