@@ -87,7 +87,7 @@ class DistillSection(_Section):
         "or {domain: weight}.",
     )
     loss_chunk_tokens: int = Field(
-        1024, ge=1, description="Tokens per loss chunk; bounds the logits held in memory."
+        512, ge=1, description="Tokens per loss chunk; bounds the logits held in memory."
     )
 
 

@@ -13,8 +13,9 @@ In the spirit of Liger-Kernel's ``fused_linear_distillation``, three layers:
   gradients of the chunk's loss w.r.t. the hidden states, W and b with
   ``torch.autograd.grad`` (so any divergence works without a hand-written
   gradient), accumulates them and returns the sums; backward only scales the
-  stored gradients by ``grad_output``. Peak memory is a few [chunk, vocab] float32
-  tensors plus one float32 gradient buffer of W, independent of the token count.
+  stored gradients by ``grad_output``. Peak memory is independent of the token
+  count: about 7 (forward/skew KL) to 10 (JS) [chunk_tokens, vocab] float32
+  tensors, plus a float32 gradient buffer of W and one chunk's W gradient.
 - ``fused_distill_loss``: the functional entry point.
 - ``FusedDistillLoss``: an ``nn.Module`` holding the settings.
 
