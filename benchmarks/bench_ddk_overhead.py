@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from ddk.config import PrepareSection, load_config
 from ddk.data.prepare import prepare
 from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
@@ -40,16 +42,32 @@ def main() -> None:
     parser.add_argument("--val-sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--teacher", default="128x4", help="hidden x layers")
+    parser.add_argument("--student", default="64x2", help="hidden x layers")
+    parser.add_argument("--scale", type=float, default=0.3, help="demo corpus size")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs per method, alternating; best kept"
+    )
     args = parser.parse_args()
+
+    def shape(spec: str) -> dict:
+        hidden, layers = (int(x) for x in spec.split("x"))
+        return {
+            "hidden_size": hidden,
+            "num_layers": layers,
+            "num_heads": max(1, hidden // 64),
+            "max_positions": args.seq_len,
+        }
 
     work = Path(tempfile.mkdtemp(prefix="ddk-bench-overhead-"))
     try:
         corpus = work / "corpus"
-        build_demo_corpus(corpus, scale=0.3)
+        build_demo_corpus(corpus, scale=args.scale)
         texts = (
             json.loads(line)["text"] for f in sorted(corpus.glob("*/*.jsonl")) for line in f.open()
         )
-        tok_dir = train_bpe_tokenizer(texts, 2048, work / "tok")
+        tok_dir = train_bpe_tokenizer(texts, args.vocab, work / "tok")
         tok = load_tokenizer(str(tok_dir))
         prepare(
             PrepareSection(
@@ -61,12 +79,16 @@ def main() -> None:
             str(tok_dir),
             progress=False,
         )
-        teacher = _save(work / "teacher", tok, hidden_size=128, num_layers=4, num_heads=4)
-        student = _save(work / "student", tok, hidden_size=64, num_layers=2, num_heads=2)
+        teacher = _save(work / "teacher", tok, **shape(args.teacher))
+        student = _save(work / "student", tok, **shape(args.student))
+        sizes = {
+            name: sum(p.numel() for p in tiny_causal_lm(len(tok), **shape(spec)).parameters())
+            for name, spec in (("teacher", args.teacher), ("student", args.student))
+        }
 
-        rows, timings = [], {}
-        for method, K in (("kd", args.steps), ("ddk", args.K)):
-            run = work / f"run-{method}"
+        rows, timings = {}, {}
+        for repeat, (method, K) in enumerate([("kd", args.steps), ("ddk", args.K)] * args.repeats):
+            run = work / f"run-{method}-{repeat}"
             cfg = load_config(
                 None,
                 [
@@ -85,21 +107,53 @@ def main() -> None:
                 ],
             )
             trainer = Trainer(cfg, run)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - start
+            peak = (
+                torch.cuda.max_memory_allocated() / 2**30
+                if torch.cuda.is_available()
+                else float("nan")
+            )
             evals = [
                 r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "domain_update"
             ]
             eval_s = sum(r.get("eval_seconds", 0.0) for r in evals)
+            del trainer
+            if seconds >= timings.get(method, float("inf")):
+                continue
             timings[method] = seconds
-            rows.append([method, K, len(evals), args.steps / seconds, seconds, eval_s])
+            tok_s = args.steps * args.batch * args.seq_len / seconds
+            rows[method] = [
+                method,
+                K,
+                len(evals),
+                args.steps / seconds,
+                tok_s,
+                seconds,
+                eval_s,
+                peak,
+            ]
         overhead = 100.0 * (timings["ddk"] / timings["kd"] - 1.0)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         print(
-            f"{args.steps} steps x {args.batch} x {args.seq_len} tokens; "
-            f"{args.val_sequences} validation sequences x 4 domains per evaluation"
+            f"{device}; teacher {sizes['teacher'] / 1e6:.1f}M, student {sizes['student'] / 1e6:.1f}M "
+            f"parameters, vocab {len(tok)}; {args.steps} steps x {args.batch} x {args.seq_len} "
+            f"tokens; {args.val_sequences} validation sequences x 4 domains per evaluation"
         )
-        print(format_table(["method", "K", "evaluations", "steps/s", "loop s", "eval s"], rows))
+        headers = [
+            "method",
+            "K",
+            "evaluations",
+            "steps/s",
+            "tokens/s",
+            "loop s",
+            "eval s",
+            "peak GiB",
+        ]
+        print(format_table(headers, list(rows.values())))
         print(
             f"DDK overhead over KD: {overhead:+.1f}% wall time "
             f"(expected ~ evaluations x eval cost; paper: +0.7% compute at K=1000)"
