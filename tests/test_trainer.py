@@ -192,10 +192,13 @@ def test_grad_accumulation_split_gives_same_gradients(
         logs = trainer.train_step()
         grads.append((logs, captured))
     (logs0, g0), *rest = grads
+    # fp32 on CPU agrees to rounding; bf16 autocast on a GPU rounds each split differently.
+    bf16 = torch.cuda.is_available()
+    tol = {"rtol": 5e-2, "atol": 5e-4} if bf16 else {"rtol": 1e-4, "atol": 1e-6}
     for logs, g in rest:
-        assert logs["loss"] == pytest.approx(logs0["loss"], rel=1e-5)
+        assert logs["loss"] == pytest.approx(logs0["loss"], rel=1e-2 if bf16 else 1e-5)
         for name in g0:
-            torch.testing.assert_close(g[name], g0[name], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(g[name], g0[name], **tol)
 
 
 def test_refuses_non_empty_run_dir(tmp_path, teacher_dir, student_dir, prepared_dir):
