@@ -209,3 +209,23 @@ def test_refuses_non_empty_run_dir(tmp_path, teacher_dir, student_dir, prepared_
     with pytest.raises(DDKError, match="not empty.*--resume"):
         start_run(cfg)
     assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_tensorboard_scalars(tmp_path, teacher_dir, student_dir, prepared_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config(
+        tmp_path / "run",
+        teacher_dir,
+        student_dir,
+        prepared_dir,
+        **{"trainer.report_to": "[tensorboard]"},
+    )
+    start_run(cfg)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/loss" in tags and "train/kl" in tags
+    assert {"weight/code", "student_ppl/math", "ratio/prose"} <= set(tags)
+    assert [e.step for e in events.Scalars("weight/code")][:2] == [0, 3]
