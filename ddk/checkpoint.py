@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from ddk.errors import DDKError
+from ddk.errors import DDKError, first_line
 
 CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -71,7 +71,7 @@ def save_checkpoint(
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    for stale in root.glob(".tmp-step-*"):  # left by a run killed mid-write
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # a killed save's
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     tmp.mkdir()
@@ -87,10 +87,14 @@ def save_checkpoint(
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
+    old = None
     if final.exists():  # the same step saved again (e.g. a resumed run's final save)
-        shutil.rmtree(final)
+        old = root / f".old-step-{step:08d}-{os.getpid()}"
+        final.rename(old)  # set aside, removed only once the new one is in place
     tmp.rename(final)
     _fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     for _, old in list_checkpoints(run_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -135,5 +139,5 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, device) -> dict:
         state = json.loads((folder / "trainer_state.json").read_text())
         arrays = {p.stem: np.load(p, allow_pickle=False) for p in folder.glob("*.npy")}
     except Exception as e:  # a checkpoint that passed its checksums but does not fit the model
-        raise DDKError(f"cannot load checkpoint '{folder}': {str(e).splitlines()[0]}") from None
+        raise DDKError(f"cannot load checkpoint '{folder}': {first_line(e)}") from None
     return {"state": state, "optimizer": optimizer_state, "rng": rng_state, "arrays": arrays}

@@ -27,6 +27,13 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) 
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddk", description="Domain-aware knowledge distillation (DDK) for Hugging Face LMs."
@@ -53,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model hub id or folder")
     p.add_argument("--data", required=True, help="prepared data folder")
     p.add_argument("--domains", nargs="*", help="subset of domains")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-sequences", type=int, help="validation sequences per domain to use")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--max-sequences", type=_positive_int, help="validation sequences per domain")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, nothing downloaded")

@@ -128,11 +128,6 @@ class Config(_Section):
             raise ValueError("trainer.min_lr must not exceed trainer.lr")
         return self
 
-    @property
-    def global_batch_size(self) -> int:
-        """Sequences per optimizer step on one process; the trainer multiplies by world size."""
-        return self.trainer.micro_batch_size * self.trainer.grad_accum_steps
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -3,3 +3,9 @@
 
 class DDKError(Exception):
     """A problem with the user's input (path, data, config, models); the message says what to fix."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -90,9 +90,22 @@ def evaluate_model_cli(
     max_sequences: int | None,
     as_json: bool,
 ) -> dict:
-    from ddk.models import check_vocab, embedding_rows, load_model, resolve_dtype
+    from ddk.data.prepare import vocab_hash
+    from ddk.models import check_vocab, embedding_rows, load_model, load_tokenizer, resolve_dtype
 
+    if domains is not None and not domains:
+        raise DDKError("--domains needs at least one domain name")
     data = PreparedData(data_dir, domains)
+    try:
+        tokenizer = load_tokenizer(model_name)
+    except DDKError:
+        tokenizer = None  # a model folder without tokenizer files: rely on the size check
+    data_vocab = data.manifest["tokenizer"].get("vocab_sha256")
+    if tokenizer is not None and data_vocab and vocab_hash(tokenizer) != data_vocab:
+        raise DDKError(
+            f"'{data_dir}' was tokenised with '{data.manifest['tokenizer']['name_or_path']}', whose "
+            f"vocabulary differs from the tokenizer of '{model_name}'; prepare it with the model's"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_name, dtype=resolve_dtype("auto", device), what="model").to(device)
     check_vocab(data.vocab_size, None, embedding_rows(model))

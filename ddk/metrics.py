@@ -19,19 +19,27 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep what a run had logged up to checkpoint `step`; later lines are redone on resume.
-    Interval events at `step` itself come after that checkpoint, so they go too."""
+    Evaluations at `step` itself (domain_update, final_eval) come after that checkpoint, so they
+    go too; a step's own log and skipped_step record come before it and stay."""
     if not path.exists():
         return
+    redone = ("domain_update", "final_eval")
     kept = [
         r
         for r in read_metrics(path)
-        if r.get("step", 0) < step or (r.get("step") == step and "event" not in r)
+        if r.get("step", 0) < step or (r.get("step") == step and r.get("event") not in redone)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, report_to: list[str], enabled: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        report_to: list[str],
+        enabled: bool = True,
+        purge_step: int | None = None,
+    ):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
@@ -41,7 +49,8 @@ class MetricsWriter:
             except ImportError:
                 print("warning: report_to has tensorboard but it is not installed; skipping it")
             else:
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step drops points a crashed run logged past the resumed checkpoint.
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -63,3 +72,4 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None

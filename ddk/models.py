@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddk.errors import DDKError
+from ddk.errors import DDKError, first_line
 
 
 def _looks_local(name: str) -> bool:
@@ -15,7 +15,7 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def _check_exists(name: str, what: str) -> str:
+def resolve_local_path(name: str, what: str) -> str:
     expanded = os.path.expanduser(name)
     if os.path.exists(expanded):
         return expanded
@@ -30,12 +30,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     """A fast tokenizer from a hub id or a local folder."""
     from transformers import AutoTokenizer
 
-    path = _check_exists(name, "tokenizer")
+    path = resolve_local_path(name, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DDKError(f"cannot load tokenizer '{name}': {first}") from None
+        raise DDKError(f"cannot load tokenizer '{name}': {first_line(e)}") from None
     if not getattr(tok, "is_fast", False):
         raise DDKError(f"tokenizer '{name}' has no fast (Rust) version; ddk needs a fast tokenizer")
     return tok
@@ -52,14 +51,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model(name: str, *, dtype: torch.dtype, what: str, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    path = _check_exists(name, what)
+    path = resolve_local_path(name, what)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DDKError(f"cannot load {what} '{name}': {first}") from None
+        raise DDKError(f"cannot load {what} '{name}': {first_line(e)}") from None
     return model
 
 

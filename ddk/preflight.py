@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddk.config import Config
-from ddk.errors import DDKError
+from ddk.errors import DDKError, first_line
 
 
 def _load_quietly(fn, *args, **kwargs):
@@ -23,14 +23,13 @@ def _load_quietly(fn, *args, **kwargs):
 def _model_config(name: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    from ddk.models import _check_exists
+    from ddk.models import resolve_local_path
 
-    path = _check_exists(name, "model")
+    path = resolve_local_path(name, "model")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DDKError(f"cannot load '{name}': {first}") from None
+        raise DDKError(f"cannot load '{name}': {first_line(e)}") from None
 
 
 def preflight(cfg: Config) -> None:
@@ -51,6 +50,8 @@ def preflight(cfg: Config) -> None:
         if err:
             problems.append(f"data.prepared: {err}")
     domains = list(manifest["domains"]) if manifest else []
+    if cfg.data.domains is not None and not cfg.data.domains:
+        problems.append("data.domains: empty; list domains to train on or leave it out for all")
     if manifest and cfg.data.domains is not None:
         for d in cfg.data.domains:
             if d not in manifest["domains"]:
@@ -85,6 +86,10 @@ def preflight(cfg: Config) -> None:
             tokenizers[role] = tok
         elif role == "student":
             problems.append(f"model.student: {err}")
+        else:
+            print(
+                f"warning: no tokenizer in teacher '{name}' ({err}); only its output size is checked"
+            )
 
     if manifest:
         seq_len = manifest["seq_len"]

@@ -26,7 +26,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddk.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
+from ddk.checkpoint import (
+    latest_good_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ddk.config import Config, ConfigError, load_config
 from ddk.data.dataset import PreparedData
 from ddk.domains import fixed_mixture, next_weights, perplexity_ratio
@@ -38,8 +43,6 @@ from ddk.preflight import preflight
 from ddk.sampler import DomainSampler
 from ddk.schedule import lr_lambda
 from ddk.teacher import OnlineTeacher
-
-FIXED_METHODS = ("kd", "cpt", "equal")
 
 
 class DistillStep(torch.nn.Module):
@@ -90,6 +93,7 @@ class TrainState:
     tokens_seen: int = 0
     bad_steps_total: int = 0
     bad_steps_in_a_row: int = 0
+    geometry: dict = field(default_factory=dict)  # what the saved plan and positions assume
 
 
 def _rng_state() -> dict:
@@ -146,6 +150,7 @@ class _StopRequest:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         self.cfg = cfg
         self.run_dir = run_dir
@@ -157,16 +162,24 @@ class Trainer:
         self.world = acc.num_processes
         self.rank = acc.process_index
         self.device = acc.device
+        supported = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+        if acc.distributed_type not in supported:
+            raise DDKError(
+                f"Accelerate is set up for {acc.distributed_type.value}; ddk supports DDP for now "
+                "(run `accelerate launch` without FSDP/DeepSpeed)"
+            )
         preflight(cfg)  # every config/data/model problem at once, before weights load
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         _seed_everything(cfg.trainer.seed)
         self._setup_data_and_models()
-        self.metrics = MetricsWriter(run_dir, cfg.trainer.report_to, enabled=self.is_main)
-        self.state = TrainState()
+        self.state = TrainState(geometry=self._geometry())
         self.plan: np.ndarray | None = None
         if resume_from is not None:
             self._restore(resume_from)
+        self.metrics = MetricsWriter(
+            run_dir, cfg.trainer.report_to, enabled=self.is_main, purge_step=self.state.step or None
+        )
 
     # ------------------------------------------------------------------ setup
     def _setup_data_and_models(self) -> None:
@@ -206,7 +219,9 @@ class Trainer:
         )
         if cfg.trainer.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
-        self.student.config.use_cache = False
+        # from_pretrained returns eval mode: without this, dropout and gradient
+        # checkpointing (which HF applies only in training mode) would silently be off.
+        self.student.train()
 
         t = cfg.trainer
         self.step_module = DistillStep(self.student, cfg, self.vocab_size)
@@ -227,6 +242,9 @@ class Trainer:
         # The scheduler stays unwrapped: Accelerate would step it once per process.
         self.step_module, self.optimizer = self.accelerator.prepare(self.step_module, optimizer)
         self.scheduler = scheduler
+        self.uses_teacher = (
+            teacher is not None and self.accelerator.unwrap_model(self.step_module).uses_teacher
+        )
         self.teacher = None
         if teacher is not None:
             self.teacher_model = teacher.to(self.device)
@@ -245,6 +263,7 @@ class Trainer:
             {n: s.num_train_sequences for n, s in self.data.domains.items()}, cfg.trainer.seed
         )
         self.global_batch = t.micro_batch_size * t.grad_accum_steps * self.world
+        self.step_tokens = self.global_batch * self.data.seq_len  # packed: all are targets
 
     # ------------------------------------------------------------------ evaluation
     def _unwrapped_student(self):
@@ -308,8 +327,6 @@ class Trainer:
         student = self.evaluate_student()
         s_ppl = [student[d]["ppl"] for d in self.domains]
         t_ppl = [self.teacher_ppl[d] for d in self.domains] if self.teacher_ppl else None
-        if cfg.method in ("ddk", "ddk_no_smoothing") and t_ppl is None:
-            raise DDKError("DDK needs teacher perplexities; set model.teacher")
         try:
             weights = next_weights(
                 cfg.method,
@@ -334,7 +351,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def _step_batches(self):
-        """This rank's micro-batches of the current step, and the step's global token count."""
+        """This rank's micro-batches of the current step."""
         t = self.cfg.trainer
         offset = (self.state.step % self.cfg.distill.K) * self.global_batch
         rows = self.plan[offset : offset + self.global_batch]
@@ -345,18 +362,19 @@ class Trainer:
                 [self.data.domains[self.domains[d]].sequences("train", [i]) for d, i in micro]
             )
             batches.append(seqs)
-        tokens = self.global_batch * self.data.seq_len  # packed: every position is a target
-        return batches, tokens
+        return batches
 
-    def train_step(self) -> dict:
+    def train_step(self, stop_requested: bool = False) -> dict:
         acc = self.accelerator
-        batches, global_tokens = self._step_batches()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        batches = self._step_batches()
+        global_tokens = self.step_tokens
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sums[3] = float(stop_requested)
         for i, seqs in enumerate(batches):
             seqs = seqs.to(self.device)
             input_ids, labels = seqs[:, :-1], seqs[:, 1:]
             signal_args = ()
-            if self.teacher is not None and self.step_module_uses_teacher:
+            if self.uses_teacher:
                 sig = self.teacher.signal(input_ids)
                 signal_args = (sig.hidden, sig.head_weight, sig.head_bias)
             last = i == len(batches) - 1
@@ -365,7 +383,9 @@ class Trainer:
                 out: LossSums = self.step_module(input_ids, labels, *signal_args)
                 # DDP averages gradients over ranks; scale so the result is sum / global tokens.
                 acc.backward(out.total * (self.world / global_tokens))
-            sums += torch.stack([out.total.detach().double(), out.ce.double(), out.div.double()])
+            sums[:3] += torch.stack(
+                [out.total.detach().double(), out.ce.double(), out.div.double()]
+            )
         if self.world > 1:
             sums = acc.reduce(sums, reduction="sum")
         # The norm is needed either way: a NaN/inf gradient skips the step.
@@ -378,21 +398,20 @@ class Trainer:
         else:
             self.state.bad_steps_total += 1
             self.state.bad_steps_in_a_row += 1
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens_seen += global_tokens
         return {
+            "lr": lr,
             "loss": float(sums[0]) / global_tokens,
             "ce": float(sums[1]) / global_tokens,
             "kl": float(sums[2]) / global_tokens,
             "grad_norm": grad_norm,
             "skipped": not finite,
+            "stop": float(sums[3]) > 0,
         }
-
-    @property
-    def step_module_uses_teacher(self) -> bool:
-        return self.accelerator.unwrap_model(self.step_module).uses_teacher
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
@@ -413,7 +432,29 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
+    def _geometry(self) -> dict:
+        return {
+            "sequences_per_step": self.global_batch,
+            "processes": self.world,
+            "K": self.cfg.distill.K,
+            "seed": self.cfg.trainer.seed,
+            "domains": self.domains,
+            "method": self.cfg.distill.method,
+        }
+
     def _restore(self, folder: Path) -> None:
+        saved = json.loads((folder / "trainer_state.json").read_text())["trainer"].get(
+            "geometry", {}
+        )
+        now = self._geometry()
+        changed = [k for k in now if k in saved and saved[k] != now[k]]
+        if changed:
+            what = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in changed)
+            raise DDKError(
+                f"cannot resume '{self.run_dir}' with other settings ({what}); resume with the "
+                "settings the run started with (micro_batch_size x grad_accum_steps x processes, "
+                "distill.K, trainer.seed, data.domains, distill.method)"
+            )
         loaded = load_checkpoint(folder, self._unwrapped_student(), self.device)
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["state"]["scheduler"])
@@ -423,7 +464,8 @@ class Trainer:
         _set_rng_state(loaded["rng"])
 
     # ------------------------------------------------------------------ the loop
-    def train(self) -> Path:
+    def train(self) -> Path | None:
+        """Run to trainer.max_steps; the final model's folder, or None when a signal stopped it."""
         cfg = self.cfg
         t, K = cfg.trainer, cfg.distill.K
         self.teacher_ppl = self.teacher_perplexities()
@@ -438,60 +480,59 @@ class Trainer:
             unit="step",
         )
         window_tokens, window_start = 0, time.perf_counter()
-        stopped_by = None
-        with bar, _StopRequest() as stop:
-            while self.state.step < t.max_steps:
-                if self.state.step // K != self.state.interval:
-                    self.state.interval = self.state.step // K
-                    self.update_domain_weights()
-                logs = self.train_step()
-                if logs["skipped"]:
-                    self.metrics.write(
-                        {
-                            "event": "skipped_step",
+        try:
+            with bar, _StopRequest() as stop:
+                while self.state.step < t.max_steps:
+                    if self.state.step // K != self.state.interval:
+                        self.state.interval = self.state.step // K
+                        self.update_domain_weights()
+                    logs = self.train_step(stop_requested=stop.signal_name is not None)
+                    if logs["skipped"]:
+                        self.metrics.write(
+                            {
+                                "event": "skipped_step",
+                                "step": self.state.step,
+                                "loss": logs["loss"],
+                                "grad_norm": logs["grad_norm"],
+                                "in_a_row": self.state.bad_steps_in_a_row,
+                            }
+                        )
+                    if self.state.bad_steps_in_a_row > t.max_bad_steps:
+                        raise DDKError(
+                            f"{self.state.bad_steps_in_a_row} steps in a row had a NaN/inf loss or "
+                            f"gradient (at step {self.state.step}); lower trainer.lr or check the "
+                            "data. The last good checkpoint is intact"
+                        )
+                    window_tokens += self.step_tokens
+                    bar.update(1)
+                    if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+                        elapsed = time.perf_counter() - window_start
+                        record = {
                             "step": self.state.step,
-                            "loss": logs["loss"],
-                            "grad_norm": logs["grad_norm"],
-                            "in_a_row": self.state.bad_steps_in_a_row,
+                            "tokens": self.state.tokens_seen,
+                            **{k: v for k, v in logs.items() if k != "stop"},
+                            "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                            "bad_steps": self.state.bad_steps_total,
                         }
-                    )
-                if self.state.bad_steps_in_a_row > t.max_bad_steps:
-                    raise DDKError(
-                        f"{self.state.bad_steps_in_a_row} steps in a row had a NaN/inf loss or "
-                        f"gradient (at step {self.state.step}); lower trainer.lr or check the data. "
-                        "The last good checkpoint is intact"
-                    )
-                window_tokens += self.global_batch * self.data.seq_len
-                bar.update(1)
-                if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "step": self.state.step,
-                        "tokens": self.state.tokens_seen,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        **logs,
-                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                        "bad_steps": self.state.bad_steps_total,
-                    }
-                    self.metrics.write(record)
-                    bar.set_postfix(
-                        loss=f"{logs['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
-                    )
-                    window_tokens, window_start = 0, time.perf_counter()
-                if self.state.step % t.save_every == 0 and self.state.step < t.max_steps:
-                    self.save()
-                if stop.signal_name and self.state.step < t.max_steps:
-                    stopped_by = stop.signal_name
-                    break
-        if stopped_by:
-            path = self.save()
-            if self.is_main:
-                print(
-                    f"{stopped_by} received: saved {path} at step {self.state.step}. "
-                    f"Resume with: ddk distill --resume {self.run_dir}"
-                )
-            return self.run_dir
-        return self.finish()
+                        self.metrics.write(record)
+                        bar.set_postfix(
+                            loss=f"{logs['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
+                        )
+                        window_tokens, window_start = 0, time.perf_counter()
+                    if self.state.step % t.save_every == 0 and self.state.step < t.max_steps:
+                        self.save()
+                    # Every rank sees the same (all-reduced) flag, so all stop at the same step.
+                    if logs["stop"] and self.state.step < t.max_steps:
+                        path = self.save()
+                        if self.is_main:
+                            print(
+                                f"{stop.signal_name or 'a stop signal'} received: saved {path} at "
+                                f"step {self.state.step}. Resume with: ddk distill --resume {self.run_dir}"
+                            )
+                        return None
+            return self.finish()
+        finally:
+            self.metrics.close()
 
     def finish(self) -> Path:
         student = self.evaluate_student()
@@ -500,15 +541,16 @@ class Trainer:
         self.save()
         final = self.run_dir / "final"
         if self.is_main:
-            self._unwrapped_student().save_pretrained(final)
+            model = self._unwrapped_student()
+            model.config.use_cache = True  # generation wants the KV cache back
+            model.save_pretrained(final)
             self.student_tokenizer.save_pretrained(final)
             print(f"final student saved to {final}")
-        self.metrics.close()
         self.accelerator.wait_for_everyone()
         return final
 
 
-def start_run(cfg: Config) -> Path:
+def start_run(cfg: Config) -> Path | None:
     """A new run in cfg.trainer.output_dir; refuses a folder that already holds a run."""
     run_dir = Path(cfg.trainer.output_dir).expanduser()
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -522,15 +564,19 @@ def start_run(cfg: Config) -> Path:
     return trainer.train()
 
 
-def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
+def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> Path | None:
+    """Continue from the newest intact checkpoint; a run that died before its first checkpoint
+    starts again from step 0 with its saved config."""
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise DDKError(f"'{run_dir}' holds no run (no config.yaml) to resume")
     cfg = load_config(run_dir / "config.yaml", overrides)
     checkpoint = latest_good_checkpoint(run_dir)
-    if checkpoint is None:
+    if checkpoint is None and list_checkpoints(run_dir):
         raise DDKError(f"'{run_dir}' has no intact checkpoint to resume from; start a new run")
-    print(f"resuming from {checkpoint}")
+    print(
+        f"resuming from {checkpoint}" if checkpoint else f"no checkpoint yet: restarting {run_dir}"
+    )
     trainer = Trainer(cfg, run_dir, resume_from=checkpoint)
     if trainer.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)

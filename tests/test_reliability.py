@@ -160,10 +160,10 @@ def test_corrupt_newest_checkpoint_falls_back(
     cfg = write_config(tmp_path / "c.yaml", teacher_dir, student_dir, prepared_dir, run)
     original = Trainer.train_step
 
-    def crash(self):
+    def crash(self, *args, **kwargs):
         if self.state.step == 17:
             raise RuntimeError("crash")
-        return original(self)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", crash)
     with pytest.raises(RuntimeError):

@@ -139,10 +139,10 @@ def test_resume_after_crash_matches_uninterrupted(
     crashed = make_config(tmp_path / "crash", teacher_dir, student_dir, prepared_dir)
     original = Trainer.train_step
 
-    def crash_at_step_10(self):
+    def crash_at_step_10(self, *args, **kwargs):
         if self.state.step == 9:  # after the step-8 checkpoint, mid-interval
             raise RuntimeError("simulated crash")
-        return original(self)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_step_10)
     with pytest.raises(RuntimeError, match="simulated crash"):

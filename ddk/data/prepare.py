@@ -93,7 +93,7 @@ def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str) -> di
     """What makes two prepared folders the same corpus (cheap: no re-hashing)."""
     return {
         "input": str(Path(cfg.input).expanduser().resolve()),
-        "files": [[str(f.path), f.size] for f in corpus.files],
+        "files": [[str(f.path.resolve()), f.size, f.mtime_ns] for f in corpus.files],
         "tokenizer": tokenizer_name,
         "seq_len": cfg.seq_len,
         "val_sequences": cfg.val_sequences,
@@ -115,9 +115,9 @@ def read_manifest(folder: str | Path) -> dict:
 
 def _check_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | None:
     """Return the existing manifest when `out` already holds this very corpus."""
+    if out.exists() and not out.is_dir():
+        raise DDKError(f"output '{out}' is a file; choose a folder")
     if not out.exists() or not any(out.iterdir()):
-        return None
-    if overwrite:
         return None
     manifest = None
     if (out / MANIFEST).is_file():
@@ -125,12 +125,31 @@ def _check_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | None:
             manifest = json.loads((out / MANIFEST).read_text())
         except json.JSONDecodeError:
             manifest = None
-    if manifest is not None and manifest.get("fingerprint") == fingerprint:
+    if manifest is None:
+        # --overwrite replaces prepared data, never a folder of other files.
+        raise DDKError(
+            f"output '{out}' already holds files that are not ddk prepared data; choose another "
+            "output folder"
+        )
+    if overwrite:
+        return None
+    if manifest.get("fingerprint") == fingerprint:
         return manifest
-    what = "a different prepared corpus" if manifest else "other files"
     raise DDKError(
-        f"output '{out}' already holds {what}; choose another output folder or pass --overwrite"
+        f"output '{out}' already holds a different prepared corpus; choose another output "
+        "folder or pass --overwrite"
     )
+
+
+def _put(out_q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Hand `item` to the main thread unless it has stopped listening (then give up)."""
+    while not stop.is_set():
+        try:
+            out_q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def _reader_thread(corpus, cfg, batch_docs, out_q, stop):
@@ -139,10 +158,9 @@ def _reader_thread(corpus, cfg, batch_docs, out_q, stop):
     doc_id = 0
     try:
         for domain, text, done_bytes in iter_documents(corpus, cfg.text_field, cfg.domain_field):
-            if stop.is_set():
-                return
-            if domain is None:
-                out_q.put(("bytes", done_bytes, None))
+            if text is None:  # a file is finished: progress in bytes
+                if not _put(out_q, ("bytes", domain, done_bytes), stop):
+                    return
                 continue
             if not text.strip():
                 continue
@@ -150,13 +168,16 @@ def _reader_thread(corpus, cfg, batch_docs, out_q, stop):
             ids.append(doc_id)
             texts.append(text)
             doc_id += 1
-            if len(texts) >= batch_docs:
-                out_q.put(("docs", domain, buffers.pop(domain)))
+            if len(texts) >= batch_docs and not _put(
+                out_q, ("docs", domain, buffers.pop(domain)), stop
+            ):
+                return
         for domain, batch in buffers.items():
-            out_q.put(("docs", domain, batch))
-        out_q.put(("end", None, None))
+            if not _put(out_q, ("docs", domain, batch), stop):
+                return
+        _put(out_q, ("end", None, None), stop)
     except BaseException as e:  # handed to the main thread, which re-raises it
-        out_q.put(("error", e, None))
+        _put(out_q, ("error", e, None), stop)
 
 
 def _split_domain(folder: Path, name: str, cfg: PrepareSection, dtype: np.dtype) -> dict:
@@ -178,8 +199,9 @@ def _split_domain(folder: Path, name: str, cfg: PrepareSection, dtype: np.dtype)
     is_val[order[:taken]] = True
     if int(lens[~is_val].sum()) < cfg.seq_len + 1:
         raise DDKError(
-            f"domain '{name}': its documents are too long to hold out {cfg.val_sequences} "
-            "validation sequences and keep training data; lower prepare.val_sequences"
+            f"domain '{name}' has too few documents to hold out whole ones for validation "
+            f"({len(lens)} document(s)); split its text into more documents (e.g. JSONL lines) "
+            "or lower prepare.val_sequences"
         )
     tokens = np.memmap(folder / "all.bin", dtype=dtype, mode="r")
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
@@ -223,20 +245,20 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
         if progress:
             print(f"'{out}' already holds this corpus prepared; nothing to do.")
         return existing
-    if out.exists() and not out.is_dir():
-        raise DDKError(f"output '{out}' is a file; choose a folder")
 
     tokenizer = load_tokenizer(tokenizer_name)
     if tokenizer.eos_token_id is None:
         raise DDKError(f"tokenizer '{tokenizer_name}' has no EOS token to separate documents")
-    vocab_size = len(tokenizer)
+    # ids can have gaps: the largest id, not the count, decides the dtype and logits width
+    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
     dtype = token_dtype(vocab_size)
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed prepare
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     started = time.perf_counter()
     try:
@@ -303,6 +325,7 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress):
     names: dict[str, str] = {}
     bars: dict[str, tqdm] = {}
     domain_bytes: dict[str, int] = {}
+    read_bytes: dict[str, int] = {}
     for f in corpus.files:
         if f.domain is not None:
             domain_bytes[f.domain] = domain_bytes.get(f.domain, 0) + f.size
@@ -320,6 +343,10 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress):
             if kind == "error":
                 raise a
             if kind == "bytes":
+                if progress and a in bars:  # a file of a domain folder was read to its end
+                    read_bytes[a] = read_bytes.get(a, 0) + b
+                    bars[a].n = min(bars[a].total or read_bytes[a], read_bytes[a])
+                    bars[a].refresh()
                 continue
             domain, (doc_ids, texts) = a, b
             if domain not in writers:
@@ -344,7 +371,9 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress):
             encodings = [e.ids for e in encode(texts, add_special_tokens=False)]
             writers[domain].append(doc_ids, encodings, eos)
             if progress:
-                bars[domain].update(sum(len(t) for t in texts))
+                bar = bars[domain]
+                done = sum(len(t.encode("utf-8")) for t in texts)
+                bar.update(done if bar.total is None else min(done, bar.total - bar.n))
     finally:
         stop.set()
         for w in writers.values():

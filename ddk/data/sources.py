@@ -30,6 +30,11 @@ class SourceFile:
     domain: str | None  # None: every record names its domain
     size: int
     sha256: str = ""
+    mtime_ns: int = 0
+
+    def __post_init__(self):
+        if not self.mtime_ns and self.path.exists():
+            self.mtime_ns = self.path.stat().st_mtime_ns
 
 
 @dataclass
@@ -39,10 +44,6 @@ class Corpus:
     layout: str  # "folders" | "domain_field" | "hf_dataset"
     files: list[SourceFile] = field(default_factory=list)
     dataset_path: Path | None = None
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
 
 
 def _data_files(folder: Path) -> list[Path]:
@@ -72,7 +73,8 @@ def discover(input_path: str | Path) -> Corpus:
             )
         return Corpus("domain_field", [SourceFile(root, None, root.stat().st_size)])
     if (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists():
-        return Corpus("hf_dataset", dataset_path=root)
+        arrow = sorted(root.rglob("*.arrow"))  # listed now so the fingerprint sees changes
+        return Corpus("hf_dataset", [SourceFile(p, None, p.stat().st_size) for p in arrow], root)
 
     entries = _visible(root)
     subdirs = [p for p in entries if p.is_dir()]
@@ -130,11 +132,15 @@ def _hash_file(source: SourceFile) -> None:
 def _record_domain(record: dict, source: SourceFile, domain_field: str, where: str) -> str:
     if source.domain is not None:
         return source.domain
-    if domain_field not in record:
+    return _domain_value(record.get(domain_field), domain_field, where)
+
+
+def _domain_value(value, domain_field: str, where: str) -> str:
+    if value is None:
         raise DDKError(
             f"{where}: record has no '{domain_field}' field; add it or set prepare.domain_field"
         )
-    return str(record[domain_field])
+    return str(value)
 
 
 def _record_text(record: dict, text_field: str, where: str) -> str:
@@ -208,13 +214,18 @@ def _iter_parquet(source: SourceFile, text_field: str, domain_field: str):
                 f"{source.path}: no '{domain_field}' column; add it or set prepare.domain_field"
             )
         columns.append(domain_field)
+    row = 0
     for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
         texts = batch.column(text_field).to_pylist()
         domains = batch.column(domain_field).to_pylist() if source.domain is None else None
         for i, text in enumerate(texts):
+            row += 1
             if text is None:
                 continue
-            yield (source.domain if domains is None else str(domains[i])), text
+            if domains is None:
+                yield source.domain, text
+            else:
+                yield _domain_value(domains[i], domain_field, f"{source.path} row {row}"), text
 
 
 def _iter_txt(source: SourceFile):
@@ -226,7 +237,8 @@ def _iter_txt(source: SourceFile):
 
 
 def iter_documents(corpus: Corpus, text_field: str, domain_field: str):
-    """Yield (domain, text, source_bytes_done) in corpus order; bytes drive the progress bar."""
+    """Yield (domain, text, 0) per document in corpus order, and (domain, None, bytes) when a
+    file is finished (domain None for files whose records name their domains)."""
     if corpus.layout == "hf_dataset":
         yield from _iter_hf_dataset(corpus, text_field, domain_field)
         return
@@ -240,7 +252,7 @@ def iter_documents(corpus: Corpus, text_field: str, domain_field: str):
             docs = _iter_json(source, text_field, domain_field)
         for domain, text in docs:
             yield domain, text, 0
-        yield None, None, source.size  # file finished
+        yield source.domain, None, source.size  # file finished
 
 
 def _iter_hf_dataset(corpus: Corpus, text_field: str, domain_field: str):
@@ -262,14 +274,13 @@ def _iter_hf_dataset(corpus: Corpus, text_field: str, domain_field: str):
                 f"{corpus.dataset_path}: dataset has no '{name}' column "
                 f"(columns: {', '.join(ds.column_names)})"
             )
-    corpus.files = [
-        SourceFile(Path(f["filename"]), None, Path(f["filename"]).stat().st_size)
-        for f in ds.cache_files
-    ]
     for f in corpus.files:
         _hash_file(f)
+    row = 0
     for batch in ds.select_columns([text_field, domain_field]).iter(batch_size=_PARQUET_BATCH):
         for text, domain in zip(batch[text_field], batch[domain_field]):
+            row += 1
             if text is not None:
-                yield str(domain), text, 0
-    yield None, None, sum(f.size for f in corpus.files)
+                where = f"{corpus.dataset_path} row {row}"
+                yield _domain_value(domain, domain_field, where), text, 0
+    yield None, None, sum(f.size for f in corpus.files)  # dataset finished

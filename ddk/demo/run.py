@@ -90,6 +90,13 @@ def _common_trainer(size: DemoSize, steps: int, out_dir: Path, lr: float, seed: 
     ]
 
 
+def _finished(final: Path | None) -> Path:
+    """A stage stopped by Ctrl-C/SIGTERM ends the demo (the next stages need its output)."""
+    if final is None:
+        raise KeyboardInterrupt
+    return final
+
+
 def _pretrain(
     base_model: Path,
     data: Path,
@@ -115,7 +122,7 @@ def _pretrain(
     ]
     cfg = load_config(None, overrides)
     cfg.save(configs / f"{name}.yaml")
-    return start_run(cfg)
+    return _finished(start_run(cfg))
 
 
 def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, configs: Path, t0):
@@ -177,6 +184,7 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
             seq_len=size.seq_len,
             val_sequences=size.val_sequences,
             seed=seed,
+            overwrite=True,  # the demo owns OUT/prepared; a --quick run may have left another size
         )
     )
     cfg.save(configs / "prepare.yaml")
@@ -212,7 +220,7 @@ def _distill(
     ]
     cfg = load_config(None, overrides)
     cfg.save(configs / f"distill_{method}.yaml")
-    start_run(cfg)
+    _finished(start_run(cfg))
     return run_dir
 
 

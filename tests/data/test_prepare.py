@@ -161,9 +161,14 @@ def test_refuses_other_corpus_unless_overwrite(tmp_path, corpus, tokenizer_dir, 
     out.mkdir()
     (out / "keep.txt").write_text("user file")
     cfg = PrepareSection(input=str(corpus[0]), output=str(out), seq_len=32, val_sequences=4)
-    with pytest.raises(DDKError, match="already holds other files.*--overwrite"):
-        prepare(cfg, str(tokenizer_dir), progress=False)
-    assert (out / "keep.txt").read_text() == "user file"
+    for overwrite in (False, True):  # --overwrite replaces prepared data, never other files
+        with pytest.raises(DDKError, match="not ddk prepared data; choose another output"):
+            prepare(
+                cfg.model_copy(update={"overwrite": overwrite}), str(tokenizer_dir), progress=False
+            )
+        assert (out / "keep.txt").read_text() == "user file"
+    (out / "keep.txt").unlink()
+    prepare(cfg.model_copy(update={"seq_len": 16}), str(tokenizer_dir), progress=False)
     # a folder prepared from another corpus (different seq_len) is refused as well
     other = cfg.model_copy(update={"output": str(prepared_dir), "seq_len": 16})
     before = (prepared_dir / "manifest.json").read_text()
@@ -171,8 +176,8 @@ def test_refuses_other_corpus_unless_overwrite(tmp_path, corpus, tokenizer_dir, 
         prepare(other, str(tokenizer_dir), progress=False)
     assert (prepared_dir / "manifest.json").read_text() == before
     m = prepare(cfg.model_copy(update={"overwrite": True}), str(tokenizer_dir), progress=False)
-    assert (out / "manifest.json").exists() and not (out / "keep.txt").exists()
-    assert set(m["domains"]) == set(corpus[1])
+    assert m["seq_len"] == 32 and set(m["domains"]) == set(corpus[1])
+    assert json.loads((out / "manifest.json").read_text())["seq_len"] == 32
 
 
 def test_cli_prepare_exit_codes(tmp_path, corpus, tokenizer_dir, capsys):
