@@ -429,6 +429,16 @@ BAD_INPUTS = [
         ["does not exist"],
     ),
     ("report missing run", lambda w: ["report", str(w["root"] / "norun")], ["does not exist"]),
+    (
+        "eval other vocabulary",
+        lambda w: ["eval", "--model", str(w["other_model"]), "--data", str(w["data"])],
+        ["vocabulary differs"],
+    ),
+    (
+        "empty domain list",
+        lambda w: ["distill", _cfg(w, "ed", **{"data.domains": []})],
+        ["data.domains: empty"],
+    ),
 ]
 
 

@@ -229,3 +229,57 @@ def test_tensorboard_scalars(tmp_path, teacher_dir, student_dir, prepared_dir):
     assert "train/loss" in tags and "train/kl" in tags
     assert {"weight/code", "student_ppl/math", "ratio/prose"} <= set(tags)
     assert [e.step for e in events.Scalars("weight/code")][:2] == [0, 3]
+
+
+def test_student_trains_in_train_mode(
+    tmp_path, teacher_dir, student_dir, prepared_dir, monkeypatch
+):
+    seen = []
+    original = Trainer.train_step
+
+    def record_mode(self, *args, **kwargs):
+        seen.append(self._unwrapped_student().training)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", record_mode)
+    start_run(make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir))
+    assert seen and all(seen), "the student was in eval mode during training steps"
+
+
+def test_resume_with_other_batch_geometry_is_refused(
+    tmp_path, teacher_dir, student_dir, prepared_dir, monkeypatch
+):
+    original = Trainer.train_step
+
+    def crash(self, *args, **kwargs):
+        if self.state.step == 5:
+            raise RuntimeError("crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    with pytest.raises(RuntimeError):
+        start_run(make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir))
+    monkeypatch.setattr(Trainer, "train_step", original)
+    with pytest.raises(DDKError, match="sequences_per_step 8 -> 4"):
+        resume_run(tmp_path / "run", ["trainer.grad_accum_steps=1"])
+    assert resume_run(tmp_path / "run") is not None
+
+
+def test_resume_before_first_checkpoint_restarts(
+    tmp_path, teacher_dir, student_dir, prepared_dir, monkeypatch
+):
+    original = Trainer.train_step
+
+    def crash(self, *args, **kwargs):
+        if self.state.step == 2:
+            raise RuntimeError("crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    with pytest.raises(RuntimeError):
+        start_run(make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir))
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert resume_run(tmp_path / "run") == tmp_path / "run" / "final"
+    updates = _events(read_metrics(tmp_path / "run" / "metrics.jsonl"), "domain_update")
+    assert [u["step"] for u in updates] == [0, 3, 6, 9]  # no duplicate step-0 record

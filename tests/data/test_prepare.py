@@ -133,6 +133,13 @@ def _bad_inputs(tmp: Path):
     nodomain = tmp / "nodomain.jsonl"
     nodomain.write_text('{"text": "hello"}\n')
     cases.append(("missing domain field", nodomain, {}, ["no 'domain' field", "domain_field"]))
+    nulldomain = tmp / "nulldomain.jsonl"
+    nulldomain.write_text('{"text": "hello", "domain": null}\n')
+    cases.append(("null domain", nulldomain, {}, ["line 1", "no 'domain' field"]))
+    onedoc = tmp / "onedoc"
+    (onedoc / "a").mkdir(parents=True)
+    (onedoc / "a" / "book.txt").write_text("one long book " * 500)
+    cases.append(("single document", onedoc, {}, ["domain 'a'", "split its text"]))
     return cases
 
 
@@ -148,6 +155,15 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tokenizer_dir):
             assert w in msg, f"{name}: {msg!r} lacks {w!r}"
         assert not out.exists(), f"{name}: left a half-written output"
         assert not list(out.parent.glob(".*tmp*")) if out.parent.exists() else True
+
+
+def test_output_that_is_a_file(tmp_path, corpus, tokenizer_dir):
+    target = tmp_path / "file"
+    target.write_text("mine")
+    cfg = PrepareSection(input=str(corpus[0]), output=str(target))
+    with pytest.raises(DDKError, match="is a file; choose a folder"):
+        prepare(cfg, str(tokenizer_dir), progress=False)
+    assert target.read_text() == "mine"
 
 
 def test_missing_tokenizer_path(tmp_path, corpus):
