@@ -37,7 +37,7 @@ from ddk.data.dataset import PreparedData
 from ddk.domains import fixed_mixture, next_weights, perplexity_ratio
 from ddk.errors import DDKError
 from ddk.evaluate import domain_perplexities, hidden_and_head
-from ddk.losses import LossSums, fused_distill_loss
+from ddk.losses import FusedDistillLoss, LossSums
 from ddk.metrics import MetricsWriter, truncate_metrics
 from ddk.preflight import preflight
 from ddk.sampler import DomainSampler
@@ -46,40 +46,38 @@ from ddk.teacher import OnlineTeacher
 
 
 class DistillStep(torch.nn.Module):
-    """The student plus the fused loss, as one module, so DDP/FSDP see a single forward."""
+    """The student plus the fused loss, as one module, so DDP sees a single forward."""
 
     def __init__(self, student, cfg: Config, vocab_size: int):
         super().__init__()
         self.student = student
-        self.vocab_size = vocab_size
         d = cfg.distill
-        self.divergence = "none" if d.method == "cpt" else d.divergence
-        self.gamma, self.tau, self.skew_lambda = d.gamma, d.tau, d.skew_lambda
-        self.chunk_tokens = d.loss_chunk_tokens
+        self.loss = FusedDistillLoss(
+            vocab_size,
+            gamma=d.gamma,
+            tau=d.tau,
+            divergence="none" if d.method == "cpt" else d.divergence,
+            skew_lambda=d.skew_lambda,
+            chunk_tokens=d.loss_chunk_tokens,
+        )
 
     def forward(
         self, input_ids, labels, teacher_hidden=None, teacher_weight=None, teacher_bias=None
-    ):
+    ) -> LossSums:
         hidden, head = hidden_and_head(self.student, input_ids)
-        return fused_distill_loss(
+        return self.loss(
             hidden.reshape(-1, hidden.shape[-1]),
             head.weight,
             labels.reshape(-1),
             teacher_hidden,
             teacher_weight,
-            vocab_size=self.vocab_size,
-            gamma=self.gamma,
-            tau=self.tau,
-            divergence=self.divergence,
-            skew_lambda=self.skew_lambda,
-            chunk_tokens=self.chunk_tokens,
-            student_head_bias=getattr(head, "bias", None),
-            teacher_head_bias=teacher_bias,
+            getattr(head, "bias", None),
+            teacher_bias,
         )
 
     @property
     def uses_teacher(self) -> bool:
-        return self.divergence != "none" and self.gamma != 0
+        return self.loss.divergence != "none" and self.loss.gamma != 0
 
 
 @dataclass

@@ -120,3 +120,23 @@ def student_dir(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def save_model():
     return _save_model
+
+
+@pytest.fixture
+def crash_at_step(monkeypatch):
+    """Make the trainer raise RuntimeError('crash') when it is about to run step `step` + 1;
+    returns a function that takes the crash out again (the run can then resume)."""
+    from ddk.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def arm(step: int):
+        def train_step(self, *args, **kwargs):
+            if self.state.step == step:
+                raise RuntimeError("crash")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Trainer, "train_step", train_step)
+        return lambda: monkeypatch.setattr(Trainer, "train_step", original)
+
+    return arm

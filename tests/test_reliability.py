@@ -154,21 +154,14 @@ def test_sigterm_saves_and_prints_resume_hint(
 
 
 def test_corrupt_newest_checkpoint_falls_back(
-    tmp_path, teacher_dir, student_dir, prepared_dir, capsys, monkeypatch
+    tmp_path, teacher_dir, student_dir, prepared_dir, capsys, crash_at_step
 ):
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", teacher_dir, student_dir, prepared_dir, run)
-    original = Trainer.train_step
-
-    def crash(self, *args, **kwargs):
-        if self.state.step == 17:
-            raise RuntimeError("crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_step", crash)
+    disarm = crash_at_step(17)
     with pytest.raises(RuntimeError):
         main(["distill", str(cfg)])
-    monkeypatch.setattr(Trainer, "train_step", original)
+    disarm()
     (newest_step, newest), (prev_step, _) = list_checkpoints(run)[:2]
     assert (newest_step, prev_step) == (15, 10)
     weights = newest / "model.safetensors"

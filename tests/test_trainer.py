@@ -131,23 +131,16 @@ def test_no_smoothing_recomputes_eq1(tmp_path, teacher_dir, student_dir, prepare
 
 
 def test_resume_after_crash_matches_uninterrupted(
-    tmp_path, teacher_dir, student_dir, prepared_dir, monkeypatch
+    tmp_path, teacher_dir, student_dir, prepared_dir, crash_at_step
 ):
     full = make_config(tmp_path / "full", teacher_dir, student_dir, prepared_dir)
     start_run(full)
 
     crashed = make_config(tmp_path / "crash", teacher_dir, student_dir, prepared_dir)
-    original = Trainer.train_step
-
-    def crash_at_step_10(self, *args, **kwargs):
-        if self.state.step == 9:  # after the step-8 checkpoint, mid-interval
-            raise RuntimeError("simulated crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_10)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    disarm = crash_at_step(9)  # after the step-8 checkpoint, mid-interval
+    with pytest.raises(RuntimeError, match="crash"):
         start_run(crashed)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    disarm()
     assert not (tmp_path / "crash" / "final").exists()
     resume_run(tmp_path / "crash")
 
@@ -247,38 +240,24 @@ def test_student_trains_in_train_mode(
 
 
 def test_resume_with_other_batch_geometry_is_refused(
-    tmp_path, teacher_dir, student_dir, prepared_dir, monkeypatch
+    tmp_path, teacher_dir, student_dir, prepared_dir, crash_at_step
 ):
-    original = Trainer.train_step
-
-    def crash(self, *args, **kwargs):
-        if self.state.step == 5:
-            raise RuntimeError("crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_step", crash)
+    disarm = crash_at_step(5)
     with pytest.raises(RuntimeError):
         start_run(make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir))
-    monkeypatch.setattr(Trainer, "train_step", original)
+    disarm()
     with pytest.raises(DDKError, match="sequences_per_step 8 -> 4"):
         resume_run(tmp_path / "run", ["trainer.grad_accum_steps=1"])
     assert resume_run(tmp_path / "run") is not None
 
 
 def test_resume_before_first_checkpoint_restarts(
-    tmp_path, teacher_dir, student_dir, prepared_dir, monkeypatch
+    tmp_path, teacher_dir, student_dir, prepared_dir, crash_at_step
 ):
-    original = Trainer.train_step
-
-    def crash(self, *args, **kwargs):
-        if self.state.step == 2:
-            raise RuntimeError("crash")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_step", crash)
+    disarm = crash_at_step(2)
     with pytest.raises(RuntimeError):
         start_run(make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir))
-    monkeypatch.setattr(Trainer, "train_step", original)
+    disarm()
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert resume_run(tmp_path / "run") == tmp_path / "run" / "final"
     updates = _events(read_metrics(tmp_path / "run" / "metrics.jsonl"), "domain_update")

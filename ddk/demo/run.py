@@ -50,9 +50,9 @@ QUICK = DemoSize(
     vocab=1024,
     seq_len=64,
     val_sequences=16,
-    teacher_steps=300,
-    student_steps=60,
-    distill_steps=120,
+    teacher_steps=500,
+    student_steps=80,
+    distill_steps=240,
     K=20,
     batch=16,
 )
@@ -60,7 +60,7 @@ QUICK = DemoSize(
 ESTIMATE = {
     (False, False): "about 5-7 minutes",
     (False, True): "about 2 minutes",
-    (True, False): "about 2 minutes",
+    (True, False): "about 1-2 minutes",
     (True, True): "under a minute",
 }
 TEACHER = {"hidden_size": 128, "num_layers": 4, "num_heads": 4}
