@@ -7,7 +7,6 @@ state is read with `torch.load(weights_only=True)`, everything else is JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,17 +18,10 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ddk.errors import DDKError, first_line
+from ddk.fileutil import sha256_file
 
 CHECKSUMS = "checksums.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -81,7 +73,7 @@ def save_checkpoint(
     for name, arr in arrays.items():
         np.save(tmp / f"{name}.npy", arr)
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
     for p in tmp.iterdir():
         with open(p, "rb") as fh:
@@ -113,7 +105,7 @@ def verify_checkpoint(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             return f"{name} does not match its checksum"
     return None
 

@@ -90,7 +90,7 @@ def evaluate_model_cli(
     max_sequences: int | None,
     as_json: bool,
 ) -> dict:
-    from ddk.data.prepare import vocab_hash
+    from ddk.data.prepare import same_vocabulary
     from ddk.models import check_vocab, embedding_rows, load_model, load_tokenizer, resolve_dtype
 
     if domains is not None and not domains:
@@ -100,8 +100,7 @@ def evaluate_model_cli(
         tokenizer = load_tokenizer(model_name)
     except DDKError:
         tokenizer = None  # a model folder without tokenizer files: rely on the size check
-    data_vocab = data.manifest["tokenizer"].get("vocab_sha256")
-    if tokenizer is not None and data_vocab and vocab_hash(tokenizer) != data_vocab:
+    if tokenizer is not None and not same_vocabulary(data.manifest, tokenizer):
         raise DDKError(
             f"'{data_dir}' was tokenised with '{data.manifest['tokenizer']['name_or_path']}', whose "
             f"vocabulary differs from the tokenizer of '{model_name}'; prepare it with the model's"

@@ -34,7 +34,7 @@ def _model_config(name: str, trust_remote_code: bool):
 
 def preflight(cfg: Config) -> None:
     """Raise one DDKError listing every problem found (empty list: the run may start)."""
-    from ddk.data.prepare import read_manifest, vocab_hash
+    from ddk.data.prepare import read_manifest, same_vocabulary
     from ddk.models import check_tokenizers_match, load_tokenizer
 
     problems: list[str] = []
@@ -100,9 +100,8 @@ def preflight(cfg: Config) -> None:
                     f"data.prepared: seq_len {seq_len} exceeds the {role}'s context of {limit} "
                     "tokens; prepare the data with a smaller prepare.seq_len"
                 )
-        data_vocab = manifest["tokenizer"].get("vocab_sha256")
         student_tok = tokenizers.get("student")
-        if student_tok is not None and data_vocab and vocab_hash(student_tok) != data_vocab:
+        if student_tok is not None and not same_vocabulary(manifest, student_tok):
             problems.append(
                 f"data.prepared: tokenised with '{manifest['tokenizer']['name_or_path']}', whose "
                 f"vocabulary differs from the student's ('{cfg.model.student}'); prepare the data "

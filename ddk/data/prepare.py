@@ -43,6 +43,13 @@ def vocab_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
 
 
+def same_vocabulary(manifest: dict, tokenizer) -> bool:
+    """Whether prepared data was tokenised with `tokenizer`'s vocabulary (True when the
+    manifest predates vocabulary hashes and cannot tell)."""
+    recorded = manifest["tokenizer"].get("vocab_sha256")
+    return not recorded or vocab_hash(tokenizer) == recorded
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddk.errors import DDKError
+from ddk.fileutil import sha256_file
 
 TEXT_SUFFIXES = {".txt"}
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet"}
@@ -122,11 +123,7 @@ class _HashingReader:
 
 
 def _hash_file(source: SourceFile) -> None:
-    h = hashlib.sha256()
-    with open(source.path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    source.sha256 = h.hexdigest()
+    source.sha256 = sha256_file(source.path)
 
 
 def _record_domain(record: dict, source: SourceFile, domain_field: str, where: str) -> str:
