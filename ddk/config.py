@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -49,14 +49,43 @@ class PrepareSection(_Section):
     )
     text_field: str = "text"
     domain_field: str = "domain"
-    seq_len: int = Field(
+    seq_len: StrictInt = Field(
         2048, ge=8, description="Tokens per training/validation sequence (choice)."
     )
-    val_sequences: int = Field(
+    val_sequences: StrictInt = Field(
         500, ge=1, description="Validation sequences per domain (paper: 500 samples per domain)."
     )
-    batch_docs: int = Field(1000, ge=1, description="Documents per tokenizer batch.")
-    seed: int = 0
+    test_sequences: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="Test sequences per domain, held out for reporting only (default: "
+        "val_sequences).",
+    )
+    add_bos: bool | None = Field(
+        None,
+        description="Start every document with BOS; default: what the tokenizer does with "
+        "add_special_tokens=True (LLaMA-2/TinyLlama: yes, Qwen: no).",
+    )
+    auto_domains: StrictInt | Literal["auto"] | None = Field(
+        None,
+        description="Unlabelled corpus: cluster documents into N domains (or 'auto' to pick N).",
+    )
+    auto_domains_range: tuple[StrictInt, StrictInt] = Field(
+        (2, 16), description="Range of N that auto_domains='auto' searches."
+    )
+    split_domains: StrictInt | None = Field(
+        None, ge=2, description="Split each labelled domain into up to N sub-domains."
+    )
+    embedder: Literal["hashing", "student"] = Field(
+        "hashing",
+        description="Document features for auto/split domains: hashed n-grams + TF-IDF, or the "
+        "student's mean-pooled hidden states.",
+    )
+    cluster_sample: StrictInt = Field(
+        20000, ge=2, description="Documents sampled to fit the clustering."
+    )
+    batch_docs: StrictInt = Field(1000, ge=1, description="Documents per tokenizer batch.")
+    seed: StrictInt = 0
     overwrite: bool = False
 
 
@@ -67,13 +96,16 @@ class DataSection(_Section):
     )
 
 
+# The keys of ddk.methods.METHODS (a test checks they agree).
 Method = Literal["ddk", "kd", "cpt", "ddk_no_smoothing", "equal"]
 Divergence = Literal["forward_kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "none"]
 
 
 class DistillSection(_Section):
     method: Method = Field("ddk", description="ddk | kd | cpt | ddk_no_smoothing | equal.")
-    K: int = Field(1000, ge=1, description="Distillation interval: steps between domain updates.")
+    K: StrictInt = Field(
+        1000, ge=1, description="Distillation interval: steps between domain updates."
+    )
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Eq. 2 smoothing factor.")
     gamma: float = Field(0.2, ge=0.0, description="Weight of the divergence term (Eq. 3).")
     tau: float = Field(1.0, gt=0.0, description="Distillation temperature.")
@@ -86,29 +118,63 @@ class DistillSection(_Section):
         description="Fixed mixture for kd/cpt: 'natural' (token proportions), 'uniform', "
         "or {domain: weight}.",
     )
-    loss_chunk_tokens: int = Field(
+    init_floor: bool = Field(
+        False,
+        description="Apply Eq. 2's floor (1-alpha)/N at interval 0 too (not in the paper).",
+    )
+    tau_squared: bool = Field(
+        False,
+        description="Multiply the divergence by tau^2 (Hinton-style KD); the paper does not.",
+    )
+    max_domain_epochs: StrictInt = Field(
+        10, ge=1, description="Warn when a domain is repeated more than this many epochs."
+    )
+    loss_chunk_tokens: StrictInt = Field(
         512, ge=1, description="Tokens per loss chunk; bounds the logits held in memory."
+    )
+
+
+class TeacherSection(_Section):
+    """Where the teacher's signal comes from and where the teacher lives."""
+
+    mode: Literal["online", "offline"] = Field(
+        "online",
+        description="online: run the teacher each step; offline: read a `ddk cache-teacher` "
+        "top-k cache (no teacher loaded for training).",
+    )
+    cache: str | None = Field(None, description="Top-k teacher cache folder (offline mode).")
+    cache_k: StrictInt = Field(64, ge=1, description="Top-k log-probs stored per token.")
+    placement: Literal["auto", "replicated", "sharded", "cpu_offload"] = Field(
+        "auto",
+        description="Teacher placement across processes; auto = replicated when it fits.",
+    )
+    ppl_cache_dir: str | None = Field(
+        None,
+        description="Where teacher perplexities are cached per (data, teacher); default "
+        "~/.cache/ddk/teacher_ppl.",
     )
 
 
 class TrainerSection(_Section):
     output_dir: str = "runs/ddk"
-    max_steps: int = Field(30000, ge=1, description="Optimizer steps (paper: about 30k).")
-    micro_batch_size: int = Field(4, ge=1, description="Sequences per device per forward.")
-    grad_accum_steps: int = Field(1, ge=1)
+    max_steps: StrictInt = Field(30000, ge=1, description="Optimizer steps (paper: about 30k).")
+    micro_batch_size: StrictInt = Field(4, ge=1, description="Sequences per device per forward.")
+    grad_accum_steps: StrictInt = Field(1, ge=1)
     lr: float = Field(3e-5, gt=0.0, description="Peak learning rate (paper: 3e-5).")
     min_lr: float = Field(3e-6, ge=0.0, description="End of the cosine decay (paper: 3e-6).")
-    warmup_steps: int = Field(1000, ge=0, description="Linear warm-up steps (paper: 1000).")
+    warmup_steps: StrictInt = Field(1000, ge=0, description="Linear warm-up steps (paper: 1000).")
     weight_decay: float = Field(0.1, ge=0.0, description="(choice)")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping.")
-    seed: int = 0
-    log_every: int = Field(10, ge=1)
-    save_every: int = Field(1000, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    eval_batch_size: int = Field(8, ge=1)
-    max_bad_steps: int = Field(10, ge=1, description="Consecutive NaN/inf steps before stopping.")
+    seed: StrictInt = 0
+    log_every: StrictInt = Field(10, ge=1)
+    save_every: StrictInt = Field(1000, ge=1)
+    keep_checkpoints: StrictInt = Field(2, ge=1)
+    eval_batch_size: StrictInt = Field(8, ge=1)
+    max_bad_steps: StrictInt = Field(
+        10, ge=1, description="Consecutive NaN/inf steps before stopping."
+    )
     report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
     gradient_checkpointing: bool = False
 
@@ -120,6 +186,7 @@ class Config(_Section):
     prepare: PrepareSection = Field(default_factory=PrepareSection)
     data: DataSection = Field(default_factory=DataSection)
     distill: DistillSection = Field(default_factory=DistillSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
     trainer: TrainerSection = Field(default_factory=TrainerSection)
 
     @model_validator(mode="after")

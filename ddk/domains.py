@@ -33,6 +33,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ddk.methods import METHODS as _METHOD_TABLE
+from ddk.methods import method_spec
+
 __all__ = [
     "METHODS",
     "perplexity_ratio",
@@ -43,8 +46,8 @@ __all__ = [
     "next_weights",
 ]
 
-#: Every value of ``distill.method`` that :func:`next_weights` understands.
-METHODS = ("ddk", "ddk_no_smoothing", "kd", "cpt", "equal")
+#: Every value of ``distill.method`` that :func:`next_weights` understands (ddk.methods).
+METHODS = tuple(_METHOD_TABLE)
 
 
 def _domain_label(i: int, domains: Sequence[str] | None) -> str:
@@ -273,16 +276,15 @@ def next_weights(
     """
     if interval < 0:
         raise ValueError(f"interval must be >= 0, got {interval}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+    rule = method_spec(method).weights
 
-    if method == "ddk":
+    if rule == "eq1_then_eq2":
         if interval == 0:
             return initial_weights(student_ppl, teacher_ppl, domains)
         if weights is None:
-            raise ValueError("method 'ddk' needs the previous interval's weights after interval 0")
+            raise ValueError(f"method {method!r} needs the previous interval's weights after 0")
         return smooth_update(weights, student_ppl, teacher_ppl, alpha, domains)
-    if method == "ddk_no_smoothing":
+    if rule == "eq1_every_interval":
         return initial_weights(student_ppl, teacher_ppl, domains)
 
     n = None
@@ -292,9 +294,9 @@ def next_weights(
             break
     if n is None:
         raise ValueError(f"method {method!r}: cannot tell the number of domains")
-    if method == "equal":
+    if rule == "uniform":
         return uniform_weights(n)
-    # kd, cpt
+    # rule == "fixed": kd, cpt
     if fixed is None:
         raise ValueError(f"method {method!r} needs a fixed mixture")
     w = _check_weights(fixed, n, "fixed mixture")

@@ -12,19 +12,8 @@ import torch
 from ddk.data.dataset import PreparedData
 from ddk.errors import DDKError
 from ddk.losses import chunked_ce_sum
+from ddk.models import hidden_and_head
 from ddk.table import format_table
-
-
-def hidden_and_head(model, input_ids: torch.Tensor):
-    """Last hidden states and the LM head, so logits can be built chunk by chunk."""
-    config = model.config
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        raise DDKError(
-            f"{type(model).__name__} transforms its logits (softcapping/scale); ddk's fused loss "
-            "does not support it yet"
-        )
-    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-    return hidden, model.get_output_embeddings()
 
 
 def _world():

@@ -5,6 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# Event names of metrics.jsonl records (training-step records carry no "event").
+DOMAIN_UPDATE = "domain_update"
+FINAL_EVAL = "final_eval"
+SKIPPED_STEP = "skipped_step"
+EVAL_EVENTS = (DOMAIN_UPDATE, FINAL_EVAL)
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     records = []
@@ -23,7 +29,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     go too; a step's own log and skipped_step record come before it and stay."""
     if not path.exists():
         return
-    redone = ("domain_update", "final_eval")
+    redone = EVAL_EVENTS
     kept = [
         r
         for r in read_metrics(path)
@@ -59,7 +65,7 @@ class MetricsWriter:
             fh.write(json.dumps(record) + "\n")
         if self._tb is not None:
             step = record["step"]
-            if record.get("event") in ("domain_update", "final_eval"):
+            if record.get("event") in EVAL_EVENTS:
                 for name, d in record["domains"].items():
                     for key in ("student_ppl", "teacher_ppl", "weight", "ratio"):
                         if d.get(key) is not None:

@@ -69,6 +69,18 @@ def load_teacher(name: str, *, dtype: torch.dtype, trust_remote_code: bool = Fal
     return model
 
 
+def hidden_and_head(model, input_ids: torch.Tensor):
+    """Last hidden states and the LM head, so logits can be built chunk by chunk."""
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        raise DDKError(
+            f"{type(model).__name__} transforms its logits (softcapping/scale); ddk's fused loss "
+            "does not support it yet"
+        )
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return hidden, model.get_output_embeddings()
+
+
 def embedding_rows(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 

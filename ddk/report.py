@@ -22,10 +22,9 @@ from pathlib import Path
 import yaml
 
 from ddk.errors import DDKError
-from ddk.metrics import read_metrics
+from ddk.metrics import DOMAIN_UPDATE, EVAL_EVENTS, FINAL_EVAL, read_metrics
 from ddk.table import fmt_cell, format_table
 
-EVAL_EVENTS = ("domain_update", "final_eval")
 PLOTS = (
     ("perplexity_by_domain.png", "Perplexity by domain"),
     ("ratio_over_training.png", "Student/teacher perplexity ratio over training"),
@@ -63,14 +62,14 @@ class _Run:
                 evals[(r["event"], r.get("step", 0))] = r
         # at equal steps a domain_update comes before the final_eval
         self.evals = sorted(
-            evals.values(), key=lambda r: (r.get("step", 0), r["event"] == "final_eval")
+            evals.values(), key=lambda r: (r.get("step", 0), r["event"] == FINAL_EVAL)
         )
         if not self.evals:
             raise DDKError(
                 f"'{path / 'metrics.jsonl'}' has no evaluation records (domain_update or "
                 "final_eval); the run stopped before its first evaluation"
             )
-        finals = [r for r in self.evals if r["event"] == "final_eval"]
+        finals = [r for r in self.evals if r["event"] == FINAL_EVAL]
         self.has_final = bool(finals)
         self.final = finals[-1] if finals else self.evals[-1]
         self.domains = list(dict.fromkeys(d for r in self.evals for d in r["domains"]))
@@ -184,7 +183,7 @@ def _summarize(runs: list[_Run]) -> dict:
     before_ratio: dict[str, float] = {}
     before_from = None
     for r in runs:
-        start = [rec for rec in r.evals if rec["event"] == "domain_update" and rec["step"] == 0]
+        start = [rec for rec in r.evals if rec["event"] == DOMAIN_UPDATE and rec["step"] == 0]
         if start:
             for d, e in start[0]["domains"].items():
                 before[d] = _num(e.get("student_ppl"))

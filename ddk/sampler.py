@@ -138,6 +138,18 @@ class DomainSampler:
             self._perm_cache[d] = cached
         return cached[1]
 
+    # ------------------------------------------------------------------ interval arithmetic
+    @staticmethod
+    def interval_of(step: int, K: int) -> int:
+        """The distillation interval that optimizer step ``step`` (0-based) belongs to."""
+        return step // K
+
+    @staticmethod
+    def step_rows(plan: np.ndarray, step: int, K: int, sequences_per_step: int) -> np.ndarray:
+        """The ``[sequences_per_step, 2]`` rows of ``plan`` (its interval's) for ``step``."""
+        offset = (step % K) * sequences_per_step
+        return plan[offset : offset + sequences_per_step]
+
     # ------------------------------------------------------------------ planning
     def _check_weights(self, weights: Sequence[float] | np.ndarray) -> np.ndarray:
         w = np.asarray(weights, dtype=np.float64)

@@ -36,10 +36,13 @@ from ddk.config import Config, ConfigError, load_config
 from ddk.data.dataset import PreparedData
 from ddk.domains import fixed_mixture, next_weights, perplexity_ratio
 from ddk.errors import DDKError
-from ddk.evaluate import domain_perplexities, hidden_and_head
+from ddk.evaluate import domain_perplexities
 from ddk.losses import FusedDistillLoss, LossSums
+from ddk.methods import method_spec
 from ddk.metrics import MetricsWriter, truncate_metrics
+from ddk.models import hidden_and_head
 from ddk.preflight import preflight
+from ddk.runtime import Runtime
 from ddk.sampler import DomainSampler
 from ddk.schedule import lr_lambda
 from ddk.teacher import OnlineTeacher
@@ -146,31 +149,25 @@ class _StopRequest:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedType
+    """The recipe: setup (data, student, teacher, optimizer), then the loop, then save."""
 
+    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
-        cuda = torch.cuda.is_available()
-        bf16 = cuda and torch.cuda.is_bf16_supported()
-        self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
-        acc = self.accelerator
-        self.is_main = acc.is_main_process
-        self.world = acc.num_processes
-        self.rank = acc.process_index
-        self.device = acc.device
-        supported = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-        if acc.distributed_type not in supported:
-            raise DDKError(
-                f"Accelerate is set up for {acc.distributed_type.value}; ddk supports DDP for now "
-                "(run `accelerate launch` without FSDP/DeepSpeed)"
-            )
+        self.runtime = Runtime()
+        rt = self.runtime
+        self.is_main = rt.is_main
+        self.world = rt.world_size
+        self.rank = rt.rank
+        self.device = rt.device
         preflight(cfg)  # every config/data/model problem at once, before weights load
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         _seed_everything(cfg.trainer.seed)
-        self._setup_data_and_models()
+        self._setup_data()
+        self._setup_student()
+        self._setup_teacher()
+        self._setup_optimizer()
         self.state = TrainState(geometry=self._geometry())
         self.plan: np.ndarray | None = None
         if resume_from is not None:
@@ -180,20 +177,31 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ setup
-    def _setup_data_and_models(self) -> None:
-        from ddk.models import (
-            check_vocab,
-            embedding_rows,
-            load_model,
-            load_teacher,
-            load_tokenizer,
-            resolve_dtype,
-        )
-
+    def _setup_data(self) -> None:
         cfg = self.cfg
+        self.method = method_spec(cfg.distill.method)
         self.data = PreparedData(cfg.data.prepared, cfg.data.domains)
         self.domains = self.data.names
         self.vocab_size = self.data.vocab_size
+        self.fixed = None
+        if self.method.fixed_mixture:
+            try:
+                self.fixed = fixed_mixture(
+                    self.domains, cfg.distill.mixture, self.data.train_tokens()
+                )
+            except ValueError as e:
+                raise ConfigError(f"distill.mixture: {e}") from None
+        t = cfg.trainer
+        self.sampler = DomainSampler(
+            {n: s.num_train_sequences for n, s in self.data.domains.items()}, t.seed
+        )
+        self.global_batch = t.micro_batch_size * t.grad_accum_steps * self.world
+        self.step_tokens = self.global_batch * self.data.seq_len  # packed: all are targets
+
+    def _setup_student(self) -> None:
+        from ddk.models import load_model, load_tokenizer
+
+        cfg = self.cfg
         self.student_tokenizer = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
         # The student trains in float32 (master weights); bf16 comes from autocast on GPUs.
         self.student = load_model(
@@ -202,12 +210,21 @@ class Trainer:
             what="student",
             trust_remote_code=cfg.model.trust_remote_code,
         )
+        if cfg.trainer.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable()
+        # from_pretrained returns eval mode: without this, dropout and gradient
+        # checkpointing (which HF applies only in training mode) would silently be off.
+        self.student.train()
+
+    def _setup_teacher(self) -> None:
+        from ddk.models import check_vocab, embedding_rows, load_teacher, resolve_dtype
+
+        cfg = self.cfg
         teacher = None
         if cfg.model.teacher:
-            teacher_dtype = resolve_dtype(cfg.model.dtype, self.device)
             teacher = load_teacher(
                 cfg.model.teacher,
-                dtype=teacher_dtype,
+                dtype=resolve_dtype(cfg.model.dtype, self.device),
                 trust_remote_code=cfg.model.trust_remote_code,
             )
         check_vocab(
@@ -215,13 +232,14 @@ class Trainer:
             embedding_rows(teacher) if teacher is not None else None,
             embedding_rows(self.student),
         )
-        if cfg.trainer.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable()
-        # from_pretrained returns eval mode: without this, dropout and gradient
-        # checkpointing (which HF applies only in training mode) would silently be off.
-        self.student.train()
+        self.teacher = None
+        self.teacher_model = None
+        if teacher is not None:
+            self.teacher_model = teacher.to(self.device)
+            self.teacher = OnlineTeacher(self.teacher_model, self.runtime.autocast)
 
-        t = cfg.trainer
+    def _setup_optimizer(self) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
         self.step_module = DistillStep(self.student, cfg, self.vocab_size)
         decay = [p for n, p in self.student.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.student.named_parameters() if p.ndim < 2]
@@ -238,34 +256,15 @@ class Trainer:
             lr_lambda(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps),
         )
         # The scheduler stays unwrapped: Accelerate would step it once per process.
-        self.step_module, self.optimizer = self.accelerator.prepare(self.step_module, optimizer)
+        self.step_module, self.optimizer = self.runtime.prepare(self.step_module, optimizer)
         self.scheduler = scheduler
         self.uses_teacher = (
-            teacher is not None and self.accelerator.unwrap_model(self.step_module).uses_teacher
+            self.teacher is not None and self.runtime.unwrap(self.step_module).uses_teacher
         )
-        self.teacher = None
-        if teacher is not None:
-            self.teacher_model = teacher.to(self.device)
-            self.teacher = OnlineTeacher(self.teacher_model, self.accelerator.autocast)
-
-        method = cfg.distill.method
-        self.fixed = None
-        if method in ("kd", "cpt"):
-            try:
-                self.fixed = fixed_mixture(
-                    self.domains, cfg.distill.mixture, self.data.train_tokens()
-                )
-            except ValueError as e:
-                raise ConfigError(f"distill.mixture: {e}") from None
-        self.sampler = DomainSampler(
-            {n: s.num_train_sequences for n, s in self.data.domains.items()}, cfg.trainer.seed
-        )
-        self.global_batch = t.micro_batch_size * t.grad_accum_steps * self.world
-        self.step_tokens = self.global_batch * self.data.seq_len  # packed: all are targets
 
     # ------------------------------------------------------------------ evaluation
     def _unwrapped_student(self):
-        return self.accelerator.unwrap_model(self.step_module).student
+        return self.runtime.unwrap(self.step_module).student
 
     def evaluate_student(self) -> dict[str, dict]:
         return domain_perplexities(
@@ -273,7 +272,7 @@ class Trainer:
             self.data,
             vocab_size=self.vocab_size,
             batch_size=self.cfg.trainer.eval_batch_size,
-            autocast=self.accelerator.autocast,
+            autocast=self.runtime.autocast,
             chunk_tokens=self.cfg.distill.loss_chunk_tokens,
         )
 
@@ -292,7 +291,7 @@ class Trainer:
             self.data,
             vocab_size=self.vocab_size,
             batch_size=self.cfg.trainer.eval_batch_size,
-            autocast=self.accelerator.autocast,
+            autocast=self.runtime.autocast,
             chunk_tokens=self.cfg.distill.loss_chunk_tokens,
         )
         ppl = {d: r["ppl"] for d, r in result.items()}
@@ -351,8 +350,9 @@ class Trainer:
     def _step_batches(self):
         """This rank's micro-batches of the current step."""
         t = self.cfg.trainer
-        offset = (self.state.step % self.cfg.distill.K) * self.global_batch
-        rows = self.plan[offset : offset + self.global_batch]
+        rows = self.sampler.step_rows(
+            self.plan, self.state.step, self.cfg.distill.K, self.global_batch
+        )
         rows = rows.reshape(t.grad_accum_steps, self.world, t.micro_batch_size, 2)[:, self.rank]
         batches = []
         for micro in rows:
@@ -363,7 +363,7 @@ class Trainer:
         return batches
 
     def train_step(self, stop_requested: bool = False) -> dict:
-        acc = self.accelerator
+        rt = self.runtime
         batches = self._step_batches()
         global_tokens = self.step_tokens
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
@@ -376,19 +376,17 @@ class Trainer:
                 sig = self.teacher.signal(input_ids)
                 signal_args = (sig.hidden, sig.head_weight, sig.head_bias)
             last = i == len(batches) - 1
-            ctx = acc.no_sync(self.step_module) if not last else contextlib.nullcontext()
-            with ctx:
+            with rt.no_sync(self.step_module, skip_sync=not last):
                 out: LossSums = self.step_module(input_ids, labels, *signal_args)
                 # DDP averages gradients over ranks; scale so the result is sum / global tokens.
-                acc.backward(out.total * (self.world / global_tokens))
+                rt.backward(out.total * (self.world / global_tokens))
             sums[:3] += torch.stack(
                 [out.total.detach().double(), out.ce.double(), out.div.double()]
             )
-        if self.world > 1:
-            sums = acc.reduce(sums, reduction="sum")
+        sums = rt.reduce_sum(sums)
         # The norm is needed either way: a NaN/inf gradient skips the step.
         max_norm = self.cfg.trainer.grad_clip if self.cfg.trainer.grad_clip > 0 else math.inf
-        grad_norm = float(acc.clip_grad_norm_(self.step_module.parameters(), max_norm))
+        grad_norm = float(rt.clip_grad_norm_(self.step_module.parameters(), max_norm))
         finite = math.isfinite(float(sums[0])) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -413,7 +411,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
-        self.accelerator.wait_for_everyone()
+        self.runtime.barrier()
         path = None
         if self.is_main:
             state = dict(self.state.__dict__)
@@ -427,7 +425,7 @@ class Trainer:
                 rng_state=_rng_state(),
                 keep=self.cfg.trainer.keep_checkpoints,
             )
-        self.accelerator.wait_for_everyone()
+        self.runtime.barrier()
         return path
 
     def _geometry(self) -> dict:
@@ -481,8 +479,9 @@ class Trainer:
         try:
             with bar, _StopRequest() as stop:
                 while self.state.step < t.max_steps:
-                    if self.state.step // K != self.state.interval:
-                        self.state.interval = self.state.step // K
+                    interval = self.sampler.interval_of(self.state.step, K)
+                    if interval != self.state.interval:
+                        self.state.interval = interval
                         self.update_domain_weights()
                     logs = self.train_step(stop_requested=stop.signal_name is not None)
                     if logs["skipped"]:
@@ -544,7 +543,7 @@ class Trainer:
             model.save_pretrained(final)
             self.student_tokenizer.save_pretrained(final)
             print(f"final student saved to {final}")
-        self.accelerator.wait_for_everyone()
+        self.runtime.barrier()
         return final
 
 

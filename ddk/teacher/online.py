@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from ddk.evaluate import hidden_and_head
+from ddk.models import hidden_and_head
 
 
 class TeacherSignal(NamedTuple):

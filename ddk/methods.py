@@ -1,0 +1,61 @@
+"""The methods ddk runs, in one table: how each sets its domain weights and what it needs.
+
+The config's allowed values, `domains.next_weights`, the trainer and preflight all read this
+table, so "does this method need a teacher" is answered in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Weights = Literal["eq1_then_eq2", "eq1_every_interval", "fixed", "uniform"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    weights: Weights
+    """eq1_then_eq2: Eq. 1 at interval 0, Eq. 2 after; eq1_every_interval: Eq. 1 each
+    interval; fixed: `distill.mixture`; uniform: 1/N."""
+    uses_divergence: bool
+    """Whether the loss has the γ·divergence term (else CE only)."""
+    description: str
+
+    @property
+    def teacher_for_training(self) -> bool:
+        """Whether training needs a teacher signal (a live teacher or an offline cache)."""
+        return self.uses_divergence
+
+    @property
+    def teacher_for_weights(self) -> bool:
+        """Whether the domain weights need teacher perplexities."""
+        return self.weights in ("eq1_then_eq2", "eq1_every_interval")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.teacher_for_training or self.teacher_for_weights
+
+    @property
+    def fixed_mixture(self) -> bool:
+        """Whether `distill.mixture` applies."""
+        return self.weights == "fixed"
+
+
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in (
+        MethodSpec("ddk", "eq1_then_eq2", True, "DDK: Eq. 1, then Eq. 2 every K steps"),
+        MethodSpec("ddk_no_smoothing", "eq1_every_interval", True, "DDK without factor smoothing"),
+        MethodSpec("kd", "fixed", True, "CE + γ·KL with a fixed mixture"),
+        MethodSpec("cpt", "fixed", False, "continued pre-training: CE only, fixed mixture"),
+        MethodSpec("equal", "uniform", True, "DDK's loss with uniform domain sampling"),
+    )
+}
+
+
+def method_spec(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)}") from None
