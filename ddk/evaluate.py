@@ -79,7 +79,7 @@ def evaluate_model_cli(
     max_sequences: int | None,
     as_json: bool,
 ) -> dict:
-    from ddk.data.prepare import same_vocabulary
+    from ddk.data.vocab import same_vocabulary
     from ddk.models import check_vocab, embedding_rows, load_model, load_tokenizer, resolve_dtype
 
     if domains is not None and not domains:
@@ -91,7 +91,7 @@ def evaluate_model_cli(
         tokenizer = None  # a model folder without tokenizer files: rely on the size check
     if tokenizer is not None and not same_vocabulary(data.manifest, tokenizer):
         raise DDKError(
-            f"'{data_dir}' was tokenised with '{data.manifest['tokenizer']['name_or_path']}', whose "
+            f"'{data_dir}' was tokenised with '{data.manifest.tokenizer.name_or_path}', whose "
             f"vocabulary differs from the tokenizer of '{model_name}'; prepare it with the model's"
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

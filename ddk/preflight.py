@@ -34,7 +34,8 @@ def _model_config(name: str, trust_remote_code: bool):
 
 def preflight(cfg: Config) -> None:
     """Raise one DDKError listing every problem found (empty list: the run may start)."""
-    from ddk.data.prepare import read_manifest, same_vocabulary
+    from ddk.data.manifest import read_manifest
+    from ddk.data.vocab import same_vocabulary
     from ddk.models import check_tokenizers_match, load_tokenizer
 
     problems: list[str] = []
@@ -49,16 +50,16 @@ def preflight(cfg: Config) -> None:
         manifest, err = _load_quietly(read_manifest, Path(cfg.data.prepared).expanduser())
         if err:
             problems.append(f"data.prepared: {err}")
-    domains = list(manifest["domains"]) if manifest else []
+    domains = list(manifest.domains) if manifest else []
     if cfg.data.domains is not None and not cfg.data.domains:
         problems.append("data.domains: empty; list domains to train on or leave it out for all")
     if manifest and cfg.data.domains is not None:
         for d in cfg.data.domains:
-            if d not in manifest["domains"]:
+            if d not in manifest.domains:
                 problems.append(
                     f"data.domains: '{d}' is not in the prepared data ({', '.join(domains)})"
                 )
-        domains = [d for d in cfg.data.domains if d in manifest["domains"]]
+        domains = [d for d in cfg.data.domains if d in manifest.domains]
     if manifest and isinstance(cfg.distill.mixture, dict) and method in ("kd", "cpt"):
         for d in cfg.distill.mixture:
             if d not in domains:
@@ -92,7 +93,7 @@ def preflight(cfg: Config) -> None:
             )
 
     if manifest:
-        seq_len = manifest["seq_len"]
+        seq_len = manifest.seq_len
         for role, model_cfg in configs.items():
             limit = getattr(model_cfg, "max_position_embeddings", None)
             if limit is not None and seq_len > limit:
@@ -103,11 +104,11 @@ def preflight(cfg: Config) -> None:
         student_tok = tokenizers.get("student")
         if student_tok is not None and not same_vocabulary(manifest, student_tok):
             problems.append(
-                f"data.prepared: tokenised with '{manifest['tokenizer']['name_or_path']}', whose "
+                f"data.prepared: tokenised with '{manifest.tokenizer.name_or_path}', whose "
                 f"vocabulary differs from the student's ('{cfg.model.student}'); prepare the data "
                 "with the student's tokenizer"
             )
-        vocab = manifest["tokenizer"]["vocab_size"]
+        vocab = manifest.tokenizer.vocab_size
         for role, model_cfg in configs.items():
             rows = getattr(model_cfg, "vocab_size", None)
             if rows is not None and rows < vocab:
