@@ -42,9 +42,10 @@ def split_at_whitespace(text: str, limit: int = PIECE_CHARS) -> list[str]:
     return pieces
 
 
-def encode_documents(encode, texts: list[str], limit: int = PIECE_CHARS) -> list:
+def encode_documents(encode, texts: list[str], limit: int | None = None) -> list:
     """Token ids per document (no special tokens); `encode` is a fast tokenizer's batch encode.
     Long documents come back as int64 arrays, the rest as lists."""
+    limit = limit or PIECE_CHARS
     out: list = [None] * len(texts)
     short = [i for i, t in enumerate(texts) if len(t) <= limit]
     if short:

@@ -89,9 +89,10 @@ class _DomainWriter:
             flat[pos : pos + n] = ids
             flat[pos + n] = eos
             pos += n + 1
-        flat.tofile(self._tokens_fh)
-        lengths.tofile(self._lens_fh)
-        np.asarray(doc_ids, dtype=np.int64).tofile(self._ids_fh)
+        # file.write, not ndarray.tofile: a full disk then raises OSError with errno ENOSPC
+        self._tokens_fh.write(flat)
+        self._lens_fh.write(lengths)
+        self._ids_fh.write(np.asarray(doc_ids, dtype=np.int64))
         self.documents += len(encodings)
         self.tokens += pos
 
@@ -175,6 +176,15 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if not isinstance(e, OSError):
+        return False
+    # ndarray.tofile/np.save report a short write without an errno
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or (
+        e.errno is None and "requested and" in str(e) and "written" in str(e)
+    )
 
 
 def _disk_full(out: Path, corpus: Corpus, dtype: np.dtype) -> DDKError:
@@ -370,7 +380,7 @@ def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progres
         _publish(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if _is_disk_full(e):
             raise _disk_full(out, corpus, dtype) from None
         raise
     if progress:
