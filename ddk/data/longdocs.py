@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PIECE_CHARS = 1 << 20
+PIECE_CHARS = 1 << 18
 _GROUP = 4  # pieces encoded in one batch call: bounds the tokenizer's working memory
 
 

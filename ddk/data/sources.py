@@ -24,7 +24,7 @@ TEXT_SUFFIXES = {".txt"}
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet"}
 DATA_SUFFIXES = TEXT_SUFFIXES | RECORD_SUFFIXES
 _PARQUET_BATCH = 1024
-_SNIFF_BYTES = 1 << 16  # the head of a record file checked for binary content
+_SNIFF_BYTES = 1 << 16  # the head of a file whose characters are checked for binary content
 # A file whose undecodable or control characters exceed this share is binary, not text: text in
 # a legacy encoding (Latin-1, ...) stays far below it, executables and images far above.
 _BINARY_SHARE = 0.3
@@ -45,12 +45,13 @@ def _check_not_utf16(head: bytes, path: Path) -> None:
 
 
 def binary_reason(data: bytes) -> str | None:
-    """Why `data` is not text (NUL bytes, or mostly undecodable/control characters), or None."""
+    """Why `data` is not text (NUL bytes, or mostly undecodable/control characters in its
+    head), or None."""
     if b"\x00" in data:
         return "NUL bytes; if it is UTF-16 text, convert it to UTF-8"
     if not data:
         return None
-    text = data.decode("utf-8", errors="replace")
+    text = data[:_SNIFF_BYTES].decode("utf-8", errors="replace")
     odd = text.count("\ufffd") + len(text) - len(text.translate(_CONTROL))
     if odd > _BINARY_SHARE * len(text):
         return f"{odd / len(text):.0%} undecodable or control characters"
@@ -344,8 +345,8 @@ def is_text_type(arrow_type) -> bool:
 
 
 def _iter_txt(source: SourceFile):
-    reader = _HashingReader(source)
-    data = b"".join(line for _, line in reader.lines())
+    data = source.path.read_bytes()  # one document: read whole, hashed from memory
+    source.sha256 = hashlib.sha256(data).hexdigest()
     _check_not_utf16(data, source.path)
     reason = binary_reason(data)
     if reason:
