@@ -22,6 +22,7 @@ from ddk.config import PrepareSection
 from ddk.data import longdocs
 from ddk.data.longdocs import encode_documents, split_at_whitespace
 from ddk.data.prepare import prepare
+from ddk.errors import DDKError
 from ddk.lock import FolderLock
 
 WORDS = [
@@ -167,6 +168,13 @@ def _parquet_int_column(work, tok):
     return [], ["n.parquet", "column 'text' holds int64, not strings"], []
 
 
+def _dataset_int_column(work, tok):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": list(range(10)), "domain": ["x"] * 10})
+    ds.save_to_disk(str(work / "ds"))
+    return ["--input", str(work / "ds")], ["column 'text' holds int64, not strings"], []
+
+
 def _empty_domain(work, tok):
     (work / "corpus" / "empty").mkdir()
     (work / "corpus" / "empty" / "nothing.txt").write_text("")
@@ -197,6 +205,7 @@ CASES = {
     "jsonl in UTF-16": _jsonl_utf16,
     "json array with a bad byte": _json_array_bad_byte,
     "parquet text column of ints": _parquet_int_column,
+    "saved dataset text column of ints": _dataset_int_column,
     "domain with only an empty file": _empty_domain,
     "output parent is a file": _parent_is_a_file,
     "output locked by another process": _output_locked,
@@ -211,7 +220,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, tmp_path, tokenizer_dir
     before = _snapshot(work)
     capsys.readouterr()
     try:
-        assert main(_argv(work, tokenizer_dir) + extra) == 2  # a later --output wins
+        assert main(_argv(work, tokenizer_dir) + extra) == 2  # a later --input/--output wins
         after = _snapshot(work)
     finally:
         while _HELD:
@@ -400,3 +409,16 @@ def test_prepare_tokenises_long_documents_in_pieces(tmp_path, tokenizer_dir, mon
         a = np.fromfile(tmp_path / "a" / "prose" / f"{split}.bin", dtype=np.uint16)
         b = np.fromfile(tmp_path / "b" / "prose" / f"{split}.bin", dtype=np.uint16)
         assert np.array_equal(a, b)
+
+
+def test_sibling_lock_file_is_exclusive_and_removed_on_release(tmp_path):
+    path = tmp_path / ".out.ddk.lock"
+    held = FolderLock(tmp_path / "out", "prepare", path=path).acquire()
+    assert path.read_text().strip() == str(os.getpid())
+    with pytest.raises(DDKError, match=f"PID {os.getpid()}\\); wait for it"):
+        FolderLock(tmp_path / "out", "prepare", path=path).acquire()
+    held.release()
+    assert sorted(tmp_path.iterdir()) == []  # neither the lock file nor the folder is left
+    with FolderLock(tmp_path / "out", "prepare", path=path):
+        assert path.exists()
+    assert not path.exists()
