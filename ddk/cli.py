@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-sequences", type=int, help="validation sequences per domain")
     p.add_argument("--text-field")
     p.add_argument("--domain-field")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output folder that ddk prepared (never other files)",
+    )
 
     p = sub.add_parser("distill", help="distill a teacher into a student")
     _add_config_args(p)

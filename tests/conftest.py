@@ -4,10 +4,16 @@ saved with save_pretrained. Everything is loaded back through the user's code pa
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# Progress bars go to stderr; tests that assert "one line on stderr" check ddk's messages. tqdm
+# reads TQDM_* when it is imported (torch imports it), so this comes before any ddk import.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 
 from ddk.config import PrepareSection
 from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer

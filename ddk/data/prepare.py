@@ -16,7 +16,7 @@ no single long document fills a held-out set; training drops exact duplicates of
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import queue
 import shutil
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ddk import __version__
 from ddk.config import PrepareSection
 from ddk.data.dedup import HASH_DTYPE, text_hash
+from ddk.data.longdocs import encode_documents
 from ddk.data.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -45,6 +46,8 @@ from ddk.data.sources import Corpus, discover, iter_documents
 from ddk.data.split import TRAIN, choose_heldout
 from ddk.data.vocab import same_vocabulary, token_dtype, vocab_hash
 from ddk.errors import DDKError
+from ddk.lock import FolderLock
+from ddk.ownership import check_replaceable, read_record
 from ddk.table import format_table
 
 __all__ = ["prepare", "read_manifest", "same_vocabulary", "token_dtype", "vocab_hash"]
@@ -96,10 +99,11 @@ class _DomainWriter:
             flat[pos + head : pos + head + n] = ids
             flat[pos + head + n] = eos
             pos += head + n + 1
-        flat.tofile(self._tokens_fh)
-        lengths.tofile(self._lens_fh)
-        np.asarray(doc_ids, dtype=np.int64).tofile(self._ids_fh)
-        np.asarray(hashes, dtype=HASH_DTYPE).tofile(self._hash_fh)
+        # file.write, not ndarray.tofile: a full disk then raises OSError with errno ENOSPC
+        self._tokens_fh.write(flat)
+        self._lens_fh.write(lengths)
+        self._ids_fh.write(np.asarray(doc_ids, dtype=np.int64))
+        self._hash_fh.write(np.asarray(hashes, dtype=HASH_DTYPE))
         self.documents += len(encodings)
         self.tokens += pos
 
@@ -126,31 +130,86 @@ def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str) -> di
 
 
 def _check_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | None:
-    """Return the existing manifest when `out` already holds this very corpus."""
+    """Return the existing manifest when `out` already holds this very corpus. Otherwise `out`
+    must be missing, empty, or (with `overwrite`) prepared data that ddk wrote and that holds
+    nothing else: its manifest's ownership record lists every file in it."""
     if out.exists() and not out.is_dir():
         raise DDKError(f"output '{out}' is a file; choose a folder")
     if not out.exists() or not any(out.iterdir()):
         return None
-    manifest = None
-    if (out / MANIFEST).is_file():
-        try:
-            manifest = json.loads((out / MANIFEST).read_text())
-        except json.JSONDecodeError:
-            manifest = None
-    if manifest is None:
-        # --overwrite replaces prepared data, never a folder of other files.
+    manifest = read_record(out / MANIFEST) or {}  # lenient: absent or corrupt reads as {}
+    if not overwrite and manifest.get("fingerprint") == fingerprint:
+        return manifest
+    what = f"output '{out}'"
+    owner = manifest.get("owner")
+    if owner is None and "format_version" in manifest:
         raise DDKError(
-            f"output '{out}' already holds files that are not ddk prepared data; choose another "
-            "output folder"
+            f"{what} was prepared by an older ddk that did not record which files it wrote, so "
+            "ddk does not replace it; delete it yourself or choose another output folder"
         )
+    check_replaceable(out, owner, "prepared", what)  # never suggests --overwrite
     if overwrite:
         return None
-    if manifest.get("fingerprint") == fingerprint:
-        return manifest
     raise DDKError(
-        f"output '{out}' already holds a different prepared corpus; choose another output "
+        f"{what} already holds a different prepared corpus; choose another output "
         "folder or pass --overwrite"
     )
+
+
+def _make_parent(out: Path) -> None:
+    """Create the output's parent like `mkdir -p`; it must be writable (the output is renamed
+    into it)."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DDKError(
+            f"cannot create '{parent}' for output '{out}' ({e.strerror}); choose another output "
+            "folder"
+        ) from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DDKError(
+            f"cannot write output '{out}': its parent folder '{parent}' is read-only; choose "
+            "another output folder"
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if not isinstance(e, OSError):
+        return False
+    # ndarray.tofile/np.save report a short write without an errno
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or (
+        e.errno is None and "requested and" in str(e) and "written" in str(e)
+    )
+
+
+def _disk_full(out: Path, corpus: Corpus, dtype: np.dtype) -> DDKError:
+    read = sum(f.size for f in corpus.files)
+    # At most one token per input byte (byte-level BPE), stored twice at the peak: the
+    # tokenised stream and its train/val split.
+    need = 2 * read * dtype.itemsize
+    free = shutil.disk_usage(out.parent).free
+    return DDKError(
+        f"disk full while writing output '{out}': preparing {_human(read)} of input needs up to "
+        f"{_human(need)} free, {_human(free)} is free; free space or choose another output folder"
+    )
+
+
+def _check_domains_have_documents(corpus: Corpus, writers: dict) -> None:
+    for domain in dict.fromkeys(f.domain for f in corpus.files if f.domain is not None):
+        if domain not in writers:
+            raise DDKError(
+                f"domain '{domain}' has no documents (its files are empty or were skipped), so "
+                "prepare stops; add text to it or remove its folder"
+            )
 
 
 def _put(out_q: queue.Queue, item, stop: threading.Event) -> bool:
@@ -267,13 +326,21 @@ def _split_domain(folder: Path, name: str, cfg: PrepareSection, dtype: np.dtype)
 def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) -> dict:
     """Tokenise `cfg.input` once into `cfg.output`; return the manifest. Atomic: a failure
     leaves no output folder that a later run would trust."""
-    from ddk.models import load_tokenizer
-
     if not cfg.input:
         raise DDKError("no input corpus: set prepare.input (or pass --input)")
     if not cfg.output:
         raise DDKError("no output folder: set prepare.output (or pass --output)")
     out = Path(cfg.output).expanduser()
+    _make_parent(out)
+    # One prepare per output, locked before the input is read. The output appears by rename,
+    # so the lock file sits next to it (and is removed on release).
+    with FolderLock(out, "prepare", path=out.parent / f".{out.name}.ddk.lock"):
+        return _prepare_locked(cfg, tokenizer_name, out, progress)
+
+
+def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progress: bool) -> dict:
+    from ddk.models import load_tokenizer
+
     corpus = discover(cfg.input)
     fingerprint = _fingerprint(cfg, corpus, tokenizer_name)
     existing = _check_output(out, fingerprint, cfg.overwrite)
@@ -292,7 +359,6 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed prepare
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -304,6 +370,7 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
         )
         if not writers:
             raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
+        _check_domains_have_documents(corpus, writers)
         domains = {}
         for domain in writers:
             domains[domain] = {
@@ -341,11 +408,13 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
             "domains": domains,
         }
         typed = Manifest.model_validate(manifest)
-        write_manifest(tmp, typed)
+        write_manifest(tmp, typed)  # also records what `--overwrite` may later replace
         manifest = typed.model_dump(mode="json")
         _publish(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            raise _disk_full(out, corpus, dtype) from None
         raise
     if progress:
         print(summary_table(manifest))
@@ -423,7 +492,7 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, bos=None):
                         leave=True,
                         dynamic_ncols=True,
                     )
-            encodings = [e.ids for e in encode(texts, add_special_tokens=False)]
+            encodings = encode_documents(encode, texts)  # long documents in bounded pieces
             hashes = [text_hash(t) for t in texts]  # for the held-out duplicate check
             writers[domain].append(doc_ids, encodings, eos, hashes, bos)
             if progress:

@@ -199,7 +199,7 @@ def test_refuses_other_corpus_unless_overwrite(tmp_path, corpus, tokenizer_dir, 
     (out / "keep.txt").write_text("user file")
     cfg = PrepareSection(input=str(corpus[0]), output=str(out), seq_len=32, val_sequences=4)
     for overwrite in (False, True):  # --overwrite replaces prepared data, never other files
-        with pytest.raises(DDKError, match="not ddk prepared data; choose another output"):
+        with pytest.raises(DDKError, match="ddk did not write.*choose another folder"):
             prepare(
                 cfg.model_copy(update={"overwrite": overwrite}), str(tokenizer_dir), progress=False
             )
