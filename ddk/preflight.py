@@ -34,7 +34,72 @@ def _model_config(name: str, trust_remote_code: bool):
 
 def preflight(cfg: Config) -> None:
     """Raise one DDKError listing every problem found (empty list: the run may start)."""
+    problems = preflight_problems(cfg)
+    if problems:
+        raise DDKError(f"{len(problems)} problem(s): " + "; ".join(problems))
+
+
+def load_checked_config(path, overrides: list[str]) -> Config:
+    """load_config, but a schema error does not hide the data and model problems: the invalid
+    keys fall back to their defaults, the rest is checked too, and one DDKError lists all."""
+    from pydantic import ValidationError
+
+    from ddk.config import ConfigError, load_config, read_raw_config
+
+    try:
+        return load_config(path, overrides)
+    except ConfigError:
+        raw = read_raw_config(path, overrides)  # re-raises what stops before validation
+        try:
+            Config.model_validate(raw)
+        except ValidationError as err:
+            schema = schema_problems(err, str(path) if path else "config")
+            usable = _drop_invalid(raw)
+            problems = schema + (preflight_problems(usable) if usable is not None else [])
+            raise DDKError(f"{len(problems)} problem(s): " + "; ".join(problems)) from None
+        raise
+
+
+def schema_problems(err, source: str) -> list[str]:
+    out = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        out.append(f"{source}: {where}: {what}")
+    return out
+
+
+def _drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
+    """The config with every invalid key removed (so its default applies), or None."""
+    import copy
+
+    from pydantic import ValidationError
+
+    data = copy.deepcopy(raw)
+    for _ in range(rounds):
+        try:
+            return Config.model_validate(data)
+        except ValidationError as err:
+            for e in err.errors():
+                loc = [str(p) for p in e["loc"]]
+                if not loc:  # a cross-field rule (min_lr > lr): drop the dependent key
+                    loc = ["trainer", "min_lr"]
+                node = data
+                for part in loc[:-1]:
+                    node = node.get(part) if isinstance(node, dict) else None
+                    if node is None:
+                        break
+                if isinstance(node, dict):
+                    node.pop(loc[-1], None)
+                else:
+                    data.pop(loc[0], None)
+    return None
+
+
+def preflight_problems(cfg: Config) -> list[str]:
+    """Every config/data/model problem found, each a short phrase naming its YAML path."""
     from ddk.data.prepare import read_manifest, same_vocabulary
+    from ddk.methods import method_spec
     from ddk.models import check_tokenizers_match, load_tokenizer
 
     problems: list[str] = []
@@ -59,12 +124,20 @@ def preflight(cfg: Config) -> None:
                     f"data.domains: '{d}' is not in the prepared data ({', '.join(domains)})"
                 )
         domains = [d for d in cfg.data.domains if d in manifest["domains"]]
-    if manifest and isinstance(cfg.distill.mixture, dict) and method in ("kd", "cpt"):
-        for d in cfg.distill.mixture:
-            if d not in domains:
-                problems.append(
-                    f"distill.mixture: '{d}' is not a domain of the run ({', '.join(domains)})"
-                )
+    mixture = cfg.distill.mixture
+    if isinstance(mixture, dict) and method_spec(method).fixed_mixture:
+        if manifest:
+            for d in mixture:
+                if d not in domains:
+                    problems.append(
+                        f"distill.mixture: '{d}' is not a domain of the run ({', '.join(domains)})"
+                    )
+        if any(not v >= 0 for v in mixture.values()):  # catches NaN too
+            problems.append("distill.mixture: weights must be >= 0")
+        elif not any(v > 0 for d, v in mixture.items() if not manifest or d in domains):
+            problems.append(
+                "distill.mixture: every weight is 0; give at least one domain a positive weight"
+            )
 
     tokenizers, configs = {}, {}
     roles = [("student", cfg.model.student)]
@@ -125,5 +198,4 @@ def preflight(cfg: Config) -> None:
         )
         if err:
             problems.append(f"model.teacher: {err}")
-    if problems:
-        raise DDKError(f"{len(problems)} problem(s): " + "; ".join(problems))
+    return problems
