@@ -64,8 +64,10 @@ def schema_problems(err, source: str) -> list[str]:
     out = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        out.append(f"{source}: {where}: {what}")
+        if e["type"] == "extra_forbidden":
+            out.append(f"{source}: unknown key '{where}'")
+        else:
+            out.append(f"{source}: {where}: {e['msg']}")
     return out
 
 

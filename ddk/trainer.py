@@ -615,6 +615,9 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+LOCK_HINT = "run"
+
+
 def run_lock(run_dir: Path):
     """One process per run folder, held from before preflight to the run's end. Only global
     rank 0 takes it: ranks on one node would otherwise lock each other out."""
@@ -622,21 +625,27 @@ def run_lock(run_dir: Path):
 
     if not _is_rank0():
         return contextlib.nullcontext()
-    return FolderLock(run_dir, "use another trainer.output_dir")
+    return FolderLock(run_dir, LOCK_HINT)
 
 
 def start_run(cfg: Config) -> Path | None:
     """A new run in cfg.trainer.output_dir; refuses a folder that already holds a run."""
-    from ddk.lock import LOCK_NAME
+    from ddk.lock import LOCK_NAME, raise_if_held
 
     run_dir = Path(cfg.trainer.output_dir).expanduser()
     created = not run_dir.exists()
-    with run_lock(run_dir):
+
+    def refuse_non_empty() -> None:
         if not created and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+            raise_if_held(run_dir, LOCK_HINT)  # a live run there: name its PID
             raise DDKError(
                 f"run folder '{run_dir}' is not empty; resume it with `ddk distill --resume "
                 f"{run_dir}` or set trainer.output_dir to a new folder"
             )
+
+    refuse_non_empty()  # before locking: a refused folder is left exactly as it was
+    with run_lock(run_dir):
+        refuse_non_empty()  # a run may have started in between
         try:
             trainer = Trainer(cfg, run_dir)
         except BaseException:
