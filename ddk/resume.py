@@ -102,8 +102,8 @@ def check_resume(
         diffs = protected_differences(recorded, current)
         if diffs:
             raise DDKError(
-                f"cannot resume '{run_dir}': config.yaml differs from what {checkpoint.name} was "
-                f"trained with in {', '.join(diffs)}; restore those keys or start a new run"
+                f"cannot resume '{run_dir}': config.yaml (with --set) differs from what "
+                f"{checkpoint.name} was trained with in {', '.join(diffs)}; restore those keys or start a new run"
             )
         old_lr = flatten(recorded).get("trainer.lr")
         if old_lr != cfg.trainer.lr:

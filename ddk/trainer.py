@@ -675,7 +675,8 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> Path 
         if checkpoint is None and list_checkpoints(run_dir):
             raise DDKError(f"'{run_dir}' has no intact checkpoint to resume from; start a new run")
         for warning in check_resume(run_dir, cfg, override_keys, checkpoint):
-            print(warning)
+            if _is_rank0():
+                print(warning)
         print(
             f"resuming from {checkpoint}"
             if checkpoint
