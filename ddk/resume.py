@@ -113,13 +113,23 @@ def check_resume(
             )
     fingerprint = saved.get("data_fingerprint")
     if fingerprint is not None and cfg.data.prepared:
-        from ddk.data.dataset import PreparedData
-
-        now = PreparedData(cfg.data.prepared, cfg.data.domains).fingerprint()
-        if now != fingerprint:
+        now = data_fingerprint(cfg.data.prepared)  # None: missing, which preflight reports
+        if now is not None and now != fingerprint:
             raise DDKError(
                 f"the prepared data '{cfg.data.prepared}' changed since {checkpoint.name} was "
                 "written (it was prepared again or its domains differ); resume needs the same "
                 "data: restore it or start a new run"
             )
     return warnings
+
+
+def data_fingerprint(prepared: str | Path) -> str | None:
+    """SHA-256 of the prepared data's manifest: it changes whenever `ddk prepare` writes the
+    folder again (creation time, sizes, checksums). None when there is no manifest to read."""
+    from ddk.data.prepare import MANIFEST
+    from ddk.fileutil import sha256_file
+
+    try:
+        return sha256_file(Path(prepared).expanduser() / MANIFEST)
+    except OSError:
+        return None

@@ -42,6 +42,7 @@ from ddk.methods import method_spec
 from ddk.metrics import MetricsWriter, truncate_metrics
 from ddk.models import hidden_and_head
 from ddk.preflight import preflight
+from ddk.resume import data_fingerprint
 from ddk.runtime import Runtime
 from ddk.sampler import DomainSampler
 from ddk.schedule import lr_lambda
@@ -449,7 +450,7 @@ class Trainer:
                     "scheduler": self.scheduler.state_dict(),
                     # What `--resume` checks the run folder's config.yaml and data against.
                     "config": self.cfg.model_dump(mode="json"),
-                    "data_fingerprint": self.data.fingerprint(),
+                    "data_fingerprint": data_fingerprint(self.cfg.data.prepared),
                 },
                 arrays={"plan": self.plan},
                 rng_state=_rng_state(),
