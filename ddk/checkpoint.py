@@ -73,16 +73,17 @@ def save_checkpoint(
     except (OSError, SafetensorError, RuntimeError) as e:
         # The previous checkpoints are untouched; only the half-written folder goes.
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, OSError) and not _out_of_space(e):
-            raise
-        if _out_of_space(e):
-            need = checkpoint_bytes(model, optimizer_state, arrays)
-            free = shutil.disk_usage(root).free
+        need = checkpoint_bytes(model, optimizer_state, arrays)
+        free = shutil.disk_usage(root).free
+        # torch.save reports a full disk only as "iostream error": judge by the space left.
+        if _out_of_space(e) or free < need:
             raise DDKError(
                 f"disk full while writing checkpoint step {step} to '{root}': it needs about "
                 f"{_mb(need)} (model + optimizer state), {_mb(free)} is free; free space and "
                 "resume with `ddk distill --resume`"
             ) from None
+        if not isinstance(e, OSError):
+            raise
         raise DDKError(
             f"cannot write checkpoint step {step} to '{root}': {e.strerror or first_line(e)}"
         ) from None

@@ -378,7 +378,8 @@ def small_tmpfs(tmp_path):
     try:
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        # Lazy: a file object of the failed save may still be open until garbage collection.
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_disk_full_during_checkpoint_keeps_the_last_good_one(small_tmpfs):
@@ -426,3 +427,23 @@ def test_demo_replaces_only_a_previous_demo(tmp_path):
     (out / "prepared" / "user.txt").write_text("mine")
     with pytest.raises(DDKError, match="prepared/user.txt"):
         check_demo_folder(out)
+
+
+def test_distill_on_a_full_disk_stops_in_one_line_and_resumes_once_freed(
+    small_tmpfs, world, capsys
+):
+    """A real run whose second checkpoint does not fit: exit 2, the first one intact, and
+    after the disk grows the run resumes from it to the end."""
+    subprocess.run(["mount", "-o", "remount,size=900k", str(small_tmpfs)], check=True)
+    run = small_tmpfs / "run"  # one checkpoint of the tiny student is about 570 KiB
+    cfg = write_config(small_tmpfs.parent / "full.yaml", world, run)
+    capsys.readouterr()
+    assert main(["distill", cfg]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "disk full while writing checkpoint step 6" in err and "needs about" in err
+    assert [s for s, _ in list_checkpoints(run)] == [3]
+    assert verify_checkpoint(list_checkpoints(run)[0][1]) is None
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
+    assert main(["distill", "--resume", str(run)]) == 0
+    assert (run / "final" / "model.safetensors").exists()
