@@ -336,6 +336,7 @@ def test_nan_stop_without_checkpoint_does_not_claim_one(world, capsys, monkeypat
     assert not list_checkpoints(run)
 
 
+@pytest.mark.slow  # two interpreter start-ups: about 17 s on 2 cores
 def test_second_distill_process_on_one_folder_exits_2_naming_the_pid(world, tmp_path):
     """Two real processes: the first is paused while it holds the lock, the second is refused,
     then the first finishes normally."""
