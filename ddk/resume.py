@@ -49,7 +49,8 @@ def flatten(config: dict[str, Any]) -> dict[str, Any]:
 def protected_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose value differs between two resolved configs and that a resume may not change."""
     a, b = flatten(recorded), flatten(current)
-    keys = sorted(set(a) | set(b))
+    # Keys only one side knows come from another ddk version's schema; their defaults apply.
+    keys = sorted(set(a) & set(b))
     return [
         k
         for k in keys

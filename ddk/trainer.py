@@ -487,7 +487,10 @@ class Trainer:
         self.scheduler.load_state_dict(loaded["state"]["scheduler"])
         self._rebase_schedule()
         self.state = TrainState(**loaded["state"]["trainer"])
-        self.sampler.load_state_dict(self.state.sampler)
+        try:
+            self.sampler.load_state_dict(self.state.sampler)
+        except ValueError as e:  # e.g. a checkpoint from before data fingerprints were stored
+            raise DDKError(f"cannot resume '{self.run_dir}': {e}") from None
         self.plan = loaded["arrays"]["plan"]
         _set_rng_state(loaded["rng"])
 
