@@ -448,3 +448,50 @@ def test_distill_on_a_full_disk_stops_in_one_line_and_resumes_once_freed(
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
     assert main(["distill", "--resume", str(run)]) == 0
     assert (run / "final" / "model.safetensors").exists()
+
+
+def test_trust_remote_code_run_resumes_only_when_asked_again(world, capsys):
+    run = world["root"] / "trusted"
+    cfg = write_config(
+        world["root"] / "trusted.yaml", world, run, **{"model.trust_remote_code": True}
+    )
+    assert main(["distill", cfg]) == 0  # the user's own config may turn it on
+    capsys.readouterr()
+    assert main(["distill", "--resume", str(run)]) == 2
+    assert "--set model.trust_remote_code=true" in error_line(capsys.readouterr().err)
+    argv = ["distill", "--resume", str(run), "--set", "model.trust_remote_code=true"]
+    assert main(argv) == 0
+
+
+def test_protected_differences_match_a_naive_walk():
+    from ddk.config import Config
+    from ddk.resume import SETTABLE_ON_RESUME, protected_differences
+
+    base = Config().model_dump(mode="json")
+    changed = Config().model_dump(mode="json")
+    edits = {
+        ("trainer", "max_steps"): 5,  # settable
+        ("trainer", "lr"): 1.0,  # settable
+        ("trainer", "output_dir"): "elsewhere",  # where the run lives: never compared
+        ("prepare", "seq_len"): 16,  # not part of a distill run
+        ("trainer", "seed"): 3,
+        ("distill", "K"): 2,
+        ("model", "trust_remote_code"): True,
+        ("trainer", "micro_batch_size"): 9,
+    }
+    for (section, key), value in edits.items():
+        changed[section][key] = value
+    naive = sorted(
+        f"{s}.{k}"
+        for (s, k) in edits
+        if f"{s}.{k}" not in SETTABLE_ON_RESUME and k != "output_dir" and s != "prepare"
+    )
+    assert protected_differences(base, changed) == naive
+    assert naive == [
+        "distill.K",
+        "model.trust_remote_code",
+        "trainer.micro_batch_size",
+        "trainer.seed",
+    ]
+    del changed["teacher"]  # a section another ddk version did not have
+    assert protected_differences(base, changed) == naive
