@@ -86,16 +86,22 @@ def _drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
                 loc = [str(p) for p in e["loc"]]
                 if not loc:  # a cross-field rule (min_lr > lr): drop the dependent key
                     loc = ["trainer", "min_lr"]
-                node = data
-                for part in loc[:-1]:
-                    node = node.get(part) if isinstance(node, dict) else None
-                    if node is None:
-                        break
-                if isinstance(node, dict):
-                    node.pop(loc[-1], None)
-                else:
-                    data.pop(loc[0], None)
+                _pop_deepest(data, loc)
     return None
+
+
+def _pop_deepest(data: dict, loc: list[str]) -> None:
+    """Remove the deepest mapping key on `loc` that exists (a list item or a union's type tag
+    in the location drops the whole value that holds it)."""
+    pairs, node = [], data
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            break
+        pairs.append((node, part))
+        node = node[part]
+    if pairs:
+        parent, key = pairs[-1]
+        del parent[key]
 
 
 def preflight_problems(cfg: Config) -> list[str]:

@@ -495,3 +495,19 @@ def test_protected_differences_match_a_naive_walk():
     ]
     del changed["teacher"]  # a section another ddk version did not have
     assert protected_differences(base, changed) == naive
+
+
+def test_invalid_keys_fall_back_to_defaults_and_the_rest_is_kept():
+    from ddk.preflight import _drop_invalid
+
+    raw = {
+        "data": {"prepared": "x", "domains": ["a", 5]},  # a bad list item drops the list
+        "trainer": {"micro_batch_size": True, "lr": 1e-5, "min_lr": 1e-3, "seed": 7},
+        "distill": {"mixture": {"a": "zz"}, "K": 0, "alpha": 0.25},
+        "bogus": {},
+    }
+    cfg = _drop_invalid(raw)
+    assert cfg.data.prepared == "x" and cfg.data.domains is None
+    assert (cfg.trainer.micro_batch_size, cfg.trainer.min_lr, cfg.trainer.seed) == (4, 3e-6, 7)
+    assert (cfg.distill.mixture, cfg.distill.K, cfg.distill.alpha) == ("natural", 1000, 0.25)
+    assert raw["trainer"]["micro_batch_size"] is True  # the caller's dict is left alone
