@@ -82,26 +82,29 @@ def _drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
         try:
             return Config.model_validate(data)
         except ValidationError as err:
-            for e in err.errors():
-                loc = [str(p) for p in e["loc"]]
-                if not loc:  # a cross-field rule (min_lr > lr): drop the dependent key
-                    loc = ["trainer", "min_lr"]
-                _pop_deepest(data, loc)
+            # Decide every removal before making any: one bad value can raise several errors
+            # (one per union branch), and a later one must not climb to the whole section.
+            targets = {_deepest_key(data, [str(p) for p in e["loc"]]) for e in err.errors()}
+            for path in sorted(targets - {()}, key=len, reverse=True):
+                parent = data
+                for part in path[:-1]:
+                    parent = parent.get(part, {})
+                parent.pop(path[-1], None)
     return None
 
 
-def _pop_deepest(data: dict, loc: list[str]) -> None:
-    """Remove the deepest mapping key on `loc` that exists (a list item or a union's type tag
-    in the location drops the whole value that holds it)."""
-    pairs, node = [], data
+def _deepest_key(data: dict, loc: list[str]) -> tuple[str, ...]:
+    """The deepest mapping key on `loc` that exists (a list item or a union's type tag in the
+    location selects the whole value that holds it)."""
+    if not loc:  # a cross-field rule (min_lr > lr): the dependent key
+        loc = ["trainer", "min_lr"]
+    path, node = [], data
     for part in loc:
         if not isinstance(node, dict) or part not in node:
             break
-        pairs.append((node, part))
+        path.append(part)
         node = node[part]
-    if pairs:
-        parent, key = pairs[-1]
-        del parent[key]
+    return tuple(path)
 
 
 def preflight_problems(cfg: Config) -> list[str]:
