@@ -118,7 +118,9 @@ def _distill(args) -> int:
     else:
         if not args.config:
             raise DDKError("ddk distill needs a config file (or --resume RUN_DIR)")
-        start_run(load_config(args.config, args.overrides))
+        from ddk.preflight import load_checked_config
+
+        start_run(load_checked_config(args.config, args.overrides))
     return 0
 
 

@@ -245,11 +245,20 @@ def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> Config:
     """Read a YAML file (optional), apply `a.b=c` overrides, validate. Raises ConfigError."""
+    data = read_raw_config(path, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(path) if path else "config")) from None
+
+
+def read_raw_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """The YAML file's mapping with the overrides applied, not validated yet."""
     data: dict[str, Any] = {}
-    source = "config"
     if path is not None:
         p = Path(path)
-        source = str(p)
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         try:
@@ -263,8 +272,4 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         data = loaded
-    data = apply_overrides(data, overrides or [])
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+    return apply_overrides(data, overrides or [])

@@ -88,3 +88,23 @@ def _same_file(fd: int, path: Path) -> bool:
 def locked(folder: str | Path, what: str) -> Iterator[FolderLock]:
     with FolderLock(folder, what) as lock:
         yield lock
+
+
+def raise_if_held(folder: str | Path, what: str) -> None:
+    """Raise FolderLock's one-line error when another process holds `folder`'s lock; changes
+    nothing on disk (for checks that must not touch a folder they then refuse)."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        raise DDKError(
+            f"'{folder}' is in use by another ddk process (PID {holder}); wait for it to "
+            f"finish or {what} elsewhere"
+        ) from None
+    finally:
+        os.close(fd)  # closing drops a lock this probe took

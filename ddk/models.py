@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 
 from ddk.errors import DDKError, first_line
 
@@ -58,6 +59,12 @@ def load_model(name: str, *, dtype: torch.dtype, what: str, trust_remote_code: b
         )
     except (OSError, ValueError) as e:
         raise DDKError(f"cannot load {what} '{name}': {first_line(e)}") from None
+    except (SafetensorError, RuntimeError, EOFError, KeyError) as e:
+        # Truncated or corrupt weight files (safetensors header/size errors, torch load errors).
+        raise DDKError(
+            f"cannot load {what} '{name}': its weight files are truncated or corrupt "
+            f"({first_line(e)}); copy or save the model folder again"
+        ) from None
     return model
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import yaml
 
 from ddk.errors import DDKError
 from ddk.metrics import DOMAIN_UPDATE, EVAL_EVENTS, FINAL_EVAL, read_metrics
+from ddk.ownership import ownership_record
 from ddk.table import fmt_cell, format_table
 
 PLOTS = (
@@ -651,6 +653,7 @@ def write_report(run_dirs, out_dir=None) -> Path:
     runs = _load_runs(run_dirs)
     summary = _summarize(runs)
     out = Path(out_dir) if out_dir is not None else runs[0].path / "report"
+    _check_report_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -664,5 +667,40 @@ def write_report(run_dirs, out_dir=None) -> Path:
     (out / "summary.md").write_text(_markdown(summary), encoding="utf-8")
     page = out / "report.html"
     page.write_text(_html(summary, out), encoding="utf-8")
+    (out / REPORT_RECORD).write_text(json.dumps(ownership_record("report", REPORT_FILES), indent=2))
     print(f"report written to {page}")
     return page
+
+
+REPORT_RECORD = ".ddk-report.json"
+REPORT_FILES = [
+    "perplexity_by_domain.png",
+    "ratio_over_training.png",
+    "domain_weights.png",
+    "loss_curves.png",
+    "summary.md",
+    "report.html",
+]
+
+
+def _check_report_folder(out: Path) -> None:
+    """A report replaces only files a previous report wrote (listed in its record); the
+    folder's other files stay as they are."""
+    from ddk.ownership import is_owned, read_record
+
+    if out.exists() and not out.is_dir():
+        raise DDKError(f"report folder '{out}' is a file; choose another --out")
+    record_path = out / REPORT_RECORD
+    record = read_record(record_path)
+    owned = set(record["files"]) if is_owned(record, "report") else set()
+    if record_path.exists() and not is_owned(record, "report"):
+        clash = [REPORT_RECORD]
+    else:
+        clash = [f for f in REPORT_FILES if (out / f).exists() and f not in owned]
+    if clash:
+        raise DDKError(
+            f"report folder '{out}' holds {clash[0]}, which ddk report did not write; ddk never "
+            "overwrites it: choose another --out"
+        )
+    if owned:
+        print(f"replacing the previous report in {out}")

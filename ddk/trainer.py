@@ -42,6 +42,7 @@ from ddk.methods import method_spec
 from ddk.metrics import MetricsWriter, truncate_metrics
 from ddk.models import hidden_and_head
 from ddk.preflight import preflight
+from ddk.resume import data_fingerprint
 from ddk.runtime import Runtime
 from ddk.sampler import DomainSampler
 from ddk.schedule import lr_lambda
@@ -197,6 +198,12 @@ class Trainer:
         )
         self.global_batch = t.micro_batch_size * t.grad_accum_steps * self.world
         self.step_tokens = self.global_batch * self.data.seq_len  # packed: all are targets
+        check_plan_size(cfg.distill.K, t.max_steps, self.global_batch)
+        if cfg.distill.K > t.max_steps and self.is_main and self.method.teacher_for_weights:
+            print(
+                f"warning: distill.K {cfg.distill.K} > trainer.max_steps {t.max_steps}: the "
+                "domain weights are set once and never updated; lower distill.K"
+            )
 
     def _setup_student(self) -> None:
         from ddk.models import load_model, load_tokenizer
@@ -342,14 +349,32 @@ class Trainer:
         record["eval_seconds"] = round(time.perf_counter() - started, 3)
         self.metrics.write(record)
         self.plan = self.sampler.plan_interval(
-            self.state.interval, weights, self.cfg.distill.K * self.global_batch
+            self.state.interval, weights, self._interval_steps() * self.global_batch
         )
         self.state.sampler = self.sampler.state_dict()
+
+    def _interval_steps(self) -> int:
+        """Steps of the current interval that will run: the last one may end at max_steps."""
+        K = self.cfg.distill.K
+        return max(1, min(K, self.cfg.trainer.max_steps - self.state.interval * K))
+
+    def _extend_plan(self) -> None:
+        """A resume with a larger trainer.max_steps needs more of the current interval's rows."""
+        have = len(self.plan) // self.global_batch
+        more = self._interval_steps() - have
+        if more > 0:
+            extra = self.sampler.plan_interval(
+                self.state.interval, self.state.weights, more * self.global_batch
+            )
+            self.plan = np.concatenate([self.plan, extra])
+            self.state.sampler = self.sampler.state_dict()
 
     # ------------------------------------------------------------------ training
     def _step_batches(self):
         """This rank's micro-batches of the current step."""
         t = self.cfg.trainer
+        if len(self.plan) < (self.state.step % self.cfg.distill.K + 1) * self.global_batch:
+            self._extend_plan()
         rows = self.sampler.step_rows(
             self.plan, self.state.step, self.cfg.distill.K, self.global_batch
         )
@@ -420,7 +445,13 @@ class Trainer:
                 self.state.step,
                 model=self._unwrapped_student(),
                 optimizer_state=self.optimizer.state_dict(),
-                state={"trainer": state, "scheduler": self.scheduler.state_dict()},
+                state={
+                    "trainer": state,
+                    "scheduler": self.scheduler.state_dict(),
+                    # What `--resume` checks the run folder's config.yaml and data against.
+                    "config": self.cfg.model_dump(mode="json"),
+                    "data_fingerprint": data_fingerprint(self.cfg.data.prepared),
+                },
                 arrays={"plan": self.plan},
                 rng_state=_rng_state(),
                 keep=self.cfg.trainer.keep_checkpoints,
@@ -454,10 +485,24 @@ class Trainer:
         loaded = load_checkpoint(folder, self._unwrapped_student(), self.device)
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["state"]["scheduler"])
+        self._rebase_schedule()
         self.state = TrainState(**loaded["state"]["trainer"])
-        self.sampler.load_state_dict(self.state.sampler)
+        try:
+            self.sampler.load_state_dict(self.state.sampler)
+        except ValueError as e:  # e.g. a checkpoint from before data fingerprints were stored
+            raise DDKError(f"cannot resume '{self.run_dir}': {e}") from None
         self.plan = loaded["arrays"]["plan"]
         _set_rng_state(loaded["rng"])
+
+    def _rebase_schedule(self) -> None:
+        """A resume with --set trainer.lr / max_steps: the restored scheduler would keep the old
+        peak (base_lrs) and the optimizer the old rate; recompute both as LambdaLR does."""
+        lam = self.scheduler.lr_lambdas[0]
+        self.scheduler.base_lrs = [self.cfg.trainer.lr for _ in self.scheduler.base_lrs]
+        rates = [base * lam(self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        self.scheduler._last_lr = rates
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path | None:
@@ -498,7 +543,7 @@ class Trainer:
                         raise DDKError(
                             f"{self.state.bad_steps_in_a_row} steps in a row had a NaN/inf loss or "
                             f"gradient (at step {self.state.step}); lower trainer.lr or check the "
-                            "data. The last good checkpoint is intact"
+                            f"data. {self._checkpoint_note()}"
                         )
                     window_tokens += self.step_tokens
                     bar.update(1)
@@ -531,6 +576,13 @@ class Trainer:
         finally:
             self.metrics.close()
 
+    def _checkpoint_note(self) -> str:
+        """What a user can resume from, stated only from what is on disk."""
+        good = latest_good_checkpoint(self.run_dir, log=lambda _msg: None)
+        if good is None:
+            return "No checkpoint was written yet: the run must start again"
+        return f"The last good checkpoint ({good.name}) is intact"
+
     def finish(self) -> Path:
         student = self.evaluate_student()
         weights = self.state.weights
@@ -547,35 +599,95 @@ class Trainer:
         return final
 
 
+# An interval plan is 16 bytes per row; beyond this it would not fit in a host's memory.
+MAX_PLAN_ROWS = 50_000_000
+
+
+def check_plan_size(K: int, max_steps: int, sequences_per_step: int) -> None:
+    rows = min(K, max_steps) * sequences_per_step
+    if rows > MAX_PLAN_ROWS:
+        raise DDKError(
+            f"one interval would plan {rows:,} sequences (min(distill.K, trainer.max_steps) x "
+            f"{sequences_per_step} per step), over the {MAX_PLAN_ROWS:,} limit; lower distill.K"
+        )
+
+
+def _is_rank0() -> bool:
+    """Global rank 0 of a torchrun/Accelerate launch (the Runtime does not exist yet)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+LOCK_HINT = "run"
+
+
+def run_lock(run_dir: Path):
+    """One process per run folder, held from before preflight to the run's end. Only global
+    rank 0 takes it: ranks on one node would otherwise lock each other out."""
+    from ddk.lock import FolderLock
+
+    if not _is_rank0():
+        return contextlib.nullcontext()
+    return FolderLock(run_dir, LOCK_HINT)
+
+
 def start_run(cfg: Config) -> Path | None:
     """A new run in cfg.trainer.output_dir; refuses a folder that already holds a run."""
+    from ddk.lock import LOCK_NAME, raise_if_held
+
     run_dir = Path(cfg.trainer.output_dir).expanduser()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise DDKError(
-            f"run folder '{run_dir}' is not empty; resume it with `ddk distill --resume {run_dir}` "
-            "or set trainer.output_dir to a new folder"
-        )
-    trainer = Trainer(cfg, run_dir)
-    if trainer.is_main:
-        cfg.save(run_dir / "config.yaml")
-    return trainer.train()
+    created = not run_dir.exists()
+
+    def refuse_non_empty() -> None:
+        if not created and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+            raise_if_held(run_dir, LOCK_HINT)  # a live run there: name its PID
+            raise DDKError(
+                f"run folder '{run_dir}' is not empty; resume it with `ddk distill --resume "
+                f"{run_dir}` or set trainer.output_dir to a new folder"
+            )
+
+    refuse_non_empty()  # before locking: a refused folder is left exactly as it was
+    with run_lock(run_dir):
+        refuse_non_empty()  # a run may have started in between
+        try:
+            trainer = Trainer(cfg, run_dir)
+        except BaseException:
+            # Refused before anything was written: leave no folder holding only the lock.
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
+                (run_dir / LOCK_NAME).unlink()
+                run_dir.rmdir()
+            raise
+        if trainer.is_main:
+            cfg.save(run_dir / "config.yaml")
+        return trainer.train()
 
 
 def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> Path | None:
     """Continue from the newest intact checkpoint; a run that died before its first checkpoint
-    starts again from step 0 with its saved config."""
+    starts again from step 0 with its saved config. The run folder's config.yaml must agree
+    with what the checkpoint recorded (see ddk.resume)."""
+    from ddk.resume import check_overrides, check_resume
+
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise DDKError(f"'{run_dir}' holds no run (no config.yaml) to resume")
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    checkpoint = latest_good_checkpoint(run_dir)
-    if checkpoint is None and list_checkpoints(run_dir):
-        raise DDKError(f"'{run_dir}' has no intact checkpoint to resume from; start a new run")
-    print(
-        f"resuming from {checkpoint}" if checkpoint else f"no checkpoint yet: restarting {run_dir}"
-    )
-    trainer = Trainer(cfg, run_dir, resume_from=checkpoint)
-    if trainer.is_main:
-        truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
-        cfg.save(run_dir / "config.yaml")
-    return trainer.train()
+    with run_lock(run_dir):
+        override_keys = check_overrides(overrides or [])
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        checkpoint = latest_good_checkpoint(run_dir)
+        if checkpoint is None and list_checkpoints(run_dir):
+            raise DDKError(f"'{run_dir}' has no intact checkpoint to resume from; start a new run")
+        for warning in check_resume(run_dir, cfg, override_keys, checkpoint):
+            if _is_rank0():
+                print(warning)
+        print(
+            f"resuming from {checkpoint}"
+            if checkpoint
+            else f"no checkpoint yet: restarting {run_dir}"
+        )
+        trainer = Trainer(cfg, run_dir, resume_from=checkpoint)
+        if trainer.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+            cfg.save(run_dir / "config.yaml")
+        return trainer.train()

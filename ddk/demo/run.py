@@ -260,6 +260,43 @@ def run_demo(args) -> dict:
     steps = args.steps or size.distill_steps
     t0 = time.perf_counter()
     out = Path(args.out).expanduser()
+    replacing = check_demo_folder(out)
+    from ddk.lock import FolderLock
+
+    with FolderLock(out, "use another --out"):
+        try:
+            if replacing:
+                print(f"replacing the previous demo in {out} (only the files it wrote)")
+            return _run_stages(args, out, size, steps, t0)
+        finally:
+            write_demo_record(out)
+
+
+DEMO_RECORD = ".ddk-demo.json"
+
+
+def check_demo_folder(out: Path) -> bool:
+    """Refuse (one line) unless OUT is new, empty, or holds only what a previous demo wrote;
+    True when there is a previous demo to replace."""
+    from ddk.ownership import check_replaceable, list_files, read_record
+
+    record = read_record(out / DEMO_RECORD)
+    check_replaceable(out, record, "demo", f"demo folder '{out}'")
+    return out.is_dir() and bool(list_files(out))
+
+
+def write_demo_record(out: Path) -> None:
+    """Everything under OUT is the demo's (check_demo_folder made sure), interrupted or not."""
+    import json
+
+    from ddk.ownership import list_files, ownership_record
+
+    if out.is_dir():
+        files = sorted(set(list_files(out)) | {DEMO_RECORD})
+        (out / DEMO_RECORD).write_text(json.dumps(ownership_record("demo", files), indent=2))
+
+
+def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     configs = out / "configs"
     configs.mkdir(exist_ok=True)
