@@ -56,12 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
 
-    p = sub.add_parser("eval", help="per-domain validation perplexity of a model")
+    p = sub.add_parser("eval", help="per-domain test (or validation) perplexity of a model")
     p.add_argument("--model", required=True, help="model hub id or folder")
     p.add_argument("--data", required=True, help="prepared data folder")
     p.add_argument("--domains", nargs="*", help="subset of domains")
     p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--max-sequences", type=_positive_int, help="validation sequences per domain")
+    p.add_argument("--max-sequences", type=_positive_int, help="held-out sequences per domain")
+    p.add_argument(
+        "--split",
+        choices=["val", "test"],
+        default="test",
+        help="held-out split: test (default; reporting only) or val (what DDK steers by)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, nothing downloaded")
@@ -128,6 +134,7 @@ def _eval(args) -> int:
         batch_size=args.batch_size,
         max_sequences=args.max_sequences,
         as_json=args.json,
+        split=args.split,
     )
     return 0
 

@@ -19,7 +19,9 @@ class DomainShard:
         self.seq_len = seq_len
         self.info = info
         self._dtype = dtype
-        self._paths = {split: folder / f"{split}.bin" for split in ("train", "val")}
+        # "test" exists when prepare wrote one (manifest test_tokens); older data has none.
+        splits = ("train", "val", "test") if "test_tokens" in info else ("train", "val")
+        self._paths = {split: folder / f"{split}.bin" for split in splits}
         for split, path in self._paths.items():
             expected = info[f"{split}_tokens"] * dtype.itemsize
             if not path.is_file() or path.stat().st_size != expected:
@@ -39,6 +41,12 @@ class DomainShard:
     @property
     def num_val_sequences(self) -> int:
         return int(self.info["val_sequences"])
+
+    def has_split(self, split: str) -> bool:
+        return split in self._paths
+
+    def num_sequences(self, split: str) -> int:
+        return int(self.info.get(f"{split}_sequences", 0)) if split in self._paths else 0
 
     def _tokens(self, split: str) -> np.memmap:
         if split not in self._maps:
@@ -85,6 +93,10 @@ class PreparedData:
     @property
     def names(self) -> list[str]:
         return list(self.domains)
+
+    def has_split(self, split: str) -> bool:
+        """Whether every selected domain has `split` (data prepared before test splits: no)."""
+        return all(d.has_split(split) for d in self.domains.values())
 
     def train_tokens(self) -> dict[str, int]:
         return {n: d.train_tokens for n, d in self.domains.items()}
