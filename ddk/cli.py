@@ -75,7 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where the demo teacher is cached (~/.cache/ddk/demo)")
     p.add_argument("--quick", action="store_true", help="a first look in about 3 minutes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", default=["cpt", "kd", "ddk"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["cpt", "kd", "ddk"],
+        help="methods to compare (ddk+floor = ddk with distill.init_floor=true)",
+    )
+    p.add_argument(
+        "--init-floor-variant", action="store_true", help="also run ddk+floor (init_floor=true)"
+    )
     p.add_argument("--steps", type=int, help="distillation steps per method")
     p.add_argument("--scale", type=float, help="corpus size multiplier")
     p.add_argument("--teacher-steps", type=int, help="teacher pre-training steps")
