@@ -286,7 +286,11 @@ class Trainer:
     def _unwrapped_student(self):
         return self.runtime.unwrap(self.step_module).student
 
-    def evaluate_student(self, split: str = "val") -> dict[str, dict]:
+    def evaluate_student(self) -> dict[str, dict]:
+        """On the validation split: what Eq. 1/2 and the curves use."""
+        return self.evaluate_student_on("val")
+
+    def evaluate_student_on(self, split: str) -> dict[str, dict]:
         return domain_perplexities(
             self._unwrapped_student(),
             self.data,
@@ -572,7 +576,7 @@ class Trainer:
         self.teacher_report_ppl = teacher[self.report_split] if teacher else None
         if self.plan is None:
             if not self.state.before:  # the student before training, on the report split
-                before = self.evaluate_student(self.report_split)
+                before = self.evaluate_student_on(self.report_split)
                 self.state.before = {d: before[d]["ppl"] for d in self.domains}
             self.update_domain_weights()  # r_0 (Eq. 1 for DDK)
         bar = tqdm(
@@ -640,7 +644,7 @@ class Trainer:
             self.metrics.close()
 
     def finish(self) -> Path:
-        student = self.evaluate_student(self.report_split)
+        student = self.evaluate_student_on(self.report_split)
         weights = self.state.weights
         record = self._domain_event(FINAL_EVAL, student, self.teacher_report_ppl, weights)
         record["split"] = self.report_split
