@@ -324,7 +324,8 @@ class Trainer:
         )
         out, source, model = {}, {}, self.teacher_model
         for split in dict.fromkeys(splits):
-            result = cache.get(split, self.domains)
+            # rank 0's view of the cache decides for all ranks: evaluation all-reduces
+            result = self.runtime.broadcast_object(cache.get(split, self.domains))
             source[split] = "cache"
             if result is None:
                 if model is None:

@@ -211,3 +211,24 @@ def test_tau_squared_scales_the_divergence(teacher_dir, student_dir, prepared_di
     assert plain.total.item() == pytest.approx((plain.ce + 0.2 * plain.div).item(), rel=1e-6)
     assert hinton.total.item() == pytest.approx((hinton.ce + 0.8 * hinton.div).item(), rel=1e-6)
     assert (hinton.total - plain.total).item() == pytest.approx(0.6 * plain.div.item(), rel=1e-3)
+
+
+def test_init_floor_run_is_labelled_and_floored(tmp_path, teacher_dir, student_dir, prepared_dir):
+    from ddk.demo.run import split_variant
+
+    run = tmp_path / "floor"
+    cfg = make_config(run, teacher_dir, student_dir, prepared_dir,
+                      **{"distill.init_floor": True, "trainer.max_steps": 1})  # fmt: skip
+    start_run(cfg)
+    first = _events(run, "domain_update")[0]["domains"]
+    names = list(first)
+    s = [first[d]["student_ppl"] for d in names]
+    t = [first[d]["teacher_ppl"] for d in names]
+    expected = floored_initial_weights(s, t, 0.5)
+    np.testing.assert_allclose([first[d]["weight"] for d in names], expected, rtol=1e-9)
+    assert min(first[d]["rows"] for d in names) > 0
+    assert summarize_runs([run])["runs"][0]["label"] == "ddk+floor"
+    assert split_variant("ddk+floor") == ("ddk", "floor") and split_variant("kd") == ("kd", "")
+    for bad in ("kd+floor", "ddk+tau", "dkk"):
+        with pytest.raises(DDKError, match="ddk\\+floor"):
+            split_variant(bad)
