@@ -129,3 +129,67 @@ class TeacherPPLCache:
             write_json_atomic(self.path, {"key": self.key, "splits": splits})
         except OSError as e:
             print(f"warning: cannot write the teacher perplexity cache '{self.path}': {e}")
+
+
+def teacher_perplexities(
+    cfg,
+    data,
+    domains: list[str],
+    splits: tuple[str, ...],
+    *,
+    runtime,
+    teacher_model,
+    student_rows: int,
+    run_dir: Path,
+) -> dict[str, dict[str, float]] | None:
+    """{split: {domain: ppl}} of the run's teacher; None without one. Cached entries are
+    reused; missing ones are computed with `teacher_model`, or, when the method trains without
+    a teacher (cpt), with the teacher loaded for this alone and freed after. The run folder gets
+    `teacher_ppl.json` (values and whether each split came from the cache) for the report."""
+    import torch
+
+    from ddk.evaluate import domain_perplexities
+    from ddk.models import check_vocab, embedding_rows, load_teacher, resolve_dtype
+
+    if not cfg.model.teacher:
+        return None
+    store = cache_dir(cfg.teacher.ppl_cache_dir)
+    dtype = resolve_dtype(cfg.model.dtype, runtime.device)
+    cache = TeacherPPLCache(
+        store,
+        data_fingerprint(data.folder),
+        teacher_fingerprint(cfg.model.teacher, str(dtype), store),
+    )
+    out, source, model = {}, {}, teacher_model
+    for split in dict.fromkeys(splits):
+        # rank 0's view of the cache decides for every rank: evaluation all-reduces
+        result = runtime.broadcast_object(cache.get(split, domains))
+        source[split] = "cache"
+        if result is None:
+            if model is None:
+                model = load_teacher(
+                    cfg.model.teacher, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+                ).to(runtime.device)
+                check_vocab(data.vocab_size, embedding_rows(model), student_rows)
+            result = domain_perplexities(
+                model,
+                data,
+                vocab_size=data.vocab_size,
+                split=split,
+                batch_size=cfg.trainer.eval_batch_size,
+                autocast=runtime.autocast,
+                chunk_tokens=cfg.distill.loss_chunk_tokens,
+            )
+            source[split] = "computed"
+            if runtime.is_main:
+                cache.put(split, result)
+        out[split] = {d: result[d]["ppl"] for d in domains}
+    if model is not teacher_model:
+        del model  # cpt: the teacher was needed for these perplexities only
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if runtime.is_main:
+        write_json_atomic(
+            Path(run_dir) / "teacher_ppl.json", {"key": cache.key, "source": source, "ppl": out}
+        )
+    return out

@@ -41,7 +41,7 @@ from ddk.logits import LogitTransform, logit_transform
 from ddk.losses import FusedDistillLoss, LossSums
 from ddk.methods import method_spec
 from ddk.metrics import DOMAIN_UPDATE, FINAL_EVAL, MetricsWriter, truncate_metrics
-from ddk.models import hidden_and_head
+from ddk.models import embedding_rows, hidden_and_head
 from ddk.preflight import preflight
 from ddk.runtime import Runtime
 from ddk.sampler import DomainSampler
@@ -307,60 +307,19 @@ class Trainer:
         return result["val"] if result else None
 
     def teacher_perplexities_by_split(self, splits: tuple[str, ...]) -> dict[str, dict] | None:
-        """{split: {domain: ppl}}, from the shared cache (ddk.teacher_ppl) or computed once and
-        stored there; None without a teacher. cpt loads its teacher only for this, then frees it.
-        The run folder gets a copy (teacher_ppl.json) for the report."""
-        from ddk import teacher_ppl as tp
-        from ddk.models import embedding_rows, load_teacher, resolve_dtype
+        """{split: {domain: ppl}}: from the shared cache or computed once (ddk.teacher_ppl)."""
+        from ddk.teacher_ppl import teacher_perplexities
 
-        if not self.cfg.model.teacher:
-            return None
-        store = tp.cache_dir(self.cfg.teacher.ppl_cache_dir)
-        dtype = resolve_dtype(self.cfg.model.dtype, self.device)
-        cache = tp.TeacherPPLCache(
-            store,
-            tp.data_fingerprint(self.data.folder),
-            tp.teacher_fingerprint(self.cfg.model.teacher, str(dtype), store),
+        return teacher_perplexities(
+            self.cfg,
+            self.data,
+            self.domains,
+            splits,
+            runtime=self.runtime,
+            teacher_model=self.teacher_model,
+            student_rows=embedding_rows(self.student),
+            run_dir=self.run_dir,
         )
-        out, source, model = {}, {}, self.teacher_model
-        for split in dict.fromkeys(splits):
-            # rank 0's view of the cache decides for all ranks: evaluation all-reduces
-            result = self.runtime.broadcast_object(cache.get(split, self.domains))
-            source[split] = "cache"
-            if result is None:
-                if model is None:
-                    model = load_teacher(
-                        self.cfg.model.teacher,
-                        dtype=dtype,
-                        trust_remote_code=self.cfg.model.trust_remote_code,
-                    ).to(self.device)
-                    check_vocab = __import__("ddk.models", fromlist=["check_vocab"]).check_vocab
-                    check_vocab(
-                        self.vocab_size, embedding_rows(model), embedding_rows(self.student)
-                    )
-                result = domain_perplexities(
-                    model,
-                    self.data,
-                    vocab_size=self.vocab_size,
-                    split=split,
-                    batch_size=self.cfg.trainer.eval_batch_size,
-                    autocast=self.runtime.autocast,
-                    chunk_tokens=self.cfg.distill.loss_chunk_tokens,
-                )
-                source[split] = "computed"
-                if self.is_main:
-                    cache.put(split, result)
-            out[split] = {d: result[d]["ppl"] for d in self.domains}
-        if model is not self.teacher_model:
-            del model  # cpt: the teacher was needed for perplexities only
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        if self.is_main:
-            tp.write_json_atomic(
-                self.run_dir / "teacher_ppl.json",
-                {"key": cache.key, "source": source, "ppl": out},
-            )
-        return out
 
     def _domain_event(self, event: str, student: dict, teacher: dict | None, weights) -> dict:
         s_ppl = np.array([student[d]["ppl"] for d in self.domains], dtype=np.float64)
