@@ -232,3 +232,26 @@ def test_init_floor_run_is_labelled_and_floored(tmp_path, teacher_dir, student_d
     for bad in ("kd+floor", "ddk+tau", "dkk"):
         with pytest.raises(DDKError, match="ddk\\+floor"):
             split_variant(bad)
+
+
+def test_cache_keys_follow_weights_dtype_and_data(tmp_path, teacher_dir, student_dir, prepared_dir):
+    from ddk.teacher_ppl import TeacherPPLCache, data_fingerprint, teacher_fingerprint
+
+    store = tmp_path / "store"
+    fp = teacher_fingerprint(str(teacher_dir), "torch.float32", store)
+    assert fp == teacher_fingerprint(str(teacher_dir), "torch.float32", store)  # memoised
+    assert fp != teacher_fingerprint(str(teacher_dir), "torch.bfloat16", store)
+    assert fp != teacher_fingerprint(str(student_dir), "torch.float32", store)
+    copy = shutil.copytree(teacher_dir, tmp_path / "teacher_copy")
+    assert teacher_fingerprint(str(copy), "torch.float32", store) == fp  # content, not path
+    weights = next(copy.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # one byte of the weights
+    assert teacher_fingerprint(str(copy), "torch.float32", store) != fp
+    other_data = _with_test_split(prepared_dir, tmp_path / "data")
+    assert data_fingerprint(other_data) != data_fingerprint(prepared_dir)
+    cache = TeacherPPLCache(store, data_fingerprint(prepared_dir), fp)
+    cache.put("val", {"a": {"ppl": 2.0}, "b": {"ppl": 3.0}})
+    assert cache.get("val", ["b"]) == {"b": {"ppl": 3.0}}
+    assert cache.get("val", ["a", "c"]) is None and cache.get("test", ["a"]) is None
+    other = TeacherPPLCache(store, data_fingerprint(other_data), fp)
+    assert other.get("val", ["a"]) is None
