@@ -323,6 +323,11 @@ def _split_caption(summary: dict) -> str:
     split = summary["split"]
     if split == "test":
         return "Per-domain perplexity on the held-out test split (after = final evaluation)"
+    if "/" in split:
+        return (
+            f"Per-domain perplexity (after = final evaluation) on mixed splits ({split}): some "
+            "runs have no test split; compare them with care"
+        )
     return (
         f"Per-domain perplexity on the {split} split (after = final evaluation; no test split, "
         "so these are the windows DDK steered by)"
