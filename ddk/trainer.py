@@ -365,7 +365,9 @@ class Trainer:
             record["domains"][d]["epochs"] = epochs
             if not self.is_main:
                 continue
-            if counts[i] == 0:
+            # a fixed mixture never changes: its zero rows are said once, at interval 0
+            repeat = self.method.teacher_for_weights or self.state.interval == 0
+            if counts[i] == 0 and repeat:
                 print(
                     f"warning: domain '{d}' gets 0 of {n} sequences in interval "
                     f"{self.state.interval} (weight {float(weights[i]):.2g}; Eq. 1 has no floor, "
