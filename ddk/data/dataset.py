@@ -12,7 +12,8 @@ from ddk.errors import DDKError
 
 
 class DomainShard:
-    """One domain's train and validation tokens. Sequence i = tokens[i*L : (i+1)*L + 1]."""
+    """One domain's train, validation and (when prepared) test tokens.
+    Sequence i = tokens[i*L : (i+1)*L + 1]."""
 
     def __init__(self, folder: Path, name: str, info: dict, dtype: np.dtype, seq_len: int):
         self.name = name

@@ -4,7 +4,8 @@
 
 over the non-ignored target tokens, with z = hidden @ W.T (+ b) trimmed to the
 first ``vocab_size`` columns, then the model's own scalar logit transform if it has
-one (Granite's scale, Gemma's softcap: ``ddk.logits``). The result is a SUM: the caller divides by the
+one (Granite's scale, Gemma's softcap: ``ddk.logits``; None for plain models, which
+then take exactly the old path). The result is a SUM: the caller divides by the
 global token count of the optimizer step (across gradient accumulation and ranks).
 
 In the spirit of Liger-Kernel's ``fused_linear_distillation``, three layers:
