@@ -60,12 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
 
-    p = sub.add_parser("eval", help="per-domain validation perplexity of a model")
+    p = sub.add_parser("eval", help="per-domain test (or validation) perplexity of a model")
     p.add_argument("--model", required=True, help="model hub id or folder")
     p.add_argument("--data", required=True, help="prepared data folder")
     p.add_argument("--domains", nargs="*", help="subset of domains")
     p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--max-sequences", type=_positive_int, help="validation sequences per domain")
+    p.add_argument("--max-sequences", type=_positive_int, help="held-out sequences per domain")
+    p.add_argument(
+        "--split",
+        choices=["val", "test"],
+        default="test",
+        help="held-out split: test (default; reporting only) or val (what DDK steers by)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, nothing downloaded")
@@ -73,7 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where the demo teacher is cached (~/.cache/ddk/demo)")
     p.add_argument("--quick", action="store_true", help="a first look in about 3 minutes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", default=["cpt", "kd", "ddk"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["cpt", "kd", "ddk"],
+        help="methods to compare (ddk+floor = ddk with distill.init_floor=true)",
+    )
+    p.add_argument(
+        "--init-floor-variant", action="store_true", help="also run ddk+floor (init_floor=true)"
+    )
     p.add_argument("--steps", type=int, help="distillation steps per method")
     p.add_argument("--scale", type=float, help="corpus size multiplier")
     p.add_argument("--teacher-steps", type=int, help="teacher pre-training steps")
@@ -134,6 +148,7 @@ def _eval(args) -> int:
         batch_size=args.batch_size,
         max_sequences=args.max_sequences,
         as_json=args.json,
+        split=args.split,
     )
     return 0
 

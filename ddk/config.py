@@ -108,7 +108,12 @@ class DistillSection(_Section):
     )
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Eq. 2 smoothing factor.")
     gamma: float = Field(0.2, ge=0.0, description="Weight of the divergence term (Eq. 3).")
-    tau: float = Field(1.0, gt=0.0, description="Distillation temperature.")
+    tau: float = Field(
+        1.0,
+        gt=0.0,
+        description="Distillation temperature, on both softmaxes. No τ² factor on the divergence, "
+        "as in the paper's Eq. 3 (Hinton-style KD has one: distill.tau_squared).",
+    )
     divergence: Divergence = Field(
         "forward_kl", description="KL direction is unstated in the paper: forward (choice)."
     )
@@ -151,7 +156,7 @@ class TeacherSection(_Section):
     ppl_cache_dir: str | None = Field(
         None,
         description="Where teacher perplexities are cached per (data, teacher); default "
-        "~/.cache/ddk/teacher_ppl.",
+        "$XDG_CACHE_HOME/ddk/teacher_ppl, else ~/.cache/ddk/teacher_ppl.",
     )
 
 

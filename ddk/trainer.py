@@ -34,13 +34,14 @@ from ddk.checkpoint import (
 )
 from ddk.config import Config, ConfigError, load_config
 from ddk.data.dataset import PreparedData
-from ddk.domains import fixed_mixture, next_weights, perplexity_ratio
+from ddk.domains import fixed_mixture, next_weights
 from ddk.errors import DDKError
-from ddk.evaluate import domain_perplexities
+from ddk.evaluate import domain_perplexities, report_split
+from ddk.logits import LogitTransform, logit_transform
 from ddk.losses import FusedDistillLoss, LossSums
 from ddk.methods import method_spec
-from ddk.metrics import MetricsWriter, truncate_metrics
-from ddk.models import hidden_and_head
+from ddk.metrics import DOMAIN_UPDATE, FINAL_EVAL, MetricsWriter, truncate_metrics
+from ddk.models import embedding_rows, hidden_and_head
 from ddk.preflight import preflight
 from ddk.resume import data_fingerprint
 from ddk.runtime import Runtime
@@ -52,15 +53,25 @@ from ddk.teacher import OnlineTeacher
 class DistillStep(torch.nn.Module):
     """The student plus the fused loss, as one module, so DDP sees a single forward."""
 
-    def __init__(self, student, cfg: Config, vocab_size: int):
+    def __init__(
+        self,
+        student,
+        cfg: Config,
+        vocab_size: int,
+        teacher_transform: LogitTransform | None = None,
+    ):
         super().__init__()
         self.student = student
+        self.student_transform = logit_transform(student)
+        self.teacher_transform = teacher_transform
         d = cfg.distill
+        # Hinton-style KD multiplies the divergence by τ² (opt-in); DDK's Eq. 3 does not.
+        gamma = d.gamma * d.tau**2 if d.tau_squared else d.gamma
         self.loss = FusedDistillLoss(
             vocab_size,
-            gamma=d.gamma,
+            gamma=gamma,
             tau=d.tau,
-            divergence="none" if d.method == "cpt" else d.divergence,
+            divergence=d.divergence if method_spec(d.method).uses_divergence else "none",
             skew_lambda=d.skew_lambda,
             chunk_tokens=d.loss_chunk_tokens,
         )
@@ -77,6 +88,8 @@ class DistillStep(torch.nn.Module):
             teacher_weight,
             getattr(head, "bias", None),
             teacher_bias,
+            student_transform=self.student_transform,
+            teacher_transform=self.teacher_transform,
         )
 
     @property
@@ -96,6 +109,7 @@ class TrainState:
     bad_steps_total: int = 0
     bad_steps_in_a_row: int = 0
     geometry: dict = field(default_factory=dict)  # what the saved plan and positions assume
+    before: dict = field(default_factory=dict)  # student perplexity on the report split at step 0
 
 
 def _rng_state() -> dict:
@@ -228,7 +242,8 @@ class Trainer:
 
         cfg = self.cfg
         teacher = None
-        if cfg.model.teacher:
+        # cpt trains on CE alone: its teacher (optional) only gives perplexities, loaded later.
+        if cfg.model.teacher and self.method.teacher_for_training:
             teacher = load_teacher(
                 cfg.model.teacher,
                 dtype=resolve_dtype(cfg.model.dtype, self.device),
@@ -247,7 +262,12 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
-        self.step_module = DistillStep(self.student, cfg, self.vocab_size)
+        self.step_module = DistillStep(
+            self.student,
+            cfg,
+            self.vocab_size,
+            logit_transform(self.teacher_model) if self.teacher_model is not None else None,
+        )
         decay = [p for n, p in self.student.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.student.named_parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
@@ -274,48 +294,54 @@ class Trainer:
         return self.runtime.unwrap(self.step_module).student
 
     def evaluate_student(self) -> dict[str, dict]:
+        """On the validation split: what Eq. 1/2 and the curves use."""
+        return self.evaluate_student_on("val")
+
+    def evaluate_student_on(self, split: str) -> dict[str, dict]:
         return domain_perplexities(
             self._unwrapped_student(),
             self.data,
             vocab_size=self.vocab_size,
+            split=split,
             batch_size=self.cfg.trainer.eval_batch_size,
             autocast=self.runtime.autocast,
             chunk_tokens=self.cfg.distill.loss_chunk_tokens,
         )
 
     def teacher_perplexities(self) -> dict[str, float] | None:
-        """Computed once per run (the teacher is frozen) and cached in the run folder."""
-        if self.teacher is None:
-            return None
-        cache = self.run_dir / "teacher_ppl.json"
-        key = {"teacher": self.cfg.model.teacher, "data": self.data.fingerprint()}
-        if cache.exists():
-            cached = json.loads(cache.read_text())
-            if cached.get("key") == key and set(cached["ppl"]) >= set(self.domains):
-                return {d: cached["ppl"][d] for d in self.domains}
-        result = domain_perplexities(
-            self.teacher_model,
+        """{domain: ppl} on the validation split (what Eq. 1/2 use); None without a teacher."""
+        result = self.teacher_perplexities_by_split(("val",))
+        return result["val"] if result else None
+
+    def teacher_perplexities_by_split(self, splits: tuple[str, ...]) -> dict[str, dict] | None:
+        """{split: {domain: ppl}}: from the shared cache or computed once (ddk.teacher_ppl)."""
+        from ddk.teacher_ppl import teacher_perplexities
+
+        return teacher_perplexities(
+            self.cfg,
             self.data,
-            vocab_size=self.vocab_size,
-            batch_size=self.cfg.trainer.eval_batch_size,
-            autocast=self.runtime.autocast,
-            chunk_tokens=self.cfg.distill.loss_chunk_tokens,
+            self.domains,
+            splits,
+            runtime=self.runtime,
+            teacher_model=self.teacher_model,
+            student_rows=embedding_rows(self.student),
+            run_dir=self.run_dir,
         )
-        ppl = {d: r["ppl"] for d, r in result.items()}
-        if self.is_main:
-            cache.write_text(json.dumps({"key": key, "ppl": ppl}, indent=2))
-        return ppl
 
     def _domain_event(self, event: str, student: dict, teacher: dict | None, weights) -> dict:
-        s_ppl = [student[d]["ppl"] for d in self.domains]
-        ratios = perplexity_ratio(s_ppl, [teacher[d] for d in self.domains]) if teacher else None
+        s_ppl = np.array([student[d]["ppl"] for d in self.domains], dtype=np.float64)
+        ratios = None
+        if teacher:
+            # NaN/inf stay NaN/inf in the log (a baseline goes on; DDK stopped before this)
+            with np.errstate(all="ignore"):
+                ratios = s_ppl / np.array([teacher[d] for d in self.domains], dtype=np.float64)
         return {
             "event": event,
             "step": self.state.step,
             "interval": self.state.interval,
             "domains": {
                 d: {
-                    "student_ppl": student[d]["ppl"],
+                    "student_ppl": float(s_ppl[i]),
                     "teacher_ppl": teacher[d] if teacher else None,
                     "ratio": float(ratios[i]) if ratios is not None else None,
                     "weight": float(weights[i]),
@@ -324,11 +350,50 @@ class Trainer:
             },
         }
 
+    def _warn_bad_evaluation(self, student: dict) -> None:
+        """Baselines do not steer by perplexity: a NaN/inf one is logged, not fatal."""
+        bad = [d for d in self.domains if not math.isfinite(student[d]["ppl"])]
+        if bad and self.is_main:
+            print(
+                f"warning: student perplexity is NaN/inf on {', '.join(bad)} at step "
+                f"{self.state.step}; {self.cfg.distill.method} does not use it, logged as NaN"
+            )
+
+    def _sampler_report(self, record: dict, weights) -> None:
+        """Rows planned per domain for this interval and epochs handed out so far, with one
+        warning per starved domain (Eq. 1 has no floor) and per domain past max epochs."""
+        n = self.cfg.distill.K * self.global_batch
+        counts = self.sampler.domain_counts(weights, n)
+        limit = self.cfg.distill.max_domain_epochs
+        warned = self.__dict__.setdefault("_epoch_warned", set())
+        for i, d in enumerate(self.domains):
+            epochs = self.sampler.epochs_completed(d)
+            record["domains"][d]["rows"] = int(counts[i])
+            record["domains"][d]["epochs"] = epochs
+            if not self.is_main:
+                continue
+            # a fixed mixture never changes: its zero rows are said once, at interval 0
+            repeat = self.method.teacher_for_weights or self.state.interval == 0
+            if counts[i] == 0 and repeat:
+                print(
+                    f"warning: domain '{d}' gets 0 of {n} sequences in interval "
+                    f"{self.state.interval} (weight {float(weights[i]):.2g}; Eq. 1 has no floor, "
+                    "distill.init_floor=true adds one)"
+                )
+            if epochs > limit and d not in warned:
+                warned.add(d)
+                print(
+                    f"warning: domain '{d}' has been repeated for {epochs} epochs (more than "
+                    f"distill.max_domain_epochs={limit}); add data to it or expect memorisation"
+                )
+
     def update_domain_weights(self) -> None:
         """Algorithm 1 steps 1/4: evaluate, set r_t (Eq. 1 or Eq. 2), draw the interval."""
         cfg = self.cfg.distill
         started = time.perf_counter()
         student = self.evaluate_student()
+        if not self.method.teacher_for_weights:
+            self._warn_bad_evaluation(student)
         s_ppl = [student[d]["ppl"] for d in self.domains]
         t_ppl = [self.teacher_ppl[d] for d in self.domains] if self.teacher_ppl else None
         try:
@@ -341,17 +406,19 @@ class Trainer:
                 cfg.alpha,
                 self.fixed,
                 domains=self.domains,
+                init_floor=cfg.init_floor,
             )
         except ValueError as e:
             raise DDKError(f"cannot update domain weights at step {self.state.step}: {e}") from None
         self.state.weights = [float(w) for w in weights]
-        record = self._domain_event("domain_update", student, self.teacher_ppl, weights)
+        record = self._domain_event(DOMAIN_UPDATE, student, self.teacher_ppl, weights)
         record["eval_seconds"] = round(time.perf_counter() - started, 3)
-        self.metrics.write(record)
         self.plan = self.sampler.plan_interval(
             self.state.interval, weights, self._interval_steps() * self.global_batch
         )
         self.state.sampler = self.sampler.state_dict()
+        self._sampler_report(record, weights)
+        self.metrics.write(record)
 
     def _interval_steps(self) -> int:
         """Steps of the current interval that will run: the last one may end at max_steps."""
@@ -509,8 +576,15 @@ class Trainer:
         """Run to trainer.max_steps; the final model's folder, or None when a signal stopped it."""
         cfg = self.cfg
         t, K = cfg.trainer, cfg.distill.K
-        self.teacher_ppl = self.teacher_perplexities()
+        # Curves and Eq. 1/2 use val; the final numbers use the held-out test split.
+        self.report_split = report_split(self.data, "test")
+        teacher = self.teacher_perplexities_by_split(("val", self.report_split))
+        self.teacher_ppl = teacher["val"] if teacher else None
+        self.teacher_report_ppl = teacher[self.report_split] if teacher else None
         if self.plan is None:
+            if not self.state.before:  # the student before training, on the report split
+                before = self.evaluate_student_on(self.report_split)
+                self.state.before = {d: before[d]["ppl"] for d in self.domains}
             self.update_domain_weights()  # r_0 (Eq. 1 for DDK)
         bar = tqdm(
             total=t.max_steps,
@@ -584,9 +658,13 @@ class Trainer:
         return f"The last good checkpoint ({good.name}) is intact"
 
     def finish(self) -> Path:
-        student = self.evaluate_student()
+        student = self.evaluate_student_on(self.report_split)
         weights = self.state.weights
-        self.metrics.write(self._domain_event("final_eval", student, self.teacher_ppl, weights))
+        record = self._domain_event(FINAL_EVAL, student, self.teacher_report_ppl, weights)
+        record["split"] = self.report_split
+        for d in self.domains:
+            record["domains"][d]["student_before_ppl"] = self.state.before.get(d)
+        self.metrics.write(record)
         self.save()
         final = self.run_dir / "final"
         if self.is_main:

@@ -78,6 +78,21 @@ def write_folder_corpus(root: Path, sizes: dict[str, int], seed: int = 0) -> dic
 CORPUS_SIZES = {"code": 150, "prose": 220, "math": 400}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Teacher perplexities are cached under $XDG_CACHE_HOME (ddk.teacher_ppl): keep the tests'
+    out of the user's cache; subprocesses inherit the variable."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
     root = tmp_path_factory.mktemp("corpus")

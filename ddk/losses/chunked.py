@@ -3,7 +3,9 @@
     total = Σ_tokens CE(z_S, y) + γ · Σ_tokens D(softmax(z_T / τ), softmax(z_S / τ))
 
 over the non-ignored target tokens, with z = hidden @ W.T (+ b) trimmed to the
-first ``vocab_size`` columns. The result is a SUM: the caller divides by the
+first ``vocab_size`` columns, then the model's own scalar logit transform if it has
+one (Granite's scale, Gemma's softcap: ``ddk.logits``; None for plain models, which
+then take exactly the old path). The result is a SUM: the caller divides by the
 global token count of the optimizer step (across gradient accumulation and ranks).
 
 In the spirit of Liger-Kernel's ``fused_linear_distillation``, three layers:
@@ -43,6 +45,7 @@ from ddk.losses.divergences import DivergenceFn, get_divergence
 
 if TYPE_CHECKING:
     from ddk.config import DistillSection
+    from ddk.logits import LogitTransform
 
 IGNORE_INDEX = -100
 
@@ -68,15 +71,22 @@ class _Settings:
     divergence_fn: DivergenceFn | None  # None: no teacher, CE only
     skew_lambda: float
     chunk_tokens: int
+    # Scalar scale / softcap of models whose logits are not hidden @ W.T + b (ddk.logits).
+    student_transform: LogitTransform | None = None
+    teacher_transform: LogitTransform | None = None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """hidden @ weight.T (+ bias) in the input dtype, returned in (at least) float32."""
-    return F.linear(hidden, weight, bias).to(_compute_dtype(hidden.dtype))
+def _logits(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, transform: LogitTransform | None = None
+) -> Tensor:
+    """hidden @ weight.T (+ bias) in the input dtype, returned in (at least) float32, then the
+    model's own logit transform (if any) in that precision."""
+    z = F.linear(hidden, weight, bias).to(_compute_dtype(hidden.dtype))
+    return z if transform is None else transform(z)
 
 
 def _chunk_sums(
@@ -90,12 +100,12 @@ def _chunk_sums(
     s: _Settings,
 ) -> tuple[Tensor, Tensor | None]:
     """CE sum and divergence sum of one chunk of valid (non-ignored) rows."""
-    logits = _logits(hidden, weight, bias)
+    logits = _logits(hidden, weight, bias, s.student_transform)
     ce = F.cross_entropy(logits, labels, reduction="sum")
     if s.divergence_fn is None:
         return ce, None
     with torch.no_grad():
-        teacher_logits = _logits(teacher_hidden, teacher_weight, teacher_bias)
+        teacher_logits = _logits(teacher_hidden, teacher_weight, teacher_bias, s.teacher_transform)
     div = s.divergence_fn(logits, teacher_logits, s.tau, s.skew_lambda).sum()
     return ce, div
 
@@ -258,6 +268,8 @@ def fused_distill_loss(
     student_head_bias: Tensor | None = None,
     teacher_head_bias: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    student_transform: LogitTransform | None = None,
+    teacher_transform: LogitTransform | None = None,
 ) -> LossSums:
     """Σ CE + γ Σ divergence over non-ignored tokens, chunk by chunk (see the module doc).
 
@@ -282,7 +294,14 @@ def fused_distill_loss(
     if not _uses_teacher(divergence, gamma, teacher_hidden):
         div_fn = teacher_hidden = teacher_head_weight = teacher_head_bias = None
     settings = _Settings(
-        vocab_size, float(gamma), float(tau), div_fn, float(skew_lambda), chunk_tokens
+        vocab_size,
+        float(gamma),
+        float(tau),
+        div_fn,
+        float(skew_lambda),
+        chunk_tokens,
+        student_transform,
+        teacher_transform,
     )
     rows = (labels != ignore_index).nonzero().squeeze(1)  # the one host sync of a call
     args = (
@@ -322,6 +341,8 @@ def naive_distill_loss(
     student_head_bias: Tensor | None = None,
     teacher_head_bias: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    student_transform: LogitTransform | None = None,
+    teacher_transform: LogitTransform | None = None,
 ) -> LossSums:
     """Reference for ``fused_distill_loss``: full [N, V] logits, ordinary autograd.
 
@@ -342,6 +363,8 @@ def naive_distill_loss(
         1,
     )
     logits = _logits(student_hidden, student_head_weight, student_head_bias)[:, :vocab_size]
+    if student_transform is not None:
+        logits = student_transform(logits)
     ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     mask = labels != ignore_index
     tokens = int(mask.sum())
@@ -352,6 +375,8 @@ def naive_distill_loss(
         with torch.no_grad():
             teacher_logits = _logits(teacher_hidden, teacher_head_weight, teacher_head_bias)
             teacher_logits = teacher_logits[:, :vocab_size]
+            if teacher_transform is not None:
+                teacher_logits = teacher_transform(teacher_logits)
         per_token = div_fn(logits, teacher_logits, float(tau), float(skew_lambda))
         div = torch.where(mask, per_token, 0.0).sum()
         total = ce + gamma * div
@@ -368,13 +393,14 @@ def chunked_ce_sum(
     chunk_tokens: int = 1024,
     head_bias: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    transform: LogitTransform | None = None,
 ) -> tuple[Tensor, int]:
     """(Σ CE over non-ignored tokens as a 0-dim float32 tensor, token count), no graph.
 
     For evaluation: per-domain perplexity = exp(Σ sums / Σ tokens) over batches.
     """
     _validate(hidden, head_weight, labels, None, None, vocab_size, 1.0, 0.0, chunk_tokens)
-    settings = _Settings(vocab_size, 0.0, 1.0, None, 0.0, chunk_tokens)
+    settings = _Settings(vocab_size, 0.0, 1.0, None, 0.0, chunk_tokens, transform)
     rows = (labels != ignore_index).nonzero().squeeze(1)
     ce, _, _ = _run_chunks(
         hidden, head_weight, head_bias, None, None, None, rows, labels, settings, (False,) * 3
@@ -427,6 +453,9 @@ class FusedDistillLoss(nn.Module):
         teacher_head_weight: Tensor | None = None,
         student_head_bias: Tensor | None = None,
         teacher_head_bias: Tensor | None = None,
+        *,
+        student_transform: LogitTransform | None = None,
+        teacher_transform: LogitTransform | None = None,
     ) -> LossSums:
         return fused_distill_loss(
             student_hidden,
@@ -443,6 +472,8 @@ class FusedDistillLoss(nn.Module):
             student_head_bias=student_head_bias,
             teacher_head_bias=teacher_head_bias,
             ignore_index=self.ignore_index,
+            student_transform=student_transform,
+            teacher_transform=teacher_transform,
         )
 
     def extra_repr(self) -> str:
