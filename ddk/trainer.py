@@ -362,8 +362,8 @@ class Trainer:
     def _sampler_report(self, record: dict, weights) -> None:
         """Rows planned per domain for this interval and epochs handed out so far, with one
         warning per starved domain (Eq. 1 has no floor) and per domain past max epochs."""
-        n = self.cfg.distill.K * self.global_batch
-        counts = self.sampler.domain_counts(weights, n)
+        n = len(self.plan)  # the rows just drawn (only the steps that will run)
+        counts = np.bincount(self.plan[:, 0], minlength=len(self.domains))
         limit = self.cfg.distill.max_domain_epochs
         warned = self.__dict__.setdefault("_epoch_warned", set())
         for i, d in enumerate(self.domains):

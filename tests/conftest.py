@@ -161,3 +161,22 @@ def crash_at_step(monkeypatch):
         return lambda: monkeypatch.setattr(Trainer, "train_step", original)
 
     return arm
+
+
+@pytest.fixture(scope="session")
+def format1_prepared_dir(tmp_path_factory, prepared_dir) -> Path:
+    """`prepared_dir` as an older ddk (format 1) wrote it: no test split, no owner record."""
+    import shutil
+
+    old = tmp_path_factory.mktemp("format1") / "data"
+    shutil.copytree(prepared_dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for key in ("format", "owner", "test_sequences", "add_bos"):
+        manifest.pop(key, None)
+    manifest["format_version"] = 1
+    for d in manifest["domains"].values():
+        for key in ("test_documents", "test_tokens", "test_sequences", "duplicates_dropped"):
+            d.pop(key, None)
+        (old / d["folder"] / "test.bin").unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    return old

@@ -9,10 +9,10 @@ from ddk.cli import main
 from ddk.data.dataset import PreparedData
 
 
-def _naive_ppl(model, data, domain):
+def _naive_ppl(model, data, domain, split="test"):
     """exp(mean CE) from the model's own full logits, one sequence at a time."""
     shard = data.domains[domain]
-    seqs = shard.sequences("val", range(shard.num_val_sequences))
+    seqs = shard.sequences(split, range(shard.num_sequences(split)))
     total, count = 0.0, 0
     with torch.no_grad():
         for s in seqs:
@@ -25,6 +25,7 @@ def _naive_ppl(model, data, domain):
 def test_eval_json_matches_naive_perplexity(student_dir, prepared_dir, capsys):
     assert main(["eval", "--model", str(student_dir), "--data", str(prepared_dir), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test"  # the default: reporting never uses what DDK steered by
     data = PreparedData(prepared_dir)
     assert set(result["domains"]) == set(data.names)
     model = AutoModelForCausalLM.from_pretrained(student_dir)

@@ -104,21 +104,24 @@ def test_starved_and_repeated_domains_are_reported(
         **{
             "distill.method": "kd",
             "distill.mixture": "{code: 1.0}",
-            "distill.K": 1000,  # one interval plans 8000 rows: many passes through 'code'
-            "distill.max_domain_epochs": 2,
+            "distill.K": 1000,
+            "distill.max_domain_epochs": 1,
+            # one step of 800 sequences (only the steps that run are planned): passes over 'code'
+            "trainer.micro_batch_size": 100,
+            "trainer.grad_accum_steps": 8,
             "trainer.max_steps": 1,
         },
     )
     start_run(cfg)
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("warning: domain")]
-    assert any("'prose' gets 0 of 8000 sequences in interval 0" in w for w in warnings)
-    assert any("'math' gets 0 of 8000" in w for w in warnings)
+    assert any("'prose' gets 0 of 800 sequences in interval 0" in w for w in warnings)
+    assert any("'math' gets 0 of 800" in w for w in warnings)
     assert sum("'code' has been repeated" in w for w in warnings) == 1
     update = _events(run, "domain_update")[0]["domains"]
-    assert update["code"]["rows"] == 8000 and update["prose"]["rows"] == 0
+    assert update["code"]["rows"] == 800 and update["prose"]["rows"] == 0
     sizes = PreparedData(prepared_dir).domains["code"].num_train_sequences
-    assert update["code"]["epochs"] == 8000 // sizes > 2
+    assert update["code"]["epochs"] == 800 // sizes > 1
     assert update["math"]["epochs"] == 0
     summary = write_report([run], tmp_path / "report").parent / "summary.md"
     assert "Epochs per domain" in summary.read_text()

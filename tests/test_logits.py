@@ -154,14 +154,16 @@ def test_unsupported_logit_transform_is_refused_with_one_line(
     assert "max difference" in lines[0] and str(path) in lines[0] and "Dory" in lines[0]
 
 
-def test_eval_reports_split_and_falls_back_to_val(student_dir, prepared_dir):
+@pytest.mark.parametrize("data, split", [("prepared_dir", "test"), ("format1_prepared_dir", "val")])
+def test_eval_reports_split_and_falls_back_to_val(student_dir, data, split, request):
     proc = subprocess.run(
         [sys.executable, "-m", "ddk.cli", "eval", "--model", str(student_dir), "--data",
-         str(prepared_dir), "--json"],
+         str(request.getfixturevalue(data)), "--json"],
         capture_output=True,
         text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["split"] == "val" and "no test split" in proc.stderr
+    assert out["split"] == split
+    assert ("no test split" in proc.stderr) == (split == "val")
     assert all(math.isfinite(d["ppl"]) for d in out["domains"].values())

@@ -292,7 +292,7 @@ def run_demo(args) -> dict:
         try:
             if replacing:
                 print(f"replacing the previous demo in {out} (only the files it wrote)")
-            return _run_stages(args, out, size, steps, t0)
+            return _run_stages(args, out, size, steps, t0, methods)
         finally:
             write_demo_record(out)
 
@@ -321,7 +321,7 @@ def write_demo_record(out: Path) -> None:
         (out / DEMO_RECORD).write_text(json.dumps(ownership_record("demo", files), indent=2))
 
 
-def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float) -> dict:
+def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods: list[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     configs = out / "configs"
     configs.mkdir(exist_ok=True)
