@@ -68,9 +68,10 @@ def preflight(cfg: Config) -> None:
 
     tokenizers, configs = {}, {}
     roles = [("student", cfg.model.student)]
+    offline = cfg.teacher.mode == "offline"
     if cfg.model.teacher:
         roles.append(("teacher", cfg.model.teacher))
-    elif method != "cpt":
+    elif method != "cpt" and not offline:
         problems.append(f"model.teacher: required for distill.method '{method}'")
     if not cfg.model.student:
         problems.append("model.student: required (a hub id or a local folder)")
@@ -125,5 +126,9 @@ def preflight(cfg: Config) -> None:
         )
         if err:
             problems.append(f"model.teacher: {err}")
+    if offline and method != "cpt":
+        from ddk.teacher.cache import cache_problems
+
+        problems.extend(cache_problems(cfg, manifest, domains))
     if problems:
         raise DDKError(f"{len(problems)} problem(s): " + "; ".join(problems))

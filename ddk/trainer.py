@@ -45,7 +45,7 @@ from ddk.preflight import preflight
 from ddk.runtime import Runtime
 from ddk.sampler import DomainSampler
 from ddk.schedule import lr_lambda
-from ddk.teacher import OnlineTeacher
+from ddk.teacher import Batch, OnlineTeacher
 
 
 class DistillStep(torch.nn.Module):
@@ -64,18 +64,15 @@ class DistillStep(torch.nn.Module):
             chunk_tokens=d.loss_chunk_tokens,
         )
 
-    def forward(
-        self, input_ids, labels, teacher_hidden=None, teacher_weight=None, teacher_bias=None
-    ) -> LossSums:
+    def forward(self, input_ids, labels, teacher=None) -> LossSums:
+        """``teacher``: a DenseSignal, a SparseSignal (offline cache) or None."""
         hidden, head = hidden_and_head(self.student, input_ids)
         return self.loss(
             hidden.reshape(-1, hidden.shape[-1]),
             head.weight,
             labels.reshape(-1),
-            teacher_hidden,
-            teacher_weight,
+            teacher,
             getattr(head, "bias", None),
-            teacher_bias,
         )
 
     @property
@@ -221,6 +218,14 @@ class Trainer:
 
         cfg = self.cfg
         teacher = None
+        if cfg.teacher.mode == "offline" and cfg.distill.method != "cpt":
+            from ddk.teacher.cache import OfflineTeacher
+
+            # No teacher model at all: the signal and the perplexities come from the cache.
+            check_vocab(self.vocab_size, None, embedding_rows(self.student))
+            self.teacher_model = None
+            self.teacher = OfflineTeacher(cfg.teacher.cache, self.domains, self.device)
+            return
         if cfg.model.teacher:
             teacher = load_teacher(
                 cfg.model.teacher,
@@ -280,6 +285,8 @@ class Trainer:
         """Computed once per run (the teacher is frozen) and cached in the run folder."""
         if self.teacher is None:
             return None
+        if self.teacher_model is None:  # offline: the cache holds the exact perplexities
+            return self.teacher.perplexities("val")
         cache = self.run_dir / "teacher_ppl.json"
         key = {"teacher": self.cfg.model.teacher, "data": self.data.fingerprint()}
         if cache.exists():
@@ -359,7 +366,7 @@ class Trainer:
             seqs = torch.cat(
                 [self.data.domains[self.domains[d]].sequences("train", [i]) for d, i in micro]
             )
-            batches.append(seqs)
+            batches.append((seqs, micro))  # micro: each row's (domain index, sequence index)
         return batches
 
     def train_step(self, stop_requested: bool = False) -> dict:
@@ -368,16 +375,13 @@ class Trainer:
         global_tokens = self.step_tokens
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         sums[3] = float(stop_requested)
-        for i, seqs in enumerate(batches):
+        for i, (seqs, rows) in enumerate(batches):
             seqs = seqs.to(self.device)
             input_ids, labels = seqs[:, :-1], seqs[:, 1:]
-            signal_args = ()
-            if self.uses_teacher:
-                sig = self.teacher.signal(input_ids)
-                signal_args = (sig.hidden, sig.head_weight, sig.head_bias)
+            teacher = self.teacher.signal(Batch(input_ids, rows)) if self.uses_teacher else None
             last = i == len(batches) - 1
             with rt.no_sync(self.step_module, skip_sync=not last):
-                out: LossSums = self.step_module(input_ids, labels, *signal_args)
+                out: LossSums = self.step_module(input_ids, labels, teacher)
                 # DDP averages gradients over ranks; scale so the result is sum / global tokens.
                 rt.backward(out.total * (self.world / global_tokens))
             sums[:3] += torch.stack(

@@ -250,9 +250,13 @@ def _validate(
                 f"{tuple(teacher.ids.shape)} and {tuple(teacher.logp.shape)}"
             )
         if teacher.log_tail.shape != (n,) or k > vocab_size:
-            raise ValueError(f"sparse teacher: log_tail must be [N] and k <= vocab_size {vocab_size}")
+            raise ValueError(
+                f"sparse teacher: log_tail must be [N] and k <= vocab_size {vocab_size}"
+            )
     elif teacher is not None:
-        raise ValueError(f"teacher must be a DenseSignal, a SparseSignal or None, got {type(teacher)}")
+        raise ValueError(
+            f"teacher must be a DenseSignal, a SparseSignal or None, got {type(teacher)}"
+        )
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if not 0.0 <= skew_lambda <= 1.0:
@@ -375,7 +379,9 @@ def chunked_ce_sum(
     _validate(hidden, head_weight, labels, None, vocab_size, 1.0, 0.0, chunk_tokens)
     settings = _Settings(vocab_size, 0.0, 1.0, None, 0.0, chunk_tokens)
     rows = (labels != ignore_index).nonzero().squeeze(1)
-    ce, _, _ = _run_chunks(hidden, head_weight, head_bias, None, rows, labels, settings, (False,) * 3)
+    ce, _, _ = _run_chunks(
+        hidden, head_weight, head_bias, None, rows, labels, settings, (False,) * 3
+    )
     return ce, int(rows.numel())
 
 

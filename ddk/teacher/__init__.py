@@ -4,4 +4,11 @@
 from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.signals import Batch, DenseSignal, SparseSignal, TeacherSignal, TeacherSource
 
-__all__ = ["Batch", "DenseSignal", "OnlineTeacher", "SparseSignal", "TeacherSignal", "TeacherSource"]
+__all__ = [
+    "Batch",
+    "DenseSignal",
+    "OnlineTeacher",
+    "SparseSignal",
+    "TeacherSignal",
+    "TeacherSource",
+]

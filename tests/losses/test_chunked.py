@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from ddk.config import DistillSection
-from ddk.teacher.signals import DenseSignal
 from ddk.losses import (
     DIVERGENCES,
     IGNORE_INDEX,
@@ -19,6 +18,7 @@ from ddk.losses import (
     fused_distill_loss,
     naive_distill_loss,
 )
+from ddk.teacher.signals import DenseSignal
 
 ALL = [*sorted(DIVERGENCES), "none"]
 

@@ -64,7 +64,9 @@ def test_error_shrinks_as_k_grows():
     exact, _ = loss_and_grads(fused_distill_loss, hidden, weight, labels, dense)
     errors = []
     for k in (1, 2, 4, 8, 16, 22, V):
-        out, _ = loss_and_grads(fused_distill_loss, hidden, weight, labels, sparse_of(dense, k, 1.4))
+        out, _ = loss_and_grads(
+            fused_distill_loss, hidden, weight, labels, sparse_of(dense, k, 1.4)
+        )
         # Coarsening into buckets can only lose divergence: a lower bound of the exact KL.
         assert out.div <= exact.div + 1e-12
         errors.append(float(exact.div - out.div))
