@@ -248,10 +248,15 @@ def build_cache(cfg, progress: bool = True) -> Path:
         shards = [(n, j) for n, info in plan["domains"].items() for j in range(info["shards"])]
         mine = shards[rt.rank :: rt.world_size]
         todo = [(n, j) for n, j in mine if not _shard_path(folder, plan["domains"][n], j).exists()]
-        per_shard_tokens = SHARD_SEQUENCES * data.seq_len
+
+        def tokens(shards):
+            return data.seq_len * sum(
+                _shard_sequences(plan, plan["domains"][n], j) for n, j in shards
+            )
+
         with tqdm(
-            total=len(mine) * per_shard_tokens,
-            initial=(len(mine) - len(todo)) * per_shard_tokens,
+            total=tokens(mine),
+            initial=tokens(mine) - tokens(todo),
             desc="cache-teacher",
             unit="tok",
             unit_scale=True,
