@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     if isinstance(cache_info, dict):
         first.setdefault("teacher_params", cache_info["teacher_params"])
     lines = [
-        f"# bench_step --preset {args.preset}: {_machine()}",
+        f"# bench_step --preset {args.preset}: {_machine()}, load average "
+        f"{os.getloadavg()[0]:.1f} at the end",
         f"# batch {B} x {T} tokens, vocab {p['vocab']}, student {first.get('student_params', 0) / 1e6:.2f}M "
         f"params, teacher {first.get('teacher_params', 0) / 1e6:.2f}M params "
         f"({first.get('teacher_params', 0) / max(first.get('student_params', 1), 1):.1f}x), "
