@@ -230,7 +230,7 @@ def build_cache(cfg, progress: bool = True) -> Path:
                 old = read_cache_manifest(folder)
                 if _identity(old) != _identity(plan):
                     raise DDKError(
-                        f"'{folder}' holds a cache of another teacher, data, k or tau; set "
+                        f"'{folder}' holds a cache of another teacher, data, domains, k or tau; set "
                         "teacher.cache to a new folder (or delete this one)"
                     )
                 plan = {**old, "complete": False}
