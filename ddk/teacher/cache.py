@@ -81,8 +81,14 @@ def teacher_fingerprint(name: str) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(manifest: dict) -> str:
+def _as_dict(manifest) -> dict:
+    """The prepared manifest as plain JSON data (it may be a dict or a pydantic model)."""
+    return manifest.model_dump(mode="json") if hasattr(manifest, "model_dump") else manifest
+
+
+def data_fingerprint(manifest) -> str:
     """Identifies the prepared training tokens of every domain (not only a run's subset)."""
+    manifest = _as_dict(manifest)
     key = {
         "created": manifest.get("created"),
         "vocab_sha256": manifest["tokenizer"].get("vocab_sha256"),
@@ -172,6 +178,7 @@ def _write_shard(path: Path, arrays: list[np.ndarray]) -> None:
 
 def _plan(cfg, data, teacher_fp: str) -> dict:
     vocab = data.vocab_size
+    manifest = _as_dict(data.manifest)
     k = cfg.teacher.cache_k
     if k > vocab:
         raise DDKError(f"teacher.cache_k {k} exceeds the vocabulary ({vocab} tokens); lower it")
@@ -179,9 +186,9 @@ def _plan(cfg, data, teacher_fp: str) -> dict:
         "format_version": FORMAT_VERSION,
         "teacher": cfg.model.teacher,
         "teacher_fingerprint": teacher_fp,
-        "data_fingerprint": data_fingerprint(data.manifest),
+        "data_fingerprint": data_fingerprint(manifest),
         "vocab_size": vocab,
-        "vocab_sha256": data.manifest["tokenizer"].get("vocab_sha256"),
+        "vocab_sha256": manifest["tokenizer"].get("vocab_sha256"),
         "seq_len": data.seq_len,
         "k": k,
         "tau": float(cfg.distill.tau),
@@ -194,7 +201,7 @@ def _plan(cfg, data, teacher_fp: str) -> dict:
         "bytes_per_token": bytes_per_token(k, vocab),
         "domains": {
             n: {
-                "folder": data.manifest["domains"][n]["folder"],
+                "folder": manifest["domains"][n]["folder"],
                 "sequences": s.num_train_sequences,
                 "shards": math.ceil(s.num_train_sequences / SHARD_SEQUENCES),
             }
@@ -288,14 +295,19 @@ def build_cache(cfg, progress: bool = True) -> Path:
         rt.barrier()
 
         # The teacher's exact perplexities (full softmax, not top-k): DDK's Eq. 1/2 use them.
-        val = domain_perplexities(
-            model,
-            data,
-            vocab_size=data.vocab_size,
-            batch_size=cfg.trainer.eval_batch_size,
-            autocast=rt.autocast,
-            chunk_tokens=cfg.distill.loss_chunk_tokens,
-        )
+        ppl = {}
+        for split in ("val", "test"):
+            if split == "test" and not getattr(data, "has_split", lambda s: False)("test"):
+                continue  # data prepared without a test split
+            result = domain_perplexities(
+                model,
+                data if split == "val" else _SplitAsVal(data, split),
+                vocab_size=data.vocab_size,
+                batch_size=cfg.trainer.eval_batch_size,
+                autocast=rt.autocast,
+                chunk_tokens=cfg.distill.loss_chunk_tokens,
+            )
+            ppl[split] = {d: r["ppl"] for d, r in result.items()}
         if rt.is_main:
             missing = [
                 str(_shard_path(folder, plan["domains"][n], j))
@@ -304,7 +316,7 @@ def build_cache(cfg, progress: bool = True) -> Path:
             ]
             if missing:
                 raise DDKError(f"{len(missing)} cache shards are missing (first: {missing[0]})")
-            plan["teacher_ppl"] = {"val": {d: r["ppl"] for d, r in val.items()}}
+            plan["teacher_ppl"] = ppl
             plan["complete"] = True
             _write_json(folder / MANIFEST, plan)
             tokens = sum(i["sequences"] for i in plan["domains"].values()) * data.seq_len
@@ -319,9 +331,25 @@ def build_cache(cfg, progress: bool = True) -> Path:
             lock.release()
 
 
+class _SplitAsVal:
+    """Prepared data whose "val" windows are another split's (`domain_perplexities` reads val)."""
+
+    class _Shard:
+        def __init__(self, shard, split: str):
+            self._shard, self._split = shard, split
+            self.num_val_sequences = shard.num_sequences(split)
+
+        def sequences(self, _split: str, indices):
+            return self._shard.sequences(self._split, indices)
+
+    def __init__(self, data, split: str):
+        self.domains = {n: self._Shard(s, split) for n, s in data.domains.items()}
+
+
 # ---------------------------------------------------------------------------------- checks
-def cache_problems(cfg, prepared_manifest: dict | None, domains: list[str]) -> list[str]:
+def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
     """Preflight for `teacher.mode: offline`: every reason the cache cannot serve this run."""
+    prepared_manifest = None if prepared_manifest is None else _as_dict(prepared_manifest)
     if not cfg.teacher.cache:
         return ["teacher.cache: required with teacher.mode offline (a `ddk cache-teacher` folder)"]
     try:
