@@ -92,8 +92,13 @@ def _divergence(logits: Tensor, teacher: TeacherSignal, s: _Settings) -> Tensor:
         teacher_b = sparse.teacher_buckets(teacher, student_b.dtype)
         return s.divergence_fn(student_b, teacher_b, 1.0, s.skew_lambda)  # tau already applied
     with torch.no_grad():
-        teacher_logits = _logits(teacher.hidden, teacher.head_weight, teacher.head_bias)
+        teacher_logits = _teacher_logits(teacher)
     return s.divergence_fn(logits, teacher_logits, s.tau, s.skew_lambda)
+
+
+def _teacher_logits(teacher: DenseSignal) -> Tensor:
+    z = _logits(teacher.hidden, teacher.head_weight, teacher.head_bias)
+    return z if teacher.transform is None else teacher.transform(z)
 
 
 def _chunk_sums(
@@ -116,7 +121,7 @@ def _trim_teacher(teacher: TeacherSignal | None, V: int) -> TeacherSignal | None
     if not isinstance(teacher, DenseSignal):
         return teacher
     bias = None if teacher.head_bias is None else teacher.head_bias[:V].detach()
-    return DenseSignal(teacher.hidden, teacher.head_weight[:V].detach(), bias)
+    return teacher._replace(head_weight=teacher.head_weight[:V].detach(), head_bias=bias)
 
 
 def _teacher_rows(teacher: TeacherSignal | None, idx: Tensor) -> TeacherSignal | None:
@@ -353,8 +358,7 @@ def naive_distill_loss(
             per_token = div_fn(student_b, teacher_b, 1.0, float(skew_lambda))
         else:
             with torch.no_grad():
-                teacher_logits = _logits(teacher.hidden, teacher.head_weight, teacher.head_bias)
-                teacher_logits = teacher_logits[:, :vocab_size]
+                teacher_logits = _teacher_logits(_trim_teacher(teacher, vocab_size))
             per_token = div_fn(logits, teacher_logits, float(tau), float(skew_lambda))
         div = torch.where(mask, per_token, 0.0).sum()
         total = ce + gamma * div

@@ -139,6 +139,16 @@ def _shard_sequences(m: dict, info: dict, shard: int) -> int:
 
 
 # ---------------------------------------------------------------------------------- building
+def _logit_transform(model):
+    """The teacher's own logit scale/softcap where this ddk supports one (`ddk.logits`); a ddk
+    without that module refuses such models in `hidden_and_head` instead."""
+    try:
+        from ddk.logits import logit_transform
+    except ImportError:
+        return None
+    return logit_transform(model)
+
+
 @torch.no_grad()
 def _topk_rows(model, seqs: torch.Tensor, *, vocab: int, k: int, tau: float, chunk: int, autocast):
     """(ids, logp, log_tail) numpy arrays [B*L, ...] of the teacher's top-k at tau."""
@@ -148,12 +158,15 @@ def _topk_rows(model, seqs: torch.Tensor, *, vocab: int, k: int, tau: float, chu
     with autocast():
         hidden, head = hidden_and_head(model, seqs[:, :-1])
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    transform = _logit_transform(model)
     weight = head.weight[:vocab]
     bias = getattr(head, "bias", None)
     bias = None if bias is None else bias[:vocab]
     parts = []
     for start in range(0, hidden.shape[0], chunk):
         logits = F.linear(hidden[start : start + chunk], weight, bias).float()
+        if transform is not None:
+            logits = transform(logits)
         s = sparse_from_logits(logits, k, tau)
         parts.append(
             (

@@ -7,6 +7,7 @@ the losses depend on it, and it depends on nothing of ddk's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -19,6 +20,9 @@ class DenseSignal(NamedTuple):
     hidden: torch.Tensor  # [N, H_t]
     head_weight: torch.Tensor  # [V_t, H_t]
     head_bias: torch.Tensor | None = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """The teacher's own elementwise logit transform (a scale or softcap), applied to the
+    float32 logits of each chunk; None for plain ``hidden @ W.T + b``."""
 
 
 class SparseSignal(NamedTuple):

@@ -118,3 +118,26 @@ def test_bad_sparse_shapes_refused():
     short = SparseSignal(sparse.ids[:-1], sparse.logp[:-1], sparse.log_tail[:-1])
     with pytest.raises(ValueError, match="sparse teacher"):
         loss_and_grads(fused_distill_loss, hidden, weight, labels, short)
+
+
+def test_dense_teacher_transform_matches_sparse_of_transformed_logits():
+    """A teacher with its own logit transform (a softcap): the dense path applies it per chunk,
+    the same as a k = V sparse signal built from the transformed logits."""
+    hidden, weight, labels, dense = make(seed=4)
+
+    def softcap(z):
+        return 2.0 * torch.tanh(z / 2.0)
+
+    capped = dense._replace(transform=softcap)
+    out, grads = loss_and_grads(fused_distill_loss, hidden, weight, labels, capped, chunk_tokens=3)
+    naive, n_grads = loss_and_grads(naive_distill_loss, hidden, weight, labels, capped)
+    logits = softcap((dense.hidden @ dense.head_weight.T)[:, :V])
+    sparse, s_grads = loss_and_grads(
+        fused_distill_loss, hidden, weight, labels, sparse_from_logits(logits, V, 1.4)
+    )
+    plain, _ = loss_and_grads(fused_distill_loss, hidden, weight, labels, dense)
+    for other, other_grads in ((naive, n_grads), (sparse, s_grads)):
+        torch.testing.assert_close(out.div, other.div, rtol=1e-9, atol=1e-9)
+        for a, b in zip(grads, other_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+    assert abs(float(out.div - plain.div)) > 1e-3  # the transform did change the target
