@@ -235,6 +235,8 @@ def _worker(args) -> dict:
                     t_hidden.reshape(-1, t_hidden.shape[-1]),
                     t_head.weight,
                     labels.reshape(-1),
+                    None,  # student_bias (positional in Liger's forward)
+                    None,  # teacher_bias
                 )
 
     def step():
