@@ -271,3 +271,30 @@ def test_two_processes_write_the_same_cache(
     p1, p2 = m1.pop("teacher_ppl")["val"], m2.pop("teacher_ppl")["val"]
     # Ranks split the validation batches differently: float32 sums differ in the last bits.
     assert m1 == m2 and p1 == pytest.approx(p2, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_offline_at_full_k_trains_like_online(tmp_path, teacher_dir, student_dir, prepared_dir):
+    """A cache with k = vocabulary size is the teacher's whole distribution: the offline run's
+    per-step KL and loss match the online run's (to float16 storage), so rows line up."""
+    vocab = PreparedData(prepared_dir).vocab_size
+    extra = [
+        "distill.method=kd",
+        "trainer.max_steps=4",
+        "trainer.log_every=1",
+        f"teacher.cache_k={vocab}",
+    ]
+    cache = tmp_path / "full"
+    build_cache(config(teacher_dir, student_dir, prepared_dir, cache, *extra), progress=False)
+    logs = {}
+    for mode in ("online", "offline"):
+        cfg = config(
+            teacher_dir, student_dir, prepared_dir, cache, *extra, f"teacher.mode={mode}",
+            f"trainer.output_dir={tmp_path / mode}",
+        )  # fmt: skip
+        start_run(cfg)
+        logs[mode] = [r for r in read_metrics(tmp_path / mode / "metrics.jsonl") if "kl" in r]
+    assert len(logs["online"]) == len(logs["offline"]) == 4
+    for on, off in zip(logs["online"], logs["offline"]):
+        assert off["kl"] == pytest.approx(on["kl"], rel=1e-3)
+        assert off["loss"] == pytest.approx(on["loss"], rel=1e-3)
