@@ -7,6 +7,7 @@ state is read with `torch.load(weights_only=True)`, everything else is JSON.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from ddk.errors import DDKError, first_line
@@ -66,6 +68,39 @@ def save_checkpoint(
     for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # a killed save's
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    try:
+        _write_files(tmp, model, optimizer_state, state, arrays, rng_state)
+    except (OSError, SafetensorError, RuntimeError) as e:
+        # The previous checkpoints are untouched; only the half-written folder goes.
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = checkpoint_bytes(model, optimizer_state, arrays)
+        free = shutil.disk_usage(root).free
+        # torch.save reports a full disk only as "iostream error": judge by the space left.
+        if _out_of_space(e) or free < need:
+            raise DDKError(
+                f"disk full while writing checkpoint step {step} to '{root}': it needs about "
+                f"{_mb(need)} (model + optimizer state), {_mb(free)} is free; free space and "
+                "resume with `ddk distill --resume`"
+            ) from None
+        if not isinstance(e, OSError):
+            raise
+        raise DDKError(
+            f"cannot write checkpoint step {step} to '{root}': {e.strerror or first_line(e)}"
+        ) from None
+    old = None
+    if final.exists():  # the same step saved again (e.g. a resumed run's final save)
+        old = root / f".old-step-{step:08d}-{os.getpid()}"
+        final.rename(old)  # set aside, removed only once the new one is in place
+    tmp.rename(final)
+    _fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    for _, old in list_checkpoints(run_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_files(tmp: Path, model, optimizer_state, state, arrays, rng_state) -> None:
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer_state, tmp / "optimizer.pt")
@@ -79,17 +114,37 @@ def save_checkpoint(
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    old = None
-    if final.exists():  # the same step saved again (e.g. a resumed run's final save)
-        old = root / f".old-step-{step:08d}-{os.getpid()}"
-        final.rename(old)  # set aside, removed only once the new one is in place
-    tmp.rename(final)
-    _fsync_dir(root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    for _, old in list_checkpoints(run_dir)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _out_of_space(e: BaseException) -> bool:
+    # safetensors and torch.save report a full disk as their own errors, naming the OS error.
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(e)
+    return "No space left" in text or "code: 28" in text or "Disk quota" in text
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def checkpoint_bytes(model: torch.nn.Module, optimizer_state: dict, arrays: dict) -> int:
+    """About what one checkpoint takes on disk: weights + optimizer moments + the plan."""
+    return (
+        _tensor_bytes(model.state_dict())
+        + _tensor_bytes(optimizer_state)
+        + sum(a.nbytes for a in arrays.values() if a is not None)
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def verify_checkpoint(folder: Path) -> str | None:

@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-sequences", type=int, help="validation sequences per domain")
     p.add_argument("--text-field")
     p.add_argument("--domain-field")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output folder that ddk prepared (never other files)",
+    )
 
     p = sub.add_parser("distill", help="distill a teacher into a student")
     _add_config_args(p)
@@ -61,12 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p, config_required=True)
 
-    p = sub.add_parser("eval", help="per-domain validation perplexity of a model")
+    p = sub.add_parser("eval", help="per-domain test (or validation) perplexity of a model")
     p.add_argument("--model", required=True, help="model hub id or folder")
     p.add_argument("--data", required=True, help="prepared data folder")
     p.add_argument("--domains", nargs="*", help="subset of domains")
     p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--max-sequences", type=_positive_int, help="validation sequences per domain")
+    p.add_argument("--max-sequences", type=_positive_int, help="held-out sequences per domain")
+    p.add_argument(
+        "--split",
+        choices=["val", "test"],
+        default="test",
+        help="held-out split: test (default; reporting only) or val (what DDK steers by)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, nothing downloaded")
@@ -74,7 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where the demo teacher is cached (~/.cache/ddk/demo)")
     p.add_argument("--quick", action="store_true", help="a first look in about 3 minutes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", default=["cpt", "kd", "ddk"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["cpt", "kd", "ddk"],
+        help="methods to compare (ddk+floor = ddk with distill.init_floor=true)",
+    )
+    p.add_argument(
+        "--init-floor-variant", action="store_true", help="also run ddk+floor (init_floor=true)"
+    )
     p.add_argument("--steps", type=int, help="distillation steps per method")
     p.add_argument("--scale", type=float, help="corpus size multiplier")
     p.add_argument("--teacher-steps", type=int, help="teacher pre-training steps")
@@ -119,7 +137,9 @@ def _distill(args) -> int:
     else:
         if not args.config:
             raise DDKError("ddk distill needs a config file (or --resume RUN_DIR)")
-        start_run(load_config(args.config, args.overrides))
+        from ddk.preflight import load_checked_config
+
+        start_run(load_checked_config(args.config, args.overrides))
     return 0
 
 
@@ -140,6 +160,7 @@ def _eval(args) -> int:
         batch_size=args.batch_size,
         max_sequences=args.max_sequences,
         as_json=args.json,
+        split=args.split,
     )
     return 0
 

@@ -108,7 +108,12 @@ class DistillSection(_Section):
     )
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Eq. 2 smoothing factor.")
     gamma: float = Field(0.2, ge=0.0, description="Weight of the divergence term (Eq. 3).")
-    tau: float = Field(1.0, gt=0.0, description="Distillation temperature.")
+    tau: float = Field(
+        1.0,
+        gt=0.0,
+        description="Distillation temperature, on both softmaxes. No τ² factor on the divergence, "
+        "as in the paper's Eq. 3 (Hinton-style KD has one: distill.tau_squared).",
+    )
     divergence: Divergence = Field(
         "forward_kl", description="KL direction is unstated in the paper: forward (choice)."
     )
@@ -151,7 +156,7 @@ class TeacherSection(_Section):
     ppl_cache_dir: str | None = Field(
         None,
         description="Where teacher perplexities are cached per (data, teacher); default "
-        "~/.cache/ddk/teacher_ppl.",
+        "$XDG_CACHE_HOME/ddk/teacher_ppl, else ~/.cache/ddk/teacher_ppl.",
     )
 
 
@@ -245,11 +250,20 @@ def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | None = None
 ) -> Config:
     """Read a YAML file (optional), apply `a.b=c` overrides, validate. Raises ConfigError."""
+    data = read_raw_config(path, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(path) if path else "config")) from None
+
+
+def read_raw_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """The YAML file's mapping with the overrides applied, not validated yet."""
     data: dict[str, Any] = {}
-    source = "config"
     if path is not None:
         p = Path(path)
-        source = str(p)
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         try:
@@ -263,8 +277,4 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         data = loaded
-    data = apply_overrides(data, overrides or [])
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+    return apply_overrides(data, overrides or [])

@@ -40,6 +40,7 @@ __all__ = [
     "METHODS",
     "perplexity_ratio",
     "initial_weights",
+    "floored_initial_weights",
     "smooth_update",
     "fixed_mixture",
     "uniform_weights",
@@ -127,6 +128,19 @@ def initial_weights(
 ) -> np.ndarray:
     """Eq. 1: ``r0 = softmax(ℓ_S / ℓ_T)``, computed as ``exp(x - logsumexp(x))`` in float64."""
     return _softmax_log(perplexity_ratio(student_ppl, teacher_ppl, domains))
+
+
+def floored_initial_weights(
+    student_ppl: Sequence[float] | np.ndarray,
+    teacher_ppl: Sequence[float] | np.ndarray,
+    alpha: float,
+    domains: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Eq. 1 with Eq. 2's floor (``distill.init_floor``, not in the paper):
+    ``r0 = α · softmax(ℓ_S/ℓ_T) + (1 - α)/N``, so no domain starts with (almost) no rows."""
+    alpha = _check_alpha(alpha)
+    r0 = initial_weights(student_ppl, teacher_ppl, domains)
+    return alpha * r0 + (1.0 - alpha) / r0.size
 
 
 def _check_alpha(alpha: float) -> float:
@@ -255,6 +269,7 @@ def next_weights(
     alpha: float,
     fixed: Sequence[float] | np.ndarray | None,
     domains: Sequence[str] | None = None,
+    init_floor: bool = False,
 ) -> np.ndarray:
     """The domain weights to sample interval ``interval`` with — one dispatch for every method.
 
@@ -272,7 +287,8 @@ def next_weights(
 
     ``N`` is taken from ``domains``, the perplexities, ``weights`` or ``fixed``
     (whichever is given first). Bad perplexities raise ``ValueError`` for the DDK
-    methods (see the module docstring).
+    methods (see the module docstring). ``init_floor``: ``ddk``'s interval 0 uses
+    :func:`floored_initial_weights` instead of plain Eq. 1.
     """
     if interval < 0:
         raise ValueError(f"interval must be >= 0, got {interval}")
@@ -280,6 +296,8 @@ def next_weights(
 
     if rule == "eq1_then_eq2":
         if interval == 0:
+            if init_floor:
+                return floored_initial_weights(student_ppl, teacher_ppl, alpha, domains)
             return initial_weights(student_ppl, teacher_ppl, domains)
         if weights is None:
             raise ValueError(f"method {method!r} needs the previous interval's weights after 0")

@@ -1,19 +1,37 @@
-"""Per-domain validation perplexity: exp(mean next-token cross-entropy over the domain's
-held-out sequences). Used for Eq. 1/Eq. 2 during training and by `ddk eval`."""
+"""Per-domain held-out perplexity: exp(mean next-token cross-entropy over the domain's
+validation or test sequences). DDK steers by the validation split (Eq. 1/Eq. 2); final numbers
+(`final_eval`, `ddk eval`, the demo table, `ddk report`) come from the test split, which nothing
+was tuned on."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import sys
 
 import torch
 
 from ddk.data.dataset import PreparedData
 from ddk.errors import DDKError
+from ddk.logits import logit_transform
 from ddk.losses import chunked_ce_sum
 from ddk.models import hidden_and_head
 from ddk.table import format_table
+
+
+def report_split(data: PreparedData, wanted: str = "test") -> str:
+    """`wanted` when the data has it; data prepared without a test split falls back to val,
+    with one warning, so old folders still evaluate."""
+    if wanted == "val" or data.has_split(wanted):
+        return wanted
+    print(
+        f"warning: '{data.folder}' has no {wanted} split (prepared before test splits); "
+        "reporting the validation split, which DDK steered by. Prepare the data again for a "
+        "held-out test split",
+        file=sys.stderr,  # stdout may be `ddk eval --json`
+    )
+    return "val"
 
 
 def _world():
@@ -28,26 +46,25 @@ def domain_perplexities(
     data: PreparedData,
     *,
     vocab_size: int,
+    split: str = "val",
     batch_size: int = 8,
     max_sequences: int | None = None,
     autocast=contextlib.nullcontext,
     chunk_tokens: int = 1024,
 ) -> dict[str, dict[str, float]]:
-    """{domain: {"ppl", "loss", "tokens"}}; ranks split the sequences and sum their results."""
+    """{domain: {"ppl", "loss", "tokens"}} on `split`; ranks split the sequences and sum."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     rank, world = _world()
+    transform = logit_transform(model)
     sums = torch.zeros(len(data.domains), 2, dtype=torch.float64, device=device)
     for d, shard in enumerate(data.domains.values()):
-        n = (
-            shard.num_val_sequences
-            if max_sequences is None
-            else min(max_sequences, shard.num_val_sequences)
-        )
+        available = shard.num_sequences(split)
+        n = available if max_sequences is None else min(max_sequences, available)
         mine = list(range(n))[rank::world]
         for start in range(0, len(mine), batch_size):
-            seqs = shard.sequences("val", mine[start : start + batch_size]).to(device)
+            seqs = shard.sequences(split, mine[start : start + batch_size]).to(device)
             with autocast():
                 hidden, head = hidden_and_head(model, seqs[:, :-1])
             loss_sum, tokens = chunked_ce_sum(
@@ -57,6 +74,7 @@ def domain_perplexities(
                 vocab_size=vocab_size,
                 chunk_tokens=chunk_tokens,
                 head_bias=getattr(head, "bias", None),
+                transform=transform,
             )
             sums[d, 0] += float(loss_sum)
             sums[d, 1] += float(tokens)
@@ -78,8 +96,9 @@ def evaluate_model_cli(
     batch_size: int,
     max_sequences: int | None,
     as_json: bool,
+    split: str = "test",
 ) -> dict:
-    from ddk.data.prepare import same_vocabulary
+    from ddk.data.vocab import same_vocabulary
     from ddk.models import check_vocab, embedding_rows, load_model, load_tokenizer, resolve_dtype
 
     if domains is not None and not domains:
@@ -91,17 +110,24 @@ def evaluate_model_cli(
         tokenizer = None  # a model folder without tokenizer files: rely on the size check
     if tokenizer is not None and not same_vocabulary(data.manifest, tokenizer):
         raise DDKError(
-            f"'{data_dir}' was tokenised with '{data.manifest['tokenizer']['name_or_path']}', whose "
+            f"'{data_dir}' was tokenised with '{data.manifest.tokenizer.name_or_path}', whose "
             f"vocabulary differs from the tokenizer of '{model_name}'; prepare it with the model's"
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_name, dtype=resolve_dtype("auto", device), what="model").to(device)
     check_vocab(data.vocab_size, None, embedding_rows(model))
+    split = report_split(data, split)
     result = domain_perplexities(
-        model, data, vocab_size=data.vocab_size, batch_size=batch_size, max_sequences=max_sequences
+        model,
+        data,
+        vocab_size=data.vocab_size,
+        split=split,
+        batch_size=batch_size,
+        max_sequences=max_sequences,
     )
     if as_json:
-        print(json.dumps({"model": model_name, "data": str(data_dir), "domains": result}, indent=2))
+        payload = {"model": model_name, "data": str(data_dir), "split": split, "domains": result}
+        print(json.dumps(payload, indent=2))
     else:
         rows = [[name, r["ppl"], r["loss"], r["tokens"]] for name, r in result.items()]
         ppls = [r["ppl"] for r in result.values()]
@@ -109,5 +135,6 @@ def evaluate_model_cli(
         rows.append(
             ["geometric mean", geo, math.log(geo), sum(r["tokens"] for r in result.values())]
         )
+        print(f"{split} split perplexity per domain")
         print(format_table(["domain", "perplexity", "loss (nats)", "tokens"], rows))
     return result

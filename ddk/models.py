@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 
 from ddk.errors import DDKError, first_line
 
@@ -58,6 +59,15 @@ def load_model(name: str, *, dtype: torch.dtype, what: str, trust_remote_code: b
         )
     except (OSError, ValueError) as e:
         raise DDKError(f"cannot load {what} '{name}': {first_line(e)}") from None
+    except (SafetensorError, RuntimeError, EOFError, KeyError) as e:
+        # Truncated or corrupt weight files (safetensors header/size errors, torch load errors).
+        raise DDKError(
+            f"cannot load {what} '{name}': its weight files are truncated or corrupt "
+            f"({first_line(e)}); copy or save the model folder again"
+        ) from None
+    from ddk.logits import logit_transform
+
+    logit_transform(model, name)  # probe now: an unsupported head stops before any work
     return model
 
 
@@ -69,16 +79,15 @@ def load_teacher(name: str, *, dtype: torch.dtype, trust_remote_code: bool = Fal
     return model
 
 
+def base_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The last hidden state, before the LM head."""
+    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
 def hidden_and_head(model, input_ids: torch.Tensor):
-    """Last hidden states and the LM head, so logits can be built chunk by chunk."""
-    config = model.config
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        raise DDKError(
-            f"{type(model).__name__} transforms its logits (softcapping/scale); ddk's fused loss "
-            "does not support it yet"
-        )
-    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-    return hidden, model.get_output_embeddings()
+    """Last hidden states and the LM head, so logits can be built chunk by chunk. Models whose
+    logits are not `hidden @ W.T + b` need `ddk.logits.logit_transform(model)` on top."""
+    return base_hidden(model, input_ids), model.get_output_embeddings()
 
 
 def embedding_rows(model) -> int:

@@ -34,7 +34,84 @@ def _model_config(name: str, trust_remote_code: bool):
 
 def preflight(cfg: Config) -> None:
     """Raise one DDKError listing every problem found (empty list: the run may start)."""
-    from ddk.data.prepare import read_manifest, same_vocabulary
+    problems = preflight_problems(cfg)
+    if problems:
+        raise DDKError(f"{len(problems)} problem(s): " + "; ".join(problems))
+
+
+def load_checked_config(path, overrides: list[str]) -> Config:
+    """load_config, but a schema error does not hide the data and model problems: the invalid
+    keys fall back to their defaults, the rest is checked too, and one DDKError lists all."""
+    from pydantic import ValidationError
+
+    from ddk.config import ConfigError, load_config, read_raw_config
+
+    try:
+        return load_config(path, overrides)
+    except ConfigError:
+        raw = read_raw_config(path, overrides)  # re-raises what stops before validation
+        try:
+            Config.model_validate(raw)
+        except ValidationError as err:
+            schema = schema_problems(err, str(path) if path else "config")
+            usable = _drop_invalid(raw)
+            problems = schema + (preflight_problems(usable) if usable is not None else [])
+            raise DDKError(f"{len(problems)} problem(s): " + "; ".join(problems)) from None
+        raise
+
+
+def schema_problems(err, source: str) -> list[str]:
+    out = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            out.append(f"{source}: unknown key '{where}'")
+        else:
+            out.append(f"{source}: {where}: {e['msg']}")
+    return out
+
+
+def _drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
+    """The config with every invalid key removed (so its default applies), or None."""
+    import copy
+
+    from pydantic import ValidationError
+
+    data = copy.deepcopy(raw)
+    for _ in range(rounds):
+        try:
+            return Config.model_validate(data)
+        except ValidationError as err:
+            # Decide every removal before making any: one bad value can raise several errors
+            # (one per union branch), and a later one must not climb to the whole section.
+            targets = {_deepest_key(data, [str(p) for p in e["loc"]]) for e in err.errors()}
+            for path in sorted(targets - {()}, key=len, reverse=True):
+                parent = data
+                for part in path[:-1]:
+                    parent = parent.get(part, {})
+                parent.pop(path[-1], None)
+    return None
+
+
+def _deepest_key(data: dict, loc: list[str]) -> tuple[str, ...]:
+    """The deepest mapping key on `loc` that exists (a list item or a union's type tag in the
+    location selects the whole value that holds it)."""
+    if not loc:  # a cross-field rule (min_lr > lr): the dependent key
+        loc = ["trainer", "min_lr"]
+    path, node = [], data
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            break
+        path.append(part)
+        node = node[part]
+    return tuple(path)
+
+
+def preflight_problems(cfg: Config) -> list[str]:
+    """Every config/data/model problem found, each a short phrase naming its YAML path."""
+    from ddk.data.manifest import read_manifest
+    from ddk.data.vocab import same_vocabulary
+    from ddk.methods import method_spec
     from ddk.models import check_tokenizers_match, load_tokenizer
 
     problems: list[str] = []
@@ -49,22 +126,30 @@ def preflight(cfg: Config) -> None:
         manifest, err = _load_quietly(read_manifest, Path(cfg.data.prepared).expanduser())
         if err:
             problems.append(f"data.prepared: {err}")
-    domains = list(manifest["domains"]) if manifest else []
+    domains = list(manifest.domains) if manifest else []
     if cfg.data.domains is not None and not cfg.data.domains:
         problems.append("data.domains: empty; list domains to train on or leave it out for all")
     if manifest and cfg.data.domains is not None:
         for d in cfg.data.domains:
-            if d not in manifest["domains"]:
+            if d not in manifest.domains:
                 problems.append(
                     f"data.domains: '{d}' is not in the prepared data ({', '.join(domains)})"
                 )
-        domains = [d for d in cfg.data.domains if d in manifest["domains"]]
-    if manifest and isinstance(cfg.distill.mixture, dict) and method in ("kd", "cpt"):
-        for d in cfg.distill.mixture:
-            if d not in domains:
-                problems.append(
-                    f"distill.mixture: '{d}' is not a domain of the run ({', '.join(domains)})"
-                )
+        domains = [d for d in cfg.data.domains if d in manifest.domains]
+    mixture = cfg.distill.mixture
+    if isinstance(mixture, dict) and method_spec(method).fixed_mixture:
+        if manifest:
+            for d in mixture:
+                if d not in domains:
+                    problems.append(
+                        f"distill.mixture: '{d}' is not a domain of the run ({', '.join(domains)})"
+                    )
+        if any(not v >= 0 for v in mixture.values()):  # catches NaN too
+            problems.append("distill.mixture: weights must be >= 0")
+        elif not any(v > 0 for d, v in mixture.items() if not manifest or d in domains):
+            problems.append(
+                "distill.mixture: every weight is 0; give at least one domain a positive weight"
+            )
 
     tokenizers, configs = {}, {}
     roles = [("student", cfg.model.student)]
@@ -93,7 +178,7 @@ def preflight(cfg: Config) -> None:
             )
 
     if manifest:
-        seq_len = manifest["seq_len"]
+        seq_len = manifest.seq_len
         for role, model_cfg in configs.items():
             limit = getattr(model_cfg, "max_position_embeddings", None)
             if limit is not None and seq_len > limit:
@@ -104,11 +189,11 @@ def preflight(cfg: Config) -> None:
         student_tok = tokenizers.get("student")
         if student_tok is not None and not same_vocabulary(manifest, student_tok):
             problems.append(
-                f"data.prepared: tokenised with '{manifest['tokenizer']['name_or_path']}', whose "
+                f"data.prepared: tokenised with '{manifest.tokenizer.name_or_path}', whose "
                 f"vocabulary differs from the student's ('{cfg.model.student}'); prepare the data "
                 "with the student's tokenizer"
             )
-        vocab = manifest["tokenizer"]["vocab_size"]
+        vocab = manifest.tokenizer.vocab_size
         for role, model_cfg in configs.items():
             rows = getattr(model_cfg, "vocab_size", None)
             if rows is not None and rows < vocab:
@@ -130,5 +215,4 @@ def preflight(cfg: Config) -> None:
         from ddk.teacher.cache import cache_problems
 
         problems.extend(cache_problems(cfg, manifest, domains))
-    if problems:
-        raise DDKError(f"{len(problems)} problem(s): " + "; ".join(problems))
+    return problems

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import yaml
 
 from ddk.errors import DDKError
 from ddk.metrics import DOMAIN_UPDATE, EVAL_EVENTS, FINAL_EVAL, read_metrics
+from ddk.ownership import ownership_record
 from ddk.table import fmt_cell, format_table
 
 PLOTS = (
@@ -45,6 +47,8 @@ class _Run:
         distill = self.config.get("distill") or {}
         trainer = self.config.get("trainer") or {}
         self.method = str(distill.get("method") or "unknown")
+        # a variant of a method (the opt-in interval-0 floor) gets its own label
+        self.variant = self.method + ("+floor" if distill.get("init_floor") else "")
         self.K = distill.get("K")
         self.alpha = distill.get("alpha")
         self.gamma = distill.get("gamma")
@@ -73,6 +77,14 @@ class _Run:
         self.has_final = bool(finals)
         self.final = finals[-1] if finals else self.evals[-1]
         self.domains = list(dict.fromkeys(d for r in self.evals for d in r["domains"]))
+        # the final numbers' split ("test": held out; "val": what DDK steered by)
+        self.split = self.final.get("split", "val")
+        updates = [r for r in self.evals if r["event"] == DOMAIN_UPDATE]
+        self.epochs = {
+            d: e["epochs"]
+            for d, e in (updates[-1]["domains"].items() if updates else ())
+            if isinstance(e.get("epochs"), int)
+        }
 
     @property
     def steps(self) -> int | None:
@@ -122,10 +134,10 @@ def _assign_labels(runs: list[_Run]) -> None:
     """The method name; plus the folder name when two runs share a method."""
     counts: dict[str, int] = {}
     for r in runs:
-        counts[r.method] = counts.get(r.method, 0) + 1
+        counts[r.variant] = counts.get(r.variant, 0) + 1
     seen: set[str] = set()
     for r in runs:
-        label = r.method if counts[r.method] == 1 else f"{r.method} ({r.name})"
+        label = r.variant if counts[r.variant] == 1 else f"{r.variant} ({r.name})"
         base, n = label, 2
         while label in seen:  # same method and same folder name under different parents
             label = f"{base} #{n}"
@@ -170,7 +182,8 @@ def _summarize(runs: list[_Run]) -> dict:
     teacher: dict[str, float | None] = {d: None for d in domains}
     teacher_mismatch = False  # runs distilled from different teachers: compare with care
     for r in runs:
-        for rec in r.evals:
+        # the teacher of the reported numbers: the final evaluation's split, not the curves'
+        for rec in [r.final] if r.final.get("split") else r.evals:
             for d, e in rec["domains"].items():
                 t = _num(e.get("teacher_ppl"))
                 if teacher.get(d) is None:
@@ -183,6 +196,14 @@ def _summarize(runs: list[_Run]) -> dict:
     before_ratio: dict[str, float] = {}
     before_from = None
     for r in runs:
+        if any(_num(e.get("student_before_ppl")) is not None for e in r.final["domains"].values()):
+            for d, e in r.final["domains"].items():  # step 0, on the final evaluation's split
+                before[d] = _num(e.get("student_before_ppl"))
+                t = _num(e.get("teacher_ppl"))
+                if before[d] is not None and t:
+                    before_ratio[d] = before[d] / t
+            before_from = r.label
+            break
         start = [rec for rec in r.evals if rec["event"] == DOMAIN_UPDATE and rec["step"] == 0]
         if start:
             for d, e in start[0]["domains"].items():
@@ -219,6 +240,8 @@ def _summarize(runs: list[_Run]) -> dict:
                 "worst_domain": worst,
                 "worst_ratio": known[worst] if worst is not None else None,
                 "geomean_ppl": _geomean(v for v in ppl.values() if v is not None),
+                "split": r.split,
+                "epochs": dict(r.epochs),
             }
         )
 
@@ -241,6 +264,7 @@ def _summarize(runs: list[_Run]) -> dict:
         "best_run": best,
         "teacher_mismatch": teacher_mismatch,
         "same_domains": all(set(r.domains) == set(domains) for r in runs),
+        "split": "/".join(sorted({r.split for r in runs})),
     }
 
 
@@ -252,7 +276,10 @@ def summarize_runs(run_dirs) -> dict:
     "before_worst_ratio", "best_run", "same_domains", "teacher_mismatch",
     "runs": [{"label", "method", "run_dir", "K", "alpha", "gamma", "steps", "tokens",
     "final_step", "has_final_eval", "has_teacher", "ppl": {domain: ppl},
-    "ratio": {domain: ratio|None}, "worst_domain", "worst_ratio", "geomean_ppl"}]}``.
+    "ratio": {domain: ratio|None}, "worst_domain", "worst_ratio", "geomean_ppl", "split",
+    "epochs": {domain: epochs}}], "split"}``. "split" is the held-out split the final numbers
+    come from ("test"; "val" for data prepared without a test split or a run without a final
+    evaluation); the curves are always on the validation split.
     "worst domain" is the one with the largest student/teacher perplexity ratio; `best_run`
     is the label of the run whose worst-domain ratio is lowest (None without a teacher).
     """
@@ -282,6 +309,31 @@ def _domain_table(summary: dict) -> tuple[list[str], list[list]]:
                 row.append(NA if ratio is None else ratio)
         rows.append(row)
     return headers, rows
+
+
+def _epoch_table(summary: dict) -> tuple[list[str], list[list]] | None:
+    """Passes through each domain's training data (a domain far above the rest is memorised)."""
+    runs = [r for r in summary["runs"] if r["epochs"]]
+    if not runs:
+        return None
+    headers = ["domain"] + [r["label"] for r in runs]
+    rows = [[d] + [_cell(r["epochs"].get(d)) for r in runs] for d in summary["domains"]]
+    return headers, rows
+
+
+def _split_caption(summary: dict) -> str:
+    split = summary["split"]
+    if split == "test":
+        return "Per-domain perplexity on the held-out test split (after = final evaluation)"
+    if "/" in split:
+        return (
+            f"Per-domain perplexity (after = final evaluation) on mixed splits ({split}): some "
+            "runs have no test split; compare them with care"
+        )
+    return (
+        f"Per-domain perplexity on the {split} split (after = final evaluation; no test split, "
+        "so these are the windows DDK steered by)"
+    )
 
 
 def _run_table(summary: dict) -> tuple[list[str], list[list]]:
@@ -348,6 +400,10 @@ def _notes(summary: dict) -> list[str]:
     )
     if summary["before_from"]:
         notes.append(f"Student before = the step-0 evaluation of {summary['before_from']}.")
+    notes.append(
+        "The curves (ratio over training, domain weights) are on the validation split DDK steers "
+        f"by; the tables are on the {summary['split']} split."
+    )
     if summary["teacher_mismatch"]:
         notes.append(
             "The runs report different teacher perplexities (different teachers or validation "
@@ -369,10 +425,14 @@ def _notes(summary: dict) -> list[str]:
 
 def _markdown(summary: dict) -> str:
     parts = ["# DDK distillation report", ""]
-    parts += ["## Per-domain perplexity (after = final evaluation)", ""]
+    parts += [f"## {_split_caption(summary)}", ""]
     parts += [format_table(*_domain_table(summary), markdown=True), ""]
     parts += ["## Runs", ""]
     parts += [format_table(*_run_table(summary), markdown=True), ""]
+    epochs = _epoch_table(summary)
+    if epochs:
+        parts += ["## Epochs per domain (passes through its training data)", ""]
+        parts += [format_table(*epochs, markdown=True), ""]
     parts += [f"- {n}" for n in _notes(summary)]
     return "\n".join(parts) + "\n"
 
@@ -419,12 +479,16 @@ def _html(summary: dict, out: Path) -> str:
             for r in summary["runs"]
         )
         + "</p>",
-        "<h2>Per-domain perplexity (after = final evaluation)</h2>",
+        f"<h2>{html.escape(_split_caption(summary))}</h2>",
         _html_table(*_domain_table(summary)),
         "<h2>Runs</h2>",
         _html_table(*_run_table(summary)),
         "<ul>" + "".join(f"<li>{_md_inline(n)}</li>" for n in _notes(summary)) + "</ul>",
     ]
+    epochs = _epoch_table(summary)
+    if epochs:
+        p += ["<h2>Epochs per domain (passes through its training data)</h2>"]
+        p += [_html_table(*epochs)]
     for name, title in PLOTS:
         data = base64.b64encode((out / name).read_bytes()).decode("ascii")
         p += [
@@ -520,7 +584,7 @@ def _plot_perplexity(summary: dict, runs: list[_Run], path: Path) -> None:
     if _wide_range([v for _, vals, _, _ in series for v in vals], 20):
         ax.set_yscale("log")
         ax.set_ylabel("perplexity (log scale)")
-    ax.set_title("Perplexity by domain (lower is better)")
+    ax.set_title(f"Perplexity by domain, {summary['split']} split (lower is better)")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     fig.legend(loc="outside right upper", fontsize="small")
@@ -651,6 +715,7 @@ def write_report(run_dirs, out_dir=None) -> Path:
     runs = _load_runs(run_dirs)
     summary = _summarize(runs)
     out = Path(out_dir) if out_dir is not None else runs[0].path / "report"
+    _check_report_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -664,5 +729,40 @@ def write_report(run_dirs, out_dir=None) -> Path:
     (out / "summary.md").write_text(_markdown(summary), encoding="utf-8")
     page = out / "report.html"
     page.write_text(_html(summary, out), encoding="utf-8")
+    (out / REPORT_RECORD).write_text(json.dumps(ownership_record("report", REPORT_FILES), indent=2))
     print(f"report written to {page}")
     return page
+
+
+REPORT_RECORD = ".ddk-report.json"
+REPORT_FILES = [
+    "perplexity_by_domain.png",
+    "ratio_over_training.png",
+    "domain_weights.png",
+    "loss_curves.png",
+    "summary.md",
+    "report.html",
+]
+
+
+def _check_report_folder(out: Path) -> None:
+    """A report replaces only files a previous report wrote (listed in its record); the
+    folder's other files stay as they are."""
+    from ddk.ownership import is_owned, read_record
+
+    if out.exists() and not out.is_dir():
+        raise DDKError(f"report folder '{out}' is a file; choose another --out")
+    record_path = out / REPORT_RECORD
+    record = read_record(record_path)
+    owned = set(record["files"]) if is_owned(record, "report") else set()
+    if record_path.exists() and not is_owned(record, "report"):
+        clash = [REPORT_RECORD]
+    else:
+        clash = [f for f in REPORT_FILES if (out / f).exists() and f not in owned]
+    if clash:
+        raise DDKError(
+            f"report folder '{out}' holds {clash[0]}, which ddk report did not write; ddk never "
+            "overwrites it: choose another --out"
+        )
+    if owned:
+        print(f"replacing the previous report in {out}")

@@ -34,14 +34,16 @@ from ddk.checkpoint import (
 )
 from ddk.config import Config, ConfigError, load_config
 from ddk.data.dataset import PreparedData
-from ddk.domains import fixed_mixture, next_weights, perplexity_ratio
+from ddk.domains import fixed_mixture, next_weights
 from ddk.errors import DDKError
-from ddk.evaluate import domain_perplexities
+from ddk.evaluate import domain_perplexities, report_split
+from ddk.logits import LogitTransform, logit_transform
 from ddk.losses import FusedDistillLoss, LossSums
 from ddk.methods import method_spec
-from ddk.metrics import MetricsWriter, truncate_metrics
-from ddk.models import hidden_and_head
+from ddk.metrics import DOMAIN_UPDATE, FINAL_EVAL, MetricsWriter, truncate_metrics
+from ddk.models import embedding_rows, hidden_and_head
 from ddk.preflight import preflight
+from ddk.resume import data_fingerprint
 from ddk.runtime import Runtime
 from ddk.sampler import DomainSampler
 from ddk.schedule import lr_lambda
@@ -51,15 +53,25 @@ from ddk.teacher import Batch, OnlineTeacher
 class DistillStep(torch.nn.Module):
     """The student plus the fused loss, as one module, so DDP sees a single forward."""
 
-    def __init__(self, student, cfg: Config, vocab_size: int):
+    def __init__(
+        self,
+        student,
+        cfg: Config,
+        vocab_size: int,
+        teacher_transform: LogitTransform | None = None,
+    ):
         super().__init__()
         self.student = student
+        self.student_transform = logit_transform(student)
+        self.teacher_transform = teacher_transform
         d = cfg.distill
+        # Hinton-style KD multiplies the divergence by τ² (opt-in); DDK's Eq. 3 does not.
+        gamma = d.gamma * d.tau**2 if d.tau_squared else d.gamma
         self.loss = FusedDistillLoss(
             vocab_size,
-            gamma=d.gamma,
+            gamma=gamma,
             tau=d.tau,
-            divergence="none" if d.method == "cpt" else d.divergence,
+            divergence=d.divergence if method_spec(d.method).uses_divergence else "none",
             skew_lambda=d.skew_lambda,
             chunk_tokens=d.loss_chunk_tokens,
         )
@@ -73,6 +85,8 @@ class DistillStep(torch.nn.Module):
             labels.reshape(-1),
             teacher,
             getattr(head, "bias", None),
+            student_transform=self.student_transform,
+            teacher_transform=self.teacher_transform,  # None offline: the cache applied it
         )
 
     @property
@@ -92,6 +106,7 @@ class TrainState:
     bad_steps_total: int = 0
     bad_steps_in_a_row: int = 0
     geometry: dict = field(default_factory=dict)  # what the saved plan and positions assume
+    before: dict = field(default_factory=dict)  # student perplexity on the report split at step 0
 
 
 def _rng_state() -> dict:
@@ -194,6 +209,12 @@ class Trainer:
         )
         self.global_batch = t.micro_batch_size * t.grad_accum_steps * self.world
         self.step_tokens = self.global_batch * self.data.seq_len  # packed: all are targets
+        check_plan_size(cfg.distill.K, t.max_steps, self.global_batch)
+        if cfg.distill.K > t.max_steps and self.is_main and self.method.teacher_for_weights:
+            print(
+                f"warning: distill.K {cfg.distill.K} > trainer.max_steps {t.max_steps}: the "
+                "domain weights are set once and never updated; lower distill.K"
+            )
 
     def _setup_student(self) -> None:
         from ddk.models import load_model, load_tokenizer
@@ -218,7 +239,7 @@ class Trainer:
 
         cfg = self.cfg
         teacher = None
-        if cfg.teacher.mode == "offline" and cfg.distill.method != "cpt":
+        if cfg.teacher.mode == "offline" and self.method.teacher_for_training:
             from ddk.teacher.cache import OfflineTeacher
 
             # No teacher model at all: the signal and the perplexities come from the cache.
@@ -226,7 +247,8 @@ class Trainer:
             self.teacher_model = None
             self.teacher = OfflineTeacher(cfg.teacher.cache, self.domains, self.device)
             return
-        if cfg.model.teacher:
+        # cpt trains on CE alone: its teacher (optional) only gives perplexities, loaded later.
+        if cfg.model.teacher and self.method.teacher_for_training:
             teacher = load_teacher(
                 cfg.model.teacher,
                 dtype=resolve_dtype(cfg.model.dtype, self.device),
@@ -245,7 +267,12 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
-        self.step_module = DistillStep(self.student, cfg, self.vocab_size)
+        self.step_module = DistillStep(
+            self.student,
+            cfg,
+            self.vocab_size,
+            logit_transform(self.teacher_model) if self.teacher_model is not None else None,
+        )
         decay = [p for n, p in self.student.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.student.named_parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
@@ -272,50 +299,68 @@ class Trainer:
         return self.runtime.unwrap(self.step_module).student
 
     def evaluate_student(self) -> dict[str, dict]:
+        """On the validation split: what Eq. 1/2 and the curves use."""
+        return self.evaluate_student_on("val")
+
+    def evaluate_student_on(self, split: str) -> dict[str, dict]:
         return domain_perplexities(
             self._unwrapped_student(),
             self.data,
             vocab_size=self.vocab_size,
+            split=split,
             batch_size=self.cfg.trainer.eval_batch_size,
             autocast=self.runtime.autocast,
             chunk_tokens=self.cfg.distill.loss_chunk_tokens,
         )
 
     def teacher_perplexities(self) -> dict[str, float] | None:
-        """Computed once per run (the teacher is frozen) and cached in the run folder."""
-        if self.teacher is None:
-            return None
-        if self.teacher_model is None:  # offline: the cache holds the exact perplexities
-            return self.teacher.perplexities("val")
-        cache = self.run_dir / "teacher_ppl.json"
-        key = {"teacher": self.cfg.model.teacher, "data": self.data.fingerprint()}
-        if cache.exists():
-            cached = json.loads(cache.read_text())
-            if cached.get("key") == key and set(cached["ppl"]) >= set(self.domains):
-                return {d: cached["ppl"][d] for d in self.domains}
-        result = domain_perplexities(
-            self.teacher_model,
+        """{domain: ppl} on the validation split (what Eq. 1/2 use); None without a teacher."""
+        result = self.teacher_perplexities_by_split(("val",))
+        return result["val"] if result else None
+
+    def teacher_perplexities_by_split(self, splits: tuple[str, ...]) -> dict[str, dict] | None:
+        """{split: {domain: ppl}}: from the shared cache or computed once (ddk.teacher_ppl)."""
+        from ddk.teacher_ppl import teacher_perplexities, write_json_atomic
+
+        if self.teacher is not None and self.teacher_model is None:  # offline
+            cached = {s: self.teacher.perplexities(s) for s in dict.fromkeys(splits)}
+            if all(v is not None for v in cached.values()):  # computed by `ddk cache-teacher`
+                if self.is_main:
+                    write_json_atomic(
+                        self.run_dir / "teacher_ppl.json",
+                        {
+                            "key": {"teacher_cache": str(self.teacher.folder)},
+                            "source": {s: "teacher cache" for s in cached},
+                            "ppl": cached,
+                        },
+                    )
+                return cached
+
+        return teacher_perplexities(
+            self.cfg,
             self.data,
-            vocab_size=self.vocab_size,
-            batch_size=self.cfg.trainer.eval_batch_size,
-            autocast=self.runtime.autocast,
-            chunk_tokens=self.cfg.distill.loss_chunk_tokens,
+            self.domains,
+            splits,
+            runtime=self.runtime,
+            teacher_model=self.teacher_model,
+            student_rows=embedding_rows(self.student),
+            run_dir=self.run_dir,
         )
-        ppl = {d: r["ppl"] for d, r in result.items()}
-        if self.is_main:
-            cache.write_text(json.dumps({"key": key, "ppl": ppl}, indent=2))
-        return ppl
 
     def _domain_event(self, event: str, student: dict, teacher: dict | None, weights) -> dict:
-        s_ppl = [student[d]["ppl"] for d in self.domains]
-        ratios = perplexity_ratio(s_ppl, [teacher[d] for d in self.domains]) if teacher else None
+        s_ppl = np.array([student[d]["ppl"] for d in self.domains], dtype=np.float64)
+        ratios = None
+        if teacher:
+            # NaN/inf stay NaN/inf in the log (a baseline goes on; DDK stopped before this)
+            with np.errstate(all="ignore"):
+                ratios = s_ppl / np.array([teacher[d] for d in self.domains], dtype=np.float64)
         return {
             "event": event,
             "step": self.state.step,
             "interval": self.state.interval,
             "domains": {
                 d: {
-                    "student_ppl": student[d]["ppl"],
+                    "student_ppl": float(s_ppl[i]),
                     "teacher_ppl": teacher[d] if teacher else None,
                     "ratio": float(ratios[i]) if ratios is not None else None,
                     "weight": float(weights[i]),
@@ -324,11 +369,50 @@ class Trainer:
             },
         }
 
+    def _warn_bad_evaluation(self, student: dict) -> None:
+        """Baselines do not steer by perplexity: a NaN/inf one is logged, not fatal."""
+        bad = [d for d in self.domains if not math.isfinite(student[d]["ppl"])]
+        if bad and self.is_main:
+            print(
+                f"warning: student perplexity is NaN/inf on {', '.join(bad)} at step "
+                f"{self.state.step}; {self.cfg.distill.method} does not use it, logged as NaN"
+            )
+
+    def _sampler_report(self, record: dict, weights) -> None:
+        """Rows planned per domain for this interval and epochs handed out so far, with one
+        warning per starved domain (Eq. 1 has no floor) and per domain past max epochs."""
+        n = self.cfg.distill.K * self.global_batch
+        counts = self.sampler.domain_counts(weights, n)
+        limit = self.cfg.distill.max_domain_epochs
+        warned = self.__dict__.setdefault("_epoch_warned", set())
+        for i, d in enumerate(self.domains):
+            epochs = self.sampler.epochs_completed(d)
+            record["domains"][d]["rows"] = int(counts[i])
+            record["domains"][d]["epochs"] = epochs
+            if not self.is_main:
+                continue
+            # a fixed mixture never changes: its zero rows are said once, at interval 0
+            repeat = self.method.teacher_for_weights or self.state.interval == 0
+            if counts[i] == 0 and repeat:
+                print(
+                    f"warning: domain '{d}' gets 0 of {n} sequences in interval "
+                    f"{self.state.interval} (weight {float(weights[i]):.2g}; Eq. 1 has no floor, "
+                    "distill.init_floor=true adds one)"
+                )
+            if epochs > limit and d not in warned:
+                warned.add(d)
+                print(
+                    f"warning: domain '{d}' has been repeated for {epochs} epochs (more than "
+                    f"distill.max_domain_epochs={limit}); add data to it or expect memorisation"
+                )
+
     def update_domain_weights(self) -> None:
         """Algorithm 1 steps 1/4: evaluate, set r_t (Eq. 1 or Eq. 2), draw the interval."""
         cfg = self.cfg.distill
         started = time.perf_counter()
         student = self.evaluate_student()
+        if not self.method.teacher_for_weights:
+            self._warn_bad_evaluation(student)
         s_ppl = [student[d]["ppl"] for d in self.domains]
         t_ppl = [self.teacher_ppl[d] for d in self.domains] if self.teacher_ppl else None
         try:
@@ -341,22 +425,42 @@ class Trainer:
                 cfg.alpha,
                 self.fixed,
                 domains=self.domains,
+                init_floor=cfg.init_floor,
             )
         except ValueError as e:
             raise DDKError(f"cannot update domain weights at step {self.state.step}: {e}") from None
         self.state.weights = [float(w) for w in weights]
-        record = self._domain_event("domain_update", student, self.teacher_ppl, weights)
+        record = self._domain_event(DOMAIN_UPDATE, student, self.teacher_ppl, weights)
         record["eval_seconds"] = round(time.perf_counter() - started, 3)
-        self.metrics.write(record)
         self.plan = self.sampler.plan_interval(
-            self.state.interval, weights, self.cfg.distill.K * self.global_batch
+            self.state.interval, weights, self._interval_steps() * self.global_batch
         )
         self.state.sampler = self.sampler.state_dict()
+        self._sampler_report(record, weights)
+        self.metrics.write(record)
+
+    def _interval_steps(self) -> int:
+        """Steps of the current interval that will run: the last one may end at max_steps."""
+        K = self.cfg.distill.K
+        return max(1, min(K, self.cfg.trainer.max_steps - self.state.interval * K))
+
+    def _extend_plan(self) -> None:
+        """A resume with a larger trainer.max_steps needs more of the current interval's rows."""
+        have = len(self.plan) // self.global_batch
+        more = self._interval_steps() - have
+        if more > 0:
+            extra = self.sampler.plan_interval(
+                self.state.interval, self.state.weights, more * self.global_batch
+            )
+            self.plan = np.concatenate([self.plan, extra])
+            self.state.sampler = self.sampler.state_dict()
 
     # ------------------------------------------------------------------ training
     def _step_batches(self):
         """This rank's micro-batches of the current step."""
         t = self.cfg.trainer
+        if len(self.plan) < (self.state.step % self.cfg.distill.K + 1) * self.global_batch:
+            self._extend_plan()
         rows = self.sampler.step_rows(
             self.plan, self.state.step, self.cfg.distill.K, self.global_batch
         )
@@ -424,7 +528,13 @@ class Trainer:
                 self.state.step,
                 model=self._unwrapped_student(),
                 optimizer_state=self.optimizer.state_dict(),
-                state={"trainer": state, "scheduler": self.scheduler.state_dict()},
+                state={
+                    "trainer": state,
+                    "scheduler": self.scheduler.state_dict(),
+                    # What `--resume` checks the run folder's config.yaml and data against.
+                    "config": self.cfg.model_dump(mode="json"),
+                    "data_fingerprint": data_fingerprint(self.cfg.data.prepared),
+                },
                 arrays={"plan": self.plan},
                 rng_state=_rng_state(),
                 keep=self.cfg.trainer.keep_checkpoints,
@@ -458,18 +568,39 @@ class Trainer:
         loaded = load_checkpoint(folder, self._unwrapped_student(), self.device)
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["state"]["scheduler"])
+        self._rebase_schedule()
         self.state = TrainState(**loaded["state"]["trainer"])
-        self.sampler.load_state_dict(self.state.sampler)
+        try:
+            self.sampler.load_state_dict(self.state.sampler)
+        except ValueError as e:  # e.g. a checkpoint from before data fingerprints were stored
+            raise DDKError(f"cannot resume '{self.run_dir}': {e}") from None
         self.plan = loaded["arrays"]["plan"]
         _set_rng_state(loaded["rng"])
+
+    def _rebase_schedule(self) -> None:
+        """A resume with --set trainer.lr / max_steps: the restored scheduler would keep the old
+        peak (base_lrs) and the optimizer the old rate; recompute both as LambdaLR does."""
+        lam = self.scheduler.lr_lambdas[0]
+        self.scheduler.base_lrs = [self.cfg.trainer.lr for _ in self.scheduler.base_lrs]
+        rates = [base * lam(self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        self.scheduler._last_lr = rates
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Path | None:
         """Run to trainer.max_steps; the final model's folder, or None when a signal stopped it."""
         cfg = self.cfg
         t, K = cfg.trainer, cfg.distill.K
-        self.teacher_ppl = self.teacher_perplexities()
+        # Curves and Eq. 1/2 use val; the final numbers use the held-out test split.
+        self.report_split = report_split(self.data, "test")
+        teacher = self.teacher_perplexities_by_split(("val", self.report_split))
+        self.teacher_ppl = teacher["val"] if teacher else None
+        self.teacher_report_ppl = teacher[self.report_split] if teacher else None
         if self.plan is None:
+            if not self.state.before:  # the student before training, on the report split
+                before = self.evaluate_student_on(self.report_split)
+                self.state.before = {d: before[d]["ppl"] for d in self.domains}
             self.update_domain_weights()  # r_0 (Eq. 1 for DDK)
         bar = tqdm(
             total=t.max_steps,
@@ -502,7 +633,7 @@ class Trainer:
                         raise DDKError(
                             f"{self.state.bad_steps_in_a_row} steps in a row had a NaN/inf loss or "
                             f"gradient (at step {self.state.step}); lower trainer.lr or check the "
-                            "data. The last good checkpoint is intact"
+                            f"data. {self._checkpoint_note()}"
                         )
                     window_tokens += self.step_tokens
                     bar.update(1)
@@ -535,10 +666,21 @@ class Trainer:
         finally:
             self.metrics.close()
 
+    def _checkpoint_note(self) -> str:
+        """What a user can resume from, stated only from what is on disk."""
+        good = latest_good_checkpoint(self.run_dir, log=lambda _msg: None)
+        if good is None:
+            return "No checkpoint was written yet: the run must start again"
+        return f"The last good checkpoint ({good.name}) is intact"
+
     def finish(self) -> Path:
-        student = self.evaluate_student()
+        student = self.evaluate_student_on(self.report_split)
         weights = self.state.weights
-        self.metrics.write(self._domain_event("final_eval", student, self.teacher_ppl, weights))
+        record = self._domain_event(FINAL_EVAL, student, self.teacher_report_ppl, weights)
+        record["split"] = self.report_split
+        for d in self.domains:
+            record["domains"][d]["student_before_ppl"] = self.state.before.get(d)
+        self.metrics.write(record)
         self.save()
         final = self.run_dir / "final"
         if self.is_main:
@@ -551,35 +693,95 @@ class Trainer:
         return final
 
 
+# An interval plan is 16 bytes per row; beyond this it would not fit in a host's memory.
+MAX_PLAN_ROWS = 50_000_000
+
+
+def check_plan_size(K: int, max_steps: int, sequences_per_step: int) -> None:
+    rows = min(K, max_steps) * sequences_per_step
+    if rows > MAX_PLAN_ROWS:
+        raise DDKError(
+            f"one interval would plan {rows:,} sequences (min(distill.K, trainer.max_steps) x "
+            f"{sequences_per_step} per step), over the {MAX_PLAN_ROWS:,} limit; lower distill.K"
+        )
+
+
+def _is_rank0() -> bool:
+    """Global rank 0 of a torchrun/Accelerate launch (the Runtime does not exist yet)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+LOCK_HINT = "run"
+
+
+def run_lock(run_dir: Path):
+    """One process per run folder, held from before preflight to the run's end. Only global
+    rank 0 takes it: ranks on one node would otherwise lock each other out."""
+    from ddk.lock import FolderLock
+
+    if not _is_rank0():
+        return contextlib.nullcontext()
+    return FolderLock(run_dir, LOCK_HINT)
+
+
 def start_run(cfg: Config) -> Path | None:
     """A new run in cfg.trainer.output_dir; refuses a folder that already holds a run."""
+    from ddk.lock import LOCK_NAME, raise_if_held
+
     run_dir = Path(cfg.trainer.output_dir).expanduser()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise DDKError(
-            f"run folder '{run_dir}' is not empty; resume it with `ddk distill --resume {run_dir}` "
-            "or set trainer.output_dir to a new folder"
-        )
-    trainer = Trainer(cfg, run_dir)
-    if trainer.is_main:
-        cfg.save(run_dir / "config.yaml")
-    return trainer.train()
+    created = not run_dir.exists()
+
+    def refuse_non_empty() -> None:
+        if not created and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+            raise_if_held(run_dir, LOCK_HINT)  # a live run there: name its PID
+            raise DDKError(
+                f"run folder '{run_dir}' is not empty; resume it with `ddk distill --resume "
+                f"{run_dir}` or set trainer.output_dir to a new folder"
+            )
+
+    refuse_non_empty()  # before locking: a refused folder is left exactly as it was
+    with run_lock(run_dir):
+        refuse_non_empty()  # a run may have started in between
+        try:
+            trainer = Trainer(cfg, run_dir)
+        except BaseException:
+            # Refused before anything was written: leave no folder holding only the lock.
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
+                (run_dir / LOCK_NAME).unlink()
+                run_dir.rmdir()
+            raise
+        if trainer.is_main:
+            cfg.save(run_dir / "config.yaml")
+        return trainer.train()
 
 
 def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> Path | None:
     """Continue from the newest intact checkpoint; a run that died before its first checkpoint
-    starts again from step 0 with its saved config."""
+    starts again from step 0 with its saved config. The run folder's config.yaml must agree
+    with what the checkpoint recorded (see ddk.resume)."""
+    from ddk.resume import check_overrides, check_resume
+
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise DDKError(f"'{run_dir}' holds no run (no config.yaml) to resume")
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    checkpoint = latest_good_checkpoint(run_dir)
-    if checkpoint is None and list_checkpoints(run_dir):
-        raise DDKError(f"'{run_dir}' has no intact checkpoint to resume from; start a new run")
-    print(
-        f"resuming from {checkpoint}" if checkpoint else f"no checkpoint yet: restarting {run_dir}"
-    )
-    trainer = Trainer(cfg, run_dir, resume_from=checkpoint)
-    if trainer.is_main:
-        truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
-        cfg.save(run_dir / "config.yaml")
-    return trainer.train()
+    with run_lock(run_dir):
+        override_keys = check_overrides(overrides or [])
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        checkpoint = latest_good_checkpoint(run_dir)
+        if checkpoint is None and list_checkpoints(run_dir):
+            raise DDKError(f"'{run_dir}' has no intact checkpoint to resume from; start a new run")
+        for warning in check_resume(run_dir, cfg, override_keys, checkpoint):
+            if _is_rank0():
+                print(warning)
+        print(
+            f"resuming from {checkpoint}"
+            if checkpoint
+            else f"no checkpoint yet: restarting {run_dir}"
+        )
+        trainer = Trainer(cfg, run_dir, resume_from=checkpoint)
+        if trainer.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+            cfg.save(run_dir / "config.yaml")
+        return trainer.train()

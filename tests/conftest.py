@@ -4,10 +4,16 @@ saved with save_pretrained. Everything is loaded back through the user's code pa
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# Progress bars go to stderr; tests that assert "one line on stderr" check ddk's messages. tqdm
+# reads TQDM_* when it is imported (torch imports it), so this comes before any ddk import.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 
 from ddk.config import PrepareSection
 from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
@@ -70,6 +76,21 @@ def write_folder_corpus(root: Path, sizes: dict[str, int], seed: int = 0) -> dic
 
 
 CORPUS_SIZES = {"code": 150, "prose": 220, "math": 400}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Teacher perplexities are cached under $XDG_CACHE_HOME (ddk.teacher_ppl): keep the tests'
+    out of the user's cache; subprocesses inherit the variable."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,8 @@ def test_manifest_and_bytes_per_token(cache_dir, prepared_dir):
     assert m["complete"] and m["k"] == K and m["dtypes"]["ids"] == "uint16"
     assert m["bytes_per_token"] == K * (2 + 2) + 4
     assert set(m["teacher_ppl"]["val"]) == set(data.names)
+    if data.has_split("test"):
+        assert set(m["teacher_ppl"]["test"]) == set(data.names)
     for name, info in m["domains"].items():
         assert info["sequences"] == data.domains[name].num_train_sequences
         files = sorted((cache_dir / info["folder"]).glob("*.bin"))
@@ -241,6 +243,8 @@ def test_offline_ddk_uses_cached_teacher_perplexities(
     assert len(updates) == 3  # steps 0, 5, 10
     for d, v in updates[0]["domains"].items():
         assert v["teacher_ppl"] == cached[d]
+    record = json.loads((tmp_path / "run" / "teacher_ppl.json").read_text())
+    assert set(record["source"].values()) == {"teacher cache"}
 
 
 @pytest.mark.slow

@@ -246,7 +246,7 @@ def test_resume_with_other_batch_geometry_is_refused(
     with pytest.raises(RuntimeError):
         start_run(make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir))
     disarm()
-    with pytest.raises(DDKError, match="sequences_per_step 8 -> 4"):
+    with pytest.raises(DDKError, match="trainer.grad_accum_steps is not allowed"):
         resume_run(tmp_path / "run", ["trainer.grad_accum_steps=1"])
     assert resume_run(tmp_path / "run") is not None
 

@@ -1,22 +1,26 @@
 """`ddk prepare`: a multi-domain corpus -> packed token shards, one folder per domain.
 
-Output layout (all arrays little-endian numpy files):
-    manifest.json                 domains, token counts, tokenizer, seq_len, source hashes, version
+Output layout (all arrays little-endian numpy files; `ddk.data.manifest` owns the contract):
+    manifest.json                 domains, splits, tokenizer, seq_len, BOS, sources, owner record
     <domain>/train.bin            flat tokens of the training documents (uint16 or uint32)
     <domain>/train_docs.npy       [n, 2] int64: (document id in corpus order, tokens incl. EOS)
-    <domain>/val.bin              flat tokens of the held-out documents (whole documents)
-    <domain>/val_docs.npy         the same for validation
-A training or validation "sequence" i is the window tokens[i*seq_len : (i+1)*seq_len + 1].
-Documents are tokenised once, without special tokens, each followed by EOS.
+    <domain>/val.bin              validation: the first <= seq_len tokens of each held-out document
+    <domain>/val_docs.npy         [n, 2] int64: (document id, tokens it contributed), draw order
+    <domain>/test.bin, test_docs.npy   the same for the test split (reporting only)
+    <domain>/heldout_hashes.npy   sorted uint64 text hashes of every validation and test document
+A "sequence" (window) i of a split is tokens[i*seq_len : (i+1)*seq_len + 1].
+Documents are tokenised once without special tokens, then given BOS (prepare.add_bos) and EOS.
+Validation and test are disjoint sets of whole documents, at most seq_len tokens from each, so
+no single long document fills a held-out set; training drops exact duplicates of them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import errno
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 import zlib
@@ -28,30 +32,26 @@ from tqdm.auto import tqdm
 
 from ddk import __version__
 from ddk.config import PrepareSection
+from ddk.data.dedup import HASH_DTYPE, text_hash
+from ddk.data.longdocs import encode_documents
+from ddk.data.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    Manifest,
+    read_manifest,
+    write_manifest,
+)
 from ddk.data.sources import Corpus, discover, iter_documents
+from ddk.data.split import TRAIN, choose_heldout
+from ddk.data.vocab import same_vocabulary, token_dtype, vocab_hash
 from ddk.errors import DDKError
+from ddk.lock import FolderLock
+from ddk.ownership import check_replaceable, read_record
 from ddk.table import format_table
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+__all__ = ["prepare", "read_manifest", "same_vocabulary", "token_dtype", "vocab_hash"]
 _COPY_CHUNK = 1 << 24  # tokens copied per step when splitting train/val
-
-
-def vocab_hash(tokenizer) -> str:
-    """Identifies a vocabulary (token -> id), so data and models can be checked against it."""
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
-
-
-def same_vocabulary(manifest: dict, tokenizer) -> bool:
-    """Whether prepared data was tokenised with `tokenizer`'s vocabulary (True when the
-    manifest predates vocabulary hashes and cannot tell)."""
-    recorded = manifest["tokenizer"].get("vocab_sha256")
-    return not recorded or vocab_hash(tokenizer) == recorded
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def _domain_dirname(domain: str) -> str:
@@ -75,24 +75,40 @@ class _DomainWriter:
         self._tokens_fh = open(self.folder / "all.bin", "ab")
         self._lens_fh = open(self.folder / "all_lens.bin", "ab")
         self._ids_fh = open(self.folder / "all_ids.bin", "ab")
+        self._hash_fh = open(self.folder / "all_hash.bin", "ab")
 
-    def append(self, doc_ids: list[int], encodings: list[list[int]], eos: int) -> None:
-        lengths = np.fromiter((len(e) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    def append(
+        self,
+        doc_ids: list[int],
+        encodings: list[list[int]],
+        eos: int,
+        hashes: list[int],
+        bos: int | None = None,
+    ) -> None:
+        """Store documents as [BOS] ids EOS, with their corpus ids and text hashes."""
+        head = 0 if bos is None else 1
+        lengths = np.fromiter(
+            (len(e) + 1 + head for e in encodings), dtype=np.int64, count=len(encodings)
+        )
         flat = np.empty(int(lengths.sum()), dtype=self.dtype)
         pos = 0
         for ids in encodings:
+            if head:
+                flat[pos] = bos
             n = len(ids)
-            flat[pos : pos + n] = ids
-            flat[pos + n] = eos
-            pos += n + 1
-        flat.tofile(self._tokens_fh)
-        lengths.tofile(self._lens_fh)
-        np.asarray(doc_ids, dtype=np.int64).tofile(self._ids_fh)
+            flat[pos + head : pos + head + n] = ids
+            flat[pos + head + n] = eos
+            pos += head + n + 1
+        # file.write, not ndarray.tofile: a full disk then raises OSError with errno ENOSPC
+        self._tokens_fh.write(flat)
+        self._lens_fh.write(lengths)
+        self._ids_fh.write(np.asarray(doc_ids, dtype=np.int64))
+        self._hash_fh.write(np.asarray(hashes, dtype=HASH_DTYPE))
         self.documents += len(encodings)
         self.tokens += pos
 
     def close(self) -> None:
-        for fh in (self._tokens_fh, self._lens_fh, self._ids_fh):
+        for fh in (self._tokens_fh, self._lens_fh, self._ids_fh, self._hash_fh):
             fh.close()
 
 
@@ -104,48 +120,96 @@ def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str) -> di
         "tokenizer": tokenizer_name,
         "seq_len": cfg.seq_len,
         "val_sequences": cfg.val_sequences,
+        "test_sequences": cfg.test_sequences,
+        "add_bos": cfg.add_bos,
+        "format_version": FORMAT_VERSION,
         "seed": cfg.seed,
         "text_field": cfg.text_field,
         "domain_field": cfg.domain_field,
     }
 
 
-def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise DDKError(f"'{folder}' is not prepared data (no {MANIFEST}); run `ddk prepare` first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DDKError(f"{path} is corrupt (not JSON); prepare the data again") from None
-
-
 def _check_output(out: Path, fingerprint: dict, overwrite: bool) -> dict | None:
-    """Return the existing manifest when `out` already holds this very corpus."""
+    """Return the existing manifest when `out` already holds this very corpus. Otherwise `out`
+    must be missing, empty, or (with `overwrite`) prepared data that ddk wrote and that holds
+    nothing else: its manifest's ownership record lists every file in it."""
     if out.exists() and not out.is_dir():
         raise DDKError(f"output '{out}' is a file; choose a folder")
     if not out.exists() or not any(out.iterdir()):
         return None
-    manifest = None
-    if (out / MANIFEST).is_file():
-        try:
-            manifest = json.loads((out / MANIFEST).read_text())
-        except json.JSONDecodeError:
-            manifest = None
-    if manifest is None:
-        # --overwrite replaces prepared data, never a folder of other files.
+    manifest = read_record(out / MANIFEST) or {}  # lenient: absent or corrupt reads as {}
+    if not overwrite and manifest.get("fingerprint") == fingerprint:
+        return manifest
+    what = f"output '{out}'"
+    owner = manifest.get("owner")
+    if owner is None and "format_version" in manifest:
         raise DDKError(
-            f"output '{out}' already holds files that are not ddk prepared data; choose another "
-            "output folder"
+            f"{what} was prepared by an older ddk that did not record which files it wrote, so "
+            "ddk does not replace it; delete it yourself or choose another output folder"
         )
+    check_replaceable(out, owner, "prepared", what)  # never suggests --overwrite
     if overwrite:
         return None
-    if manifest.get("fingerprint") == fingerprint:
-        return manifest
     raise DDKError(
-        f"output '{out}' already holds a different prepared corpus; choose another output "
+        f"{what} already holds a different prepared corpus; choose another output "
         "folder or pass --overwrite"
     )
+
+
+def _make_parent(out: Path) -> None:
+    """Create the output's parent like `mkdir -p`; it must be writable (the output is renamed
+    into it)."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DDKError(
+            f"cannot create '{parent}' for output '{out}' ({e.strerror}); choose another output "
+            "folder"
+        ) from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DDKError(
+            f"cannot write output '{out}': its parent folder '{parent}' is read-only; choose "
+            "another output folder"
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if not isinstance(e, OSError):
+        return False
+    # ndarray.tofile/np.save report a short write without an errno
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or (
+        e.errno is None and "requested and" in str(e) and "written" in str(e)
+    )
+
+
+def _disk_full(out: Path, corpus: Corpus, dtype: np.dtype) -> DDKError:
+    read = sum(f.size for f in corpus.files)
+    # At most one token per input byte (byte-level BPE), stored twice at the peak: the
+    # tokenised stream and its train/val split.
+    need = 2 * read * dtype.itemsize
+    free = shutil.disk_usage(out.parent).free
+    return DDKError(
+        f"disk full while writing output '{out}': preparing {_human(read)} of input needs up to "
+        f"{_human(need)} free, {_human(free)} is free; free space or choose another output folder"
+    )
+
+
+def _check_domains_have_documents(corpus: Corpus, writers: dict) -> None:
+    for domain in dict.fromkeys(f.domain for f in corpus.files if f.domain is not None):
+        if domain not in writers:
+            raise DDKError(
+                f"domain '{domain}' has no documents (its files are empty or were skipped), so "
+                "prepare stops; add text to it or remove its folder"
+            )
 
 
 def _put(out_q: queue.Queue, item, stop: threading.Event) -> bool:
@@ -187,64 +251,96 @@ def _reader_thread(corpus, cfg, batch_docs, out_q, stop):
         _put(out_q, ("error", e, None), stop)
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def _split_domain(folder: Path, name: str, cfg: PrepareSection, dtype: np.dtype) -> dict:
-    """Hold out whole random documents for validation; the rest, in order, is training data."""
+    """Hold out whole random documents for validation and test (at most seq_len tokens of
+    each), drop training's exact duplicates of them; the rest, in order, is training data."""
     lens = np.fromfile(folder / "all_lens.bin", dtype=np.int64)
     ids = np.fromfile(folder / "all_ids.bin", dtype=np.int64)
+    hashes = np.fromfile(folder / "all_hash.bin", dtype=HASH_DTYPE)
     total = int(lens.sum())
-    need = cfg.val_sequences * cfg.seq_len + 1
-    if total < 2 * need:
-        raise DDKError(
-            f"domain '{name}' has {total:,} tokens, too little for a validation set of "
-            f"{cfg.val_sequences} x {cfg.seq_len} tokens plus as much training data; add text or "
-            "lower prepare.val_sequences / prepare.seq_len"
-        )
+    L = cfg.seq_len
+    wanted = {"val": cfg.val_sequences, "test": cfg.test_sequences or cfg.val_sequences}
     rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
-    order = rng.permutation(len(lens))
-    taken = int(np.searchsorted(np.cumsum(lens[order]), need)) + 1
-    is_val = np.zeros(len(lens), dtype=bool)
-    is_val[order[:taken]] = True
-    if int(lens[~is_val].sum()) < cfg.seq_len + 1:
-        raise DDKError(
-            f"domain '{name}' has too few documents to hold out whole ones for validation "
-            f"({len(lens)} document(s)); split its text into more documents (e.g. JSONL lines) "
-            "or lower prepare.val_sequences"
-        )
+    # Held-out documents may take at most half of a domain's tokens: training keeps the rest.
+    codes, drawn = choose_heldout(lens, hashes, rng.permutation(len(lens)), L, wanted, total // 2)
     tokens = np.memmap(folder / "all.bin", dtype=dtype, mode="r")
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    stats = {}
-    for split, mask in (("train", ~is_val), ("val", is_val)):
+    stats: dict = {"documents": len(lens)}
+    for split, docs in drawn.items():
+        taken = np.minimum(lens[docs], L) if docs else np.zeros(0, dtype=np.int64)
         with open(folder / f"{split}.bin", "wb") as fh:
-            # Copy runs of consecutive documents of this split, not one document at a time.
-            change = np.flatnonzero(np.diff(np.concatenate([[0], mask.view(np.int8), [0]])))
-            for run_start, run_end in zip(change[::2], change[1::2]):
-                lo = int(starts[run_start])
-                hi = int(starts[run_end - 1] + lens[run_end - 1])
-                for a in range(lo, hi, _COPY_CHUNK):
-                    np.asarray(tokens[a : min(hi, a + _COPY_CHUNK)]).tofile(fh)
-        np.save(folder / f"{split}_docs.npy", np.stack([ids[mask], lens[mask]], axis=1))
-        n_tokens = int(lens[mask].sum())
-        stats[f"{split}_documents"] = int(mask.sum())
+            for i, n in zip(docs, taken.tolist()):
+                np.asarray(tokens[int(starts[i]) : int(starts[i]) + n]).tofile(fh)
+        np.save(folder / f"{split}_docs.npy", np.stack([ids[docs], taken], axis=1))
+        n_tokens = int(taken.sum())
+        stats[f"{split}_documents"] = len(docs)
         stats[f"{split}_tokens"] = n_tokens
+        stats[f"{split}_sequences"] = min(wanted[split], max(0, (n_tokens - 1) // L))
+    train = codes == TRAIN
+    with open(folder / "train.bin", "wb") as fh:
+        # Copy runs of consecutive training documents, not one document at a time.
+        change = np.flatnonzero(np.diff(np.concatenate([[0], train.view(np.int8), [0]])))
+        for run_start, run_end in zip(change[::2], change[1::2]):
+            lo = int(starts[run_start])
+            hi = int(starts[run_end - 1] + lens[run_end - 1])
+            for a in range(lo, hi, _COPY_CHUNK):
+                np.asarray(tokens[a : min(hi, a + _COPY_CHUNK)]).tofile(fh)
+    np.save(folder / "train_docs.npy", np.stack([ids[train], lens[train]], axis=1))
+    held = codes > TRAIN
+    np.save(folder / "heldout_hashes.npy", np.unique(hashes[held]).astype(HASH_DTYPE))
     del tokens
-    for tmp in ("all.bin", "all_lens.bin", "all_ids.bin"):
+    for tmp in ("all.bin", "all_lens.bin", "all_ids.bin", "all_hash.bin"):
         (folder / tmp).unlink()
-    stats["train_sequences"] = (stats["train_tokens"] - 1) // cfg.seq_len
-    stats["val_sequences"] = cfg.val_sequences
-    stats["documents"] = stats["train_documents"] + stats["val_documents"]
+    stats["train_documents"] = int(train.sum())
+    stats["train_tokens"] = int(lens[train].sum())
+    stats["train_sequences"] = max(0, (stats["train_tokens"] - 1) // L)
+    stats["duplicates_dropped"] = int((codes < TRAIN).sum())
+    if stats["val_sequences"] == 0 or stats["test_sequences"] == 0:
+        raise DDKError(
+            f"domain '{name}' has too little text to hold out whole documents for validation "
+            f"and test windows of {L} tokens ({len(lens)} document(s), {total:,} tokens; held-out "
+            "documents may use at most half of them); add text, split its text into more "
+            "documents (e.g. JSONL lines) or lower prepare.seq_len"
+        )
+    if stats["train_sequences"] == 0:
+        raise DDKError(
+            f"domain '{name}' keeps too little training text ({stats['train_tokens']:,} tokens "
+            f"after holding out validation and test documents and "
+            f"{stats['duplicates_dropped']} duplicate(s) of them); add text or lower "
+            "prepare.seq_len"
+        )
+    for split, label in (("val", "validation"), ("test", "test")):
+        if stats[f"{split}_sequences"] < wanted[split]:
+            _warn(
+                f"domain '{name}': {label} has {stats[f'{split}_sequences']} of "
+                f"{wanted[split]} windows, from {stats[f'{split}_documents']} documents (at most "
+                f"{L} tokens from each, held-out documents at most half of its {total:,} tokens)"
+            )
     return stats
 
 
 def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) -> dict:
     """Tokenise `cfg.input` once into `cfg.output`; return the manifest. Atomic: a failure
     leaves no output folder that a later run would trust."""
-    from ddk.models import load_tokenizer
-
     if not cfg.input:
         raise DDKError("no input corpus: set prepare.input (or pass --input)")
     if not cfg.output:
         raise DDKError("no output folder: set prepare.output (or pass --output)")
     out = Path(cfg.output).expanduser()
+    _make_parent(out)
+    # One prepare per output, locked before the input is read. The output appears by rename,
+    # so the lock file sits next to it (and is removed on release).
+    with FolderLock(out, "prepare", path=out.parent / f".{out.name}.ddk.lock"):
+        return _prepare_locked(cfg, tokenizer_name, out, progress)
+
+
+def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progress: bool) -> dict:
+    from ddk.models import load_tokenizer
+
     corpus = discover(cfg.input)
     fingerprint = _fingerprint(cfg, corpus, tokenizer_name)
     existing = _check_output(out, fingerprint, cfg.overwrite)
@@ -259,10 +355,10 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
     # ids can have gaps: the largest id, not the count, decides the dtype and logits width
     vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
     dtype = token_dtype(vocab_size)
+    bos = bos_token(tokenizer, cfg.add_bos, tokenizer_name)
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed prepare
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -270,10 +366,11 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
     started = time.perf_counter()
     try:
         writers, names = _tokenize_all(
-            corpus, cfg, encode, tokenizer.eos_token_id, dtype, tmp, progress
+            corpus, cfg, encode, tokenizer.eos_token_id, dtype, tmp, progress, bos=bos
         )
         if not writers:
             raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
+        _check_domains_have_documents(corpus, writers)
         domains = {}
         for domain in writers:
             domains[domain] = {
@@ -281,6 +378,7 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
                 **_split_domain(tmp / names[domain], domain, cfg, dtype),
             }
         manifest = {
+            "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "ddk_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -289,12 +387,15 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
                 "name_or_path": tokenizer_name,
                 "vocab_size": vocab_size,
                 "eos_token_id": tokenizer.eos_token_id,
+                "bos_token_id": tokenizer.bos_token_id,
                 "class": type(tokenizer).__name__,
                 "vocab_sha256": vocab_hash(tokenizer),
             },
             "token_dtype": dtype.name,
             "seq_len": cfg.seq_len,
             "val_sequences": cfg.val_sequences,
+            "test_sequences": cfg.test_sequences or cfg.val_sequences,
+            "add_bos": bos is not None,
             "seed": cfg.seed,
             "text_field": cfg.text_field,
             "domain_field": cfg.domain_field,
@@ -306,14 +407,30 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
             "fingerprint": fingerprint,
             "domains": domains,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        typed = Manifest.model_validate(manifest)
+        write_manifest(tmp, typed)  # also records what `--overwrite` may later replace
+        manifest = typed.model_dump(mode="json")
         _publish(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            raise _disk_full(out, corpus, dtype) from None
         raise
     if progress:
         print(summary_table(manifest))
     return manifest
+
+
+def bos_token(tokenizer, add_bos: bool | None, name: str) -> int | None:
+    """The BOS id to start every document with, or None. `add_bos=None` follows the tokenizer:
+    BOS when `tokenizer("a")` starts with it (LLaMA-2, TinyLlama), not otherwise (Qwen, GPT-2)."""
+    bos = tokenizer.bos_token_id
+    if add_bos is None:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+        return bos if bos is not None and ids[:1] == [bos] else None
+    if add_bos and bos is None:
+        raise DDKError(f"prepare.add_bos is true but tokenizer '{name}' has no BOS token")
+    return bos if add_bos else None
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -327,7 +444,7 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress):
+def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, bos=None):
     writers: dict[str, _DomainWriter] = {}
     names: dict[str, str] = {}
     bars: dict[str, tqdm] = {}
@@ -375,8 +492,9 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress):
                         leave=True,
                         dynamic_ncols=True,
                     )
-            encodings = [e.ids for e in encode(texts, add_special_tokens=False)]
-            writers[domain].append(doc_ids, encodings, eos)
+            encodings = encode_documents(encode, texts)  # long documents in bounded pieces
+            hashes = [text_hash(t) for t in texts]  # for the held-out duplicate check
+            writers[domain].append(doc_ids, encodings, eos, hashes, bos)
             if progress:
                 bar = bars[domain]
                 done = sum(len(t.encode("utf-8")) for t in texts)
@@ -396,16 +514,32 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress):
 
 def summary_table(manifest: dict) -> str:
     rows = [
-        [name, d["documents"], d["train_tokens"], d["val_tokens"], d["train_sequences"]]
+        [
+            name,
+            d["documents"],
+            d["train_tokens"],
+            d["train_sequences"],
+            f"{d['val_sequences']} ({d['val_documents']})",
+            f"{d['test_sequences']} ({d['test_documents']})",
+            d["duplicates_dropped"],
+        ]
         for name, d in manifest["domains"].items()
     ]
-    total = [
-        "total",
-        sum(r[1] for r in rows),
-        sum(r[2] for r in rows),
-        sum(r[3] for r in rows),
-        sum(r[4] for r in rows),
+    total = ["total"] + [sum(r[i] for r in rows) for i in (1, 2, 3)]
+    total += [
+        f"{sum(d['val_sequences'] for d in manifest['domains'].values())}",
+        f"{sum(d['test_sequences'] for d in manifest['domains'].values())}",
+        sum(r[6] for r in rows),
     ]
     return format_table(
-        ["domain", "documents", "train tokens", "val tokens", "train sequences"], rows + [total]
+        [
+            "domain",
+            "documents",
+            "train tokens",
+            "train sequences",
+            "val windows (docs)",
+            "test windows (docs)",
+            "duplicates dropped",
+        ],
+        rows + [total],
     )

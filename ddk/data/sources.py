@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,53 @@ TEXT_SUFFIXES = {".txt"}
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet"}
 DATA_SUFFIXES = TEXT_SUFFIXES | RECORD_SUFFIXES
 _PARQUET_BATCH = 1024
+_SNIFF_BYTES = 1 << 16  # the head of a file whose characters are checked for binary content
+# A file whose undecodable or control characters exceed this share is binary, not text: text in
+# a legacy encoding (Latin-1, ...) stays far below it, executables and images far above.
+_BINARY_SHARE = 0.3
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # also the start of the UTF-32 ones
+_CONTROL = dict.fromkeys([*range(0, 9), 11, *range(14, 32), 127])
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _check_not_utf16(head: bytes, path: Path) -> None:
+    if head.startswith(_UTF16_BOMS):
+        raise DDKError(
+            f"{path} is UTF-16 text (it starts with a byte-order mark); ddk reads UTF-8: convert "
+            "it, e.g. `iconv -f UTF-16 -t UTF-8`"
+        )
+
+
+def binary_reason(data: bytes) -> str | None:
+    """Why `data` is not text (NUL bytes, or mostly undecodable/control characters in its
+    head), or None."""
+    if b"\x00" in data:
+        return "NUL bytes; if it is UTF-16 text, convert it to UTF-8"
+    if not data:
+        return None
+    text = data[:_SNIFF_BYTES].decode("utf-8", errors="replace")
+    odd = text.count("\ufffd") + len(text) - len(text.translate(_CONTROL))
+    if odd > _BINARY_SHARE * len(text):
+        return f"{odd / len(text):.0%} undecodable or control characters"
+    return None
+
+
+def _skip_binary(source: SourceFile, reason: str) -> None:
+    _warn(f"skipping '{source.path}' of domain '{source.domain}': binary, not text ({reason})")
+
+
+def _decode(data: bytes, where: str, offset: int = 0) -> str:
+    """Strict UTF-8, with an error naming the first bad byte's offset in its file."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DDKError(
+            f"{where}: not UTF-8 (invalid byte at offset {offset + e.start}); convert the file "
+            "to UTF-8"
+        ) from None
 
 
 @dataclass
@@ -95,9 +143,13 @@ def discover(input_path: str | Path) -> Corpus:
         return Corpus("domain_field", [SourceFile(p, None, p.stat().st_size) for p in loose])
     if not subdirs:
         raise DDKError(f"'{root}' holds no domain sub-folders and no .jsonl/.json/.parquet files")
+    real_root = root.resolve()
+    subdirs = [sub for sub in subdirs if not _loops_back(sub, real_root)]
+    if not subdirs:
+        raise DDKError(f"'{root}' holds no domain sub-folders besides links back into it")
     files = []
     for sub in subdirs:
-        found = _data_files(sub)
+        found = [p for p in _data_files(sub) if not _duplicate_link(p, real_root)]
         if not found:
             raise DDKError(
                 f"domain '{sub.name}' ({sub}) holds no .txt/.jsonl/.json/.parquet files; "
@@ -105,6 +157,28 @@ def discover(input_path: str | Path) -> Corpus:
             )
         files += [SourceFile(p, sub.name, p.stat().st_size) for p in found]
     return Corpus("folders", files)
+
+
+def _loops_back(sub: Path, real_root: Path) -> bool:
+    """A domain folder that is a link into or above the corpus root would read its files twice."""
+    if not sub.is_symlink():
+        return False
+    target = sub.resolve()
+    if target == real_root or real_root in target.parents or target in real_root.parents:
+        _warn(f"skipping '{sub}': a link to '{target}', inside or above the corpus")
+        return True
+    return False
+
+
+def _duplicate_link(path: Path, real_root: Path) -> bool:
+    """A data file that links to another file of the corpus is read there already."""
+    if not path.is_symlink():
+        return False
+    target = path.resolve()
+    if real_root in target.parents:
+        _warn(f"skipping '{path}': a link to '{target}', which is inside the corpus")
+        return True
+    return False
 
 
 class _HashingReader:
@@ -149,21 +223,46 @@ def _record_text(record: dict, text_field: str, where: str) -> str:
     return text
 
 
+def _sniff(source: SourceFile) -> bool:
+    """Whether to read a record file: UTF-16 is an error, binary in a domain folder skipped."""
+    with open(source.path, "rb") as fh:
+        head = fh.read(_SNIFF_BYTES)
+    _check_not_utf16(head, source.path)
+    reason = binary_reason(head) if source.domain is not None else None
+    if reason:
+        _skip_binary(source, reason)
+        _hash_file(source)
+    return reason is None
+
+
 def _iter_json(source: SourceFile, text_field: str, domain_field: str):
+    if not _sniff(source):
+        return
     reader = _HashingReader(source)
     lines = reader.lines()
     first = None
+    offset = 0  # of the current line in the file, for error messages
     for number, line in lines:
         if line.strip():
             first = (number, line)
             break
+        offset += len(line)
     if first is None:
         return
+    if first[1].startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, harmless
+        first = (first[0], first[1][3:])
+        offset += 3
     if first[1].lstrip().startswith(b"["):
         # A JSON array file: small by nature, parsed whole.
         rest = b"".join([first[1]] + [line for _, line in lines])
         try:
-            records = json.loads(rest)
+            text = rest.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line_no = first[0] + rest[: e.start].count(b"\n")
+            where = f"{source.path} line {line_no}"
+            text = _decode(rest, where, offset)  # raises, naming the byte
+        try:
+            records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DDKError(f"{source.path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         for i, rec in enumerate(records):
@@ -181,11 +280,13 @@ def _iter_json(source: SourceFile, text_field: str, domain_field: str):
         yield from lines
 
     for number, line in all_lines():
+        start, offset = offset, offset + len(line)
         if not line.strip():
             continue
         where = f"{source.path} line {number}"
+        text = _decode(line, where, start)
         try:
-            rec = json.loads(line)
+            rec = json.loads(text)
         except json.JSONDecodeError:
             raise DDKError(f"{where}: not valid JSON; fix or remove the line") from None
         if not isinstance(rec, dict):
@@ -204,6 +305,12 @@ def _iter_parquet(source: SourceFile, text_field: str, domain_field: str):
     names = pf.schema_arrow.names
     if text_field not in names:
         raise DDKError(f"{source.path}: no '{text_field}' column; set prepare.text_field")
+    column_type = pf.schema_arrow.field(text_field).type
+    if not is_text_type(column_type):
+        raise DDKError(
+            f"{source.path}: column '{text_field}' holds {column_type}, not strings; set "
+            "prepare.text_field to the text column"
+        )
     columns = [text_field]
     if source.domain is None:
         if domain_field not in names:
@@ -225,10 +332,29 @@ def _iter_parquet(source: SourceFile, text_field: str, domain_field: str):
                 yield _domain_value(domains[i], domain_field, f"{source.path} row {row}"), text
 
 
+def is_text_type(arrow_type) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    return (
+        pa.types.is_string(arrow_type)
+        or pa.types.is_large_string(arrow_type)
+        or getattr(pa.types, "is_string_view", lambda _: False)(arrow_type)
+    )
+
+
 def _iter_txt(source: SourceFile):
-    reader = _HashingReader(source)
-    data = b"".join(line for _, line in reader.lines())
-    text = data.decode("utf-8", errors="replace")
+    data = source.path.read_bytes()  # one document: read whole, hashed from memory
+    source.sha256 = hashlib.sha256(data).hexdigest()
+    _check_not_utf16(data, source.path)
+    reason = binary_reason(data)
+    if reason:
+        _skip_binary(source, reason)
+        return
+    text = _decode(data, str(source.path))
+    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark is not part of the text
+        text = text[1:]
     if text.strip():
         yield source.domain, text
 
@@ -271,6 +397,12 @@ def _iter_hf_dataset(corpus: Corpus, text_field: str, domain_field: str):
                 f"{corpus.dataset_path}: dataset has no '{name}' column "
                 f"(columns: {', '.join(ds.column_names)})"
             )
+    dtype = getattr(ds.features[text_field], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise DDKError(
+            f"{corpus.dataset_path}: column '{text_field}' holds {dtype or 'nested values'}, not "
+            "strings; set prepare.text_field to the text column"
+        )
     for f in corpus.files:
         _hash_file(f)
     row = 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddk.config import Config, PrepareSection, load_config
+from ddk.errors import DDKError
 from ddk.table import format_table
 
 
@@ -210,18 +211,36 @@ def _distill(
         import shutil
 
         shutil.rmtree(run_dir)
+    base, variant = split_variant(method)
     overrides = [
         f"model.teacher={teacher}",
         f"model.student={student}",
         f"data.prepared={data}",
-        f"distill.method={method}",
+        f"distill.method={base}",
         f"distill.K={size.K}",
         *_common_trainer(size, steps, run_dir, 1e-3, seed),
     ]
+    if variant == "floor":
+        overrides.append("distill.init_floor=true")
     cfg = load_config(None, overrides)
     cfg.save(configs / f"distill_{method}.yaml")
     _finished(start_run(cfg))
     return run_dir
+
+
+VARIANTS = {"": "the method as configured", "floor": "distill.init_floor=true (ddk only)"}
+
+
+def split_variant(label: str) -> tuple[str, str]:
+    """'ddk+floor' -> ('ddk', 'floor'): a method plus an opt-in variant, as the report labels it."""
+    from ddk.methods import METHODS
+
+    base, _, variant = label.partition("+")
+    if base not in METHODS or variant not in VARIANTS or (variant and base != "ddk"):
+        raise DDKError(
+            f"demo method '{label}' is unknown; use one of {', '.join(METHODS)} or ddk+floor"
+        )
+    return base, variant
 
 
 def demo_table(summary: dict) -> str:
@@ -258,8 +277,51 @@ def run_demo(args) -> dict:
     }
     size = DemoSize(**{**size.__dict__, **{k: v for k, v in changes.items() if v is not None}})
     steps = args.steps or size.distill_steps
+    methods = list(args.methods) + (
+        ["ddk+floor"] if getattr(args, "init_floor_variant", False) else []
+    )
+    methods = list(dict.fromkeys(methods))
+    for m in methods:
+        split_variant(m)  # refuse a typo before minutes of corpus building
     t0 = time.perf_counter()
     out = Path(args.out).expanduser()
+    replacing = check_demo_folder(out)
+    from ddk.lock import FolderLock
+
+    with FolderLock(out, "use another --out"):
+        try:
+            if replacing:
+                print(f"replacing the previous demo in {out} (only the files it wrote)")
+            return _run_stages(args, out, size, steps, t0)
+        finally:
+            write_demo_record(out)
+
+
+DEMO_RECORD = ".ddk-demo.json"
+
+
+def check_demo_folder(out: Path) -> bool:
+    """Refuse (one line) unless OUT is new, empty, or holds only what a previous demo wrote;
+    True when there is a previous demo to replace."""
+    from ddk.ownership import check_replaceable, list_files, read_record
+
+    record = read_record(out / DEMO_RECORD)
+    check_replaceable(out, record, "demo", f"demo folder '{out}'")
+    return out.is_dir() and bool(list_files(out))
+
+
+def write_demo_record(out: Path) -> None:
+    """Everything under OUT is the demo's (check_demo_folder made sure), interrupted or not."""
+    import json
+
+    from ddk.ownership import list_files, ownership_record
+
+    if out.is_dir():
+        files = sorted(set(list_files(out)) | {DEMO_RECORD})
+        (out / DEMO_RECORD).write_text(json.dumps(ownership_record("demo", files), indent=2))
+
+
+def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     configs = out / "configs"
     configs.mkdir(exist_ok=True)
@@ -274,7 +336,7 @@ def run_demo(args) -> dict:
     print(
         f"ddk demo ({tag}) -> {out}\n"
         f"stages: corpus + tokenizer + prepare, teacher and student pre-training"
-        f"{' (cached)' if cached else ''}, distillation with {', '.join(args.methods)}, report.\n"
+        f"{' (cached)' if cached else ''}, distillation with {', '.join(methods)}, report.\n"
         f"Expect {expect} on 2 CPU cores; each stage shows a progress bar with its ETA.",
         flush=True,
     )
@@ -282,8 +344,8 @@ def run_demo(args) -> dict:
     _, data = _prepare_all(cache, out, size, args.seed, configs, t0)
     _, teacher, student = _models(cache, out / "corpus", data, size, args.seed, configs, t0)
     runs = []
-    for i, method in enumerate(args.methods, 1):
-        _stage(f"distilling with {method} ({i}/{len(args.methods)}, {steps} steps)", t0)
+    for i, method in enumerate(methods, 1):
+        _stage(f"distilling with {method} ({i}/{len(methods)}, {steps} steps)", t0)
         runs.append(_distill(method, teacher, student, data, out, size, steps, args.seed, configs))
 
     from ddk.report import summarize_runs, write_report
@@ -291,10 +353,12 @@ def run_demo(args) -> dict:
     summary = summarize_runs(runs)
     table = demo_table(summary)
     html = write_report(runs, out / "report")
-    (out / "results.md").write_text(
-        "Validation perplexity per domain (lower is better); worst ratio = largest student/teacher "
-        "perplexity ratio.\n\n```\n" + table + "\n```\n"
+    caption = (
+        f"Perplexity per domain on the {summary['split']} split (lower is better; "
+        + ("held out, nothing was tuned on it" if summary["split"] == "test" else "no test split")
+        + "); worst ratio = largest student/teacher perplexity ratio."
     )
-    print("\n" + table + "\n")
+    (out / "results.md").write_text(caption + "\n\n```\n" + table + "\n```\n")
+    print("\n" + caption + "\n" + table + "\n")
     _stage(f"done. Report: {html}  Configs to copy: {configs}", t0)
     return summary

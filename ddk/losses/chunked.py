@@ -3,7 +3,9 @@
     total = Σ_tokens CE(z_S, y) + γ · Σ_tokens D(softmax(z_T / τ), softmax(z_S / τ))
 
 over the non-ignored target tokens, with z = hidden @ W.T (+ b) trimmed to the
-first ``vocab_size`` columns. The result is a SUM: the caller divides by the
+first ``vocab_size`` columns, then the model's own scalar logit transform if it has
+one (Granite's scale, Gemma's softcap: ``ddk.logits``; None for plain models, which
+then take exactly the old path). The result is a SUM: the caller divides by the
 global token count of the optimizer step (across gradient accumulation and ranks).
 
 In the spirit of Liger-Kernel's ``fused_linear_distillation``, three layers:
@@ -49,6 +51,7 @@ from ddk.teacher.signals import DenseSignal, SparseSignal, TeacherSignal
 
 if TYPE_CHECKING:
     from ddk.config import DistillSection
+    from ddk.logits import LogitTransform
 
 IGNORE_INDEX = -100
 
@@ -74,15 +77,22 @@ class _Settings:
     divergence_fn: DivergenceFn | None  # None: no teacher, CE only
     skew_lambda: float
     chunk_tokens: int
+    # Scalar scale / softcap of models whose logits are not hidden @ W.T + b (ddk.logits).
+    student_transform: LogitTransform | None = None
+    # (The teacher's transform travels in its DenseSignal; a sparse signal already has it.)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """hidden @ weight.T (+ bias) in the input dtype, returned in (at least) float32."""
-    return F.linear(hidden, weight, bias).to(_compute_dtype(hidden.dtype))
+def _logits(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, transform: LogitTransform | None = None
+) -> Tensor:
+    """hidden @ weight.T (+ bias) in the input dtype, returned in (at least) float32, then the
+    model's own logit transform (if any) in that precision."""
+    z = F.linear(hidden, weight, bias).to(_compute_dtype(hidden.dtype))
+    return z if transform is None else transform(z)
 
 
 def _divergence(logits: Tensor, teacher: TeacherSignal, s: _Settings) -> Tensor:
@@ -97,8 +107,16 @@ def _divergence(logits: Tensor, teacher: TeacherSignal, s: _Settings) -> Tensor:
 
 
 def _teacher_logits(teacher: DenseSignal) -> Tensor:
-    z = _logits(teacher.hidden, teacher.head_weight, teacher.head_bias)
-    return z if teacher.transform is None else teacher.transform(z)
+    return _logits(teacher.hidden, teacher.head_weight, teacher.head_bias, teacher.transform)
+
+
+def _with_transform(teacher: TeacherSignal | None, transform) -> TeacherSignal | None:
+    """Fold a ``teacher_transform`` argument into the dense signal that it belongs to."""
+    if transform is None or teacher is None:
+        return teacher
+    if isinstance(teacher, SparseSignal):
+        raise ValueError("teacher_transform applies to a dense teacher; a sparse signal has it")
+    return teacher._replace(transform=transform)
 
 
 def _chunk_sums(
@@ -110,7 +128,7 @@ def _chunk_sums(
     s: _Settings,
 ) -> tuple[Tensor, Tensor | None]:
     """CE sum and divergence sum of one chunk of valid (non-ignored) rows."""
-    logits = _logits(hidden, weight, bias)
+    logits = _logits(hidden, weight, bias, s.student_transform)
     ce = F.cross_entropy(logits, labels, reduction="sum")
     if s.divergence_fn is None:
         return ce, None
@@ -288,6 +306,8 @@ def fused_distill_loss(
     chunk_tokens: int = 1024,
     student_head_bias: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    student_transform: LogitTransform | None = None,
+    teacher_transform: LogitTransform | None = None,
 ) -> LossSums:
     """Σ CE + γ Σ divergence over non-ignored tokens, chunk by chunk (see the module doc).
 
@@ -299,6 +319,7 @@ def fused_distill_loss(
     ``gamma == 0`` or ``teacher is None``. No gradient reaches the teacher.
     """
     div_fn = get_divergence(divergence)  # validates the name even when unused
+    teacher = _with_transform(teacher, teacher_transform)
     _validate(
         student_hidden, student_head_weight, labels, teacher, vocab_size, tau, skew_lambda,
         chunk_tokens,
@@ -306,7 +327,13 @@ def fused_distill_loss(
     if not _uses_teacher(divergence, gamma, teacher):
         div_fn = teacher = None
     settings = _Settings(
-        vocab_size, float(gamma), float(tau), div_fn, float(skew_lambda), chunk_tokens
+        vocab_size,
+        float(gamma),
+        float(tau),
+        div_fn,
+        float(skew_lambda),
+        chunk_tokens,
+        student_transform,
     )
     rows = (labels != ignore_index).nonzero().squeeze(1)  # the one host sync of a call
     args = (student_hidden, student_head_weight, student_head_bias, teacher, rows, labels)
@@ -335,6 +362,8 @@ def naive_distill_loss(
     chunk_tokens: int = 1024,
     student_head_bias: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    student_transform: LogitTransform | None = None,
+    teacher_transform: LogitTransform | None = None,
 ) -> LossSums:
     """Reference for ``fused_distill_loss``: full [N, V] logits, ordinary autograd.
 
@@ -343,8 +372,11 @@ def naive_distill_loss(
     """
     del chunk_tokens
     div_fn = get_divergence(divergence)
+    teacher = _with_transform(teacher, teacher_transform)
     _validate(student_hidden, student_head_weight, labels, teacher, vocab_size, tau, skew_lambda, 1)
     logits = _logits(student_hidden, student_head_weight, student_head_bias)[:, :vocab_size]
+    if student_transform is not None:
+        logits = student_transform(logits)
     ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     mask = labels != ignore_index
     tokens = int(mask.sum())
@@ -375,13 +407,14 @@ def chunked_ce_sum(
     chunk_tokens: int = 1024,
     head_bias: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    transform: LogitTransform | None = None,
 ) -> tuple[Tensor, int]:
     """(Σ CE over non-ignored tokens as a 0-dim float32 tensor, token count), no graph.
 
     For evaluation: per-domain perplexity = exp(Σ sums / Σ tokens) over batches.
     """
     _validate(hidden, head_weight, labels, None, vocab_size, 1.0, 0.0, chunk_tokens)
-    settings = _Settings(vocab_size, 0.0, 1.0, None, 0.0, chunk_tokens)
+    settings = _Settings(vocab_size, 0.0, 1.0, None, 0.0, chunk_tokens, transform)
     rows = (labels != ignore_index).nonzero().squeeze(1)
     ce, _, _ = _run_chunks(
         hidden, head_weight, head_bias, None, rows, labels, settings, (False,) * 3
@@ -432,6 +465,9 @@ class FusedDistillLoss(nn.Module):
         labels: Tensor,
         teacher: TeacherSignal | None = None,
         student_head_bias: Tensor | None = None,
+        *,
+        student_transform: LogitTransform | None = None,
+        teacher_transform: LogitTransform | None = None,
     ) -> LossSums:
         return fused_distill_loss(
             student_hidden,
@@ -446,6 +482,8 @@ class FusedDistillLoss(nn.Module):
             chunk_tokens=self.chunk_tokens,
             student_head_bias=student_head_bias,
             ignore_index=self.ignore_index,
+            student_transform=student_transform,
+            teacher_transform=teacher_transform,
         )
 
     def extra_repr(self) -> str:

@@ -310,12 +310,13 @@ def build_cache(cfg, progress: bool = True) -> Path:
         # The teacher's exact perplexities (full softmax, not top-k): DDK's Eq. 1/2 use them.
         ppl = {}
         for split in ("val", "test"):
-            if split == "test" and not getattr(data, "has_split", lambda s: False)("test"):
-                continue  # data prepared without a test split
+            if split == "test" and not data.has_split("test"):
+                continue  # data prepared before test splits
             result = domain_perplexities(
                 model,
-                data if split == "val" else _SplitAsVal(data, split),
+                data,
                 vocab_size=data.vocab_size,
+                split=split,
                 batch_size=cfg.trainer.eval_batch_size,
                 autocast=rt.autocast,
                 chunk_tokens=cfg.distill.loss_chunk_tokens,
@@ -342,21 +343,6 @@ def build_cache(cfg, progress: bool = True) -> Path:
     finally:
         if lock is not None:
             lock.release()
-
-
-class _SplitAsVal:
-    """Prepared data whose "val" windows are another split's (`domain_perplexities` reads val)."""
-
-    class _Shard:
-        def __init__(self, shard, split: str):
-            self._shard, self._split = shard, split
-            self.num_val_sequences = shard.num_sequences(split)
-
-        def sequences(self, _split: str, indices):
-            return self._shard.sequences(self._split, indices)
-
-    def __init__(self, data, split: str):
-        self.domains = {n: self._Shard(s, split) for n, s in data.domains.items()}
 
 
 # ---------------------------------------------------------------------------------- checks

@@ -25,6 +25,16 @@ def _decode_docs(folder: Path, split: str, dtype, tok) -> dict[int, str]:
     return out
 
 
+def _held_out_pieces(folder: Path, split: str, dtype) -> dict[int, tuple[int, ...]]:
+    tokens = np.fromfile(folder / f"{split}.bin", dtype=dtype)
+    out, pos = {}, 0
+    for doc_id, length in np.load(folder / f"{split}_docs.npy"):
+        out[int(doc_id)] = tuple(tokens[pos : pos + length].tolist())
+        pos += length
+    assert pos == len(tokens)
+    return out
+
+
 def test_round_trip_and_disjoint_split(prepared_dir, corpus, tokenizer_dir):
     _, docs = corpus
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -32,13 +42,24 @@ def test_round_trip_and_disjoint_split(prepared_dir, corpus, tokenizer_dir):
     dtype = np.dtype(manifest["token_dtype"])
     for domain, texts in docs.items():
         folder = prepared_dir / manifest["domains"][domain]["folder"]
-        train = _decode_docs(folder, "train", dtype, tok)
-        val = _decode_docs(folder, "val", dtype, tok)
-        assert not set(train) & set(val), "a document is in both splits"
-        assert sorted(list(train.values()) + list(val.values())) == sorted(texts)
         info = manifest["domains"][domain]
+        train = _decode_docs(folder, "train", dtype, tok)
+        held = {s: _held_out_pieces(folder, s, dtype) for s in ("val", "test")}
+        assert not set(train) & set(held["val"]), "a document is in train and val"
+        assert not set(train) & set(held["test"]), "a document is in train and test"
+        assert not set(held["val"]) & set(held["test"]), "a document is in val and test"
+        # held-out: the first <= 32 tokens of a whole document each (so 4 windows need >= 4)
+        encoded = [tuple(tok(t, add_special_tokens=False)["input_ids"] + [0])[:32] for t in texts]
+        for split, pieces in held.items():
+            assert all(p in encoded for p in pieces.values())
+            assert info[f"{split}_documents"] == len(pieces) >= 4
+            assert info[f"{split}_sequences"] == 4
+            assert info[f"{split}_tokens"] >= 4 * 32 + 1
+        assert set(train.values()) <= set(texts)
         assert info["documents"] == len(texts)
-        assert info["val_tokens"] >= 4 * 32 + 1  # val_sequences x seq_len + 1
+        assert info["train_documents"] + len(held["val"]) + len(held["test"]) + info[
+            "duplicates_dropped"
+        ] == len(texts)
         assert info["train_sequences"] == (info["train_tokens"] - 1) // 32
 
 
@@ -178,7 +199,7 @@ def test_refuses_other_corpus_unless_overwrite(tmp_path, corpus, tokenizer_dir, 
     (out / "keep.txt").write_text("user file")
     cfg = PrepareSection(input=str(corpus[0]), output=str(out), seq_len=32, val_sequences=4)
     for overwrite in (False, True):  # --overwrite replaces prepared data, never other files
-        with pytest.raises(DDKError, match="not ddk prepared data; choose another output"):
+        with pytest.raises(DDKError, match="ddk did not write.*choose another folder"):
             prepare(
                 cfg.model_copy(update={"overwrite": overwrite}), str(tokenizer_dir), progress=False
             )

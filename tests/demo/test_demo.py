@@ -89,7 +89,11 @@ def test_demo_quick(tmp_path, capsys):
         )
         == 0
     )
-    assert "using cached teacher and student" in capsys.readouterr().out
+    second = capsys.readouterr().out
+    assert "using cached teacher and student" in second
+    # It replaced only what the first demo wrote, and said so.
+    assert "replacing the previous demo" in second
+    assert (out / ".ddk-demo.json").is_file()
 
 
 def _readme_first_command() -> str:

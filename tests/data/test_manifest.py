@@ -1,0 +1,165 @@
+"""The prepared-data contract: one typed reader and writer; a bad manifest is one line, exit 2."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddk.cli import main
+from ddk.data.dataset import PreparedData
+from ddk.data.manifest import FORMAT, MANIFEST, read_manifest, read_owner
+from ddk.errors import DDKError
+from ddk.lock import LOCK_NAME
+from ddk.ownership import check_replaceable, list_files
+
+
+def copy_data(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_manifest(folder: Path, fn) -> None:
+    path = folder / MANIFEST
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def test_reader_is_typed_and_owner_lists_every_file(prepared_dir, tmp_path):
+    m = read_manifest(prepared_dir)
+    assert m.format == FORMAT and m.format_version == 2
+    assert m.seq_len == 32 and m.val_sequences == 4 and m.test_sequences == 4
+    assert m.add_bos is False  # the test tokenizer (GPT-2 style) adds no BOS
+    assert m.has_split("test")
+    assert all(d.test_sequences == 4 and d.duplicates_dropped >= 0 for d in m.domains.values())
+    owner = read_owner(prepared_dir)
+    assert owner["kind"] == "prepared"
+    on_disk = [f for f in list_files(prepared_dir) if f != LOCK_NAME]
+    assert owner["files"] == on_disk
+    assert {"manifest.json", "code/test.bin", "code/heldout_hashes.npy"} <= set(on_disk)
+    # what `--overwrite` decides by: ddk's own folder may be replaced, a user's file may not
+    data = copy_data(prepared_dir, tmp_path / "data")
+    check_replaceable(data, read_owner(data), "prepared", "output")
+    (data / "notes.txt").write_text("mine")
+    with pytest.raises(DDKError, match="notes.txt"):
+        check_replaceable(data, read_owner(data), "prepared", "output")
+
+
+BAD_MANIFESTS = [
+    ("missing key", lambda m: m.pop("seq_len"), ["key 'seq_len' is missing"]),
+    (
+        "missing domain key",
+        lambda m: m["domains"]["code"].pop("train_tokens"),
+        ["key 'domains.code.train_tokens' is missing"],
+    ),
+    (
+        "missing test split key",
+        lambda m: m["domains"]["math"].pop("test_tokens"),
+        ["key 'domains.math.test_tokens' is missing"],
+    ),
+    ("wrong type", lambda m: m.update(seq_len="32"), ["key 'seq_len' is invalid"]),
+    (
+        "wrong nested type",
+        lambda m: m["tokenizer"].update(vocab_size=3.5),
+        ["key 'tokenizer.vocab_size' is invalid"],
+    ),
+    ("domains not a dict", lambda m: m.update(domains=["code"]), ["key 'domains' is invalid"]),
+    (
+        "dotdot folder",
+        lambda m: m["domains"]["code"].update(folder="../elsewhere"),
+        ["key 'domains.code.folder'", "'..'"],
+    ),
+    (
+        "absolute folder",
+        lambda m: m["domains"]["code"].update(folder="/etc"),
+        ["key 'domains.code.folder'", "absolute"],
+    ),
+    ("newer format", lambda m: m.update(format_version=99), ["newer than this ddk reads"]),
+]
+
+
+def _bad_folders(prepared_dir: Path, root: Path) -> list[tuple[str, Path, list[str]]]:
+    cases = []
+    for name, fn, words in BAD_MANIFESTS:
+        folder = copy_data(prepared_dir, root / name.replace(" ", "_"))
+        edit_manifest(folder, fn)
+        cases.append((name, folder, words))
+    corrupt = copy_data(prepared_dir, root / "corrupt")
+    (corrupt / MANIFEST).write_text('{"format_version": 2, "domains": ')
+    cases.append(("corrupt JSON", corrupt, ["is corrupt (not JSON)"]))
+    not_object = copy_data(prepared_dir, root / "not_object")
+    (not_object / MANIFEST).write_text("[1, 2]")
+    cases.append(("not an object", not_object, ["not a JSON object"]))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def bad_folders(prepared_dir, tmp_path_factory):
+    return _bad_folders(prepared_dir, tmp_path_factory.mktemp("bad_manifests"))
+
+
+def test_bad_manifest_is_one_line_naming_the_key(bad_folders):
+    for name, folder, words in bad_folders:
+        with pytest.raises(DDKError) as err:
+            read_manifest(folder)
+        msg = str(err.value)
+        assert "\n" not in msg, name
+        for w in words:
+            assert w in msg, f"{name}: {msg!r} lacks {w!r}"
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_bad_manifest_exits_2_for_eval_and_distill(
+    bad_folders, student_dir, teacher_dir, tmp_path, capsys
+):
+    for name, folder, words in bad_folders:
+        capsys.readouterr()
+        assert main(["eval", "--model", str(student_dir), "--data", str(folder)]) == 2, name
+        line = _one_error_line(capsys)
+        assert all(w in line for w in words), f"eval, {name}: {line!r}"
+
+        config = tmp_path / f"{folder.name}.yaml"
+        run_dir = tmp_path / f"run_{folder.name}"
+        data = {
+            "model": {"teacher": str(teacher_dir), "student": str(student_dir)},
+            "data": {"prepared": str(folder)},
+            "trainer": {"output_dir": str(run_dir), "max_steps": 2},
+        }
+        config.write_text(yaml.safe_dump(data))
+        assert main(["distill", str(config)]) == 2, name
+        line = _one_error_line(capsys)
+        assert "data.prepared" in line and all(w in line for w in words), f"distill, {name}"
+        assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def test_data_without_a_test_split_still_reads(prepared_dir, tmp_path):
+    """Data prepared by format 1 (no test split): readable; callers can ask and fall back."""
+    old = copy_data(prepared_dir, tmp_path / "old")
+
+    def to_format_1(m):
+        for key in ("format", "owner", "test_sequences", "add_bos"):
+            m.pop(key)
+        m["format_version"] = 1
+        for d in m["domains"].values():
+            for key in ("test_documents", "test_tokens", "test_sequences", "duplicates_dropped"):
+                d.pop(key)
+
+    edit_manifest(old, to_format_1)
+    for d in ("code", "prose", "math"):
+        (old / d / "test.bin").unlink()
+    data = PreparedData(old)
+    assert not data.has_split("test") and data.has_split("val")
+    shard = data.domains["code"]
+    assert shard.num_sequences("val") == 4
+    assert shard.sequences("val", [0]).shape == (1, 33)
+    with pytest.raises(DDKError, match="no test split"):
+        shard.num_sequences("test")
+    assert PreparedData(prepared_dir).has_split("test")

@@ -1,0 +1,257 @@
+"""Method fidelity and honest evaluation: the test split in final numbers, the opt-in floor at
+interval 0, what the sampler did, baselines that survive a NaN evaluation, teacher perplexities
+computed once per (data, teacher), and the opt-in τ² factor."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ddk.data.dataset import PreparedData
+from ddk.domains import floored_initial_weights, next_weights
+from ddk.errors import DDKError
+from ddk.evaluate import domain_perplexities
+from ddk.metrics import read_metrics
+from ddk.models import load_model
+from ddk.report import summarize_runs, write_report
+from ddk.trainer import DistillStep, Trainer, start_run
+from tests.test_trainer import make_config
+
+
+def _events(run, name):
+    return [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == name]
+
+
+# ----------------------------------------------------------------------------- init_floor
+def test_floored_initial_weights_match_naive_reference():
+    s, t, alpha = [30.0, 12.0, 900.0], [10.0, 11.0, 100.0], 0.5
+    x = [a / b for a, b in zip(s, t)]
+    z = sum(math.exp(v) for v in x)
+    naive = [alpha * math.exp(v) / z + (1 - alpha) / 3 for v in x]
+    got = floored_initial_weights(s, t, alpha)
+    np.testing.assert_allclose(got, naive, rtol=1e-12)
+    assert got.sum() == pytest.approx(1.0) and got.min() >= (1 - alpha) / 3
+    floored = next_weights("ddk", 0, None, s, t, alpha, None, init_floor=True)
+    np.testing.assert_allclose(floored, naive, rtol=1e-12)
+    plain = next_weights("ddk", 0, None, s, t, alpha, None)  # the paper: no floor
+    assert plain.min() < 1e-3
+    # later intervals are Eq. 2 either way
+    later = [next_weights("ddk", 1, plain, s, t, alpha, None, init_floor=f) for f in (0, 1)]
+    np.testing.assert_array_equal(*later)
+
+
+# ----------------------------------------------------------------------------- test split
+def _with_test_split(prepared_dir, dest, n=4):
+    """A copy of the prepared data with a test split (windows unlike the validation ones)."""
+    shutil.copytree(prepared_dir, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    L = manifest["seq_len"]
+    for info in manifest["domains"].values():
+        folder = dest / info["folder"]
+        tokens = np.fromfile(folder / "train.bin", dtype=manifest["token_dtype"])
+        tokens[-(n * L + 1) :].tofile(folder / "test.bin")
+        info["test_tokens"], info["test_sequences"] = n * L + 1, n
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def test_final_numbers_come_from_the_test_split(tmp_path, teacher_dir, student_dir, prepared_dir):
+    data_dir = _with_test_split(prepared_dir, tmp_path / "data")
+    run = tmp_path / "run"
+    cfg = make_config(run, teacher_dir, student_dir, data_dir, **{"trainer.max_steps": 3})
+    final = start_run(cfg)
+    data = PreparedData(data_dir)
+    record = _events(run, "final_eval")[0]
+    assert record["split"] == "test"
+    student = domain_perplexities(load_model(str(final), dtype=torch.float32, what="s"), data,
+                                  vocab_size=data.vocab_size, split="test")  # fmt: skip
+    teacher = load_model(str(teacher_dir), dtype=torch.float32, what="t")
+    t_test = domain_perplexities(teacher, data, vocab_size=data.vocab_size, split="test")
+    t_val = domain_perplexities(teacher, data, vocab_size=data.vocab_size, split="val")
+    before = load_model(str(student_dir), dtype=torch.float32, what="s")
+    s_before = domain_perplexities(before, data, vocab_size=data.vocab_size, split="test")
+    first_update = _events(run, "domain_update")[0]
+    for d, e in record["domains"].items():
+        assert e["student_ppl"] == pytest.approx(student[d]["ppl"], rel=1e-4)
+        assert e["teacher_ppl"] == pytest.approx(t_test[d]["ppl"], rel=1e-5)
+        assert e["student_before_ppl"] == pytest.approx(s_before[d]["ppl"], rel=1e-5)
+        # the curves stay on the validation split DDK steers by
+        assert first_update["domains"][d]["teacher_ppl"] == pytest.approx(t_val[d]["ppl"], rel=1e-5)
+        assert abs(t_test[d]["ppl"] - t_val[d]["ppl"]) > 1e-3 * t_val[d]["ppl"]
+    summary = summarize_runs([run])
+    assert summary["split"] == "test"
+    assert summary["teacher"] == {d: e["teacher_ppl"] for d, e in record["domains"].items()}
+    assert summary["before"] == {d: e["student_before_ppl"] for d, e in record["domains"].items()}
+    page = write_report([run], tmp_path / "report")
+    assert "held-out test split" in (page.parent / "summary.md").read_text()
+
+
+# ----------------------------------------------------------------------------- the sampler
+def test_starved_and_repeated_domains_are_reported(
+    tmp_path, teacher_dir, student_dir, prepared_dir, capsys
+):
+    run = tmp_path / "run"
+    cfg = make_config(
+        run,
+        teacher_dir,
+        student_dir,
+        prepared_dir,
+        **{
+            "distill.method": "kd",
+            "distill.mixture": "{code: 1.0}",
+            "distill.K": 1000,  # one interval plans 8000 rows: many passes through 'code'
+            "distill.max_domain_epochs": 2,
+            "trainer.max_steps": 1,
+        },
+    )
+    start_run(cfg)
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning: domain")]
+    assert any("'prose' gets 0 of 8000 sequences in interval 0" in w for w in warnings)
+    assert any("'math' gets 0 of 8000" in w for w in warnings)
+    assert sum("'code' has been repeated" in w for w in warnings) == 1
+    update = _events(run, "domain_update")[0]["domains"]
+    assert update["code"]["rows"] == 8000 and update["prose"]["rows"] == 0
+    sizes = PreparedData(prepared_dir).domains["code"].num_train_sequences
+    assert update["code"]["epochs"] == 8000 // sizes > 2
+    assert update["math"]["epochs"] == 0
+    summary = write_report([run], tmp_path / "report").parent / "summary.md"
+    assert "Epochs per domain" in summary.read_text()
+
+
+# ----------------------------------------------------------------------------- NaN evaluation
+@pytest.fixture
+def nan_student(tmp_path, student_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    path = tmp_path / "nan_student"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(path)
+    return path
+
+
+def test_nan_evaluation_in_kd_is_logged_and_the_run_goes_on(
+    tmp_path, teacher_dir, nan_student, prepared_dir, capsys
+):
+    overrides = {"trainer.max_steps": 4, "distill.K": 2, "trainer.max_bad_steps": 100}
+    run = tmp_path / "kd"
+    cfg = make_config(run, teacher_dir, nan_student, prepared_dir,
+                      **{"distill.method": "kd", **overrides})  # fmt: skip
+    assert start_run(cfg) is not None
+    assert "does not use it, logged as NaN" in capsys.readouterr().out
+    updates, final = _events(run, "domain_update"), _events(run, "final_eval")
+    assert len(updates) == 2 and len(final) == 1
+    assert all(math.isnan(e["student_ppl"]) for e in final[0]["domains"].values())
+    assert math.isnan(summarize_runs([run])["runs"][0]["geomean_ppl"])
+    write_report([run], tmp_path / "report")  # the report copes with NaN
+    # ddk steers by the perplexities: it stops with the clear message instead
+    cfg = make_config(tmp_path / "ddk", teacher_dir, nan_student, prepared_dir, **overrides)
+    with pytest.raises(DDKError, match="cannot update domain weights at step 0"):
+        start_run(cfg)
+
+
+# ----------------------------------------------------------------------------- teacher ppl cache
+def test_teacher_perplexities_computed_once_for_three_runs(
+    tmp_path, teacher_dir, student_dir, prepared_dir
+):
+    sources, ppls = [], []
+    for method in ("cpt", "kd", "ddk"):
+        run = tmp_path / method
+        cfg = make_config(
+            run,
+            teacher_dir,
+            student_dir,
+            prepared_dir,
+            **{
+                "distill.method": method,
+                "trainer.max_steps": 1,
+                "teacher.ppl_cache_dir": str(tmp_path / "cache"),
+            },
+        )
+        trainer = Trainer(cfg, run)
+        if method == "cpt":
+            assert trainer.teacher_model is None  # cpt needs no teacher for training
+        trainer.train()
+        saved = json.loads((run / "teacher_ppl.json").read_text())
+        sources.append(saved["source"]["val"])
+        ppls.append(saved["ppl"]["val"])
+        final = _events(run, "final_eval")[0]
+        assert all(e["teacher_ppl"] is not None for e in final["domains"].values())
+    assert sources == ["computed", "cache", "cache"]
+    assert ppls[0] == ppls[1] == ppls[2]
+    assert len(list((tmp_path / "cache").glob("*-*.json"))) == 1
+
+
+# ----------------------------------------------------------------------------- tau_squared
+def test_tau_squared_scales_the_divergence(teacher_dir, student_dir, prepared_dir, tmp_path):
+    from ddk.teacher import Batch, OnlineTeacher
+
+    data = PreparedData(prepared_dir)
+    student = load_model(str(student_dir), dtype=torch.float32, what="s")
+    teacher = OnlineTeacher(load_model(str(teacher_dir), dtype=torch.float32, what="t"))
+    seqs = data.domains["prose"].sequences("train", [0, 1])
+    sig = teacher.signal(Batch(seqs[:, :-1], None))
+    outs = {}
+    for flag in (False, True):
+        cfg = make_config(tmp_path, teacher_dir, student_dir, prepared_dir,
+                          **{"distill.tau": 2.0, "distill.tau_squared": flag})  # fmt: skip
+        step = DistillStep(student, cfg, data.vocab_size)
+        outs[flag] = step(seqs[:, :-1], seqs[:, 1:], sig)
+    plain, hinton = outs[False], outs[True]
+    assert plain.div.item() == pytest.approx(hinton.div.item(), rel=1e-6) and plain.div > 0
+    # float32 sums of a few hundred nats: compare totals, not their small differences
+    assert plain.total.item() == pytest.approx((plain.ce + 0.2 * plain.div).item(), rel=1e-6)
+    assert hinton.total.item() == pytest.approx((hinton.ce + 0.8 * hinton.div).item(), rel=1e-6)
+    assert (hinton.total - plain.total).item() == pytest.approx(0.6 * plain.div.item(), rel=1e-3)
+
+
+def test_init_floor_run_is_labelled_and_floored(tmp_path, teacher_dir, student_dir, prepared_dir):
+    from ddk.demo.run import split_variant
+
+    run = tmp_path / "floor"
+    cfg = make_config(run, teacher_dir, student_dir, prepared_dir,
+                      **{"distill.init_floor": True, "trainer.max_steps": 1})  # fmt: skip
+    start_run(cfg)
+    first = _events(run, "domain_update")[0]["domains"]
+    names = list(first)
+    s = [first[d]["student_ppl"] for d in names]
+    t = [first[d]["teacher_ppl"] for d in names]
+    expected = floored_initial_weights(s, t, 0.5)
+    np.testing.assert_allclose([first[d]["weight"] for d in names], expected, rtol=1e-9)
+    assert min(first[d]["rows"] for d in names) > 0
+    assert summarize_runs([run])["runs"][0]["label"] == "ddk+floor"
+    assert split_variant("ddk+floor") == ("ddk", "floor") and split_variant("kd") == ("kd", "")
+    for bad in ("kd+floor", "ddk+tau", "dkk"):
+        with pytest.raises(DDKError, match="ddk\\+floor"):
+            split_variant(bad)
+
+
+def test_cache_keys_follow_weights_dtype_and_data(tmp_path, teacher_dir, student_dir, prepared_dir):
+    from ddk.teacher_ppl import TeacherPPLCache, data_fingerprint, teacher_fingerprint
+
+    store = tmp_path / "store"
+    fp = teacher_fingerprint(str(teacher_dir), "torch.float32", store)
+    assert fp == teacher_fingerprint(str(teacher_dir), "torch.float32", store)  # memoised
+    assert fp != teacher_fingerprint(str(teacher_dir), "torch.bfloat16", store)
+    assert fp != teacher_fingerprint(str(student_dir), "torch.float32", store)
+    copy = shutil.copytree(teacher_dir, tmp_path / "teacher_copy")
+    assert teacher_fingerprint(str(copy), "torch.float32", store) == fp  # content, not path
+    weights = next(copy.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # one byte of the weights
+    assert teacher_fingerprint(str(copy), "torch.float32", store) != fp
+    other_data = _with_test_split(prepared_dir, tmp_path / "data")
+    assert data_fingerprint(other_data) != data_fingerprint(prepared_dir)
+    cache = TeacherPPLCache(store, data_fingerprint(prepared_dir), fp)
+    cache.put("val", {"a": {"ppl": 2.0}, "b": {"ppl": 3.0}})
+    assert cache.get("val", ["b"]) == {"b": {"ppl": 3.0}}
+    assert cache.get("val", ["a", "c"]) is None and cache.get("test", ["a"]) is None
+    other = TeacherPPLCache(store, data_fingerprint(other_data), fp)
+    assert other.get("val", ["a"]) is None
