@@ -45,6 +45,7 @@ def _worker(args: argparse.Namespace) -> dict:
     import torch
 
     from ddk.losses import fused_distill_loss, naive_distill_loss
+    from ddk.teacher.signals import DenseSignal
 
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -72,8 +73,7 @@ def _worker(args: argparse.Namespace) -> dict:
             hidden,
             weight,
             labels,
-            t_hidden,
-            t_weight,
+            DenseSignal(t_hidden, t_weight),
             vocab_size=v,
             gamma=0.2,
             tau=1.0,

@@ -1,4 +1,4 @@
-"""`ddk prepare | distill | eval | demo | report`: every command reads the same config model."""
+"""`ddk prepare | distill | cache-teacher | eval | demo | report`: every command reads the same config model."""
 
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distill a teacher into a student")
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+
+    p = sub.add_parser(
+        "cache-teacher", help="store the teacher's top-k log-probs for `teacher.mode: offline`"
+    )
+    _add_config_args(p, config_required=True)
 
     p = sub.add_parser("eval", help="per-domain test (or validation) perplexity of a model")
     p.add_argument("--model", required=True, help="model hub id or folder")
@@ -138,6 +143,13 @@ def _distill(args) -> int:
     return 0
 
 
+def _cache_teacher(args) -> int:
+    from ddk.teacher.cache import build_cache
+
+    build_cache(load_config(args.config, args.overrides))
+    return 0
+
+
 def _eval(args) -> int:
     from ddk.evaluate import evaluate_model_cli
 
@@ -170,6 +182,7 @@ def _report(args) -> int:
 COMMANDS = {
     "prepare": _prepare,
     "distill": _distill,
+    "cache-teacher": _cache_teacher,
     "eval": _eval,
     "demo": _demo,
     "report": _report,

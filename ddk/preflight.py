@@ -153,9 +153,10 @@ def preflight_problems(cfg: Config) -> list[str]:
 
     tokenizers, configs = {}, {}
     roles = [("student", cfg.model.student)]
+    offline = cfg.teacher.mode == "offline"
     if cfg.model.teacher:
         roles.append(("teacher", cfg.model.teacher))
-    elif method != "cpt":
+    elif method != "cpt" and not offline:
         problems.append(f"model.teacher: required for distill.method '{method}'")
     if not cfg.model.student:
         problems.append("model.student: required (a hub id or a local folder)")
@@ -210,4 +211,8 @@ def preflight_problems(cfg: Config) -> list[str]:
         )
         if err:
             problems.append(f"model.teacher: {err}")
+    if offline and method != "cpt":
+        from ddk.teacher.cache import cache_problems
+
+        problems.extend(cache_problems(cfg, manifest, domains))
     return problems

@@ -47,7 +47,7 @@ from ddk.resume import data_fingerprint
 from ddk.runtime import Runtime
 from ddk.sampler import DomainSampler
 from ddk.schedule import lr_lambda
-from ddk.teacher import OnlineTeacher
+from ddk.teacher import Batch, OnlineTeacher
 
 
 class DistillStep(torch.nn.Module):
@@ -76,20 +76,17 @@ class DistillStep(torch.nn.Module):
             chunk_tokens=d.loss_chunk_tokens,
         )
 
-    def forward(
-        self, input_ids, labels, teacher_hidden=None, teacher_weight=None, teacher_bias=None
-    ) -> LossSums:
+    def forward(self, input_ids, labels, teacher=None) -> LossSums:
+        """``teacher``: a DenseSignal, a SparseSignal (offline cache) or None."""
         hidden, head = hidden_and_head(self.student, input_ids)
         return self.loss(
             hidden.reshape(-1, hidden.shape[-1]),
             head.weight,
             labels.reshape(-1),
-            teacher_hidden,
-            teacher_weight,
+            teacher,
             getattr(head, "bias", None),
-            teacher_bias,
             student_transform=self.student_transform,
-            teacher_transform=self.teacher_transform,
+            teacher_transform=self.teacher_transform,  # None offline: the cache applied it
         )
 
     @property
@@ -242,6 +239,14 @@ class Trainer:
 
         cfg = self.cfg
         teacher = None
+        if cfg.teacher.mode == "offline" and self.method.teacher_for_training:
+            from ddk.teacher.cache import OfflineTeacher
+
+            # No teacher model at all: the signal and the perplexities come from the cache.
+            check_vocab(self.vocab_size, None, embedding_rows(self.student))
+            self.teacher_model = None
+            self.teacher = OfflineTeacher(cfg.teacher.cache, self.domains, self.device)
+            return
         # cpt trains on CE alone: its teacher (optional) only gives perplexities, loaded later.
         if cfg.model.teacher and self.method.teacher_for_training:
             teacher = load_teacher(
@@ -315,7 +320,21 @@ class Trainer:
 
     def teacher_perplexities_by_split(self, splits: tuple[str, ...]) -> dict[str, dict] | None:
         """{split: {domain: ppl}}: from the shared cache or computed once (ddk.teacher_ppl)."""
-        from ddk.teacher_ppl import teacher_perplexities
+        from ddk.teacher_ppl import teacher_perplexities, write_json_atomic
+
+        if self.teacher is not None and self.teacher_model is None:  # offline
+            cached = {s: self.teacher.perplexities(s) for s in dict.fromkeys(splits)}
+            if all(v is not None for v in cached.values()):  # computed by `ddk cache-teacher`
+                if self.is_main:
+                    write_json_atomic(
+                        self.run_dir / "teacher_ppl.json",
+                        {
+                            "key": {"teacher_cache": str(self.teacher.folder)},
+                            "source": {s: "teacher cache" for s in cached},
+                            "ppl": cached,
+                        },
+                    )
+                return cached
 
         return teacher_perplexities(
             self.cfg,
@@ -451,7 +470,7 @@ class Trainer:
             seqs = torch.cat(
                 [self.data.domains[self.domains[d]].sequences("train", [i]) for d, i in micro]
             )
-            batches.append(seqs)
+            batches.append((seqs, micro))  # micro: each row's (domain index, sequence index)
         return batches
 
     def train_step(self, stop_requested: bool = False) -> dict:
@@ -460,16 +479,13 @@ class Trainer:
         global_tokens = self.step_tokens
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         sums[3] = float(stop_requested)
-        for i, seqs in enumerate(batches):
+        for i, (seqs, rows) in enumerate(batches):
             seqs = seqs.to(self.device)
             input_ids, labels = seqs[:, :-1], seqs[:, 1:]
-            signal_args = ()
-            if self.uses_teacher:
-                sig = self.teacher.signal(input_ids)
-                signal_args = (sig.hidden, sig.head_weight, sig.head_bias)
+            teacher = self.teacher.signal(Batch(input_ids, rows)) if self.uses_teacher else None
             last = i == len(batches) - 1
             with rt.no_sync(self.step_module, skip_sync=not last):
-                out: LossSums = self.step_module(input_ids, labels, *signal_args)
+                out: LossSums = self.step_module(input_ids, labels, teacher)
                 # DDP averages gradients over ranks; scale so the result is sum / global tokens.
                 rt.backward(out.total * (self.world / global_tokens))
             sums[:3] += torch.stack(

@@ -195,19 +195,19 @@ def test_teacher_perplexities_computed_once_for_three_runs(
 
 # ----------------------------------------------------------------------------- tau_squared
 def test_tau_squared_scales_the_divergence(teacher_dir, student_dir, prepared_dir, tmp_path):
-    from ddk.teacher import OnlineTeacher
+    from ddk.teacher import Batch, OnlineTeacher
 
     data = PreparedData(prepared_dir)
     student = load_model(str(student_dir), dtype=torch.float32, what="s")
     teacher = OnlineTeacher(load_model(str(teacher_dir), dtype=torch.float32, what="t"))
     seqs = data.domains["prose"].sequences("train", [0, 1])
-    sig = teacher.signal(seqs[:, :-1])
+    sig = teacher.signal(Batch(seqs[:, :-1], None))
     outs = {}
     for flag in (False, True):
         cfg = make_config(tmp_path, teacher_dir, student_dir, prepared_dir,
                           **{"distill.tau": 2.0, "distill.tau_squared": flag})  # fmt: skip
         step = DistillStep(student, cfg, data.vocab_size)
-        outs[flag] = step(seqs[:, :-1], seqs[:, 1:], sig.hidden, sig.head_weight, sig.head_bias)
+        outs[flag] = step(seqs[:, :-1], seqs[:, 1:], sig)
     plain, hinton = outs[False], outs[True]
     assert plain.div.item() == pytest.approx(hinton.div.item(), rel=1e-6) and plain.div > 0
     # float32 sums of a few hundred nats: compare totals, not their small differences

@@ -16,6 +16,7 @@ from ddk.evaluate import domain_perplexities
 from ddk.logits import LogitTransform, logit_transform, transform_from_config
 from ddk.losses import fused_distill_loss, naive_distill_loss
 from ddk.models import load_model
+from ddk.teacher.signals import DenseSignal
 
 
 def _tiny(kind: str, vocab: int):
@@ -96,11 +97,12 @@ def test_fused_loss_with_transforms_matches_naive(divergence):
         student_transform=LogitTransform(0.125),
         teacher_transform=LogitTransform(1.0, softcap=3.0),
     )
-    fused = fused_distill_loss(h, w, labels, th, tw, chunk_tokens=8, **kw)
+    teacher = DenseSignal(th, tw)
+    fused = fused_distill_loss(h, w, labels, teacher, chunk_tokens=8, **kw)
     gf = torch.autograd.grad(fused.total, (h, w))
-    naive = naive_distill_loss(h, w, labels, th, tw, **kw)
+    naive = naive_distill_loss(h, w, labels, teacher, **kw)
     gn = torch.autograd.grad(naive.total, (h, w))
-    plain = naive_distill_loss(h, w, labels, th, tw, vocab_size=V, gamma=0.7, tau=2.0,
+    plain = naive_distill_loss(h, w, labels, teacher, vocab_size=V, gamma=0.7, tau=2.0,
                                divergence=divergence)  # fmt: skip
     assert fused.total.item() == pytest.approx(naive.total.item(), rel=1e-10)
     assert abs(plain.total.item() - naive.total.item()) > 1e-3  # the transform matters here

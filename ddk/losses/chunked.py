@@ -27,6 +27,10 @@ and the logits are upcast to float32 at once; softmax, CE and the divergence run
 in float32 (float64 inputs stay float64). Gradients come back in the input
 dtypes; the W/b gradient is accumulated over chunks in float32.
 
+The teacher is ONE argument: a ``DenseSignal`` (hidden states + LM head: teacher logits are
+built chunk by chunk like the student's), a ``SparseSignal`` (a top-k cache: the divergence
+runs on k + 1 buckets, see ``ddk.losses.sparse``) or ``None`` (CE only).
+
 ``naive_distill_loss`` is the plain reference with the same signature (full
 logits, ordinary autograd), and ``chunked_ce_sum`` the evaluation helper
 (per-domain perplexity = exp(sum / tokens)).
@@ -41,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddk.losses import sparse
 from ddk.losses.divergences import DivergenceFn, get_divergence
+from ddk.teacher.signals import DenseSignal, SparseSignal, TeacherSignal
 
 if TYPE_CHECKING:
     from ddk.config import DistillSection
@@ -73,7 +79,7 @@ class _Settings:
     chunk_tokens: int
     # Scalar scale / softcap of models whose logits are not hidden @ W.T + b (ddk.logits).
     student_transform: LogitTransform | None = None
-    teacher_transform: LogitTransform | None = None
+    # (The teacher's transform travels in its DenseSignal; a sparse signal already has it.)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,13 +95,35 @@ def _logits(
     return z if transform is None else transform(z)
 
 
+def _divergence(logits: Tensor, teacher: TeacherSignal, s: _Settings) -> Tensor:
+    """Per-row divergence of one chunk; ``teacher`` holds the chunk's rows (trimmed head)."""
+    if isinstance(teacher, SparseSignal):
+        student_b = sparse.student_buckets(logits, teacher.ids, s.tau)
+        teacher_b = sparse.teacher_buckets(teacher, student_b.dtype)
+        return s.divergence_fn(student_b, teacher_b, 1.0, s.skew_lambda)  # tau already applied
+    with torch.no_grad():
+        teacher_logits = _teacher_logits(teacher)
+    return s.divergence_fn(logits, teacher_logits, s.tau, s.skew_lambda)
+
+
+def _teacher_logits(teacher: DenseSignal) -> Tensor:
+    return _logits(teacher.hidden, teacher.head_weight, teacher.head_bias, teacher.transform)
+
+
+def _with_transform(teacher: TeacherSignal | None, transform) -> TeacherSignal | None:
+    """Fold a ``teacher_transform`` argument into the dense signal that it belongs to."""
+    if transform is None or teacher is None:
+        return teacher
+    if isinstance(teacher, SparseSignal):
+        raise ValueError("teacher_transform applies to a dense teacher; a sparse signal has it")
+    return teacher._replace(transform=transform)
+
+
 def _chunk_sums(
     hidden: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    teacher_hidden: Tensor | None,
-    teacher_weight: Tensor | None,
-    teacher_bias: Tensor | None,
+    teacher: TeacherSignal | None,
     labels: Tensor,
     s: _Settings,
 ) -> tuple[Tensor, Tensor | None]:
@@ -104,19 +132,29 @@ def _chunk_sums(
     ce = F.cross_entropy(logits, labels, reduction="sum")
     if s.divergence_fn is None:
         return ce, None
-    with torch.no_grad():
-        teacher_logits = _logits(teacher_hidden, teacher_weight, teacher_bias, s.teacher_transform)
-    div = s.divergence_fn(logits, teacher_logits, s.tau, s.skew_lambda).sum()
-    return ce, div
+    return ce, _divergence(logits, teacher, s).sum()
+
+
+def _trim_teacher(teacher: TeacherSignal | None, V: int) -> TeacherSignal | None:
+    if not isinstance(teacher, DenseSignal):
+        return teacher
+    bias = None if teacher.head_bias is None else teacher.head_bias[:V].detach()
+    return teacher._replace(head_weight=teacher.head_weight[:V].detach(), head_bias=bias)
+
+
+def _teacher_rows(teacher: TeacherSignal | None, idx: Tensor) -> TeacherSignal | None:
+    if teacher is None:
+        return None
+    if isinstance(teacher, SparseSignal):
+        return sparse.slice_rows(teacher, idx)
+    return teacher._replace(hidden=teacher.hidden.index_select(0, idx).detach())
 
 
 def _run_chunks(
     student_hidden: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    teacher_hidden: Tensor | None,
-    teacher_weight: Tensor | None,
-    teacher_bias: Tensor | None,
+    teacher: TeacherSignal | None,
     rows: Tensor,
     labels: Tensor,
     s: _Settings,
@@ -133,8 +171,7 @@ def _run_chunks(
     # Trimming W (not the logits) skips the padded rows' matmul; their gradient is 0.
     w = weight[:V].detach().requires_grad_(want[1])
     b = None if bias is None else bias[:V].detach().requires_grad_(want[2])
-    tw = None if teacher_weight is None else teacher_weight[:V].detach()
-    tb = None if teacher_bias is None else teacher_bias[:V].detach()
+    teacher = _trim_teacher(teacher, V)
 
     grad_h = torch.zeros_like(student_hidden) if want[0] else None
     grad_w_full = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if want[1] else None
@@ -145,9 +182,9 @@ def _run_chunks(
     for start in range(0, rows.numel(), s.chunk_tokens):
         idx = rows[start : start + s.chunk_tokens]
         h = student_hidden.index_select(0, idx).detach().requires_grad_(want[0])
-        th = None if s.divergence_fn is None else teacher_hidden.index_select(0, idx).detach()
+        t = None if s.divergence_fn is None else _teacher_rows(teacher, idx)
         with torch.set_grad_enabled(any(want)):
-            ce, div = _chunk_sums(h, w, b, th, tw, tb, labels.index_select(0, idx), s)
+            ce, div = _chunk_sums(h, w, b, t, labels.index_select(0, idx), s)
             total = ce if div is None else ce + s.gamma * div
         if any(want):
             leaves = [leaf for leaf, flag in zip((h, w, b), want) if flag]
@@ -169,7 +206,7 @@ def _run_chunks(
 
 
 class _FusedDistillFunction(torch.autograd.Function):
-    """Inputs: (student_hidden, W, b, teacher_hidden, teacher_W, teacher_b, rows, labels, settings).
+    """Inputs: (student_hidden, W, b, teacher signal, rows, labels, settings).
 
     Outputs: (total, ce_sum, div_sum); only ``total`` is differentiable, and only
     w.r.t. the first three inputs. The gradients are computed in forward.
@@ -181,25 +218,14 @@ class _FusedDistillFunction(torch.autograd.Function):
         student_hidden,
         weight,
         bias,
-        teacher_hidden,
-        teacher_weight,
-        teacher_bias,
+        teacher,
         rows,
         labels,
         settings,
     ):
         want = tuple(ctx.needs_input_grad[:3])
         ce, div, grads = _run_chunks(
-            student_hidden,
-            weight,
-            bias,
-            teacher_hidden,
-            teacher_weight,
-            teacher_bias,
-            rows,
-            labels,
-            settings,
-            want,
+            student_hidden, weight, bias, teacher, rows, labels, settings, want
         )
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(ce, div)
@@ -215,8 +241,7 @@ def _validate(
     student_hidden: Tensor,
     student_head_weight: Tensor,
     labels: Tensor,
-    teacher_hidden: Tensor | None,
-    teacher_head_weight: Tensor | None,
+    teacher: TeacherSignal | None,
     vocab_size: int,
     tau: float,
     skew_lambda: float,
@@ -231,15 +256,30 @@ def _validate(
         raise ValueError(
             f"vocab_size {vocab_size} must be in 1..{student_head_weight.shape[0]} (student head rows)"
         )
-    if teacher_hidden is not None:
-        if teacher_head_weight is None:
-            raise ValueError("teacher_hidden is given but teacher_head_weight is None")
-        if teacher_hidden.shape[0] != student_hidden.shape[0]:
-            raise ValueError("teacher_hidden and student_hidden must have the same number of rows")
-        if teacher_head_weight.shape[0] < vocab_size:
+    if isinstance(teacher, DenseSignal):
+        if teacher.head_weight is None:
+            raise ValueError("the dense teacher signal has no head_weight")
+        if teacher.hidden.shape[0] != student_hidden.shape[0]:
+            raise ValueError("teacher hidden and student_hidden must have the same number of rows")
+        if teacher.head_weight.shape[0] < vocab_size:
             raise ValueError(
-                f"teacher head has {teacher_head_weight.shape[0]} rows < vocab_size {vocab_size}"
+                f"teacher head has {teacher.head_weight.shape[0]} rows < vocab_size {vocab_size}"
             )
+    elif isinstance(teacher, SparseSignal):
+        n, k = teacher.ids.shape
+        if n != student_hidden.shape[0] or teacher.logp.shape != (n, k):
+            raise ValueError(
+                "sparse teacher ids/logp must be [N, k] with N = student_hidden rows, got "
+                f"{tuple(teacher.ids.shape)} and {tuple(teacher.logp.shape)}"
+            )
+        if teacher.log_tail.shape != (n,) or k > vocab_size:
+            raise ValueError(
+                f"sparse teacher: log_tail must be [N] and k <= vocab_size {vocab_size}"
+            )
+    elif teacher is not None:
+        raise ValueError(
+            f"teacher must be a DenseSignal, a SparseSignal or None, got {type(teacher)}"
+        )
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if not 0.0 <= skew_lambda <= 1.0:
@@ -248,16 +288,15 @@ def _validate(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
 
 
-def _uses_teacher(divergence: str, gamma: float, teacher_hidden: Tensor | None) -> bool:
-    return divergence != "none" and gamma != 0 and teacher_hidden is not None
+def _uses_teacher(divergence: str, gamma: float, teacher: TeacherSignal | None) -> bool:
+    return divergence != "none" and gamma != 0 and teacher is not None
 
 
 def fused_distill_loss(
     student_hidden: Tensor,
     student_head_weight: Tensor,
     labels: Tensor,
-    teacher_hidden: Tensor | None,
-    teacher_head_weight: Tensor | None,
+    teacher: TeacherSignal | None,
     *,
     vocab_size: int,
     gamma: float,
@@ -266,7 +305,6 @@ def fused_distill_loss(
     skew_lambda: float = 0.1,
     chunk_tokens: int = 1024,
     student_head_bias: Tensor | None = None,
-    teacher_head_bias: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     student_transform: LogitTransform | None = None,
     teacher_transform: LogitTransform | None = None,
@@ -276,23 +314,18 @@ def fused_distill_loss(
     ``student_hidden`` [N, H] are the final hidden states already aligned with
     ``labels`` [N] (shifted, flattened); ``student_head_weight`` [V_s, H] is the LM
     head (V_s >= vocab_size; extra rows are padding and get a zero gradient).
-    The teacher is skipped entirely (no matmul) when ``divergence == "none"``,
-    ``gamma == 0`` or ``teacher_hidden is None``. No gradient reaches the teacher.
+    ``teacher`` is a ``DenseSignal``, a ``SparseSignal`` (rows aligned with ``labels``) or
+    ``None``. The teacher is skipped entirely (no matmul) when ``divergence == "none"``,
+    ``gamma == 0`` or ``teacher is None``. No gradient reaches the teacher.
     """
     div_fn = get_divergence(divergence)  # validates the name even when unused
+    teacher = _with_transform(teacher, teacher_transform)
     _validate(
-        student_hidden,
-        student_head_weight,
-        labels,
-        teacher_hidden,
-        teacher_head_weight,
-        vocab_size,
-        tau,
-        skew_lambda,
+        student_hidden, student_head_weight, labels, teacher, vocab_size, tau, skew_lambda,
         chunk_tokens,
-    )
-    if not _uses_teacher(divergence, gamma, teacher_hidden):
-        div_fn = teacher_hidden = teacher_head_weight = teacher_head_bias = None
+    )  # fmt: skip
+    if not _uses_teacher(divergence, gamma, teacher):
+        div_fn = teacher = None
     settings = _Settings(
         vocab_size,
         float(gamma),
@@ -301,19 +334,9 @@ def fused_distill_loss(
         float(skew_lambda),
         chunk_tokens,
         student_transform,
-        teacher_transform,
     )
     rows = (labels != ignore_index).nonzero().squeeze(1)  # the one host sync of a call
-    args = (
-        student_hidden,
-        student_head_weight,
-        student_head_bias,
-        teacher_hidden,
-        teacher_head_weight,
-        teacher_head_bias,
-        rows,
-        labels,
-    )
+    args = (student_hidden, student_head_weight, student_head_bias, teacher, rows, labels)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in args[:3]
     )
@@ -329,8 +352,7 @@ def naive_distill_loss(
     student_hidden: Tensor,
     student_head_weight: Tensor,
     labels: Tensor,
-    teacher_hidden: Tensor | None,
-    teacher_head_weight: Tensor | None,
+    teacher: TeacherSignal | None,
     *,
     vocab_size: int,
     gamma: float,
@@ -339,7 +361,6 @@ def naive_distill_loss(
     skew_lambda: float = 0.1,
     chunk_tokens: int = 1024,
     student_head_bias: Tensor | None = None,
-    teacher_head_bias: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     student_transform: LogitTransform | None = None,
     teacher_transform: LogitTransform | None = None,
@@ -351,33 +372,26 @@ def naive_distill_loss(
     """
     del chunk_tokens
     div_fn = get_divergence(divergence)
-    _validate(
-        student_hidden,
-        student_head_weight,
-        labels,
-        teacher_hidden,
-        teacher_head_weight,
-        vocab_size,
-        tau,
-        skew_lambda,
-        1,
-    )
+    teacher = _with_transform(teacher, teacher_transform)
+    _validate(student_hidden, student_head_weight, labels, teacher, vocab_size, tau, skew_lambda, 1)
     logits = _logits(student_hidden, student_head_weight, student_head_bias)[:, :vocab_size]
     if student_transform is not None:
         logits = student_transform(logits)
     ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     mask = labels != ignore_index
     tokens = int(mask.sum())
-    if not _uses_teacher(divergence, gamma, teacher_hidden):
+    if not _uses_teacher(divergence, gamma, teacher):
         div = torch.zeros_like(ce)
         total = ce
     else:
-        with torch.no_grad():
-            teacher_logits = _logits(teacher_hidden, teacher_head_weight, teacher_head_bias)
-            teacher_logits = teacher_logits[:, :vocab_size]
-            if teacher_transform is not None:
-                teacher_logits = teacher_transform(teacher_logits)
-        per_token = div_fn(logits, teacher_logits, float(tau), float(skew_lambda))
+        if isinstance(teacher, SparseSignal):
+            student_b = sparse.student_buckets(logits, teacher.ids, float(tau))
+            teacher_b = sparse.teacher_buckets(teacher, student_b.dtype)
+            per_token = div_fn(student_b, teacher_b, 1.0, float(skew_lambda))
+        else:
+            with torch.no_grad():
+                teacher_logits = _teacher_logits(_trim_teacher(teacher, vocab_size))
+            per_token = div_fn(logits, teacher_logits, float(tau), float(skew_lambda))
         div = torch.where(mask, per_token, 0.0).sum()
         total = ce + gamma * div
     return LossSums(total, ce.detach(), div.detach(), tokens)
@@ -399,11 +413,11 @@ def chunked_ce_sum(
 
     For evaluation: per-domain perplexity = exp(Σ sums / Σ tokens) over batches.
     """
-    _validate(hidden, head_weight, labels, None, None, vocab_size, 1.0, 0.0, chunk_tokens)
+    _validate(hidden, head_weight, labels, None, vocab_size, 1.0, 0.0, chunk_tokens)
     settings = _Settings(vocab_size, 0.0, 1.0, None, 0.0, chunk_tokens, transform)
     rows = (labels != ignore_index).nonzero().squeeze(1)
     ce, _, _ = _run_chunks(
-        hidden, head_weight, head_bias, None, None, None, rows, labels, settings, (False,) * 3
+        hidden, head_weight, head_bias, None, rows, labels, settings, (False,) * 3
     )
     return ce, int(rows.numel())
 
@@ -449,10 +463,8 @@ class FusedDistillLoss(nn.Module):
         student_hidden: Tensor,
         student_head_weight: Tensor,
         labels: Tensor,
-        teacher_hidden: Tensor | None = None,
-        teacher_head_weight: Tensor | None = None,
+        teacher: TeacherSignal | None = None,
         student_head_bias: Tensor | None = None,
-        teacher_head_bias: Tensor | None = None,
         *,
         student_transform: LogitTransform | None = None,
         teacher_transform: LogitTransform | None = None,
@@ -461,8 +473,7 @@ class FusedDistillLoss(nn.Module):
             student_hidden,
             student_head_weight,
             labels,
-            teacher_hidden,
-            teacher_head_weight,
+            teacher,
             vocab_size=self.vocab_size,
             gamma=self.gamma,
             tau=self.tau,
@@ -470,7 +481,6 @@ class FusedDistillLoss(nn.Module):
             skew_lambda=self.skew_lambda,
             chunk_tokens=self.chunk_tokens,
             student_head_bias=student_head_bias,
-            teacher_head_bias=teacher_head_bias,
             ignore_index=self.ignore_index,
             student_transform=student_transform,
             teacher_transform=teacher_transform,

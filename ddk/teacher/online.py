@@ -7,17 +7,11 @@ builds teacher logits chunk by chunk, so full [tokens, vocab] teacher logits nev
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
 
 import torch
 
 from ddk.models import hidden_and_head
-
-
-class TeacherSignal(NamedTuple):
-    hidden: torch.Tensor  # [tokens, H_t]
-    head_weight: torch.Tensor  # [V_t, H_t]
-    head_bias: torch.Tensor | None
+from ddk.teacher.signals import Batch, DenseSignal
 
 
 class OnlineTeacher:
@@ -26,9 +20,9 @@ class OnlineTeacher:
         self.autocast = autocast
 
     @torch.no_grad()
-    def signal(self, input_ids: torch.Tensor) -> TeacherSignal:
+    def signal(self, batch: Batch) -> DenseSignal:
         with self.autocast():
-            hidden, head = hidden_and_head(self.model, input_ids)
-        return TeacherSignal(
+            hidden, head = hidden_and_head(self.model, batch.input_ids)
+        return DenseSignal(
             hidden.reshape(-1, hidden.shape[-1]), head.weight, getattr(head, "bias", None)
         )

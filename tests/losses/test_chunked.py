@@ -18,6 +18,7 @@ from ddk.losses import (
     fused_distill_loss,
     naive_distill_loss,
 )
+from ddk.teacher.signals import DenseSignal
 
 ALL = [*sorted(DIVERGENCES), "none"]
 
@@ -41,6 +42,12 @@ class Batch:
     t_weight: torch.Tensor
     t_bias: torch.Tensor | None
     vocab: int
+
+    @property
+    def teacher(self) -> DenseSignal | None:
+        if self.t_hidden is None:
+            return None
+        return DenseSignal(self.t_hidden, self.t_weight, self.t_bias)
 
     def leaves(self) -> list[torch.Tensor]:
         return [x for x in (self.hidden, self.weight, self.bias) if x is not None]
@@ -84,10 +91,8 @@ def run(fn, b: Batch, divergence: str, **kw):
         b.hidden,
         b.weight,
         b.labels,
-        b.t_hidden,
-        b.t_weight,
+        b.teacher,
         student_head_bias=b.bias,
-        teacher_head_bias=b.t_bias,
         **settings,
     )
     grads = torch.autograd.grad(out.total, b.leaves(), allow_unused=True)
@@ -184,7 +189,7 @@ def test_teacher_gets_no_gradient():
     b.t_hidden.requires_grad_(True)
     b.t_weight.requires_grad_(True)
     out = fused_distill_loss(
-        b.hidden, b.weight, b.labels, b.t_hidden, b.t_weight,
+        b.hidden, b.weight, b.labels, b.teacher,
         vocab_size=b.vocab, gamma=0.5, tau=1.0, divergence="forward_kl", chunk_tokens=4,
     )  # fmt: skip
     out.total.backward()
@@ -196,8 +201,8 @@ def test_grad_output_scaling_and_frozen_head():
     b = make_batch()
     b.weight.requires_grad_(False)
     kw = dict(vocab_size=b.vocab, gamma=0.3, tau=2.0, divergence="skew_kl", chunk_tokens=5)
-    fused = fused_distill_loss(b.hidden, b.weight, b.labels, b.t_hidden, b.t_weight, **kw)
-    naive = naive_distill_loss(b.hidden, b.weight, b.labels, b.t_hidden, b.t_weight, **kw)
+    fused = fused_distill_loss(b.hidden, b.weight, b.labels, b.teacher, **kw)
+    naive = naive_distill_loss(b.hidden, b.weight, b.labels, b.teacher, **kw)
     (g_fused,) = torch.autograd.grad(fused.total * 0.37, [b.hidden])
     (g_naive,) = torch.autograd.grad(naive.total * 0.37, [b.hidden])
     torch.testing.assert_close(g_fused, g_naive)
@@ -221,11 +226,13 @@ def test_halves_sum_to_whole(divergence):
     """Gradient accumulation: sums (and their gradients) over two halves add up to the whole."""
     b = make_batch(n=13, seed=5)
     kw = dict(vocab_size=b.vocab, gamma=0.4, tau=1.1, divergence=divergence, chunk_tokens=3)
-    kw.update(student_head_bias=b.bias, teacher_head_bias=b.t_bias)
-    whole = fused_distill_loss(b.hidden, b.weight, b.labels, b.t_hidden, b.t_weight, **kw)
+    kw.update(student_head_bias=b.bias)
+    whole = fused_distill_loss(b.hidden, b.weight, b.labels, b.teacher, **kw)
     g_whole = torch.autograd.grad(whole.total, b.leaves())
     parts = [
-        fused_distill_loss(b.hidden[s], b.weight, b.labels[s], b.t_hidden[s], b.t_weight, **kw)
+        fused_distill_loss(
+            b.hidden[s], b.weight, b.labels[s], b.teacher._replace(hidden=b.t_hidden[s]), **kw
+        )
         for s in (slice(0, 6), slice(6, None))
     ]
     for field in ("total", "ce", "div"):
@@ -256,9 +263,9 @@ def test_bf16_inputs(divergence):
 def test_no_grad_mode_gives_same_values():
     b = make_batch()
     kw = dict(vocab_size=b.vocab, gamma=0.5, tau=1.0, divergence="js", chunk_tokens=4)
-    with_grad = fused_distill_loss(b.hidden, b.weight, b.labels, b.t_hidden, b.t_weight, **kw)
+    with_grad = fused_distill_loss(b.hidden, b.weight, b.labels, b.teacher, **kw)
     with torch.no_grad():
-        no_grad = fused_distill_loss(b.hidden, b.weight, b.labels, b.t_hidden, b.t_weight, **kw)
+        no_grad = fused_distill_loss(b.hidden, b.weight, b.labels, b.teacher, **kw)
     assert not no_grad.total.requires_grad
     torch.testing.assert_close(no_grad.total, with_grad.total.detach())
 
@@ -283,11 +290,11 @@ def test_module_from_config():
     cfg = DistillSection(gamma=0.25, tau=1.5, divergence="reverse_kl", loss_chunk_tokens=3)
     loss = FusedDistillLoss.from_config(cfg, vocab_size=b.vocab)
     assert "reverse_kl" in repr(loss)
-    out = loss(b.hidden, b.weight, b.labels, b.t_hidden, b.t_weight, b.bias, b.t_bias)
+    out = loss(b.hidden, b.weight, b.labels, b.teacher, b.bias)
     ref = naive_distill_loss(
-        b.hidden, b.weight, b.labels, b.t_hidden, b.t_weight,
+        b.hidden, b.weight, b.labels, b.teacher,
         vocab_size=b.vocab, gamma=0.25, tau=1.5, divergence="reverse_kl",
-        student_head_bias=b.bias, teacher_head_bias=b.t_bias,
+        student_head_bias=b.bias,
     )  # fmt: skip
     torch.testing.assert_close(out.total, ref.total)
 
@@ -295,7 +302,7 @@ def test_module_from_config():
 def test_invalid_arguments():
     b = make_batch()
     kw = dict(gamma=0.5, tau=1.0, divergence="forward_kl")
-    args = (b.hidden, b.weight, b.labels, b.t_hidden, b.t_weight)
+    args = (b.hidden, b.weight, b.labels, b.teacher)
     with pytest.raises(ValueError, match="unknown divergence"):
         fused_distill_loss(*args, vocab_size=b.vocab, **{**kw, "divergence": "kl"})
     with pytest.raises(ValueError, match="vocab_size"):
@@ -306,8 +313,12 @@ def test_invalid_arguments():
         fused_distill_loss(*args, vocab_size=b.vocab, **{**kw, "tau": 0.0})
     with pytest.raises(ValueError, match="chunk_tokens"):
         fused_distill_loss(*args, vocab_size=b.vocab, chunk_tokens=0, **kw)
-    with pytest.raises(ValueError, match="teacher_head_weight"):
-        fused_distill_loss(b.hidden, b.weight, b.labels, b.t_hidden, None, vocab_size=b.vocab, **kw)
+    with pytest.raises(ValueError, match="no head_weight"):
+        fused_distill_loss(
+            b.hidden, b.weight, b.labels, DenseSignal(b.t_hidden, None), vocab_size=b.vocab, **kw
+        )
+    with pytest.raises(ValueError, match="DenseSignal"):
+        fused_distill_loss(b.hidden, b.weight, b.labels, b.t_hidden, vocab_size=b.vocab, **kw)
     with pytest.raises(ValueError, match="unknown divergence"):
         FusedDistillLoss(b.vocab, divergence="kl")
 

@@ -1,0 +1,463 @@
+"""`ddk cache-teacher`: the teacher's top-k next-token distribution over every training token,
+stored once, so `teacher.mode: offline` distils with no teacher loaded.
+
+Layout of the cache folder (``teacher.cache``)::
+
+    manifest.json                 what was cached and by which teacher (see ``_identity``)
+    <domain folder>/000000.bin    one shard: up to SHARD_SEQUENCES training sequences
+
+A shard holds, for its m sequences of L = seq_len positions (position t predicts token t+1),
+three C-order arrays back to back: ids [m, L, k] (uint16, or uint32 past 65,536 tokens),
+log-probs at temperature tau [m, L, k] (float16) and the log tail mass [m, L] (float32):
+k·(2 + id bytes) + 4 bytes per token. Each shard is written to a temporary file and renamed,
+so a shard either exists whole or not at all: an interrupted run resumes with the missing
+shards, and the result is byte for byte what an uninterrupted run writes (each shard's
+batches are the same either way). Under `accelerate launch`, rank r writes shards r::world.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ddk.errors import DDKError
+from ddk.fileutil import sha256_file
+from ddk.teacher.signals import Batch, SparseSignal
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_SEQUENCES = 64  # (choice) ~50 MB per shard at seq_len 2048, k = 64, a 150k vocabulary
+LOGP_DTYPE = np.dtype(np.float16)
+TAIL_DTYPE = np.dtype(np.float32)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def bytes_per_token(k: int, vocab_size: int) -> int:
+    return k * (id_dtype(vocab_size).itemsize + LOGP_DTYPE.itemsize) + TAIL_DTYPE.itemsize
+
+
+# ---------------------------------------------------------------------------------- identity
+def _teacher_folder(name: str) -> Path:
+    from ddk.models import resolve_local_path
+
+    path = Path(resolve_local_path(name, "teacher"))
+    if path.is_dir():
+        return path
+    try:  # a hub id: its local snapshot (the hub itself is never contacted)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        raise DDKError(
+            f"teacher '{name}' is not a local folder or a downloaded hub model; its weights must "
+            "be on disk to fingerprint the cache"
+        ) from None
+
+
+def teacher_fingerprint(name: str) -> str:
+    """SHA-256 over the teacher's config.json and the SHA-256 of each weight file."""
+    folder = _teacher_folder(name)
+    h = hashlib.sha256()
+    files = sorted(
+        f for f in folder.iterdir() if f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES
+    )
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
+        raise DDKError(f"teacher '{name}' has no weight files in '{folder}'")
+    for f in files:
+        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _as_dict(manifest) -> dict:
+    """The prepared manifest as plain JSON data (it may be a dict or a pydantic model)."""
+    return manifest.model_dump(mode="json") if hasattr(manifest, "model_dump") else manifest
+
+
+def data_fingerprint(manifest) -> str:
+    """Identifies the prepared training tokens of every domain (not only a run's subset)."""
+    manifest = _as_dict(manifest)
+    key = {
+        "created": manifest.get("created"),
+        "vocab_sha256": manifest["tokenizer"].get("vocab_sha256"),
+        "vocab_size": manifest["tokenizer"]["vocab_size"],
+        "seq_len": manifest["seq_len"],
+        "token_dtype": manifest["token_dtype"],
+        "domains": {
+            n: [d["train_tokens"], d["train_sequences"]] for n, d in manifest["domains"].items()
+        },
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _identity(m: dict) -> dict:
+    """What a cache must agree on to be resumed (or used by a run)."""
+    keys = ("format_version", "teacher_fingerprint", "data_fingerprint", "k", "tau")
+    return {k: m.get(k) for k in (*keys, "domains")}
+
+
+def read_cache_manifest(folder: str | Path) -> dict:
+    path = Path(folder).expanduser() / MANIFEST
+    if not path.is_file():
+        raise DDKError(
+            f"'{folder}' holds no teacher cache (no {MANIFEST}); run `ddk cache-teacher`"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DDKError(f"{path} is corrupt (not JSON); run `ddk cache-teacher` again") from None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _shard_path(folder: Path, info: dict, shard: int) -> Path:
+    return folder / info["folder"] / f"{shard:06d}.bin"
+
+
+def _shard_bytes(m: dict, sequences: int) -> int:
+    return sequences * m["seq_len"] * m["bytes_per_token"]
+
+
+def _shard_sequences(m: dict, info: dict, shard: int) -> int:
+    return min(m["shard_sequences"], info["sequences"] - shard * m["shard_sequences"])
+
+
+# ---------------------------------------------------------------------------------- building
+def _logit_transform(model):
+    """The teacher's own logit scale/softcap where this ddk supports one (`ddk.logits`); a ddk
+    without that module refuses such models in `hidden_and_head` instead."""
+    try:
+        from ddk.logits import logit_transform
+    except ImportError:
+        return None
+    return logit_transform(model)
+
+
+@torch.no_grad()
+def _topk_rows(model, seqs: torch.Tensor, *, vocab: int, k: int, tau: float, chunk: int, autocast):
+    """(ids, logp, log_tail) numpy arrays [B*L, ...] of the teacher's top-k at tau."""
+    from ddk.losses.sparse import sparse_from_logits
+    from ddk.models import hidden_and_head
+
+    with autocast():
+        hidden, head = hidden_and_head(model, seqs[:, :-1])
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    transform = _logit_transform(model)
+    weight = head.weight[:vocab]
+    bias = getattr(head, "bias", None)
+    bias = None if bias is None else bias[:vocab]
+    parts = []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = F.linear(hidden[start : start + chunk], weight, bias).float()
+        if transform is not None:
+            logits = transform(logits)
+        s = sparse_from_logits(logits, k, tau)
+        parts.append(
+            (
+                s.ids.cpu().numpy().astype(id_dtype(vocab)),
+                s.logp.cpu().numpy().astype(LOGP_DTYPE),
+                s.log_tail.cpu().numpy().astype(TAIL_DTYPE),
+            )
+        )
+    return [np.concatenate(p) for p in zip(*parts)]
+
+
+def _write_shard(path: Path, arrays: list[np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        for a in arrays:
+            fh.write(np.ascontiguousarray(a).tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _plan(cfg, data, teacher_fp: str) -> dict:
+    vocab = data.vocab_size
+    manifest = _as_dict(data.manifest)
+    k = cfg.teacher.cache_k
+    if k > vocab:
+        raise DDKError(f"teacher.cache_k {k} exceeds the vocabulary ({vocab} tokens); lower it")
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher": cfg.model.teacher,
+        "teacher_fingerprint": teacher_fp,
+        "data_fingerprint": data_fingerprint(manifest),
+        "vocab_size": vocab,
+        "vocab_sha256": manifest["tokenizer"].get("vocab_sha256"),
+        "seq_len": data.seq_len,
+        "k": k,
+        "tau": float(cfg.distill.tau),
+        "shard_sequences": SHARD_SEQUENCES,
+        "dtypes": {
+            "ids": id_dtype(vocab).name,
+            "logp": LOGP_DTYPE.name,
+            "log_tail": TAIL_DTYPE.name,
+        },
+        "bytes_per_token": bytes_per_token(k, vocab),
+        "domains": {
+            n: {
+                "folder": manifest["domains"][n]["folder"],
+                "sequences": s.num_train_sequences,
+                "shards": math.ceil(s.num_train_sequences / SHARD_SEQUENCES),
+            }
+            for n, s in data.domains.items()
+        },
+        "complete": False,
+    }
+
+
+def build_cache(cfg, progress: bool = True) -> Path:
+    """Run the teacher over every training sequence of `data.prepared` (the `data.domains`
+    subset if set) and write the cache to `teacher.cache`. Resumes an interrupted cache."""
+    from ddk.data.dataset import PreparedData
+    from ddk.evaluate import domain_perplexities
+    from ddk.lock import FolderLock
+    from ddk.models import check_vocab, embedding_rows, load_teacher, resolve_dtype
+    from ddk.runtime import Runtime
+
+    if not cfg.teacher.cache:
+        raise DDKError("teacher.cache: required (the folder to write the cache to)")
+    if not cfg.model.teacher:
+        raise DDKError("model.teacher: required (the teacher to cache)")
+    if not cfg.data.prepared:
+        raise DDKError("data.prepared: required (the output folder of `ddk prepare`)")
+    folder = Path(cfg.teacher.cache).expanduser()
+    rt = Runtime()
+    lock = FolderLock(folder, "write the cache").acquire() if rt.is_main else None
+    try:
+        data = PreparedData(cfg.data.prepared, cfg.data.domains)
+        plan = _plan(cfg, data, teacher_fingerprint(cfg.model.teacher))
+        if rt.is_main:
+            if (folder / MANIFEST).exists():
+                old = read_cache_manifest(folder)
+                if _identity(old) != _identity(plan):
+                    raise DDKError(
+                        f"'{folder}' holds a cache of another teacher, data, domains, k or tau; set "
+                        "teacher.cache to a new folder (or delete this one)"
+                    )
+                plan = {**old, "complete": False}
+            for stale in folder.glob("*/*.tmp"):  # from a killed run: never complete
+                stale.unlink()
+            _write_json(folder / MANIFEST, plan)
+        rt.barrier()
+
+        model = load_teacher(
+            cfg.model.teacher,
+            dtype=resolve_dtype(cfg.model.dtype, rt.device),
+            trust_remote_code=cfg.model.trust_remote_code,
+        ).to(rt.device)
+        check_vocab(data.vocab_size, embedding_rows(model), embedding_rows(model))
+        shards = [(n, j) for n, info in plan["domains"].items() for j in range(info["shards"])]
+        mine = shards[rt.rank :: rt.world_size]
+        todo = [(n, j) for n, j in mine if not _shard_path(folder, plan["domains"][n], j).exists()]
+
+        def tokens(shards):
+            return data.seq_len * sum(
+                _shard_sequences(plan, plan["domains"][n], j) for n, j in shards
+            )
+
+        with tqdm(
+            total=tokens(mine),
+            initial=tokens(mine) - tokens(todo),
+            desc="cache-teacher",
+            unit="tok",
+            unit_scale=True,
+            disable=not (progress and rt.is_main),
+            dynamic_ncols=True,
+        ) as bar:
+            for name, j in todo:
+                info = plan["domains"][name]
+                m = _shard_sequences(plan, info, j)
+                first = j * SHARD_SEQUENCES
+                pieces = []
+                for start in range(0, m, cfg.trainer.eval_batch_size):
+                    idx = range(first + start, first + min(m, start + cfg.trainer.eval_batch_size))
+                    seqs = data.domains[name].sequences("train", list(idx)).to(rt.device)
+                    pieces.append(
+                        _topk_rows(
+                            model,
+                            seqs,
+                            vocab=data.vocab_size,
+                            k=plan["k"],
+                            tau=plan["tau"],
+                            chunk=cfg.distill.loss_chunk_tokens,
+                            autocast=rt.autocast,
+                        )
+                    )
+                arrays = [np.concatenate(p) for p in zip(*pieces)]
+                _write_shard(_shard_path(folder, info, j), arrays)
+                bar.update(m * data.seq_len)
+        rt.barrier()
+
+        # The teacher's exact perplexities (full softmax, not top-k): DDK's Eq. 1/2 use them.
+        ppl = {}
+        for split in ("val", "test"):
+            if split == "test" and not data.has_split("test"):
+                continue  # data prepared before test splits
+            result = domain_perplexities(
+                model,
+                data,
+                vocab_size=data.vocab_size,
+                split=split,
+                batch_size=cfg.trainer.eval_batch_size,
+                autocast=rt.autocast,
+                chunk_tokens=cfg.distill.loss_chunk_tokens,
+            )
+            ppl[split] = {d: r["ppl"] for d, r in result.items()}
+        if rt.is_main:
+            missing = [
+                str(_shard_path(folder, plan["domains"][n], j))
+                for n, j in shards
+                if not _shard_path(folder, plan["domains"][n], j).exists()
+            ]
+            if missing:
+                raise DDKError(f"{len(missing)} cache shards are missing (first: {missing[0]})")
+            plan["teacher_ppl"] = ppl
+            plan["complete"] = True
+            _write_json(folder / MANIFEST, plan)
+            tokens = sum(i["sequences"] for i in plan["domains"].values()) * data.seq_len
+            print(
+                f"cached {tokens} tokens x top-{plan['k']} in {folder} "
+                f"({plan['bytes_per_token']} bytes/token)"
+            )
+        rt.barrier()
+        return folder
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# ---------------------------------------------------------------------------------- checks
+def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
+    """Preflight for `teacher.mode: offline`: every reason the cache cannot serve this run."""
+    prepared_manifest = None if prepared_manifest is None else _as_dict(prepared_manifest)
+    if not cfg.teacher.cache:
+        return ["teacher.cache: required with teacher.mode offline (a `ddk cache-teacher` folder)"]
+    try:
+        m = read_cache_manifest(cfg.teacher.cache)
+    except DDKError as e:
+        return [f"teacher.cache: {e}"]
+    where = f"teacher.cache: '{cfg.teacher.cache}'"
+    problems = []
+    if m.get("format_version") != FORMAT_VERSION:
+        return [f"{where} has cache format {m.get('format_version')}; build it again"]
+    if not m.get("complete"):
+        problems.append(f"{where} is incomplete; finish it with `ddk cache-teacher`")
+    if float(m["tau"]) != float(cfg.distill.tau):
+        problems.append(
+            f"{where} was built at tau {m['tau']} but distill.tau is {cfg.distill.tau}; use the "
+            "same tau or build a cache for it"
+        )
+    if prepared_manifest is not None:
+        if m["vocab_size"] != prepared_manifest["tokenizer"]["vocab_size"] or m.get(
+            "vocab_sha256"
+        ) != prepared_manifest["tokenizer"].get("vocab_sha256"):
+            problems.append(f"{where} was built for another vocabulary than data.prepared's")
+        elif m["data_fingerprint"] != data_fingerprint(prepared_manifest):
+            problems.append(
+                f"{where} was built from other prepared data than '{cfg.data.prepared}'; run "
+                "`ddk cache-teacher` on this data"
+            )
+        absent = [d for d in domains if d not in m["domains"]]
+        if absent:
+            problems.append(
+                f"{where} has no domain '{absent[0]}'; cache it or drop it from the run"
+            )
+    if cfg.model.teacher:
+        try:
+            fp = teacher_fingerprint(cfg.model.teacher)
+        except DDKError as e:
+            problems.append(f"model.teacher: {e}")
+        else:
+            if fp != m["teacher_fingerprint"]:
+                problems.append(
+                    f"{where} was built by another teacher ('{m.get('teacher')}') than "
+                    f"model.teacher '{cfg.model.teacher}'"
+                )
+    return problems
+
+
+# ---------------------------------------------------------------------------------- reading
+class OfflineTeacher:
+    """A `TeacherSource` that reads the cache: sparse signals, and the cached perplexities."""
+
+    MAX_OPEN = 128  # shard memmaps kept open (each holds a file descriptor)
+
+    def __init__(self, folder: str | Path, domains: list[str], device: torch.device):
+        self.folder = Path(folder).expanduser()
+        self.manifest = read_cache_manifest(self.folder)
+        self.domains = list(domains)
+        self.device = device
+        self.k = int(self.manifest["k"])
+        self.tau = float(self.manifest["tau"])
+        self._maps: collections.OrderedDict = collections.OrderedDict()
+
+    def _shard(self, name: str, shard: int):
+        key = (name, shard)
+        if key in self._maps:
+            self._maps.move_to_end(key)
+            return self._maps[key]
+        m, info = self.manifest, self.manifest["domains"][name]
+        n, L, k = _shard_sequences(m, info, shard), m["seq_len"], self.k
+        path = _shard_path(self.folder, info, shard)
+        if not path.is_file() or path.stat().st_size != _shard_bytes(m, n):
+            raise DDKError(
+                f"teacher cache shard '{path}' is missing or truncated; rebuild the cache"
+            )
+        ids_t = np.dtype(m["dtypes"]["ids"])
+        logp_t = np.dtype(m["dtypes"]["logp"])
+        offsets = [0, n * L * k * ids_t.itemsize]
+        offsets.append(offsets[1] + n * L * k * logp_t.itemsize)
+        arrays = (
+            np.memmap(path, dtype=ids_t, mode="r", offset=offsets[0], shape=(n, L, k)),
+            np.memmap(path, dtype=logp_t, mode="r", offset=offsets[1], shape=(n, L, k)),
+            np.memmap(
+                path, dtype=m["dtypes"]["log_tail"], mode="r", offset=offsets[2], shape=(n, L)
+            ),
+        )
+        self._maps[key] = arrays
+        if len(self._maps) > self.MAX_OPEN:
+            self._maps.popitem(last=False)
+        return arrays
+
+    def signal(self, batch: Batch) -> SparseSignal:
+        per = self.manifest["shard_sequences"]
+        ids, logp, tail = [], [], []
+        for d, i in np.asarray(batch.rows).tolist():
+            a_ids, a_logp, a_tail = self._shard(self.domains[d], i // per)
+            ids.append(a_ids[i % per])
+            logp.append(a_logp[i % per])
+            tail.append(a_tail[i % per])
+        L = batch.input_ids.shape[1]
+        if L != self.manifest["seq_len"]:
+            raise DDKError(f"teacher cache has {self.manifest['seq_len']} tokens per row, not {L}")
+
+        def stacked(parts, dtype):
+            arr = np.stack(parts).astype(dtype, copy=False)
+            return torch.from_numpy(arr.reshape(-1, *arr.shape[2:])).to(self.device)
+
+        return SparseSignal(
+            stacked(ids, np.int64), stacked(logp, np.float32), stacked(tail, np.float32)
+        )
+
+    def perplexities(self, split: str = "val") -> dict[str, float] | None:
+        ppl = self.manifest.get("teacher_ppl", {}).get(split)
+        return None if ppl is None else {d: ppl[d] for d in self.domains}

@@ -1,0 +1,54 @@
+"""What a teacher hands the loss for one micro-batch: a dense or a sparse (top-k) signal.
+
+Both are row-aligned with the flattened student hidden states [N, H] (N = batch x tokens),
+so the chunked loss can slice them with the same row indices. This module imports only torch:
+the losses depend on it, and it depends on nothing of ddk's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+
+class DenseSignal(NamedTuple):
+    """A live teacher's last hidden states plus its LM head: logits are built chunk by chunk."""
+
+    hidden: torch.Tensor  # [N, H_t]
+    head_weight: torch.Tensor  # [V_t, H_t]
+    head_bias: torch.Tensor | None = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """The teacher's own elementwise logit transform (a scale or softcap), applied to the
+    float32 logits of each chunk; None for plain ``hidden @ W.T + b``."""
+
+
+class SparseSignal(NamedTuple):
+    """The teacher's top-k next-token distribution at temperature tau, per row.
+
+    ``logp[n, j] = log softmax(z_T / tau)[ids[n, j]]`` and ``log_tail[n] = log(1 - sum_j
+    exp(logp[n, j]))`` (``-inf`` when the k ids carry all the mass, e.g. k = vocabulary size).
+    """
+
+    ids: torch.Tensor  # [N, k] int64
+    logp: torch.Tensor  # [N, k] float32 (or float64)
+    log_tail: torch.Tensor  # [N]
+
+
+TeacherSignal = DenseSignal | SparseSignal
+
+
+class Batch(NamedTuple):
+    """One micro-batch: the student's inputs plus each row's identity, so a cache can look rows up."""
+
+    input_ids: torch.Tensor  # [B, T]
+    rows: np.ndarray  # [B, 2] int: (domain index in the run's domain list, train sequence index)
+
+
+@runtime_checkable
+class TeacherSource(Protocol):
+    """Where the teacher signal comes from: a live model (online) or a top-k cache (offline)."""
+
+    def signal(self, batch: Batch) -> TeacherSignal: ...

@@ -1,0 +1,304 @@
+"""`ddk cache-teacher` and `teacher.mode: offline`: round trip, resume, refusal, reproducibility."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddk.cli import main
+from ddk.config import load_config
+from ddk.data.dataset import PreparedData
+from ddk.losses.sparse import sparse_from_logits
+from ddk.metrics import read_metrics
+from ddk.models import hidden_and_head, load_teacher
+from ddk.teacher import Batch
+from ddk.teacher import cache as cache_mod
+from ddk.teacher.cache import OfflineTeacher, build_cache, read_cache_manifest
+from ddk.trainer import resume_run, start_run
+
+K = 8
+RUN = [
+    "trainer.max_steps=12",
+    "trainer.micro_batch_size=4",
+    "trainer.lr=3e-3",
+    "trainer.min_lr=3e-4",
+    "trainer.warmup_steps=2",
+    "trainer.log_every=3",
+    "trainer.save_every=4",
+    "trainer.eval_batch_size=8",
+    "distill.K=5",
+]
+
+
+def config(teacher, student, prepared, cache, *extra):
+    return load_config(
+        None,
+        [
+            f"model.teacher={teacher}",
+            f"model.student={student}",
+            f"data.prepared={prepared}",
+            f"teacher.cache={cache}",
+            f"teacher.cache_k={K}",
+            *RUN,
+            *extra,
+        ],
+    )
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".ddk.lock"
+    }
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, teacher_dir, student_dir, prepared_dir) -> Path:
+    folder = tmp_path_factory.mktemp("cache") / "c"
+    build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
+    return folder
+
+
+def test_manifest_and_bytes_per_token(cache_dir, prepared_dir):
+    m = read_cache_manifest(cache_dir)
+    data = PreparedData(prepared_dir)
+    assert m["complete"] and m["k"] == K and m["dtypes"]["ids"] == "uint16"
+    assert m["bytes_per_token"] == K * (2 + 2) + 4
+    assert set(m["teacher_ppl"]["val"]) == set(data.names)
+    if data.has_split("test"):
+        assert set(m["teacher_ppl"]["test"]) == set(data.names)
+    for name, info in m["domains"].items():
+        assert info["sequences"] == data.domains[name].num_train_sequences
+        files = sorted((cache_dir / info["folder"]).glob("*.bin"))
+        assert len(files) == info["shards"] >= 1
+        total = sum(f.stat().st_size for f in files)
+        assert total == info["sequences"] * data.seq_len * m["bytes_per_token"]
+
+
+def test_round_trip_equals_fresh_teacher(cache_dir, teacher_dir, prepared_dir):
+    data = PreparedData(prepared_dir)
+    teacher = OfflineTeacher(cache_dir, data.names, torch.device("cpu"))
+    model = load_teacher(str(teacher_dir), dtype=torch.float32)
+    rows = np.array([[0, 0], [2, 5], [1, cache_mod.SHARD_SEQUENCES + 1], [0, 3]])
+    rows[2, 1] = min(rows[2, 1], data.domains[data.names[1]].num_train_sequences - 1)
+    seqs = torch.cat(
+        [data.domains[data.names[d]].sequences("train", [i]) for d, i in rows.tolist()]
+    )
+    got = teacher.signal(Batch(seqs[:, :-1], rows))
+    with torch.no_grad():
+        hidden, head = hidden_and_head(model, seqs[:, :-1])
+        logits = head(hidden).reshape(-1, head.weight.shape[0])[:, : data.vocab_size]
+    ref = sparse_from_logits(logits, K, 1.0)
+    torch.testing.assert_close(got.logp, ref.logp, rtol=2e-3, atol=2e-3)  # float16 storage
+    torch.testing.assert_close(got.log_tail, ref.log_tail)
+    # Ids agree except where two log-probs tie to within float16 rounding.
+    same = got.ids == ref.ids
+    assert same.float().mean() > 0.99
+    torch.testing.assert_close(
+        logits.log_softmax(-1).gather(1, got.ids), ref.logp, rtol=2e-3, atol=2e-3
+    )
+    # The cached perplexities are the teacher's exact ones.
+    from ddk.evaluate import domain_perplexities
+
+    exact = domain_perplexities(model, data, vocab_size=data.vocab_size, batch_size=8)
+    cached = read_cache_manifest(cache_dir)["teacher_ppl"]["val"]
+    for d in data.names:
+        assert cached[d] == pytest.approx(exact[d]["ppl"], rel=1e-6)
+
+
+def test_interrupted_cache_resumes_to_same_bytes(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir, monkeypatch
+):
+    folder = tmp_path / "c"
+    cfg = config(teacher_dir, student_dir, prepared_dir, folder)
+    original, written = cache_mod._write_shard, []
+
+    def die_after_two(path, arrays):
+        if len(written) == 2:
+            path.with_name(path.name + ".tmp").write_bytes(b"half a shard")  # as if killed
+            raise RuntimeError("killed")
+        original(path, arrays)
+        written.append(path)
+
+    monkeypatch.setattr(cache_mod, "_write_shard", die_after_two)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_cache(cfg, progress=False)
+    assert not read_cache_manifest(folder)["complete"]
+    assert len(list(folder.rglob("*.bin"))) == 2
+    monkeypatch.setattr(cache_mod, "_write_shard", original)
+    build_cache(cfg, progress=False)
+    assert tree(folder) == tree(cache_dir)
+
+
+def test_cache_of_another_teacher_in_the_folder_is_refused(
+    tmp_path, cache_dir, student_dir, prepared_dir, capsys
+):
+    import shutil
+
+    folder = tmp_path / "c"
+    shutil.copytree(cache_dir, folder)
+    before = tree(folder)
+    cfg = tmp_path / "cfg.yaml"
+    config(student_dir, student_dir, prepared_dir, folder).save(cfg)
+    assert main(["cache-teacher", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another teacher" in err[0]
+    assert tree(folder) == before
+
+
+def offline(teacher, student, prepared, cache, run, *extra):
+    return config(
+        teacher, student, prepared, cache, "teacher.mode=offline", f"trainer.output_dir={run}",
+        *extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ("distill.tau=2.0", "tau 1.0"),
+        ("model.teacher={student}", "another teacher"),
+        ("teacher.cache={tmp}/nothing", "no teacher cache"),
+    ],
+)
+def test_mismatched_cache_refused_before_step_1(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir, capsys, change, words
+):
+    run = tmp_path / "run"
+    change = change.format(student=student_dir, tmp=tmp_path)
+    cfg = tmp_path / "cfg.yaml"
+    offline(teacher_dir, student_dir, prepared_dir, cache_dir, run, change).save(cfg)
+    assert main(["distill", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_cache_of_other_data_refused(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir, capsys
+):
+    import shutil
+
+    other = tmp_path / "data"
+    shutil.copytree(prepared_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["created"] = "another day"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tmp_path / "cfg.yaml"
+    offline(teacher_dir, student_dir, other, cache_dir, tmp_path / "run").save(cfg)
+    assert main(["distill", str(cfg)]) == 2
+    assert "other prepared data" in capsys.readouterr().err
+
+
+def final_weights(run: Path) -> dict:
+    return load_file(run / "final" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_offline_kd_is_reproducible_and_resumable(
+    tmp_path, cache_dir, student_dir, prepared_dir, crash_at_step
+):
+    # No model.teacher at all: offline training needs only the cache.
+    runs = []
+    for name in ("a", "b"):
+        cfg = offline(
+            None, student_dir, prepared_dir, cache_dir, tmp_path / name, "distill.method=kd"
+        )
+        cfg.model.teacher = None
+        runs.append(start_run(cfg))
+    a, b = (final_weights(tmp_path / n) for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    kl = [r["kl"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "kl" in r]
+    assert kl and all(x > 0 for x in kl)
+
+    cfg = offline(None, student_dir, prepared_dir, cache_dir, tmp_path / "c", "distill.method=kd")
+    cfg.model.teacher = None
+    disarm = crash_at_step(6)
+    with pytest.raises(RuntimeError, match="crash"):
+        start_run(cfg)
+    disarm()
+    resume_run(tmp_path / "c")
+    c = final_weights(tmp_path / "c")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_offline_ddk_uses_cached_teacher_perplexities(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir
+):
+    cfg = offline(teacher_dir, student_dir, prepared_dir, cache_dir, tmp_path / "run")
+    assert start_run(cfg) is not None
+    cached = read_cache_manifest(cache_dir)["teacher_ppl"]["val"]
+    updates = [
+        r
+        for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+        if r.get("event") == "domain_update"
+    ]
+    assert len(updates) == 3  # steps 0, 5, 10
+    for d, v in updates[0]["domains"].items():
+        assert v["teacher_ppl"] == cached[d]
+    record = json.loads((tmp_path / "run" / "teacher_ppl.json").read_text())
+    assert set(record["source"].values()) == {"teacher cache"}
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_cache(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir
+):
+    """Under torchrun/accelerate launch rank r writes shards r::world: same shards, same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not installed")
+    cfg = tmp_path / "cfg.yaml"
+    config(teacher_dir, student_dir, prepared_dir, tmp_path / "c").save(cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "ddk.cli",
+         "cache-teacher", str(cfg)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    one, two = tree(cache_dir), tree(tmp_path / "c")
+    assert one.keys() == two.keys()
+    assert all(one[f] == two[f] for f in one if f.endswith(".bin"))
+    m1, m2 = (json.loads(t["manifest.json"]) for t in (one, two))
+    p1, p2 = m1.pop("teacher_ppl")["val"], m2.pop("teacher_ppl")["val"]
+    # Ranks split the validation batches differently: float32 sums differ in the last bits.
+    assert m1 == m2 and p1 == pytest.approx(p2, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_offline_at_full_k_trains_like_online(tmp_path, teacher_dir, student_dir, prepared_dir):
+    """A cache with k = vocabulary size is the teacher's whole distribution: the offline run's
+    per-step KL and loss match the online run's (to float16 storage), so rows line up."""
+    vocab = PreparedData(prepared_dir).vocab_size
+    extra = [
+        "distill.method=kd",
+        "trainer.max_steps=4",
+        "trainer.log_every=1",
+        f"teacher.cache_k={vocab}",
+    ]
+    cache = tmp_path / "full"
+    build_cache(config(teacher_dir, student_dir, prepared_dir, cache, *extra), progress=False)
+    logs = {}
+    for mode in ("online", "offline"):
+        cfg = config(
+            teacher_dir, student_dir, prepared_dir, cache, *extra, f"teacher.mode={mode}",
+            f"trainer.output_dir={tmp_path / mode}",
+        )  # fmt: skip
+        start_run(cfg)
+        logs[mode] = [r for r in read_metrics(tmp_path / mode / "metrics.jsonl") if "kl" in r]
+    assert len(logs["online"]) == len(logs["offline"]) == 4
+    for on, off in zip(logs["online"], logs["offline"]):
+        assert off["kl"] == pytest.approx(on["kl"], rel=1e-3)
+        assert off["loss"] == pytest.approx(on["loss"], rel=1e-3)
