@@ -109,8 +109,24 @@ def place_teacher(model: torch.nn.Module, requested: str, runtime, log=print) ->
         world_size=runtime.world_size,
         backend=runtime.backend,
     )
-    if runtime.is_main:
-        log(f"teacher placement: {placement} ({why})")
+    total = parameter_bytes(model)
     if placement == "replicated":
-        return model.to(device)
-    return shard_teacher(model, device, offload=placement == "cpu_offload")
+        model = model.to(device)
+    else:
+        model = shard_teacher(model, device, offload=placement == "cpu_offload")
+    if runtime.is_main:
+        log(
+            f"teacher placement: {placement} ({why}); this rank holds {local_bytes(model)} of "
+            f"{total} parameter bytes"
+        )
+    return model
+
+
+def local_bytes(model: torch.nn.Module) -> int:
+    """Parameter bytes this rank stores (its shards only, for sharded parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum(
+        (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+        for p in model.parameters()
+    )
