@@ -14,6 +14,28 @@ import torch
 
 from ddk.errors import DDKError
 
+SUPPORTED = ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP")
+
+
+def check_backend(distributed_type: str, is_fsdp2: bool) -> None:
+    """One line saying what to change when Accelerate is set up for a backend ddk cannot run."""
+    if distributed_type == "DEEPSPEED":
+        raise DDKError(
+            "DeepSpeed is not supported yet (its engine steps the optimizer itself, which ddk's "
+            "accumulation and skipped steps need to own); use FSDP2: accelerate launch "
+            "--config_file examples/accelerate/fsdp2.yaml"
+        )
+    if distributed_type not in SUPPORTED:
+        raise DDKError(
+            f"Accelerate is set up for {distributed_type}; ddk supports DDP and FSDP2 (see "
+            "examples/accelerate/)"
+        )
+    if distributed_type == "FSDP" and not is_fsdp2:
+        raise DDKError(
+            "Accelerate is set up for FSDP version 1; ddk supports FSDP2: set fsdp_version: 2 "
+            "in the accelerate config (or FSDP_VERSION=2)"
+        )
+
 
 class Runtime:
     def __init__(self, cpu: bool | None = None):
@@ -39,28 +61,18 @@ class Runtime:
                 "Accelerate is configured with gradient_accumulation_steps="
                 f"{acc.gradient_accumulation_steps}; set it to 1 and use trainer.grad_accum_steps"
             )
-        supported = (
-            DistributedType.NO,
-            DistributedType.MULTI_GPU,
-            DistributedType.MULTI_CPU,
-            DistributedType.FSDP,
-            DistributedType.DEEPSPEED,
-        )
-        if acc.distributed_type not in supported:
-            raise DDKError(
-                f"Accelerate is set up for {acc.distributed_type.value}; ddk supports DDP, FSDP2 and "
-                "DeepSpeed (see examples/accelerate/)"
-            )
-        if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
-            raise DDKError(
-                "Accelerate is set up for FSDP version 1; ddk supports FSDP2: set fsdp_version: 2 "
-                "in the accelerate config (or FSDP_VERSION=2)"
+        check_backend(acc.distributed_type.value, acc.is_fsdp2)
+        if acc.is_fsdp2 and bf16:
+            # Accelerate's bf16 policy also reduces gradients in bf16; ddk reduces in fp32
+            # (the loss is a sum over the global batch, normalised once).
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            acc.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
             )
         self.distributed_type = acc.distributed_type
         # "ddp" covers one process too: every rank holds whole weights and optimizer states.
-        self.backend = {DistributedType.FSDP: "fsdp2", DistributedType.DEEPSPEED: "deepspeed"}.get(
-            acc.distributed_type, "ddp"
-        )
+        self.backend = "fsdp2" if acc.distributed_type == DistributedType.FSDP else "ddp"
 
     # ------------------------------------------------------------------ topology
     @property

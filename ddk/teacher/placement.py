@@ -31,7 +31,6 @@ def choose_placement(
     teacher_bytes: int,
     free_bytes: int | None,
     world_size: int,
-    backend: str,
 ) -> tuple[str, str]:
     """(placement, why). `free_bytes` None means no accelerator (CPU run). Unsupported
     combinations raise DDKError with one line saying what to change."""
@@ -41,11 +40,6 @@ def choose_placement(
                 f"teacher.placement={requested} needs a distributed launch (accelerate launch / "
                 "torchrun with 2+ processes); use teacher.placement=replicated for one process"
             )
-        if backend == "deepspeed":
-            raise DDKError(
-                f"teacher.placement={requested} is not supported with DeepSpeed; use "
-                "teacher.placement=replicated, or the FSDP2 accelerate config"
-            )
         return requested, "as configured"
     if requested == "replicated":
         return "replicated", "as configured"
@@ -54,7 +48,7 @@ def choose_placement(
     if free_bytes is None:
         return "replicated", f"CPU run: teacher ({gib:.2f} GiB) in host memory"
     budget = FIT_SHARE * free_bytes
-    if teacher_bytes <= budget or world_size < 2 or backend == "deepspeed":
+    if teacher_bytes <= budget or world_size < 2:
         why = "fits" if teacher_bytes <= budget else "does not fit, but cannot be sharded here"
         return "replicated", (
             f"teacher {gib:.2f} GiB {why} ({FIT_SHARE:.0%} of {free_bytes / 2**30:.1f} GiB free)"
@@ -107,7 +101,6 @@ def place_teacher(model: torch.nn.Module, requested: str, runtime, log=print) ->
         teacher_bytes=parameter_bytes(model),
         free_bytes=free,
         world_size=runtime.world_size,
-        backend=runtime.backend,
     )
     total = parameter_bytes(model)
     if placement == "replicated":
