@@ -565,6 +565,8 @@ class Trainer:
                             "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                             "bad_steps": self.state.bad_steps_total,
                         }
+                        if self.device.type == "cuda":  # this rank's peak, for sizing runs
+                            record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                         self.metrics.write(record)
                         bar.set_postfix(
                             loss=f"{logs['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
