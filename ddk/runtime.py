@@ -2,7 +2,7 @@
 its backend, prepare/unwrap, reductions, barriers, broadcasts and full state dicts.
 
 The trainer and evaluation talk to a `Runtime`, never to Accelerate or torch.distributed
-directly, so a backend (DDP today; FSDP2 / DeepSpeed) changes this file, not the recipe.
+directly, so a backend (DDP, FSDP2) changes this file, not the recipe.
 """
 
 from __future__ import annotations
