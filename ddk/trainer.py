@@ -89,6 +89,10 @@ class DistillStep(torch.nn.Module):
         # Accelerate's FSDP2 TRANSFORMER_BASED_WRAP shards the student's decoder layers.
         return getattr(self.student, "_no_split_modules", None)
 
+    def tie_weights(self) -> None:
+        # Accelerate re-ties after FSDP2's meta-device loading (fsdp_cpu_ram_efficient_loading).
+        self.student.tie_weights()
+
     @property
     def uses_teacher(self) -> bool:
         return self.loss.divergence != "none" and self.loss.gamma != 0
