@@ -181,10 +181,8 @@ def _enable_cpu_fsdp(accelerator) -> None:
 def plain_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain (unsharded) copy of a Hugging Face model holding `state_dict`, for
     `save_pretrained`: the sharded original's parameters are DTensors, which it cannot save."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        copy = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    with torch.device("meta"):  # the same class (remote-code models too), no memory yet
+        copy = type(model)(model.config)
     copy.load_state_dict(state_dict, assign=True, strict=False)
     copy.tie_weights()
     missing = [n for n, p in copy.named_parameters() if p.is_meta]
