@@ -76,6 +76,25 @@ def test_deepspeed_on_cpu():
     )
 
 
+def test_checksums_cover_shard_files_in_sub_folders(tmp_path):
+    """Shards live in checkpoint/sharded/; a damaged shard makes the checkpoint unusable."""
+    import numpy as np
+
+    from ddk.checkpoint import begin_checkpoint, commit_checkpoint, verify_checkpoint
+
+    tmp = begin_checkpoint(tmp_path, 4)
+    (tmp / "sharded").mkdir()
+    (tmp / "sharded" / "__0_0.distcp").write_bytes(b"shard zero")
+    (tmp / "sharded" / ".metadata").write_bytes(b"meta")
+    final = commit_checkpoint(
+        tmp_path, 4, tmp, state={}, arrays={"plan": np.arange(3)}, rng_state={}, keep=2
+    )
+    assert final.name == "step-00000004" and not tmp.exists()
+    assert verify_checkpoint(final) is None
+    (final / "sharded" / "__0_0.distcp").write_bytes(b"shard 0ero")
+    assert verify_checkpoint(final) == "sharded/__0_0.distcp does not match its checksum"
+
+
 # ---------------------------------------------------------------- real 2-process runs
 def _config(path, root, teacher, student, data, micro, accum, placement="auto"):
     path.write_text(
