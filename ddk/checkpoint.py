@@ -50,24 +50,37 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def save_checkpoint(
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """A fresh temporary folder for checkpoint `step` (stale ones from killed saves removed)."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # a killed save's
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def commit_checkpoint(
     run_dir: Path,
     step: int,
+    tmp: Path,
     *,
-    model: torch.nn.Module,
-    optimizer_state: dict,
     state: dict,
     arrays: dict[str, np.ndarray],
     rng_state: dict,
     keep: int,
+    model: torch.nn.Module | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, then drop all but the newest `keep`."""
+    """Write the rest of checkpoint `step` into `tmp` (which may already hold sharded states),
+    checksum every file, rename into place, then drop all but the newest `keep`."""
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # a killed save's
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     try:
         _write_files(tmp, model, optimizer_state, state, arrays, rng_state)
     except (OSError, SafetensorError, RuntimeError) as e:
@@ -101,19 +114,48 @@ def save_checkpoint(
 
 
 def _write_files(tmp: Path, model, optimizer_state, state, arrays, rng_state) -> None:
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+    """The unsharded files, then checksums of everything in `tmp` (shards included), fsynced."""
+    if model is not None:
+        save_model(model, str(tmp / "model.safetensors"))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(rng_state, tmp / "rng.pt")
     for name, arr in arrays.items():
         np.save(tmp / f"{name}.npy", arr)
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    sums = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in _files(tmp)}
     (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
-    for p in tmp.iterdir():
+    for p in _files(tmp):
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer_state: dict,
+    state: dict,
+    arrays: dict[str, np.ndarray],
+    rng_state: dict,
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep`."""
+    tmp = begin_checkpoint(run_dir, step)
+    return commit_checkpoint(
+        run_dir,
+        step,
+        tmp,
+        state=state,
+        arrays=arrays,
+        rng_state=rng_state,
+        keep=keep,
+        model=model,
+        optimizer_state=optimizer_state,
+    )
 
 
 def _out_of_space(e: BaseException) -> bool:
@@ -134,11 +176,12 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def checkpoint_bytes(model: torch.nn.Module, optimizer_state: dict, arrays: dict) -> int:
-    """About what one checkpoint takes on disk: weights + optimizer moments + the plan."""
+def checkpoint_bytes(model: torch.nn.Module | None, optimizer_state: dict | None, arrays) -> int:
+    """About what one checkpoint takes on disk: weights + optimizer moments + the plan (the
+    unsharded part only, when model/optimizer states are sharded)."""
     return (
-        _tensor_bytes(model.state_dict())
-        + _tensor_bytes(optimizer_state)
+        (_tensor_bytes(model.state_dict()) if model is not None else 0)
+        + _tensor_bytes(optimizer_state or {})
         + sum(a.nbytes for a in arrays.values() if a is not None)
     )
 
@@ -175,16 +218,67 @@ def latest_good_checkpoint(run_dir: Path, log=print) -> Path | None:
     return None
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, device) -> dict:
-    """Load the weights into `model` and return the rest (state, optimizer, rng, arrays)."""
+def load_checkpoint(folder: Path, model: torch.nn.Module | None, device) -> dict:
+    """Load the weights into `model` and return the rest (state, optimizer, rng, arrays);
+    with `model=None` (sharded checkpoints) weights and optimizer are left to the caller."""
     try:
-        load_model(model, str(folder / "model.safetensors"), device=str(device))
-        optimizer_state = torch.load(
-            folder / "optimizer.pt", map_location=device, weights_only=True
-        )
+        optimizer_state = None
+        if model is not None:
+            load_model(model, str(folder / "model.safetensors"), device=str(device))
+            optimizer_state = torch.load(
+                folder / "optimizer.pt", map_location=device, weights_only=True
+            )
         rng_state = torch.load(folder / "rng.pt", weights_only=True)
         state = json.loads((folder / "trainer_state.json").read_text())
         arrays = {p.stem: np.load(p, allow_pickle=False) for p in folder.glob("*.npy")}
     except Exception as e:  # a checkpoint that passed its checksums but does not fit the model
         raise DDKError(f"cannot load checkpoint '{folder}': {first_line(e)}") from None
     return {"state": state, "optimizer": optimizer_state, "rng": rng_state, "arrays": arrays}
+
+
+# ---------------------------------------------------------------- sharded backends (FSDP2)
+SHARDED = "sharded"  # the torch.distributed.checkpoint folder inside a checkpoint
+
+
+def _bare(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> torch's
+
+
+def save_sharded_states(folder: Path, model: torch.nn.Module, optimizer) -> None:
+    """Every rank writes its own shard of the model and optimizer states (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, _bare(optimizer))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+
+
+def load_sharded_states(folder: Path, model: torch.nn.Module, optimizer) -> None:
+    """Read the shards into the (already sharded) model and optimizer; DCP reshards when the
+    saved and current layouts differ."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, _bare(optimizer))
+    both = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(both, checkpoint_id=str(folder))
+    except Exception as e:
+        raise DDKError(f"cannot load sharded states from '{folder}': {first_line(e)}") from None
+    set_state_dict(
+        model, _bare(optimizer), model_state_dict=both["model"], optim_state_dict=both["optim"]
+    )
+
+
+def agreed_latest_good_checkpoint(run_dir: Path, log=print) -> Path | None:
+    """`latest_good_checkpoint` checked once, on rank 0, and its verdict given to every rank
+    (the checksums are not re-hashed by each process)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes == 1:
+        return latest_good_checkpoint(run_dir, log)
+    box = [latest_good_checkpoint(run_dir, log) if state.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]

@@ -55,7 +55,8 @@ def domain_perplexities(
     """{domain: {"ppl", "loss", "tokens"}} on `split`; ranks split the sequences and sum."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    # The head is whole and on the compute device under every placement (sharded or not).
+    device = model.get_output_embeddings().weight.device
     rank, world = _world()
     transform = logit_transform(model)
     sums = torch.zeros(len(data.domains), 2, dtype=torch.float64, device=device)
@@ -63,10 +64,15 @@ def domain_perplexities(
         available = shard.num_sequences(split)
         n = available if max_sequences is None else min(max_sequences, available)
         mine = list(range(n))[rank::world]
-        for start in range(0, len(mine), batch_size):
-            seqs = shard.sequences(split, mine[start : start + batch_size]).to(device)
+        # Every rank runs the same number of forwards: with sharded weights (FSDP2, ZeRO-3)
+        # each forward is a collective, so a rank with one batch fewer scores a throwaway one.
+        for start in range(0, math.ceil(n / world), batch_size):
+            rows = mine[start : start + batch_size]
+            seqs = shard.sequences(split, rows or [0]).to(device)
             with autocast():
                 hidden, head = hidden_and_head(model, seqs[:, :-1])
+            if not rows:
+                continue
             loss_sum, tokens = chunked_ce_sum(
                 hidden.reshape(-1, hidden.shape[-1]),
                 head.weight,

@@ -27,10 +27,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ddk.checkpoint import (
+    SHARDED,
+    agreed_latest_good_checkpoint,
+    begin_checkpoint,
+    commit_checkpoint,
     latest_good_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_sharded_states,
     save_checkpoint,
+    save_sharded_states,
 )
 from ddk.config import Config, ConfigError, load_config
 from ddk.data.dataset import PreparedData
@@ -44,10 +50,11 @@ from ddk.metrics import DOMAIN_UPDATE, FINAL_EVAL, MetricsWriter, truncate_metri
 from ddk.models import embedding_rows, hidden_and_head
 from ddk.preflight import preflight
 from ddk.resume import data_fingerprint
-from ddk.runtime import Runtime
+from ddk.runtime import Runtime, plain_copy
 from ddk.sampler import DomainSampler
 from ddk.schedule import lr_lambda
 from ddk.teacher import Batch, OnlineTeacher
+from ddk.teacher.placement import place_teacher
 
 
 class DistillStep(torch.nn.Module):
@@ -88,6 +95,15 @@ class DistillStep(torch.nn.Module):
             student_transform=self.student_transform,
             teacher_transform=self.teacher_transform,  # None offline: the cache applied it
         )
+
+    @property
+    def _no_split_modules(self):
+        # Accelerate's FSDP2 TRANSFORMER_BASED_WRAP shards the student's decoder layers.
+        return getattr(self.student, "_no_split_modules", None)
+
+    def tie_weights(self) -> None:
+        # Accelerate re-ties after FSDP2's meta-device loading (fsdp_cpu_ram_efficient_loading).
+        self.student.tie_weights()
 
     @property
     def uses_teacher(self) -> bool:
@@ -229,7 +245,10 @@ class Trainer:
             trust_remote_code=cfg.model.trust_remote_code,
         )
         if cfg.trainer.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable()
+            # Non-reentrant checkpointing is the kind FSDP2 and DDP both support.
+            self.student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         # from_pretrained returns eval mode: without this, dropout and gradient
         # checkpointing (which HF applies only in training mode) would silently be off.
         self.student.train()
@@ -262,7 +281,7 @@ class Trainer:
         self.teacher = None
         self.teacher_model = None
         if teacher is not None:
-            self.teacher_model = teacher.to(self.device)
+            self.teacher_model = place_teacher(teacher, cfg.teacher.placement, self.runtime)
             self.teacher = OnlineTeacher(self.teacher_model, self.runtime.autocast)
 
     def _setup_optimizer(self) -> None:
@@ -303,15 +322,16 @@ class Trainer:
         return self.evaluate_student_on("val")
 
     def evaluate_student_on(self, split: str) -> dict[str, dict]:
-        return domain_perplexities(
-            self._unwrapped_student(),
-            self.data,
-            vocab_size=self.vocab_size,
-            split=split,
-            batch_size=self.cfg.trainer.eval_batch_size,
-            autocast=self.runtime.autocast,
-            chunk_tokens=self.cfg.distill.loss_chunk_tokens,
-        )
+        with self.runtime.gathered(self.step_module):
+            return domain_perplexities(
+                self._unwrapped_student(),
+                self.data,
+                vocab_size=self.vocab_size,
+                split=split,
+                batch_size=self.cfg.trainer.eval_batch_size,
+                autocast=self.runtime.autocast,
+                chunk_tokens=self.cfg.distill.loss_chunk_tokens,
+            )
 
     def teacher_perplexities(self) -> dict[str, float] | None:
         """{domain: ppl} on the validation split (what Eq. 1/2 use); None without a teacher."""
@@ -520,6 +540,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
         self.runtime.barrier()
+        if self.runtime.is_sharded:
+            return self._save_sharded()
         path = None
         if self.is_main:
             state = dict(self.state.__dict__)
@@ -540,6 +562,32 @@ class Trainer:
                 keep=self.cfg.trainer.keep_checkpoints,
             )
         self.runtime.barrier()
+        return path
+
+    def _save_sharded(self) -> Path | None:
+        """Every rank writes its shard (torch.distributed.checkpoint) into rank 0's temporary
+        folder; rank 0 then adds the rest, the checksums, and renames it into place."""
+        rt = self.runtime
+        tmp = rt.broadcast_object(
+            begin_checkpoint(self.run_dir, self.state.step) if self.is_main else None
+        )
+        save_sharded_states(tmp / SHARDED, self.step_module, self.optimizer)
+        rt.barrier()
+        path = None
+        if self.is_main:
+            path = commit_checkpoint(
+                self.run_dir,
+                self.state.step,
+                tmp,
+                state={
+                    "trainer": dict(self.state.__dict__),
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                arrays={"plan": self.plan},
+                rng_state=_rng_state(),
+                keep=self.cfg.trainer.keep_checkpoints,
+            )
+        rt.barrier()
         return path
 
     def _geometry(self) -> dict:
@@ -565,8 +613,19 @@ class Trainer:
                 "settings the run started with (micro_batch_size x grad_accum_steps x processes, "
                 "distill.K, trainer.seed, data.domains, distill.method)"
             )
-        loaded = load_checkpoint(folder, self._unwrapped_student(), self.device)
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        sharded = (folder / SHARDED).is_dir()
+        if sharded != self.runtime.is_sharded:
+            raise DDKError(
+                f"checkpoint '{folder}' holds {'sharded' if sharded else 'whole'} states but this "
+                f"launch uses {self.runtime.backend}; resume with the accelerate config it ran with"
+            )
+        loaded = load_checkpoint(
+            folder, None if sharded else self._unwrapped_student(), self.device
+        )
+        if sharded:
+            load_sharded_states(folder / SHARDED, self.step_module, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["state"]["scheduler"])
         self._rebase_schedule()
         self.state = TrainState(**loaded["state"]["trainer"])
@@ -646,6 +705,8 @@ class Trainer:
                             "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                             "bad_steps": self.state.bad_steps_total,
                         }
+                        if self.device.type == "cuda":  # this rank's peak, for sizing runs
+                            record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                         self.metrics.write(record)
                         bar.set_postfix(
                             loss=f"{logs['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
@@ -683,8 +744,20 @@ class Trainer:
         self.metrics.write(record)
         self.save()
         final = self.run_dir / "final"
+        # Sharded backends: gather one whole state dict (a collective) so final/ is always a
+        # plain save_pretrained folder.
+        full = None
+        if self.runtime.is_sharded:
+            prefix = "student."
+            full = {
+                k[len(prefix) :]: v
+                for k, v in self.runtime.full_state_dict(self.step_module).items()
+                if k.startswith(prefix)
+            }
         if self.is_main:
             model = self._unwrapped_student()
+            if full is not None:
+                model = plain_copy(model, full)
             model.config.use_cache = True  # generation wants the KV cache back
             model.save_pretrained(final)
             self.student_tokenizer.save_pretrained(final)
@@ -769,7 +842,7 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> Path 
     with run_lock(run_dir):
         override_keys = check_overrides(overrides or [])
         cfg = load_config(run_dir / "config.yaml", overrides)
-        checkpoint = latest_good_checkpoint(run_dir)
+        checkpoint = agreed_latest_good_checkpoint(run_dir)
         if checkpoint is None and list_checkpoints(run_dir):
             raise DDKError(f"'{run_dir}' has no intact checkpoint to resume from; start a new run")
         for warning in check_resume(run_dir, cfg, override_keys, checkpoint):
