@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ddk import __version__
 from ddk.config import PrepareSection
+from ddk.data import autodomains
 from ddk.data.sources import Corpus, discover, iter_documents
 from ddk.errors import DDKError
 from ddk.table import format_table
@@ -107,6 +108,7 @@ def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str) -> di
         "seed": cfg.seed,
         "text_field": cfg.text_field,
         "domain_field": cfg.domain_field,
+        **autodomains.fingerprint(cfg),
     }
 
 
@@ -159,12 +161,15 @@ def _put(out_q: queue.Queue, item, stop: threading.Event) -> bool:
     return False
 
 
-def _reader_thread(corpus, cfg, batch_docs, out_q, stop):
-    """Parse files in a thread so JSON decoding overlaps the (GIL-free) Rust tokenizer."""
+def _reader_thread(corpus, cfg, batch_docs, out_q, stop, docs=None):
+    """Parse files in a thread so JSON decoding overlaps the (GIL-free) Rust tokenizer.
+    `docs`: the document stream to read instead of the corpus (auto-domains relabels it)."""
     buffers: dict[str, tuple[list[int], list[str]]] = {}
     doc_id = 0
+    if docs is None:
+        docs = iter_documents(corpus, cfg.text_field, cfg.domain_field)
     try:
-        for domain, text, done_bytes in iter_documents(corpus, cfg.text_field, cfg.domain_field):
+        for domain, text, done_bytes in docs:
             if text is None:  # a file is finished: progress in bytes
                 if not _put(out_q, ("bytes", domain, done_bytes), stop):
                     return
@@ -254,6 +259,7 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
         return existing
 
     tokenizer = load_tokenizer(tokenizer_name)
+    domain_plan = autodomains.plan(cfg, corpus, tokenizer_name, progress)  # pass 1 if clustering
     if tokenizer.eos_token_id is None:
         raise DDKError(f"tokenizer '{tokenizer_name}' has no EOS token to separate documents")
     # ids can have gaps: the largest id, not the count, decides the dtype and logits width
@@ -269,8 +275,9 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
     tmp.mkdir()
     started = time.perf_counter()
     try:
+        docs = domain_plan.documents(tmp) if domain_plan else None
         writers, names = _tokenize_all(
-            corpus, cfg, encode, tokenizer.eos_token_id, dtype, tmp, progress
+            corpus, cfg, encode, tokenizer.eos_token_id, dtype, tmp, progress, docs
         )
         if not writers:
             raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
@@ -306,6 +313,8 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
             "fingerprint": fingerprint,
             "domains": domains,
         }
+        if domain_plan:
+            manifest["auto_domains"] = domain_plan.finish(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _publish(tmp, out)
     except BaseException:
@@ -327,7 +336,7 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress):
+def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, docs=None):
     writers: dict[str, _DomainWriter] = {}
     names: dict[str, str] = {}
     bars: dict[str, tqdm] = {}
@@ -339,7 +348,7 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress):
     q: queue.Queue = queue.Queue(maxsize=8)
     stop = threading.Event()
     reader = threading.Thread(
-        target=_reader_thread, args=(corpus, cfg, cfg.batch_docs, q, stop), daemon=True
+        target=_reader_thread, args=(corpus, cfg, cfg.batch_docs, q, stop, docs), daemon=True
     )
     reader.start()
     try:
