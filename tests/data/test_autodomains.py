@@ -16,6 +16,7 @@ from ddk.data.autodomains import DomainPlan, distinctive_terms, reservoir_add
 from ddk.data.dedup import text_hash
 from ddk.data.prepare import prepare
 from ddk.data.sources import discover
+from ddk.errors import DDKError
 from ddk.preflight import preflight
 
 ENGLISH = [
@@ -275,3 +276,18 @@ def test_user_errors_are_one_line(tmp_path, mixed, tokenizer_dir, capsys, flags,
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
     assert last.startswith("error: ") and message in last
     assert not out.exists()
+
+
+def test_student_embedder_clusters_with_the_students_hidden_states(tmp_path, mixed, student_dir):
+    cfg = _cfg(mixed[0], tmp_path / "out", auto_domains=4, embedder="student")
+    plan = DomainPlan(cfg, discover(cfg.input), str(student_dir), progress=False)
+    model = plan.models[None]
+    rows = model.embedder.transform(["def f(self):\n    return 1", "der die das und"])
+    assert rows.shape == (2, 32) and np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    assert 2 <= len(model.names) <= 4 and sum(model.sample_sizes) == len(mixed[1])
+
+
+def test_student_embedder_needs_a_model(tmp_path, mixed):
+    cfg = _cfg(mixed[0], tmp_path / "out", auto_domains=4, embedder="student")
+    with pytest.raises(DDKError, match="needs a model"):
+        DomainPlan(cfg, discover(cfg.input), None, progress=False)
