@@ -2,6 +2,7 @@
 `prepare.auto_domains`, scored on the TRUE domains' held-out documents.
 
     python benchmarks/auto_domains.py [--n 4|auto] [--quick] [--out /tmp/ddk-auto] [--seed 0]
+        [--train-seeds 0 1 2]
 
 Needs the demo's cached tokenizer, teacher and student (`ddk demo --quick` builds them under
 ~/.cache/ddk/demo; --cache-dir points elsewhere). Steps:
@@ -19,6 +20,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -63,6 +65,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "ddk" / "demo"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="distillation steps per run")
+    parser.add_argument(
+        "--train-seeds", type=int, nargs="+", default=[0], help="trainer seeds (mean ± spread)"
+    )
     args = parser.parse_args()
     n = args.n if args.n == "auto" else int(args.n)
     size = QUICK if args.quick else FULL
@@ -119,50 +124,63 @@ def main() -> None:
     kept_truth = _kept_truth(truth, auto)
     ari = adjusted_rand_score(kept_truth, assigned)
 
-    runs = {
-        "kd (labels)": _distill(
-            "kd", teacher, student, labelled, out / "labelled_runs", size, steps, args.seed, configs
-        ),
-        "ddk (labels)": _distill(
-            "ddk",
-            teacher,
-            student,
-            labelled,
-            out / "labelled_runs",
-            size,
-            steps,
-            args.seed,
-            configs,
-        ),
-        f"ddk (auto {n})": _distill(
-            "ddk", teacher, student, auto, out / "auto_runs", size, steps, args.seed, configs
-        ),
-    }
+    runs = [  # (label, method, data, folder)
+        ("kd (labels)", "kd", labelled, "labelled_runs"),
+        ("ddk (labels)", "ddk", labelled, "labelled_runs"),
+        (f"ddk (auto {n})", "ddk", auto, "auto_runs"),
+    ]
     teacher_ppl = _ppl(teacher, labelled)
     before = _ppl(student, labelled)
-    results = {label: _ppl(run / "final", labelled) for label, run in runs.items()}
-
     domains = list(teacher_ppl)
-    headers = ["true domain", "teacher", "student before", *results]
-    rows = [[d, teacher_ppl[d], before[d], *(r[d] for r in results.values())] for d in domains]
+    per_seed: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in runs}
+    for s in args.train_seeds:  # the trainer's seed; corpus and models stay those of --seed
+        for label, method, data, folder in runs:
+            run = _distill(
+                method, teacher, student, data, out / f"seed{s}" / folder, size, steps, s, configs
+            )
+            per_seed[label].append(_ppl(run / "final", labelled))
 
-    def geo(p):
-        return math.exp(sum(math.log(p[d]) for d in domains) / len(domains))
+    def ratio(p):
+        return max(p[d] / teacher_ppl[d] for d in domains)
 
     def worst(p):
         d = max(domains, key=lambda d: p[d] / teacher_ppl[d])
         return f"{p[d] / teacher_ppl[d]:.3f} ({d})"
 
+    def geo(p):
+        return math.exp(sum(math.log(p[d]) for d in domains) / len(domains))
+
+    results = {
+        label: {d: statistics.mean(p[d] for p in ps) for d in domains}
+        for label, ps in per_seed.items()
+    }
+    headers = ["true domain", "teacher", "student before", *results]
+    rows = [[d, teacher_ppl[d], before[d], *(r[d] for r in results.values())] for d in domains]
     rows.append(
         ["geometric mean", geo(teacher_ppl), geo(before), *(geo(r) for r in results.values())]
     )
-    rows.append(["worst ratio S/T", 1.0, worst(before), *(worst(r) for r in results.values())])
+    if len(args.train_seeds) == 1:
+        rows.append(["worst ratio S/T", 1.0, worst(before), *(worst(r) for r in results.values())])
+    else:
+        spread = [
+            f"{statistics.mean(map(ratio, ps)):.3f} ± "
+            f"{(max(map(ratio, ps)) - min(map(ratio, ps))) / 2:.3f}"
+            for ps in per_seed.values()
+        ]
+        rows.append(["worst ratio S/T (mean ± half-range)", 1.0, worst(before), *spread])
+        rows.append(
+            ["worst ratio per seed", "", ""]
+            + [", ".join(f"{ratio(p):.2f}" for p in ps) for ps in per_seed.values()]
+        )
     print(f"\nauto-domains: {', '.join(manifest['domains'])}")
     print(
         f"adjusted Rand index vs true domains: {ari:.3f}; held-out documents excluded: "
         f"{excluded}; auto prepare took {prep_s:.1f}s; total {time.perf_counter() - t0:.0f}s"
     )
-    print("validation perplexity on the TRUE domains (labelled val split; lower is better)")
+    print(
+        "validation perplexity on the TRUE domains (labelled val split; lower is better; mean "
+        f"over trainer seeds {args.train_seeds})"
+    )
     print(format_table(headers, rows))
 
 
