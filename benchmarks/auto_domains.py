@@ -10,6 +10,8 @@ Needs the demo's cached tokenizer, teacher and student (`ddk demo --quick` build
   2. write the same documents, shuffled, as one JSONL without a domain field; prepare it with
      --auto-domains N and --exclude-heldout labelled (so no held-out document is trained on);
   3. distill kd and ddk on `labelled`, ddk on the auto domains: same steps, tokens and seed;
+     and, as a control, ddk with the true labels but its validation split drawn like the auto
+     folder's (prepare the labelled corpus again with --exclude-heldout labelled);
   4. score every model with the labelled folder's validation split (true domains), exactly as
      `ddk eval --model RUN/final --data labelled` does, and print a table.
 """
@@ -116,6 +118,16 @@ def main() -> None:
         str(tok),
     )
     prep_s = time.perf_counter() - t1
+    # Control: the true labels, but DDK's own validation split drawn like the auto folder's
+    # (from the documents `labelled` does not hold out). Separates the clustering's effect from
+    # the luck of which few documents DDK measures each domain on.
+    control = out / "labelled_own_val"
+    prepare(
+        PrepareSection(
+            input=str(corpus), output=str(control), exclude_heldout=str(labelled), **common
+        ),
+        str(tok),
+    )
     from sklearn.metrics import adjusted_rand_score
 
     assigned = [json.loads(line)["domain"] for line in (auto / "assignments.jsonl").open()]
@@ -127,6 +139,7 @@ def main() -> None:
     runs = [  # (label, method, data, folder)
         ("kd (labels)", "kd", labelled, "labelled_runs"),
         ("ddk (labels)", "ddk", labelled, "labelled_runs"),
+        ("ddk (labels, own val)", "ddk", control, "control_runs"),
         (f"ddk (auto {n})", "ddk", auto, "auto_runs"),
     ]
     teacher_ppl = _ppl(teacher, labelled)

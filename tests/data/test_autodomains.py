@@ -291,3 +291,39 @@ def test_student_embedder_needs_a_model(tmp_path, mixed):
     cfg = _cfg(mixed[0], tmp_path / "out", auto_domains=4, embedder="student")
     with pytest.raises(DDKError, match="needs a model"):
         DomainPlan(cfg, discover(cfg.input), None, progress=False)
+
+
+def test_tiny_clusters_merge_into_the_most_similar_kept_one():
+    centroids = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
+    labels = np.array([0] * 5 + [1] * 5 + [2] * 2 + [3])  # clusters 2 and 3 are too small
+    mapping = autodomains._merge_tiny(labels, centroids)
+    assert mapping.tolist() == [0, 1, 0, 1]
+
+
+def test_a_different_clustering_is_a_different_corpus(tmp_path, mixed, tokenizer_dir, auto4):
+    """Re-running with another N must not pass for 'already prepared'."""
+    out, _ = auto4
+    with pytest.raises(DDKError, match="different prepared corpus"):
+        prepare(_cfg(mixed[0], out, auto_domains=3), str(tokenizer_dir), progress=False)
+    again = prepare(_cfg(mixed[0], out, auto_domains=4), str(tokenizer_dir), progress=False)
+    assert len(again["domains"]) == 4  # the same settings: nothing to do
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf_dataset"])
+def test_unlabelled_parquet_and_datasets_need_no_domain_column(tmp_path, mixed, fmt):
+    texts = [json.loads(line)["text"] for line in mixed[0].read_text().splitlines()]
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        inp = tmp_path / "c.parquet"
+        pq.write_table(pa.table({"text": texts}), inp)
+    else:
+        datasets = pytest.importorskip("datasets")
+
+        inp = tmp_path / "ds"
+        datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(inp))
+    cfg = _cfg(inp, tmp_path / "out", auto_domains=4)
+    plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
+    labels = [d for d, text, _ in plan.documents(tmp_path) if text is not None]
+    assert adjusted_rand_score(mixed[1], labels) >= 0.8
