@@ -327,3 +327,15 @@ def test_unlabelled_parquet_and_datasets_need_no_domain_column(tmp_path, mixed, 
     plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
     labels = [d for d, text, _ in plan.documents(tmp_path) if text is not None]
     assert adjusted_rand_score(mixed[1], labels) >= 0.8
+
+
+def test_cli_student_embedder_uses_model_student(tmp_path, mixed, tokenizer_dir, student_dir):
+    out = tmp_path / "out"
+    argv = ["prepare", "--input", str(mixed[0]), "--output", str(out), "--tokenizer"]
+    argv += [str(tokenizer_dir), "--seq-len", "16", "--val-sequences", "2", "--auto-domains", "2"]
+    argv += ["--embedder", "student", "--set", f"model.student={student_dir}"]
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["auto_domains"]["embedder"] == "student"
+    assert manifest["fingerprint"]["embed_model"] == str(student_dir)
+    assert len(manifest["domains"]) == 2
