@@ -34,6 +34,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _auto_domains(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got '{text}'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddk", description="Domain-aware knowledge distillation (DDK) for Hugging Face LMs."
@@ -54,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace an output folder that ddk prepared (never other files)",
+    )
+    p.add_argument(
+        "--auto-domains",
+        type=_auto_domains,
+        metavar="N|auto",
+        help="no labels: cluster documents into N domains ('auto': pick N by silhouette)",
+    )
+    p.add_argument("--split-domains", type=int, metavar="N", help="split each domain in up to N")
+    p.add_argument("--embedder", choices=["hashing", "student"], help="features for clustering")
+    p.add_argument("--cluster-sample", type=int, help="documents sampled to fit the clustering")
+    p.add_argument(
+        "--exclude-heldout", metavar="PREPARED", help="drop documents PREPARED holds out (val/test)"
     )
 
     p = sub.add_parser("distill", help="distill a teacher into a student")
@@ -115,6 +136,11 @@ def _prepare(args) -> int:
         "val_sequences": args.val_sequences,
         "text_field": args.text_field,
         "domain_field": args.domain_field,
+        "auto_domains": args.auto_domains,
+        "split_domains": args.split_domains,
+        "embedder": args.embedder,
+        "cluster_sample": args.cluster_sample,
+        "exclude_heldout": args.exclude_heldout,
     }
     overrides = [f"prepare.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     if args.overwrite:
@@ -123,6 +149,8 @@ def _prepare(args) -> int:
     tokenizer = cfg.prepare.tokenizer or cfg.model.student
     if not tokenizer:
         raise DDKError("no tokenizer: set prepare.tokenizer or model.student (or pass --tokenizer)")
+    if cfg.prepare.embedder == "student" and not cfg.prepare.embed_model:
+        cfg.prepare.embed_model = cfg.model.student  # None: the tokenizer folder's model
     prepare(cfg.prepare, tokenizer)
     return 0
 

@@ -84,6 +84,15 @@ class PrepareSection(_Section):
     cluster_sample: StrictInt = Field(
         20000, ge=2, description="Documents sampled to fit the clustering."
     )
+    embed_model: str | None = Field(
+        None,
+        description="Model for embedder 'student' (default: model.student, then the tokenizer).",
+    )
+    exclude_heldout: str | None = Field(
+        None,
+        description="Another prepared folder: drop the documents it holds out (val/test), so a "
+        "model trained on this data can be scored on that folder's domains.",
+    )
     batch_docs: StrictInt = Field(1000, ge=1, description="Documents per tokenizer batch.")
     seed: StrictInt = 0
     overwrite: bool = False

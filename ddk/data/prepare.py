@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ddk import __version__
 from ddk.config import PrepareSection
+from ddk.data import autodomains
 from ddk.data.dedup import HASH_DTYPE, text_hash
 from ddk.data.longdocs import encode_documents
 from ddk.data.manifest import (
@@ -126,6 +127,7 @@ def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str) -> di
         "seed": cfg.seed,
         "text_field": cfg.text_field,
         "domain_field": cfg.domain_field,
+        **autodomains.fingerprint(cfg),
     }
 
 
@@ -223,12 +225,15 @@ def _put(out_q: queue.Queue, item, stop: threading.Event) -> bool:
     return False
 
 
-def _reader_thread(corpus, cfg, batch_docs, out_q, stop):
-    """Parse files in a thread so JSON decoding overlaps the (GIL-free) Rust tokenizer."""
+def _reader_thread(corpus, cfg, batch_docs, out_q, stop, docs=None):
+    """Parse files in a thread so JSON decoding overlaps the (GIL-free) Rust tokenizer.
+    `docs`: the document stream to read instead of the corpus (auto-domains relabels it)."""
     buffers: dict[str, tuple[list[int], list[str]]] = {}
     doc_id = 0
+    if docs is None:
+        docs = iter_documents(corpus, cfg.text_field, cfg.domain_field)
     try:
-        for domain, text, done_bytes in iter_documents(corpus, cfg.text_field, cfg.domain_field):
+        for domain, text, done_bytes in docs:
             if text is None:  # a file is finished: progress in bytes
                 if not _put(out_q, ("bytes", domain, done_bytes), stop):
                     return
@@ -350,6 +355,7 @@ def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progres
         return existing
 
     tokenizer = load_tokenizer(tokenizer_name)
+    domain_plan = autodomains.plan(cfg, corpus, tokenizer_name, progress)  # pass 1 if clustering
     if tokenizer.eos_token_id is None:
         raise DDKError(f"tokenizer '{tokenizer_name}' has no EOS token to separate documents")
     # ids can have gaps: the largest id, not the count, decides the dtype and logits width
@@ -365,8 +371,9 @@ def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progres
     tmp.mkdir()
     started = time.perf_counter()
     try:
+        docs = domain_plan.documents(tmp) if domain_plan else None
         writers, names = _tokenize_all(
-            corpus, cfg, encode, tokenizer.eos_token_id, dtype, tmp, progress, bos=bos
+            corpus, cfg, encode, tokenizer.eos_token_id, dtype, tmp, progress, docs, bos=bos
         )
         if not writers:
             raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
@@ -407,6 +414,8 @@ def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progres
             "fingerprint": fingerprint,
             "domains": domains,
         }
+        if domain_plan:  # clusters.json, assignments.jsonl: before the owner record lists files
+            manifest["auto_domains"] = domain_plan.finish(tmp)
         typed = Manifest.model_validate(manifest)
         write_manifest(tmp, typed)  # also records what `--overwrite` may later replace
         manifest = typed.model_dump(mode="json")
@@ -444,7 +453,7 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, bos=None):
+def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, docs=None, bos=None):
     writers: dict[str, _DomainWriter] = {}
     names: dict[str, str] = {}
     bars: dict[str, tqdm] = {}
@@ -456,7 +465,7 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, bos=None):
     q: queue.Queue = queue.Queue(maxsize=8)
     stop = threading.Event()
     reader = threading.Thread(
-        target=_reader_thread, args=(corpus, cfg, cfg.batch_docs, q, stop), daemon=True
+        target=_reader_thread, args=(corpus, cfg, cfg.batch_docs, q, stop, docs), daemon=True
     )
     reader.start()
     try:

@@ -200,8 +200,8 @@ def _hash_file(source: SourceFile) -> None:
     source.sha256 = sha256_file(source.path)
 
 
-def _record_domain(record: dict, source: SourceFile, domain_field: str, where: str) -> str:
-    if source.domain is not None:
+def _record_domain(record: dict, source: SourceFile, domain_field: str | None, where: str):
+    if source.domain is not None or domain_field is None:  # None: labels not read
         return source.domain
     return _domain_value(record.get(domain_field), domain_field, where)
 
@@ -312,7 +312,7 @@ def _iter_parquet(source: SourceFile, text_field: str, domain_field: str):
             "prepare.text_field to the text column"
         )
     columns = [text_field]
-    if source.domain is None:
+    if source.domain is None and domain_field is not None:
         if domain_field not in names:
             raise DDKError(
                 f"{source.path}: no '{domain_field}' column; add it or set prepare.domain_field"
@@ -321,7 +321,7 @@ def _iter_parquet(source: SourceFile, text_field: str, domain_field: str):
     row = 0
     for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
         texts = batch.column(text_field).to_pylist()
-        domains = batch.column(domain_field).to_pylist() if source.domain is None else None
+        domains = batch.column(domain_field).to_pylist() if len(columns) > 1 else None
         for i, text in enumerate(texts):
             row += 1
             if text is None:
@@ -359,9 +359,10 @@ def _iter_txt(source: SourceFile):
         yield source.domain, text
 
 
-def iter_documents(corpus: Corpus, text_field: str, domain_field: str):
+def iter_documents(corpus: Corpus, text_field: str, domain_field: str | None):
     """Yield (domain, text, 0) per document in corpus order, and (domain, None, bytes) when a
-    file is finished (domain None for files whose records name their domains)."""
+    file is finished (domain None for files whose records name their domains). domain_field
+    None reads no labels (an unlabelled corpus): a document's domain is then its folder or None."""
     if corpus.layout == "hf_dataset":
         yield from _iter_hf_dataset(corpus, text_field, domain_field)
         return
@@ -391,7 +392,8 @@ def _iter_hf_dataset(corpus: Corpus, text_field: str, domain_field: str):
         if "train" not in ds:
             raise DDKError(f"{corpus.dataset_path}: a DatasetDict needs a 'train' split")
         ds = ds["train"]
-    for name in (text_field, domain_field):
+    columns = [text_field] if domain_field is None else [text_field, domain_field]
+    for name in columns:
         if name not in ds.column_names:
             raise DDKError(
                 f"{corpus.dataset_path}: dataset has no '{name}' column "
@@ -406,10 +408,15 @@ def _iter_hf_dataset(corpus: Corpus, text_field: str, domain_field: str):
     for f in corpus.files:
         _hash_file(f)
     row = 0
-    for batch in ds.select_columns([text_field, domain_field]).iter(batch_size=_PARQUET_BATCH):
-        for text, domain in zip(batch[text_field], batch[domain_field]):
+    for batch in ds.select_columns(columns).iter(batch_size=_PARQUET_BATCH):
+        labels = (
+            batch[domain_field] if domain_field is not None else [None] * len(batch[text_field])
+        )
+        for text, domain in zip(batch[text_field], labels):
             row += 1
-            if text is not None:
+            if text is not None and domain_field is None:
+                yield None, text, 0
+            elif text is not None:
                 where = f"{corpus.dataset_path} row {row}"
                 yield _domain_value(domain, domain_field, where), text, 0
     yield None, None, sum(f.size for f in corpus.files)  # dataset finished

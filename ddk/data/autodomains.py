@@ -1,0 +1,480 @@
+"""Domains for a corpus without (fine enough) labels: cluster documents, name the clusters and
+relabel the document stream that `ddk prepare` tokenises, so the output has the usual layout.
+
+Two passes over the corpus keep memory bounded: pass 1 keeps a seeded reservoir sample of
+`prepare.cluster_sample` documents (per labelled domain for --split-domains) and fits the
+embedder and k-means on it; pass 2 streams every document through in batches, assigns it to
+the nearest centroid and hands it on. Also here: dropping documents that another prepared
+folder holds out (`prepare.exclude_heldout`), so a model trained on this data can be scored on
+that folder's true domains.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ddk.config import PrepareSection
+from ddk.data.dedup import HASH_DTYPE, text_hash
+from ddk.data.embed import make_embedder
+from ddk.data.sources import Corpus, discover, iter_documents
+from ddk.errors import DDKError
+
+ASSIGNMENTS = "assignments.jsonl"
+CLUSTERS = "clusters.json"
+HELDOUT_HASHES = "heldout_hashes.npy"
+ASSIGN_BATCH = 256  # documents embedded at once in pass 2 (and the most held in memory)
+MIN_CLUSTER_DOCS = 3  # sample documents a cluster needs; fewer: merged into the nearest one
+SILHOUETTE_SAMPLE = 3000  # silhouette is quadratic in documents: score on a seeded subset
+_SNIPPET_CHARS = 160
+_NAME_TERMS = 3
+_TERM_CHARS = 12
+_WORD = r"(?u)\b[^\W\d_]{2,}\b"  # naming terms: words of letters, no numbers
+
+
+def active(cfg: PrepareSection) -> bool:
+    return (
+        cfg.auto_domains is not None
+        or cfg.split_domains is not None
+        or cfg.exclude_heldout is not None
+    )
+
+
+def fingerprint(cfg: PrepareSection) -> dict:
+    """The settings that change which documents land in which domain (empty when unused, so a
+    labelled folder's fingerprint is what it always was)."""
+    if not active(cfg):
+        return {}
+    keys = ("auto_domains", "split_domains", "embedder", "embed_model", "cluster_sample")
+    out = {k: getattr(cfg, k) for k in keys}
+    out["auto_domains_range"] = list(cfg.auto_domains_range)
+    if cfg.exclude_heldout:
+        out["exclude_heldout"] = str(Path(cfg.exclude_heldout).expanduser().resolve())
+    return out
+
+
+def check_settings(cfg: PrepareSection) -> None:
+    n = cfg.auto_domains
+    if n is not None and cfg.split_domains is not None:
+        raise DDKError(
+            "prepare.auto_domains and prepare.split_domains exclude each other: auto_domains "
+            "ignores labels, split_domains splits each labelled domain; choose one"
+        )
+    if isinstance(n, int) and n < 2:
+        raise DDKError(f"prepare.auto_domains must be at least 2 (or 'auto'), got {n}")
+    lo, hi = cfg.auto_domains_range
+    if n == "auto" and not 2 <= lo <= hi:
+        raise DDKError(
+            f"prepare.auto_domains_range must be [low, high] with 2 <= low <= high, got {[lo, hi]}"
+        )
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def reservoir_add(sample: list, seen: int, item, capacity: int, rng: np.random.Generator) -> None:
+    """Algorithm R: after n calls `sample` is a uniform draw of min(n, capacity) items.
+    `seen` counts the items offered before this one."""
+    if seen < capacity:
+        sample.append(item)
+    else:
+        j = int(rng.integers(0, seen + 1))
+        if j < capacity:
+            sample[j] = item
+
+
+def distinctive_terms(weights: np.ndarray, vocab: list[str], top: int) -> list[list[str]]:
+    """Per row of `weights` ([clusters, terms], mean TF-IDF of each cluster), the terms whose
+    weight most exceeds their mean weight in the other clusters (only positive margins)."""
+    k = weights.shape[0]
+    others = (weights.sum(0, keepdims=True) - weights) / max(k - 1, 1)
+    margin = weights - others
+    out = []
+    for row in margin:
+        order = np.argsort(-row, kind="stable")[:top]
+        out.append([vocab[i] for i in order if row[i] > 0])
+    return out
+
+
+def cluster_name(index: int, terms: list[str]) -> str:
+    """`c3_def_return_self`: folder-safe ASCII, unique through the index."""
+    parts = [re.sub(r"[^a-z0-9]", "", t.lower())[:_TERM_CHARS] for t in terms]
+    return "_".join([f"c{index}"] + [p for p in parts if p])
+
+
+def snippet(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _SNIPPET_CHARS else flat[: _SNIPPET_CHARS - 1] + "…"
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class GroupModel:
+    """The clustering of one group: the whole corpus, or one labelled domain when splitting."""
+
+    embedder: object
+    kmeans: object
+    label_map: np.ndarray  # k-means label -> cluster index (after merging tiny clusters)
+    names: list[str]
+    terms: list[list[str]]
+    examples: list[list[str]]
+    sample_sizes: list[int]
+    silhouette: dict[int, float] = field(default_factory=dict)
+
+    def assign(self, texts: list[str]) -> list[str]:
+        labels = self.label_map[self.kmeans.predict(self.embedder.transform(texts))]
+        return [self.names[i] for i in labels]
+
+
+def _kmeans(rows: np.ndarray, k: int, seed: int):
+    # Full k-means on the sample (at most prepare.cluster_sample short dense rows, so memory
+    # stays bounded): on the demo corpus it finds the true domains where MiniBatchKMeans
+    # often splits one and merges two.
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, random_state=seed, n_init=10).fit(rows)
+
+
+def _pick_k(rows: np.ndarray, lo: int, hi: int, seed: int, log) -> tuple[int, dict[int, float]]:
+    from sklearn.metrics import silhouette_score
+
+    scores = {}
+    for k in range(lo, min(hi, len(rows) - 1) + 1):
+        labels = _kmeans(rows, k, seed).predict(rows)
+        if len(set(labels.tolist())) < 2:
+            scores[k] = -1.0
+            continue
+        scores[k] = float(
+            silhouette_score(
+                rows,
+                labels,
+                metric="cosine",
+                sample_size=min(len(rows), SILHOUETTE_SAMPLE),
+                random_state=seed,
+            )
+        )
+    if not scores:
+        raise DDKError(
+            f"prepare.auto_domains 'auto' needs more than {lo} distinct sampled documents; "
+            "add text or lower prepare.auto_domains_range"
+        )
+    best = max(scores, key=lambda k: (scores[k], -k))
+    log(
+        "auto-domains: silhouette (cosine) by N: "
+        + ", ".join(f"{k}={s:.3f}" for k, s in scores.items())
+        + f" -> N={best}"
+    )
+    return best, scores
+
+
+def _merge_tiny(labels: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Map k-means labels to kept clusters: one with fewer than MIN_CLUSTER_DOCS sampled
+    documents joins the kept cluster whose centroid is most similar (cosine)."""
+    k = len(centroids)
+    sizes = np.bincount(labels, minlength=k)
+    keep = np.flatnonzero(sizes >= MIN_CLUSTER_DOCS)
+    mapping = np.arange(k)
+    if len(keep) == 0:
+        return mapping
+    unit = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    for c in np.flatnonzero(sizes < MIN_CLUSTER_DOCS):
+        mapping[c] = keep[int(np.argmax(unit[keep] @ unit[c]))]
+    return mapping
+
+
+def fit_group(
+    texts: list[str], n, cfg: PrepareSection, embed_model: str | None, prefix: str, log
+) -> GroupModel:
+    """Fit embedder + k-means on `texts` (the sample) for n clusters ('auto': by silhouette)."""
+    distinct = len(set(texts))
+    if n != "auto" and n > distinct:
+        raise DDKError(
+            f"{prefix or 'the corpus'}: {n} domains asked but only {distinct} distinct documents "
+            "were sampled; lower prepare.auto_domains/split_domains or raise "
+            "prepare.cluster_sample (or add text)"
+        )
+    embedder = make_embedder(cfg.embedder, cfg.seed, embed_model).fit(texts)
+    rows = embedder.transform(texts)
+    scores: dict[int, float] = {}
+    if n == "auto":
+        lo, hi = cfg.auto_domains_range
+        n, scores = _pick_k(rows, lo, min(hi, distinct), cfg.seed, log)
+    kmeans = _kmeans(rows, n, cfg.seed)
+    raw = kmeans.predict(rows)
+    merged = _merge_tiny(raw, kmeans.cluster_centers_)
+    merged_away = sorted(set(range(n)) - set(merged.tolist()))
+    if merged_away:
+        log(
+            f"{prefix or 'auto-domains'}: {len(merged_away)} cluster(s) with fewer than "
+            f"{MIN_CLUSTER_DOCS} sampled documents merged into their nearest cluster"
+        )
+    labels = merged[raw]
+    # Cluster indices by sampled size (largest first), so c0 is the biggest domain.
+    kept = sorted(set(labels.tolist()), key=lambda c: (-int((labels == c).sum()), c))
+    index_of = {c: i for i, c in enumerate(kept)}
+    label_map = np.array([index_of[int(merged[c])] for c in range(n)])
+    final = label_map[raw]
+    terms = _terms(texts, final, len(kept))
+    names = [(prefix + "." if prefix else "") + cluster_name(i, t) for i, t in enumerate(terms)]
+    examples = [
+        [snippet(texts[j]) for j in np.flatnonzero(final == i)[:3]] for i in range(len(kept))
+    ]
+    sizes = [int((final == i).sum()) for i in range(len(kept))]
+    return GroupModel(embedder, kmeans, label_map, names, terms, examples, sizes, scores)
+
+
+def _terms(texts: list[str], labels: np.ndarray, k: int) -> list[list[str]]:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    try:
+        vec = TfidfVectorizer(token_pattern=_WORD, max_features=20000, sublinear_tf=True)
+        x = vec.fit_transform(texts)
+    except ValueError:  # no word at all (numbers only): names are just the index
+        return [[] for _ in range(k)]
+    weights = np.stack([np.asarray(x[labels == i].mean(axis=0)).ravel() for i in range(k)])
+    return distinctive_terms(weights, list(vec.get_feature_names_out()), _NAME_TERMS)
+
+
+# --------------------------------------------------------------------------- held-out hashes
+
+
+def heldout_hashes(folder: str | Path) -> set[int]:
+    """Hashes of the documents that prepared folder `folder` holds out (val/test): read from
+    `<domain>/heldout_hashes.npy`, or recomputed from its source corpus when a folder was
+    prepared before those files existed."""
+    from ddk.data.prepare import read_manifest
+
+    folder = Path(folder).expanduser()
+    manifest = read_manifest(folder)
+    found: set[int] = set()
+    missing = []
+    for d in manifest["domains"].values():
+        path = folder / d["folder"] / HELDOUT_HASHES
+        if path.is_file():
+            found.update(np.load(path).astype(HASH_DTYPE).tolist())
+        else:
+            missing.append(d["folder"])
+    if missing:
+        found |= _hashes_from_source(folder, manifest, missing)
+    return found
+
+
+def _hashes_from_source(folder: Path, manifest: dict, domain_folders: list[str]) -> set[int]:
+    source = manifest.get("fingerprint", {}).get("input")
+    if not source or not Path(source).exists():
+        raise DDKError(
+            f"prepare.exclude_heldout: '{folder}' has no {HELDOUT_HASHES} and its input corpus "
+            f"'{source}' is gone; prepare it again with this ddk version"
+        )
+    ids: set[int] = set()
+    for name in domain_folders:
+        for split in ("val", "test"):
+            path = folder / name / f"{split}_docs.npy"
+            if path.is_file():
+                ids.update(np.load(path)[:, 0].tolist())
+    # Document ids count the non-empty documents in corpus order, as prepare assigns them.
+    out, doc_id = set(), 0
+    corpus = discover(source)
+    for _, text, _ in iter_documents(corpus, manifest["text_field"], manifest["domain_field"]):
+        if text is None or not text.strip():
+            continue
+        if doc_id in ids:
+            out.add(text_hash(text))
+        doc_id += 1
+    return out
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+class DomainPlan:
+    """What prepare asks of this module: `documents(tmp)` (the relabelled stream for the
+    tokeniser; writes assignments.jsonl) and then `finish(tmp)` (clusters.json; returns the
+    manifest's `auto_domains` entry)."""
+
+    def __init__(self, cfg: PrepareSection, corpus: Corpus, embed_model: str | None, progress):
+        check_settings(cfg)
+        self.cfg = cfg
+        self.corpus = corpus
+        self.progress = progress
+        self.clustering = cfg.auto_domains is not None or cfg.split_domains is not None
+        self.excluded = 0
+        self.exclude = heldout_hashes(cfg.exclude_heldout) if cfg.exclude_heldout else set()
+        self.models: dict[str | None, GroupModel] = {}
+        self.counts: dict[str, list[int]] = {}  # name -> [documents, bytes]
+        self.max_held = 0  # most documents held at once in pass 2 (a test checks the bound)
+        if self.clustering:
+            self._fit(embed_model)
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+
+    def _stream(self) -> Iterator[tuple]:
+        """(label, text, source, record) per kept document and (label, None, bytes, None) when
+        a file ends; labels are not read when auto_domains ignores them."""
+        domain_field = None if self.cfg.auto_domains is not None else self.cfg.domain_field
+        files = self.corpus.files
+        file_index, record = 0, 0
+        seen = iter_documents(self.corpus, self.cfg.text_field, domain_field)
+        for label, text, done in seen:
+            if text is None:
+                yield label, None, done, None
+                file_index, record = file_index + 1, 0
+                continue
+            record += 1
+            if not text.strip():
+                continue
+            if self.exclude and text_hash(text) in self.exclude:
+                self.excluded += 1
+                continue
+            if self.corpus.layout == "hf_dataset" or file_index >= len(files):
+                source = str(self.corpus.dataset_path)
+            else:
+                source = str(files[file_index].path)
+            yield label, text, source, record - 1
+
+    def _fit(self, embed_model: str | None) -> None:
+        cfg = self.cfg
+        rng = np.random.default_rng(cfg.seed)
+        samples: dict[str | None, list[str]] = {}
+        seen: dict[str | None, int] = {}
+        total = sum(f.size for f in self.corpus.files) or None
+        bar = tqdm(
+            desc="auto-domains: sampling",
+            total=total,
+            unit="B",
+            unit_scale=True,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        split = cfg.split_domains is not None
+        for label, text, done, _ in self._stream():
+            if text is None:
+                bar.update(done)
+                continue
+            group = label if split else None
+            sample = samples.setdefault(group, [])
+            reservoir_add(sample, seen.get(group, 0), text, cfg.cluster_sample, rng)
+            seen[group] = seen.get(group, 0) + 1
+        bar.close()
+        if not samples:
+            raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
+        for group, texts in samples.items():
+            if not split:
+                model = fit_group(texts, cfg.auto_domains, cfg, embed_model, "", self.log)
+            else:
+                k = min(cfg.split_domains, len(set(texts)) // MIN_CLUSTER_DOCS)
+                if k < 2:
+                    self.log(f"split-domains: '{group}' has too few documents to split; kept whole")
+                    continue
+                model = fit_group(texts, k, cfg, embed_model, group, self.log)
+            self.models[group] = model
+            self.log(
+                f"auto-domains: {group + ' -> ' if group else ''}{len(model.names)} domains "
+                f"fitted on {len(texts):,} sampled documents ({cfg.embedder} features): "
+                + ", ".join(model.names)
+            )
+
+    def documents(self, tmp: Path) -> Iterator[tuple]:
+        """The stream `prepare` tokenises: (domain, text, 0) and (domain, None, bytes)."""
+        self.excluded = 0  # pass 1 counted them too
+        if not self.clustering:
+            for label, text, extra, _ in self._stream():
+                yield (label, None, extra) if text is None else (label, text, 0)
+            return
+        with open(tmp / ASSIGNMENTS, "w", encoding="utf-8") as out:
+            batch: list[tuple] = []
+            for item in self._stream():
+                if item[1] is None:
+                    yield from self._assign(batch, out)
+                    batch = []
+                    yield item[0], None, item[2]
+                    continue
+                batch.append(item)
+                self.max_held = max(self.max_held, len(batch))
+                if len(batch) >= ASSIGN_BATCH:
+                    yield from self._assign(batch, out)
+                    batch = []
+            yield from self._assign(batch, out)
+
+    def _assign(self, batch: list[tuple], out) -> Iterator[tuple]:
+        names: list[str | None] = [None] * len(batch)
+        groups: dict[str | None, list[int]] = {}
+        split = self.cfg.split_domains is not None
+        for i, (label, *_rest) in enumerate(batch):
+            groups.setdefault(label if split else None, []).append(i)
+        for group, idx in groups.items():
+            model = self.models.get(group)
+            if model is None:  # a labelled domain too small to split (or unseen in the sample)
+                for i in idx:
+                    names[i] = group
+                continue
+            for i, name in zip(idx, model.assign([batch[i][1] for i in idx])):
+                names[i] = name
+        for (_, text, source, record), name in zip(batch, names):
+            count = self.counts.setdefault(name, [0, 0])
+            count[0] += 1
+            count[1] += len(text.encode("utf-8"))
+            out.write(json.dumps({"source": source, "record": record, "domain": name}) + "\n")
+            yield name, text, 0
+
+    def finish(self, tmp: Path) -> dict:
+        entry = {"excluded_heldout_documents": self.excluded}
+        if self.cfg.exclude_heldout:
+            entry["exclude_heldout"] = str(Path(self.cfg.exclude_heldout).expanduser().resolve())
+            self.log(
+                f"excluded {self.excluded:,} document(s) held out by {self.cfg.exclude_heldout}"
+            )
+        if not self.clustering:
+            return entry
+        clusters = {}
+        for group, model in self.models.items():
+            for i, name in enumerate(model.names):
+                docs, nbytes = self.counts.get(name, [0, 0])
+                clusters[name] = {
+                    "from_domain": group,
+                    "documents": docs,
+                    "bytes": nbytes,
+                    "sampled_documents": model.sample_sizes[i],
+                    "top_terms": model.terms[i],
+                    "examples": model.examples[i],
+                }
+        for name, (docs, nbytes) in self.counts.items():  # domains kept whole
+            clusters.setdefault(name, {"from_domain": name, "documents": docs, "bytes": nbytes})
+        report = {
+            "mode": "split_domains" if self.cfg.split_domains is not None else "auto_domains",
+            "requested": self.cfg.split_domains or self.cfg.auto_domains,
+            "embedder": self.cfg.embedder,
+            "seed": self.cfg.seed,
+            "cluster_sample": self.cfg.cluster_sample,
+            "silhouette": {
+                (g or "all"): {str(k): s for k, s in m.silhouette.items()}
+                for g, m in self.models.items()
+                if m.silhouette
+            },
+            "clusters": clusters,
+        }
+        (tmp / CLUSTERS).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        entry.update(
+            mode=report["mode"],
+            embedder=self.cfg.embedder,
+            clusters=CLUSTERS,
+            assignments=ASSIGNMENTS,
+        )
+        return entry
+
+
+def plan(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str, progress: bool):
+    """A DomainPlan when clustering or held-out exclusion is asked for, else None."""
+    if not active(cfg):
+        return None
+    return DomainPlan(cfg, corpus, cfg.embed_model or tokenizer_name, progress)

@@ -1,0 +1,341 @@
+"""Auto-domains: clusters recover hidden sources, deterministically, with bounded memory, and
+the output is ordinary prepared data."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from ddk.cli import main
+from ddk.config import Config, PrepareSection
+from ddk.data import autodomains
+from ddk.data.autodomains import DomainPlan, distinctive_terms, reservoir_add
+from ddk.data.dedup import text_hash
+from ddk.data.prepare import prepare
+from ddk.data.sources import discover
+from ddk.errors import DDKError
+from ddk.preflight import preflight
+
+ENGLISH = [
+    "the",
+    "a",
+    "river",
+    "town",
+    "people",
+    "walked",
+    "along",
+    "quiet",
+    "morning",
+    "light",
+    "over",
+    "old",
+    "bridge",
+    "children",
+    "played",
+    "near",
+    "water",
+    "while",
+    "their",
+    "parents",
+    "talked",
+    "about",
+    "harvest",
+    "weather",
+    "and",
+    "market",
+]
+GERMAN = [
+    "der",
+    "die",
+    "das",
+    "und",
+    "ist",
+    "nicht",
+    "mit",
+    "einem",
+    "auf",
+    "dem",
+    "wir",
+    "haben",
+    "heute",
+    "morgen",
+    "sehr",
+    "schön",
+    "weil",
+    "unser",
+    "haus",
+    "neben",
+    "kleinen",
+    "wald",
+    "steht",
+    "immer",
+    "wieder",
+    "gerne",
+]
+IDENTS = ["self", "value", "items", "result", "count", "name", "data", "node", "key"]
+
+
+def _doc(source: str, rng: random.Random) -> str:
+    if source == "code":
+        lines = []
+        for j in range(rng.randint(2, 5)):
+            a, b = rng.sample(IDENTS, 2)
+            lines.append(f"def get_{a}_{j}(self, {b}):\n    return self.{a} + {b}")
+        return "\n\n".join(lines) + "\n"
+    if source == "numbers":
+        rows = [
+            ", ".join(f"{rng.uniform(0, 999):.2f}" for _ in range(6))
+            for _ in range(rng.randint(3, 8))
+        ]
+        return "\n".join(rows)
+    words = ENGLISH if source == "prose" else GERMAN
+    return " ".join(rng.choice(words) for _ in range(rng.randint(25, 60))) + "."
+
+
+SOURCES = ("code", "prose", "numbers", "german")
+
+
+def write_unlabelled(path: Path, per_source: int, seed: int = 0) -> list[str]:
+    """One JSONL file without a domain field; returns the true source of each line."""
+    rng = random.Random(seed)
+    items = [(s, _doc(s, rng)) for s in SOURCES for _ in range(per_source)]
+    rng.shuffle(items)
+    with open(path, "w") as fh:
+        for _, text in items:
+            fh.write(json.dumps({"text": text}) + "\n")
+    return [s for s, _ in items]
+
+
+def _cfg(inp, out, **kw) -> PrepareSection:
+    base = dict(input=str(inp), output=str(out), seq_len=16, val_sequences=2, cluster_sample=400)
+    return PrepareSection(**{**base, **kw})
+
+
+def _assigned(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "assignments.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    truth = write_unlabelled(root / "corpus.jsonl", per_source=50)
+    return root / "corpus.jsonl", truth
+
+
+@pytest.fixture(scope="module")
+def auto4(tmp_path_factory, mixed, tokenizer_dir):
+    out = tmp_path_factory.mktemp("auto4") / "data"
+    manifest = prepare(_cfg(mixed[0], out, auto_domains=4), str(tokenizer_dir), progress=False)
+    return out, manifest
+
+
+def test_clusters_recover_hidden_sources(auto4, mixed):
+    out, manifest = auto4
+    _, truth = mixed
+    rows = _assigned(out)
+    assert [r["record"] for r in rows] == list(range(len(truth)))
+    assert all(r["source"] == str(mixed[0]) for r in rows)
+    ari = adjusted_rand_score(truth, [r["domain"] for r in rows])
+    assert ari >= 0.8, ari
+    names = list(manifest["domains"])
+    assert len(names) == 4 and len(set(names)) == 4
+    assert sorted(n.split("_")[0] for n in names) == ["c0", "c1", "c2", "c3"]
+    assert all(manifest["domains"][n]["folder"] == n for n in names)  # already folder-safe
+    clusters = json.loads((out / "clusters.json").read_text())["clusters"]
+    assert set(clusters) == set(names)
+    assert sum(c["documents"] for c in clusters.values()) == len(truth)
+    for name, c in clusters.items():
+        assert c["documents"] == manifest["domains"][name]["documents"]
+        assert 1 <= len(c["examples"]) <= 3
+    # The code cluster is named by code words, the German one by German words.
+    code = max(
+        names, key=lambda n: sum(r["domain"] == n and t == "code" for r, t in zip(rows, truth))
+    )
+    assert set(clusters[code]["top_terms"]) & {"def", "return", "self", "get"}
+
+
+def test_output_passes_preflight(auto4, student_dir, teacher_dir):
+    out, _ = auto4
+    cfg = Config()
+    cfg.data.prepared = str(out)
+    cfg.model.student = str(student_dir)
+    cfg.model.teacher = str(teacher_dir)
+    preflight(cfg)  # raises on any problem
+
+
+def test_deterministic_for_a_seed(tmp_path, mixed, tokenizer_dir, auto4):
+    out = tmp_path / "again"
+    prepare(_cfg(mixed[0], out, auto_domains=4), str(tokenizer_dir), progress=False)
+    assert (out / "assignments.jsonl").read_text() == (auto4[0] / "assignments.jsonl").read_text()
+    assert (out / "clusters.json").read_text() == (auto4[0] / "clusters.json").read_text()
+
+
+def test_memory_bounded_streaming(tmp_path, monkeypatch):
+    """A corpus 10x the fitting sample streams through holding one assignment batch at most."""
+    truth = write_unlabelled(tmp_path / "big.jsonl", per_source=100, seed=1)  # 400 documents
+    monkeypatch.setattr(autodomains, "ASSIGN_BATCH", 16)
+    cfg = _cfg(tmp_path / "big.jsonl", tmp_path / "out", auto_domains=4, cluster_sample=40)
+    plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
+    assert sum(plan.models[None].sample_sizes) == 40  # fitted on the sample only
+    n = sum(1 for _, text, _ in plan.documents(tmp_path) if text is not None)
+    assert n == len(truth) == 10 * cfg.cluster_sample
+    assert plan.max_held <= 16
+    rows = _assigned(tmp_path)
+    assert adjusted_rand_score(truth, [r["domain"] for r in rows]) >= 0.8
+
+
+def test_auto_picks_the_number_of_sources(tmp_path, mixed):
+    cfg = _cfg(mixed[0], tmp_path / "out", auto_domains="auto", auto_domains_range=(2, 7))
+    plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
+    model = plan.models[None]
+    assert set(model.silhouette) == set(range(2, 8))
+    assert len(model.names) == 4
+
+
+def test_split_domains(tmp_path, tokenizer_dir):
+    """Coarse labels ('text', 'data') each hide two sources; split into 2 sub-domains each."""
+    rng = random.Random(3)
+    truth = []
+    with open(tmp_path / "c.jsonl", "w") as fh:
+        for coarse, sources in (("text", ("prose", "german")), ("data", ("code", "numbers"))):
+            for s in sources:
+                for _ in range(30):
+                    fh.write(json.dumps({"text": _doc(s, rng), "domain": coarse}) + "\n")
+                    truth.append(s)
+    out = tmp_path / "out"
+    manifest = prepare(
+        _cfg(tmp_path / "c.jsonl", out, split_domains=2), str(tokenizer_dir), progress=False
+    )
+    names = sorted(manifest["domains"])
+    assert len(names) == 4
+    assert sum(n.startswith("text.c") for n in names) == 2
+    assert sum(n.startswith("data.c") for n in names) == 2
+    rows = _assigned(out)
+    assert adjusted_rand_score(truth, [r["domain"] for r in rows]) >= 0.8
+
+
+def test_exclude_heldout_drops_the_labelled_folders_val_documents(
+    tmp_path, corpus, prepared_dir, tokenizer_dir
+):
+    root, docs = corpus
+    out = tmp_path / "auto"
+    manifest = prepare(
+        _cfg(root, out, auto_domains=3, exclude_heldout=str(prepared_dir)),
+        str(tokenizer_dir),
+        progress=False,
+    )
+    labelled = json.loads((prepared_dir / "manifest.json").read_text())
+    held = sum(d["val_documents"] for d in labelled["domains"].values())
+    hashes = autodomains.heldout_hashes(prepared_dir)
+    # Duplicated texts share a hash, so every copy of a held-out text is dropped.
+    all_texts = [t for texts in docs.values() for t in texts]
+    dropped = sum(text_hash(t) in hashes for t in all_texts)
+    assert held > 0 and dropped >= held
+    assert manifest["auto_domains"]["excluded_heldout_documents"] == dropped
+    kept = sum(d["documents"] for d in manifest["domains"].values())
+    assert kept == len(all_texts) - dropped
+
+
+def test_pure_helpers_against_naive_references():
+    rng = np.random.default_rng(0)
+    hits = np.zeros(20)
+    for _ in range(3000):
+        sample: list[int] = []
+        for i in range(20):
+            reservoir_add(sample, i, i, 5, rng)
+        hits[sample] += 1
+    assert np.allclose(hits / 3000, 5 / 20, atol=0.04)  # every item kept with p = k/n
+
+    w = rng.random((3, 6))
+    got = distinctive_terms(w, list("abcdef"), 2)
+    for c in range(3):
+        margin = {
+            t: w[c, j] - np.mean([w[o, j] for o in range(3) if o != c])
+            for j, t in enumerate("abcdef")
+        }
+        want = [t for t in sorted(margin, key=lambda t: -margin[t])[:2] if margin[t] > 0]
+        assert got[c] == want
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--auto-domains", "1"], "at least 2"),
+        (["--auto-domains", "500"], "distinct documents"),
+        (["--auto-domains", "3", "--split-domains", "2"], "exclude each other"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, mixed, tokenizer_dir, capsys, flags, message):
+    out = tmp_path / "out"
+    argv = ["prepare", "--input", str(mixed[0]), "--output", str(out)]
+    argv += ["--tokenizer", str(tokenizer_dir), "--seq-len", "16", "--val-sequences", "2"]
+    assert main(argv + flags) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert last.startswith("error: ") and message in last
+    assert not out.exists()
+
+
+def test_student_embedder_clusters_with_the_students_hidden_states(tmp_path, mixed, student_dir):
+    cfg = _cfg(mixed[0], tmp_path / "out", auto_domains=4, embedder="student")
+    plan = DomainPlan(cfg, discover(cfg.input), str(student_dir), progress=False)
+    model = plan.models[None]
+    rows = model.embedder.transform(["def f(self):\n    return 1", "der die das und"])
+    assert rows.shape == (2, 32) and np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    assert 2 <= len(model.names) <= 4 and sum(model.sample_sizes) == len(mixed[1])
+
+
+def test_student_embedder_needs_a_model(tmp_path, mixed):
+    cfg = _cfg(mixed[0], tmp_path / "out", auto_domains=4, embedder="student")
+    with pytest.raises(DDKError, match="needs a model"):
+        DomainPlan(cfg, discover(cfg.input), None, progress=False)
+
+
+def test_tiny_clusters_merge_into_the_most_similar_kept_one():
+    centroids = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
+    labels = np.array([0] * 5 + [1] * 5 + [2] * 2 + [3])  # clusters 2 and 3 are too small
+    mapping = autodomains._merge_tiny(labels, centroids)
+    assert mapping.tolist() == [0, 1, 0, 1]
+
+
+def test_a_different_clustering_is_a_different_corpus(tmp_path, mixed, tokenizer_dir, auto4):
+    """Re-running with another N must not pass for 'already prepared'."""
+    out, _ = auto4
+    with pytest.raises(DDKError, match="different prepared corpus"):
+        prepare(_cfg(mixed[0], out, auto_domains=3), str(tokenizer_dir), progress=False)
+    again = prepare(_cfg(mixed[0], out, auto_domains=4), str(tokenizer_dir), progress=False)
+    assert len(again["domains"]) == 4  # the same settings: nothing to do
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf_dataset"])
+def test_unlabelled_parquet_and_datasets_need_no_domain_column(tmp_path, mixed, fmt):
+    texts = [json.loads(line)["text"] for line in mixed[0].read_text().splitlines()]
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        inp = tmp_path / "c.parquet"
+        pq.write_table(pa.table({"text": texts}), inp)
+    else:
+        datasets = pytest.importorskip("datasets")
+
+        inp = tmp_path / "ds"
+        datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(inp))
+    cfg = _cfg(inp, tmp_path / "out", auto_domains=4)
+    plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
+    labels = [d for d, text, _ in plan.documents(tmp_path) if text is not None]
+    assert adjusted_rand_score(mixed[1], labels) >= 0.8
+
+
+def test_cli_student_embedder_uses_model_student(tmp_path, mixed, tokenizer_dir, student_dir):
+    out = tmp_path / "out"
+    argv = ["prepare", "--input", str(mixed[0]), "--output", str(out), "--tokenizer"]
+    argv += [str(tokenizer_dir), "--seq-len", "16", "--val-sequences", "2", "--auto-domains", "2"]
+    argv += ["--embedder", "student", "--set", f"model.student={student_dir}"]
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["auto_domains"]["embedder"] == "student"
+    assert manifest["fingerprint"]["embed_model"] == str(student_dir)
+    assert len(manifest["domains"]) == 2
