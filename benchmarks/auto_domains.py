@@ -12,8 +12,9 @@ Needs the demo's cached tokenizer, teacher and student (`ddk demo --quick` build
   3. distill kd and ddk on `labelled`, ddk on the auto domains: same steps, tokens and seed;
      and, as a control, ddk with the true labels but its validation split drawn like the auto
      folder's (prepare the labelled corpus again with --exclude-heldout labelled);
-  4. score every model with the labelled folder's validation split (true domains), exactly as
-     `ddk eval --model RUN/final --data labelled` does, and print a table.
+  4. score every model with the labelled folder's TEST split (true domains; no run steered by
+     it or trained on it), exactly as `ddk eval --model RUN/final --data labelled` does, and
+     print a table.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def _ppl(model_dir: Path, data: Path) -> dict[str, float]:
 
     prepared = PreparedData(data)
     model = load_model(str(model_dir), dtype=torch.float32, what="model")
-    result = domain_perplexities(model, prepared, vocab_size=prepared.vocab_size, batch_size=16)
+    result = domain_perplexities(
+        model, prepared, vocab_size=prepared.vocab_size, split="test", batch_size=16
+    )
     return {d: r["ppl"] for d, r in result.items()}
 
 
@@ -191,7 +194,7 @@ def main() -> None:
         f"{excluded}; auto prepare took {prep_s:.1f}s; total {time.perf_counter() - t0:.0f}s"
     )
     print(
-        "validation perplexity on the TRUE domains (labelled val split; lower is better; mean "
+        "test perplexity on the TRUE domains (labelled test split; lower is better; mean "
         f"over trainer seeds {args.train_seeds})"
     )
     print(format_table(headers, rows))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ddk.config import PrepareSection
 from ddk.data.dedup import HASH_DTYPE, text_hash
 from ddk.data.embed import make_embedder
-from ddk.data.sources import Corpus, discover, iter_documents
+from ddk.data.sources import Corpus, iter_documents
 from ddk.errors import DDKError
 
 ASSIGNMENTS = "assignments.jsonl"
@@ -247,49 +247,22 @@ def _terms(texts: list[str], labels: np.ndarray, k: int) -> list[list[str]]:
 
 
 def heldout_hashes(folder: str | Path) -> set[int]:
-    """Hashes of the documents that prepared folder `folder` holds out (val/test): read from
-    `<domain>/heldout_hashes.npy`, or recomputed from its source corpus when a folder was
-    prepared before those files existed."""
-    from ddk.data.prepare import read_manifest
+    """Hashes of the documents that prepared folder `folder` holds out (val/test), from its
+    `<domain>/heldout_hashes.npy`."""
+    from ddk.data.manifest import domain_path, read_manifest
 
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     found: set[int] = set()
-    missing = []
-    for d in manifest["domains"].values():
-        path = folder / d["folder"] / HELDOUT_HASHES
-        if path.is_file():
-            found.update(np.load(path).astype(HASH_DTYPE).tolist())
-        else:
-            missing.append(d["folder"])
-    if missing:
-        found |= _hashes_from_source(folder, manifest, missing)
+    for name, info in manifest.domains.items():
+        path = domain_path(folder, info) / HELDOUT_HASHES
+        if not path.is_file():
+            raise DDKError(
+                f"prepare.exclude_heldout: '{folder}' (domain '{name}') has no {HELDOUT_HASHES}; "
+                "prepare it again with this ddk version"
+            )
+        found.update(np.load(path).astype(HASH_DTYPE).tolist())
     return found
-
-
-def _hashes_from_source(folder: Path, manifest: dict, domain_folders: list[str]) -> set[int]:
-    source = manifest.get("fingerprint", {}).get("input")
-    if not source or not Path(source).exists():
-        raise DDKError(
-            f"prepare.exclude_heldout: '{folder}' has no {HELDOUT_HASHES} and its input corpus "
-            f"'{source}' is gone; prepare it again with this ddk version"
-        )
-    ids: set[int] = set()
-    for name in domain_folders:
-        for split in ("val", "test"):
-            path = folder / name / f"{split}_docs.npy"
-            if path.is_file():
-                ids.update(np.load(path)[:, 0].tolist())
-    # Document ids count the non-empty documents in corpus order, as prepare assigns them.
-    out, doc_id = set(), 0
-    corpus = discover(source)
-    for _, text, _ in iter_documents(corpus, manifest["text_field"], manifest["domain_field"]):
-        if text is None or not text.strip():
-            continue
-        if doc_id in ids:
-            out.add(text_hash(text))
-        doc_id += 1
-    return out
 
 
 # --------------------------------------------------------------------------- the plan

@@ -377,7 +377,8 @@ def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progres
         )
         if not writers:
             raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
-        _check_domains_have_documents(corpus, writers)
+        if domain_plan is None:  # clusters replace the source folders as domains
+            _check_domains_have_documents(corpus, writers)
         domains = {}
         for domain in writers:
             domains[domain] = {
