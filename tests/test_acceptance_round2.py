@@ -1,0 +1,88 @@
+"""Regressions found by acceptance-testing issue 8 through the CLI as a new user would: folders
+that ddk did not write are never trained into, rewritten or read back as a corpus."""
+
+import hashlib
+from pathlib import Path
+
+import yaml
+
+from ddk.cli import main
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under root (hidden ones too) with its SHA-256."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def _user_folder(tmp_path: Path) -> Path:
+    """A project folder holding the user's own (valid) ddk config.yaml and notes."""
+    home = tmp_path / "project"
+    home.mkdir()
+    config = {
+        "model": {"teacher": "t", "student": "s"},
+        "data": {"prepared": str(tmp_path / "data")},
+        "trainer": {"output_dir": str(home)},
+    }
+    (home / "config.yaml").write_text("# my settings\n" + yaml.safe_dump(config))
+    (home / "notes.txt").write_text("mine")
+    return home
+
+
+def test_resume_refuses_a_folder_ddk_never_ran_in(tmp_path, capsys):
+    # Before: `--resume` trained into the folder and rewrote the user's config.yaml.
+    home = _user_folder(tmp_path)
+    before = _tree(home)
+    assert main(["distill", "--resume", str(home)]) == 2
+    err = _one_error_line(capsys.readouterr().err)
+    assert "no run that ddk started" in err
+    assert _tree(home) == before  # not even a lock file
+
+
+def test_new_run_in_a_user_folder_does_not_suggest_resume(tmp_path, capsys):
+    # Before: the refusal advised `ddk distill --resume`, which then trained into the folder.
+    home = _user_folder(tmp_path)
+    before = _tree(home)
+    assert main(["distill", str(home / "config.yaml")]) == 2
+    err = _one_error_line(capsys.readouterr().err)
+    assert "not empty" in err and "no ddk run" in err and "--resume" not in err
+    assert _tree(home) == before
+
+
+def test_resume_still_accepts_a_run_that_died_before_its_first_checkpoint(tmp_path, capsys):
+    # The lock file is the first thing a run writes: with it, the folder is a run, and resume
+    # gets past the folder check to the config checks (made to fail here, before any model).
+    home = _user_folder(tmp_path)
+    config = yaml.safe_load((home / "config.yaml").read_text())
+    config["model"]["trust_remote_code"] = True
+    (home / "config.yaml").write_text(yaml.safe_dump(config))
+    (home / ".ddk.lock").write_text("1\n")
+    assert main(["distill", "--resume", str(home)]) == 2
+    err = _one_error_line(capsys.readouterr().err)
+    assert "sets model.trust_remote_code" in err
+
+
+def test_prepare_refuses_an_output_inside_its_input(tmp_path, capsys):
+    # Before: accepted, and the next prepare read the output's manifest.json as a JSON corpus.
+    corpus = tmp_path / "corpus"
+    for domain in ("a", "b"):
+        (corpus / domain).mkdir(parents=True)
+        (corpus / domain / "doc.txt").write_text(f"text of {domain}")
+    before = _tree(corpus)
+    for out in (corpus / "prepared", corpus, corpus / "a" / ".." / "x"):
+        argv = ["prepare", "--input", str(corpus), "--output", str(out), "--tokenizer", "none"]
+        assert main(argv) == 2
+        err = _one_error_line(capsys.readouterr().err)
+        assert "inside the input corpus" in err, err
+        assert _tree(corpus) == before
+    assert not (tmp_path / ".prepared.ddk.lock").exists()
