@@ -2,11 +2,16 @@
 that ddk did not write are never trained into, rewritten or read back as a corpus."""
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ddk.cli import main
+from ddk.data.dataset import PreparedData
+from ddk.errors import DDKError
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -86,3 +91,45 @@ def test_prepare_refuses_an_output_inside_its_input(tmp_path, capsys):
         assert "inside the input corpus" in err, err
         assert _tree(corpus) == before
     assert not (tmp_path / ".prepared.ddk.lock").exists()
+
+
+def _data_with_a_link(tmp_path: Path, prepared_dir: Path, link_file: bool) -> tuple[Path, Path]:
+    """A copy of prepared data whose first domain folder (or its val.bin) is a link to a copy
+    outside the data folder. Returns (data, outside)."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    folder = next(iter(json.loads((data / "manifest.json").read_text())["domains"].values()))
+    inside = data / folder["folder"]
+    outside = tmp_path / "elsewhere"
+    if link_file:
+        outside.mkdir()
+        (inside / "val.bin").rename(outside / "val.bin")
+        (inside / "val.bin").symlink_to(outside / "val.bin")
+    else:
+        inside.rename(outside)
+        inside.symlink_to(outside)
+    return data, outside
+
+
+@pytest.mark.parametrize("link_file", [False, True], ids=["domain folder", "val.bin"])
+def test_prepared_data_links_out_of_the_folder_are_refused(
+    tmp_path, prepared_dir, student_dir, link_file, capsys
+):
+    # Before: the manifest's folder names were confined, but a link under them was followed.
+    data, outside = _data_with_a_link(tmp_path, prepared_dir, link_file)
+    with pytest.raises(DDKError, match="outside the prepared data folder"):
+        PreparedData(data)
+    assert main(["eval", "--model", str(student_dir), "--data", str(data)]) == 2
+    assert str(outside) in _one_error_line(capsys.readouterr().err)
+
+
+def test_prepared_data_links_inside_the_folder_still_work(tmp_path, prepared_dir):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    name, info = next(iter(json.loads((data / "manifest.json").read_text())["domains"].items()))
+    (data / info["folder"]).rename(data / "moved")
+    (data / info["folder"]).symlink_to("moved")
+    assert PreparedData(data).domains[name].num_val_sequences > 0
+    link = tmp_path / "data_link"  # the data folder itself may be a link
+    link.symlink_to(data)
+    assert PreparedData(link).domains[name].num_val_sequences > 0
