@@ -516,9 +516,10 @@ class Trainer:
             total=t.max_steps,
             initial=self.state.step,
             desc=f"distill [{cfg.distill.method}]",
-            disable=not self.is_main,
             dynamic_ncols=True,
             unit="step",
+            # `disable` only off rank 0: passing it always would override TQDM_DISABLE.
+            **({} if self.is_main else {"disable": True}),
         )
         window_tokens, window_start = 0, time.perf_counter()
         try:

@@ -3,7 +3,10 @@ that ddk did not write are never trained into, rewritten or read back as a corpu
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +136,34 @@ def test_prepared_data_links_inside_the_folder_still_work(tmp_path, prepared_dir
     link = tmp_path / "data_link"  # the data folder itself may be a link
     link.symlink_to(data)
     assert PreparedData(link).domains[name].num_val_sequences > 0
+
+
+def test_tqdm_disable_silences_the_distill_progress_bar(
+    tmp_path, teacher_dir, student_dir, prepared_dir
+):
+    # Before: the bar passed `disable=` explicitly, which overrides TQDM_DISABLE=1. A subprocess,
+    # because tqdm reads TQDM_* when it is imported.
+    config = {
+        "model": {"teacher": str(teacher_dir), "student": str(student_dir)},
+        "data": {"prepared": str(prepared_dir)},
+        "distill": {"K": 2},
+        "trainer": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 2,
+            "micro_batch_size": 2,
+            "warmup_steps": 1,
+            "eval_batch_size": 4,
+        },
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddk.cli", "distill", str(tmp_path / "run.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "distill [ddk]" not in proc.stderr + proc.stdout
+    assert (tmp_path / "run" / "final").is_dir()
