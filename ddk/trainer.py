@@ -37,6 +37,7 @@ from ddk.data.dataset import PreparedData
 from ddk.domains import fixed_mixture, next_weights, perplexity_ratio
 from ddk.errors import DDKError
 from ddk.evaluate import domain_perplexities
+from ddk.final import save_final
 from ddk.losses import FusedDistillLoss, LossSums
 from ddk.methods import method_spec
 from ddk.metrics import MetricsWriter, truncate_metrics
@@ -593,8 +594,7 @@ class Trainer:
         if self.is_main:
             model = self._unwrapped_student()
             model.config.use_cache = True  # generation wants the KV cache back
-            model.save_pretrained(final)
-            self.student_tokenizer.save_pretrained(final)
+            save_final(self.run_dir, model, self.student_tokenizer)
             print(f"final student saved to {final}")
         self.runtime.barrier()
         return final

@@ -167,3 +167,44 @@ def test_tqdm_disable_silences_the_distill_progress_bar(
     assert proc.returncode == 0, proc.stderr
     assert "distill [ddk]" not in proc.stderr + proc.stdout
     assert (tmp_path / "run" / "final").is_dir()
+
+
+@pytest.fixture
+def tmpfs_1m(tmp_path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip() or 'not root'}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_while_saving_the_final_student_is_one_line(tmpfs_1m, tokenizer_dir):
+    # Before: a traceback (SafetensorError, exit 1) and a `final/` holding only config.json.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ddk.demo.build import tiny_causal_lm
+    from ddk.final import save_final
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    run = tmpfs_1m / "run"
+    run.mkdir()
+    small = tiny_causal_lm(len(tokenizer), hidden_size=16, num_layers=1)  # ~50 KiB
+    save_final(run, small, tokenizer)
+    before = _tree(run / "final")
+    big = tiny_causal_lm(len(tokenizer), hidden_size=128, num_layers=4)  # > 1 MiB of weights
+    with pytest.raises(DDKError, match="disk full while saving the final student") as caught:
+        save_final(run, big, tokenizer)
+    assert "ddk distill --resume" in str(caught.value) and "\n" not in str(caught.value)
+    assert _tree(run / "final") == before  # the previous final is whole and untouched
+    assert sorted(p.name for p in run.iterdir()) == ["final"]  # no half-written folder left
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tmpfs_1m)], check=True)
+    save_final(run, big, tokenizer)
+    loaded = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert loaded.config.hidden_size == 128
+    assert sorted(p.name for p in run.iterdir()) == ["final"]
