@@ -649,6 +649,8 @@ def start_run(cfg: Config) -> Path | None:
     from ddk.lock import LOCK_NAME, raise_if_held
 
     run_dir = Path(cfg.trainer.output_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DDKError(f"trainer.output_dir '{run_dir}' is a file; choose a folder")
     created = not run_dir.exists()
 
     def refuse_non_empty() -> None:

@@ -208,3 +208,14 @@ def test_disk_full_while_saving_the_final_student_is_one_line(tmpfs_1m, tokenize
     loaded = AutoModelForCausalLM.from_pretrained(run / "final")
     assert loaded.config.hidden_size == 128
     assert sorted(p.name for p in run.iterdir()) == ["final"]
+
+
+def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    # Before: NotADirectoryError with a traceback, exit 1.
+    home = _user_folder(tmp_path)
+    mine = tmp_path / "results.txt"
+    mine.write_text("mine")
+    argv = ["distill", str(home / "config.yaml"), "--set", f"trainer.output_dir={mine}"]
+    assert main(argv) == 2
+    assert "is a file" in _one_error_line(capsys.readouterr().err)
+    assert mine.read_text() == "mine"
