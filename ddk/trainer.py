@@ -43,6 +43,7 @@ from ddk.data.dataset import PreparedData
 from ddk.domains import fixed_mixture, next_weights
 from ddk.errors import DDKError
 from ddk.evaluate import domain_perplexities, report_split
+from ddk.final import save_final
 from ddk.logits import LogitTransform, logit_transform
 from ddk.losses import FusedDistillLoss, LossSums
 from ddk.methods import method_spec
@@ -665,9 +666,10 @@ class Trainer:
             total=t.max_steps,
             initial=self.state.step,
             desc=f"distill [{cfg.distill.method}]",
-            disable=not self.is_main,
             dynamic_ncols=True,
             unit="step",
+            # `disable` only off rank 0: passing it always would override TQDM_DISABLE.
+            **({} if self.is_main else {"disable": True}),
         )
         window_tokens, window_start = 0, time.perf_counter()
         try:
@@ -759,8 +761,7 @@ class Trainer:
             if full is not None:
                 model = plain_copy(model, full)
             model.config.use_cache = True  # generation wants the KV cache back
-            model.save_pretrained(final)
-            self.student_tokenizer.save_pretrained(final)
+            save_final(self.run_dir, model, self.student_tokenizer)
             print(f"final student saved to {final}")
         self.runtime.barrier()
         return final
@@ -789,6 +790,17 @@ def _is_rank0() -> bool:
 LOCK_HINT = "run"
 
 
+# What ddk writes in a run folder besides config.yaml; the lock file comes first, before any
+# check or model load, so even a run that died at once has it.
+_RUN_MARKERS = ("checkpoints", "metrics.jsonl", "teacher_ppl.json")
+
+
+def _has_run_marker(run_dir: Path) -> bool:
+    from ddk.lock import LOCK_NAME
+
+    return any((run_dir / name).exists() for name in (*_RUN_MARKERS, LOCK_NAME))
+
+
 def run_lock(run_dir: Path):
     """One process per run folder, held from before preflight to the run's end. Only global
     rank 0 takes it: ranks on one node would otherwise lock each other out."""
@@ -804,11 +816,19 @@ def start_run(cfg: Config) -> Path | None:
     from ddk.lock import LOCK_NAME, raise_if_held
 
     run_dir = Path(cfg.trainer.output_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DDKError(f"trainer.output_dir '{run_dir}' is a file; choose a folder")
     created = not run_dir.exists()
 
     def refuse_non_empty() -> None:
         if not created and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
             raise_if_held(run_dir, LOCK_HINT)  # a live run there: name its PID
+            if not _has_run_marker(run_dir):  # the user's own folder: --resume would not help
+                first = sorted(p.name for p in run_dir.iterdir())[0]
+                raise DDKError(
+                    f"run folder '{run_dir}' is not empty and holds no ddk run ({first}, ...); "
+                    "set trainer.output_dir to a new or empty folder"
+                )
             raise DDKError(
                 f"run folder '{run_dir}' is not empty; resume it with `ddk distill --resume "
                 f"{run_dir}` or set trainer.output_dir to a new folder"
@@ -834,11 +854,19 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> Path 
     """Continue from the newest intact checkpoint; a run that died before its first checkpoint
     starts again from step 0 with its saved config. The run folder's config.yaml must agree
     with what the checkpoint recorded (see ddk.resume)."""
+    from ddk.lock import LOCK_NAME
     from ddk.resume import check_overrides, check_resume
 
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise DDKError(f"'{run_dir}' holds no run (no config.yaml) to resume")
+    if not _has_run_marker(run_dir):
+        # A folder with only someone's config.yaml: resuming would train into it and rewrite
+        # that file. Checked before the lock, so a refused folder gains no lock file.
+        raise DDKError(
+            f"'{run_dir}' holds a config.yaml but no run that ddk started (no checkpoints/, "
+            f"metrics.jsonl or {LOCK_NAME}); start a new run in a new folder instead"
+        )
     with run_lock(run_dir):
         override_keys = check_overrides(overrides or [])
         cfg = load_config(run_dir / "config.yaml", overrides)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ddk.data.dedup import HASH_DTYPE
-from ddk.data.manifest import SPLITS, DomainInfo, Manifest, domain_path, read_manifest
+from ddk.data.manifest import SPLITS, DomainInfo, Manifest, confine, domain_path, read_manifest
 from ddk.errors import DDKError
 
 
@@ -26,6 +26,7 @@ class DomainShard:
             split: folder / f"{split}.bin" for split in SPLITS if info.tokens(split) is not None
         }
         for split, path in self._paths.items():
+            confine(folder, path)
             expected = info.tokens(split) * dtype.itemsize
             if not path.is_file() or path.stat().st_size != expected:
                 raise DDKError(
@@ -83,6 +84,7 @@ class DomainShard:
         path = self.folder / "heldout_hashes.npy"
         if not path.is_file():
             return np.zeros(0, dtype=HASH_DTYPE)
+        confine(self.folder, path)
         return np.load(path, allow_pickle=False).astype(HASH_DTYPE, copy=False)
 
 

@@ -183,5 +183,18 @@ def read_owner(folder: Path) -> dict | None:
 
 
 def domain_path(root: Path, info: DomainInfo) -> Path:
-    """A domain's folder (its name was checked to stay inside `root` when read)."""
-    return root / info.folder
+    """A domain's folder: its name was checked to stay inside `root` when read, and a link
+    there that leads out of `root` is refused too."""
+    path = root / info.folder
+    confine(root, path)
+    return path
+
+
+def confine(root: Path, path: Path) -> None:
+    """One-line DDKError when `path`, links followed, lies outside `root`. ddk never writes
+    links into prepared data, so one that leads out is a crafted or hand-assembled folder."""
+    if path.exists() and not path.resolve().is_relative_to(root.resolve()):
+        raise DDKError(
+            f"'{path}' is a link to '{path.resolve()}', outside the prepared data folder "
+            f"'{root}'; ddk reads only files inside it: prepare the data again"
+        )

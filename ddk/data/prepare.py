@@ -328,6 +328,18 @@ def _split_domain(folder: Path, name: str, cfg: PrepareSection, dtype: np.dtype)
     return stats
 
 
+def _refuse_output_in_input(out: Path, corpus: Path) -> None:
+    """The output may not sit inside the input folder: the next prepare would read the
+    prepared data (its manifest.json, its .bin files) as a domain of the corpus."""
+    if not corpus.is_dir():
+        return
+    if out.resolve().is_relative_to(corpus.resolve()):
+        raise DDKError(
+            f"output '{out}' is inside the input corpus '{corpus}', so a later prepare would "
+            "read it as a domain; choose an output folder outside the corpus"
+        )
+
+
 def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) -> dict:
     """Tokenise `cfg.input` once into `cfg.output`; return the manifest. Atomic: a failure
     leaves no output folder that a later run would trust."""
@@ -336,6 +348,7 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
     if not cfg.output:
         raise DDKError("no output folder: set prepare.output (or pass --output)")
     out = Path(cfg.output).expanduser()
+    _refuse_output_in_input(out, Path(cfg.input).expanduser())
     _make_parent(out)
     # One prepare per output, locked before the input is read. The output appears by rename,
     # so the lock file sits next to it (and is removed on release).
