@@ -125,12 +125,23 @@ def check_resume(
 
 
 def data_fingerprint(prepared: str | Path) -> str | None:
-    """SHA-256 of the prepared data's manifest: it changes whenever `ddk prepare` writes the
-    folder again (creation time, sizes, checksums). None when there is no manifest to read."""
+    """Identifies the prepared data as it is on disk: the SHA-256 of its manifest (which changes
+    whenever `ddk prepare` writes the folder again) plus the size and modification time of
+    every shard file, so a shard edited in place is noticed too. None when there is no
+    manifest to read."""
+    import hashlib
+
     from ddk.data.prepare import MANIFEST
     from ddk.fileutil import sha256_file
 
+    folder = Path(prepared).expanduser()
     try:
-        return sha256_file(Path(prepared).expanduser() / MANIFEST)
+        h = hashlib.sha256(sha256_file(folder / MANIFEST).encode())
     except OSError:
         return None
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        if path.name.startswith("."):  # lock files and the like
+            continue
+        st = path.stat()
+        h.update(f"{path.relative_to(folder).as_posix()}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()

@@ -125,6 +125,14 @@ def _reprepared(w) -> Path:
     return w["run_d"]
 
 
+def _shard_edited(w) -> Path:
+    shard = w["root"] / "data_d" / "code" / "train.bin"
+    tokens = bytearray(shard.read_bytes())
+    tokens[0] ^= 1  # one token changed in place: same size, same manifest
+    shard.write_bytes(bytes(tokens))
+    return w["run_d"]
+
+
 def _demo_out(w) -> Path:
     out = w["root"] / "demo_out"
     (out / "runs" / "ddk").mkdir(parents=True, exist_ok=True)
@@ -252,6 +260,11 @@ CASES = [
     (
         "resume: data changed underneath",
         lambda w: ["distill", "--resume", str(_reprepared(w))],
+        ["data_d", "changed since"],
+    ),
+    (
+        "resume: a shard edited in place",
+        lambda w: ["distill", "--resume", str(_shard_edited(w))],
         ["data_d", "changed since"],
     ),
     (
