@@ -216,7 +216,8 @@ class Config(_Section):
         Path(path).write_text(self.to_yaml())
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def validation_problems(err: ValidationError) -> list[str]:
+    """One short phrase per schema error, naming its YAML path."""
     problems = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -224,7 +225,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             problems.append(f"unknown key '{where}'")
         else:
             problems.append(f"{where}: {e['msg']}")
-    return f"{source}: " + "; ".join(problems)
+    return problems
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    return f"{source}: " + "; ".join(validation_problems(err))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

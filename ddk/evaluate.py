@@ -94,6 +94,19 @@ def domain_perplexities(
     return out
 
 
+def run_perplexities(cfg, model, data: PreparedData, split: str, autocast) -> dict:
+    """`domain_perplexities` with a run config's evaluation settings (batch size, loss chunk)."""
+    return domain_perplexities(
+        model,
+        data,
+        vocab_size=data.vocab_size,
+        split=split,
+        batch_size=cfg.trainer.eval_batch_size,
+        autocast=autocast,
+        chunk_tokens=cfg.distill.loss_chunk_tokens,
+    )
+
+
 def evaluate_model_cli(
     model_name: str,
     data_dir: str,

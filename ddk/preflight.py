@@ -61,14 +61,9 @@ def load_checked_config(path, overrides: list[str]) -> Config:
 
 
 def schema_problems(err, source: str) -> list[str]:
-    out = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            out.append(f"{source}: unknown key '{where}'")
-        else:
-            out.append(f"{source}: {where}: {e['msg']}")
-    return out
+    from ddk.config import validation_problems
+
+    return [f"{source}: {problem}" for problem in validation_problems(err)]
 
 
 def _drop_invalid(raw: dict, rounds: int = 10) -> Config | None:

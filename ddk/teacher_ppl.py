@@ -148,7 +148,7 @@ def teacher_perplexities(
     `teacher_ppl.json` (values and whether each split came from the cache) for the report."""
     import torch
 
-    from ddk.evaluate import domain_perplexities
+    from ddk.evaluate import run_perplexities
     from ddk.models import check_vocab, embedding_rows, load_teacher, resolve_dtype
 
     if not cfg.model.teacher:
@@ -171,15 +171,7 @@ def teacher_perplexities(
                     cfg.model.teacher, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
                 ).to(runtime.device)
                 check_vocab(data.vocab_size, embedding_rows(model), student_rows)
-            result = domain_perplexities(
-                model,
-                data,
-                vocab_size=data.vocab_size,
-                split=split,
-                batch_size=cfg.trainer.eval_batch_size,
-                autocast=runtime.autocast,
-                chunk_tokens=cfg.distill.loss_chunk_tokens,
-            )
+            result = run_perplexities(cfg, model, data, split, runtime.autocast)
             source[split] = "computed"
             if runtime.is_main:
                 cache.put(split, result)

@@ -42,7 +42,7 @@ from ddk.config import Config, ConfigError, load_config
 from ddk.data.dataset import PreparedData
 from ddk.domains import fixed_mixture, next_weights
 from ddk.errors import DDKError
-from ddk.evaluate import domain_perplexities, report_split
+from ddk.evaluate import report_split, run_perplexities
 from ddk.final import save_final
 from ddk.logits import LogitTransform, logit_transform
 from ddk.losses import FusedDistillLoss, LossSums
@@ -324,14 +324,8 @@ class Trainer:
 
     def evaluate_student_on(self, split: str) -> dict[str, dict]:
         with self.runtime.gathered(self.step_module):
-            return domain_perplexities(
-                self._unwrapped_student(),
-                self.data,
-                vocab_size=self.vocab_size,
-                split=split,
-                batch_size=self.cfg.trainer.eval_batch_size,
-                autocast=self.runtime.autocast,
-                chunk_tokens=self.cfg.distill.loss_chunk_tokens,
+            return run_perplexities(
+                self.cfg, self._unwrapped_student(), self.data, split, self.runtime.autocast
             )
 
     def teacher_perplexities(self) -> dict[str, float] | None:

@@ -228,7 +228,7 @@ def build_cache(cfg, progress: bool = True) -> Path:
     """Run the teacher over every training sequence of `data.prepared` (the `data.domains`
     subset if set) and write the cache to `teacher.cache`. Resumes an interrupted cache."""
     from ddk.data.dataset import PreparedData
-    from ddk.evaluate import domain_perplexities
+    from ddk.evaluate import run_perplexities
     from ddk.lock import FolderLock
     from ddk.models import check_vocab, embedding_rows, load_teacher, resolve_dtype
     from ddk.runtime import Runtime
@@ -312,15 +312,7 @@ def build_cache(cfg, progress: bool = True) -> Path:
         for split in ("val", "test"):
             if split == "test" and not data.has_split("test"):
                 continue  # data prepared before test splits
-            result = domain_perplexities(
-                model,
-                data,
-                vocab_size=data.vocab_size,
-                split=split,
-                batch_size=cfg.trainer.eval_batch_size,
-                autocast=rt.autocast,
-                chunk_tokens=cfg.distill.loss_chunk_tokens,
-            )
+            result = run_perplexities(cfg, model, data, split, rt.autocast)
             ppl[split] = {d: r["ppl"] for d, r in result.items()}
         if rt.is_main:
             missing = [
