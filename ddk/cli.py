@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["cpt", "kd", "ddk"],
-        help="methods to compare (ddk+floor = ddk with distill.init_floor=true)",
+        default=["cpt", "kd", "ddk", "equal"],
+        help="methods to compare (default: cpt kd ddk equal; also ddk_no_smoothing, ddk+floor = "
+        "ddk with distill.init_floor=true)",
     )
     p.add_argument(
         "--init-floor-variant", action="store_true", help="also run ddk+floor (init_floor=true)"

@@ -4,7 +4,7 @@
     -> teacher: a small Llama pre-trained on the natural mix      (cached)
     -> student: a smaller Llama pre-trained briefly on a skewed mix (cached; it lags unevenly,
        as real small models do, which is where DDK has something to steer)
-    -> ddk prepare -> ddk distill with cpt, kd and ddk at equal tokens and seed -> report.
+    -> ddk prepare -> ddk distill with cpt, kd, ddk and equal at equal tokens and seed -> report.
 Every stage runs through the same code (and config schema) a user's run takes; each stage's
 config is written to OUT/configs/ as a YAML to copy for one's own models and data.
 """

@@ -44,11 +44,12 @@ def test_demo_quick(tmp_path, capsys):
         "cpt",
         "kd",
         "ddk",
+        "equal",
         "geometric mean",
         "worst ratio",
     ):
         assert word in table, word
-    for method in ("cpt", "kd", "ddk"):
+    for method in ("cpt", "kd", "ddk", "equal"):
         start, final = _final_and_start(out / "runs" / method)
         for domain, d in start.items():
             assert d["teacher_ppl"] < d["student_ppl"], f"teacher not better on {domain}"
