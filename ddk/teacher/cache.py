@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ddk.errors import DDKError
 from ddk.fileutil import sha256_file
+from ddk.lock import LOCK_NAME
 from ddk.teacher.signals import Batch, SparseSignal
 
 FORMAT_VERSION = 1
@@ -115,9 +116,33 @@ def read_cache_manifest(folder: str | Path) -> dict:
             f"'{folder}' holds no teacher cache (no {MANIFEST}); run `ddk cache-teacher`"
         )
     try:
-        return json.loads(path.read_text())
+        m = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise DDKError(f"{path} is corrupt (not JSON); run `ddk cache-teacher` again") from None
+    # Prepared data also has a manifest.json: name the mix-up instead of a format mismatch.
+    if not isinstance(m, dict) or "teacher_fingerprint" not in m:
+        what = " (it is prepared data)" if isinstance(m, dict) and "format" in m else ""
+        raise DDKError(
+            f"'{folder}' is not a teacher cache{what}; point teacher.cache at a "
+            "`ddk cache-teacher` folder"
+        )
+    return m
+
+
+def _check_target(folder: Path) -> None:
+    """Refuse to write a cache into anything but a new or empty folder or a cache: shards and
+    a manifest.json mixed into a user's folder (or prepared data) would be hard to undo."""
+    if folder.exists() and not folder.is_dir():
+        raise DDKError(f"teacher.cache: '{folder}' is a file; set it to a new folder")
+    if (folder / MANIFEST).exists():
+        read_cache_manifest(folder)  # raises unless it is a cache
+    elif folder.is_dir() and any(
+        p.name not in (LOCK_NAME, MANIFEST + ".tmp") for p in folder.iterdir()
+    ):  # the lock and a half-written manifest: what a run killed before its first shard leaves
+        raise DDKError(
+            f"teacher.cache: '{folder}' is a non-empty folder that holds no teacher cache; set "
+            "teacher.cache to a new or empty folder"
+        )
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -241,6 +266,8 @@ def build_cache(cfg, progress: bool = True) -> Path:
         raise DDKError("data.prepared: required (the output folder of `ddk prepare`)")
     folder = Path(cfg.teacher.cache).expanduser()
     rt = Runtime()
+    if rt.is_main:
+        _check_target(folder)
     lock = FolderLock(folder, "write the cache").acquire() if rt.is_main else None
     try:
         data = PreparedData(cfg.data.prepared, cfg.data.domains)
@@ -280,8 +307,9 @@ def build_cache(cfg, progress: bool = True) -> Path:
             desc="cache-teacher",
             unit="tok",
             unit_scale=True,
-            disable=not (progress and rt.is_main),
             dynamic_ncols=True,
+            # `disable=False` would override TQDM_DISABLE: pass it only to switch the bar off.
+            **({} if progress and rt.is_main else {"disable": True}),
         ) as bar:
             for name, j in todo:
                 info = plan["domains"][name]

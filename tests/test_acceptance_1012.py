@@ -1,0 +1,155 @@
+"""Acceptance fixes for `ddk cache-teacher` / `teacher.mode: offline` and `--auto-domains`,
+found by running them as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddk.config import load_config
+from ddk.data.autodomains import cluster_name
+from ddk.errors import DDKError
+from ddk.lock import LOCK_NAME
+from ddk.preflight import preflight
+from ddk.teacher.cache import build_cache
+
+
+def _cfg(teacher_dir, student_dir, prepared_dir, cache, *extra):
+    return load_config(
+        None,
+        [
+            f"model.teacher={teacher_dir}",
+            f"model.student={student_dir}",
+            f"data.prepared={prepared_dir}",
+            f"teacher.cache={cache}",
+            "teacher.cache_k=4",
+            *extra,
+        ],
+    )
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_cache_teacher_refuses_a_file(tmp_path, teacher_dir, student_dir, prepared_dir):
+    # Before: "cannot create 'afile/.ddk.lock': File exists".
+    target = tmp_path / "afile"
+    target.write_text("mine\n")
+    with pytest.raises(DDKError, match="is a file"):
+        build_cache(_cfg(teacher_dir, student_dir, prepared_dir, target), progress=False)
+    assert target.read_text() == "mine\n"
+
+
+def test_cache_teacher_refuses_a_folder_of_other_files(
+    tmp_path, teacher_dir, student_dir, prepared_dir
+):
+    # Before: the shards, manifest.json and lock were written next to the user's files.
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep\n")
+    with pytest.raises(DDKError, match="non-empty folder that holds no teacher cache"):
+        build_cache(_cfg(teacher_dir, student_dir, prepared_dir, target), progress=False)
+    assert _listing(target) == ["notes.txt"]
+
+
+def test_cache_teacher_refuses_prepared_data_untouched(teacher_dir, student_dir, prepared_dir):
+    # Before: refused as "a cache of another teacher..." but only after leaving a lock file in
+    # the prepared folder.
+    before = _listing(prepared_dir)
+    with pytest.raises(DDKError, match=r"not a teacher cache \(it is prepared data\)"):
+        build_cache(_cfg(teacher_dir, student_dir, prepared_dir, prepared_dir), progress=False)
+    assert _listing(prepared_dir) == before
+    assert LOCK_NAME not in before
+
+
+def test_cache_teacher_accepts_an_empty_folder_or_one_left_by_a_kill(tmp_path, prepared_dir):
+    from ddk.teacher.cache import _check_target
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _check_target(empty)
+    killed = tmp_path / "killed"  # killed between taking the lock and the first manifest
+    killed.mkdir()
+    (killed / LOCK_NAME).write_text("")
+    (killed / "manifest.json.tmp").write_text("{")
+    _check_target(killed)
+
+
+def test_offline_run_on_prepared_data_as_cache_says_so(
+    tmp_path, teacher_dir, student_dir, prepared_dir
+):
+    # Before: "... has cache format 2; build it again", which sends the user the wrong way.
+    cfg = _cfg(
+        teacher_dir,
+        student_dir,
+        prepared_dir,
+        prepared_dir,
+        "teacher.mode=offline",
+        f"trainer.output_dir={tmp_path / 'run'}",
+    )
+    with pytest.raises(DDKError, match=r"not a teacher cache \(it is prepared data\)"):
+        preflight(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cluster_names_keep_accented_letters():
+    # Before: "über" named a cluster "c1_ber".
+    assert cluster_name(1, ["über", "café", "日本", "def"]) == "c1_uber_cafe_def"
+    assert cluster_name(0, []) == "c0"
+
+
+def _run(args, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "ddk.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+
+
+def test_tqdm_disable_silences_auto_domains_and_cache_teacher(
+    tmp_path, corpus, tokenizer_dir, teacher_dir, student_dir, prepared_dir
+):
+    # Before: both bars passed `disable=False`, which overrides TQDM_DISABLE=1 (tqdm reads it
+    # at import, hence subprocesses).
+    proc = _run(
+        [
+            "prepare",
+            "--input",
+            str(corpus[0]),
+            "--output",
+            str(tmp_path / "auto"),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--seq-len",
+            "32",
+            "--val-sequences",
+            "2",
+            "--auto-domains",
+            "2",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "auto-domains: sampling" not in proc.stderr + proc.stdout
+    assert (tmp_path / "auto" / "clusters.json").is_file()
+
+    config = {
+        "model": {"teacher": str(teacher_dir), "student": str(student_dir)},
+        "data": {"prepared": str(prepared_dir)},
+        "teacher": {"cache": str(tmp_path / "cache"), "cache_k": 4},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    proc = _run(["cache-teacher", str(tmp_path / "run.yaml")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "cache-teacher:" not in proc.stderr + proc.stdout
+    assert "cached" in proc.stdout + proc.stderr
