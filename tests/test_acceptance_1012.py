@@ -153,3 +153,28 @@ def test_tqdm_disable_silences_auto_domains_and_cache_teacher(
     assert proc.returncode == 0, proc.stderr
     assert "cache-teacher:" not in proc.stderr + proc.stdout
     assert "cached" in proc.stdout + proc.stderr
+
+
+def test_offline_run_needs_no_teacher_on_this_machine(
+    tmp_path, teacher_dir, student_dir, prepared_dir, capsys
+):
+    # Before: a run.yaml naming a teacher that only the caching machine holds was refused
+    # ("cannot load ...; its weights must be on disk to fingerprint the cache"), although an
+    # offline run never loads it. Now the cache is matched by the teacher's name.
+    import shutil
+
+    away = tmp_path / "teacher-elsewhere"
+    shutil.copytree(teacher_dir, away)
+    cache = tmp_path / "cache"
+    build_cache(_cfg(away, student_dir, prepared_dir, cache), progress=False)
+    shutil.rmtree(away)
+    run = [f"trainer.output_dir={tmp_path / 'run'}", "teacher.mode=offline"]
+    preflight(_cfg(away, student_dir, prepared_dir, cache, *run))
+    assert "is not on this machine" in capsys.readouterr().out
+    with pytest.raises(DDKError, match="built by another teacher"):
+        preflight(_cfg(tmp_path / "other-teacher", student_dir, prepared_dir, cache, *run))
+    # A teacher that is on disk is still fingerprinted: same name, other weights, refused.
+    shutil.copytree(teacher_dir, away)
+    (away / "config.json").write_text((away / "config.json").read_text() + " ")
+    with pytest.raises(DDKError, match="built by another teacher"):
+        preflight(_cfg(away, student_dir, prepared_dir, cache, *run))

@@ -68,6 +68,15 @@ def _teacher_folder(name: str) -> Path:
         ) from None
 
 
+def teacher_on_disk(name: str) -> bool:
+    """Whether the teacher's files are on this machine (an offline run may lack them)."""
+    try:
+        _teacher_folder(name)
+    except DDKError:
+        return False
+    return True
+
+
 def teacher_fingerprint(name: str) -> str:
     """SHA-256 over the teacher's config.json and the SHA-256 of each weight file."""
     folder = _teacher_folder(name)
@@ -401,7 +410,14 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
             problems.append(
                 f"{where} has no domain '{absent[0]}'; cache it or drop it from the run"
             )
-    if cfg.model.teacher:
+    if cfg.model.teacher and not teacher_on_disk(cfg.model.teacher):
+        # Training off the teacher's machine: only the name it was cached under can be compared.
+        if m.get("teacher") != cfg.model.teacher:
+            problems.append(
+                f"{where} was built by another teacher ('{m.get('teacher')}') than "
+                f"model.teacher '{cfg.model.teacher}'"
+            )
+    elif cfg.model.teacher:
         try:
             fp = teacher_fingerprint(cfg.model.teacher)
         except DDKError as e:
