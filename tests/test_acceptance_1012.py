@@ -178,3 +178,16 @@ def test_offline_run_needs_no_teacher_on_this_machine(
     (away / "config.json").write_text((away / "config.json").read_text() + " ")
     with pytest.raises(DDKError, match="built by another teacher"):
         preflight(_cfg(away, student_dir, prepared_dir, cache, *run))
+
+
+def test_offline_run_says_when_the_cache_has_another_k(
+    tmp_path, teacher_dir, student_dir, prepared_dir, capsys
+):
+    # Before: teacher.cache_k=32 against a top-4 cache trained with k = 4 without a word.
+    cache = tmp_path / "cache"
+    build_cache(_cfg(teacher_dir, student_dir, prepared_dir, cache), progress=False)
+    run = [f"trainer.output_dir={tmp_path / 'run'}", "teacher.mode=offline"]
+    preflight(_cfg(teacher_dir, student_dir, prepared_dir, cache, *run))
+    assert "warning" not in capsys.readouterr().out
+    preflight(_cfg(teacher_dir, student_dir, prepared_dir, cache, *run, "teacher.cache_k=32"))
+    assert "holds the teacher's top-4, not teacher.cache_k=32" in capsys.readouterr().out

@@ -390,6 +390,11 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
         return [f"{where} has cache format {m.get('format_version')}; build it again"]
     if not m.get("complete"):
         problems.append(f"{where} is incomplete; finish it with `ddk cache-teacher`")
+    if int(m["k"]) != cfg.teacher.cache_k:  # k only sets how a cache is built: say which one
+        print(
+            f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
+            f"{cfg.teacher.cache_k}; distilling with k = {m['k']}"
+        )
     if float(m["tau"]) != float(cfg.distill.tau):
         problems.append(
             f"{where} was built at tau {m['tau']} but distill.tau is {cfg.distill.tau}; use the "
