@@ -191,3 +191,36 @@ def test_offline_run_says_when_the_cache_has_another_k(
     assert "warning" not in capsys.readouterr().out
     preflight(_cfg(teacher_dir, student_dir, prepared_dir, cache, *run, "teacher.cache_k=32"))
     assert "holds the teacher's top-4, not teacher.cache_k=32" in capsys.readouterr().out
+
+
+def test_sigterm_stops_cache_teacher_with_a_resume_hint(
+    tmp_path, teacher_dir, student_dir, prepared_dir, monkeypatch, capsys
+):
+    # Before: SIGTERM (preemption) killed `ddk cache-teacher` silently with exit 143.
+    import signal
+
+    from ddk.cli import main
+    from ddk.teacher import cache as cache_mod
+
+    config = {
+        "model": {"teacher": str(teacher_dir), "student": str(student_dir)},
+        "data": {"prepared": str(prepared_dir)},
+        "teacher": {"cache": str(tmp_path / "cache"), "cache_k": 4},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    original, written = cache_mod._write_shard, []
+
+    def term_after_one(path, arrays):
+        original(path, arrays)
+        written.append(path)
+        if len(written) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cache_mod, "_write_shard", term_after_one)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["cache-teacher", str(tmp_path / "run.yaml")]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert len(list((tmp_path / "cache").rglob("*.bin"))) == 1
+    monkeypatch.setattr(cache_mod, "_write_shard", original)
+    assert main(["cache-teacher", str(tmp_path / "run.yaml")]) == 0
