@@ -224,3 +224,26 @@ def test_sigterm_stops_cache_teacher_with_a_resume_hint(
     assert len(list((tmp_path / "cache").rglob("*.bin"))) == 1
     monkeypatch.setattr(cache_mod, "_write_shard", original)
     assert main(["cache-teacher", str(tmp_path / "run.yaml")]) == 0
+
+
+def test_rerun_on_a_finished_cache_is_a_no_op(
+    tmp_path, teacher_dir, student_dir, prepared_dir, capsys
+):
+    # Before: a rerun loaded the teacher, recomputed every perplexity and marked the cache
+    # incomplete meanwhile (so an offline run starting then was refused).
+    cache = tmp_path / "cache"
+    cfg = _cfg(teacher_dir, student_dir, prepared_dir, cache)
+    build_cache(cfg, progress=False)
+    manifest = cache / "manifest.json"
+    stamp = (manifest.read_bytes(), manifest.stat().st_mtime_ns)
+    capsys.readouterr()
+    build_cache(cfg, progress=False)
+    assert "already holds this cache; nothing to do" in capsys.readouterr().out
+    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == stamp
+    # A missing shard is not "finished": the rerun writes it again.
+    shard = sorted(cache.rglob("*.bin"))[0]
+    data = shard.read_bytes()
+    shard.unlink()
+    build_cache(cfg, progress=False)
+    assert "nothing to do" not in capsys.readouterr().out
+    assert shard.read_bytes() == data

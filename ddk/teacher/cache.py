@@ -154,6 +154,24 @@ def _check_target(folder: Path) -> None:
         )
 
 
+def _finished(folder: Path, plan: dict) -> bool:
+    """A complete cache of exactly this plan with every shard present: a rerun loads no teacher
+    and never marks the cache incomplete under a run that reads it."""
+    try:
+        old = read_cache_manifest(folder)
+    except DDKError:
+        return False
+    return (
+        bool(old.get("complete"))
+        and _identity(old) == _identity(plan)
+        and all(
+            _shard_path(folder, info, j).exists()
+            for info in old["domains"].values()
+            for j in range(info["shards"])
+        )
+    )
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
@@ -281,6 +299,10 @@ def build_cache(cfg, progress: bool = True) -> Path:
     try:
         data = PreparedData(cfg.data.prepared, cfg.data.domains)
         plan = _plan(cfg, data, teacher_fingerprint(cfg.model.teacher))
+        if _finished(folder, plan):  # every rank sees the same: rank 0 writes nothing here
+            if rt.is_main:
+                print(f"'{folder}' already holds this cache; nothing to do")
+            return folder
         if rt.is_main:
             if (folder / MANIFEST).exists():
                 old = read_cache_manifest(folder)
