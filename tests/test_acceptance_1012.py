@@ -247,3 +247,42 @@ def test_rerun_on_a_finished_cache_is_a_no_op(
     build_cache(cfg, progress=False)
     assert "nothing to do" not in capsys.readouterr().out
     assert shard.read_bytes() == data
+
+
+def test_a_cluster_too_small_to_hold_out_suggests_fewer_domains(tmp_path, tokenizer_dir):
+    # Before: the hint named only text and seq_len, not the N that made the cluster small.
+    import json
+    import random
+
+    from ddk.config import PrepareSection
+    from ddk.data.prepare import prepare
+
+    r = random.Random(0)
+    words = [
+        "the",
+        "river",
+        "town",
+        "people",
+        "walked",
+        "along",
+        "quiet",
+        "morning",
+        "light",
+        "over",
+        "old",
+        "bridge",
+    ]
+    lines = [{"text": " ".join(r.choice(words) for _ in range(60))} for _ in range(40)]
+    lines.append({"text": ", ".join(str(r.randint(0, 99999)) for _ in range(800))})
+    lines += [{"text": "1, 2"}, {"text": "3, 4"}]  # the numbers cluster: one long document
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = PrepareSection(
+        input=str(tmp_path / "c.jsonl"),
+        output=str(tmp_path / "out"),
+        seq_len=32,
+        val_sequences=2,
+        auto_domains=2,
+    )
+    with pytest.raises(DDKError, match=r"too little text.*ask for fewer domains"):
+        prepare(cfg, str(tokenizer_dir), progress=False)
+    assert not (tmp_path / "out").exists()
