@@ -173,9 +173,24 @@ def _distill(args) -> int:
 
 
 def _cache_teacher(args) -> int:
+    import signal
+
     from ddk.teacher.cache import build_cache
 
-    build_cache(load_config(args.config, args.overrides))
+    def _stop(signum, frame):  # preemption (SIGTERM) ends like Ctrl-C: finished shards stay
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        build_cache(load_config(args.config, args.overrides))
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the finished shards are kept; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -102,6 +102,12 @@ def _deepest_key(data: dict, loc: list[str]) -> tuple[str, ...]:
     return tuple(path)
 
 
+def _teacher_on_disk(cfg: Config) -> bool:
+    from ddk.teacher.cache import teacher_on_disk
+
+    return teacher_on_disk(cfg.model.teacher)
+
+
 def preflight_problems(cfg: Config) -> list[str]:
     """Every config/data/model problem found, each a short phrase naming its YAML path."""
     from ddk.data.manifest import read_manifest
@@ -149,7 +155,13 @@ def preflight_problems(cfg: Config) -> list[str]:
     tokenizers, configs = {}, {}
     roles = [("student", cfg.model.student)]
     offline = cfg.teacher.mode == "offline"
-    if cfg.model.teacher:
+    if cfg.model.teacher and offline and method != "cpt" and not _teacher_on_disk(cfg):
+        # The cache stands in for the teacher, so the training machine need not hold it.
+        print(
+            f"warning: teacher '{cfg.model.teacher}' is not on this machine; the offline cache "
+            "is checked against its name only"
+        )
+    elif cfg.model.teacher:
         roles.append(("teacher", cfg.model.teacher))
     elif method != "cpt" and not offline:
         problems.append(f"model.teacher: required for distill.method '{method}'")

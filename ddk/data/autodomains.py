@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,11 @@ def distinctive_terms(weights: np.ndarray, vocab: list[str], top: int) -> list[l
 
 def cluster_name(index: int, terms: list[str]) -> str:
     """`c3_def_return_self`: folder-safe ASCII, unique through the index."""
-    parts = [re.sub(r"[^a-z0-9]", "", t.lower())[:_TERM_CHARS] for t in terms]
+    # Accents decomposed first: "über" names as "uber", not the misleading "ber".
+    flat = [
+        unicodedata.normalize("NFKD", t.lower()).encode("ascii", "ignore").decode() for t in terms
+    ]
+    parts = [re.sub(r"[^a-z0-9]", "", t)[:_TERM_CHARS] for t in flat]
     return "_".join([f"c{index}"] + [p for p in parts if p])
 
 
@@ -326,8 +331,9 @@ class DomainPlan:
             total=total,
             unit="B",
             unit_scale=True,
-            disable=not self.progress,
             dynamic_ncols=True,
+            # `disable=False` would override TQDM_DISABLE: pass it only to switch the bar off.
+            **({} if self.progress else {"disable": True}),
         )
         split = cfg.split_domains is not None
         for label, text, done, _ in self._stream():

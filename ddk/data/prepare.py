@@ -305,10 +305,16 @@ def _split_domain(folder: Path, name: str, cfg: PrepareSection, dtype: np.dtype)
     stats["train_sequences"] = max(0, (stats["train_tokens"] - 1) // L)
     stats["duplicates_dropped"] = int((codes < TRAIN).sum())
     if stats["val_sequences"] == 0 or stats["test_sequences"] == 0:
+        # A cluster is small because many were asked for: say so first.
+        fewer = (
+            "ask for fewer domains (prepare.auto_domains / split_domains), "
+            if cfg.auto_domains is not None or cfg.split_domains is not None
+            else ""
+        )
         raise DDKError(
             f"domain '{name}' has too little text to hold out whole documents for validation "
             f"and test windows of {L} tokens ({len(lens)} document(s), {total:,} tokens; held-out "
-            "documents may use at most half of them); add text, split its text into more "
+            f"documents may use at most half of them); {fewer}add text, split its text into more "
             "documents (e.g. JSONL lines) or lower prepare.seq_len"
         )
     if stats["train_sequences"] == 0:

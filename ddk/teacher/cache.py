@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ddk.errors import DDKError
 from ddk.fileutil import sha256_file
+from ddk.lock import LOCK_NAME
 from ddk.teacher.signals import Batch, SparseSignal
 
 FORMAT_VERSION = 1
@@ -65,6 +66,15 @@ def _teacher_folder(name: str) -> Path:
             f"teacher '{name}' is not a local folder or a downloaded hub model; its weights must "
             "be on disk to fingerprint the cache"
         ) from None
+
+
+def teacher_on_disk(name: str) -> bool:
+    """Whether the teacher's files are on this machine (an offline run may lack them)."""
+    try:
+        _teacher_folder(name)
+    except DDKError:
+        return False
+    return True
 
 
 def teacher_fingerprint(name: str) -> str:
@@ -115,9 +125,51 @@ def read_cache_manifest(folder: str | Path) -> dict:
             f"'{folder}' holds no teacher cache (no {MANIFEST}); run `ddk cache-teacher`"
         )
     try:
-        return json.loads(path.read_text())
+        m = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise DDKError(f"{path} is corrupt (not JSON); run `ddk cache-teacher` again") from None
+    # Prepared data also has a manifest.json: name the mix-up instead of a format mismatch.
+    if not isinstance(m, dict) or "teacher_fingerprint" not in m:
+        what = " (it is prepared data)" if isinstance(m, dict) and "format" in m else ""
+        raise DDKError(
+            f"'{folder}' is not a teacher cache{what}; point teacher.cache at a "
+            "`ddk cache-teacher` folder"
+        )
+    return m
+
+
+def _check_target(folder: Path) -> None:
+    """Refuse to write a cache into anything but a new or empty folder or a cache: shards and
+    a manifest.json mixed into a user's folder (or prepared data) would be hard to undo."""
+    if folder.exists() and not folder.is_dir():
+        raise DDKError(f"teacher.cache: '{folder}' is a file; set it to a new folder")
+    if (folder / MANIFEST).exists():
+        read_cache_manifest(folder)  # raises unless it is a cache
+    elif folder.is_dir() and any(
+        p.name not in (LOCK_NAME, MANIFEST + ".tmp") for p in folder.iterdir()
+    ):  # the lock and a half-written manifest: what a run killed before its first shard leaves
+        raise DDKError(
+            f"teacher.cache: '{folder}' is a non-empty folder that holds no teacher cache; set "
+            "teacher.cache to a new or empty folder"
+        )
+
+
+def _finished(folder: Path, plan: dict) -> bool:
+    """A complete cache of exactly this plan with every shard present: a rerun loads no teacher
+    and never marks the cache incomplete under a run that reads it."""
+    try:
+        old = read_cache_manifest(folder)
+    except DDKError:
+        return False
+    return (
+        bool(old.get("complete"))
+        and _identity(old) == _identity(plan)
+        and all(
+            _shard_path(folder, info, j).exists()
+            for info in old["domains"].values()
+            for j in range(info["shards"])
+        )
+    )
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -241,10 +293,16 @@ def build_cache(cfg, progress: bool = True) -> Path:
         raise DDKError("data.prepared: required (the output folder of `ddk prepare`)")
     folder = Path(cfg.teacher.cache).expanduser()
     rt = Runtime()
+    if rt.is_main:
+        _check_target(folder)
     lock = FolderLock(folder, "write the cache").acquire() if rt.is_main else None
     try:
         data = PreparedData(cfg.data.prepared, cfg.data.domains)
         plan = _plan(cfg, data, teacher_fingerprint(cfg.model.teacher))
+        if _finished(folder, plan):  # every rank sees the same: rank 0 writes nothing here
+            if rt.is_main:
+                print(f"'{folder}' already holds this cache; nothing to do")
+            return folder
         if rt.is_main:
             if (folder / MANIFEST).exists():
                 old = read_cache_manifest(folder)
@@ -280,8 +338,9 @@ def build_cache(cfg, progress: bool = True) -> Path:
             desc="cache-teacher",
             unit="tok",
             unit_scale=True,
-            disable=not (progress and rt.is_main),
             dynamic_ncols=True,
+            # `disable=False` would override TQDM_DISABLE: pass it only to switch the bar off.
+            **({} if progress and rt.is_main else {"disable": True}),
         ) as bar:
             for name, j in todo:
                 info = plan["domains"][name]
@@ -353,6 +412,11 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
         return [f"{where} has cache format {m.get('format_version')}; build it again"]
     if not m.get("complete"):
         problems.append(f"{where} is incomplete; finish it with `ddk cache-teacher`")
+    if int(m["k"]) != cfg.teacher.cache_k:  # k only sets how a cache is built: say which one
+        print(
+            f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
+            f"{cfg.teacher.cache_k}; distilling with k = {m['k']}"
+        )
     if float(m["tau"]) != float(cfg.distill.tau):
         problems.append(
             f"{where} was built at tau {m['tau']} but distill.tau is {cfg.distill.tau}; use the "
@@ -373,7 +437,14 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
             problems.append(
                 f"{where} has no domain '{absent[0]}'; cache it or drop it from the run"
             )
-    if cfg.model.teacher:
+    if cfg.model.teacher and not teacher_on_disk(cfg.model.teacher):
+        # Training off the teacher's machine: only the name it was cached under can be compared.
+        if m.get("teacher") != cfg.model.teacher:
+            problems.append(
+                f"{where} was built by another teacher ('{m.get('teacher')}') than "
+                f"model.teacher '{cfg.model.teacher}'"
+            )
+    elif cfg.model.teacher:
         try:
             fp = teacher_fingerprint(cfg.model.teacher)
         except DDKError as e:
