@@ -139,13 +139,19 @@ class GroupModel:
         return [self.names[i] for i in labels]
 
 
-def _kmeans(rows: np.ndarray, k: int, seed: int):
+# k-means restarts; the lowest-inertia fit wins. 10 restarts can stop in a worse optimum: on
+# the demo corpus minus another folder's held-out documents they merged code with prose (inertia
+# 1597, ARI 0.68) where 50 found the lower-inertia split into the true domains (1578, ARI 0.98).
+KMEANS_RESTARTS = 50
+
+
+def _kmeans(rows: np.ndarray, k: int, seed: int, restarts: int = KMEANS_RESTARTS):
     # Full k-means on the sample (at most prepare.cluster_sample short dense rows, so memory
     # stays bounded): on the demo corpus it finds the true domains where MiniBatchKMeans
     # often splits one and merges two.
     from sklearn.cluster import KMeans
 
-    return KMeans(n_clusters=k, random_state=seed, n_init=10).fit(rows)
+    return KMeans(n_clusters=k, random_state=seed, n_init=restarts).fit(rows)
 
 
 def _pick_k(rows: np.ndarray, lo: int, hi: int, seed: int, log) -> tuple[int, dict[int, float]]:
@@ -153,7 +159,7 @@ def _pick_k(rows: np.ndarray, lo: int, hi: int, seed: int, log) -> tuple[int, di
 
     scores = {}
     for k in range(lo, min(hi, len(rows) - 1) + 1):
-        labels = _kmeans(rows, k, seed).predict(rows)
+        labels = _kmeans(rows, k, seed, restarts=10).predict(rows)  # a scan: fewer restarts
         if len(set(labels.tolist())) < 2:
             scores[k] = -1.0
             continue
