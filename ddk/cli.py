@@ -240,6 +240,18 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _close_process_group() -> None:
+    """Tear torch.distributed down before the interpreter does: left to interpreter shutdown,
+    gloo's worker threads can be destroyed while joinable, and the process then aborts
+    ("terminate called without an active exception") after a run that succeeded."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
@@ -251,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
 
 
 if __name__ == "__main__":
