@@ -126,9 +126,10 @@ def _env(**extra):
     return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **extra}
 
 
-def _torchrun(args, port, env):
+def _torchrun(args, env):
+    # --standalone: a rendezvous on a free port, so back-to-back launches never collide
     done = subprocess.run(
-        [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), "-m", "ddk.cli", *args],
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "ddk.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -164,7 +165,7 @@ def fsdp_run(tmp_path_factory, teacher_dir, student_dir, prepared_dir):
         pytest.skip("torchrun not installed")
     root = tmp_path_factory.mktemp("fsdp")
     cfg = _config(root / "two.yaml", root / "two", teacher_dir, student_dir, prepared_dir, 2, 2)
-    done = _torchrun(["distill", str(cfg)], 29541, _env(**FSDP_ENV))
+    done = _torchrun(["distill", str(cfg)], _env(**FSDP_ENV))
     return root / "two", done.stdout
 
 
@@ -210,7 +211,7 @@ def test_fsdp2_resume_after_a_kill_is_exact(tmp_path, fsdp_run):
     cfg = yaml.safe_load((killed / "config.yaml").read_text())
     cfg["trainer"]["output_dir"] = str(killed)
     (killed / "config.yaml").write_text(yaml.safe_dump(cfg))
-    done = _torchrun(["distill", "--resume", str(killed)], 29542, _env(**FSDP_ENV))
+    done = _torchrun(["distill", "--resume", str(killed)], _env(**FSDP_ENV))
     out = done.stdout + done.stderr
     assert "step-00000008' is unusable" in out
     assert "resuming from" in out and "step-00000004" in out
@@ -238,7 +239,7 @@ def test_sharded_teacher_scores_like_replicated_and_ram_efficient_loading_is_exa
     # Also Accelerate's meta-device loading of the student (which must re-tie its embeddings:
     # untied, the losses drift from the first step).
     env = _env(**FSDP_ENV, FSDP_CPU_RAM_EFFICIENT_LOADING="true")
-    done = _torchrun(["distill", str(cfg)], 29543, env)
+    done = _torchrun(["distill", str(cfg)], env)
     # Each rank holds about half the teacher (the whole LM head/embedding is kept on both).
     held, total = map(
         int, re.search(r"sharded .* holds (\d+) of (\d+) parameter bytes", done.stdout).groups()

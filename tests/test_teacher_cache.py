@@ -263,7 +263,7 @@ def test_two_processes_write_the_same_cache(
     config(teacher_dir, student_dir, prepared_dir, tmp_path / "c").save(cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "ddk.cli",
+        [torchrun, "--nproc_per_node", "2", "--standalone", "-m", "ddk.cli",
          "cache-teacher", str(cfg)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
