@@ -1,3 +1,3 @@
 """ddk: domain-aware knowledge distillation (DDK, arXiv 2407.16154) for Hugging Face causal LMs."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
