@@ -122,6 +122,8 @@ def _write_cache(folder: Path, teacher, input_ids, vocab: int, k: int, chunk: in
     B, L = input_ids.shape
     manifest = {
         "format_version": c.FORMAT_VERSION,
+        "teacher_fingerprint": "bench: random-init teacher",
+        "data_fingerprint": "bench: one random batch",
         "seq_len": L,
         "k": k,
         "tau": TAU,
