@@ -62,7 +62,7 @@ ESTIMATE = {
     (False, False): "about 5-7 minutes",
     (False, True): "about 2 minutes",
     (True, False): "about 1-2 minutes",
-    (True, True): "under a minute",
+    (True, True): "about a minute",
 }
 TEACHER = {"hidden_size": 128, "num_layers": 4, "num_heads": 4}
 STUDENT = {"hidden_size": 64, "num_layers": 2, "num_heads": 2}
