@@ -14,10 +14,9 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from ddk.fileutil import sha256_file
+from ddk.fileutil import sha256_file, write_json_atomic
 
 DEFAULT_DIR = "ddk/teacher_ppl"  # under $XDG_CACHE_HOME, else ~/.cache
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -42,19 +41,6 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def write_json_atomic(path: Path, value: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(value, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _file_hash(path: Path, memo: dict) -> str:

@@ -335,7 +335,8 @@ class Trainer:
 
     def teacher_perplexities_by_split(self, splits: tuple[str, ...]) -> dict[str, dict] | None:
         """{split: {domain: ppl}}: from the shared cache or computed once (ddk.teacher_ppl)."""
-        from ddk.teacher_ppl import teacher_perplexities, write_json_atomic
+        from ddk.fileutil import write_json_atomic
+        from ddk.teacher_ppl import teacher_perplexities
 
         if self.teacher is not None and self.teacher_model is None:  # offline
             cached = {s: self.teacher.perplexities(s) for s in dict.fromkeys(splits)}

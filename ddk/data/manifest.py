@@ -9,13 +9,13 @@ points outside the data folder is one line naming the key, never a KeyError deep
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ddk.errors import DDKError
+from ddk.fileutil import write_json_atomic
 from ddk.lock import LOCK_NAME
 from ddk.ownership import is_owned, list_files, ownership_record, read_record
 
@@ -167,9 +167,7 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     manifest.format = FORMAT
     manifest.format_version = FORMAT_VERSION
     manifest.owner = ownership_record(OWNER_KIND, files)
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    write_json_atomic(folder / MANIFEST, manifest.model_dump(mode="json"))
 
 
 def read_owner(folder: Path) -> dict | None:

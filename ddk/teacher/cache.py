@@ -173,6 +173,8 @@ def _finished(folder: Path, plan: dict) -> bool:
 
 
 def _write_json(path: Path, obj: dict) -> None:
+    # A fixed temporary name, not fileutil.write_json_atomic's random one: `_check_target`
+    # recognises `manifest.json.tmp` as what a run killed mid-write leaves behind.
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
