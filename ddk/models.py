@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
 from ddk.errors import DDKError, first_line
+from ddk.fileutil import sha256_file
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def _looks_local(name: str) -> bool:
@@ -25,6 +31,36 @@ def resolve_local_path(name: str, what: str) -> str:
             f"{what} path '{name}' does not exist; give a local model folder or a hub id"
         )
     return name
+
+
+def local_model_folder(name: str, what: str = "model") -> Path | None:
+    """A model's folder on this machine: a local path, or a hub id's downloaded snapshot (the
+    hub itself is never contacted); None when its files are not here."""
+    path = Path(resolve_local_path(name, what))
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        return None
+
+
+def model_fingerprint(folder: Path, file_hash: Callable[[Path], str] = sha256_file) -> str | None:
+    """SHA-256 over the SHA-256 of config.json and of every weight file in `folder` (content,
+    not paths or times); None when it holds no weight file."""
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)
+    )
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}:{file_hash(p)}\n".encode())
+    return h.hexdigest()
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

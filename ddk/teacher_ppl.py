@@ -19,7 +19,6 @@ from pathlib import Path
 from ddk.fileutil import sha256_file, write_json_atomic
 
 DEFAULT_DIR = "ddk/teacher_ppl"  # under $XDG_CACHE_HOME, else ~/.cache
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _HASHES = "file_sha256.json"  # memo of weight-file hashes by (path, size, mtime)
 
 
@@ -51,39 +50,23 @@ def _file_hash(path: Path, memo: dict) -> str:
     return memo[key]
 
 
-def _model_folder(name: str) -> Path | None:
-    from ddk.models import resolve_local_path
-
-    path = Path(resolve_local_path(name, "teacher"))
-    if path.is_dir():
-        return path
-    try:  # a hub id: its local snapshot, if downloaded (no network needed)
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
-        return None
-
-
 def teacher_fingerprint(name: str, dtype: str, store: Path) -> str | None:
-    """SHA-256 over config.json, every weight file and the dtype; None when the files cannot
-    be found (the perplexities are then computed for this run only)."""
-    folder = _model_folder(name)
+    """The teacher's files (`ddk.models.model_fingerprint`, weight hashes memoised in `store`)
+    and the dtype it is evaluated in; None when the files cannot be found (the perplexities are
+    then computed for this run only)."""
+    from ddk.models import local_model_folder, model_fingerprint
+
+    folder = local_model_folder(name, "teacher")
     if folder is None or not (folder / "config.json").is_file():
-        return None
-    weights = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
-    if not weights:
         return None
     memo_path = store / _HASHES
     memo = _read_json(memo_path)
-    h = hashlib.sha256()
-    h.update(f"dtype={dtype}\n".encode())
-    h.update((folder / "config.json").read_bytes())
-    for p in weights:
-        h.update(f"{p.name}={_file_hash(p, memo)}\n".encode())
+    files = model_fingerprint(folder, lambda p: _file_hash(p, memo))
+    if files is None:
+        return None
     with contextlib.suppress(OSError):  # an unwritable cache only costs re-hashing next time
         write_json_atomic(memo_path, memo)
-    return h.hexdigest()
+    return hashlib.sha256(f"dtype={dtype}\n{files}".encode()).hexdigest()
 
 
 class TeacherPPLCache:

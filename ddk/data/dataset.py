@@ -126,8 +126,3 @@ class PreparedData:
 
     def train_tokens(self) -> dict[str, int]:
         return {n: d.train_tokens for n, d in self.domains.items()}
-
-    def fingerprint(self) -> str:
-        """Identifies the prepared data (for caching teacher perplexities)."""
-        m = self.manifest
-        return f"{m.created}|{m.tokenizer.name_or_path}|{m.seq_len}|{sorted(self.domains)}"

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddk.errors import DDKError
-from ddk.fileutil import sha256_file
 from ddk.lock import LOCK_NAME
+from ddk.logits import logit_transform
 from ddk.teacher.signals import Batch, SparseSignal
 
 FORMAT_VERSION = 1
@@ -39,7 +39,6 @@ MANIFEST = "manifest.json"
 SHARD_SEQUENCES = 64  # (choice) ~50 MB per shard at seq_len 2048, k = 64, a 150k vocabulary
 LOGP_DTYPE = np.dtype(np.float16)
 TAIL_DTYPE = np.dtype(np.float32)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -52,20 +51,15 @@ def bytes_per_token(k: int, vocab_size: int) -> int:
 
 # ---------------------------------------------------------------------------------- identity
 def _teacher_folder(name: str) -> Path:
-    from ddk.models import resolve_local_path
+    from ddk.models import local_model_folder
 
-    path = Path(resolve_local_path(name, "teacher"))
-    if path.is_dir():
-        return path
-    try:  # a hub id: its local snapshot (the hub itself is never contacted)
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:
+    folder = local_model_folder(name, "teacher")
+    if folder is None:
         raise DDKError(
             f"teacher '{name}' is not a local folder or a downloaded hub model; its weights must "
             "be on disk to fingerprint the cache"
-        ) from None
+        )
+    return folder
 
 
 def teacher_on_disk(name: str) -> bool:
@@ -79,16 +73,13 @@ def teacher_on_disk(name: str) -> bool:
 
 def teacher_fingerprint(name: str) -> str:
     """SHA-256 over the teacher's config.json and the SHA-256 of each weight file."""
+    from ddk.models import model_fingerprint
+
     folder = _teacher_folder(name)
-    h = hashlib.sha256()
-    files = sorted(
-        f for f in folder.iterdir() if f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES
-    )
-    if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
+    fingerprint = model_fingerprint(folder)
+    if fingerprint is None:
         raise DDKError(f"teacher '{name}' has no weight files in '{folder}'")
-    for f in files:
-        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
-    return h.hexdigest()
+    return fingerprint
 
 
 def _as_dict(manifest) -> dict:
@@ -193,16 +184,6 @@ def _shard_sequences(m: dict, info: dict, shard: int) -> int:
 
 
 # ---------------------------------------------------------------------------------- building
-def _logit_transform(model):
-    """The teacher's own logit scale/softcap where this ddk supports one (`ddk.logits`); a ddk
-    without that module refuses such models in `hidden_and_head` instead."""
-    try:
-        from ddk.logits import logit_transform
-    except ImportError:
-        return None
-    return logit_transform(model)
-
-
 @torch.no_grad()
 def _topk_rows(model, seqs: torch.Tensor, *, vocab: int, k: int, tau: float, chunk: int, autocast):
     """(ids, logp, log_tail) numpy arrays [B*L, ...] of the teacher's top-k at tau."""
@@ -212,7 +193,7 @@ def _topk_rows(model, seqs: torch.Tensor, *, vocab: int, k: int, tau: float, chu
     with autocast():
         hidden, head = hidden_and_head(model, seqs[:, :-1])
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    transform = _logit_transform(model)
+    transform = logit_transform(model)
     weight = head.weight[:vocab]
     bias = getattr(head, "bias", None)
     bias = None if bias is None else bias[:vocab]
