@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,30 @@ def format1_prepared_dir(tmp_path_factory, prepared_dir) -> Path:
         (old / d["folder"] / "test.bin").unlink()
     (old / "manifest.json").write_text(json.dumps(manifest))
     return old
+
+
+@pytest.fixture
+def mount_tmpfs():
+    """`mount_tmpfs(folder, options)` mounts a tmpfs on `folder` (a disk that can fill up, or a
+    read-only one) and returns it; the test is skipped where this machine cannot mount one. The
+    mounts go at teardown, lazily: a failed write may still hold a file open."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, options: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                capture_output=True,
+                timeout=20,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f"cannot mount a tmpfs here: {e}")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip() or 'not root'}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)

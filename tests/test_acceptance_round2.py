@@ -170,18 +170,8 @@ def test_tqdm_disable_silences_the_distill_progress_bar(
 
 
 @pytest.fixture
-def tmpfs_1m(tmp_path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip() or 'not root'}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def tmpfs_1m(tmp_path, mount_tmpfs):
+    return mount_tmpfs(tmp_path / "tmpfs", "size=1m")
 
 
 def test_disk_full_while_saving_the_final_student_is_one_line(tmpfs_1m, tokenizer_dir):

@@ -381,19 +381,8 @@ def test_second_distill_process_on_one_folder_exits_2_naming_the_pid(world, tmp_
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip() or 'not root'}")
-    try:
-        yield mount
-    finally:
-        # Lazy: a file object of the failed save may still be open until garbage collection.
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_tmpfs(tmp_path, mount_tmpfs):
+    return mount_tmpfs(tmp_path / "tmpfs", "size=256k")
 
 
 def test_disk_full_during_checkpoint_keeps_the_last_good_one(small_tmpfs):

@@ -313,16 +313,14 @@ def test_binary_files_and_links_into_the_corpus_are_skipped(tmp_path, tokenizer_
     assert not any("again.txt" in s["path"] for s in m["sources"])
 
 
-def test_output_parent_read_only(tmp_path, tokenizer_dir, capsys):
+def test_output_parent_read_only(tmp_path, tokenizer_dir, capsys, mount_tmpfs):
     work = tmp_path / "work"
     _write_corpus(work / "corpus", {"code": 12, "prose": 12})
     ro = work / "ro"
     ro.mkdir()
-    mounted = False
-    if os.geteuid() == 0:  # root writes through permission bits: needs a read-only mount
-        mounted = _mount(ro, "ro,size=64k")
-        if not mounted:
-            pytest.skip("running as root and cannot mount a read-only tmpfs")
+    root = os.geteuid() == 0
+    if root:  # root writes through permission bits: needs a read-only mount
+        mount_tmpfs(ro, "ro,size=64k")
     else:
         ro.chmod(0o555)
     try:
@@ -333,45 +331,26 @@ def test_output_parent_read_only(tmp_path, tokenizer_dir, capsys):
         assert len(err.splitlines()) == 1 and "read-only" in err and str(ro) in err
         assert _snapshot(work) == before
     finally:
-        if mounted:
-            subprocess.run(["umount", str(ro)], check=False)
-        ro.chmod(0o755)
+        if not root:
+            ro.chmod(0o755)
 
 
-def _mount(folder: Path, options: str) -> bool:
-    try:
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-            capture_output=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
-def test_disk_full_says_how_much_space_is_needed(tmp_path, tokenizer_dir, capsys):
+def test_disk_full_says_how_much_space_is_needed(tmp_path, tokenizer_dir, capsys, mount_tmpfs):
     work = tmp_path / "work"
     corpus = _write_corpus(work / "corpus", {"code": 1500, "prose": 1500})  # ~ 600 KB
-    small = work / "small"
-    small.mkdir()
-    if not _mount(small, "size=256k"):
-        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
-    try:
-        read = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file())
-        before = _snapshot(work)
-        capsys.readouterr()
-        assert main(_argv(work, tokenizer_dir, small / "out")) == 2
-        err = capsys.readouterr().err
-        assert len(err.splitlines()) == 1 and "disk full" in err, err
-        need = re.search(r"needs up to ([\d.]+) (KB|MB)", err)
-        assert need, err
-        kb = float(need[1]) * (1000 if need[2] == "MB" else 1)
-        assert kb * 1000 >= 2 * read  # two uint16 copies of at most a token per input byte
-        assert list(small.iterdir()) == []  # temp folder and lock file removed
-        assert _snapshot(work) == before
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
+    small = mount_tmpfs(work / "small", "size=256k")
+    read = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file())
+    before = _snapshot(work)
+    capsys.readouterr()
+    assert main(_argv(work, tokenizer_dir, small / "out")) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "disk full" in err, err
+    need = re.search(r"needs up to ([\d.]+) (KB|MB)", err)
+    assert need, err
+    kb = float(need[1]) * (1000 if need[2] == "MB" else 1)
+    assert kb * 1000 >= 2 * read  # two uint16 copies of at most a token per input byte
+    assert list(small.iterdir()) == []  # temp folder and lock file removed
+    assert _snapshot(work) == before
 
 
 def test_long_document_pieces_equal_whole_document(tokenizer_dir):
