@@ -210,6 +210,7 @@ class Trainer:
         cfg = self.cfg
         self.method = method_spec(cfg.distill.method)
         self.data = PreparedData(cfg.data.prepared, cfg.data.domains)
+        self.data_fingerprint = data_fingerprint(cfg.data.prepared)  # once: the data is fixed
         self.domains = self.data.names
         self.vocab_size = self.data.vocab_size
         self.fixed = None
@@ -540,25 +541,28 @@ class Trainer:
             return self._save_sharded()
         path = None
         if self.is_main:
-            state = dict(self.state.__dict__)
             path = save_checkpoint(
                 self.run_dir,
                 self.state.step,
                 model=self._unwrapped_student(),
                 optimizer_state=self.optimizer.state_dict(),
-                state={
-                    "trainer": state,
-                    "scheduler": self.scheduler.state_dict(),
-                    # What `--resume` checks the run folder's config.yaml and data against.
-                    "config": self.cfg.model_dump(mode="json"),
-                    "data_fingerprint": data_fingerprint(self.cfg.data.prepared),
-                },
+                state=self._checkpoint_state(),
                 arrays={"plan": self.plan},
                 rng_state=_rng_state(),
                 keep=self.cfg.trainer.keep_checkpoints,
             )
         self.runtime.barrier()
         return path
+
+    def _checkpoint_state(self) -> dict:
+        """The JSON part of a checkpoint, the same under every backend."""
+        return {
+            "trainer": dict(self.state.__dict__),
+            "scheduler": self.scheduler.state_dict(),
+            # What `--resume` checks the run folder's config.yaml and data against.
+            "config": self.cfg.model_dump(mode="json"),
+            "data_fingerprint": self.data_fingerprint,
+        }
 
     def _save_sharded(self) -> Path | None:
         """Every rank writes its shard (torch.distributed.checkpoint) into rank 0's temporary
@@ -575,10 +579,7 @@ class Trainer:
                 self.run_dir,
                 self.state.step,
                 tmp,
-                state={
-                    "trainer": dict(self.state.__dict__),
-                    "scheduler": self.scheduler.state_dict(),
-                },
+                state=self._checkpoint_state(),
                 arrays={"plan": self.plan},
                 rng_state=_rng_state(),
                 keep=self.cfg.trainer.keep_checkpoints,

@@ -2,6 +2,7 @@
 as one process, sharded checkpoints that resume exactly (and fall back past a corrupt one),
 and a sharded teacher that scores like a replicated one. Plus the placement choice itself."""
 
+import json
 import os
 import re
 import shutil
@@ -205,6 +206,10 @@ def test_fsdp2_resume_after_a_kill_is_exact(tmp_path, fsdp_run):
     killed = tmp_path / "killed"
     shutil.copytree(run, killed)
     shutil.rmtree(killed / "final")
+    saved = json.loads(
+        (killed / "checkpoints" / "step-00000004" / "trainer_state.json").read_text()
+    )
+    assert saved["config"]["distill"] and saved["data_fingerprint"]  # what --resume checks
     shard = killed / "checkpoints" / "step-00000008" / "sharded" / "__1_0.distcp"
     shard.write_bytes(b"\0" * 64 + shard.read_bytes()[64:])
     # The saved config points at the original folder; resume keeps the one it is given.
