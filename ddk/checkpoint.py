@@ -236,8 +236,18 @@ def load_checkpoint(folder: Path, model: torch.nn.Module | None, device) -> dict
     return {"state": state, "optimizer": optimizer_state, "rng": rng_state, "arrays": arrays}
 
 
-# ---------------------------------------------------------------- sharded backends (FSDP2)
-SHARDED = "sharded"  # the torch.distributed.checkpoint folder inside a checkpoint
+# ---------------------------------------------------------------- sharded backends
+SHARDED = "sharded"  # FSDP2: the torch.distributed.checkpoint folder inside a checkpoint
+DEEPSPEED = "deepspeed"  # DeepSpeed ZeRO: the engine's checkpoint folder inside a checkpoint
+DEEPSPEED_TAG = "state"
+
+
+def sharded_states_dir(folder: Path) -> Path | None:
+    """The folder of sharded states a checkpoint holds, or None for whole states."""
+    for name in (SHARDED, DEEPSPEED):
+        if (folder / name).is_dir():
+            return folder / name
+    return None
 
 
 def _bare(optimizer):
@@ -270,13 +280,41 @@ def load_sharded_states(folder: Path, model: torch.nn.Module, optimizer) -> None
     )
 
 
+def save_deepspeed_states(folder: Path, engine) -> None:
+    """Every rank writes its ZeRO partitions (model, fp32 master weights, Adam moments) through
+    the engine (a collective). ddk's own scheduler, sampler and RNG are saved beside them."""
+    engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, client_state={}, save_latest=False)
+
+
+def load_deepspeed_states(folder: Path, engine) -> None:
+    try:
+        path, _ = engine.load_checkpoint(
+            str(folder),
+            tag=DEEPSPEED_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+    except Exception as e:
+        raise DDKError(f"cannot load DeepSpeed states from '{folder}': {first_line(e)}") from None
+    if path is None:
+        raise DDKError(f"cannot load DeepSpeed states from '{folder}': no checkpoint found")
+
+
+def deepspeed_fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 state dict, consolidated from a ZeRO-2/3 checkpoint's master weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+
+
 def agreed_latest_good_checkpoint(run_dir: Path, log=print) -> Path | None:
     """`latest_good_checkpoint` checked once, on rank 0, and its verdict given to every rank
     (the checksums are not re-hashed by each process)."""
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    from ddk.runtime import partial_state
+
+    state = partial_state()
     if state.num_processes == 1:
         return latest_good_checkpoint(run_dir, log)
     box = [latest_good_checkpoint(run_dir, log) if state.is_main_process else None]

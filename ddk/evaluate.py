@@ -51,8 +51,11 @@ def domain_perplexities(
     max_sequences: int | None = None,
     autocast=contextlib.nullcontext,
     chunk_tokens: int = 1024,
+    gather_head=contextlib.nullcontext,
 ) -> dict[str, dict[str, float]]:
-    """{domain: {"ppl", "loss", "tokens"}} on `split`; ranks split the sequences and sum."""
+    """{domain: {"ppl", "loss", "tokens"}} on `split`; ranks split the sequences and sum.
+    `gather_head`: a context in which a partitioned LM head (ZeRO-3) is whole, entered by
+    every rank for every batch (a collective)."""
     was_training = model.training
     model.eval()
     # The head is whole and on the compute device under every placement (sharded or not).
@@ -71,17 +74,18 @@ def domain_perplexities(
             seqs = shard.sequences(split, rows or [0]).to(device)
             with autocast():
                 hidden, head = hidden_and_head(model, seqs[:, :-1])
-            if not rows:
-                continue
-            loss_sum, tokens = chunked_ce_sum(
-                hidden.reshape(-1, hidden.shape[-1]),
-                head.weight,
-                seqs[:, 1:].reshape(-1),
-                vocab_size=vocab_size,
-                chunk_tokens=chunk_tokens,
-                head_bias=getattr(head, "bias", None),
-                transform=transform,
-            )
+            with gather_head():
+                if not rows:
+                    continue
+                loss_sum, tokens = chunked_ce_sum(
+                    hidden.reshape(-1, hidden.shape[-1]),
+                    head.weight,
+                    seqs[:, 1:].reshape(-1),
+                    vocab_size=vocab_size,
+                    chunk_tokens=chunk_tokens,
+                    head_bias=getattr(head, "bias", None),
+                    transform=transform,
+                )
             sums[d, 0] += float(loss_sum)
             sums[d, 1] += float(tokens)
     if world > 1:
@@ -94,7 +98,9 @@ def domain_perplexities(
     return out
 
 
-def run_perplexities(cfg, model, data: PreparedData, split: str, autocast) -> dict:
+def run_perplexities(
+    cfg, model, data: PreparedData, split: str, autocast, gather_head=contextlib.nullcontext
+) -> dict:
     """`domain_perplexities` with a run config's evaluation settings (batch size, loss chunk)."""
     return domain_perplexities(
         model,
@@ -104,6 +110,7 @@ def run_perplexities(cfg, model, data: PreparedData, split: str, autocast) -> di
         batch_size=cfg.trainer.eval_batch_size,
         autocast=autocast,
         chunk_tokens=cfg.distill.loss_chunk_tokens,
+        gather_head=gather_head,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable
@@ -85,14 +86,33 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+@contextlib.contextmanager
+def whole_weights():
+    """transformers partitions a model as it loads (`deepspeed.zero.Init`) while an Accelerate
+    ZeRO-3 config is active. ddk loads whole weights instead: the logit probe needs a forward,
+    the teacher is placed by ddk (teacher.placement), and the student is partitioned by the
+    DeepSpeed engine when the runtime prepares it."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    active = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)
+
+
 def load_model(name: str, *, dtype: torch.dtype, what: str, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     path = resolve_local_path(name, what)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        with whole_weights():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as e:
         raise DDKError(f"cannot load {what} '{name}': {first_line(e)}") from None
     except (SafetensorError, RuntimeError, EOFError, KeyError) as e:

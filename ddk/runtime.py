@@ -2,39 +2,93 @@
 its backend, prepare/unwrap, reductions, barriers, broadcasts and full state dicts.
 
 The trainer and evaluation talk to a `Runtime`, never to Accelerate or torch.distributed
-directly, so a backend (DDP, FSDP2) changes this file, not the recipe.
+directly, so a backend (DDP, FSDP2, DeepSpeed ZeRO-2/3) changes this file, not the recipe.
+
+ddk owns gradient accumulation (the loss is a sum normalised once by the step's global token
+count), the skipped step on a NaN/inf loss or gradient, AdamW and the learning-rate schedule,
+under every backend. DeepSpeed's engine would own all four; here it is told the boundaries
+explicitly and only its ZeRO partitioning, reduction and optimizer wrapping are used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
 
 from ddk.errors import DDKError
 
-SUPPORTED = ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP")
+SUPPORTED = ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED")
+ZERO_STAGES = (2, 3)
 
 
-def check_backend(distributed_type: str, is_fsdp2: bool) -> None:
+def check_backend(
+    distributed_type: str, is_fsdp2: bool, deepspeed_config: dict | None = None
+) -> None:
     """One line saying what to change when Accelerate is set up for a backend ddk cannot run."""
-    if distributed_type == "DEEPSPEED":
-        raise DDKError(
-            "DeepSpeed is not supported yet (its engine steps the optimizer itself, which ddk's "
-            "accumulation and skipped steps need to own); use FSDP2: accelerate launch "
-            "--config_file examples/accelerate/fsdp2.yaml"
-        )
     if distributed_type not in SUPPORTED:
         raise DDKError(
-            f"Accelerate is set up for {distributed_type}; ddk supports DDP and FSDP2 (see "
-            "examples/accelerate/)"
+            f"Accelerate is set up for {distributed_type}; ddk supports DDP, FSDP2 and DeepSpeed "
+            "ZeRO-2/3 (see examples/accelerate/)"
         )
+    if distributed_type == "DEEPSPEED":
+        check_deepspeed_config(deepspeed_config or {})
     if distributed_type == "FSDP" and not is_fsdp2:
         raise DDKError(
             "Accelerate is set up for FSDP version 1; ddk supports FSDP2: set fsdp_version: 2 "
             "in the accelerate config (or FSDP_VERSION=2)"
         )
+
+
+def check_deepspeed_config(config: dict) -> None:
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in ZERO_STAGES:
+        raise DDKError(
+            f"DeepSpeed ZeRO stage {stage} is not supported; set zero_stage: 2 or 3 "
+            "(see examples/accelerate/zero3.yaml), or use DDP for whole weights on every GPU"
+        )
+    for section, owner in (
+        ("optimizer", "trainer.lr and trainer.adam_*"),
+        ("scheduler", "trainer.lr, warmup_steps and min_lr"),
+    ):
+        if section in config:
+            raise DDKError(
+                f"the DeepSpeed config has an '{section}' section; ddk builds AdamW and its "
+                f"learning-rate schedule itself: remove it and set {owner} in the ddk config"
+            )
+    if config.get("fp16", {}).get("enabled") in (True, "true"):
+        raise DDKError(
+            "DeepSpeed fp16 (loss scaling) is not supported; use bf16 (mixed_precision: bf16)"
+        )
+
+
+def _deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _distributed_launch() -> bool:
+    return int(os.environ.get("LOCAL_RANK", -1)) != -1
+
+
+def _state_kwargs(cuda: bool) -> dict:
+    """How Accelerate's shared state is built, the same everywhere (the runtime and the
+    resume check that runs before it). Accelerate turns DeepSpeed on only when not told
+    `cpu=True`; on a CPU-only launch it then finds no backend, so gloo is named, which
+    DeepSpeed's CPU accelerator also uses."""
+    if cuda:
+        return {"cpu": False}
+    if _deepspeed_requested() and _distributed_launch():
+        return {"cpu": False, "backend": "gloo"}
+    return {"cpu": True}
+
+
+def partial_state():
+    """Accelerate's process state (rank, world size), built as the runtime will build it."""
+    from accelerate import PartialState
+
+    return PartialState(**_state_kwargs(torch.cuda.is_available()))
 
 
 class Runtime:
@@ -50,9 +104,15 @@ class Runtime:
                 f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={accum} is set; ddk does its own "
                 "accumulation: unset it (or set 1) and use trainer.grad_accum_steps"
             )
+        from accelerate.utils import InitProcessGroupKwargs
+
         cuda = torch.cuda.is_available() if cpu is None else not cpu
         bf16 = cuda and torch.cuda.is_bf16_supported()
-        self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not cuda)
+        state = _state_kwargs(cuda)
+        handlers = [InitProcessGroupKwargs(backend=state["backend"])] if "backend" in state else []
+        self.accelerator = Accelerator(
+            mixed_precision="bf16" if bf16 else "no", cpu=state["cpu"], kwargs_handlers=handlers
+        )
         acc = self.accelerator
         if not cuda:
             _enable_cpu_fsdp(acc)
@@ -61,7 +121,12 @@ class Runtime:
                 "Accelerate is configured with gradient_accumulation_steps="
                 f"{acc.gradient_accumulation_steps}; set it to 1 and use trainer.grad_accum_steps"
             )
-        check_backend(acc.distributed_type.value, acc.is_fsdp2)
+        ds_plugin = acc.state.deepspeed_plugin
+        check_backend(
+            acc.distributed_type.value,
+            acc.is_fsdp2,
+            ds_plugin.deepspeed_config if ds_plugin is not None else None,
+        )
         if acc.is_fsdp2 and bf16:
             # Accelerate's bf16 policy also reduces gradients in bf16; ddk reduces in fp32
             # (the loss is a sum over the global batch, normalised once).
@@ -72,7 +137,12 @@ class Runtime:
             )
         self.distributed_type = acc.distributed_type
         # "ddp" covers one process too: every rank holds whole weights and optimizer states.
-        self.backend = "fsdp2" if acc.distributed_type == DistributedType.FSDP else "ddp"
+        self.backend = {
+            DistributedType.FSDP: "fsdp2",
+            DistributedType.DEEPSPEED: "deepspeed",
+        }.get(acc.distributed_type, "ddp")
+        self.zero_stage = ds_plugin.zero_stage if ds_plugin is not None else None
+        self._external_params: list[torch.nn.Parameter] = []
 
     # ------------------------------------------------------------------ topology
     @property
@@ -97,8 +167,39 @@ class Runtime:
         return self.backend != "ddp"
 
     # ------------------------------------------------------------------ models
+    def prepare_training(self, module, optimizer, *, micro_batch_size, grad_accum_steps, grad_clip):
+        """Wrap the step module and its optimizer for the backend. DeepSpeed is told ddk's
+        batch geometry and clipping, which it checks and applies in its own step."""
+        if self.backend == "deepspeed":
+            config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            config["train_micro_batch_size_per_gpu"] = micro_batch_size
+            config["gradient_accumulation_steps"] = grad_accum_steps
+            config["train_batch_size"] = micro_batch_size * grad_accum_steps * self.world_size
+            config["gradient_clipping"] = grad_clip if grad_clip > 0 else 0.0
+            config["steps_per_print"] = float("inf")  # ddk logs its own steps
+            # Accelerate compares its own count with the config's; its backward is not used.
+            self.accelerator.gradient_accumulation_steps = grad_accum_steps
+        return self.accelerator.prepare(module, optimizer)
+
     def prepare(self, *objects):
         return self.accelerator.prepare(*objects)
+
+    @property
+    def _engine(self):
+        return self.accelerator.deepspeed_engine_wrapped.engine
+
+    def register_external(self, module: torch.nn.Module, params) -> None:
+        """`params` are used by `module`'s forward outside their own sub-module's forward (the
+        fused loss multiplies by the LM head's weight directly). ZeRO-3 must gather them for
+        that forward and its backward; FSDP2 and ZeRO-2 need nothing (the head is whole or
+        gathered by the root)."""
+        params = [p for p in params if p is not None]
+        self._external_params = params
+        if self.backend == "deepspeed" and self.zero_stage == 3:
+            from deepspeed.runtime.zero import register_external_parameter
+
+            for p in params:
+                register_external_parameter(module, p)
 
     def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(module)
@@ -107,23 +208,102 @@ class Runtime:
         return self.accelerator.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.backend == "deepspeed":
+            # ddk already scaled the loss for its accumulation: DeepSpeed must not divide it
+            # by gradient_accumulation_steps again (and must not step: `optimizer_step` does).
+            self._engine.backward(loss, scale_wrt_gas=False)
+            return
         self.accelerator.backward(loss)
 
     def no_sync(self, module: torch.nn.Module, skip_sync: bool):
         """Skip the gradient all-reduce for all but the last micro-batch of a step."""
+        if self.backend == "deepspeed":
+            self._engine.set_gradient_accumulation_boundary(not skip_sync)
+            return contextlib.nullcontext()
         return self.accelerator.no_sync(module) if skip_sync else contextlib.nullcontext()
 
-    def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
-        return self.accelerator.clip_grad_norm_(parameters, max_norm)
+    def optimizer_step(self, module, optimizer, max_norm: float, loss_finite: bool):
+        """Clip, then step unless the loss or the gradient norm is NaN/inf; clear gradients.
+        Returns (gradient norm before clipping, whether the step was applied)."""
+        if self.backend == "deepspeed":
+            return self._deepspeed_step(optimizer, loss_finite)
+        grad_norm = float(self.accelerator.clip_grad_norm_(module.parameters(), max_norm))
+        applied = loss_finite and math.isfinite(grad_norm)
+        if applied:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm, applied
 
-    def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def _deepspeed_step(self, optimizer, loss_finite: bool):
+        # ZeRO-2/3 skip a step whose gradient norm is NaN/inf themselves (and clip with
+        # gradient_clipping). A NaN/inf loss with finite gradients is the one case they would
+        # apply: the step then runs at learning rate 0, which leaves every weight as it was.
+        engine = self._engine
+        groups = optimizer.param_groups
+        rates = [g["lr"] for g in groups]
+        if not loss_finite:
+            for g in groups:
+                g["lr"] = 0.0
+        try:
+            engine.step()
+        finally:
+            for g, rate in zip(groups, rates):
+                g["lr"] = rate
+        norm = engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else math.nan
+        return grad_norm, loss_finite and engine.was_step_applied()
+
+    # ------------------------------------------------------------------ sharded states
+    @property
+    def states_dirname(self) -> str | None:
+        """The folder inside a checkpoint that holds sharded model and optimizer states."""
+        return {"fsdp2": "sharded", "deepspeed": "deepspeed"}.get(self.backend)
+
+    def save_states(self, folder, module, optimizer) -> None:
+        """Every rank writes its shard of the model and optimizer states (a collective)."""
+        from ddk.checkpoint import save_deepspeed_states, save_sharded_states
+
+        if self.backend == "deepspeed":
+            save_deepspeed_states(folder, self._engine)
+        else:
+            save_sharded_states(folder, module, optimizer)
+
+    def load_states(self, folder, module, optimizer) -> None:
+        from ddk.checkpoint import load_deepspeed_states, load_sharded_states
+
+        if self.backend == "deepspeed":
+            load_deepspeed_states(folder, self._engine)
+        else:
+            load_sharded_states(folder, module, optimizer)
+
+    def full_state_dict(self, module: torch.nn.Module, saved=None) -> dict[str, torch.Tensor]:
         """The whole (unsharded) state dict; on rank 0 for sharded backends (a collective:
-        every rank must call it)."""
+        every rank must call it). DeepSpeed: read on rank 0 from `saved`, the checkpoint
+        just written, whose optimizer holds the fp32 master weights (the module may be bf16)."""
+        if self.backend == "deepspeed":
+            from ddk.checkpoint import deepspeed_fp32_state_dict
+
+            full = deepspeed_fp32_state_dict(saved / "deepspeed") if self.is_main else {}
+            self.barrier()
+            return full
         return self.accelerator.get_state_dict(module)
 
     @contextlib.contextmanager
+    def gathered_head(self):
+        """ZeRO-3: the parameters registered by `register_external` (the LM head) whole for the
+        block, for code that multiplies by them outside a forward (evaluation's CE). Entered
+        after the base model's forward: a tied embedding's own hooks would re-partition it."""
+        if self.backend == "deepspeed" and self.zero_stage == 3 and self._external_params:
+            from deepspeed.runtime.zero import GatheredParameters
+
+            with GatheredParameters(self._external_params):
+                yield
+        else:
+            yield
+
+    @contextlib.contextmanager
     def gathered(self, module: torch.nn.Module):
-        """`module`'s own (root) parameters unsharded for the block, so code may use a
+        """FSDP2: `module`'s own (root) parameters unsharded for the block, so code may use a
         sub-module directly (e.g. `student.base_model` and `lm_head.weight` in evaluation)
         instead of the wrapper's forward. Decoder layers still gather themselves in their own
         forward. Every rank must enter it (FSDP2 all-gathers)."""

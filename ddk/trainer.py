@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddk.checkpoint import (
+    DEEPSPEED,
     SHARDED,
     agreed_latest_good_checkpoint,
     begin_checkpoint,
@@ -34,9 +35,8 @@ from ddk.checkpoint import (
     latest_good_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    load_sharded_states,
     save_checkpoint,
-    save_sharded_states,
+    sharded_states_dir,
 )
 from ddk.config import Config, ConfigError, load_config
 from ddk.data.dataset import PreparedData
@@ -309,7 +309,17 @@ class Trainer:
             lr_lambda(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps),
         )
         # The scheduler stays unwrapped: Accelerate would step it once per process.
-        self.step_module, self.optimizer = self.runtime.prepare(self.step_module, optimizer)
+        self.step_module, self.optimizer = self.runtime.prepare_training(
+            self.step_module,
+            optimizer,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum_steps=t.grad_accum_steps,
+            grad_clip=t.grad_clip,
+        )
+        head = self.student.get_output_embeddings()
+        self.runtime.register_external(
+            self.runtime.unwrap(self.step_module), [head.weight, getattr(head, "bias", None)]
+        )
         self.scheduler = scheduler
         self.uses_teacher = (
             self.teacher is not None and self.runtime.unwrap(self.step_module).uses_teacher
@@ -324,9 +334,15 @@ class Trainer:
         return self.evaluate_student_on("val")
 
     def evaluate_student_on(self, split: str) -> dict[str, dict]:
-        with self.runtime.gathered(self.step_module):
+        rt = self.runtime
+        with rt.gathered(self.step_module):
             return run_perplexities(
-                self.cfg, self._unwrapped_student(), self.data, split, self.runtime.autocast
+                self.cfg,
+                self._unwrapped_student(),
+                self.data,
+                split,
+                rt.autocast,
+                gather_head=rt.gathered_head,
             )
 
     def teacher_perplexities(self) -> dict[str, float] | None:
@@ -511,17 +527,16 @@ class Trainer:
         sums = rt.reduce_sum(sums)
         # The norm is needed either way: a NaN/inf gradient skips the step.
         max_norm = self.cfg.trainer.grad_clip if self.cfg.trainer.grad_clip > 0 else math.inf
-        grad_norm = float(rt.clip_grad_norm_(self.step_module.parameters(), max_norm))
-        finite = math.isfinite(float(sums[0])) and math.isfinite(grad_norm)
+        grad_norm, finite = rt.optimizer_step(
+            self.step_module, self.optimizer, max_norm, loss_finite=math.isfinite(float(sums[0]))
+        )
         if finite:
-            self.optimizer.step()
             self.state.bad_steps_in_a_row = 0
         else:
             self.state.bad_steps_total += 1
             self.state.bad_steps_in_a_row += 1
         lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens_seen += global_tokens
         return {
@@ -571,7 +586,7 @@ class Trainer:
         tmp = rt.broadcast_object(
             begin_checkpoint(self.run_dir, self.state.step) if self.is_main else None
         )
-        save_sharded_states(tmp / SHARDED, self.step_module, self.optimizer)
+        rt.save_states(tmp / rt.states_dirname, self.step_module, self.optimizer)
         rt.barrier()
         path = None
         if self.is_main:
@@ -610,17 +625,19 @@ class Trainer:
                 "settings the run started with (micro_batch_size x grad_accum_steps x processes, "
                 "distill.K, trainer.seed, data.domains, distill.method)"
             )
-        sharded = (folder / SHARDED).is_dir()
-        if sharded != self.runtime.is_sharded:
+        states = sharded_states_dir(folder)
+        saved_kind = states.name if states is not None else None
+        if saved_kind != self.runtime.states_dirname:
+            kind = {SHARDED: "FSDP2", DEEPSPEED: "DeepSpeed"}.get(saved_kind, "whole (DDP)")
             raise DDKError(
-                f"checkpoint '{folder}' holds {'sharded' if sharded else 'whole'} states but this "
-                f"launch uses {self.runtime.backend}; resume with the accelerate config it ran with"
+                f"checkpoint '{folder}' holds {kind} states but this launch uses "
+                f"{self.runtime.backend}; resume with the accelerate config it ran with"
             )
         loaded = load_checkpoint(
-            folder, None if sharded else self._unwrapped_student(), self.device
+            folder, None if states is not None else self._unwrapped_student(), self.device
         )
-        if sharded:
-            load_sharded_states(folder / SHARDED, self.step_module, self.optimizer)
+        if states is not None:
+            self.runtime.load_states(states, self.step_module, self.optimizer)
         else:
             self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["state"]["scheduler"])
@@ -740,7 +757,7 @@ class Trainer:
         for d in self.domains:
             record["domains"][d]["student_before_ppl"] = self.state.before.get(d)
         self.metrics.write(record)
-        self.save()
+        saved = self.save()
         final = self.run_dir / "final"
         # Sharded backends: gather one whole state dict (a collective) so final/ is always a
         # plain save_pretrained folder.
@@ -749,7 +766,7 @@ class Trainer:
             prefix = "student."
             full = {
                 k[len(prefix) :]: v
-                for k, v in self.runtime.full_state_dict(self.step_module).items()
+                for k, v in self.runtime.full_state_dict(self.step_module, saved).items()
                 if k.startswith(prefix)
             }
         if self.is_main:
@@ -836,8 +853,9 @@ def start_run(cfg: Config) -> Path | None:
         try:
             trainer = Trainer(cfg, run_dir)
         except BaseException:
-            # Refused before anything was written: leave no folder holding only the lock.
-            if created and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
+            # Refused before anything was written: leave no folder holding only the lock
+            # (rank 0 holds it and cleans up; the other ranks must not race it).
+            if created and _is_rank0() and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
                 (run_dir / LOCK_NAME).unlink()
                 run_dir.rmdir()
             raise

@@ -1,6 +1,7 @@
-"""FSDP2 through Accelerate on CPU (gloo, 2 real processes, tiny real models): the same run
-as one process, sharded checkpoints that resume exactly (and fall back past a corrupt one),
-and a sharded teacher that scores like a replicated one. Plus the placement choice itself."""
+"""FSDP2 and DeepSpeed ZeRO-2/3 through Accelerate on CPU (gloo, 2 real processes, tiny real
+models): the same run as one process, sharded checkpoints that resume exactly (and fall back
+past a corrupt one), and a sharded teacher that scores like a replicated one. Plus the
+placement choice and the start-up refusals."""
 
 import json
 import os
@@ -28,6 +29,22 @@ FSDP_ENV = {
     "FSDP_VERSION": "2",
     "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
 }
+
+
+def _zero_env(stage):
+    # What `accelerate launch --config_file examples/accelerate/zero3.yaml` exports.
+    return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
+
+
+try:
+    import deepspeed  # noqa: F401
+
+    HAS_DEEPSPEED = True
+except ImportError:
+    HAS_DEEPSPEED = False
+needs_deepspeed = pytest.mark.skipif(
+    not HAS_DEEPSPEED, reason="deepspeed not installed (pip install 'ddk-distill[deepspeed]')"
+)
 
 
 # ---------------------------------------------------------------- placement choice (pure)
@@ -61,20 +78,30 @@ def test_unsupported_placements_stop_with_one_line(requested, world, needle):
 
 @pytest.mark.parametrize(
     "kind,fsdp2,needle",
-    [("DEEPSPEED", False, "fsdp2.yaml"), ("FSDP", False, "fsdp_version: 2"), ("XLA", False, "DDP")],
+    [("FSDP", False, "fsdp_version: 2"), ("XLA", False, "ZeRO-2/3")],
 )
 def test_unsupported_backends_stop_with_one_line(kind, fsdp2, needle):
     with pytest.raises(DDKError) as err:
         check_backend(kind, fsdp2)
     assert needle in str(err.value) and "\n" not in str(err.value)
     check_backend("FSDP", True)  # FSDP2 passes
+    check_backend("DEEPSPEED", False, {"zero_optimization": {"stage": 3}})
 
 
-def test_deepspeed_on_cpu():
-    pytest.skip(
-        "DeepSpeed is refused at start-up (test above); Accelerate 1.15 also enables DeepSpeed "
-        "only on GPUs (accelerate/state.py: `if not cpu`), so no CPU run is possible here"
-    )
+@pytest.mark.parametrize(
+    "config,needle",
+    [
+        ({"zero_optimization": {"stage": 1}}, "zero_stage: 2 or 3"),
+        ({}, "ZeRO stage 0"),
+        ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}, "'optimizer'"),
+        ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, "'scheduler'"),
+        ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, "bf16"),
+    ],
+)
+def test_unsupported_deepspeed_configs_stop_with_one_line(config, needle):
+    with pytest.raises(DDKError) as err:
+        check_backend("DEEPSPEED", False, config)
+    assert needle in str(err.value) and "\n" not in str(err.value)
 
 
 def test_checksums_cover_shard_files_in_sub_folders(tmp_path):
@@ -170,21 +197,26 @@ def fsdp_run(tmp_path_factory, teacher_dir, student_dir, prepared_dir):
     return root / "two", done.stdout
 
 
-@pytest.mark.slow
-@needs_torchrun
-def test_fsdp2_two_processes_match_one(tmp_path, fsdp_run, teacher_dir, student_dir, prepared_dir):
-    run, _ = fsdp_run
-    one = _config(
-        tmp_path / "one.yaml", tmp_path / "one", teacher_dir, student_dir, prepared_dir, 4, 2
-    )
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, teacher_dir, student_dir, prepared_dir):
+    """The reference: the same global batch (4 x 2 sequences) in one plain process."""
+    root = tmp_path_factory.mktemp("one")
+    one = _config(root / "one.yaml", root / "one", teacher_dir, student_dir, prepared_dir, 4, 2)
     subprocess.run(
         [sys.executable, "-m", "ddk.cli", "distill", str(one)],
         check=True,
         env=_env(),
         capture_output=True,
     )
+    return root / "one"
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_fsdp2_two_processes_match_one(fsdp_run, one_process_run):
+    run, _ = fsdp_run
     # Same domain weights every interval, same losses, same final weights.
-    _assert_same_run(tmp_path / "one", run)
+    _assert_same_run(one_process_run, run)
     # The checkpoint holds one shard per process (DCP), each under the checksum manifest;
     # final/ is a plain save_pretrained folder.
     ckpt = run / "checkpoints" / "step-00000004"
@@ -253,3 +285,162 @@ def test_sharded_teacher_scores_like_replicated_and_ram_efficient_loading_is_exa
     assert rep_held == total and held < 0.8 * total
     # Same teacher perplexities, domain weights, losses and final student.
     _assert_same_run(run, tmp_path / "sharded")
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO-2/3
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, teacher_dir, student_dir, prepared_dir):
+    """A 2-process ZeRO-3 run with a sharded teacher (8 steps, checkpoints at 4 and 8)."""
+    if not (os.path.exists(TORCHRUN) and HAS_DEEPSPEED):
+        pytest.skip("torchrun or deepspeed not installed")
+    root = tmp_path_factory.mktemp("zero3")
+    cfg = _config(
+        root / "z3.yaml",
+        root / "z3",
+        teacher_dir,
+        student_dir,
+        prepared_dir,
+        2,
+        2,
+        placement="sharded",
+    )
+    done = _torchrun(["distill", str(cfg)], _env(**_zero_env(3)))
+    return root / "z3", done.stdout + done.stderr
+
+
+@pytest.mark.slow
+@needs_torchrun
+@needs_deepspeed
+def test_zero3_two_processes_match_one(zero3_run, one_process_run):
+    """ZeRO-3 partitions the student (the fused loss gathers the LM head as an external
+    parameter); ddk keeps its own accumulation, clipping bound and schedule: the run equals the
+    plain one-process run, teacher perplexities (sharded teacher) included."""
+    run, out = zero3_run
+    assert "teacher placement: sharded" in out
+    _assert_same_run(one_process_run, run)
+    ckpt = run / "checkpoints" / "step-00000004"
+    assert (ckpt / "deepspeed" / "state").is_dir() and not (ckpt / "model.safetensors").exists()
+    sums = json.loads((ckpt / "checksums.json").read_text())
+    optim = [f for f in sums if "optim_states" in f]
+    assert len(optim) == 2  # one partition of the fp32 master weights and moments per rank
+    # final/ is a plain save_pretrained folder with fp32 weights.
+    weights = load_file(run / "final" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+
+
+@pytest.mark.slow
+@needs_torchrun
+@needs_deepspeed
+def test_zero3_resume_after_a_kill_is_exact(tmp_path, zero3_run):
+    run, _ = zero3_run
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)
+    shutil.rmtree(killed / "final")
+    states = killed / "checkpoints" / "step-00000008" / "deepspeed" / "state"
+    victim = sorted(states.glob("*optim_states.pt"))[-1]
+    victim.write_bytes(b"\0" * 64 + victim.read_bytes()[64:])
+    cfg = yaml.safe_load((killed / "config.yaml").read_text())
+    cfg["trainer"]["output_dir"] = str(killed)
+    (killed / "config.yaml").write_text(yaml.safe_dump(cfg))
+    done = _torchrun(["distill", "--resume", str(killed)], _env(**_zero_env(3)))
+    out = done.stdout + done.stderr
+    assert "step-00000008' is unusable" in out and out.count("is unusable") == 1
+    assert "resuming from" in out and "step-00000004" in out
+    _assert_same_run(run, killed, rel=1e-6)
+    # A DeepSpeed checkpoint is not resumed under another backend: one line, nothing written.
+    before = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    other = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "ddk.cli"]
+        + ["distill", "--resume", str(killed), "--set", "trainer.max_steps=12"],
+        env=_env(**FSDP_ENV),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert other.returncode != 0  # torchrun reports its workers' exit 2 as 1
+    assert "holds DeepSpeed states but this launch uses fsdp2" in other.stderr
+    assert "[rank0]: Traceback" not in other.stderr  # one line, not a worker traceback
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.slow
+@needs_torchrun
+@needs_deepspeed
+def test_zero2_two_processes_match_one(
+    tmp_path, one_process_run, teacher_dir, student_dir, prepared_dir
+):
+    cfg = _config(
+        tmp_path / "z2.yaml", tmp_path / "z2", teacher_dir, student_dir, prepared_dir, 2, 2
+    )
+    _torchrun(["distill", str(cfg)], _env(**_zero_env(2)))
+    _assert_same_run(one_process_run, tmp_path / "z2")
+
+
+NAN_SCRIPT = """
+import os
+import sys
+import torch
+from ddk import cli
+from ddk.runtime import Runtime
+from ddk.trainer import DistillStep
+
+original = DistillStep.forward
+calls = {"n": 0}
+
+
+def forward(self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    calls["n"] += 1  # two micro-batches per step: calls 2s-1 and 2s belong to step s
+    if torch.distributed.get_rank() == 0 and calls["n"] == 2 * 3:
+        # A NaN loss whose gradients are finite (the NaN term is a constant).
+        out = out._replace(total=out.total + float("nan") * out.total.detach())
+    if torch.distributed.get_rank() == 0 and calls["n"] == 2 * 6:
+        out = out._replace(total=out.total * float("nan"))  # NaN gradients too
+    return out
+
+
+def optimizer_step(self, module, optimizer, max_norm, loss_finite):
+    before = [p.detach().clone() for p in module.parameters()]  # ZeRO-2: whole weights
+    grad_norm, applied = original_step(self, module, optimizer, max_norm, loss_finite)
+    if not applied and self.rank == 0:  # a skipped step must leave every weight as it was
+        same = all(torch.equal(a, p) for a, p in zip(before, module.parameters()))
+        with open(os.environ["SKIPPED_STEPS_FILE"], "a") as f:
+            f.write(f"unchanged={same}\\n")
+    return grad_norm, applied
+
+
+original_step = Runtime.optimizer_step
+Runtime.optimizer_step = optimizer_step
+DistillStep.forward = forward
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@needs_torchrun
+@needs_deepspeed
+def test_zero2_skips_nan_steps(tmp_path, teacher_dir, student_dir, prepared_dir):
+    """ddk's NaN/inf step skip holds under DeepSpeed: a NaN loss with finite gradients (which
+    ZeRO alone would apply) and NaN gradients (which ZeRO's overflow check catches)."""
+    script = tmp_path / "nan_run.py"
+    script.write_text(NAN_SCRIPT)
+    cfg = _config(
+        tmp_path / "nan.yaml", tmp_path / "nan", teacher_dir, student_dir, prepared_dir, 2, 2
+    )
+    done = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), "distill", str(cfg)],
+        env=_env(**_zero_env(2), SKIPPED_STEPS_FILE=str(tmp_path / "skipped.txt")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "skipped.txt").read_text() == "unchanged=True\n" * 2
+    records = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("event") == "skipped_step"] == [3, 6]
+    steps = [r for r in records if "event" not in r]
+    assert steps[-1]["bad_steps"] == 2
+    # Logged every 2 steps: step 6's own loss is NaN; training went on finite after it.
+    assert [r["step"] for r in steps if r["loss"] != r["loss"]] == [6]
+    weights = load_file(tmp_path / "nan" / "final" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
