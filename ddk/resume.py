@@ -28,6 +28,11 @@ SETTABLE_ON_RESUME = (
     "trainer.max_bad_steps",
     "trainer.gradient_checkpointing",
     "trainer.lr",
+    # How the global batch is split (over more or fewer processes): the trainer checks that
+    # micro_batch_size x grad_accum_steps x processes stays the same.
+    "trainer.micro_batch_size",
+    "trainer.grad_accum_steps",
+    "teacher.placement",  # where the frozen teacher lives, not what it computes
 )
 # Never compared: where the run lives (folders move) and the `ddk prepare` section.
 _IGNORED = ("trainer.output_dir", "prepare.")

@@ -617,13 +617,16 @@ class Trainer:
             "geometry", {}
         )
         now = self._geometry()
-        changed = [k for k in now if k in saved and saved[k] != now[k]]
+        # The process count may change: each step draws the same global rows, only split
+        # differently over ranks (and micro-batches), so it is the same run up to float order.
+        changed = [k for k in now if k in saved and saved[k] != now[k] and k != "processes"]
         if changed:
             what = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in changed)
             raise DDKError(
-                f"cannot resume '{self.run_dir}' with other settings ({what}); resume with the "
-                "settings the run started with (micro_batch_size x grad_accum_steps x processes, "
-                "distill.K, trainer.seed, data.domains, distill.method)"
+                f"cannot resume '{self.run_dir}' with other settings ({what}); keep "
+                "micro_batch_size x grad_accum_steps x processes, distill.K, trainer.seed, "
+                "data.domains and distill.method as the run started (e.g. twice the processes: "
+                "--set trainer.grad_accum_steps=<half>)"
             )
         states = sharded_states_dir(folder)
         saved_kind = states.name if states is not None else None
@@ -632,6 +635,13 @@ class Trainer:
             raise DDKError(
                 f"checkpoint '{folder}' holds {kind} states but this launch uses "
                 f"{self.runtime.backend}; resume with the accelerate config it ran with"
+            )
+        saved_world = saved.get("processes", self.world)
+        if saved_kind == DEEPSPEED and saved_world != self.world:
+            raise DDKError(
+                f"checkpoint '{folder}' holds DeepSpeed ZeRO partitions of {saved_world} "
+                f"processes; resume with {saved_world} processes (ZeRO partitions are not "
+                "resharded; DDP and FSDP2 checkpoints are)"
             )
         loaded = load_checkpoint(
             folder, None if states is not None else self._unwrapped_student(), self.device
@@ -643,6 +653,7 @@ class Trainer:
         self.scheduler.load_state_dict(loaded["state"]["scheduler"])
         self._rebase_schedule()
         self.state = TrainState(**loaded["state"]["trainer"])
+        self.state.geometry = now  # later checkpoints describe this launch
         try:
             self.sampler.load_state_dict(self.state.sampler)
         except ValueError as e:  # e.g. a checkpoint from before data fingerprints were stored

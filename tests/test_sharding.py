@@ -154,10 +154,10 @@ def _env(**extra):
     return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **extra}
 
 
-def _torchrun(args, env):
+def _torchrun(args, env, processes=2):
     # --standalone: a rendezvous on a free port, so back-to-back launches never collide
     done = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "ddk.cli", *args],
+        [TORCHRUN, "--standalone", "--nproc_per_node", str(processes), "-m", "ddk.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -255,6 +255,36 @@ def test_fsdp2_resume_after_a_kill_is_exact(tmp_path, fsdp_run):
     # Warned once (rank 0 checks, the verdict is broadcast), not once per process.
     assert out.count("is unusable") == 1
     _assert_same_run(run, killed, rel=1e-6)
+
+
+def _killed_copy(run, dest, drop_after):
+    """`run` as a kill after its step-`drop_after` checkpoint would have left it."""
+    shutil.copytree(run, dest)
+    shutil.rmtree(dest / "final")
+    for folder in (dest / "checkpoints").iterdir():
+        if int(folder.name.split("-")[1]) > drop_after:
+            shutil.rmtree(folder)
+    cfg = yaml.safe_load((dest / "config.yaml").read_text())
+    cfg["trainer"]["output_dir"] = str(dest)
+    (dest / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return dest
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_fsdp2_resume_on_another_process_count(tmp_path, fsdp_run):
+    """DCP reshards the 2-process FSDP2 states onto 1 process; the same global batch split
+    into 4 micro-batches of 2 continues the same run (up to float summation order)."""
+    run, _ = fsdp_run
+    killed = _killed_copy(run, tmp_path / "killed", drop_after=4)
+    split = ["--set", "trainer.micro_batch_size=2", "--set", "trainer.grad_accum_steps=4"]
+    done = _torchrun(["distill", "--resume", str(killed), *split], _env(**FSDP_ENV), 1)
+    assert "step-00000004" in done.stdout + done.stderr
+    _assert_same_run(run, killed, rel=1e-5)
+    saved = json.loads(
+        (killed / "checkpoints" / "step-00000008" / "trainer_state.json").read_text()
+    )
+    assert saved["trainer"]["geometry"]["processes"] == 1  # what the next resume checks
 
 
 @pytest.mark.slow
@@ -360,6 +390,19 @@ def test_zero3_resume_after_a_kill_is_exact(tmp_path, zero3_run):
     assert other.returncode != 0  # torchrun reports its workers' exit 2 as 1
     assert "holds DeepSpeed states but this launch uses fsdp2" in other.stderr
     assert "[rank0]: Traceback" not in other.stderr  # one line, not a worker traceback
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == before
+    # ZeRO partitions are not resharded: another process count is refused in one line.
+    split = ["--set", "trainer.micro_batch_size=2", "--set", "trainer.grad_accum_steps=4"]
+    one = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "1", "-m", "ddk.cli"]
+        + ["distill", "--resume", str(killed), *split, "--set", "teacher.placement=replicated"],
+        env=_env(**_zero_env(3)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode != 0
+    assert "ZeRO partitions of 2 processes; resume with 2 processes" in one.stderr
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == before
 
 

@@ -240,16 +240,28 @@ def test_student_trains_in_train_mode(
     assert seen and all(seen), "the student was in eval mode during training steps"
 
 
-def test_resume_with_other_batch_geometry_is_refused(
+def test_resume_may_split_the_global_batch_otherwise_but_not_change_it(
     tmp_path, teacher_dir, student_dir, prepared_dir, crash_at_step
 ):
+    """micro_batch_size x grad_accum_steps x processes is the run's global batch: a resume may
+    split it otherwise (e.g. for another process count) and is the same run; changing it is
+    refused in one line before anything is written."""
+    start_run(make_config(tmp_path / "whole", teacher_dir, student_dir, prepared_dir))
     disarm = crash_at_step(5)
     with pytest.raises(RuntimeError):
         start_run(make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir))
     disarm()
-    with pytest.raises(DDKError, match="trainer.grad_accum_steps is not allowed"):
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(DDKError, match="sequences_per_step 8 -> 4") as err:
         resume_run(tmp_path / "run", ["trainer.grad_accum_steps=1"])
-    assert resume_run(tmp_path / "run") is not None
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    split = ["trainer.micro_batch_size=2", "trainer.grad_accum_steps=4"]
+    assert resume_run(tmp_path / "run", split) is not None
+    whole = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=1e-4, atol=1e-5)
 
 
 def test_resume_before_first_checkpoint_restarts(
