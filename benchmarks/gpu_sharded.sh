@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepared GPU check for sharded training (not run on the CPU dev box): a bf16 DDK run with a
 # random-initialised Qwen2-shaped ~0.5B student and ~1.5B teacher (configs only, no download)
-# under DDP, FSDP2, and FSDP2 + a sharded teacher, on all visible GPUs; prints tokens/s and
+# under DDP, FSDP2, FSDP2 + a sharded teacher and DeepSpeed ZeRO-3 (when deepspeed is
+# installed: pip install 'ddk-distill[deepspeed]'), on all visible GPUs; prints tokens/s and
 # rank-0 peak memory per setup as a markdown table. Run from the repository root:
 #   OUT=/tmp/bench STEPS=30 bash benchmarks/gpu_sharded.sh
 set -uo pipefail
@@ -72,6 +73,11 @@ if [ "$NGPU" -ge 2 ]; then
   run fsdp2_sharded_teacher examples/accelerate/fsdp2.yaml sharded
 else
   echo "fsdp2_sharded_teacher skipped: a sharded teacher needs 2+ GPUs (found $NGPU)"
+fi
+if $PY -c "import deepspeed" 2>/dev/null; then
+  run zero3 examples/accelerate/zero3.yaml auto
+else
+  echo "zero3 skipped: deepspeed is not installed"
 fi
 
 # 3. The table: last logged window's tokens/s and rank 0's peak memory.

@@ -118,7 +118,8 @@ def teacher_perplexities(
     import torch
 
     from ddk.evaluate import run_perplexities
-    from ddk.models import check_vocab, embedding_rows, load_teacher, resolve_dtype
+    from ddk.models import check_vocab, embedding_rows, resolve_dtype
+    from ddk.teacher.placement import load_placed_teacher
 
     if not cfg.model.teacher:
         return None
@@ -135,10 +136,14 @@ def teacher_perplexities(
         result = runtime.broadcast_object(cache.get(split, domains))
         source[split] = "cache"
         if result is None:
-            if model is None:
-                model = load_teacher(
-                    cfg.model.teacher, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
-                ).to(runtime.device)
+            if model is None:  # placed as training would place it (a 70B teacher: sharded)
+                model = load_placed_teacher(
+                    cfg.model.teacher,
+                    dtype=dtype,
+                    trust_remote_code=cfg.model.trust_remote_code,
+                    requested=cfg.teacher.placement,
+                    runtime=runtime,
+                )
                 check_vocab(data.vocab_size, embedding_rows(model), student_rows)
             result = run_perplexities(cfg, model, data, split, runtime.autocast)
             source[split] = "computed"

@@ -55,7 +55,7 @@ from ddk.runtime import Runtime, plain_copy
 from ddk.sampler import DomainSampler
 from ddk.schedule import lr_lambda
 from ddk.teacher import Batch, OnlineTeacher
-from ddk.teacher.placement import place_teacher
+from ddk.teacher.placement import load_placed_teacher
 
 
 class DistillStep(torch.nn.Module):
@@ -256,7 +256,7 @@ class Trainer:
         self.student.train()
 
     def _setup_teacher(self) -> None:
-        from ddk.models import check_vocab, embedding_rows, load_teacher, resolve_dtype
+        from ddk.models import check_vocab, embedding_rows, resolve_dtype
 
         cfg = self.cfg
         teacher = None
@@ -270,10 +270,12 @@ class Trainer:
             return
         # cpt trains on CE alone: its teacher (optional) only gives perplexities, loaded later.
         if cfg.model.teacher and self.method.teacher_for_training:
-            teacher = load_teacher(
+            teacher = load_placed_teacher(
                 cfg.model.teacher,
                 dtype=resolve_dtype(cfg.model.dtype, self.device),
                 trust_remote_code=cfg.model.trust_remote_code,
+                requested=cfg.teacher.placement,
+                runtime=self.runtime,
             )
         check_vocab(
             self.vocab_size,
@@ -281,10 +283,9 @@ class Trainer:
             embedding_rows(self.student),
         )
         self.teacher = None
-        self.teacher_model = None
+        self.teacher_model = teacher
         if teacher is not None:
-            self.teacher_model = place_teacher(teacher, cfg.teacher.placement, self.runtime)
-            self.teacher = OnlineTeacher(self.teacher_model, self.runtime.autocast)
+            self.teacher = OnlineTeacher(teacher, self.runtime.autocast)
 
     def _setup_optimizer(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer

@@ -479,6 +479,8 @@ def test_protected_differences_match_a_naive_walk():
         ("trainer", "seed"): 3,
         ("distill", "K"): 2,
         ("model", "trust_remote_code"): True,
+        ("trainer", "warmup_steps"): 9,
+        # settable: the trainer itself checks micro x accum x processes is unchanged
         ("trainer", "micro_batch_size"): 9,
     }
     for (section, key), value in edits.items():
@@ -492,8 +494,8 @@ def test_protected_differences_match_a_naive_walk():
     assert naive == [
         "distill.K",
         "model.trust_remote_code",
-        "trainer.micro_batch_size",
         "trainer.seed",
+        "trainer.warmup_steps",
     ]
     del changed["teacher"]  # a section another ddk version did not have
     assert protected_differences(base, changed) == naive

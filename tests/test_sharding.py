@@ -317,6 +317,59 @@ def test_sharded_teacher_scores_like_replicated_and_ram_efficient_loading_is_exa
     _assert_same_run(run, tmp_path / "sharded")
 
 
+@pytest.mark.slow
+@needs_torchrun
+def test_untied_cpu_offload_teacher_read_by_rank0_scores_like_a_whole_one(
+    tmp_path, teacher_dir, student_dir, prepared_dir
+):
+    """Sharded placements read the weights on rank 0 only (the others build a meta-device
+    skeleton and receive their shards by broadcast). An untied Qwen2 teacher (a separate
+    head, kept whole; the embedding sharded), offloaded: its perplexities equal `ddk eval`'s
+    on the whole model in one process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ddk.demo.build import tiny_causal_lm
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    model = tiny_causal_lm(len(tok), arch="qwen2", hidden_size=48, seed=5)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 1.5)
+    untied = tmp_path / "untied"
+    model.save_pretrained(untied)
+    tok.save_pretrained(untied)
+    reloaded = AutoModelForCausalLM.from_pretrained(untied)
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.get_input_embeddings().weight.data_ptr()
+
+    cfg_path = _config(
+        tmp_path / "c.yaml",
+        tmp_path / "run",
+        untied,
+        student_dir,
+        prepared_dir,
+        2,
+        2,
+        placement="cpu_offload",
+    )
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["trainer"]["max_steps"] = 2
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    done = _torchrun(["distill", str(cfg_path)], _env(**FSDP_ENV))
+    assert re.search(r"teacher placement: cpu_offload .* weights read by rank 0 only", done.stdout)
+    sharded = json.loads((tmp_path / "run" / "teacher_ppl.json").read_text())["ppl"]["val"]
+    whole = subprocess.run(
+        [sys.executable, "-m", "ddk.cli", "eval", "--model", str(untied)]
+        + ["--data", str(prepared_dir), "--split", "val", "--json"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    expected = json.loads(whole.stdout)["domains"]
+    assert sorted(sharded) == sorted(expected)
+    for d in expected:
+        assert sharded[d] == pytest.approx(expected[d]["ppl"], rel=1e-5)
+
+
 # ---------------------------------------------------------------- DeepSpeed ZeRO-2/3
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory, teacher_dir, student_dir, prepared_dir):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ddk.errors import DDKError
+from ddk.errors import DDKError, first_line
 
 # A replicated teacher may take this share of the free device memory; the rest is left to
 # the student, its optimizer states and activations.
@@ -64,7 +64,7 @@ def _layer_classes(model: torch.nn.Module) -> set[type]:
     return {type(m) for m in model.modules() if type(m).__name__ in names}
 
 
-def shard_teacher(model: torch.nn.Module, device: torch.device, offload: bool) -> torch.nn.Module:
+def _fully_shard(model: torch.nn.Module, device: torch.device, offload: bool) -> None:
     """FSDP2 over the teacher's decoder layers and its base model, forward only. The base
     model is the root (ddk calls `model.base_model` directly); the LM head is kept whole."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
@@ -84,33 +84,119 @@ def shard_teacher(model: torch.nn.Module, device: torch.device, offload: bool) -
             fully_shard(module, **kwargs)
     head = model.get_output_embeddings()
     fully_shard(model.base_model, **kwargs, ignored_params={head.weight})
-    head.to(device)  # whole on every rank (with tied weights: the shared embedding too)
-    # Buffers (e.g. rotary tables) are used where the compute runs, offloaded or not.
+
+
+def _to_compute_device(model: torch.nn.Module, device: torch.device) -> None:
+    # The head is whole on every rank (with tied weights: the shared embedding too), and
+    # buffers (e.g. rotary tables) are used where the compute runs, offloaded or not.
+    model.get_output_embeddings().to(device)
     for module in model.modules():
         for name, buf in module.named_buffers(recurse=False):
             setattr(module, name, buf.to(device))
+
+
+def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, leaf, value)
+
+
+def teacher_skeleton(name: str, *, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The teacher's architecture with parameters on the meta device (no memory, no reads of
+    the weight files) and real buffers (rotary tables are computed from the config)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ddk.models import resolve_local_path, whole_weights
+
+    path = resolve_local_path(name, "teacher")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with whole_weights(), init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError) as e:
+        raise DDKError(f"cannot load teacher '{name}': {first_line(e)}") from None
+    # Tie now, as from_pretrained would: a tied head is the (whole, unsharded) embedding.
+    model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
+def _load_sharded(
+    name: str, skeleton, *, dtype, trust_remote_code: bool, runtime, offload: bool
+) -> torch.nn.Module:
+    """Rank 0 reads the weights; every rank shards the skeleton and receives its shards (and
+    the whole head) by broadcast. Host memory holds one whole teacher per launch."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from ddk.logits import _ATTR, logit_transform
+    from ddk.models import load_teacher
+
+    full, verdict = {}, None
+    if runtime.is_main:
+        try:
+            whole = load_teacher(name, dtype=dtype, trust_remote_code=trust_remote_code)
+            full = whole.state_dict()
+            verdict = ("ok", logit_transform(whole))
+            del whole
+        except DDKError as e:  # the other ranks wait for the broadcast: tell them, then stop
+            verdict = ("error", str(e))
+    verdict = runtime.broadcast_object(verdict)
+    if verdict[0] == "error":
+        raise DDKError(verdict[1])
+    device = runtime.device
+    model = skeleton
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    _fully_shard(model, device, offload)
+    # One device for every local tensor while loading (shards and head alike).
+    model.to_empty(device=torch.device("cpu") if offload else device)
+    for n, b in buffers.items():
+        _set_buffer(model, n, b)
+    set_model_state_dict(
+        model,
+        full,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
+    del full
+    model.tie_weights()  # to_empty may have given tied parameters separate storage
+    _to_compute_device(model, device)
+    model.__dict__[_ATTR] = verdict[1]  # rank 0 probed the whole model
     return model
 
 
-def place_teacher(model: torch.nn.Module, requested: str, runtime, log=print) -> torch.nn.Module:
-    """The teacher placed as `teacher.placement` asks, with a one-line log of the choice."""
+def load_placed_teacher(
+    name: str, *, dtype: torch.dtype, trust_remote_code: bool, requested: str, runtime, log=print
+) -> torch.nn.Module:
+    """The frozen teacher, loaded and placed as `teacher.placement` asks, with a one-line log
+    of the choice. The choice is made from the architecture alone (a meta-device skeleton),
+    before any weights are read; sharded placements read them on rank 0 only."""
+    from ddk.models import load_teacher
+
     device = runtime.device
+    skeleton = teacher_skeleton(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    total = parameter_bytes(skeleton)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     placement, why = choose_placement(
-        requested,
-        teacher_bytes=parameter_bytes(model),
-        free_bytes=free,
-        world_size=runtime.world_size,
+        requested, teacher_bytes=total, free_bytes=free, world_size=runtime.world_size
     )
-    total = parameter_bytes(model)
     if placement == "replicated":
-        model = model.to(device)
+        del skeleton
+        model = load_teacher(name, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+        source = "read by every rank"
     else:
-        model = shard_teacher(model, device, offload=placement == "cpu_offload")
+        model = _load_sharded(
+            name,
+            skeleton,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            runtime=runtime,
+            offload=placement == "cpu_offload",
+        )
+        source = "read by rank 0 only"
     if runtime.is_main:
         log(
             f"teacher placement: {placement} ({why}); this rank holds {local_bytes(model)} of "
-            f"{total} parameter bytes"
+            f"{total} parameter bytes; weights {source}"
         )
     return model
 
