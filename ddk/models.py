@@ -147,7 +147,9 @@ def hidden_and_head(model, input_ids: torch.Tensor):
 
 
 def embedding_rows(model) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])
+    weight = model.get_output_embeddings().weight
+    # ZeRO-3 leaves a partitioned parameter empty and records its full shape as ds_shape.
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,11 @@ def check_deepspeed_config(config: dict) -> None:
         raise DDKError(
             "DeepSpeed fp16 (loss scaling) is not supported; use bf16 (mixed_precision: bf16)"
         )
+    if config.get("bf16", {}).get("check_grad_overflow") in (False, "false"):
+        raise DDKError(
+            "the DeepSpeed config sets bf16.check_grad_overflow: false, which would apply "
+            "steps with NaN/inf gradients; remove it (ddk skips such steps)"
+        )
 
 
 def _deepspeed_requested() -> bool:
@@ -177,6 +182,11 @@ class Runtime:
             config["train_batch_size"] = micro_batch_size * grad_accum_steps * self.world_size
             config["gradient_clipping"] = grad_clip if grad_clip > 0 else 0.0
             config["steps_per_print"] = float("inf")  # ddk logs its own steps
+            if self.accelerator.mixed_precision == "bf16":
+                # Reduce and accumulate gradients in fp32, as under FSDP2 (DeepSpeed's
+                # default is bf16); a user's explicit setting is kept.
+                config.setdefault("communication_data_type", "fp32")
+                config.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
             # Accelerate compares its own count with the config's; its backward is not used.
             self.accelerator.gradient_accumulation_steps = grad_accum_steps
         return self.accelerator.prepare(module, optimizer)
@@ -249,6 +259,7 @@ class Runtime:
         finally:
             for g, rate in zip(groups, rates):
                 g["lr"] = rate
+        optimizer.step()  # a no-op wrapper under DeepSpeed; keeps the LR scheduler's count
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else math.nan
         return grad_norm, loss_finite and engine.was_step_applied()
@@ -271,10 +282,19 @@ class Runtime:
     def load_states(self, folder, module, optimizer) -> None:
         from ddk.checkpoint import load_deepspeed_states, load_sharded_states
 
-        if self.backend == "deepspeed":
-            load_deepspeed_states(folder, self._engine)
-        else:
-            load_sharded_states(folder, module, optimizer)
+        load = load_deepspeed_states if self.backend == "deepspeed" else load_sharded_states
+        args = (
+            (folder, self._engine) if self.backend == "deepspeed" else (folder, module, optimizer)
+        )
+        problem = None
+        try:
+            load(*args)
+        except DDKError as e:
+            problem = str(e)
+        # A rank that failed alone must not leave the others waiting in the next collective.
+        failed = self.reduce_sum(torch.tensor([float(problem is not None)], device=self.device))
+        if float(failed[0]) > 0:
+            raise DDKError(problem or f"cannot load the states in '{folder}' on another rank")
 
     def full_state_dict(self, module: torch.nn.Module, saved=None) -> dict[str, torch.Tensor]:
         """The whole (unsharded) state dict; on rank 0 for sharded backends (a collective:

@@ -145,7 +145,8 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Rank 0 saved every GPU it saw; a resume on a smaller node sees fewer.
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def _seed_everything(seed: int) -> None:
@@ -305,11 +306,6 @@ class Trainer:
             lr=t.lr,
             betas=(t.adam_beta1, t.adam_beta2),
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lr_lambda(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps),
-        )
-        # The scheduler stays unwrapped: Accelerate would step it once per process.
         self.step_module, self.optimizer = self.runtime.prepare_training(
             self.step_module,
             optimizer,
@@ -321,7 +317,14 @@ class Trainer:
         self.runtime.register_external(
             self.runtime.unwrap(self.step_module), [head.weight, getattr(head, "bias", None)]
         )
-        self.scheduler = scheduler
+        # On the prepared optimizer, whose param_groups always resolve to those that step (a
+        # backend may swap the optimizer, e.g. DeepSpeedCPUAdam under ZeRO offload, whose
+        # load_state_dict installs new groups). The scheduler itself stays unwrapped:
+        # Accelerate would step it once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lr_lambda(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps),
+        )
         self.uses_teacher = (
             self.teacher is not None and self.runtime.unwrap(self.step_module).uses_teacher
         )

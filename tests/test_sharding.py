@@ -96,6 +96,10 @@ def test_unsupported_backends_stop_with_one_line(kind, fsdp2, needle):
         ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}, "'optimizer'"),
         ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, "'scheduler'"),
         ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, "bf16"),
+        (
+            {"zero_optimization": {"stage": 2}, "bf16": {"check_grad_overflow": False}},
+            "check_grad_overflow",
+        ),
     ],
 )
 def test_unsupported_deepspeed_configs_stop_with_one_line(config, needle):
@@ -540,3 +544,23 @@ def test_zero2_skips_nan_steps(tmp_path, teacher_dir, student_dir, prepared_dir)
     assert [r["step"] for r in steps if r["loss"] != r["loss"]] == [6]
     weights = load_file(tmp_path / "nan" / "final" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.slow
+@needs_torchrun
+@needs_deepspeed
+def test_zero3_cpt_loads_its_teacher_for_the_report(
+    tmp_path, teacher_dir, student_dir, prepared_dir
+):
+    """cpt trains without a teacher and loads one after the ZeRO-3 engine has partitioned the
+    student: the vocabulary check must read the head's full row count, not its empty shard."""
+    cfg_path = _config(
+        tmp_path / "c.yaml", tmp_path / "run", teacher_dir, student_dir, prepared_dir, 2, 2
+    )
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["distill"]["method"] = "cpt"
+    cfg["trainer"]["max_steps"] = 2
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    _torchrun(["distill", str(cfg_path)], _env(**_zero_env(3)))
+    ppl = json.loads((tmp_path / "run" / "teacher_ppl.json").read_text())["ppl"]
+    assert set(ppl) == {"val", "test"} and all(v > 1 for v in ppl["test"].values())

@@ -132,26 +132,30 @@ def _load_sharded(
     from ddk.logits import _ATTR, logit_transform
     from ddk.models import load_teacher
 
-    full, verdict = {}, None
+    full, verdict, failure = {}, None, None
     if runtime.is_main:
         try:
             whole = load_teacher(name, dtype=dtype, trust_remote_code=trust_remote_code)
             full = whole.state_dict()
             verdict = ("ok", logit_transform(whole))
             del whole
-        except DDKError as e:  # the other ranks wait for the broadcast: tell them, then stop
-            verdict = ("error", str(e))
+        except Exception as e:  # the other ranks wait for the broadcast: tell them, then stop
+            failure = e
+            verdict = ("error", str(e) if isinstance(e, DDKError) else first_line(e))
     verdict = runtime.broadcast_object(verdict)
+    if failure is not None and not isinstance(failure, DDKError):
+        raise failure
     if verdict[0] == "error":
-        raise DDKError(verdict[1])
+        raise DDKError(verdict[1] if runtime.is_main else f"rank 0: {verdict[1]}")
     device = runtime.device
     model = skeleton
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     _fully_shard(model, device, offload)
-    # One device for every local tensor while loading (shards and head alike).
-    model.to_empty(device=torch.device("cpu") if offload else device)
+    # One device for every local tensor while loading (shards, head and buffers alike).
+    load_device = torch.device("cpu") if offload else device
+    model.to_empty(device=load_device)
     for n, b in buffers.items():
-        _set_buffer(model, n, b)
+        _set_buffer(model, n, b.to(load_device))
     set_model_state_dict(
         model,
         full,
@@ -179,6 +183,9 @@ def load_placed_teacher(
     placement, why = choose_placement(
         requested, teacher_bytes=total, free_bytes=free, world_size=runtime.world_size
     )
+    # Rank 0 decides for all: free memory differs per GPU, and a split decision would leave
+    # the sharded ranks waiting in a broadcast the replicated ones never join.
+    placement, why = runtime.broadcast_object((placement, why))
     if placement == "replicated":
         del skeleton
         model = load_teacher(name, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
