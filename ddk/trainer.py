@@ -905,11 +905,12 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> Path 
         for warning in check_resume(run_dir, cfg, override_keys, checkpoint):
             if _is_rank0():
                 print(warning)
-        print(
-            f"resuming from {checkpoint}"
-            if checkpoint
-            else f"no checkpoint yet: restarting {run_dir}"
-        )
+        if _is_rank0():
+            print(
+                f"resuming from {checkpoint}"
+                if checkpoint
+                else f"no checkpoint yet: restarting {run_dir}"
+            )
         trainer = Trainer(cfg, run_dir, resume_from=checkpoint)
         if trainer.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)

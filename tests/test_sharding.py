@@ -432,7 +432,7 @@ def test_zero3_resume_after_a_kill_is_exact(tmp_path, zero3_run):
     done = _torchrun(["distill", "--resume", str(killed)], _env(**_zero_env(3)))
     out = done.stdout + done.stderr
     assert "step-00000008' is unusable" in out and out.count("is unusable") == 1
-    assert "resuming from" in out and "step-00000004" in out
+    assert out.count("resuming from") == 1 and "step-00000004" in out
     _assert_same_run(run, killed, rel=1e-6)
     # A DeepSpeed checkpoint is not resumed under another backend: one line, nothing written.
     before = sorted(p.name for p in (killed / "checkpoints").iterdir())
@@ -564,3 +564,53 @@ def test_zero3_cpt_loads_its_teacher_for_the_report(
     _torchrun(["distill", str(cfg_path)], _env(**_zero_env(3)))
     ppl = json.loads((tmp_path / "run" / "teacher_ppl.json").read_text())["ppl"]
     assert set(ppl) == {"val", "test"} and all(v > 1 for v in ppl["test"].values())
+
+
+OPTIMIZER_SCRIPT = """
+import sys
+from ddk import cli
+from ddk.trainer import Trainer
+
+original = Trainer._setup_optimizer
+
+
+def setup(self):
+    original(self)
+    if self.is_main:  # Accelerate swaps AdamW for DeepSpeedCPUAdam under optimizer offload
+        print("stepping optimizer:", type(self.optimizer.optimizer.optimizer).__name__)
+
+
+Trainer._setup_optimizer = setup
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@needs_torchrun
+@needs_deepspeed
+def test_zero2_optimizer_offload_resumes_exactly(tmp_path, teacher_dir, student_dir, prepared_dir):
+    """Under optimizer offload the optimizer that steps is DeepSpeedCPUAdam, whose
+    load_state_dict installs new parameter groups on resume: the learning-rate schedule must
+    keep driving those (it froze when it drove the original AdamW's groups)."""
+    script = tmp_path / "run.py"
+    script.write_text(OPTIMIZER_SCRIPT)
+    env = _env(**_zero_env(2), ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE="cpu")
+    cfg = _config(
+        tmp_path / "c.yaml", tmp_path / "whole", teacher_dir, student_dir, prepared_dir, 2, 2
+    )
+
+    def launch(*args):
+        done = subprocess.run(
+            [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    assert "stepping optimizer: DeepSpeedCPUAdam" in launch("distill", str(cfg))
+    killed = _killed_copy(tmp_path / "whole", tmp_path / "killed", drop_after=4)
+    launch("distill", "--resume", str(killed))
+    _assert_same_run(tmp_path / "whole", killed, rel=1e-6)
