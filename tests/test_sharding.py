@@ -158,14 +158,12 @@ def _env(**extra):
     return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **extra}
 
 
-def _torchrun(args, env, processes=2):
+def _torchrun(args, env, processes=2, program=("-m", "ddk.cli")):
+    """`ddk` (or a script wrapping it) on `processes` real processes; must exit 0."""
     # --standalone: a rendezvous on a free port, so back-to-back launches never collide
+    launcher = [TORCHRUN, "--standalone", "--nproc_per_node", str(processes)]
     done = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node", str(processes), "-m", "ddk.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*launcher, *program, *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -527,14 +525,8 @@ def test_zero2_skips_nan_steps(tmp_path, teacher_dir, student_dir, prepared_dir)
     cfg = _config(
         tmp_path / "nan.yaml", tmp_path / "nan", teacher_dir, student_dir, prepared_dir, 2, 2
     )
-    done = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), "distill", str(cfg)],
-        env=_env(**_zero_env(2), SKIPPED_STEPS_FILE=str(tmp_path / "skipped.txt")),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    env = _env(**_zero_env(2), SKIPPED_STEPS_FILE=str(tmp_path / "skipped.txt"))
+    _torchrun(["distill", str(cfg)], env, program=[str(script)])
     assert (tmp_path / "skipped.txt").read_text() == "unchanged=True\n" * 2
     records = read_metrics(tmp_path / "nan" / "metrics.jsonl")
     assert [r["step"] for r in records if r.get("event") == "skipped_step"] == [3, 6]
@@ -599,18 +591,8 @@ def test_zero2_optimizer_offload_resumes_exactly(tmp_path, teacher_dir, student_
         tmp_path / "c.yaml", tmp_path / "whole", teacher_dir, student_dir, prepared_dir, 2, 2
     )
 
-    def launch(*args):
-        done = subprocess.run(
-            [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout
-
-    assert "stepping optimizer: DeepSpeedCPUAdam" in launch("distill", str(cfg))
+    done = _torchrun(["distill", str(cfg)], env, program=[str(script)])
+    assert "stepping optimizer: DeepSpeedCPUAdam" in done.stdout
     killed = _killed_copy(tmp_path / "whole", tmp_path / "killed", drop_after=4)
-    launch("distill", "--resume", str(killed))
+    _torchrun(["distill", "--resume", str(killed)], env, program=[str(script)])
     _assert_same_run(tmp_path / "whole", killed, rel=1e-6)
