@@ -23,15 +23,6 @@ from ddk.teacher.signals import DenseSignal
 ALL = [*sorted(DIVERGENCES), "none"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass
 class Batch:
     hidden: torch.Tensor

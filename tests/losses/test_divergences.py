@@ -23,15 +23,6 @@ from ddk.losses.divergences import (
 NAMES = sorted(DIVERGENCES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def logits() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)

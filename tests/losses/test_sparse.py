@@ -12,14 +12,6 @@ from ddk.teacher.signals import DenseSignal, SparseSignal
 V = 23
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(n=13, h=8, ht=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g, dtype=torch.float64).requires_grad_(True)
