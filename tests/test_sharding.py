@@ -1,4 +1,4 @@
-"""FSDP2 and DeepSpeed ZeRO-2/3 through Accelerate on CPU (gloo, 2 real processes, tiny real
+"""DDP, FSDP2 and DeepSpeed ZeRO-2/3 through Accelerate on CPU (gloo, 2 real processes, tiny real
 models): the same run as one process, sharded checkpoints that resume exactly (and fall back
 past a corrupt one), and a sharded teacher that scores like a replicated one. Plus the
 placement choice and the start-up refusals."""
@@ -211,6 +211,20 @@ def one_process_run(tmp_path_factory, teacher_dir, student_dir, prepared_dir):
         capture_output=True,
     )
     return root / "one"
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_ddp_two_processes_match_one(
+    tmp_path, one_process_run, teacher_dir, student_dir, prepared_dir
+):
+    """torch.distributed with gloo through Accelerate's DDP: each rank takes its slice of
+    every step; the run equals the one-process run with the same global batch."""
+    cfg = _config(
+        tmp_path / "two.yaml", tmp_path / "two", teacher_dir, student_dir, prepared_dir, 2, 2
+    )
+    _torchrun(["distill", str(cfg)], _env())
+    _assert_same_run(one_process_run, tmp_path / "two")
 
 
 @pytest.mark.slow
