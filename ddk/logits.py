@@ -120,3 +120,9 @@ def logit_transform(model, name: str | None = None) -> LogitTransform | None:
     if _ATTR not in model.__dict__:
         model.__dict__[_ATTR] = probe_logit_transform(model, name)
     return model.__dict__[_ATTR]
+
+
+def remember_logit_transform(model, transform: LogitTransform | None) -> None:
+    """A verdict probed on another copy of the same model (rank 0's whole teacher), for a
+    copy that cannot run the probe itself (a sharded one, before its first collective)."""
+    model.__dict__[_ATTR] = transform

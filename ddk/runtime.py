@@ -191,9 +191,6 @@ class Runtime:
             self.accelerator.gradient_accumulation_steps = grad_accum_steps
         return self.accelerator.prepare(module, optimizer)
 
-    def prepare(self, *objects):
-        return self.accelerator.prepare(*objects)
-
     @property
     def _engine(self):
         return self.accelerator.deepspeed_engine_wrapped.engine
@@ -282,13 +279,12 @@ class Runtime:
     def load_states(self, folder, module, optimizer) -> None:
         from ddk.checkpoint import load_deepspeed_states, load_sharded_states
 
-        load = load_deepspeed_states if self.backend == "deepspeed" else load_sharded_states
-        args = (
-            (folder, self._engine) if self.backend == "deepspeed" else (folder, module, optimizer)
-        )
         problem = None
         try:
-            load(*args)
+            if self.backend == "deepspeed":
+                load_deepspeed_states(folder, self._engine)
+            else:
+                load_sharded_states(folder, module, optimizer)
         except DDKError as e:
             problem = str(e)
         # A rank that failed alone must not leave the others waiting in the next collective.

@@ -129,7 +129,7 @@ def _load_sharded(
     the whole head) by broadcast. Host memory holds one whole teacher per launch."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from ddk.logits import _ATTR, logit_transform
+    from ddk.logits import logit_transform, remember_logit_transform
     from ddk.models import load_teacher
 
     full, verdict, failure = {}, None, None
@@ -164,7 +164,7 @@ def _load_sharded(
     del full
     model.tie_weights()  # to_empty may have given tied parameters separate storage
     _to_compute_device(model, device)
-    model.__dict__[_ATTR] = verdict[1]  # rank 0 probed the whole model
+    remember_logit_transform(model, verdict[1])
     return model
 
 
