@@ -18,6 +18,15 @@ import os
 
 import torch
 
+from ddk.checkpoint import (
+    DEEPSPEED,
+    SHARDED,
+    deepspeed_fp32_state_dict,
+    load_deepspeed_states,
+    load_sharded_states,
+    save_deepspeed_states,
+    save_sharded_states,
+)
 from ddk.errors import DDKError
 
 SUPPORTED = ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED")
@@ -265,20 +274,16 @@ class Runtime:
     @property
     def states_dirname(self) -> str | None:
         """The folder inside a checkpoint that holds sharded model and optimizer states."""
-        return {"fsdp2": "sharded", "deepspeed": "deepspeed"}.get(self.backend)
+        return {"fsdp2": SHARDED, "deepspeed": DEEPSPEED}.get(self.backend)
 
     def save_states(self, folder, module, optimizer) -> None:
         """Every rank writes its shard of the model and optimizer states (a collective)."""
-        from ddk.checkpoint import save_deepspeed_states, save_sharded_states
-
         if self.backend == "deepspeed":
             save_deepspeed_states(folder, self._engine)
         else:
             save_sharded_states(folder, module, optimizer)
 
     def load_states(self, folder, module, optimizer) -> None:
-        from ddk.checkpoint import load_deepspeed_states, load_sharded_states
-
         problem = None
         try:
             if self.backend == "deepspeed":
@@ -297,9 +302,7 @@ class Runtime:
         every rank must call it). DeepSpeed: read on rank 0 from `saved`, the checkpoint
         just written, whose optimizer holds the fp32 master weights (the module may be bf16)."""
         if self.backend == "deepspeed":
-            from ddk.checkpoint import deepspeed_fp32_state_dict
-
-            full = deepspeed_fp32_state_dict(saved / "deepspeed") if self.is_main else {}
+            full = deepspeed_fp32_state_dict(saved / self.states_dirname) if self.is_main else {}
             self.barrier()
             return full
         return self.accelerator.get_state_dict(module)
