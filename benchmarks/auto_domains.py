@@ -30,7 +30,7 @@ from pathlib import Path
 from ddk.config import PrepareSection
 from ddk.data.prepare import prepare
 from ddk.demo.corpus import build_demo_corpus
-from ddk.demo.run import FULL, QUICK, _distill
+from ddk.demo.run import FULL, QUICK, distill_stage
 from ddk.table import format_table
 
 
@@ -151,7 +151,7 @@ def main() -> None:
     per_seed: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in runs}
     for s in args.train_seeds:  # the trainer's seed; corpus and models stay those of --seed
         for label, method, data, folder in runs:
-            run = _distill(
+            run = distill_stage(
                 method, teacher, student, data, out / f"seed{s}" / folder, size, steps, s, configs
             )
             per_seed[label].append(_ppl(run / "final", labelled))

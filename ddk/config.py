@@ -13,9 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A problem a user can fix in the configuration; the message names the YAML path."""
+from ddk.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -47,8 +45,10 @@ class PrepareSection(_Section):
     tokenizer: str | None = Field(
         None, description="Tokenizer (hub id or dir); default: model.student."
     )
-    text_field: str = "text"
-    domain_field: str = "domain"
+    text_field: str = Field("text", description="Record field holding a document's text.")
+    domain_field: str = Field(
+        "domain", description="Record field naming its domain (one file or dataset of all)."
+    )
     seq_len: StrictInt = Field(
         2048, ge=8, description="Tokens per training/validation sequence (choice)."
     )
@@ -94,8 +94,10 @@ class PrepareSection(_Section):
         "model trained on this data can be scored on that folder's domains.",
     )
     batch_docs: StrictInt = Field(1000, ge=1, description="Documents per tokenizer batch.")
-    seed: StrictInt = 0
-    overwrite: bool = False
+    seed: StrictInt = Field(0, description="Seed of the held-out split and clustering sample.")
+    overwrite: bool = Field(
+        False, description="Replace an output folder that ddk prepared (never other files)."
+    )
 
 
 class DataSection(_Section):

@@ -1,7 +1,8 @@
 """The methods ddk runs, in one table: how each sets its domain weights and what it needs.
 
-The config's allowed values, `domains.next_weights`, the trainer and preflight all read this
-table, so "does this method need a teacher" is answered in one place.
+The config's allowed values, `domains.next_weights`, the trainer, the loss and preflight all
+read this module, so "does this method (and this run) need a teacher" is answered in one place:
+`MethodSpec.trains_with_teacher` for a run's settings, `divergence_active` for the loss.
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 Weights = Literal["eq1_then_eq2", "eq1_every_interval", "fixed", "uniform"]
+
+
+def divergence_active(divergence: str, gamma: float) -> bool:
+    """Whether the loss has a γ·divergence term at all: without one, no step needs the
+    teacher's signal (and the loss never computes teacher logits)."""
+    return divergence != "none" and gamma != 0
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,15 @@ class MethodSpec:
     @property
     def needs_teacher(self) -> bool:
         return self.teacher_for_training or self.teacher_for_weights
+
+    def loss_divergence(self, divergence: str) -> str:
+        """The divergence the loss uses for this method: "none" for CE-only methods."""
+        return divergence if self.uses_divergence else "none"
+
+    def trains_with_teacher(self, distill) -> bool:
+        """Whether a run with these `distill` settings needs the teacher's signal at each step
+        (`distill.gamma` = 0 or `distill.divergence: none` turn the term off)."""
+        return divergence_active(self.loss_divergence(distill.divergence), distill.gamma)
 
     @property
     def fixed_mixture(self) -> bool:

@@ -1,15 +1,176 @@
-"""metrics.jsonl (one JSON record per line) and, optionally, TensorBoard scalars."""
+"""metrics.jsonl: typed records, one JSON object per line, and, optionally, TensorBoard scalars.
+
+The trainer writes the records below and `ddk report` reads them back through `parse_record`,
+so both sides share one definition of every field:
+
+    StepRecord    a training-step log (every trainer.log_every steps; no "event" key)
+    EvalRecord    "domain_update" (each interval's evaluation, weights and plan) or
+                  "final_eval" (the held-out test split at the end), per domain a DomainStats
+    SkippedStep   "skipped_step": a step whose loss or gradient was NaN/inf
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from ddk.ranks import print0
 
 # Event names of metrics.jsonl records (training-step records carry no "event").
 DOMAIN_UPDATE = "domain_update"
 FINAL_EVAL = "final_eval"
 SKIPPED_STEP = "skipped_step"
 EVAL_EVENTS = (DOMAIN_UPDATE, FINAL_EVAL)
+
+
+def _num(value) -> float | None:
+    """A JSON number as float (None for anything else: a bool, a string, a missing key)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _int(value) -> int | None:
+    number = _num(value)
+    return int(number) if number is not None else None
+
+
+@dataclass
+class DomainStats:
+    """One domain of an evaluation record."""
+
+    student_ppl: float | None
+    teacher_ppl: float | None = None  # None: the run has no teacher
+    ratio: float | None = None  # student_ppl / teacher_ppl
+    weight: float | None = None  # the sampling weight r of the interval that starts here
+    rows: int | None = None  # domain_update: sequences planned for the interval
+    epochs: int | None = None  # domain_update: passes through its training data so far
+    student_before_ppl: float | None = None  # final_eval: the student before training
+
+    @classmethod
+    def from_json(cls, raw: dict) -> DomainStats:
+        floats = {f.name: _num(raw.get(f.name)) for f in fields(cls)}
+        return cls(**{**floats, "rows": _int(raw.get("rows")), "epochs": _int(raw.get("epochs"))})
+
+    def best_ratio(self) -> float | None:
+        """The logged ratio, or student/teacher when only the perplexities were logged."""
+        if self.ratio is not None:
+            return self.ratio
+        s, t = self.student_ppl, self.teacher_ppl
+        return s / t if s is not None and t is not None and t > 0 else None
+
+
+# Which optional DomainStats fields each evaluation event writes.
+_DOMAIN_FIELDS = ("student_ppl", "teacher_ppl", "ratio", "weight")
+_EVENT_FIELDS = {DOMAIN_UPDATE: ("rows", "epochs"), FINAL_EVAL: ("student_before_ppl",)}
+
+
+@dataclass
+class EvalRecord:
+    event: str  # DOMAIN_UPDATE or FINAL_EVAL
+    step: int
+    interval: int
+    domains: dict[str, DomainStats]
+    eval_seconds: float | None = None  # domain_update: time the evaluation took
+    split: str | None = None  # final_eval: the held-out split of the numbers
+
+    def to_json(self) -> dict:
+        keep = _DOMAIN_FIELDS + _EVENT_FIELDS[self.event]
+        out = {
+            "event": self.event,
+            "step": self.step,
+            "interval": self.interval,
+            "domains": {n: {k: getattr(d, k) for k in keep} for n, d in self.domains.items()},
+        }
+        if self.event == DOMAIN_UPDATE:
+            out["eval_seconds"] = self.eval_seconds
+        else:
+            out["split"] = self.split
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict) -> EvalRecord:
+        domains = {
+            str(n): DomainStats.from_json(d)
+            for n, d in raw["domains"].items()
+            if isinstance(d, dict)
+        }
+        split = raw.get("split")
+        return cls(
+            event=raw["event"],
+            step=_int(raw.get("step")) or 0,
+            interval=_int(raw.get("interval")) or 0,
+            domains=domains,
+            eval_seconds=_num(raw.get("eval_seconds")),
+            split=split if isinstance(split, str) else None,
+        )
+
+
+@dataclass
+class StepRecord:
+    step: int
+    tokens: int
+    lr: float
+    loss: float | None  # per target token over the step's global batch
+    ce: float | None
+    kl: float | None  # the divergence term, unweighted
+    grad_norm: float | None
+    skipped: bool
+    tokens_per_s: float | None
+    bad_steps: int  # NaN/inf steps skipped so far
+    peak_mem_gib: float | None = None  # CUDA only: this rank's peak
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        if self.peak_mem_gib is None:
+            del out["peak_mem_gib"]
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict) -> StepRecord:
+        return cls(
+            step=_int(raw["step"]),
+            tokens=_int(raw.get("tokens")),
+            lr=_num(raw.get("lr")),
+            loss=_num(raw.get("loss")),
+            ce=_num(raw.get("ce")),
+            kl=_num(raw.get("kl")),
+            grad_norm=_num(raw.get("grad_norm")),
+            skipped=raw.get("skipped") is True,
+            tokens_per_s=_num(raw.get("tokens_per_s")),
+            bad_steps=_int(raw.get("bad_steps")),
+            peak_mem_gib=_num(raw.get("peak_mem_gib")),
+        )
+
+
+@dataclass
+class SkippedStep:
+    step: int
+    loss: float
+    grad_norm: float
+    in_a_row: int
+
+    def to_json(self) -> dict:
+        return {"event": SKIPPED_STEP, **asdict(self)}
+
+
+Record = StepRecord | EvalRecord | SkippedStep
+
+
+def parse_record(raw) -> Record | None:
+    """A metrics.jsonl line's record, read leniently (a missing or mistyped number is None);
+    None for what is not a record ddk writes."""
+    if not isinstance(raw, dict):
+        return None
+    event = raw.get("event")
+    if event in EVAL_EVENTS and isinstance(raw.get("domains"), dict):
+        return EvalRecord.from_json(raw)
+    if event is None and _num(raw.get("step")) is not None:
+        return StepRecord.from_json(raw)
+    if event == SKIPPED_STEP and _num(raw.get("step")) is not None:
+        return SkippedStep(_int(raw["step"]), _num(raw.get("loss")), _num(raw.get("grad_norm")), 0)
+    return None
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -21,6 +182,11 @@ def read_metrics(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
     return records
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """The typed records of a metrics.jsonl (lines ddk did not write are left out)."""
+    return [r for r in map(parse_record, read_metrics(path)) if r is not None]
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -50,32 +216,40 @@ class MetricsWriter:
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
         if enabled and "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("warning: report_to has tensorboard but it is not installed; skipping it")
-            else:
-                # purge_step drops points a crashed run logged past the resumed checkpoint.
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+            self._tb = _tensorboard(run_dir / "tensorboard", purge_step)
 
-    def write(self, record: dict) -> None:
+    def write(self, record: Record) -> None:
         if not self.enabled:
             return
+        line = record.to_json()
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(line) + "\n")
         if self._tb is not None:
-            step = record["step"]
-            if record.get("event") in EVAL_EVENTS:
-                for name, d in record["domains"].items():
-                    for key in ("student_ppl", "teacher_ppl", "weight", "ratio"):
-                        if d.get(key) is not None:
-                            self._tb.add_scalar(f"{key}/{name}", d[key], step)
-            else:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, int | float):
-                        self._tb.add_scalar(f"train/{key}", value, step)
+            self._scalars(line)
+
+    def _scalars(self, line: dict) -> None:
+        step = line["step"]
+        if line.get("event") in EVAL_EVENTS:
+            for name, d in line["domains"].items():
+                for key in ("student_ppl", "teacher_ppl", "weight", "ratio"):
+                    if d.get(key) is not None:
+                        self._tb.add_scalar(f"{key}/{name}", d[key], step)
+        else:
+            for key, value in line.items():
+                if key != "step" and isinstance(value, int | float):
+                    self._tb.add_scalar(f"train/{key}", value, step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _tensorboard(folder: Path, purge_step: int | None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional extra: tensorboard
+    except ImportError:
+        print0("warning: report_to has tensorboard but it is not installed; skipping it")
+        return None
+    # purge_step drops points a crashed run logged past the resumed checkpoint.
+    return SummaryWriter(str(folder), purge_step=purge_step)

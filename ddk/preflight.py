@@ -7,10 +7,21 @@ manifest, the model configs and tokenizers.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-from ddk.config import Config
+from pydantic import ValidationError
+from transformers import AutoConfig
+
+from ddk.config import Config, ConfigError, load_config, read_raw_config, validation_problems
+from ddk.data.manifest import read_manifest
+from ddk.data.vocab import same_vocabulary
 from ddk.errors import DDKError, first_line
+from ddk.identity import teacher_on_disk
+from ddk.methods import method_spec
+from ddk.models import check_tokenizers_match, load_tokenizer, resolve_local_path
+from ddk.ranks import print0
+from ddk.teacher.offline import cache_problems
 
 
 def _load_quietly(fn, *args, **kwargs):
@@ -21,10 +32,6 @@ def _load_quietly(fn, *args, **kwargs):
 
 
 def _model_config(name: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    from ddk.models import resolve_local_path
-
     path = resolve_local_path(name, "model")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -42,10 +49,6 @@ def preflight(cfg: Config) -> None:
 def load_checked_config(path, overrides: list[str]) -> Config:
     """load_config, but a schema error does not hide the data and model problems: the invalid
     keys fall back to their defaults, the rest is checked too, and one DDKError lists all."""
-    from pydantic import ValidationError
-
-    from ddk.config import ConfigError, load_config, read_raw_config
-
     try:
         return load_config(path, overrides)
     except ConfigError:
@@ -54,24 +57,18 @@ def load_checked_config(path, overrides: list[str]) -> Config:
             Config.model_validate(raw)
         except ValidationError as err:
             schema = schema_problems(err, str(path) if path else "config")
-            usable = _drop_invalid(raw)
+            usable = drop_invalid(raw)
             problems = schema + (preflight_problems(usable) if usable is not None else [])
             raise DDKError(f"{len(problems)} problem(s): " + "; ".join(problems)) from None
         raise
 
 
 def schema_problems(err, source: str) -> list[str]:
-    from ddk.config import validation_problems
-
     return [f"{source}: {problem}" for problem in validation_problems(err)]
 
 
-def _drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
+def drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
     """The config with every invalid key removed (so its default applies), or None."""
-    import copy
-
-    from pydantic import ValidationError
-
     data = copy.deepcopy(raw)
     for _ in range(rounds):
         try:
@@ -102,19 +99,8 @@ def _deepest_key(data: dict, loc: list[str]) -> tuple[str, ...]:
     return tuple(path)
 
 
-def _teacher_on_disk(cfg: Config) -> bool:
-    from ddk.teacher.cache import teacher_on_disk
-
-    return teacher_on_disk(cfg.model.teacher)
-
-
 def preflight_problems(cfg: Config) -> list[str]:
     """Every config/data/model problem found, each a short phrase naming its YAML path."""
-    from ddk.data.manifest import read_manifest
-    from ddk.data.vocab import same_vocabulary
-    from ddk.methods import method_spec
-    from ddk.models import check_tokenizers_match, load_tokenizer
-
     problems: list[str] = []
     method = cfg.distill.method
 
@@ -155,9 +141,9 @@ def preflight_problems(cfg: Config) -> list[str]:
     tokenizers, configs = {}, {}
     roles = [("student", cfg.model.student)]
     offline = cfg.teacher.mode == "offline"
-    if cfg.model.teacher and offline and method != "cpt" and not _teacher_on_disk(cfg):
+    if cfg.model.teacher and offline and method != "cpt" and not teacher_on_disk(cfg.model.teacher):
         # The cache stands in for the teacher, so the training machine need not hold it.
-        print(
+        print0(
             f"warning: teacher '{cfg.model.teacher}' is not on this machine; the offline cache "
             "is checked against its name only"
         )
@@ -180,7 +166,7 @@ def preflight_problems(cfg: Config) -> list[str]:
         elif role == "student":
             problems.append(f"model.student: {err}")
         else:
-            print(
+            print0(
                 f"warning: no tokenizer in teacher '{name}' ({err}); only its output size is checked"
             )
 
@@ -219,7 +205,5 @@ def preflight_problems(cfg: Config) -> list[str]:
         if err:
             problems.append(f"model.teacher: {err}")
     if offline and method != "cpt":
-        from ddk.teacher.cache import cache_problems
-
         problems.extend(cache_problems(cfg, manifest, domains))
     return problems

@@ -20,11 +20,23 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import yaml
+from matplotlib import colormaps
+from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on save
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from ddk.errors import DDKError
-from ddk.metrics import DOMAIN_UPDATE, EVAL_EVENTS, FINAL_EVAL, read_metrics
-from ddk.ownership import ownership_record
+from ddk.metrics import (
+    DOMAIN_UPDATE,
+    FINAL_EVAL,
+    DomainStats,
+    EvalRecord,
+    StepRecord,
+    read_records,
+)
+from ddk.ownership import is_owned, ownership_record, read_record
 from ddk.table import fmt_cell, format_table
 
 PLOTS = (
@@ -55,47 +67,44 @@ class _Run:
         self.max_steps = trainer.get("max_steps")
         self.label = self.method
 
-        records = read_metrics(path / "metrics.jsonl")
-        self.logs = sorted(
-            (r for r in records if "event" not in r and isinstance(r.get("step"), int | float)),
-            key=lambda r: r["step"],
+        records = read_records(path / "metrics.jsonl")
+        self.logs: list[StepRecord] = sorted(
+            (r for r in records if isinstance(r, StepRecord)), key=lambda r: r.step
         )
-        evals: dict[tuple[str, int], dict] = {}
+        evals: dict[tuple[str, int], EvalRecord] = {}
         for r in records:  # a resumed run may repeat a record; the later one wins
-            if r.get("event") in EVAL_EVENTS and isinstance(r.get("domains"), dict):
-                evals[(r["event"], r.get("step", 0))] = r
+            if isinstance(r, EvalRecord):
+                evals[(r.event, r.step)] = r
         # at equal steps a domain_update comes before the final_eval
-        self.evals = sorted(
-            evals.values(), key=lambda r: (r.get("step", 0), r["event"] == FINAL_EVAL)
+        self.evals: list[EvalRecord] = sorted(
+            evals.values(), key=lambda r: (r.step, r.event == FINAL_EVAL)
         )
         if not self.evals:
             raise DDKError(
                 f"'{path / 'metrics.jsonl'}' has no evaluation records (domain_update or "
                 "final_eval); the run stopped before its first evaluation"
             )
-        finals = [r for r in self.evals if r["event"] == FINAL_EVAL]
+        finals = [r for r in self.evals if r.event == FINAL_EVAL]
         self.has_final = bool(finals)
         self.final = finals[-1] if finals else self.evals[-1]
-        self.domains = list(dict.fromkeys(d for r in self.evals for d in r["domains"]))
+        self.domains = list(dict.fromkeys(d for r in self.evals for d in r.domains))
         # the final numbers' split ("test": held out; "val": what DDK steered by)
-        self.split = self.final.get("split", "val")
-        updates = [r for r in self.evals if r["event"] == DOMAIN_UPDATE]
+        self.split = self.final.split or "val"
+        updates = [r for r in self.evals if r.event == DOMAIN_UPDATE]
         self.epochs = {
-            d: e["epochs"]
-            for d, e in (updates[-1]["domains"].items() if updates else ())
-            if isinstance(e.get("epochs"), int)
+            d: e.epochs
+            for d, e in (updates[-1].domains.items() if updates else ())
+            if e.epochs is not None
         }
 
     @property
     def steps(self) -> int | None:
-        candidates = [r.get("step") for r in (self.final, *self.logs[-1:])]
-        candidates = [s for s in candidates if isinstance(s, int | float)]
-        return int(max(candidates)) if candidates else None
+        return max(r.step for r in (self.final, *self.logs[-1:]))
 
     @property
     def tokens(self) -> int | None:
-        tokens = [r["tokens"] for r in self.logs if isinstance(r.get("tokens"), int | float)]
-        return int(tokens[-1]) if tokens else None
+        tokens = [r.tokens for r in self.logs if r.tokens is not None]
+        return tokens[-1] if tokens else None
 
 
 def _read_config(path: Path) -> dict:
@@ -147,21 +156,6 @@ def _assign_labels(runs: list[_Run]) -> None:
 
 
 # ----------------------------------------------------------------------------- numbers
-def _num(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _ratio(entry: dict) -> float | None:
-    ratio = _num(entry.get("ratio"))
-    if ratio is None:
-        s, t = _num(entry.get("student_ppl")), _num(entry.get("teacher_ppl"))
-        if s is not None and t is not None and t > 0:
-            ratio = s / t
-    return ratio
-
-
 def _rank(ratio: float) -> float:
     """Sort key for ratios: NaN (a diverged domain) ranks as infinity, worse than any number."""
     return math.inf if ratio != ratio else ratio
@@ -176,75 +170,80 @@ def _geomean(values) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def _summarize(runs: list[_Run]) -> dict:
-    domains = list(dict.fromkeys(d for r in runs for d in r.domains))
-
+def _teacher_column(runs: list[_Run], domains: list[str]) -> tuple[dict, bool]:
+    """The teacher perplexity per domain, and whether the runs disagree on it (runs distilled
+    from different teachers: compare with care)."""
     teacher: dict[str, float | None] = {d: None for d in domains}
-    teacher_mismatch = False  # runs distilled from different teachers: compare with care
+    mismatch = False
     for r in runs:
         # the teacher of the reported numbers: the final evaluation's split, not the curves'
-        for rec in [r.final] if r.final.get("split") else r.evals:
-            for d, e in rec["domains"].items():
-                t = _num(e.get("teacher_ppl"))
+        for rec in [r.final] if r.final.split else r.evals:
+            for d, e in rec.domains.items():
+                t = e.teacher_ppl
                 if teacher.get(d) is None:
                     teacher[d] = t
                 elif t is not None and abs(t - teacher[d]) > 1e-3 * abs(teacher[d]):
-                    teacher_mismatch = True
+                    mismatch = True
+    return teacher, mismatch
 
-    # "before": the step-0 evaluation of the first run (or of the first run that has one)
+
+def _before_column(runs: list[_Run], domains: list[str]) -> tuple[dict, dict, str | None]:
+    """The student before training per domain (and its ratio): the step-0 evaluation of the
+    first run that has one, on the final evaluation's split when it was recorded there."""
     before: dict[str, float | None] = {d: None for d in domains}
-    before_ratio: dict[str, float] = {}
-    before_from = None
+    ratios: dict[str, float] = {}
     for r in runs:
-        if any(_num(e.get("student_before_ppl")) is not None for e in r.final["domains"].values()):
-            for d, e in r.final["domains"].items():  # step 0, on the final evaluation's split
-                before[d] = _num(e.get("student_before_ppl"))
-                t = _num(e.get("teacher_ppl"))
-                if before[d] is not None and t:
-                    before_ratio[d] = before[d] / t
-            before_from = r.label
-            break
-        start = [rec for rec in r.evals if rec["event"] == DOMAIN_UPDATE and rec["step"] == 0]
+        if any(e.student_before_ppl is not None for e in r.final.domains.values()):
+            for d, e in r.final.domains.items():  # step 0, on the final evaluation's split
+                before[d] = e.student_before_ppl
+                if before[d] is not None and e.teacher_ppl:
+                    ratios[d] = before[d] / e.teacher_ppl
+            return before, ratios, r.label
+        start = [rec for rec in r.evals if rec.event == DOMAIN_UPDATE and rec.step == 0]
         if start:
-            for d, e in start[0]["domains"].items():
-                before[d] = _num(e.get("student_ppl"))
-                ratio = _ratio(e)
+            for d, e in start[0].domains.items():
+                before[d] = e.student_ppl
+                ratio = e.best_ratio()
                 if ratio is not None and ratio == ratio:
-                    before_ratio[d] = ratio
-            before_from = r.label
-            break
+                    ratios[d] = ratio
+            return before, ratios, r.label
+    return before, ratios, None
+
+
+def _run_summary(r: _Run) -> dict:
+    ppl = {d: e.student_ppl for d, e in r.final.domains.items()}
+    ratio = {d: e.best_ratio() for d, e in r.final.domains.items()}
+    known = {d: v for d, v in ratio.items() if v is not None}
+    # a NaN ratio (the student diverged on that domain) counts as the worst of all
+    worst = max(known, key=lambda d: _rank(known[d])) if known else None
+    return {
+        "label": r.label,
+        "method": r.method,
+        "run_dir": str(r.path),
+        "K": r.K,
+        "alpha": r.alpha,
+        "gamma": r.gamma,
+        "steps": r.steps,
+        "tokens": r.tokens,
+        "final_step": r.final.step,
+        "has_final_eval": r.has_final,
+        "has_teacher": bool(known),
+        "ppl": ppl,
+        "ratio": ratio,
+        "worst_domain": worst,
+        "worst_ratio": known[worst] if worst is not None else None,
+        "geomean_ppl": _geomean(v for v in ppl.values() if v is not None),
+        "split": r.split,
+        "epochs": dict(r.epochs),
+    }
+
+
+def _summarize(runs: list[_Run]) -> dict:
+    domains = list(dict.fromkeys(d for r in runs for d in r.domains))
+    teacher, teacher_mismatch = _teacher_column(runs, domains)
+    before, before_ratio, before_from = _before_column(runs, domains)
     before_worst = max(before_ratio, key=before_ratio.get) if before_ratio else None
-
-    out_runs = []
-    for r in runs:
-        ppl = {d: _num(e.get("student_ppl")) for d, e in r.final["domains"].items()}
-        ratio = {d: _ratio(e) for d, e in r.final["domains"].items()}
-        known = {d: v for d, v in ratio.items() if v is not None}
-        # a NaN ratio (the student diverged on that domain) counts as the worst of all
-        worst = max(known, key=lambda d: _rank(known[d])) if known else None
-        out_runs.append(
-            {
-                "label": r.label,
-                "method": r.method,
-                "run_dir": str(r.path),
-                "K": r.K,
-                "alpha": r.alpha,
-                "gamma": r.gamma,
-                "steps": r.steps,
-                "tokens": r.tokens,
-                "final_step": r.final.get("step"),
-                "has_final_eval": r.has_final,
-                "has_teacher": bool(known),
-                "ppl": ppl,
-                "ratio": ratio,
-                "worst_domain": worst,
-                "worst_ratio": known[worst] if worst is not None else None,
-                "geomean_ppl": _geomean(v for v in ppl.values() if v is not None),
-                "split": r.split,
-                "epochs": dict(r.epochs),
-            }
-        )
-
+    out_runs = [_run_summary(r) for r in runs]
     judged = [r for r in out_runs if r["worst_ratio"] is not None]
     best = min(judged, key=lambda r: _rank(r["worst_ratio"]))["label"] if judged else None
     teacher_vals = [v for v in teacher.values() if v is not None]
@@ -518,8 +517,6 @@ def _html(summary: dict, out: Path) -> str:
 
 # ----------------------------------------------------------------------------- plots
 def _figure(nplots: int, width: float = 5.0, height: float = 3.6):
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on save
-
     ncols = min(nplots, 3)
     nrows = math.ceil(nplots / ncols)
     fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
@@ -534,8 +531,6 @@ def _finite(v) -> bool:
 
 
 def _domain_colors(domains: list[str]) -> dict[str, tuple]:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if len(domains) <= 10 else "tab20"]
     return {d: cmap(i % cmap.N) for i, d in enumerate(domains)}
 
@@ -546,8 +541,6 @@ def _wide_range(values, factor: float) -> bool:
 
 
 def _plot_perplexity(summary: dict, runs: list[_Run], path: Path) -> None:
-    import numpy as np
-
     domains = summary["domains"]
     series = []
     if any(v is not None for v in summary["teacher"].values()):
@@ -592,22 +585,18 @@ def _plot_perplexity(summary: dict, runs: list[_Run], path: Path) -> None:
 
 
 def _series_colors(n: int) -> list:
-    from matplotlib import colormaps
-
     cmap = colormaps["Set2" if n <= 8 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
 
 def _plot_ratios(summary: dict, runs: list[_Run], colors: dict, path: Path) -> None:
     fig, axes = _figure(len(runs))
-    all_ratios = [_ratio(e) for r in runs for rec in r.evals for e in rec["domains"].values()]
+    all_ratios = [e.best_ratio() for r in runs for rec in r.evals for e in rec.domains.values()]
     log = _wide_range(all_ratios + [1.0], 10)
     for ax, r in zip(axes, runs):
         drawn = False
         for d in r.domains:
-            pts = [
-                (rec["step"], _ratio(rec["domains"][d])) for rec in r.evals if d in rec["domains"]
-            ]
+            pts = [(rec.step, rec.domains[d].best_ratio()) for rec in r.evals if d in rec.domains]
             pts = [(s, v) for s, v in pts if _finite(v)]
             if pts:
                 xs, ys = zip(*pts)
@@ -621,7 +610,7 @@ def _plot_ratios(summary: dict, runs: list[_Run], colors: dict, path: Path) -> N
             if log:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-            steps = [rec["step"] for rec in r.evals]
+            steps = [rec.step for rec in r.evals]
             if len(set(steps)) == 1:  # one evaluation: a readable axis, not ±0.04 around it
                 ax.set_xlim(steps[0] - 1, max(steps[0] + 1, r.steps or 0))
         else:
@@ -637,9 +626,6 @@ def _plot_ratios(summary: dict, runs: list[_Run], colors: dict, path: Path) -> N
 
 def _domain_legend(fig, domains: list[str], colors: dict, kind: str) -> None:
     """One legend for all panels (a domain has the same colour everywhere), outside the axes."""
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
     if kind == "line":
         handles = [Line2D([], [], color=colors[d], marker="o", markersize=3) for d in domains]
     else:
@@ -650,10 +636,10 @@ def _domain_legend(fig, domains: list[str], colors: dict, kind: str) -> None:
 def _plot_weights(summary: dict, runs: list[_Run], colors: dict, path: Path) -> None:
     fig, axes = _figure(len(runs))
     for ax, r in zip(axes, runs):
-        steps = [rec["step"] for rec in r.evals]
+        steps = [rec.step for rec in r.evals]
         names, stacks = [], []
         for d in r.domains:
-            ws = [_num(rec["domains"].get(d, {}).get("weight")) for rec in r.evals]
+            ws = [rec.domains.get(d, DomainStats(None)).weight for rec in r.evals]
             if any(_finite(w) for w in ws):
                 names.append(d)
                 stacks.append([w if _finite(w) else 0.0 for w in ws])
@@ -687,7 +673,7 @@ def _plot_losses(summary: dict, runs: list[_Run], path: Path) -> None:
     ):
         drawn = False
         for r, c in zip(runs, colors):
-            pts = [(rec["step"], _num(rec.get(key))) for rec in r.logs]
+            pts = [(rec.step, getattr(rec, key)) for rec in r.logs]
             pts = [(s, v) for s, v in pts if _finite(v)]
             if pts:
                 xs, ys = zip(*pts)
@@ -748,8 +734,6 @@ REPORT_FILES = [
 def _check_report_folder(out: Path) -> None:
     """A report replaces only files a previous report wrote (listed in its record); the
     folder's other files stay as they are."""
-    from ddk.ownership import is_owned, read_record
-
     if out.exists() and not out.is_dir():
         raise DDKError(f"report folder '{out}' is a file; choose another --out")
     record_path = out / REPORT_RECORD

@@ -81,7 +81,7 @@ CORPUS_SIZES = {"code": 150, "prose": 220, "math": 400}
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """Teacher perplexities are cached under $XDG_CACHE_HOME (ddk.teacher_ppl): keep the tests'
+    """Teacher perplexities are cached under $XDG_CACHE_HOME (ddk.teacher.perplexity): keep the tests'
     out of the user's cache; subprocesses inherit the variable."""
     import os
 

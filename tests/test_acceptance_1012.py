@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ddk.commands.cache_teacher import build_cache
 from ddk.config import load_config
 from ddk.data.autodomains import cluster_name
 from ddk.errors import DDKError
 from ddk.lock import LOCK_NAME
 from ddk.preflight import preflight
-from ddk.teacher.cache import build_cache
+from ddk.teacher import cache_format
 
 
 def _cfg(teacher_dir, student_dir, prepared_dir, cache, *extra):
@@ -69,16 +70,14 @@ def test_cache_teacher_refuses_prepared_data_untouched(teacher_dir, student_dir,
 
 
 def test_cache_teacher_accepts_an_empty_folder_or_one_left_by_a_kill(tmp_path, prepared_dir):
-    from ddk.teacher.cache import _check_target
-
     empty = tmp_path / "empty"
     empty.mkdir()
-    _check_target(empty)
+    cache_format.check_target(empty)
     killed = tmp_path / "killed"  # killed between taking the lock and the first manifest
     killed.mkdir()
     (killed / LOCK_NAME).write_text("")
     (killed / "manifest.json.tmp").write_text("{")
-    _check_target(killed)
+    cache_format.check_target(killed)
 
 
 def test_offline_run_on_prepared_data_as_cache_says_so(
@@ -200,7 +199,6 @@ def test_sigterm_stops_cache_teacher_with_a_resume_hint(
     import signal
 
     from ddk.cli import main
-    from ddk.teacher import cache as cache_mod
 
     config = {
         "model": {"teacher": str(teacher_dir), "student": str(student_dir)},
@@ -208,7 +206,7 @@ def test_sigterm_stops_cache_teacher_with_a_resume_hint(
         "teacher": {"cache": str(tmp_path / "cache"), "cache_k": 4},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    original, written = cache_mod._write_shard, []
+    original, written = cache_format.write_shard, []
 
     def term_after_one(path, arrays):
         original(path, arrays)
@@ -216,13 +214,13 @@ def test_sigterm_stops_cache_teacher_with_a_resume_hint(
         if len(written) == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(cache_mod, "_write_shard", term_after_one)
+    monkeypatch.setattr(cache_format, "write_shard", term_after_one)  # the public seam
     before = signal.getsignal(signal.SIGTERM)
     assert main(["cache-teacher", str(tmp_path / "run.yaml")]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
     assert len(list((tmp_path / "cache").rglob("*.bin"))) == 1
-    monkeypatch.setattr(cache_mod, "_write_shard", original)
+    monkeypatch.setattr(cache_format, "write_shard", original)
     assert main(["cache-teacher", str(tmp_path / "run.yaml")]) == 0
 
 

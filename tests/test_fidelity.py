@@ -19,7 +19,8 @@ from ddk.evaluate import domain_perplexities
 from ddk.metrics import read_metrics
 from ddk.models import load_model
 from ddk.report import summarize_runs, write_report
-from ddk.trainer import DistillStep, Trainer, start_run
+from ddk.run_dir import start_run
+from ddk.trainer import DistillStep, Trainer
 from tests.test_trainer import make_config
 
 
@@ -195,7 +196,8 @@ def test_teacher_perplexities_computed_once_for_three_runs(
 
 # ----------------------------------------------------------------------------- tau_squared
 def test_tau_squared_scales_the_divergence(teacher_dir, student_dir, prepared_dir, tmp_path):
-    from ddk.teacher import Batch, OnlineTeacher
+    from ddk.teacher import Batch
+    from ddk.teacher.online import OnlineTeacher
 
     data = PreparedData(prepared_dir)
     student = load_model(str(student_dir), dtype=torch.float32, what="s")
@@ -238,7 +240,13 @@ def test_init_floor_run_is_labelled_and_floored(tmp_path, teacher_dir, student_d
 
 
 def test_cache_keys_follow_weights_dtype_and_data(tmp_path, teacher_dir, student_dir, prepared_dir):
-    from ddk.teacher_ppl import TeacherPPLCache, data_fingerprint, teacher_fingerprint
+    from ddk.identity import Strength
+    from ddk.identity import data_fingerprint as fingerprint
+    from ddk.identity import evaluated_teacher_fingerprint as teacher_fingerprint
+    from ddk.teacher.perplexity import HELDOUT, TeacherPPLCache
+
+    def data_fingerprint(folder):  # the perplexity cache's key: the held-out tokens
+        return fingerprint(folder, Strength.CONTENT, splits=HELDOUT)
 
     store = tmp_path / "store"
     fp = teacher_fingerprint(str(teacher_dir), "torch.float32", store)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from ddk.checkpoint import list_checkpoints
 from ddk.cli import main
 from ddk.metrics import read_metrics
-from ddk.trainer import DistillStep, Trainer, resume_run, start_run
+from ddk.run_dir import resume_run, start_run
+from ddk.trainer import DistillStep, Trainer
 
 BASE = {
     "trainer.max_steps": 40,

@@ -467,7 +467,7 @@ def test_trust_remote_code_run_resumes_only_when_asked_again(world, capsys):
 
 def test_protected_differences_match_a_naive_walk():
     from ddk.config import Config
-    from ddk.resume import SETTABLE_ON_RESUME, protected_differences
+    from ddk.run_dir import SETTABLE_ON_RESUME, protected_differences
 
     base = Config().model_dump(mode="json")
     changed = Config().model_dump(mode="json")
@@ -502,7 +502,7 @@ def test_protected_differences_match_a_naive_walk():
 
 
 def test_invalid_keys_fall_back_to_defaults_and_the_rest_is_kept():
-    from ddk.preflight import _drop_invalid
+    from ddk.preflight import drop_invalid
 
     raw = {
         "data": {"prepared": "x", "domains": ["a", 5]},  # a bad list item drops the list
@@ -510,7 +510,7 @@ def test_invalid_keys_fall_back_to_defaults_and_the_rest_is_kept():
         "distill": {"mixture": {"a": "zz"}, "K": 0, "alpha": 0.25},
         "bogus": {},
     }
-    cfg = _drop_invalid(raw)
+    cfg = drop_invalid(raw)
     assert cfg.data.prepared == "x" and cfg.data.domains is None
     assert (cfg.trainer.micro_batch_size, cfg.trainer.min_lr, cfg.trainer.seed) == (4, 3e-6, 7)
     assert (cfg.distill.mixture, cfg.distill.K, cfg.distill.alpha) == ("natural", 1000, 0.25)

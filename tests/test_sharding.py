@@ -575,18 +575,19 @@ def test_zero3_cpt_loads_its_teacher_for_the_report(
 OPTIMIZER_SCRIPT = """
 import sys
 from ddk import cli
-from ddk.trainer import Trainer
+from ddk.runtime import Runtime
 
-original = Trainer._setup_optimizer
+original = Runtime.prepare_training
 
 
-def setup(self):
-    original(self)
+def prepare_training(self, module, optimizer, **kwargs):
+    module, optimizer = original(self, module, optimizer, **kwargs)
     if self.is_main:  # Accelerate swaps AdamW for DeepSpeedCPUAdam under optimizer offload
-        print("stepping optimizer:", type(self.optimizer.optimizer.optimizer).__name__)
+        print("stepping optimizer:", type(optimizer.optimizer.optimizer).__name__)
+    return module, optimizer
 
 
-Trainer._setup_optimizer = setup
+Runtime.prepare_training = prepare_training
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -11,15 +11,16 @@ import torch
 from safetensors.torch import load_file
 
 from ddk.cli import main
+from ddk.commands.cache_teacher import build_cache
 from ddk.config import load_config
 from ddk.data.dataset import PreparedData
-from ddk.losses.sparse import sparse_from_logits
+from ddk.logits import hidden_and_head
 from ddk.metrics import read_metrics
-from ddk.models import hidden_and_head, load_teacher
-from ddk.teacher import Batch
-from ddk.teacher import cache as cache_mod
-from ddk.teacher.cache import OfflineTeacher, build_cache, read_cache_manifest
-from ddk.trainer import resume_run, start_run
+from ddk.models import load_teacher
+from ddk.run_dir import resume_run, start_run
+from ddk.teacher import Batch, cache_format, sparse_from_logits
+from ddk.teacher.cache_format import read_cache_manifest
+from ddk.teacher.offline import OfflineTeacher
 
 K = 8
 RUN = [
@@ -85,7 +86,7 @@ def test_round_trip_equals_fresh_teacher(cache_dir, teacher_dir, prepared_dir):
     data = PreparedData(prepared_dir)
     teacher = OfflineTeacher(cache_dir, data.names, torch.device("cpu"))
     model = load_teacher(str(teacher_dir), dtype=torch.float32)
-    rows = np.array([[0, 0], [2, 5], [1, cache_mod.SHARD_SEQUENCES + 1], [0, 3]])
+    rows = np.array([[0, 0], [2, 5], [1, cache_format.SHARD_SEQUENCES + 1], [0, 3]])
     rows[2, 1] = min(rows[2, 1], data.domains[data.names[1]].num_train_sequences - 1)
     seqs = torch.cat(
         [data.domains[data.names[d]].sequences("train", [i]) for d, i in rows.tolist()]
@@ -117,7 +118,7 @@ def test_interrupted_cache_resumes_to_same_bytes(
 ):
     folder = tmp_path / "c"
     cfg = config(teacher_dir, student_dir, prepared_dir, folder)
-    original, written = cache_mod._write_shard, []
+    original, written = cache_format.write_shard, []
 
     def die_after_two(path, arrays):
         if len(written) == 2:
@@ -126,12 +127,10 @@ def test_interrupted_cache_resumes_to_same_bytes(
         original(path, arrays)
         written.append(path)
 
-    monkeypatch.setattr(cache_mod, "_write_shard", die_after_two)
     with pytest.raises(RuntimeError, match="killed"):
-        build_cache(cfg, progress=False)
+        build_cache(cfg, progress=False, write_shard=die_after_two)
     assert not read_cache_manifest(folder)["complete"]
     assert len(list(folder.rglob("*.bin"))) == 2
-    monkeypatch.setattr(cache_mod, "_write_shard", original)
     build_cache(cfg, progress=False)
     assert tree(folder) == tree(cache_dir)
 

@@ -13,7 +13,8 @@ from ddk.config import load_config
 from ddk.domains import initial_weights
 from ddk.errors import DDKError
 from ddk.metrics import read_metrics
-from ddk.trainer import Trainer, resume_run, start_run
+from ddk.run_dir import resume_run, start_run
+from ddk.trainer import Trainer
 
 
 def make_config(run_dir, teacher_dir, student_dir, prepared_dir, **overrides):
@@ -174,12 +175,11 @@ def test_grad_accumulation_split_gives_same_gradients(
             },
         )
         trainer = Trainer(cfg, tmp_path / f"r{micro}")
-        trainer.teacher_ppl = trainer.teacher_perplexities()
-        trainer.update_domain_weights()
+        trainer.begin_interval()
         captured = {}
 
         def capture(*a, _t=trainer, _c=captured, **k):
-            _c.update({n: p.grad.clone() for n, p in _t._unwrapped_student().named_parameters()})
+            _c.update({n: p.grad.clone() for n, p in _t.student.named_parameters()})
 
         trainer.optimizer.step = capture
         logs = trainer.train_step()
@@ -232,7 +232,7 @@ def test_student_trains_in_train_mode(
     original = Trainer.train_step
 
     def record_mode(self, *args, **kwargs):
-        seen.append(self._unwrapped_student().training)
+        seen.append(self.student.training)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", record_mode)

@@ -16,7 +16,6 @@ no single long document fills a held-out set; training drops exact duplicates of
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import shutil
@@ -47,6 +46,7 @@ from ddk.data.sources import Corpus, discover, iter_documents
 from ddk.data.split import TRAIN, choose_heldout
 from ddk.data.vocab import same_vocabulary, token_dtype, vocab_hash
 from ddk.errors import DDKError
+from ddk.fileutil import disk_full, human_bytes, publish_dir
 from ddk.lock import FolderLock
 from ddk.ownership import check_replaceable, read_record
 from ddk.table import format_table
@@ -176,23 +176,6 @@ def _make_parent(out: Path) -> None:
         )
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _is_disk_full(e: BaseException) -> bool:
-    if not isinstance(e, OSError):
-        return False
-    # ndarray.tofile/np.save report a short write without an errno
-    return e.errno in (errno.ENOSPC, errno.EDQUOT) or (
-        e.errno is None and "requested and" in str(e) and "written" in str(e)
-    )
-
-
 def _disk_full(out: Path, corpus: Corpus, dtype: np.dtype) -> DDKError:
     read = sum(f.size for f in corpus.files)
     # At most one token per input byte (byte-level BPE), stored twice at the peak: the
@@ -200,8 +183,9 @@ def _disk_full(out: Path, corpus: Corpus, dtype: np.dtype) -> DDKError:
     need = 2 * read * dtype.itemsize
     free = shutil.disk_usage(out.parent).free
     return DDKError(
-        f"disk full while writing output '{out}': preparing {_human(read)} of input needs up to "
-        f"{_human(need)} free, {_human(free)} is free; free space or choose another output folder"
+        f"disk full while writing output '{out}': preparing {human_bytes(read)} of input needs "
+        f"up to {human_bytes(need)} free, {human_bytes(free)} is free; free space or choose "
+        "another output folder"
     )
 
 
@@ -439,10 +423,10 @@ def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progres
         typed = Manifest.model_validate(manifest)
         write_manifest(tmp, typed)  # also records what `--overwrite` may later replace
         manifest = typed.model_dump(mode="json")
-        _publish(tmp, out)
+        publish_dir(tmp, out, aside=out.parent / f".{out.name}.old-{os.getpid()}")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(e):
+        if disk_full(e):
             raise _disk_full(out, corpus, dtype) from None
         raise
     if progress:
@@ -460,17 +444,6 @@ def bos_token(tokenizer, add_bos: bool | None, name: str) -> int | None:
     if add_bos and bos is None:
         raise DDKError(f"prepare.add_bos is true but tokenizer '{name}' has no BOS token")
     return bos if add_bos else None
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Swap the finished folder into place; the old one is removed only after the rename."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, docs=None, bos=None):

@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from ddk.config import Config, PrepareSection, load_config
+from ddk.data.prepare import prepare
+from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
+from ddk.demo.corpus import build_demo_corpus
 from ddk.errors import DDKError
+from ddk.lock import FolderLock
+from ddk.methods import METHODS
+from ddk.ownership import check_replaceable, list_files, ownership_record, read_record
+from ddk.report import summarize_runs, write_report
+from ddk.run_dir import start_run
 from ddk.table import format_table
 
 
@@ -111,8 +122,6 @@ def _pretrain(
     name: str,
 ) -> Path:
     """Pre-train with the `cpt` method (CE only): the same trainer a user's run takes."""
-    from ddk.trainer import start_run
-
     overrides = [
         f"model.student={base_model}",
         f"data.prepared={data}",
@@ -128,10 +137,6 @@ def _pretrain(
 
 def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, configs: Path, t0):
     """Tokenizer, teacher and student base: built once, cached, reused by later runs."""
-    from transformers import AutoTokenizer
-
-    from ddk.demo.build import tiny_causal_lm
-
     tok_dir = cache / "tokenizer"
     teacher = cache / "teacher" / "final"
     student = cache / "student" / "final"
@@ -151,18 +156,12 @@ def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, co
         _stage(f"pre-training the {name} ({n_params / 1e6:.2f}M parameters, {steps} steps)", t0)
         run_dir = cache / name
         if run_dir.exists():
-            import shutil
-
             shutil.rmtree(run_dir)
         _pretrain(init, data, run_dir, size, steps, mix, lr, seed, configs, f"pretrain_{name}")
     return tok_dir, teacher, student
 
 
 def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Path, t0):
-    from ddk.data.prepare import prepare
-    from ddk.demo.build import train_bpe_tokenizer
-    from ddk.demo.corpus import build_demo_corpus
-
     corpus = out / "corpus"
     stats = build_demo_corpus(corpus, scale=size.scale, seed=seed)
     sizes = ", ".join(f"{d} {s['bytes'] / 1e6:.2f} MB" for d, s in stats.items())
@@ -193,7 +192,7 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
     return corpus, out / "prepared"
 
 
-def _distill(
+def distill_stage(
     method: str,
     teacher: Path,
     student: Path,
@@ -204,12 +203,8 @@ def _distill(
     seed: int,
     configs: Path,
 ) -> Path:
-    from ddk.trainer import start_run
-
     run_dir = out / "runs" / method
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     base, variant = split_variant(method)
     overrides = [
@@ -233,8 +228,6 @@ VARIANTS = {"": "the method as configured", "floor": "distill.init_floor=true (d
 
 def split_variant(label: str) -> tuple[str, str]:
     """'ddk+floor' -> ('ddk', 'floor'): a method plus an opt-in variant, as the report labels it."""
-    from ddk.methods import METHODS
-
     base, _, variant = label.partition("+")
     if base not in METHODS or variant not in VARIANTS or (variant and base != "ddk"):
         raise DDKError(
@@ -286,8 +279,6 @@ def run_demo(args) -> dict:
     t0 = time.perf_counter()
     out = Path(args.out).expanduser()
     replacing = check_demo_folder(out)
-    from ddk.lock import FolderLock
-
     with FolderLock(out, "use another --out"):
         try:
             if replacing:
@@ -303,8 +294,6 @@ DEMO_RECORD = ".ddk-demo.json"
 def check_demo_folder(out: Path) -> bool:
     """Refuse (one line) unless OUT is new, empty, or holds only what a previous demo wrote;
     True when there is a previous demo to replace."""
-    from ddk.ownership import check_replaceable, list_files, read_record
-
     record = read_record(out / DEMO_RECORD)
     check_replaceable(out, record, "demo", f"demo folder '{out}'")
     return out.is_dir() and bool(list_files(out))
@@ -312,10 +301,6 @@ def check_demo_folder(out: Path) -> bool:
 
 def write_demo_record(out: Path) -> None:
     """Everything under OUT is the demo's (check_demo_folder made sure), interrupted or not."""
-    import json
-
-    from ddk.ownership import list_files, ownership_record
-
     if out.is_dir():
         files = sorted(set(list_files(out)) | {DEMO_RECORD})
         (out / DEMO_RECORD).write_text(json.dumps(ownership_record("demo", files), indent=2))
@@ -346,9 +331,9 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
     runs = []
     for i, method in enumerate(methods, 1):
         _stage(f"distilling with {method} ({i}/{len(methods)}, {steps} steps)", t0)
-        runs.append(_distill(method, teacher, student, data, out, size, steps, args.seed, configs))
-
-    from ddk.report import summarize_runs, write_report
+        runs.append(
+            distill_stage(method, teacher, student, data, out, size, steps, args.seed, configs)
+        )
 
     summary = summarize_runs(runs)
     table = demo_table(summary)

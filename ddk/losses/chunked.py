@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from ddk.losses import sparse
 from ddk.losses.divergences import DivergenceFn, get_divergence
+from ddk.methods import divergence_active, method_spec
 from ddk.teacher.signals import DenseSignal, SparseSignal, TeacherSignal
 
 if TYPE_CHECKING:
@@ -289,7 +290,7 @@ def _validate(
 
 
 def _uses_teacher(divergence: str, gamma: float, teacher: TeacherSignal | None) -> bool:
-    return divergence != "none" and gamma != 0 and teacher is not None
+    return teacher is not None and divergence_active(divergence, gamma)
 
 
 def fused_distill_loss(
@@ -446,18 +447,6 @@ class FusedDistillLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.ignore_index = ignore_index
 
-    @classmethod
-    def from_config(cls, distill: DistillSection, vocab_size: int) -> FusedDistillLoss:
-        """Settings from the config's ``distill`` section (gamma, tau, divergence, ...)."""
-        return cls(
-            vocab_size,
-            gamma=distill.gamma,
-            tau=distill.tau,
-            divergence=distill.divergence,
-            skew_lambda=distill.skew_lambda,
-            chunk_tokens=distill.loss_chunk_tokens,
-        )
-
     def forward(
         self,
         student_hidden: Tensor,
@@ -492,3 +481,18 @@ class FusedDistillLoss(nn.Module):
             f"divergence={self.divergence!r}, skew_lambda={self.skew_lambda}, "
             f"chunk_tokens={self.chunk_tokens}"
         )
+
+
+def loss_from_config(distill: DistillSection, vocab_size: int) -> FusedDistillLoss:
+    """The loss of a run, from its ``distill`` section: the method's divergence ("none" for
+    CE-only methods), γ (times τ² with ``tau_squared``, Hinton-style KD; the paper's Eq. 3 has
+    no τ²), τ, the skew mixing and the chunk size. The one mapping from config to loss."""
+    gamma = distill.gamma * distill.tau**2 if distill.tau_squared else distill.gamma
+    return FusedDistillLoss(
+        vocab_size,
+        gamma=gamma,
+        tau=distill.tau,
+        divergence=method_spec(distill.method).loss_divergence(distill.divergence),
+        skew_lambda=distill.skew_lambda,
+        chunk_tokens=distill.loss_chunk_tokens,
+    )

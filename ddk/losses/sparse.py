@@ -51,17 +51,3 @@ def slice_rows(teacher: SparseSignal, idx: Tensor) -> SparseSignal:
         teacher.logp.index_select(0, idx),
         teacher.log_tail.index_select(0, idx),
     )
-
-
-def sparse_from_logits(teacher_logits: Tensor, k: int, tau: float) -> SparseSignal:
-    """The top-k signal of full teacher logits [n, V] (what `ddk cache-teacher` stores, before
-    rounding): used by the cache builder and by tests as the exact reference."""
-    dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
-    z = teacher_logits.to(dtype)
-    log_p = torch.log_softmax(z if tau == 1 else z / tau, dim=-1)
-    logp, ids = log_p.topk(k, dim=-1)
-    if k == log_p.shape[1]:
-        log_tail = torch.full_like(logp[:, 0], -torch.inf)
-    else:
-        log_tail = torch.logsumexp(log_p.scatter(1, ids, -torch.inf), dim=-1)
-    return SparseSignal(ids, logp, log_tail)

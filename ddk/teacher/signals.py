@@ -1,8 +1,9 @@
-"""What a teacher hands the loss for one micro-batch: a dense or a sparse (top-k) signal.
+"""What a teacher hands the loss for one micro-batch: a dense or a sparse (top-k) signal, and
+the `TeacherSource` interface every teacher (online, offline, ...) implements.
 
-Both are row-aligned with the flattened student hidden states [N, H] (N = batch x tokens),
-so the chunked loss can slice them with the same row indices. This module imports only torch:
-the losses depend on it, and it depends on nothing of ddk's.
+Both signals are row-aligned with the flattened student hidden states [N, H] (N = batch x
+tokens), so the chunked loss can slice them with the same row indices. This module imports only
+torch and numpy: the losses depend on it, and it depends on nothing of ddk's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch import Tensor
 
 
 class DenseSignal(NamedTuple):
@@ -22,7 +24,8 @@ class DenseSignal(NamedTuple):
     head_bias: torch.Tensor | None = None
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     """The teacher's own elementwise logit transform (a scale or softcap), applied to the
-    float32 logits of each chunk; None for plain ``hidden @ W.T + b``."""
+    float32 logits of each chunk; None for plain ``hidden @ W.T + b``. The signal carries it:
+    the loss needs nothing else to know about the teacher."""
 
 
 class SparseSignal(NamedTuple):
@@ -30,6 +33,7 @@ class SparseSignal(NamedTuple):
 
     ``logp[n, j] = log softmax(z_T / tau)[ids[n, j]]`` and ``log_tail[n] = log(1 - sum_j
     exp(logp[n, j]))`` (``-inf`` when the k ids carry all the mass, e.g. k = vocabulary size).
+    The logits z_T are the teacher's after its own logit transform.
     """
 
     ids: torch.Tensor  # [N, k] int64
@@ -49,6 +53,23 @@ class Batch(NamedTuple):
 
 @runtime_checkable
 class TeacherSource(Protocol):
-    """Where the teacher signal comes from: a live model (online) or a top-k cache (offline)."""
+    """Where the teacher comes from: its signal for a micro-batch, and its per-domain
+    perplexities on a held-out split (what DDK's Eq. 1/2 and the reports divide by)."""
 
     def signal(self, batch: Batch) -> TeacherSignal: ...
+
+    def perplexities(self, split: str) -> dict[str, float] | None: ...
+
+
+def sparse_from_logits(teacher_logits: Tensor, k: int, tau: float) -> SparseSignal:
+    """The top-k signal of full teacher logits [n, V] (what `ddk cache-teacher` stores, before
+    rounding): used by the cache builder and by tests as the exact reference."""
+    dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
+    z = teacher_logits.to(dtype)
+    log_p = torch.log_softmax(z if tau == 1 else z / tau, dim=-1)
+    logp, ids = log_p.topk(k, dim=-1)
+    if k == log_p.shape[1]:
+        log_tail = torch.full_like(logp[:, 0], -torch.inf)
+    else:
+        log_tail = torch.logsumexp(log_p.scatter(1, ids, -torch.inf), dim=-1)
+    return SparseSignal(ids, logp, log_tail)

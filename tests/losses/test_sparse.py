@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ddk.losses import DIVERGENCES, fused_distill_loss, naive_distill_loss
-from ddk.losses.sparse import sparse_from_logits, student_buckets
-from ddk.teacher.signals import DenseSignal, SparseSignal
+from ddk.losses.sparse import student_buckets
+from ddk.teacher.signals import DenseSignal, SparseSignal, sparse_from_logits
 
 V = 23
 

@@ -1,0 +1,243 @@
+"""`ddk cache-teacher`: the teacher's top-k next-token distribution over every training token,
+stored once (format: `ddk.teacher.cache_format`), so `teacher.mode: offline` distils with no
+teacher loaded.
+
+The teacher is loaded and placed as `teacher.placement` asks (replicated, sharded, CPU
+offload). Under `accelerate launch` rank r writes shards r::world; a sharded teacher's forwards
+are collectives, so every rank then runs as many forwards as the busiest one. Each shard is
+written whole or not at all, so an interrupted run resumes with the missing shards and the
+result is byte for byte what an uninterrupted run writes (each shard's batches are the same
+either way).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddk import identity
+from ddk.data.dataset import PreparedData
+from ddk.errors import DDKError
+from ddk.evaluate import run_perplexities
+from ddk.identity import Strength
+from ddk.lock import FolderLock
+from ddk.models import check_vocab, embedding_rows, resolve_dtype
+from ddk.ranks import print0
+from ddk.runtime import Runtime
+from ddk.teacher import cache_format
+from ddk.teacher.cache_format import (
+    CONTENT_KEY,
+    FORMAT_VERSION,
+    LOGP_DTYPE,
+    MANIFEST,
+    SHARD_SEQUENCES,
+    TAIL_DTYPE,
+    bytes_per_token,
+    check_target,
+    id_dtype,
+    is_finished,
+    read_cache_manifest,
+    same_cache,
+    shard_arrays,
+    shard_path,
+    shard_sequences,
+    write_cache_manifest,
+)
+from ddk.teacher.online import OnlineTeacher
+from ddk.teacher.perplexity import hash_memo
+from ddk.teacher.placement import is_sharded, load_placed_teacher
+
+
+def build_cache(cfg, progress: bool = True, write_shard=None, runtime=None) -> Path:
+    """Run the teacher over every training sequence of `data.prepared` (the `data.domains`
+    subset if set) and write the cache to `teacher.cache`. Resumes an interrupted cache.
+    `write_shard(path, arrays)` writes one shard (default: `cache_format.write_shard`)."""
+    for key, what in (
+        ("teacher.cache", "the folder to write the cache to"),
+        ("model.teacher", "the teacher to cache"),
+        ("data.prepared", "the output folder of `ddk prepare`"),
+    ):
+        section, name = key.split(".")
+        if not getattr(getattr(cfg, section), name):
+            raise DDKError(f"{key}: required ({what})")
+    folder = Path(cfg.teacher.cache).expanduser()
+    rt = runtime if runtime is not None else Runtime()
+    if rt.is_main:
+        check_target(folder)
+    lock = FolderLock(folder, "write the cache").acquire() if rt.is_main else None
+    try:
+        write_shard = write_shard or cache_format.write_shard
+        _build_locked(cfg, folder, rt, progress, write_shard)
+        return folder
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:
+    data = PreparedData(cfg.data.prepared, cfg.data.domains)
+    plan = rt.main_result(lambda: _plan(cfg, data))  # hashes the data and teacher once
+    if is_finished(folder, plan):  # every rank sees the same: rank 0 writes nothing here
+        print0(f"'{folder}' already holds this cache; nothing to do")
+        return
+    if rt.is_main:
+        plan = _begin(folder, plan)
+    rt.barrier()
+    model = load_placed_teacher(
+        cfg.model.teacher,
+        dtype=resolve_dtype(cfg.model.dtype, rt.device),
+        trust_remote_code=cfg.model.trust_remote_code,
+        requested=cfg.teacher.placement,
+        runtime=rt,
+    )
+    check_vocab(data.vocab_size, embedding_rows(model), embedding_rows(model))
+    teacher = OnlineTeacher(model, rt.autocast)
+    _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard)
+    rt.barrier()
+    # The teacher's exact perplexities (full softmax, not top-k): DDK's Eq. 1/2 use them.
+    ppl = {}
+    for split in ("val", "test"):
+        if split == "test" and not data.has_split("test"):
+            continue  # data prepared before test splits
+        result = run_perplexities(cfg, model, data, split, rt)
+        ppl[split] = {d: r["ppl"] for d, r in result.items()}
+    if rt.is_main:
+        _finish(folder, plan, ppl, data.seq_len)
+    rt.barrier()
+
+
+def _plan(cfg, data: PreparedData) -> dict:
+    """The manifest of the cache `cfg` asks for (incomplete until every shard is written)."""
+    vocab = data.vocab_size
+    manifest = data.manifest
+    k = cfg.teacher.cache_k
+    if k > vocab:
+        raise DDKError(f"teacher.cache_k {k} exceeds the vocabulary ({vocab} tokens); lower it")
+    memo = hash_memo(cfg)
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher": cfg.model.teacher,
+        "teacher_fingerprint": identity.teacher_fingerprint(cfg.model.teacher, memo),
+        "data_fingerprint": identity.record_fingerprint(manifest),
+        CONTENT_KEY: identity.data_fingerprint(data.folder, Strength.CONTENT, memo=memo),
+        "vocab_size": vocab,
+        "vocab_sha256": manifest.tokenizer.vocab_sha256,
+        "seq_len": data.seq_len,
+        "k": k,
+        "tau": float(cfg.distill.tau),
+        "shard_sequences": SHARD_SEQUENCES,
+        "dtypes": {
+            "ids": id_dtype(vocab).name,
+            "logp": LOGP_DTYPE.name,
+            "log_tail": TAIL_DTYPE.name,
+        },
+        "bytes_per_token": bytes_per_token(k, vocab),
+        "domains": {
+            n: {
+                "folder": manifest.domains[n].folder,
+                "sequences": s.num_train_sequences,
+                "shards": math.ceil(s.num_train_sequences / SHARD_SEQUENCES),
+            }
+            for n, s in data.domains.items()
+        },
+        "complete": False,
+    }
+
+
+def _begin(folder: Path, plan: dict) -> dict:
+    """Rank 0: refuse another cache in `folder`, clear a killed run's temporary shards and
+    mark the cache incomplete. Returns the plan to finish (an existing cache's own)."""
+    if (folder / MANIFEST).exists():
+        old = read_cache_manifest(folder)
+        if not same_cache(old, plan):
+            raise DDKError(
+                f"'{folder}' holds a cache of another teacher, data, domains, k or tau; set "
+                "teacher.cache to a new folder (or delete this one)"
+            )
+        plan = {**old, CONTENT_KEY: plan[CONTENT_KEY], "complete": False}
+    for stale in folder.glob("*/*.tmp"):  # from a killed run: never complete
+        stale.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_cache_manifest(folder, plan)
+    return plan
+
+
+def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard) -> None:
+    shards = [(n, j) for n, info in plan["domains"].items() for j in range(info["shards"])]
+    mine = shards[rt.rank :: rt.world_size]
+    todo = [(n, j) for n, j in mine if not shard_path(folder, plan["domains"][n], j).exists()]
+    batch = cfg.trainer.eval_batch_size
+
+    def tokens(shards):
+        return data.seq_len * sum(shard_sequences(plan, plan["domains"][n], j) for n, j in shards)
+
+    with tqdm(
+        total=tokens(mine),
+        initial=tokens(mine) - tokens(todo),
+        desc="cache-teacher",
+        unit="tok",
+        unit_scale=True,
+        dynamic_ncols=True,
+        # `disable=False` would override TQDM_DISABLE: pass it only to switch the bar off.
+        **({} if progress and rt.is_main else {"disable": True}),
+    ) as bar:
+        forwards = 0
+        for name, j in todo:
+            info = plan["domains"][name]
+            m = shard_sequences(plan, info, j)
+            pieces = []
+            for start in range(0, m, batch):
+                first = j * SHARD_SEQUENCES + start
+                idx = list(range(first, first + min(batch, m - start)))
+                seqs = data.domains[name].sequences("train", idx).to(rt.device)
+                pieces.append(_topk(cfg, plan, teacher, seqs))
+                forwards += 1
+            write_shard(shard_path(folder, info, j), [np.concatenate(p) for p in zip(*pieces)])
+            bar.update(m * data.seq_len)
+    if is_sharded(teacher.model):
+        _match_forwards(cfg, plan, data, teacher, rt, forwards)
+
+
+def _topk(cfg, plan: dict, teacher: OnlineTeacher, seqs: torch.Tensor) -> list[np.ndarray]:
+    signal = teacher.topk(
+        seqs[:, :-1],
+        vocab=plan["vocab_size"],
+        k=plan["k"],
+        tau=plan["tau"],
+        chunk=cfg.distill.loss_chunk_tokens,
+    )
+    return shard_arrays(signal, plan["vocab_size"])
+
+
+def _match_forwards(cfg, plan, data, teacher, rt, forwards: int) -> None:
+    """A sharded teacher's forward is a collective: run throwaway forwards until this rank has
+    run as many as the busiest rank."""
+    most = int(rt.reduce_max(torch.tensor([forwards], device=rt.device))[0])
+    name = next(iter(data.domains))
+    seqs = data.domains[name].sequences("train", [0]).to(rt.device)
+    for _ in range(most - forwards):
+        _topk(cfg, plan, teacher, seqs)
+
+
+def _finish(folder: Path, plan: dict, ppl: dict, seq_len: int) -> None:
+    """Rank 0: check every shard is there, record the perplexities and mark the cache done."""
+    missing = [
+        str(shard_path(folder, info, j))
+        for info in plan["domains"].values()
+        for j in range(info["shards"])
+        if not shard_path(folder, info, j).exists()
+    ]
+    if missing:
+        raise DDKError(f"{len(missing)} cache shards are missing (first: {missing[0]})")
+    plan["teacher_ppl"] = ppl
+    plan["complete"] = True
+    write_cache_manifest(folder, plan)
+    tokens = sum(i["sequences"] for i in plan["domains"].values()) * seq_len
+    print(
+        f"cached {tokens} tokens x top-{plan['k']} in {folder} "
+        f"({plan['bytes_per_token']} bytes/token)"
+    )

@@ -1,0 +1,167 @@
+"""The on-disk format of a `ddk cache-teacher` top-k cache (format 1).
+
+Layout of the cache folder (``teacher.cache``)::
+
+    manifest.json                 what was cached, from which data and by which teacher
+    <domain folder>/000000.bin    one shard: up to SHARD_SEQUENCES training sequences
+
+A shard holds, for its m sequences of L = seq_len positions (position t predicts token t+1),
+three C-order arrays back to back: ids [m, L, k] (uint16, or uint32 past 65,536 tokens),
+log-probs at temperature tau [m, L, k] (float16) and the log tail mass [m, L] (float32):
+k·(2 + id bytes) + 4 bytes per token. Each shard is written to a temporary file and renamed,
+so a shard either exists whole or not at all.
+
+The manifest's identity (`IDENTITY_KEYS`) says which teacher, data, k and tau a cache holds;
+`data_content_fingerprint` (added without a format change: caches without it are matched on
+the rest) ties it to the data's tokens themselves (`ddk.identity`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ddk.errors import DDKError
+from ddk.lock import LOCK_NAME
+from ddk.teacher.signals import SparseSignal
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_SEQUENCES = 64  # (choice) ~50 MB per shard at seq_len 2048, k = 64, a 150k vocabulary
+LOGP_DTYPE = np.dtype(np.float16)
+TAIL_DTYPE = np.dtype(np.float32)
+IDENTITY_KEYS = ("format_version", "teacher_fingerprint", "data_fingerprint", "k", "tau", "domains")
+CONTENT_KEY = "data_content_fingerprint"
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def bytes_per_token(k: int, vocab_size: int) -> int:
+    return k * (id_dtype(vocab_size).itemsize + LOGP_DTYPE.itemsize) + TAIL_DTYPE.itemsize
+
+
+def shard_path(folder: Path, info: dict, shard: int) -> Path:
+    return folder / info["folder"] / f"{shard:06d}.bin"
+
+
+def shard_sequences(m: dict, info: dict, shard: int) -> int:
+    """Sequences in shard `shard` of a domain (`info`) of the cache with manifest `m`."""
+    return min(m["shard_sequences"], info["sequences"] - shard * m["shard_sequences"])
+
+
+def shard_bytes(m: dict, sequences: int) -> int:
+    return sequences * m["seq_len"] * m["bytes_per_token"]
+
+
+def shard_arrays(signal: SparseSignal, vocab_size: int) -> list[np.ndarray]:
+    """A sparse signal as the shard's arrays (ids, log-probs, log tail) in the stored dtypes."""
+    return [
+        signal.ids.cpu().numpy().astype(id_dtype(vocab_size)),
+        signal.logp.cpu().numpy().astype(LOGP_DTYPE),
+        signal.log_tail.cpu().numpy().astype(TAIL_DTYPE),
+    ]
+
+
+def write_shard(path: Path, arrays: list[np.ndarray]) -> None:
+    """Write one shard (its arrays back to back) to a temporary file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        for a in arrays:
+            fh.write(np.ascontiguousarray(a).tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def open_shard(folder: Path, m: dict, name: str, shard: int) -> tuple[np.memmap, ...]:
+    """(ids [n, L, k], logp [n, L, k], log_tail [n, L]) of one shard, memory-mapped."""
+    info = m["domains"][name]
+    n, L, k = shard_sequences(m, info, shard), m["seq_len"], int(m["k"])
+    path = shard_path(folder, info, shard)
+    if not path.is_file() or path.stat().st_size != shard_bytes(m, n):
+        raise DDKError(f"teacher cache shard '{path}' is missing or truncated; rebuild the cache")
+    ids_t = np.dtype(m["dtypes"]["ids"])
+    logp_t = np.dtype(m["dtypes"]["logp"])
+    offsets = [0, n * L * k * ids_t.itemsize]
+    offsets.append(offsets[1] + n * L * k * logp_t.itemsize)
+    return (
+        np.memmap(path, dtype=ids_t, mode="r", offset=offsets[0], shape=(n, L, k)),
+        np.memmap(path, dtype=logp_t, mode="r", offset=offsets[1], shape=(n, L, k)),
+        np.memmap(path, dtype=m["dtypes"]["log_tail"], mode="r", offset=offsets[2], shape=(n, L)),
+    )
+
+
+def read_cache_manifest(folder: str | Path) -> dict:
+    path = Path(folder).expanduser() / MANIFEST
+    if not path.is_file():
+        raise DDKError(
+            f"'{folder}' holds no teacher cache (no {MANIFEST}); run `ddk cache-teacher`"
+        )
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DDKError(f"{path} is corrupt (not JSON); run `ddk cache-teacher` again") from None
+    # Prepared data also has a manifest.json: name the mix-up instead of a format mismatch.
+    if not isinstance(m, dict) or "teacher_fingerprint" not in m:
+        what = " (it is prepared data)" if isinstance(m, dict) and "format" in m else ""
+        raise DDKError(
+            f"'{folder}' is not a teacher cache{what}; point teacher.cache at a "
+            "`ddk cache-teacher` folder"
+        )
+    return m
+
+
+def write_cache_manifest(folder: Path, m: dict) -> None:
+    # A fixed temporary name, not fileutil.write_json_atomic's random one: `check_target`
+    # recognises `manifest.json.tmp` as what a run killed mid-write leaves behind.
+    path = folder / MANIFEST
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(m, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def same_cache(old: dict, new: dict) -> bool:
+    """Whether two manifests describe the same cache (the data's content is compared when
+    both record it: caches written before it was recorded are matched on the rest)."""
+    keys = IDENTITY_KEYS + ((CONTENT_KEY,) if CONTENT_KEY in old and CONTENT_KEY in new else ())
+    return all(old.get(k) == new.get(k) for k in keys)
+
+
+def check_target(folder: Path) -> None:
+    """Refuse to write a cache into anything but a new or empty folder or a cache: shards and
+    a manifest.json mixed into a user's folder (or prepared data) would be hard to undo."""
+    if folder.exists() and not folder.is_dir():
+        raise DDKError(f"teacher.cache: '{folder}' is a file; set it to a new folder")
+    if (folder / MANIFEST).exists():
+        read_cache_manifest(folder)  # raises unless it is a cache
+    elif folder.is_dir() and any(
+        p.name not in (LOCK_NAME, MANIFEST + ".tmp") for p in folder.iterdir()
+    ):  # the lock and a half-written manifest: what a run killed before its first shard leaves
+        raise DDKError(
+            f"teacher.cache: '{folder}' is a non-empty folder that holds no teacher cache; set "
+            "teacher.cache to a new or empty folder"
+        )
+
+
+def is_finished(folder: Path, plan: dict) -> bool:
+    """A complete cache of exactly this plan with every shard present: a rerun loads no teacher
+    and never marks the cache incomplete under a run that reads it."""
+    try:
+        old = read_cache_manifest(folder)
+    except DDKError:
+        return False
+    return (
+        bool(old.get("complete"))
+        and same_cache(old, plan)
+        and all(
+            shard_path(folder, info, j).exists()
+            for info in old["domains"].values()
+            for j in range(info["shards"])
+        )
+    )

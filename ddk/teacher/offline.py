@@ -1,0 +1,168 @@
+"""The offline teacher: a `ddk cache-teacher` top-k cache read back, so training loads no
+teacher model at all; and the preflight check that a cache can serve a run."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddk import identity
+from ddk.errors import DDKError
+from ddk.identity import Strength
+from ddk.ranks import print0
+from ddk.teacher.cache_format import (
+    CONTENT_KEY,
+    FORMAT_VERSION,
+    open_shard,
+    read_cache_manifest,
+)
+from ddk.teacher.perplexity import SharedPerplexities, hash_memo
+from ddk.teacher.signals import Batch, SparseSignal
+
+
+class OfflineTeacher:
+    """A `TeacherSource` that reads the cache: sparse signals, and the perplexities the cache
+    recorded (or, for a cache without them, computed through `fallback`)."""
+
+    MAX_OPEN = 128  # shard memmaps kept open (each holds a file descriptor)
+
+    def __init__(
+        self,
+        folder: str | Path,
+        domains: list[str],
+        device: torch.device,
+        fallback: Callable[[], SharedPerplexities] | None = None,
+    ):
+        self.folder = Path(folder).expanduser()
+        self.manifest = read_cache_manifest(self.folder)
+        self.domains = list(domains)
+        self.device = device
+        self.k = int(self.manifest["k"])
+        self.tau = float(self.manifest["tau"])
+        self._fallback_factory = fallback
+        self.fallback: SharedPerplexities | None = None
+        self._maps: collections.OrderedDict = collections.OrderedDict()
+        self.ppl_source: dict[str, str] = {}
+
+    @property
+    def ppl_key(self) -> dict:
+        if self.fallback is not None and set(self.ppl_source.values()) != {"teacher cache"}:
+            return self.fallback.key
+        m = self.manifest
+        return {
+            "data": m.get("data_fingerprint"),
+            "teacher": m.get("teacher_fingerprint"),
+            "teacher_cache": str(self.folder),
+        }
+
+    def _shard(self, name: str, shard: int):
+        key = (name, shard)
+        if key in self._maps:
+            self._maps.move_to_end(key)
+            return self._maps[key]
+        arrays = open_shard(self.folder, self.manifest, name, shard)
+        self._maps[key] = arrays
+        if len(self._maps) > self.MAX_OPEN:
+            self._maps.popitem(last=False)
+        return arrays
+
+    def signal(self, batch: Batch) -> SparseSignal:
+        per = self.manifest["shard_sequences"]
+        ids, logp, tail = [], [], []
+        for d, i in np.asarray(batch.rows).tolist():
+            a_ids, a_logp, a_tail = self._shard(self.domains[d], i // per)
+            ids.append(a_ids[i % per])
+            logp.append(a_logp[i % per])
+            tail.append(a_tail[i % per])
+        L = batch.input_ids.shape[1]
+        if L != self.manifest["seq_len"]:
+            raise DDKError(f"teacher cache has {self.manifest['seq_len']} tokens per row, not {L}")
+
+        def stacked(parts, dtype):
+            arr = np.stack(parts).astype(dtype, copy=False)
+            return torch.from_numpy(arr.reshape(-1, *arr.shape[2:])).to(self.device)
+
+        return SparseSignal(
+            stacked(ids, np.int64), stacked(logp, np.float32), stacked(tail, np.float32)
+        )
+
+    def perplexities(self, split: str = "val") -> dict[str, float] | None:
+        ppl = self.manifest.get("teacher_ppl", {}).get(split)
+        if ppl is None:
+            if self._fallback_factory is None:
+                return None
+            if self.fallback is None:  # built on demand: it fingerprints the teacher's files
+                self.fallback = self._fallback_factory()
+            result = self.fallback.perplexities(split)
+            self.ppl_source[split] = self.fallback.ppl_source.get(split, "computed")
+            return result
+        self.ppl_source[split] = "teacher cache"
+        return {d: ppl[d] for d in self.domains}
+
+
+def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
+    """Preflight for `teacher.mode: offline`: every reason the cache cannot serve this run."""
+    if not cfg.teacher.cache:
+        return ["teacher.cache: required with teacher.mode offline (a `ddk cache-teacher` folder)"]
+    try:
+        m = read_cache_manifest(cfg.teacher.cache)
+    except DDKError as e:
+        return [f"teacher.cache: {e}"]
+    where = f"teacher.cache: '{cfg.teacher.cache}'"
+    if m.get("format_version") != FORMAT_VERSION:
+        return [f"{where} has cache format {m.get('format_version')}; build it again"]
+    problems = []
+    if not m.get("complete"):
+        problems.append(f"{where} is incomplete; finish it with `ddk cache-teacher`")
+    if int(m["k"]) != cfg.teacher.cache_k:  # k only sets how a cache is built: say which one
+        print0(
+            f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
+            f"{cfg.teacher.cache_k}; distilling with k = {m['k']}"
+        )
+    if float(m["tau"]) != float(cfg.distill.tau):
+        problems.append(
+            f"{where} was built at tau {m['tau']} but distill.tau is {cfg.distill.tau}; use the "
+            "same tau or build a cache for it"
+        )
+    if prepared_manifest is not None:
+        problems += _data_problems(cfg, m, where, prepared_manifest, domains)
+    if cfg.model.teacher:
+        problems += _teacher_problems(cfg, m, where)
+    return problems
+
+
+def _data_problems(cfg, m: dict, where: str, prepared_manifest, domains: list[str]) -> list[str]:
+    tokenizer = prepared_manifest.tokenizer
+    other = f"{where} was built from other prepared data than '{cfg.data.prepared}'"
+    problems = []
+    if m["vocab_size"] != tokenizer.vocab_size or m.get("vocab_sha256") != tokenizer.vocab_sha256:
+        problems.append(f"{where} was built for another vocabulary than data.prepared's")
+    elif m["data_fingerprint"] != identity.record_fingerprint(prepared_manifest):
+        problems.append(f"{other}; run `ddk cache-teacher` on this data")
+    elif CONTENT_KEY in m and m[CONTENT_KEY] != identity.data_fingerprint(
+        cfg.data.prepared, Strength.CONTENT, memo=hash_memo(cfg)
+    ):  # the tokens themselves: a shard edited in place is other data
+        problems.append(f"{other} (its token files changed); run `ddk cache-teacher` again")
+    absent = [d for d in domains if d not in m["domains"]]
+    if absent:
+        problems.append(f"{where} has no domain '{absent[0]}'; cache it or drop it from the run")
+    return problems
+
+
+def _teacher_problems(cfg, m: dict, where: str) -> list[str]:
+    other = (
+        f"{where} was built by another teacher ('{m.get('teacher')}') than "
+        f"model.teacher '{cfg.model.teacher}'"
+    )
+    if not identity.teacher_on_disk(cfg.model.teacher):
+        # Training off the teacher's machine: only the name it was cached under can be compared.
+        return [other] if m.get("teacher") != cfg.model.teacher else []
+    try:
+        fingerprint = identity.teacher_fingerprint(cfg.model.teacher, hash_memo(cfg))
+    except DDKError as e:
+        return [f"model.teacher: {e}"]
+    return [other] if fingerprint != m["teacher_fingerprint"] else []
