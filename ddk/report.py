@@ -379,19 +379,9 @@ def _notes(summary: dict) -> list[str]:
         notes.append(text + ".")
     else:
         notes.append("No run has teacher perplexities, so there are no ratios to compare.")
-    ref = []
-    if summary["teacher_geomean_ppl"] is not None:
-        ref.append(f"teacher geo-mean ppl {fmt_cell(summary['teacher_geomean_ppl'])}")
-    if summary["before_geomean_ppl"] is not None:
-        text = f"student before: geo-mean ppl {fmt_cell(summary['before_geomean_ppl'])}"
-        if summary["before_worst_domain"]:
-            text += (
-                f", worst-domain ratio {fmt_cell(summary['before_worst_ratio'])} "
-                f"({summary['before_worst_domain']})"
-            )
-        ref.append(text)
+    ref = _reference_note(summary)
     if ref:
-        notes.append("Reference: " + "; ".join(ref) + ".")
+        notes.append(ref)
     notes.append(
         "Worst domain = the domain with the largest student/teacher perplexity ratio "
         "ℓ_S/ℓ_T (what DDK steers by), not the largest perplexity. "
@@ -420,6 +410,22 @@ def _notes(summary: dict) -> list[str]:
                 f"from the last interval evaluation, at step {r['final_step']}."
             )
     return notes
+
+
+def _reference_note(summary: dict) -> str | None:
+    """The teacher's and the untrained student's numbers, to read the runs against."""
+    ref = []
+    if summary["teacher_geomean_ppl"] is not None:
+        ref.append(f"teacher geo-mean ppl {fmt_cell(summary['teacher_geomean_ppl'])}")
+    if summary["before_geomean_ppl"] is not None:
+        text = f"student before: geo-mean ppl {fmt_cell(summary['before_geomean_ppl'])}"
+        if summary["before_worst_domain"]:
+            text += (
+                f", worst-domain ratio {fmt_cell(summary['before_worst_ratio'])} "
+                f"({summary['before_worst_domain']})"
+            )
+        ref.append(text)
+    return "Reference: " + "; ".join(ref) + "." if ref else None
 
 
 def _markdown(summary: dict) -> str:

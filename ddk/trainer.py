@@ -16,9 +16,7 @@ slice of each batch. The run folder's lifecycle (new run, resume, lock) is `ddk.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,8 +34,7 @@ from ddk.errors import DDKError
 from ddk.evaluate import report_split, run_perplexities
 from ddk.final import save_final
 from ddk.identity import data_fingerprint
-from ddk.logits import hidden_and_head, logit_transform
-from ddk.losses import LossSums, loss_from_config
+from ddk.losses import LossSums
 from ddk.methods import method_spec
 from ddk.metrics import (
     DOMAIN_UPDATE,
@@ -50,42 +47,14 @@ from ddk.metrics import (
 )
 from ddk.models import embedding_rows, load_model, load_tokenizer
 from ddk.preflight import preflight
+from ddk.progress import StopRequest, Throughput
+from ddk.ranks import print0
 from ddk.runtime import Runtime
 from ddk.schedule import Schedule
+from ddk.step import DistillStep
 from ddk.teacher import Batch
 from ddk.teacher.perplexity import write_teacher_ppl
 from ddk.teacher.source import teacher_source
-
-
-class DistillStep(torch.nn.Module):
-    """The student plus the fused loss, as one module, so DDP sees a single forward."""
-
-    def __init__(self, student, cfg: Config, vocab_size: int):
-        super().__init__()
-        self.student = student
-        self.student_transform = logit_transform(student)
-        self.loss = loss_from_config(cfg.distill, vocab_size)
-
-    def forward(self, input_ids, labels, teacher=None) -> LossSums:
-        """``teacher``: a DenseSignal, a SparseSignal (offline cache) or None."""
-        hidden, head = hidden_and_head(self.student, input_ids)
-        return self.loss(
-            hidden.reshape(-1, hidden.shape[-1]),
-            head.weight,
-            labels.reshape(-1),
-            teacher,  # carries the teacher's own logit transform
-            getattr(head, "bias", None),
-            student_transform=self.student_transform,
-        )
-
-    @property
-    def _no_split_modules(self):
-        # Accelerate's FSDP2 TRANSFORMER_BASED_WRAP shards the student's decoder layers.
-        return getattr(self.student, "_no_split_modules", None)
-
-    def tie_weights(self) -> None:
-        # Accelerate re-ties after FSDP2's meta-device loading (fsdp_cpu_ram_efficient_loading).
-        self.student.tie_weights()
 
 
 @dataclass
@@ -107,41 +76,14 @@ class TrainState:
                 setattr(self, f.name, state[f.name])
 
 
-class StopRequest:
-    """SIGINT/SIGTERM (e.g. cluster preemption) ask the loop to save and exit at a step boundary."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class Trainer:
     """The recipe: setup (data, student, teacher, optimizer), then the loop, then finish."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None, runtime=None):
         self.cfg, self.run_dir = cfg, run_dir
         self.runtime = rt = runtime if runtime is not None else Runtime()
-        self.is_main, self.world, self.rank, self.device = (
-            rt.is_main,
-            rt.world_size,
-            rt.rank,
-            rt.device,
-        )
+        self.is_main, self.world, self.rank = rt.is_main, rt.world_size, rt.rank
+        self.device = rt.device
         preflight(cfg)  # every config/data/model problem at once, before weights load
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,13 +96,8 @@ class Trainer:
         # Curves and Eq. 1/2 use val; the final numbers use the held-out test split.
         self.report_split = report_split(self.data, "test")
         student = self._load_student()
-        self.teacher = teacher_source(
-            cfg,
-            self.data,
-            rt,
-            student_rows=embedding_rows(student),
-            splits=("val", self.report_split),
-        )
+        rows, splits = embedding_rows(student), ("val", self.report_split)
+        self.teacher = teacher_source(cfg, self.data, rt, student_rows=rows, splits=splits)
         self.uses_teacher = self.teacher is not None and self.method.trains_with_teacher(
             cfg.distill
         )
@@ -423,11 +360,10 @@ class Trainer:
 
     def _stop(self, signal_name: str | None) -> None:
         path = self.save()
-        if self.is_main:
-            print(
-                f"{signal_name or 'a stop signal'} received: saved {path} at step "
-                f"{self.state.step}. Resume with: ddk distill --resume {self.run_dir}"
-            )
+        print0(
+            f"{signal_name or 'a stop signal'} received: saved {path} at step "
+            f"{self.state.step}. Resume with: ddk distill --resume {self.run_dir}"
+        )
 
     def _checkpoint_note(self) -> str:
         """What a user can resume from, stated only from what is on disk."""
@@ -455,22 +391,6 @@ class Trainer:
         if self.is_main:
             model.config.use_cache = True  # generation wants the KV cache back
             save_final(self.run_dir, model, self.student_tokenizer)
-            print(f"final student saved to {final}")
+        print0(f"final student saved to {final}")
         self.runtime.barrier()
         return final
-
-
-class Throughput:
-    """Tokens per second over the steps since the last log."""
-
-    def __init__(self):
-        self.reset()
-
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
-
-    def rate(self) -> float:
-        return self.tokens / max(time.perf_counter() - self.started, 1e-9)
-
-    def reset(self) -> None:
-        self.tokens, self.started = 0, time.perf_counter()

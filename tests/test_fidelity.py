@@ -20,7 +20,8 @@ from ddk.metrics import read_metrics
 from ddk.models import load_model
 from ddk.report import summarize_runs, write_report
 from ddk.run_dir import start_run
-from ddk.trainer import DistillStep, Trainer
+from ddk.step import DistillStep
+from ddk.trainer import Trainer
 from tests.test_trainer import make_config
 
 

@@ -19,7 +19,8 @@ from ddk.checkpoint import list_checkpoints
 from ddk.cli import main
 from ddk.metrics import read_metrics
 from ddk.run_dir import resume_run, start_run
-from ddk.trainer import DistillStep, Trainer
+from ddk.step import DistillStep
+from ddk.trainer import Trainer
 
 BASE = {
     "trainer.max_steps": 40,

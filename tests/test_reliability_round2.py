@@ -29,7 +29,7 @@ from ddk.errors import DDKError
 from ddk.lock import LOCK_NAME, FolderLock
 from ddk.metrics import read_metrics
 from ddk.schedule import lr_at
-from ddk.trainer import DistillStep
+from ddk.step import DistillStep
 
 BASE = {
     "trainer.max_steps": 6,

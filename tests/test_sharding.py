@@ -494,7 +494,7 @@ import sys
 import torch
 from ddk import cli
 from ddk.runtime import Runtime
-from ddk.trainer import DistillStep
+from ddk.step import DistillStep
 
 original = DistillStep.forward
 calls = {"n": 0}

@@ -237,7 +237,7 @@ def _finish(folder: Path, plan: dict, ppl: dict, seq_len: int) -> None:
     plan["complete"] = True
     write_cache_manifest(folder, plan)
     tokens = sum(i["sequences"] for i in plan["domains"].values()) * seq_len
-    print(
+    print0(
         f"cached {tokens} tokens x top-{plan['k']} in {folder} "
         f"({plan['bytes_per_token']} bytes/token)"
     )

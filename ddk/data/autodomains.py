@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
 from ddk.config import PrepareSection
 from ddk.data.dedup import HASH_DTYPE, text_hash
 from ddk.data.embed import make_embedder
+from ddk.data.manifest import domain_path, read_manifest
 from ddk.data.sources import Corpus, iter_documents
 from ddk.errors import DDKError
 
@@ -149,14 +153,10 @@ def _kmeans(rows: np.ndarray, k: int, seed: int, restarts: int = KMEANS_RESTARTS
     # Full k-means on the sample (at most prepare.cluster_sample short dense rows, so memory
     # stays bounded): on the demo corpus it finds the true domains where MiniBatchKMeans
     # often splits one and merges two.
-    from sklearn.cluster import KMeans
-
     return KMeans(n_clusters=k, random_state=seed, n_init=restarts).fit(rows)
 
 
 def _pick_k(rows: np.ndarray, lo: int, hi: int, seed: int, log) -> tuple[int, dict[int, float]]:
-    from sklearn.metrics import silhouette_score
-
     scores = {}
     for k in range(lo, min(hi, len(rows) - 1) + 1):
         labels = _kmeans(rows, k, seed, restarts=10).predict(rows)  # a scan: fewer restarts
@@ -243,8 +243,6 @@ def fit_group(
 
 
 def _terms(texts: list[str], labels: np.ndarray, k: int) -> list[list[str]]:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
     try:
         vec = TfidfVectorizer(token_pattern=_WORD, max_features=20000, sublinear_tf=True)
         x = vec.fit_transform(texts)
@@ -260,8 +258,6 @@ def _terms(texts: list[str], labels: np.ndarray, k: int) -> list[list[str]]:
 def heldout_hashes(folder: str | Path) -> set[int]:
     """Hashes of the documents that prepared folder `folder` holds out (val/test), from its
     `<domain>/heldout_hashes.npy`."""
-    from ddk.data.manifest import domain_path, read_manifest
-
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     found: set[int] = set()

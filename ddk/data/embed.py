@@ -11,8 +11,15 @@ states over real tokens, batched, on the GPU when there is one.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+from sklearn.preprocessing import normalize
+from transformers import AutoModel
 
 from ddk.errors import DDKError, first_line
+from ddk.models import load_tokenizer, resolve_local_path
 
 _HASH_FEATURES = 1 << 16  # per analyzer; collisions only blur rare n-grams
 _SVD_DIMS = 100
@@ -53,8 +60,6 @@ def layout_features(texts: list[str]) -> np.ndarray:
 
 class HashingEmbedder:
     def __init__(self, seed: int):
-        from sklearn.feature_extraction.text import HashingVectorizer
-
         self.seed = seed
         common = dict(n_features=_HASH_FEATURES, alternate_sign=False, norm=None)
         self._char = HashingVectorizer(analyzer="char_wb", ngram_range=(1, 3), **common)
@@ -65,14 +70,9 @@ class HashingEmbedder:
         self._layout_mean = self._layout_std = None
 
     def _counts(self, texts: list[str]):
-        import scipy.sparse as sp
-
         return sp.hstack([self._char.transform(texts), self._word.transform(texts)]).tocsr()
 
     def fit(self, texts: list[str]) -> HashingEmbedder:
-        from sklearn.decomposition import TruncatedSVD
-        from sklearn.feature_extraction.text import TfidfTransformer
-
         counts = self._counts(texts)
         self._tfidf = TfidfTransformer(sublinear_tf=True).fit(counts)
         # Only features the sample has can carry SVD weight: fit on those columns (much faster).
@@ -87,8 +87,6 @@ class HashingEmbedder:
         return self
 
     def transform(self, texts: list[str]) -> np.ndarray:
-        from sklearn.preprocessing import normalize
-
         weighted = self._tfidf.transform(self._counts(texts))[:, self._columns]
         rows = self._svd.transform(weighted) if self._svd is not None else weighted.toarray()
         layout = (layout_features(texts) - self._layout_mean) / self._layout_std
@@ -103,11 +101,6 @@ class StudentEmbedder:
                 "prepare.embedder 'student' needs a model: set model.student or "
                 "prepare.embed_model (or pass --tokenizer with a model folder)"
             )
-        import torch
-        from transformers import AutoModel
-
-        from ddk.models import load_tokenizer, resolve_local_path
-
         self.tokenizer = load_tokenizer(model_name)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -127,9 +120,6 @@ class StudentEmbedder:
         return self
 
     def transform(self, texts: list[str]) -> np.ndarray:
-        import torch
-        from sklearn.preprocessing import normalize
-
         out = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(

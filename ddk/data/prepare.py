@@ -48,6 +48,7 @@ from ddk.data.vocab import same_vocabulary, token_dtype, vocab_hash
 from ddk.errors import DDKError
 from ddk.fileutil import disk_full, human_bytes, publish_dir
 from ddk.lock import FolderLock
+from ddk.models import load_tokenizer
 from ddk.ownership import check_replaceable, read_record
 from ddk.table import format_table
 
@@ -347,8 +348,6 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
 
 
 def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progress: bool) -> dict:
-    from ddk.models import load_tokenizer
-
     corpus = discover(cfg.input)
     fingerprint = _fingerprint(cfg, corpus, tokenizer_name)
     existing = _check_output(out, fingerprint, cfg.overwrite)
@@ -362,64 +361,16 @@ def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progres
     if tokenizer.eos_token_id is None:
         raise DDKError(f"tokenizer '{tokenizer_name}' has no EOS token to separate documents")
     # ids can have gaps: the largest id, not the count, decides the dtype and logits width
-    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
-    dtype = token_dtype(vocab_size)
-    bos = bos_token(tokenizer, cfg.add_bos, tokenizer_name)
-    backend = tokenizer.backend_tokenizer
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-
+    dtype = token_dtype(max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1))
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed prepare
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
-    started = time.perf_counter()
     try:
-        docs = domain_plan.documents(tmp) if domain_plan else None
-        writers, names = _tokenize_all(
-            corpus, cfg, encode, tokenizer.eos_token_id, dtype, tmp, progress, docs, bos=bos
+        manifest = _write_prepared(
+            tmp, cfg, corpus, tokenizer, tokenizer_name, domain_plan, progress
         )
-        if not writers:
-            raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
-        if domain_plan is None:  # clusters replace the source folders as domains
-            _check_domains_have_documents(corpus, writers)
-        domains = {}
-        for domain in writers:
-            domains[domain] = {
-                "folder": names[domain],
-                **_split_domain(tmp / names[domain], domain, cfg, dtype),
-            }
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "ddk_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.perf_counter() - started, 3),
-            "tokenizer": {
-                "name_or_path": tokenizer_name,
-                "vocab_size": vocab_size,
-                "eos_token_id": tokenizer.eos_token_id,
-                "bos_token_id": tokenizer.bos_token_id,
-                "class": type(tokenizer).__name__,
-                "vocab_sha256": vocab_hash(tokenizer),
-            },
-            "token_dtype": dtype.name,
-            "seq_len": cfg.seq_len,
-            "val_sequences": cfg.val_sequences,
-            "test_sequences": cfg.test_sequences or cfg.val_sequences,
-            "add_bos": bos is not None,
-            "seed": cfg.seed,
-            "text_field": cfg.text_field,
-            "domain_field": cfg.domain_field,
-            "layout": corpus.layout,
-            "sources": [
-                {"path": str(f.path), "bytes": f.size, "sha256": f.sha256, "domain": f.domain}
-                for f in corpus.files
-            ],
-            "fingerprint": fingerprint,
-            "domains": domains,
-        }
-        if domain_plan:  # clusters.json, assignments.jsonl: before the owner record lists files
-            manifest["auto_domains"] = domain_plan.finish(tmp)
+        manifest["fingerprint"] = fingerprint
         typed = Manifest.model_validate(manifest)
         write_manifest(tmp, typed)  # also records what `--overwrite` may later replace
         manifest = typed.model_dump(mode="json")
@@ -434,6 +385,69 @@ def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progres
     return manifest
 
 
+def _write_prepared(tmp, cfg, corpus, tokenizer, tokenizer_name, domain_plan, progress) -> dict:
+    """Tokenise and split every domain into `tmp`; the manifest (without its owner record)."""
+    started = time.perf_counter()
+    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    dtype = token_dtype(vocab_size)
+    bos = bos_token(tokenizer, cfg.add_bos, tokenizer_name)
+    backend = tokenizer.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    docs = domain_plan.documents(tmp) if domain_plan else None
+    writers, names = _tokenize_all(
+        corpus, cfg, encode, tokenizer.eos_token_id, dtype, tmp, progress, docs, bos=bos
+    )
+    if not writers:
+        raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
+    if domain_plan is None:  # clusters replace the source folders as domains
+        _check_domains_have_documents(corpus, writers)
+    domains = {}
+    for domain in writers:
+        domains[domain] = {
+            "folder": names[domain],
+            **_split_domain(tmp / names[domain], domain, cfg, dtype),
+        }
+    manifest = _manifest(cfg, corpus, tokenizer, tokenizer_name, vocab_size, bos, domains)
+    manifest["seconds"] = round(time.perf_counter() - started, 3)
+    if domain_plan:  # clusters.json, assignments.jsonl: before the owner record lists files
+        manifest["auto_domains"] = domain_plan.finish(tmp)
+    return manifest
+
+
+def _manifest(cfg, corpus, tokenizer, tokenizer_name, vocab_size, bos, domains) -> dict:
+    """The manifest of a prepared folder (before its fingerprint, owner record and clusters)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ddk_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": None,
+        "tokenizer": {
+            "name_or_path": tokenizer_name,
+            "vocab_size": vocab_size,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "class": type(tokenizer).__name__,
+            "vocab_sha256": vocab_hash(tokenizer),
+        },
+        "token_dtype": token_dtype(vocab_size).name,
+        "seq_len": cfg.seq_len,
+        "val_sequences": cfg.val_sequences,
+        "test_sequences": cfg.test_sequences or cfg.val_sequences,
+        "add_bos": bos is not None,
+        "seed": cfg.seed,
+        "text_field": cfg.text_field,
+        "domain_field": cfg.domain_field,
+        "layout": corpus.layout,
+        "sources": [
+            {"path": str(f.path), "bytes": f.size, "sha256": f.sha256, "domain": f.domain}
+            for f in corpus.files
+        ],
+        "fingerprint": None,
+        "domains": domains,
+    }
+
+
 def bos_token(tokenizer, add_bos: bool | None, name: str) -> int | None:
     """The BOS id to start every document with, or None. `add_bos=None` follows the tokenizer:
     BOS when `tokenizer("a")` starts with it (LLaMA-2, TinyLlama), not otherwise (Qwen, GPT-2)."""
@@ -444,6 +458,25 @@ def bos_token(tokenizer, add_bos: bool | None, name: str) -> int | None:
     if add_bos and bos is None:
         raise DDKError(f"prepare.add_bos is true but tokenizer '{name}' has no BOS token")
     return bos if add_bos else None
+
+
+def _new_domain_folder(domain: str, names: dict[str, str]) -> str:
+    folder = _domain_dirname(domain)
+    if folder in names.values():
+        raise DDKError(f"domains '{domain}' and another map to one folder name '{folder}'")
+    return folder
+
+
+def _domain_bar(domain: str, total: int | None, position: int) -> tqdm:
+    return tqdm(
+        desc=f"prepare {domain}",
+        total=total,
+        unit="B",
+        unit_scale=True,
+        position=position,
+        leave=True,
+        dynamic_ncols=True,
+    )
 
 
 def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, docs=None, bos=None):
@@ -476,24 +509,10 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, docs=None, bos
                 continue
             domain, (doc_ids, texts) = a, b
             if domain not in writers:
-                folder = _domain_dirname(domain)
-                if folder in names.values():
-                    raise DDKError(
-                        f"domains '{domain}' and another map to one folder name '{folder}'"
-                    )
-                names[domain] = folder
-                writers[domain] = _DomainWriter(tmp / folder, dtype)
+                names[domain] = _new_domain_folder(domain, names)
+                writers[domain] = _DomainWriter(tmp / names[domain], dtype)
                 if progress:
-                    total = domain_bytes.get(domain)
-                    bars[domain] = tqdm(
-                        desc=f"prepare {domain}",
-                        total=total,
-                        unit="B",
-                        unit_scale=True,
-                        position=len(bars),
-                        leave=True,
-                        dynamic_ncols=True,
-                    )
+                    bars[domain] = _domain_bar(domain, domain_bytes.get(domain), len(bars))
             encodings = encode_documents(encode, texts)  # long documents in bounded pieces
             hashes = [text_hash(t) for t in texts]  # for the held-out duplicate check
             writers[domain].append(doc_ids, encodings, eos, hashes, bos)

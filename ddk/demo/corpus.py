@@ -118,13 +118,7 @@ def build_demo_corpus(
     root = Path(stdlib_dir) if stdlib_dir is not None else default_stdlib_dir()
     targets = {d: max(1, round(TARGET_BYTES[d] * scale)) for d in DOMAINS}
 
-    for domain in DOMAINS:
-        stray = [p.name for p in sorted((out_dir / domain).glob("*.jsonl")) if p.name != _FILE_NAME]
-        if stray:
-            raise FileExistsError(
-                f"{out_dir / domain} already holds other JSONL files ({', '.join(stray)}); "
-                "choose an empty output folder"
-            )
+    _refuse_stray_files(out_dir)
 
     files = stdlib_python_files(root)
     random.Random(f"{seed}:stdlib-order").shuffle(files)
@@ -141,6 +135,26 @@ def build_demo_corpus(
         "records": _take(_records(random.Random(f"{seed}:records")), targets["records"]),
     }
 
+    stats = _write_domains(out_dir, docs, seed, root)
+    (out_dir / "SOURCES.md").write_text(
+        _sources_md(stats, scale=scale, seed=seed, n_code_files=n_code_files, n_topics=n_topics),
+        encoding="utf-8",
+    )
+    return stats
+
+
+def _refuse_stray_files(out_dir: Path) -> None:
+    for domain in DOMAINS:
+        stray = [p.name for p in sorted((out_dir / domain).glob("*.jsonl")) if p.name != _FILE_NAME]
+        if stray:
+            raise FileExistsError(
+                f"{out_dir / domain} already holds other JSONL files ({', '.join(stray)}); "
+                "choose an empty output folder"
+            )
+
+
+def _write_domains(out_dir: Path, docs: dict[str, list[str]], seed: int, root: Path) -> dict:
+    """Each domain's documents, shuffled, as one JSONL file; {domain: {documents, bytes}}."""
     stats: dict[str, dict] = {}
     for domain in DOMAINS:
         texts = docs[domain]
@@ -155,11 +169,6 @@ def build_demo_corpus(
             "documents": len(texts),
             "bytes": sum(len(t.encode("utf-8")) for t in texts),
         }
-
-    (out_dir / "SOURCES.md").write_text(
-        _sources_md(stats, scale=scale, seed=seed, n_code_files=n_code_files, n_topics=n_topics),
-        encoding="utf-8",
-    )
     return stats
 
 
@@ -793,83 +802,97 @@ def _records(rng: random.Random) -> Iterator[str]:
         if kind == "order" and not people:
             kind = "person"
         if kind == "person":
-            first, last = rng.choice(_FIRST), rng.choice(_LAST)
-            city, country = rng.choice(_CITIES)
-            pid = f"P{len(people) + 1:05d}"
-            people.append(pid)
-            signup = datetime(2019, 1, 1) + timedelta(seconds=rng.randrange(5 * 365 * 86400))
-            record = {
-                "id": pid,
-                "first_name": first,
-                "last_name": last,
-                "email": f"{first}.{last}{rng.randint(1, 99)}@example.com".lower(),
-                "birth_date": (
-                    date(1950, 1, 1) + timedelta(days=rng.randrange(55 * 365))
-                ).isoformat(),
-                "city": city,
-                "country": country,
-                "signup": signup.isoformat() + "Z",
-                "active": rng.random() < 0.8,
-            }
-            yield json.dumps(record)
+            yield json.dumps(_person(rng, people))
         elif kind == "order":
             n_orders += 1
-            ordered = _EPOCH + timedelta(days=rng.randrange(4 * 365))
-            items = []
-            total = 0
-            for sku, name, price in rng.sample(_PRODUCTS, rng.randint(1, 4)):
-                qty = rng.randint(1, 5)
-                total += qty * price
-                line = {"sku": sku, "name": name, "qty": qty, "unit_price": _money(price)}
-                items.append(line | {"line_total": _money(qty * price)})
-            status = rng.choice(_ORDER_STATUS)
-            shipped = (
-                (ordered + timedelta(days=rng.randint(1, 6))).isoformat()
-                if status in ("shipped", "delivered")
-                else None
-            )
-            record = {
-                "order_id": f"O-{ordered.year}-{n_orders:06d}",
-                "customer_id": rng.choice(people),
-                "order_date": ordered.isoformat(),
-                "status": status,
-                "shipped_date": shipped,
-                "currency": "USD",
-                "items": items,
-                "total": _money(total),
-            }
-            yield json.dumps(record)
+            yield json.dumps(_order(rng, people, n_orders))
         elif kind == "sensor":
-            sensor = f"S-{rng.randint(1, 40):03d}"
-            start = datetime(2024, 1, 1) + timedelta(minutes=15 * rng.randrange(365 * 96))
-            every = rng.choice((5, 10, 15, 30))
-            temp, hum, pres = rng.uniform(5, 30), rng.uniform(30, 80), rng.uniform(990, 1030)
-            rows = []
-            for i in range(rng.randint(8, 24)):
-                temp += rng.uniform(-0.4, 0.4)
-                hum = min(100.0, max(0.0, hum + rng.uniform(-1.5, 1.5)))
-                pres += rng.uniform(-0.3, 0.3)
-                ts = (start + timedelta(minutes=every * i)).isoformat() + "Z"
-                rows.append((ts, sensor, f"{temp:.2f}", f"{hum:.1f}", f"{pres:.1f}"))
-            yield _csv_text(
-                ("timestamp", "sensor_id", "temperature_c", "humidity_pct", "pressure_hpa"), rows
-            )
+            yield _sensor_log(rng)
         else:
-            account = f"ACC-{rng.randint(10000, 99999)}"
-            day = _EPOCH + timedelta(days=rng.randrange(4 * 365))
-            balance = rng.randint(50_000, 500_000)
-            rows = []
-            for _ in range(rng.randint(6, 18)):
-                day += timedelta(days=rng.randint(0, 3))
-                if rng.random() < 0.15:
-                    description, amount = "Salary", rng.randint(150_000, 400_000)
-                else:
-                    description, amount = rng.choice(_MERCHANTS), -rng.randint(150, 20_000)
-                balance += amount
-                rows.append(
-                    (day.isoformat(), account, description, _money(amount), _money(balance))
-                )
-            yield _csv_text(("date", "account", "description", "amount", "balance"), rows)
+            yield _bank_statement(rng)
+
+
+def _person(rng: random.Random, people: list[str]) -> dict:
+    """A person record; its id joins `people`."""
+    first, last = rng.choice(_FIRST), rng.choice(_LAST)
+    city, country = rng.choice(_CITIES)
+    pid = f"P{len(people) + 1:05d}"
+    people.append(pid)
+    signup = datetime(2019, 1, 1) + timedelta(seconds=rng.randrange(5 * 365 * 86400))
+    return {
+        "id": pid,
+        "first_name": first,
+        "last_name": last,
+        "email": f"{first}.{last}{rng.randint(1, 99)}@example.com".lower(),
+        "birth_date": (date(1950, 1, 1) + timedelta(days=rng.randrange(55 * 365))).isoformat(),
+        "city": city,
+        "country": country,
+        "signup": signup.isoformat() + "Z",
+        "active": rng.random() < 0.8,
+    }
+
+
+def _order(rng: random.Random, people: list[str], number: int) -> dict:
+    """Order `number` of a known person; its total is the sum of its lines."""
+    ordered = _EPOCH + timedelta(days=rng.randrange(4 * 365))
+    items = []
+    total = 0
+    for sku, name, price in rng.sample(_PRODUCTS, rng.randint(1, 4)):
+        qty = rng.randint(1, 5)
+        total += qty * price
+        line = {"sku": sku, "name": name, "qty": qty, "unit_price": _money(price)}
+        items.append(line | {"line_total": _money(qty * price)})
+    status = rng.choice(_ORDER_STATUS)
+    shipped = (
+        (ordered + timedelta(days=rng.randint(1, 6))).isoformat()
+        if status in ("shipped", "delivered")
+        else None
+    )
+    return {
+        "order_id": f"O-{ordered.year}-{number:06d}",
+        "customer_id": rng.choice(people),
+        "order_date": ordered.isoformat(),
+        "status": status,
+        "shipped_date": shipped,
+        "currency": "USD",
+        "items": items,
+        "total": _money(total),
+    }
+
+
+def _sensor_log(rng: random.Random) -> str:
+    """A CSV log of one sensor's readings at a fixed interval."""
+    sensor = f"S-{rng.randint(1, 40):03d}"
+    start = datetime(2024, 1, 1) + timedelta(minutes=15 * rng.randrange(365 * 96))
+    every = rng.choice((5, 10, 15, 30))
+    temp, hum, pres = rng.uniform(5, 30), rng.uniform(30, 80), rng.uniform(990, 1030)
+    rows = []
+    for i in range(rng.randint(8, 24)):
+        temp += rng.uniform(-0.4, 0.4)
+        hum = min(100.0, max(0.0, hum + rng.uniform(-1.5, 1.5)))
+        pres += rng.uniform(-0.3, 0.3)
+        ts = (start + timedelta(minutes=every * i)).isoformat() + "Z"
+        rows.append((ts, sensor, f"{temp:.2f}", f"{hum:.1f}", f"{pres:.1f}"))
+    return _csv_text(
+        ("timestamp", "sensor_id", "temperature_c", "humidity_pct", "pressure_hpa"), rows
+    )
+
+
+def _bank_statement(rng: random.Random) -> str:
+    """A CSV bank statement whose balance is the running sum of its amounts."""
+    account = f"ACC-{rng.randint(10000, 99999)}"
+    day = _EPOCH + timedelta(days=rng.randrange(4 * 365))
+    balance = rng.randint(50_000, 500_000)
+    rows = []
+    for _ in range(rng.randint(6, 18)):
+        day += timedelta(days=rng.randint(0, 3))
+        if rng.random() < 0.15:
+            description, amount = "Salary", rng.randint(150_000, 400_000)
+        else:
+            description, amount = rng.choice(_MERCHANTS), -rng.randint(150, 20_000)
+        balance += amount
+        rows.append((day.isoformat(), account, description, _money(amount), _money(balance)))
+    return _csv_text(("date", "account", "description", "amount", "balance"), rows)
 
 
 # --------------------------------------------------------------------------- output
