@@ -462,7 +462,7 @@ class Trainer:
                 cfg.alpha,
                 self.fixed,
                 domains=self.domains,
-                init_floor=cfg.init_floor,
+                steering=cfg.steering(),
             )
         except ValueError as e:
             raise DDKError(f"cannot update domain weights at step {self.state.step}: {e}") from None
