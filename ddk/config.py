@@ -118,18 +118,22 @@ class DistillSection(_Section):
     @model_validator(mode="before")
     @classmethod
     def _resolve_preset(cls, data: Any) -> Any:
-        """A preset fills the keys it names that the config leaves unset: resolved here, once,
-        so every later reader (and the saved config.yaml) sees the actual values."""
+        """A preset sets each key it names unless the config gives that key a value other than
+        its default (a full config, such as a saved one, writes every key out). Resolved here,
+        once, so every later reader and the saved config.yaml see the actual values."""
         if isinstance(data, dict) and data.get("preset") in PRESETS:
-            data = {**PRESETS[data["preset"]], **data}
+            data = dict(data)
+            for key, value in PRESETS[data["preset"]].items():
+                if data.get(key, cls.model_fields[key].default) == cls.model_fields[key].default:
+                    data[key] = value
         return data
 
     method: Method = Field("ddk", description="ddk | kd | cpt | ddk_no_smoothing | equal.")
     preset: Preset | None = Field(
         None,
         description="A named bundle of the domain-weight keys below (ddk.methods.PRESETS; "
-        "'robust': see the README); keys the config sets itself win. The saved config shows "
-        "the values it resolved to. null = each key's own default (the paper's DDK).",
+        "'robust': see the README). It sets each key it names that the config leaves at its "
+        "default; the saved config shows the values it resolved to. null: the paper's DDK.",
     )
     K: StrictInt = Field(
         1000, ge=1, description="Distillation interval: steps between domain updates."

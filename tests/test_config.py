@@ -31,10 +31,18 @@ def test_preset_resolves_into_the_saved_config(tmp_path, monkeypatch):
     cfg.save(tmp_path / "run.yaml")
     saved = yaml.safe_load((tmp_path / "run.yaml").read_text())["distill"]
     assert saved["preset"] == "robust" and saved["alpha"] == 0.25 and saved["gap"] == "log_ratio"
-    # a key the config sets wins over the preset, from a YAML file or --set
+    # a key the config sets to something other than its default wins, from a file or --set
     (tmp_path / "mine.yaml").write_text("distill:\n  preset: robust\n  alpha: 0.4\n")
-    mine = load_config(tmp_path / "mine.yaml", ["distill.gap=ratio"])
-    assert (mine.distill.alpha, mine.distill.gap, mine.distill.init_floor) == (0.4, "ratio", True)
+    mine = load_config(tmp_path / "mine.yaml", ["distill.init_floor=false"])
+    assert (mine.distill.alpha, mine.distill.gap, mine.distill.init_floor) == (
+        0.4,
+        "log_ratio",
+        True,
+    )
+    # a full config (every key written out at its default) takes the preset from --set
+    Config().save(tmp_path / "full.yaml")
+    full = load_config(tmp_path / "full.yaml", ["distill.preset=robust"])
+    assert full.distill == cfg.distill
     # a saved run reloads to the same values even if the preset changes later
     monkeypatch.setitem(PRESETS, "robust", {"alpha": 0.1})
     assert load_config(tmp_path / "run.yaml") == cfg
