@@ -99,14 +99,15 @@ SETTINGS: dict[str, list[str]] = {
 class Metric:
     key: str
     title: str
+    short: str
     lower_is_better: bool
 
 
 # Columns of the table. A benchmark average (issue 18's lm-eval scores) is one more entry here
 # plus its value in run_numbers; a column none of the runs has is left out.
 METRICS = (
-    Metric("worst_ratio", "worst-domain ratio S/T", True),
-    Metric("geomean_ppl", "geo-mean ppl", True),
+    Metric("worst_ratio", "worst ratio S/T", "worst", True),
+    Metric("geomean_ppl", "geo-mean ppl", "geo-mean", True),
 )
 
 
@@ -160,7 +161,7 @@ def summarize(results: dict[str, dict[str, dict]], reference: str | None) -> lis
                 continue
             mean, half = spread(values)
             row["metrics"][m.key] = {"mean": mean, "half_range": half, "values": values}
-        if ref and setting != reference:
+        if ref and setting != reference and reps:
             shared = [r for r in reps if r in ref]
             row["vs_reference"] = _against(by_rep, ref, shared, row["metrics"], ref)
         rows.append(row)
@@ -196,12 +197,11 @@ def _against(mine: dict, ref: dict, shared: list[str], metrics: dict, ref_runs: 
 def table(rows: list[dict], reference: str | None, markdown: bool = False) -> str:
     metrics = [m for m in METRICS if any(m.key in r["metrics"] for r in rows)]
     headers = ["setting", "seeds"]
-    for m in metrics:
-        headers += [f"{m.title} (mean ± half-range)"]
-    headers += [f"{metrics[0].title}, per seed"] if metrics else []
+    headers += [m.title for m in metrics]
+    headers += [f"{metrics[0].short} per seed"] if metrics else []
     if reference and any("vs_reference" in r for r in rows):
-        headers += [f"{m.key} vs {reference}" for m in metrics]
-        headers += [f"better than {reference} on all (seeds)"]
+        headers += [f"Δ {m.short} vs {reference}" for m in metrics]
+        headers += [f"beats {reference} (seeds)"]
     lines = []
     for r in rows:
         line = [r["setting"], r["n"]]
@@ -446,7 +446,13 @@ def main(argv=None) -> int:
         f"{len(reps)} seeds ({', '.join(r.label for r in reps)}); numbers on the "
         f"{'/'.join(splits) or '?'} split"
         + (" (held out: nothing steered by it)" if splits == ["test"] else "")
-        + "; mean ± half the max-min range over seeds."
+        + "; mean ± half the max-min range over seeds; Δ: change of the mean against "
+        + (
+            f"'{reference}'; beats: a lower {METRICS[0].short} and a {METRICS[1].short} at or "
+            f"below {reference}'s, on the means (and in how many seeds)."
+            if reference
+            else "none."
+        )
     )
     print("\n" + note)
     print(table(rows, reference))
