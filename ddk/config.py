@@ -13,7 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
+from ddk.domains import Steering
 from ddk.errors import ConfigError
+from ddk.methods import PRESETS
 
 
 class _Section(BaseModel):
@@ -107,13 +109,33 @@ class DataSection(_Section):
     )
 
 
-# The keys of ddk.methods.METHODS (a test checks they agree).
+# The keys of ddk.methods.METHODS and PRESETS (a test checks they agree).
 Method = Literal["ddk", "kd", "cpt", "ddk_no_smoothing", "equal"]
+Preset = Literal["robust"]
 Divergence = Literal["forward_kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "none"]
 
 
 class DistillSection(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_preset(cls, data: Any) -> Any:
+        """A preset sets each key it names unless the config gives that key a value other than
+        its default (a full config, such as a saved one, writes every key out). Resolved here,
+        once, so every later reader and the saved config.yaml see the actual values."""
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            data = dict(data)
+            for key, value in PRESETS[data["preset"]].items():
+                if data.get(key, cls.model_fields[key].default) == cls.model_fields[key].default:
+                    data[key] = value
+        return data
+
     method: Method = Field("ddk", description="ddk | kd | cpt | ddk_no_smoothing | equal.")
+    preset: Preset | None = Field(
+        None,
+        description="A named bundle of the domain-weight keys below (ddk.methods.PRESETS; "
+        "'robust': see the README). It sets each key it names that the config leaves at its "
+        "default; the saved config shows the values it resolved to. null: the paper's DDK.",
+    )
     K: StrictInt = Field(
         1000, ge=1, description="Distillation interval: steps between domain updates."
     )
@@ -138,6 +160,36 @@ class DistillSection(_Section):
         False,
         description="Apply Eq. 2's floor (1-alpha)/N at interval 0 too (not in the paper).",
     )
+    gap: Literal["ratio", "log_ratio"] = Field(
+        "ratio",
+        description="What Eq. 1/2 exponentiate: the perplexity ratio student/teacher (paper) or "
+        "its log, the student-minus-teacher cross-entropy (DoReMi's excess loss; not in the "
+        "paper). Ratios of 50+ make Eq. 1 one-hot; their logs do not.",
+    )
+    clip_gap: bool = Field(
+        False,
+        description="Count a domain where the student is at or below the teacher's perplexity "
+        "as no gap (ratio 1, log-ratio 0), as DoReMi clips excess loss at 0 (not in the paper).",
+    )
+    weight_temperature: float = Field(
+        1.0,
+        gt=0.0,
+        description="Divide the gap by this in Eq. 1's and Eq. 2's softmax; > 1 flattens the "
+        "domain weights (paper: 1). Not the distillation temperature tau.",
+    )
+    min_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Every domain's weight is at least min_share/N, a fraction of the uniform "
+        "share (not in the paper; Eq. 2 already keeps (1-alpha)/N after interval 0).",
+    )
+    max_weight_change: float | None = Field(
+        None,
+        ge=1.0,
+        description="Cap on how fast a domain weight moves: at most this factor up or down per "
+        "interval, from uniform at interval 0 (not in the paper; null = no cap).",
+    )
     tau_squared: bool = Field(
         False,
         description="Multiply the divergence by tau^2 (Hinton-style KD); the paper does not.",
@@ -148,6 +200,17 @@ class DistillSection(_Section):
     loss_chunk_tokens: StrictInt = Field(
         512, ge=1, description="Tokens per loss chunk; bounds the logits held in memory."
     )
+
+    def steering(self) -> Steering:
+        """The keys beyond alpha that shape DDK's weights, as ddk.domains takes them."""
+        return Steering(
+            init_floor=self.init_floor,
+            temperature=self.weight_temperature,
+            gap=self.gap,
+            clip_gap=self.clip_gap,
+            min_share=self.min_share,
+            max_change=self.max_weight_change,
+        )
 
 
 class TeacherSection(_Section):

@@ -48,7 +48,7 @@ class IntervalPlan:
         self.method = method_spec(d.method)
         self.domains = data.names
         self.K, self.max_steps = d.K, t.max_steps
-        self.alpha, self.init_floor, self.max_epochs = d.alpha, d.init_floor, d.max_domain_epochs
+        self.alpha, self.steering, self.max_epochs = d.alpha, d.steering(), d.max_domain_epochs
         self.micro, self.accum, self.world = t.micro_batch_size, t.grad_accum_steps, world_size
         self.global_batch = self.micro * self.accum * world_size
         self.fixed = None
@@ -106,7 +106,7 @@ class IntervalPlan:
                 self.alpha,
                 self.fixed,
                 domains=self.domains,
-                init_floor=self.init_floor,
+                steering=self.steering,
             )
         except ValueError as e:
             raise DDKError(f"cannot update domain weights at step {step}: {e}") from None

@@ -3,12 +3,14 @@
 The config's allowed values, `domains.next_weights`, the trainer, the loss and preflight all
 read this module, so "does this method (and this run) need a teacher" is answered in one place:
 `MethodSpec.trains_with_teacher` for a run's settings, `divergence_active` for the loss.
+PRESETS are named bundles of `distill` keys (`distill.preset`), resolved when the config is
+validated.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Weights = Literal["eq1_then_eq2", "eq1_every_interval", "fixed", "uniform"]
 
@@ -75,3 +77,10 @@ def method_spec(name: str) -> MethodSpec:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)}") from None
+
+
+# `distill.preset` -> the distill keys it sets (keys a config sets itself win). Chosen by
+# benchmarks/method_sweep.py; the README's "Choosing a DDK setting" shows the evidence.
+PRESETS: dict[str, dict[str, Any]] = {
+    "robust": {"init_floor": True, "alpha": 0.25},
+}

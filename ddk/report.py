@@ -59,8 +59,11 @@ class _Run:
         distill = self.config.get("distill") or {}
         trainer = self.config.get("trainer") or {}
         self.method = str(distill.get("method") or "unknown")
-        # a variant of a method (the opt-in interval-0 floor) gets its own label
-        self.variant = self.method + ("+floor" if distill.get("init_floor") else "")
+        # a variant of a method (a preset, else the opt-in interval-0 floor) gets its own label
+        if distill.get("preset"):
+            self.variant = f"{self.method}+{distill['preset']}"
+        else:
+            self.variant = self.method + ("+floor" if distill.get("init_floor") else "")
         self.K = distill.get("K")
         self.alpha = distill.get("alpha")
         self.gamma = distill.get("gamma")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ddk.data.dataset import PreparedData
-from ddk.domains import floored_initial_weights, next_weights
+from ddk.domains import Steering, floored_initial_weights, next_weights
 from ddk.errors import DDKError
 from ddk.evaluate import domain_perplexities
 from ddk.metrics import read_metrics
@@ -38,12 +38,15 @@ def test_floored_initial_weights_match_naive_reference():
     got = floored_initial_weights(s, t, alpha)
     np.testing.assert_allclose(got, naive, rtol=1e-12)
     assert got.sum() == pytest.approx(1.0) and got.min() >= (1 - alpha) / 3
-    floored = next_weights("ddk", 0, None, s, t, alpha, None, init_floor=True)
+    floored = next_weights("ddk", 0, None, s, t, alpha, None, steering=Steering(init_floor=True))
     np.testing.assert_allclose(floored, naive, rtol=1e-12)
     plain = next_weights("ddk", 0, None, s, t, alpha, None)  # the paper: no floor
     assert plain.min() < 1e-3
     # later intervals are Eq. 2 either way
-    later = [next_weights("ddk", 1, plain, s, t, alpha, None, init_floor=f) for f in (0, 1)]
+    later = [
+        next_weights("ddk", 1, plain, s, t, alpha, None, steering=Steering(init_floor=f))
+        for f in (False, True)
+    ]
     np.testing.assert_array_equal(*later)
 
 
@@ -238,6 +241,37 @@ def test_init_floor_run_is_labelled_and_floored(tmp_path, teacher_dir, student_d
     for bad in ("kd+floor", "ddk+tau", "dkk"):
         with pytest.raises(DDKError, match="ddk\\+floor"):
             split_variant(bad)
+
+
+def test_steering_keys_reach_the_run(tmp_path, teacher_dir, student_dir, prepared_dir):
+    """A run with a preset and steering keys samples with exactly those weights, and its saved
+    config and report label say what it ran."""
+    import yaml
+
+    from ddk.config import load_config
+
+    run = tmp_path / "robust"
+    keys = {"distill.preset": "robust", "distill.gap": "log_ratio", "distill.min_share": 0.5,
+            "distill.max_weight_change": 1.5, "distill.K": 2, "trainer.max_steps": 4}  # fmt: skip
+    cfg = make_config(run, teacher_dir, student_dir, prepared_dir, **keys)
+    start_run(cfg)
+    saved = load_config(run / "config.yaml").distill
+    assert saved == cfg.distill and saved.preset == "robust" and saved.gap == "log_ratio"
+    assert yaml.safe_load((run / "config.yaml").read_text())["distill"]["init_floor"] is True
+    updates = _events(run, "domain_update")
+    assert [u["step"] for u in updates] == [0, 2]
+    previous = None
+    for i, update in enumerate(updates):
+        names = list(update["domains"])
+        s = [update["domains"][d]["student_ppl"] for d in names]
+        t = [update["domains"][d]["teacher_ppl"] for d in names]
+        expected = next_weights("ddk", i, previous, s, t, saved.alpha, None, names,
+                                saved.steering())  # fmt: skip
+        got = [update["domains"][d]["weight"] for d in names]
+        np.testing.assert_allclose(got, expected, rtol=1e-9)
+        assert min(got) >= 0.5 / len(names) - 1e-12
+        previous = got
+    assert summarize_runs([run])["runs"][0]["label"] == "ddk+robust"
 
 
 def test_cache_keys_follow_weights_dtype_and_data(tmp_path, teacher_dir, student_dir, prepared_dir):
