@@ -38,7 +38,7 @@ from pathlib import Path
 from ddk.config import Config, read_raw_config
 from ddk.errors import DDKError
 from ddk.metrics import FINAL_EVAL, read_metrics
-from ddk.resume import flatten
+from ddk.run_dir import flatten
 from ddk.table import format_table
 
 # Every steering key at the paper's value: built-in DDK settings start from these, so a
@@ -312,7 +312,7 @@ def execute(run: Run, launcher: list[str] | None, log_dir: Path) -> None:
     started = run.run_dir.is_dir() and any(run.run_dir.iterdir())
     if launcher is None:
         from ddk.preflight import load_checked_config
-        from ddk.trainer import resume_run, start_run
+        from ddk.run_dir import resume_run, start_run
 
         done = (
             resume_run(run.run_dir)
