@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ddk import __version__
 from ddk.config import ConfigError, load_config
@@ -32,6 +33,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _task_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one task name")
+    return names
 
 
 def _auto_domains(text: str) -> int | str:
@@ -86,11 +94,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p, config_required=True)
 
-    p = sub.add_parser("eval", help="per-domain test (or validation) perplexity of a model")
-    p.add_argument("--model", required=True, help="model hub id or folder")
-    p.add_argument("--data", required=True, help="prepared data folder")
+    p = sub.add_parser(
+        "eval",
+        help="per-domain test perplexity (--data) and benchmark scores through lm-eval (--tasks)",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--model", required=True, help="model hub id or folder, or a run folder (its final/)"
+    )
+    p.add_argument("--data", help="prepared data folder: per-domain perplexity")
+    p.add_argument(
+        "--tasks",
+        type=_task_list,
+        help="lm-eval tasks, comma-separated (e.g. gsm8k,mmlu); default: the run's or CONFIG's "
+        "eval.tasks",
+    )
+    p.add_argument("--include-path", action="append", help="folder of your own lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's)")
+    p.add_argument("--limit", type=float, help="examples per task (below 1: a fraction)")
+    p.add_argument("--out", help="write the benchmark scores to this JSON file")
+    p.add_argument(
+        "--confirm-run-unsafe-code",
+        action="store_true",
+        help="allow tasks that execute the model's code (humaneval, mbpp)",
+    )
     p.add_argument("--domains", nargs="*", help="subset of domains")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument(
+        "--batch-size", type=_positive_int, help="sequences (perplexity: 8) or requests per forward"
+    )
     p.add_argument("--max-sequences", type=_positive_int, help="held-out sequences per domain")
     p.add_argument(
         "--split",
@@ -195,18 +226,58 @@ def _cache_teacher(args) -> int:
 
 
 def _eval(args) -> int:
-    from ddk.evaluate import evaluate_model_cli
+    from ddk.evaluate import eval_model, eval_tokenizer, evaluate_model_cli, resolve_model_folder
 
-    evaluate_model_cli(
-        args.model,
-        args.data,
-        domains=args.domains,
-        batch_size=args.batch_size,
-        max_sequences=args.max_sequences,
-        as_json=args.json,
-        split=args.split,
-    )
+    model, run = resolve_model_folder(args.model)
+    section = _eval_section(args, run)
+    if not args.data and not section.tasks:
+        raise DDKError(
+            "nothing to evaluate: give --data (per-domain perplexity) and/or --tasks (benchmarks)"
+        )
+    if args.json and args.data and section.tasks:
+        raise DDKError("--json prints one kind of result: give --data or --tasks (or use --out)")
+    loaded = None
+    if args.data and section.tasks:  # one load for both
+        loaded = (eval_model(model), eval_tokenizer(model))
+    if args.data:
+        evaluate_model_cli(
+            model,
+            args.data,
+            domains=args.domains,
+            batch_size=args.batch_size or 8,
+            max_sequences=args.max_sequences,
+            as_json=args.json,
+            split=args.split,
+            loaded=loaded,
+        )
+    if section.tasks:
+        from ddk.data.manifest import read_manifest
+        from ddk.harness import benchmark_model_cli
+
+        domains = list(read_manifest(Path(args.data)).domains) if args.data else None
+        benchmark_model_cli(
+            model, section, out=args.out, as_json=args.json, domains=domains, loaded=loaded
+        )
     return 0
+
+
+def _eval_section(args, run):
+    """The `eval` section: CONFIG's (or, for a run folder, the run's config.yaml), then the
+    flags and --set on top."""
+    source = args.config or (
+        run / "config.yaml" if run and (run / "config.yaml").is_file() else None
+    )
+    flags = {
+        "tasks": args.tasks,
+        "include_path": args.include_path,
+        "num_fewshot": args.num_fewshot,
+        "limit": int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit,
+        "batch_size": args.batch_size,
+    }
+    overrides = [f"eval.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    if args.confirm_run_unsafe_code:
+        overrides.append("eval.confirm_run_unsafe_code=true")
+    return load_config(source, overrides + args.overrides).eval
 
 
 def _demo(args) -> int:

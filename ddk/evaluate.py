@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -114,6 +115,39 @@ def run_perplexities(
     )
 
 
+def resolve_model_folder(name: str) -> tuple[str, Path | None]:
+    """A run folder (written by `ddk distill`) stands for its final model: (RUN/final, RUN);
+    anything else is a model folder or hub id: (name, None)."""
+    path = Path(name).expanduser()
+    is_run = (path / "metrics.jsonl").is_file() or (path / "config.yaml").is_file()
+    if path.is_dir() and not (path / "config.json").exists() and is_run:
+        if not (path / "final").is_dir():
+            raise DDKError(
+                f"run '{name}' has no final model yet (RUN/final); finish it with "
+                f"`ddk distill --resume {name}` or give a model folder"
+            )
+        return str(path / "final"), path
+    return name, None
+
+
+def eval_tokenizer(model_name: str):
+    """The model's tokenizer, or None for a model folder without tokenizer files."""
+    from ddk.models import load_tokenizer
+
+    try:
+        return load_tokenizer(model_name)
+    except DDKError:
+        return None
+
+
+def eval_model(model_name: str):
+    """The model on the GPU when there is one, in ddk's evaluation dtype."""
+    from ddk.models import load_model, resolve_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(model_name, dtype=resolve_dtype("auto", device), what="model").to(device)
+
+
 def evaluate_model_cli(
     model_name: str,
     data_dir: str,
@@ -123,24 +157,24 @@ def evaluate_model_cli(
     max_sequences: int | None,
     as_json: bool,
     split: str = "test",
+    loaded: tuple | None = None,
 ) -> dict:
+    """`ddk eval --data`: per-domain perplexity, printed as a table or JSON. `loaded`: the
+    (model, tokenizer) when the caller has them already (else read after the cheap checks)."""
     from ddk.data.vocab import same_vocabulary
-    from ddk.models import check_vocab, embedding_rows, load_model, load_tokenizer, resolve_dtype
+    from ddk.models import check_vocab, embedding_rows
 
     if domains is not None and not domains:
         raise DDKError("--domains needs at least one domain name")
     data = PreparedData(data_dir, domains)
-    try:
-        tokenizer = load_tokenizer(model_name)
-    except DDKError:
-        tokenizer = None  # a model folder without tokenizer files: rely on the size check
+    model, tokenizer = loaded or (None, eval_tokenizer(model_name))
     if tokenizer is not None and not same_vocabulary(data.manifest, tokenizer):
         raise DDKError(
             f"'{data_dir}' was tokenised with '{data.manifest.tokenizer.name_or_path}', whose "
             f"vocabulary differs from the tokenizer of '{model_name}'; prepare it with the model's"
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(model_name, dtype=resolve_dtype("auto", device), what="model").to(device)
+    if model is None:
+        model = eval_model(model_name)
     check_vocab(data.vocab_size, None, embedding_rows(model))
     split = report_split(data, split)
     result = domain_perplexities(

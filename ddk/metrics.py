@@ -1,9 +1,11 @@
-"""metrics.jsonl (one JSON record per line) and, optionally, TensorBoard scalars."""
+"""metrics.jsonl (one JSON record per line), also sent to the experiment trackers."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from ddk.trackers import Trackers
 
 # Event names of metrics.jsonl records (training-step records carry no "event").
 DOMAIN_UPDATE = "domain_update"
@@ -39,43 +41,23 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 class MetricsWriter:
-    def __init__(
-        self,
-        run_dir: Path,
-        report_to: list[str],
-        enabled: bool = True,
-        purge_step: int | None = None,
-    ):
+    """Appends records to metrics.jsonl and hands them to the run's trackers (ddk.trackers).
+    `trackers` is None off rank 0 and when report_to is empty."""
+
+    def __init__(self, run_dir: Path, trackers: Trackers | None = None, enabled: bool = True):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self._tb = None
-        if enabled and "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("warning: report_to has tensorboard but it is not installed; skipping it")
-            else:
-                # purge_step drops points a crashed run logged past the resumed checkpoint.
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+        self.trackers = trackers if enabled else None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            step = record["step"]
-            if record.get("event") in EVAL_EVENTS:
-                for name, d in record["domains"].items():
-                    for key in ("student_ppl", "teacher_ppl", "weight", "ratio"):
-                        if d.get(key) is not None:
-                            self._tb.add_scalar(f"{key}/{name}", d[key], step)
-            else:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, int | float):
-                        self._tb.add_scalar(f"train/{key}", value, step)
+        if self.trackers is not None:
+            self.trackers.log_record(record)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None

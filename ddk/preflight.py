@@ -222,4 +222,9 @@ def preflight_problems(cfg: Config) -> list[str]:
         from ddk.teacher.cache import cache_problems
 
         problems.extend(cache_problems(cfg, manifest, domains))
+    if cfg.eval.tasks:
+        from ddk.harness import BenchmarkPlan, plan_problems
+
+        plan = BenchmarkPlan.from_section(cfg.eval)
+        problems.extend(plan_problems(plan, domains if manifest else None))
     return problems

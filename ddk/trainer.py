@@ -56,6 +56,7 @@ from ddk.sampler import DomainSampler
 from ddk.schedule import lr_lambda
 from ddk.teacher import Batch, OnlineTeacher
 from ddk.teacher.placement import load_placed_teacher
+from ddk.trackers import start_trackers
 
 
 class DistillStep(torch.nn.Module):
@@ -203,7 +204,9 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         self.metrics = MetricsWriter(
-            run_dir, cfg.trainer.report_to, enabled=self.is_main, purge_step=self.state.step or None
+            run_dir,
+            start_trackers(cfg, run_dir, self.state.step) if self.is_main else None,
+            enabled=self.is_main,
         )
 
     # ------------------------------------------------------------------ setup
