@@ -104,7 +104,7 @@ def _build(name: str, run_dir: Path, project: str, run_name: str, kwargs: dict, 
             kwargs.setdefault("purge_step", purge_step)
         return cls("tensorboard", run_dir, **kwargs)
     if name == "mlflow":
-        return cls(experiment_name=project, run_name=run_name, **kwargs)
+        return cls(**{"experiment_name": project, "run_name": run_name, **kwargs})
     if cls.requires_logging_directory:
         return cls(project, run_dir, **kwargs)
     return cls(project, **kwargs)
