@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import logging
 import math
 import os
@@ -23,12 +24,16 @@ import random
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ddk.errors import DDKError, first_line
+from ddk.evaluate import eval_model, eval_tokenizer
+from ddk.fileutil import write_json_atomic
+from ddk.table import format_table
 
 LM_EVAL_EXTRA = "pip install 'ddk-distill[eval]'"
 # lm-eval's default seeds (lm_eval.evaluator.simple_evaluate): python, numpy, torch, few-shot.
@@ -140,8 +145,6 @@ def _lm_eval():
 
 
 def lm_eval_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("lm_eval")
     except PackageNotFoundError:
@@ -485,10 +488,6 @@ def benchmarks_payload(model_name: str, record: dict, **extra) -> dict:
 
 def write_benchmarks(path: Path, payload: dict) -> None:
     """Write atomically; a file there that is not a ddk benchmarks file is never replaced."""
-    import json
-
-    from ddk.fileutil import write_json_atomic
-
     path = Path(path)
     if path.exists():
         try:
@@ -544,11 +543,6 @@ def benchmark_model_cli(
 ) -> dict:
     """`ddk eval --tasks`: check the tasks, load the model (unless `loaded`), score, print a
     table (or JSON), write the JSON to `out`."""
-    import json
-
-    from ddk.evaluate import eval_model, eval_tokenizer
-    from ddk.table import format_table
-
     plan = BenchmarkPlan.from_section(section)
     check_plan(plan, domains)
     if loaded is not None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ddk.trackers import Trackers
+if TYPE_CHECKING:
+    from ddk.trackers import Trackers
 
 # Event names of metrics.jsonl records (training-step records carry no "event").
 DOMAIN_UPDATE = "domain_update"

@@ -26,6 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
 from ddk.errors import first_line
 
 # Per-domain values of domain_update / final_eval records that become scalars.
@@ -94,8 +96,6 @@ def _run_defaults(name: str, run_dir: Path, run_name: str) -> dict[str, Any]:
 
 def _build(name: str, run_dir: Path, project: str, run_name: str, kwargs: dict, purge_step):
     """The tracker object Accelerator.init_trackers would build, with ddk's folders."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
     cls = LOGGER_TYPE_TO_CLASS[name]
     kwargs = {**_run_defaults(name, run_dir, run_name), **kwargs}
     if name == "tensorboard":
@@ -111,8 +111,6 @@ def _build(name: str, run_dir: Path, project: str, run_name: str, kwargs: dict, 
 
 
 def _installed(name: str) -> bool:
-    from accelerate.tracking import get_available_trackers
-
     return name in {str(t) for t in get_available_trackers()}
 
 

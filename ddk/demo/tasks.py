@@ -28,7 +28,10 @@ import numpy as np
 import yaml
 
 from ddk.data.dedup import text_hash
+from ddk.data.manifest import read_manifest
+from ddk.data.sources import discover, iter_documents
 from ddk.errors import DDKError
+from ddk.models import load_tokenizer
 
 MAX_ITEMS_PER_DOC = 8
 CHOICES = 4
@@ -99,9 +102,6 @@ def task_yaml(name: str, data: Path) -> dict:
 def heldout_test_documents(prepared: Path, corpus: Path) -> dict[str, list[str]]:
     """{domain: texts of its test documents}, by the corpus ids `ddk prepare` recorded in
     `<domain>/test_docs.npy`; each text is checked against the folder's held-out hashes."""
-    from ddk.data.manifest import read_manifest
-    from ddk.data.sources import discover, iter_documents
-
     manifest = read_manifest(prepared)
     ids = {
         domain: np.load(prepared / info.folder / "test_docs.npy")[:, 0].tolist()
@@ -141,9 +141,6 @@ def write_demo_tasks(
     JSONL in `out`); returns the `eval.tasks` map {domain: [task]}. A unit may take at most half
     of the data's seq_len in tokens, so every choice fits the demo models' context with some of
     the document before it."""
-    from ddk.data.manifest import read_manifest
-    from ddk.models import load_tokenizer
-
     prepared, corpus = Path(prepared), Path(corpus)
     manifest = read_manifest(prepared)
     tokenizer = load_tokenizer(manifest.tokenizer.name_or_path)
