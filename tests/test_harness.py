@@ -34,7 +34,8 @@ def write_task(folder: Path, name: str, items: list[dict], **spec) -> Path:
     config = {
         "task": name,
         "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        # datasets' own cache in the test's folder, not the user's ~/.cache
+        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(folder / "cache")},
         "test_split": "test",
         **spec,
     }
@@ -309,3 +310,28 @@ def test_ddk_eval_scores_a_run_folder_with_its_eval_section(
     assert payload["tasks"]["run_choice"]["domain"] == "prose"
     assert payload["tasks"]["run_choice"]["samples"] == 4
     assert "run_choice" in capsys.readouterr().out
+
+
+def test_a_benchmark_that_fails_mid_training_is_a_warning_and_a_record(
+    tmp_path, model, tok, capsys
+):
+    from ddk.harness import score_or_failure
+
+    items = [{"context": "the model", "choices": ["learns", "data"], "label": 0}] * 3
+    folder = write_task(
+        tmp_path / "tasks",
+        "vanishing",
+        items,
+        output_type="multiple_choice",
+        doc_to_text="{{context}}",
+        doc_to_choice="{{choices}}",
+        doc_to_target="{{label}}",
+    )
+    plan = BenchmarkPlan(tasks={"vanishing": "prose"}, include_path=(str(folder),))
+    assert plan_problems(plan, ["prose"]) == []  # fine before training
+    (folder / "vanishing.jsonl").unlink()  # ... and gone by the time it is scored
+    record = score_or_failure(model, tok, plan)
+    assert record["failed"].startswith("FileNotFoundError") and "tasks" not in record
+    (warning,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning: ")]
+    assert "benchmark evaluation failed" in warning and "training continues" in warning
+    assert model.training is False
