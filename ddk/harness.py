@@ -564,3 +564,67 @@ def benchmark_model_cli(
         if out:
             print(f"written to {out}")
     return payload
+
+
+# ------------------------------------------------------------------ inside a run
+
+BENCHMARK_EVAL = "benchmark_eval"  # the metrics.jsonl event of one scoring
+
+
+class RunBenchmarks:
+    """Scores a run's student in process (rank 0): the final model, and every
+    `eval.every_intervals` intervals. Each scoring is a `benchmark_eval` record for metrics.jsonl
+    (`{"event", "step", "final", **score's record}`, or `"failed"` instead of the scores) and
+    rewrites RUN/benchmarks.json: the latest scores and a `history` of every scoring so far.
+    Reporting only: nothing here is read back by the sampler."""
+
+    def __init__(self, section, run_dir: Path, tokenizer):
+        self.plan = BenchmarkPlan.from_section(section)
+        self.every = section.every_intervals
+        self.run_dir = Path(run_dir)
+        self.tokenizer = tokenizer
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.plan.tasks)
+
+    def due(self, interval: int) -> bool:
+        """Whether the evaluation that opens `interval` also scores benchmarks."""
+        return (
+            self.enabled and self.every is not None and interval > 0 and interval % self.every == 0
+        )
+
+    def score(self, model, step: int, *, final: bool = False) -> dict:
+        record = score_or_failure(model, self.tokenizer, self.plan)
+        event = {"event": BENCHMARK_EVAL, "step": step, "final": final, **record}
+        self._write_file(event)
+        return event
+
+    def _write_file(self, event: dict) -> None:
+        path = self.run_dir / "benchmarks.json"
+        history = []
+        if path.is_file():
+            try:
+                previous = json.loads(path.read_text())
+            except (OSError, ValueError):
+                previous = {}
+            if previous.get("format") == BENCHMARKS_FORMAT:
+                # a resumed run redoes what came after its checkpoint
+                history = [h for h in previous.get("history", []) if h["step"] < event["step"]]
+        history.append(_history_entry(event))
+        model = str(self.run_dir / "final") if event["final"] else f"step {event['step']}"
+        payload = benchmarks_payload(model, event, history=history)
+        payload.pop("event")
+        write_benchmarks(path, payload)
+
+
+def _history_entry(event: dict) -> dict:
+    if "failed" in event:
+        return {"step": event["step"], "final": event["final"], "failed": event["failed"]}
+    return {
+        "step": event["step"],
+        "final": event["final"],
+        "average": event["average"],
+        "domains": {d: e["score"] for d, e in event["domains"].items()},
+        "tasks": {t: e["score"] for t, e in event["tasks"].items()},
+    }

@@ -335,3 +335,42 @@ def test_a_benchmark_that_fails_mid_training_is_a_warning_and_a_record(
     (warning,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning: ")]
     assert "benchmark evaluation failed" in warning and "training continues" in warning
     assert model.training is False
+
+
+def test_run_benchmarks_write_events_and_benchmarks_json(tmp_path, model, tok):
+    from ddk.harness import RunBenchmarks
+    from ddk.trackers import tracker_values
+
+    rng = random.Random(4)
+    items = [
+        {"context": words(rng, 4), "choices": [words(rng, 2) for _ in range(3)], "label": 2}
+        for _ in range(5)
+    ]
+    folder = write_task(
+        tmp_path / "tasks",
+        "run_task",
+        items,
+        output_type="multiple_choice",
+        doc_to_text="{{context}}",
+        doc_to_choice="{{choices}}",
+        doc_to_target="{{label}}",
+    )
+    section = EvalSection(
+        tasks={"prose": ["run_task"]}, include_path=[str(folder)], every_intervals=2
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    benchmarks = RunBenchmarks(section, run, tok)
+    assert [benchmarks.due(i) for i in range(5)] == [False, False, True, False, True]
+    first = benchmarks.score(model, 10)
+    last = benchmarks.score(model, 20, final=True)
+    assert first["event"] == "benchmark_eval" and (first["step"], first["final"]) == (10, False)
+    assert last["tasks"]["run_task"]["score"] == first["tasks"]["run_task"]["score"]
+    saved = json.loads((run / "benchmarks.json").read_text())
+    assert saved["model"] == str(run / "final") and saved["step"] == 20
+    assert [h["step"] for h in saved["history"]] == [10, 20]
+    assert saved["history"][1]["domains"] == {"prose": last["average"]}
+    assert tracker_values(last)["benchmark/run_task"] == last["tasks"]["run_task"]["score"]
+    benchmarks.score(model, 15)  # a resumed run redoes what came after its checkpoint
+    saved = json.loads((run / "benchmarks.json").read_text())
+    assert [h["step"] for h in saved["history"]] == [10, 15] and saved["model"] == "step 15"
