@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and a summary of one or more runs")
     p.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
     p.add_argument("--out", help="output folder (default: the first run's report/)")
+    p.add_argument(
+        "--benchmarks",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="`ddk eval --out` files (e.g. the teacher's) shown as rows of the benchmark table",
+    )
     return parser
 
 
@@ -290,7 +297,7 @@ def _demo(args) -> int:
 def _report(args) -> int:
     from ddk.report import write_report
 
-    write_report(args.runs, args.out)
+    write_report(args.runs, args.out, benchmark_files=args.benchmarks)
     return 0
 
 

@@ -33,6 +33,7 @@ import torch
 from ddk.errors import DDKError, first_line
 from ddk.evaluate import eval_model, eval_tokenizer
 from ddk.fileutil import write_json_atomic
+from ddk.metrics import BENCHMARK_EVAL, BENCHMARKS_FORMAT
 from ddk.table import format_table
 
 LM_EVAL_EXTRA = "pip install 'ddk-distill[eval]'"
@@ -471,8 +472,6 @@ def _version_or_none() -> str | None:
 
 # ------------------------------------------------------------------ files and tables
 
-BENCHMARKS_FORMAT = "ddk.benchmarks"
-
 
 def benchmarks_payload(model_name: str, record: dict, **extra) -> dict:
     """What `ddk eval --out` (and RUN/benchmarks.json) holds: a format marker, the model, the
@@ -567,8 +566,6 @@ def benchmark_model_cli(
 
 
 # ------------------------------------------------------------------ inside a run
-
-BENCHMARK_EVAL = "benchmark_eval"  # the metrics.jsonl event of one scoring
 
 
 class RunBenchmarks:

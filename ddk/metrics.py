@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 DOMAIN_UPDATE = "domain_update"
 FINAL_EVAL = "final_eval"
 SKIPPED_STEP = "skipped_step"
+BENCHMARK_EVAL = "benchmark_eval"  # lm-eval scores (ddk.harness), reporting only
+BENCHMARKS_FORMAT = "ddk.benchmarks"  # RUN/benchmarks.json and `ddk eval --out` files
 EVAL_EVENTS = (DOMAIN_UPDATE, FINAL_EVAL)
 
 

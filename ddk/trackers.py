@@ -29,6 +29,7 @@ from typing import Any
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
 from ddk.errors import first_line
+from ddk.metrics import BENCHMARK_EVAL, DOMAIN_UPDATE, FINAL_EVAL, SKIPPED_STEP
 
 # Per-domain values of domain_update / final_eval records that become scalars.
 DOMAIN_KEYS = ("weight", "student_ppl", "teacher_ppl", "ratio", "rows", "epochs")
@@ -47,23 +48,23 @@ def tracker_values(record: dict) -> dict[str, float]:
     """The scalars of one metrics.jsonl record, under the names in this module's docstring."""
     event = record.get("event")
     values: dict[str, Any] = {}
-    if event == "domain_update":
+    if event == DOMAIN_UPDATE:
         for d, entry in record.get("domains", {}).items():
             for key in DOMAIN_KEYS:
                 values[f"{key}/{d}"] = _number(entry.get(key))
-    elif event == "final_eval":
+    elif event == FINAL_EVAL:
         split = record.get("split", "val")
         for d, entry in record.get("domains", {}).items():
             for key in FINAL_KEYS:
                 values[f"{split}/{key}/{d}"] = _number(entry.get(key))
-    elif event == "benchmark_eval":
+    elif event == BENCHMARK_EVAL:
         for task, entry in record.get("tasks", {}).items():
             values[f"benchmark/{task}"] = _number(entry.get("score"))
             values[f"benchmark/{task}/stderr"] = _number(entry.get("stderr"))
         for d, entry in record.get("domains", {}).items():
             values[f"benchmark/domain/{d}"] = _number(entry.get("score"))
         values["benchmark/average"] = _number(record.get("average"))
-    elif event == "skipped_step":
+    elif event == SKIPPED_STEP:
         values["train/skipped_step"] = 1
     elif event is None:
         for key, value in record.items():
