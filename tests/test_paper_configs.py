@@ -53,11 +53,11 @@ def test_prepare_config():
 
 def test_benchmarks_are_lm_eval_tasks():
     pytest.importorskip("lm_eval")
-    from ddk.harness import _manager
+    from ddk.harness import task_manager
 
     names = {t for tasks in RECIPE["benchmarks"].values() for t in tasks}
     assert len(names) == 10  # Table 1's ten
-    local = _manager((str(PAPER / "tasks"),), False).all_tasks
+    local = task_manager((str(PAPER / "tasks"),), False).all_tasks
     assert local == ["cmath"]
-    builtin = _manager((), True).all_tasks
+    builtin = task_manager((), True).all_tasks
     assert names - {"cmath"} <= set(builtin)
