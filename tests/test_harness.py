@@ -43,6 +43,20 @@ def write_task(folder: Path, name: str, items: list[dict], **spec) -> Path:
     return folder
 
 
+def choice_task(folder: Path, name: str, items: list[dict], **spec) -> Path:
+    """A multiple-choice task over items {"context", "choices", "label"}."""
+    return write_task(
+        folder,
+        name,
+        items,
+        output_type="multiple_choice",
+        doc_to_text="{{context}}",
+        doc_to_choice="{{choices}}",
+        doc_to_target="{{label}}",
+        **spec,
+    )
+
+
 def words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
@@ -78,14 +92,10 @@ def test_multiple_choice_accuracy_equals_direct_loglikelihoods(tmp_path, model, 
     for _ in range(40):
         choices = [words(rng, rng.randint(1, 4)) for _ in range(4)]
         items.append({"context": words(rng, 6), "choices": choices, "label": rng.randrange(4)})
-    folder = write_task(
+    folder = choice_task(
         tmp_path / "tasks",
         "local_choice",
         items,
-        output_type="multiple_choice",
-        doc_to_text="{{context}}",
-        doc_to_choice="{{choices}}",
-        doc_to_target="{{label}}",
         metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}],
         metadata={"version": 2.0},
     )
@@ -149,15 +159,7 @@ def test_generate_until_task_end_to_end(tmp_path, model, tok):
 
 def test_scoring_leaves_the_callers_random_state_alone(tmp_path, model, tok):
     items = [{"context": "the model", "choices": ["learns", "data"], "label": 0}] * 3
-    folder = write_task(
-        tmp_path / "tasks",
-        "tiny_choice",
-        items,
-        output_type="multiple_choice",
-        doc_to_text="{{context}}",
-        doc_to_choice="{{choices}}",
-        doc_to_target="{{label}}",
-    )
+    folder = choice_task(tmp_path / "tasks", "tiny_choice", items)
     plan = BenchmarkPlan(tasks={"tiny_choice": None}, include_path=(str(folder),))
     torch.manual_seed(123)
     random.seed(123)
@@ -286,15 +288,7 @@ def test_ddk_eval_scores_a_run_folder_with_its_eval_section(
         {"context": words(rng, 4), "choices": [words(rng, 2) for _ in range(3)], "label": 1}
         for _ in range(6)
     ]
-    folder = write_task(
-        tmp_path / "tasks",
-        "run_choice",
-        items,
-        output_type="multiple_choice",
-        doc_to_text="{{context}}",
-        doc_to_choice="{{choices}}",
-        doc_to_target="{{label}}",
-    )
+    folder = choice_task(tmp_path / "tasks", "run_choice", items)
     run = tmp_path / "run"
     shutil.copytree(student_dir, run / "final")
     (run / "metrics.jsonl").write_text("")
@@ -318,15 +312,7 @@ def test_a_benchmark_that_fails_mid_training_is_a_warning_and_a_record(
     from ddk.harness import score_or_failure
 
     items = [{"context": "the model", "choices": ["learns", "data"], "label": 0}] * 3
-    folder = write_task(
-        tmp_path / "tasks",
-        "vanishing",
-        items,
-        output_type="multiple_choice",
-        doc_to_text="{{context}}",
-        doc_to_choice="{{choices}}",
-        doc_to_target="{{label}}",
-    )
+    folder = choice_task(tmp_path / "tasks", "vanishing", items)
     plan = BenchmarkPlan(tasks={"vanishing": "prose"}, include_path=(str(folder),))
     assert plan_problems(plan, ["prose"]) == []  # fine before training
     (folder / "vanishing.jsonl").unlink()  # ... and gone by the time it is scored
@@ -346,15 +332,7 @@ def test_run_benchmarks_write_events_and_benchmarks_json(tmp_path, model, tok):
         {"context": words(rng, 4), "choices": [words(rng, 2) for _ in range(3)], "label": 2}
         for _ in range(5)
     ]
-    folder = write_task(
-        tmp_path / "tasks",
-        "run_task",
-        items,
-        output_type="multiple_choice",
-        doc_to_text="{{context}}",
-        doc_to_choice="{{choices}}",
-        doc_to_target="{{label}}",
-    )
+    folder = choice_task(tmp_path / "tasks", "run_task", items)
     section = EvalSection(
         tasks={"prose": ["run_task"]}, include_path=[str(folder)], every_intervals=2
     )

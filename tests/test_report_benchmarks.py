@@ -3,11 +3,9 @@ grouped by domain, the average, beside perplexity and worst ratio) and scores ov
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
-import yaml
 
 from ddk.cli import main
 from ddk.config import EvalSection
@@ -19,35 +17,16 @@ from tests.test_report import AFTER, table_row, write_run
 pytest.importorskip("lm_eval")
 
 from ddk.harness import RunBenchmarks, benchmarks_payload, score, write_benchmarks  # noqa: E402
+from tests.test_harness import choice_task, words  # noqa: E402
 
 
 def write_choice_task(folder, name, seed):
     rng = random.Random(seed)
-    words = ["the", "model", "learns", "data", "from", "text", "code"]
     items = [
-        {
-            "context": " ".join(rng.choices(words, k=4)),
-            "choices": [" ".join(rng.choices(words, k=2)) for _ in range(3)],
-            "label": rng.randrange(3),
-        }
+        {"context": words(rng, 4), "choices": [words(rng, 2) for _ in range(3)], "label": 1}
         for _ in range(12)
     ]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    spec = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {
-            "data_files": {"test": str(folder / f"{name}.jsonl")},
-            "cache_dir": str(folder / "cache"),
-        },
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{context}}",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "{{label}}",
-    }
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    choice_task(folder, name, items)
 
 
 @pytest.fixture(scope="module")
