@@ -269,11 +269,10 @@ def _eval(args) -> int:
 
 
 def _eval_section(args, run):
-    """The `eval` section: CONFIG's (or, for a run folder, the run's config.yaml), then the
-    flags and --set on top."""
-    source = args.config or (
-        run / "config.yaml" if run and (run / "config.yaml").is_file() else None
-    )
+    """The `eval` section: CONFIG's, or a run folder's own (unless --data asks for perplexity
+    only), then the flags and --set on top."""
+    run_config = run / "config.yaml" if run and not args.data else None
+    source = args.config or (run_config if run_config and run_config.is_file() else None)
     flags = {
         "tasks": args.tasks,
         "include_path": args.include_path,
