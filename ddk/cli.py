@@ -38,6 +38,13 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) 
     )
 
 
+def _task_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one task name")
+    return names
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -127,11 +134,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p, config_required=True)
 
-    p = sub.add_parser("eval", help="per-domain test (or validation) perplexity of a model")
-    p.add_argument("--model", required=True, help="model hub id or folder")
-    p.add_argument("--data", required=True, help="prepared data folder")
+    p = sub.add_parser(
+        "eval",
+        help="per-domain test perplexity (--data) and benchmark scores through lm-eval (--tasks)",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--model", required=True, help="model hub id or folder, or a run folder (its final/)"
+    )
+    p.add_argument("--data", help="prepared data folder: per-domain perplexity")
+    p.add_argument(
+        "--tasks",
+        type=_task_list,
+        help="lm-eval tasks, comma-separated (e.g. gsm8k,mmlu); default: the run's or CONFIG's "
+        "eval.tasks",
+    )
+    p.add_argument("--include-path", action="append", help="folder of your own lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's)")
+    p.add_argument("--limit", type=float, help="examples per task (below 1: a fraction)")
+    p.add_argument("--out", help="write the benchmark scores to this JSON file")
+    p.add_argument(
+        "--confirm-run-unsafe-code",
+        action="store_true",
+        help="allow tasks that execute the model's code (humaneval, mbpp)",
+    )
     p.add_argument("--domains", nargs="*", help="subset of domains")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument(
+        "--batch-size", type=_positive_int, help="sequences (perplexity: 8) or requests per forward"
+    )
     p.add_argument("--max-sequences", type=_positive_int, help="held-out sequences per domain")
     p.add_argument(
         "--split",
@@ -164,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and a summary of one or more runs")
     p.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
     p.add_argument("--out", help="output folder (default: the first run's report/)")
+    p.add_argument(
+        "--benchmarks",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="`ddk eval --out` files (e.g. the teacher's) shown as rows of the benchmark table",
+    )
     return parser
 
 
@@ -218,17 +255,9 @@ def _cache_teacher(args) -> int:
 
 
 def _eval(args) -> int:
-    from ddk.commands.eval_model import evaluate_model_cli
+    from ddk.commands.eval_model import eval_command
 
-    evaluate_model_cli(
-        args.model,
-        args.data,
-        domains=args.domains,
-        batch_size=args.batch_size,
-        max_sequences=args.max_sequences,
-        as_json=args.json,
-        split=args.split,
-    )
+    eval_command(args)
     return 0
 
 
@@ -242,7 +271,7 @@ def _demo(args) -> int:
 def _report(args) -> int:
     from ddk.report import write_report
 
-    write_report(args.runs, args.out)
+    write_report(args.runs, args.out, benchmark_files=args.benchmarks)
     return 0
 
 

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ddk.domains import Steering
 from ddk.errors import ConfigError
@@ -112,6 +120,11 @@ class DataSection(_Section):
 # The keys of ddk.methods.METHODS and PRESETS (a test checks they agree).
 Method = Literal["ddk", "kd", "cpt", "ddk_no_smoothing", "equal"]
 Preset = Literal["robust"]
+# The trackers Accelerate's tracker API knows (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test
+# checks they agree).
+Tracker = Literal[
+    "tensorboard", "wandb", "trackio", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab"
+]
 Divergence = Literal["forward_kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "none"]
 
 
@@ -254,8 +267,83 @@ class TrainerSection(_Section):
     max_bad_steps: StrictInt = Field(
         10, ge=1, description="Consecutive NaN/inf steps before stopping."
     )
-    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers, through Accelerate's tracker API (rank 0 only): "
+        "tensorboard (event files in RUN/tensorboard), wandb, trackio, mlflow, aim, comet_ml, "
+        "clearml, dvclive, swanlab. One that is not installed or cannot start is skipped with a "
+        "one-line warning.",
+    )
+    tracker_project: str = Field(
+        "ddk",
+        description="Project (wandb, trackio, comet_ml, aim, clearml...) or experiment "
+        "(mlflow) name the trackers log under.",
+    )
+    tracker_run_name: str | None = Field(
+        None, description="The run's name in the trackers; default: the run folder's name."
+    )
+    tracker_kwargs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments per tracker, as Accelerate's init_trackers "
+        "init_kwargs: {wandb: {entity: my-team, tags: [ddk]}, tensorboard: {flush_secs: 30}}.",
+    )
     gradient_checkpointing: bool = False
+
+
+class EvalSection(_Section):
+    """Benchmark scores through lm-evaluation-harness (`pip install 'ddk-distill[eval]'`).
+
+    Scores are reported, never steered by: the sampler reads validation perplexities only."""
+
+    tasks: list[str] | dict[str, list[str]] = Field(
+        default_factory=list,
+        description="lm-eval task, group or tag names, as a list or per domain of the data "
+        "({math: [gsm8k], code: [humaneval, mbpp]}); empty: no benchmarks.",
+    )
+    num_fewshot: StrictInt | dict[str, StrictInt] | None = Field(
+        None,
+        description="Few-shot examples for every task, or {task: n}; default: each task's own.",
+    )
+    limit: StrictInt | float | None = Field(
+        None,
+        gt=0,
+        description="Examples per task (a number below 1: that fraction of each task); "
+        "default: all. A limited score is not comparable with published numbers.",
+    )
+    batch_size: StrictInt | Literal["auto"] = Field(
+        8, description="Requests per forward; 'auto' lets lm-eval find the largest that fits."
+    )
+    include_path: list[str] = Field(
+        default_factory=list,
+        description="Folders of your own lm-eval task YAMLs (e.g. over local JSON/JSONL files).",
+    )
+    every_intervals: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="Also score every N distillation intervals (reporting only; never steers "
+        "the sampler); default: only the final model.",
+    )
+    confirm_run_unsafe_code: bool = Field(
+        False,
+        description="Allow tasks that execute generated code (humaneval, mbpp); lm-eval "
+        "refuses them otherwise.",
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, v):
+        names = list(v) if isinstance(v, list) else [t for ts in v.values() for t in ts]
+        if any(not isinstance(n, str) or not n.strip() for n in names):
+            raise ValueError("task names must be non-empty strings")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"task listed more than once: {', '.join(repeated)}")
+        return v
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_or_more_paths(cls, v):
+        return [v] if isinstance(v, str) else v
 
 
 class Config(_Section):
@@ -267,6 +355,7 @@ class Config(_Section):
     distill: DistillSection = Field(default_factory=DistillSection)
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     trainer: TrainerSection = Field(default_factory=TrainerSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
     def _check_lr(self) -> Config:

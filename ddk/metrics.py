@@ -1,4 +1,5 @@
-"""metrics.jsonl: typed records, one JSON object per line, and, optionally, TensorBoard scalars.
+"""metrics.jsonl: typed records, one JSON object per line, also sent to the experiment trackers
+(ddk.trackers).
 
 The trainer writes the records below and `ddk report` reads them back through `parse_record`,
 so both sides share one definition of every field:
@@ -7,6 +8,9 @@ so both sides share one definition of every field:
     EvalRecord    "domain_update" (each interval's evaluation, weights and plan) or
                   "final_eval" (the held-out test split at the end), per domain a DomainStats
     SkippedStep   "skipped_step": a step whose loss or gradient was NaN/inf
+
+"benchmark_eval" records (lm-eval scores, ddk.harness) are plain dicts that the harness writes
+and the report reads (reporting only: nothing steers by them).
 """
 
 from __future__ import annotations
@@ -14,17 +18,21 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ddk.ranks import print0
+if TYPE_CHECKING:
+    from ddk.trackers import Trackers
 
 # Event names of metrics.jsonl records (training-step records carry no "event").
 DOMAIN_UPDATE = "domain_update"
 FINAL_EVAL = "final_eval"
 SKIPPED_STEP = "skipped_step"
+BENCHMARK_EVAL = "benchmark_eval"  # lm-eval scores (ddk.harness), reporting only
+BENCHMARKS_FORMAT = "ddk.benchmarks"  # RUN/benchmarks.json and `ddk eval --out` files
 EVAL_EVENTS = (DOMAIN_UPDATE, FINAL_EVAL)
 
 
-def _num(value) -> float | None:
+def json_number(value) -> float | None:
     """A JSON number as float (None for anything else: a bool, a string, a missing key)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -32,7 +40,7 @@ def _num(value) -> float | None:
 
 
 def _int(value) -> int | None:
-    number = _num(value)
+    number = json_number(value)
     return int(number) if number is not None else None
 
 
@@ -50,7 +58,7 @@ class DomainStats:
 
     @classmethod
     def from_json(cls, raw: dict) -> DomainStats:
-        floats = {f.name: _num(raw.get(f.name)) for f in fields(cls)}
+        floats = {f.name: json_number(raw.get(f.name)) for f in fields(cls)}
         return cls(**{**floats, "rows": _int(raw.get("rows")), "epochs": _int(raw.get("epochs"))})
 
     def best_ratio(self) -> float | None:
@@ -102,7 +110,7 @@ class EvalRecord:
             step=_int(raw.get("step")) or 0,
             interval=_int(raw.get("interval")) or 0,
             domains=domains,
-            eval_seconds=_num(raw.get("eval_seconds")),
+            eval_seconds=json_number(raw.get("eval_seconds")),
             split=split if isinstance(split, str) else None,
         )
 
@@ -132,15 +140,15 @@ class StepRecord:
         return cls(
             step=_int(raw["step"]),
             tokens=_int(raw.get("tokens")),
-            lr=_num(raw.get("lr")),
-            loss=_num(raw.get("loss")),
-            ce=_num(raw.get("ce")),
-            kl=_num(raw.get("kl")),
-            grad_norm=_num(raw.get("grad_norm")),
+            lr=json_number(raw.get("lr")),
+            loss=json_number(raw.get("loss")),
+            ce=json_number(raw.get("ce")),
+            kl=json_number(raw.get("kl")),
+            grad_norm=json_number(raw.get("grad_norm")),
             skipped=raw.get("skipped") is True,
-            tokens_per_s=_num(raw.get("tokens_per_s")),
+            tokens_per_s=json_number(raw.get("tokens_per_s")),
             bad_steps=_int(raw.get("bad_steps")),
-            peak_mem_gib=_num(raw.get("peak_mem_gib")),
+            peak_mem_gib=json_number(raw.get("peak_mem_gib")),
         )
 
 
@@ -166,10 +174,12 @@ def parse_record(raw) -> Record | None:
     event = raw.get("event")
     if event in EVAL_EVENTS and isinstance(raw.get("domains"), dict):
         return EvalRecord.from_json(raw)
-    if event is None and _num(raw.get("step")) is not None:
+    if event is None and json_number(raw.get("step")) is not None:
         return StepRecord.from_json(raw)
-    if event == SKIPPED_STEP and _num(raw.get("step")) is not None:
-        return SkippedStep(_int(raw["step"]), _num(raw.get("loss")), _num(raw.get("grad_norm")), 0)
+    if event == SKIPPED_STEP and json_number(raw.get("step")) is not None:
+        return SkippedStep(
+            _int(raw["step"]), json_number(raw.get("loss")), json_number(raw.get("grad_norm")), 0
+        )
     return None
 
 
@@ -205,51 +215,25 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 class MetricsWriter:
-    def __init__(
-        self,
-        run_dir: Path,
-        report_to: list[str],
-        enabled: bool = True,
-        purge_step: int | None = None,
-    ):
+    """Appends records to metrics.jsonl and hands them to the run's trackers (ddk.trackers).
+    `trackers` is None off rank 0 and when report_to is empty."""
+
+    def __init__(self, run_dir: Path, trackers: Trackers | None = None, enabled: bool = True):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self._tb = None
-        if enabled and "tensorboard" in report_to:
-            self._tb = _tensorboard(run_dir / "tensorboard", purge_step)
+        self.trackers = trackers if enabled else None
 
-    def write(self, record: Record) -> None:
+    def write(self, record: Record | dict) -> None:
+        """A typed record, or a plain dict for events without a type (benchmark_eval)."""
         if not self.enabled:
             return
-        line = record.to_json()
+        line = record if isinstance(record, dict) else record.to_json()
         with open(self.path, "a") as fh:
             fh.write(json.dumps(line) + "\n")
-        if self._tb is not None:
-            self._scalars(line)
-
-    def _scalars(self, line: dict) -> None:
-        step = line["step"]
-        if line.get("event") in EVAL_EVENTS:
-            for name, d in line["domains"].items():
-                for key in ("student_ppl", "teacher_ppl", "weight", "ratio"):
-                    if d.get(key) is not None:
-                        self._tb.add_scalar(f"{key}/{name}", d[key], step)
-        else:
-            for key, value in line.items():
-                if key != "step" and isinstance(value, int | float):
-                    self._tb.add_scalar(f"train/{key}", value, step)
+        if self.trackers is not None:
+            self.trackers.log_record(line)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-
-def _tensorboard(folder: Path, purge_step: int | None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # optional extra: tensorboard
-    except ImportError:
-        print0("warning: report_to has tensorboard but it is not installed; skipping it")
-        return None
-    # purge_step drops points a crashed run logged past the resumed checkpoint.
-    return SummaryWriter(str(folder), purge_step=purge_step)
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None

@@ -17,6 +17,7 @@ from ddk.config import Config, ConfigError, load_config, read_raw_config, valida
 from ddk.data.manifest import read_manifest
 from ddk.data.vocab import same_vocabulary
 from ddk.errors import DDKError, first_line
+from ddk.harness import BenchmarkPlan, plan_problems
 from ddk.identity import teacher_on_disk
 from ddk.methods import method_spec
 from ddk.models import check_tokenizers_match, load_tokenizer, resolve_local_path
@@ -120,6 +121,9 @@ def preflight_problems(cfg: Config) -> list[str]:
             problems.append(f"model.teacher: {err}")
     if cfg.teacher.mode == "offline" and cfg.distill.method != "cpt":
         problems.extend(cache_problems(cfg, manifest, domains))
+    if cfg.eval.tasks:
+        plan = BenchmarkPlan.from_section(cfg.eval)
+        problems.extend(plan_problems(plan, domains if manifest else None))
     return problems
 
 

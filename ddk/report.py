@@ -7,8 +7,12 @@ Reads each run's `config.yaml` and `metrics.jsonl` and writes, into one folder:
 - `ratio_over_training.png`: ℓ_S/ℓ_T per domain over training, one panel per run (Figure 3);
 - `domain_weights.png`: the domain sampling weights over training, one panel per run;
 - `loss_curves.png`: CE and KL over training;
-- `summary.md`: per-domain perplexities and ratios, the worst-domain ratio (the largest
-  ℓ_S/ℓ_T) and the geometric-mean perplexity of every run;
+- `benchmarks_over_training.png`: benchmark scores against step, when runs scored them more
+  than once (`eval.every_intervals`);
+- `summary.md`: the benchmark scores as the paper's Table 1 lays them out (one row per run, one
+  column per task grouped by domain, the average, beside the test perplexity and the worst
+  ratio) when the runs have any, per-domain perplexities and ratios, the worst-domain ratio
+  (the largest ℓ_S/ℓ_T) and the geometric-mean perplexity of every run;
 - `report.html`: all of the above on one self-contained page (images inlined as base64).
 """
 
@@ -29,11 +33,15 @@ from matplotlib.patches import Patch
 
 from ddk.errors import DDKError
 from ddk.metrics import (
+    BENCHMARK_EVAL,
+    BENCHMARKS_FORMAT,
     DOMAIN_UPDATE,
     FINAL_EVAL,
     DomainStats,
     EvalRecord,
     StepRecord,
+    json_number,
+    read_metrics,
     read_records,
 )
 from ddk.ownership import is_owned, ownership_record, read_record
@@ -44,6 +52,7 @@ PLOTS = (
     ("ratio_over_training.png", "Student/teacher perplexity ratio over training"),
     ("domain_weights.png", "Domain weights over training"),
     ("loss_curves.png", "Loss curves"),
+    ("benchmarks_over_training.png", "Benchmark scores over training"),
 )
 NA = "n/a"  # a ratio that cannot exist (the run has no teacher)
 
@@ -87,6 +96,17 @@ class _Run:
                 f"'{path / 'metrics.jsonl'}' has no evaluation records (domain_update or "
                 "final_eval); the run stopped before its first evaluation"
             )
+        scored: dict[int, dict] = {}
+        for r in read_metrics(path / "metrics.jsonl"):  # a resumed run's later record wins
+            if (
+                isinstance(r, dict)
+                and r.get("event") == BENCHMARK_EVAL
+                and isinstance(r.get("step"), int | float)
+            ):
+                scored[int(r["step"])] = r
+        in_order = [scored[step] for step in sorted(scored)]
+        self.benchmarks = [r for r in in_order if isinstance(r.get("tasks"), dict)]
+        self.benchmark_failures = [r for r in in_order if "failed" in r]
         finals = [r for r in self.evals if r.event == FINAL_EVAL]
         self.has_final = bool(finals)
         self.final = finals[-1] if finals else self.evals[-1]
@@ -241,12 +261,13 @@ def _run_summary(r: _Run) -> dict:
     }
 
 
-def _summarize(runs: list[_Run]) -> dict:
+def _summarize(runs: list[_Run], references: tuple[dict, ...] = ()) -> dict:
+    """`references`: benchmark files (read_benchmark_file) shown as rows above the runs."""
     domains = list(dict.fromkeys(d for r in runs for d in r.domains))
     teacher, teacher_mismatch = _teacher_column(runs, domains)
     before, before_ratio, before_from = _before_column(runs, domains)
     before_worst = max(before_ratio, key=before_ratio.get) if before_ratio else None
-    out_runs = [_run_summary(r) for r in runs]
+    out_runs = [{**_run_summary(r), **_run_benchmarks(r)} for r in runs]
     judged = [r for r in out_runs if r["worst_ratio"] is not None]
     best = min(judged, key=lambda r: _rank(r["worst_ratio"]))["label"] if judged else None
     teacher_vals = [v for v in teacher.values() if v is not None]
@@ -267,10 +288,67 @@ def _summarize(runs: list[_Run]) -> dict:
         "teacher_mismatch": teacher_mismatch,
         "same_domains": all(set(r.domains) == set(domains) for r in runs),
         "split": "/".join(sorted({r.split for r in runs})),
+        "benchmark_columns": _benchmark_columns(
+            [r.benchmarks[-1] for r in runs if r.benchmarks] + list(references), domains
+        ),
+        "benchmark_references": [
+            {"label": ref["model"], "file": ref["file"], **_scores(ref)} for ref in references
+        ],
     }
 
 
-def summarize_runs(run_dirs) -> dict:
+def _scores(record: dict) -> dict:
+    """A benchmark record's primary scores: per task, per domain, average."""
+    return {
+        "tasks": {t: json_number(e.get("score")) for t, e in record.get("tasks", {}).items()},
+        "domains": {
+            d: json_number(e.get("score")) for d, e in (record.get("domains") or {}).items()
+        },
+        "average": json_number(record.get("average")),
+    }
+
+
+def _run_benchmarks(r: _Run) -> dict:
+    """The run's final benchmark scores (its `final` scoring, else its last), every scoring's
+    scores by step, and the scorings that failed."""
+    finals = [b for b in r.benchmarks if b.get("final")]
+    last = (finals or r.benchmarks or [None])[-1]
+    return {
+        "benchmarks": None if last is None else {"step": last["step"], **_scores(last)},
+        "benchmark_history": [{"step": b["step"], **_scores(b)} for b in r.benchmarks],
+        "benchmark_failures": [
+            {"step": b["step"], "failed": str(b["failed"])} for b in r.benchmark_failures
+        ],
+    }
+
+
+def _benchmark_columns(records: list[dict], domains: list[str]) -> list[dict]:
+    """Every task any record scored, grouped by domain in the report's domain order (tasks of
+    no domain last), in first-seen order within a domain."""
+    seen: dict[str, str | None] = {}
+    for record in records:
+        for task, entry in record.get("tasks", {}).items():
+            seen.setdefault(task, entry.get("domain"))
+    rank = {d: i for i, d in enumerate(domains)}
+    ordered = sorted(seen.items(), key=lambda item: rank.get(item[1], len(rank)))
+    return [{"task": t, "domain": d} for t, d in ordered]
+
+
+def read_benchmark_file(path: str | Path) -> dict:
+    """A `ddk eval --out` (or RUN/benchmarks.json) file, for the report's reference rows."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DDKError(f"cannot read benchmark file '{path}': {e}") from None
+    if not isinstance(payload, dict) or payload.get("format") != BENCHMARKS_FORMAT:
+        raise DDKError(f"'{path}' is not a ddk benchmarks file (written by `ddk eval --out`)")
+    if "failed" in payload:
+        raise DDKError(f"'{path}' records a failed evaluation: {payload['failed']}")
+    return {**payload, "file": str(path)}
+
+
+def summarize_runs(run_dirs, benchmark_files=()) -> dict:
     """The numbers the report shows.
 
     Returns ``{"domains", "teacher": {domain: ppl|None}, "before": {domain: ppl|None},
@@ -284,8 +362,14 @@ def summarize_runs(run_dirs) -> dict:
     evaluation); the curves are always on the validation split.
     "worst domain" is the one with the largest student/teacher perplexity ratio; `best_run`
     is the label of the run whose worst-domain ratio is lowest (None without a teacher).
+    Benchmarks (lm-eval scores, from `benchmark_eval` records): each run also has
+    "benchmarks" ({"step", "tasks": {task: score}, "domains": {domain: mean}, "average"} or
+    None), "benchmark_history" (the same per scoring) and "benchmark_failures"; the summary has
+    "benchmark_columns" ([{"task", "domain"}], grouped by domain) and "benchmark_references"
+    (one entry per file in `benchmark_files`, e.g. the teacher's `ddk eval --out`).
     """
-    return _summarize(_load_runs(run_dirs))
+    references = tuple(read_benchmark_file(f) for f in benchmark_files)
+    return _summarize(_load_runs(run_dirs), references)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -311,6 +395,58 @@ def _domain_table(summary: dict) -> tuple[list[str], list[list]]:
                 row.append(NA if ratio is None else ratio)
         rows.append(row)
     return headers, rows
+
+
+def _percent(value):
+    return "" if value is None else 100.0 * value
+
+
+def _benchmark_table(summary: dict) -> tuple[list[str], list[list]] | None:
+    """The paper's Table 1: a row per model (reference files, then runs), a column per task
+    grouped by domain, the average; beside them each run's test perplexity and worst ratio."""
+    columns = summary["benchmark_columns"]
+    runs = [r for r in summary["runs"] if r["benchmarks"]]
+    if not columns or not (runs or summary["benchmark_references"]):
+        return None
+    headers = ["model"] + [
+        f"{c['task']} ({c['domain']})" if c["domain"] else c["task"] for c in columns
+    ]
+    headers += ["average", f"{summary['split']} geo-mean ppl", "worst ratio"]
+    rows = []
+    for ref in summary["benchmark_references"]:
+        scores = [_percent(ref["tasks"].get(c["task"])) for c in columns]
+        rows.append([ref["label"], *scores, _percent(ref["average"]), "", ""])
+    for r in runs:
+        b = r["benchmarks"]
+        worst = (
+            ""
+            if r["worst_ratio"] is None
+            else f"{fmt_cell(r['worst_ratio'])} ({r['worst_domain']})"
+        )
+        rows.append(
+            [r["label"], *(_percent(b["tasks"].get(c["task"])) for c in columns)]
+            + [_percent(b["average"]), _cell(r["geomean_ppl"]), worst]
+        )
+    return headers, rows
+
+
+def _benchmark_notes(summary: dict) -> list[str]:
+    notes = []
+    if _benchmark_table(summary) is None:
+        return notes
+    notes.append(
+        "Benchmark scores in percent, each task's primary lm-eval metric (see each run's "
+        "benchmarks.json for every metric and its standard error); average = mean over the "
+        "tasks a row scored."
+    )
+    scored = {
+        tuple(sorted(x["tasks"]))
+        for x in [r["benchmarks"] for r in summary["runs"] if r["benchmarks"]]
+        + summary["benchmark_references"]
+    }
+    if len(scored) > 1:
+        notes.append("The rows scored different tasks: their averages are not comparable.")
+    return notes
 
 
 def _epoch_table(summary: dict) -> tuple[list[str], list[list]] | None:
@@ -407,6 +543,11 @@ def _notes(summary: dict) -> list[str]:
             "and each geo-mean is over that run's own domains."
         )
     for r in runs:
+        for f in r["benchmark_failures"]:
+            notes.append(
+                f"{r['label']}: the benchmark evaluation at step {f['step']} failed "
+                f"({f['failed']}); training went on."
+            )
         if not r["has_final_eval"]:
             notes.append(
                 f"{r['label']} has no final evaluation (stopped early?); its 'after' numbers are "
@@ -433,6 +574,11 @@ def _reference_note(summary: dict) -> str | None:
 
 def _markdown(summary: dict) -> str:
     parts = ["# DDK distillation report", ""]
+    benchmarks = _benchmark_table(summary)
+    if benchmarks:
+        parts += ["## Benchmark scores (lm-eval)", ""]
+        parts += [format_table(*benchmarks, markdown=True), ""]
+        parts += [f"- {n}" for n in _benchmark_notes(summary)] + [""]
     parts += [f"## {_split_caption(summary)}", ""]
     parts += [format_table(*_domain_table(summary), markdown=True), ""]
     parts += ["## Runs", ""]
@@ -487,6 +633,16 @@ def _html(summary: dict, out: Path) -> str:
             for r in summary["runs"]
         )
         + "</p>",
+    ]
+    benchmarks = _benchmark_table(summary)
+    if benchmarks:
+        p += ["<h2>Benchmark scores (lm-eval)</h2>", _html_table(*benchmarks)]
+        p += [
+            "<ul>"
+            + "".join(f"<li>{_md_inline(n)}</li>" for n in _benchmark_notes(summary))
+            + "</ul>"
+        ]
+    p += [
         f"<h2>{html.escape(_split_caption(summary))}</h2>",
         _html_table(*_domain_table(summary)),
         "<h2>Runs</h2>",
@@ -498,6 +654,8 @@ def _html(summary: dict, out: Path) -> str:
         p += ["<h2>Epochs per domain (passes through its training data)</h2>"]
         p += [_html_table(*epochs)]
     for name, title in PLOTS:
+        if not (out / name).is_file():  # benchmarks over training: only when scored repeatedly
+            continue
         data = base64.b64encode((out / name).read_bytes()).decode("ascii")
         p += [
             f"<h2>{html.escape(title)}</h2>",
@@ -700,15 +858,49 @@ def _plot_losses(summary: dict, runs: list[_Run], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _plot_benchmarks(summary: dict, path: Path) -> bool:
+    """Score against step (average, then each domain's mean), a line per run; only when some
+    run scored more than once (eval.every_intervals). Returns whether it was drawn."""
+    runs = [r for r in summary["runs"] if len(r["benchmark_history"]) > 1]
+    if not runs:
+        return False
+    domains = [
+        d
+        for d in summary["domains"]
+        if any(d in h["domains"] for r in runs for h in r["benchmark_history"])
+    ]
+    panels = [("average", None)] + [(f"{d} (mean of its tasks)", d) for d in domains]
+    fig, axes = _figure(len(panels))
+    colors = _series_colors(len(summary["runs"]))
+    for ax, (title, domain) in zip(axes, panels):
+        for r, c in zip(summary["runs"], colors):
+            pts = [
+                (h["step"], h["average"] if domain is None else h["domains"].get(domain))
+                for h in r["benchmark_history"]
+            ]
+            pts = [(step, 100.0 * v) for step, v in pts if _finite(v)]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", markersize=3, color=c, label=r["label"])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("score (%)")
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    fig.suptitle("Benchmark scores over training (reporting only: DDK never steers by them)")
+    fig.savefig(path, dpi=110)
+    return True
+
+
 # ----------------------------------------------------------------------------- entry point
-def write_report(run_dirs, out_dir=None) -> Path:
+def write_report(run_dirs, out_dir=None, benchmark_files=()) -> Path:
     """Write the plots, `summary.md` and a self-contained `report.html`; return report.html.
 
     `out_dir` defaults to the first run folder's `report/`. Raises DDKError (one line) when a
     run folder or its metrics.jsonl is missing, or it holds no evaluation record.
     """
     runs = _load_runs(run_dirs)
-    summary = _summarize(runs)
+    summary = _summarize(runs, tuple(read_benchmark_file(f) for f in benchmark_files))
     out = Path(out_dir) if out_dir is not None else runs[0].path / "report"
     _check_report_folder(out)
     try:
@@ -721,6 +913,8 @@ def write_report(run_dirs, out_dir=None) -> Path:
     _plot_ratios(summary, runs, colors, out / "ratio_over_training.png")
     _plot_weights(summary, runs, colors, out / "domain_weights.png")
     _plot_losses(summary, runs, out / "loss_curves.png")
+    if not _plot_benchmarks(summary, out / "benchmarks_over_training.png"):
+        (out / "benchmarks_over_training.png").unlink(missing_ok=True)  # a previous report's
     (out / "summary.md").write_text(_markdown(summary), encoding="utf-8")
     page = out / "report.html"
     page.write_text(_html(summary, out), encoding="utf-8")
@@ -735,6 +929,7 @@ REPORT_FILES = [
     "ratio_over_training.png",
     "domain_weights.png",
     "loss_curves.png",
+    "benchmarks_over_training.png",
     "summary.md",
     "report.html",
 ]

@@ -38,6 +38,9 @@ SETTABLE_ON_RESUME = (
     "trainer.log_every",
     "trainer.keep_checkpoints",
     "trainer.report_to",
+    "trainer.tracker_project",
+    "trainer.tracker_run_name",
+    "trainer.tracker_kwargs",
     "trainer.eval_batch_size",
     "trainer.max_bad_steps",
     "trainer.gradient_checkpointing",
@@ -47,6 +50,14 @@ SETTABLE_ON_RESUME = (
     "trainer.micro_batch_size",
     "trainer.grad_accum_steps",
     "teacher.placement",  # where the frozen teacher lives, not what it computes
+    # Benchmarks are reported, never steered by.
+    "eval.tasks",
+    "eval.num_fewshot",
+    "eval.limit",
+    "eval.batch_size",
+    "eval.include_path",
+    "eval.every_intervals",
+    "eval.confirm_run_unsafe_code",
 )
 # Never compared: where the run lives (folders move) and the `ddk prepare` section.
 _IGNORED = ("trainer.output_dir", "prepare.")

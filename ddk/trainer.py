@@ -55,6 +55,7 @@ from ddk.step import DistillStep
 from ddk.teacher import Batch
 from ddk.teacher.perplexity import write_teacher_ppl
 from ddk.teacher.source import teacher_source
+from ddk.trackers import start_trackers
 
 
 @dataclass
@@ -125,7 +126,9 @@ class Trainer:
         if resume_from is not None:
             self.checkpointer.load(resume_from)
         self.metrics = MetricsWriter(
-            run_dir, cfg.trainer.report_to, enabled=self.is_main, purge_step=self.state.step or None
+            run_dir,
+            start_trackers(cfg, run_dir, self.state.step) if self.is_main else None,
+            enabled=self.is_main,
         )
         self._teacher_ppl: dict | None = None
 
