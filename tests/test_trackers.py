@@ -15,7 +15,7 @@ from ddk.cli import main
 from ddk.config import Tracker
 from ddk.metrics import read_metrics
 from ddk.trackers import hyperparameters, tracker_values
-from ddk.trainer import start_run
+from ddk.run_dir import start_run
 from tests.test_trainer import make_config
 
 
