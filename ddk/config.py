@@ -61,6 +61,13 @@ class PrepareSection(_Section):
         description="Test sequences per domain, held out for reporting only (default: "
         "val_sequences).",
     )
+    heldout_windows_per_document: StrictInt = Field(
+        4,
+        ge=1,
+        description="Most validation/test windows one held-out document gives (its first "
+        "N*seq_len targets; the rest is in no split): fewer wastes more of long documents, more "
+        "lets fewer documents fill a split (choice).",
+    )
     add_bos: bool | None = Field(
         None,
         description="Start every document with BOS; default: what the tokenizer does with "

@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from ddk.data.split import HELDOUT_WINDOWS
 from ddk.fileutil import sha256_file, write_json_atomic
 
 DEFAULT_DIR = "ddk/teacher_ppl"  # under $XDG_CACHE_HOME, else ~/.cache
@@ -74,7 +75,8 @@ class TeacherPPLCache:
 
     def __init__(self, store: Path, data_fp: str, teacher_fp: str | None):
         self.store = store
-        self.key = {"data": data_fp, "teacher": teacher_fp}
+        # the windowing rule too: data prepared by an older ddk is now scored another way
+        self.key = {"data": data_fp, "teacher": teacher_fp, "windows": HELDOUT_WINDOWS}
         self.path = None if teacher_fp is None else store / f"{data_fp[:16]}-{teacher_fp[:16]}.json"
 
     def _entries(self) -> dict:

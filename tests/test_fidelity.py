@@ -55,6 +55,7 @@ def _with_test_split(prepared_dir, dest, n=4):
         folder = dest / info["folder"]
         tokens = np.fromfile(folder / "train.bin", dtype=manifest["token_dtype"])
         tokens[-(n * L + 1) :].tofile(folder / "test.bin")
+        np.save(folder / "test_docs.npy", np.array([[0, n * L + 1]]))  # one document, n windows
         info["test_tokens"], info["test_sequences"] = n * L + 1, n
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest

@@ -260,7 +260,7 @@ def _terms(texts: list[str], labels: np.ndarray, k: int) -> list[list[str]]:
 def heldout_hashes(folder: str | Path) -> set[int]:
     """Hashes of the documents that prepared folder `folder` holds out (val/test), from its
     `<domain>/heldout_hashes.npy`."""
-    from ddk.data.manifest import domain_path, read_manifest
+    from ddk.data.manifest import domain_path, read_array, read_manifest
 
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
@@ -272,7 +272,7 @@ def heldout_hashes(folder: str | Path) -> set[int]:
                 f"prepare.exclude_heldout: '{folder}' (domain '{name}') has no {HELDOUT_HASHES}; "
                 "prepare it again with this ddk version"
             )
-        found.update(np.load(path).astype(HASH_DTYPE).tolist())
+        found.update(read_array(folder, path, HASH_DTYPE).tolist())
     return found
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddk.data.split import HELDOUT_WINDOWS
 from ddk.errors import DDKError
 from ddk.lock import LOCK_NAME
 from ddk.logits import logit_transform
@@ -365,6 +366,7 @@ def build_cache(cfg, progress: bool = True) -> Path:
             if missing:
                 raise DDKError(f"{len(missing)} cache shards are missing (first: {missing[0]})")
             plan["teacher_ppl"] = ppl
+            plan["teacher_ppl_windows"] = HELDOUT_WINDOWS
             plan["complete"] = True
             _write_json(folder / MANIFEST, plan)
             tokens = sum(i["sequences"] for i in plan["domains"].values()) * data.seq_len
@@ -505,5 +507,7 @@ class OfflineTeacher:
         )
 
     def perplexities(self, split: str = "val") -> dict[str, float] | None:
+        if self.manifest.get("teacher_ppl_windows") != HELDOUT_WINDOWS:
+            return None  # measured on windows cut another way: the run computes them anew
         ppl = self.manifest.get("teacher_ppl", {}).get(split)
         return None if ppl is None else {d: ppl[d] for d in self.domains}

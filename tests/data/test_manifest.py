@@ -9,7 +9,7 @@ import yaml
 
 from ddk.cli import main
 from ddk.data.dataset import PreparedData
-from ddk.data.manifest import FORMAT, MANIFEST, read_manifest, read_owner
+from ddk.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, read_owner
 from ddk.errors import DDKError
 from ddk.lock import LOCK_NAME
 from ddk.ownership import check_replaceable, list_files
@@ -29,7 +29,7 @@ def edit_manifest(folder: Path, fn) -> None:
 
 def test_reader_is_typed_and_owner_lists_every_file(prepared_dir, tmp_path):
     m = read_manifest(prepared_dir)
-    assert m.format == FORMAT and m.format_version == 2
+    assert m.format == FORMAT and m.format_version == FORMAT_VERSION == 3
     assert m.seq_len == 32 and m.val_sequences == 4 and m.test_sequences == 4
     assert m.add_bos is False  # the test tokenizer (GPT-2 style) adds no BOS
     assert m.has_split("test")
@@ -58,6 +58,11 @@ BAD_MANIFESTS = [
         "missing test split key",
         lambda m: m["domains"]["math"].pop("test_tokens"),
         ["key 'domains.math.test_tokens' is missing"],
+    ),
+    (
+        "missing format 3 key",
+        lambda m: m["domains"]["prose"].pop("heldout_unused_tokens"),
+        ["key 'domains.prose.heldout_unused_tokens' is missing"],
     ),
     ("wrong type", lambda m: m.update(seq_len="32"), ["key 'seq_len' is invalid"]),
     (
@@ -159,7 +164,8 @@ def test_data_without_a_test_split_still_reads(prepared_dir, tmp_path):
     assert not data.has_split("test") and data.has_split("val")
     shard = data.domains["code"]
     assert shard.num_sequences("val") == 4
-    assert shard.sequences("val", [0]).shape == (1, 33)
+    inputs, labels = shard.heldout_batch("val", [0])
+    assert inputs.shape == labels.shape and inputs.shape[1] <= 32
     with pytest.raises(DDKError, match="no test split"):
         shard.num_sequences("test")
     assert PreparedData(prepared_dir).has_split("test")
