@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder to write the prepared data to")
     p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: model.student)")
     p.add_argument("--seq-len", type=int)
-    p.add_argument("--val-sequences", type=int, help="validation sequences per domain")
+    p.add_argument("--val-sequences", type=int, help="validation windows per domain")
     p.add_argument("--text-field")
     p.add_argument("--domain-field")
     p.add_argument(

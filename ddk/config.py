@@ -53,7 +53,10 @@ class PrepareSection(_Section):
         2048, ge=8, description="Tokens per training/validation sequence (choice)."
     )
     val_sequences: StrictInt = Field(
-        500, ge=1, description="Validation sequences per domain (paper: 500 samples per domain)."
+        500,
+        ge=1,
+        description="Validation windows per domain (paper: 500 samples per domain); each holds "
+        "one document's tokens.",
     )
     test_sequences: StrictInt | None = Field(
         None,

@@ -259,3 +259,8 @@ def test_cache_keys_follow_weights_dtype_and_data(tmp_path, teacher_dir, student
     assert cache.get("val", ["a", "c"]) is None and cache.get("test", ["a"]) is None
     other = TeacherPPLCache(store, data_fingerprint(other_data), fp)
     assert other.get("val", ["a"]) is None
+    # an entry an older ddk wrote, from windows that crossed documents, is not reused
+    entry = json.loads(cache.path.read_text())
+    del entry["key"]["windows"]
+    cache.path.write_text(json.dumps(entry))
+    assert cache.get("val", ["b"]) is None

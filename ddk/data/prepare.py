@@ -47,7 +47,14 @@ from ddk.data.manifest import (
     write_manifest,
 )
 from ddk.data.sources import Corpus, discover, iter_documents
-from ddk.data.split import DROPPED, TRAIN, choose_heldout, kept_tokens, split_codes
+from ddk.data.split import (
+    DROPPED,
+    TRAIN,
+    choose_heldout,
+    kept_tokens,
+    per_document_cap,
+    split_codes,
+)
 from ddk.data.vocab import same_vocabulary, token_dtype, vocab_hash
 from ddk.errors import DDKError
 from ddk.lock import FolderLock
@@ -391,7 +398,8 @@ def _write_splits(
             _warn(
                 f"domain '{name}': {label} has {stats[f'{split}_sequences']} of "
                 f"{wanted[split]} windows, from {stats[f'{split}_documents']} documents (at most "
-                f"{cfg.heldout_windows_per_document} window(s) of {L} tokens from each, held-out "
+                f"{per_document_cap(wanted[split], cfg.heldout_windows_per_document)} window(s) of "
+                f"{L} tokens from each, held-out "
                 f"documents at most half of its {total:,} tokens)"
             )
     return stats
@@ -650,10 +658,19 @@ def summary_table(manifest: dict) -> str:
         ],
         rows,
     )
-    per_document = manifest.get("heldout_windows_per_document") or 1
+    most = manifest.get("heldout_windows_per_document") or 1
+    caps = {
+        split: per_document_cap(manifest[f"{split}_sequences"] or manifest["val_sequences"], most)
+        for split in ("val", "test")
+    }
+    cap = (
+        str(caps["val"])
+        if caps["val"] == caps["test"]
+        else f"{caps['val']} (val), {caps['test']} (test)"
+    )
     return (
         f"{table}\n"
-        f"held-out windows: up to {manifest['seq_len']} targets of one document, at most "
-        f"{per_document} per document; unused: tokens of held-out documents past their windows\n"
+        f"held-out windows: up to {manifest['seq_len']} targets of one document, at most {cap} per "
+        "document; unused: tokens of held-out documents past their windows\n"
         "copies dropped: training documents whose text this or another domain holds out"
     )

@@ -4,16 +4,18 @@ files).
 Held-out documents are drawn per domain in a seeded random order, whole. A held-out window is
 one document's tokens `[j*seq_len, j*seq_len + seq_len + 1)`, never another document's: a document
 of n tokens has n - 1 targets and gives ceil((n - 1) / seq_len) windows, at most
-`per_document` of them, so a split of w windows comes from at least w / per_document documents
-and one long book cannot fill it, while a long document's remainder still scores instead of being
-thrown away. The two splits fill together (each document goes to the split that is
-proportionally emptier), so a domain short of documents shortens both alike. A document is
-skipped (kept for training) when holding it out would take the domain's held-out documents past
-`budget` tokens, so training keeps most of a domain.
+`per_document_cap` of them. So a long document's remainder scores instead of being thrown away,
+while a split of w windows still draws from at least w / cap documents, and from at least
+MIN_DOCUMENTS (one per window in a split of fewer): one long book cannot fill a split, and a
+small split is not a handful of documents whose perplexity says mostly which ones were drawn.
+The two splits fill together (each document goes to the split that is proportionally emptier),
+so a domain short of documents shortens both alike. A document is skipped (kept for training)
+when holding it out would take the domain's held-out documents past `budget` tokens, so training
+keeps most of a domain.
 
 Texts are compared by hash across the whole prepared folder: a text is held out at most once
 (in one split of one domain), so a text that another domain already holds out is never drawn,
-and every training copy of a held-out text, in any domain, is dropped (`drop_heldout_copies`).
+and every training copy of a held-out text, in any domain, is dropped (`split_codes`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ HELDOUT_WINDOWS = "one-document"
 DROPPED = -1  # a copy of a held-out text: in no split
 TRAIN = 0
 HELDOUT = {"val": 1, "test": 2}
+MIN_DOCUMENTS = 32  # a held-out split draws from at least this many documents (or one a window)
+
+
+def per_document_cap(windows: int, most: int) -> int:
+    """Windows one document may give to a split of `windows`: at most `most`, and few enough
+    that the split draws from at least MIN_DOCUMENTS documents (one per window when smaller)."""
+    return max(1, min(most, windows // MIN_DOCUMENTS))
 
 
 def document_windows(lens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -71,14 +80,16 @@ def choose_heldout(
 
     lens: tokens per document; hashes: its text hash; order: the draw order (a permutation);
     windows: windows wanted per held-out split; budget: most tokens (whole-document lengths)
-    the held-out documents may take in all; per_document: most windows from one document;
+    the held-out documents may take in all; per_document: the setting `per_document_cap` turns
+    into the most windows one document gives to each split;
     taken: hashes held out elsewhere (other domains): such documents are never drawn. A split
     gets exactly its windows when the domain has enough documents (the last document drawn
     gives only the windows still missing).
     """
     have = dict.fromkeys(windows, 0)
     drawn: dict[str, list[tuple[int, int]]] = {s: [] for s in windows}
-    gives = np.minimum(document_windows(lens, seq_len), per_document)
+    gives = document_windows(lens, seq_len)
+    cap = {s: per_document_cap(n, per_document) for s, n in windows.items()}
     held: set[int] = set()
     used = 0
     for i in order.tolist():
@@ -89,7 +100,7 @@ def choose_heldout(
         if gives[i] == 0 or h in held or h in taken or used + length > budget:
             continue
         split = min(open_splits, key=lambda s: have[s] / windows[s])
-        n = min(int(gives[i]), windows[split] - have[split])
+        n = min(int(gives[i]), cap[split], windows[split] - have[split])
         drawn[split].append((i, n))
         have[split] += n
         used += length

@@ -49,15 +49,15 @@ def test_round_trip_and_disjoint_split(prepared_dir, corpus, tokenizer_dir):
         assert not set(train) & set(held["val"]), "a document is in train and val"
         assert not set(train) & set(held["test"]), "a document is in train and test"
         assert not set(held["val"]) & set(held["test"]), "a document is in val and test"
-        # held-out: a whole document, or its first 32 * w + 1 tokens for w <= 4 windows
+        # held-out: a whole document, or its first 32 * w + 1 tokens
         encoded = [tuple(tok(t, add_special_tokens=False)["input_ids"] + [0]) for t in texts]
         for split, pieces in held.items():
             for p in pieces.values():
                 whole = [e for e in encoded if e[: len(p)] == p]
                 assert whole and (len(p) in map(len, whole) or len(p) % 32 == 1), p
                 assert len(p) <= 4 * 32 + 1
-            assert info[f"{split}_documents"] == len(pieces) >= 1
-            assert info[f"{split}_sequences"] == 4
+            # a split of 4 windows (< split.MIN_DOCUMENTS) takes one window per document
+            assert info[f"{split}_documents"] == len(pieces) == info[f"{split}_sequences"] == 4
             assert info[f"{split}_tokens"] == sum(map(len, pieces.values()))
         assert info["total_tokens"] == sum(map(len, encoded))
         # every token is in one split, past a held-out document's windows, or a dropped copy

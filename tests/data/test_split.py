@@ -19,6 +19,7 @@ from ddk.data.split import (
     TRAIN,
     choose_heldout,
     document_windows,
+    per_document_cap,
     split_codes,
     window_spans,
 )
@@ -89,7 +90,9 @@ def test_choose_heldout_rules():
     hashes = rng.integers(0, 2**63, 300).astype(np.uint64)
     hashes[100:150] = hashes[50:100]  # 50 exact duplicates
     taken = set(hashes[200:220].tolist())  # texts another domain holds out
-    wanted = {"val": 40, "test": 20}
+    wanted = {"val": 96, "test": 20}
+    cap = {"val": 2, "test": 1}  # test: 20 windows from fewer than 32 documents would be too few
+    assert {s: per_document_cap(n, 2) for s, n in wanted.items()} == cap
     budget = int(lens.sum()) // 2
     drawn = choose_heldout(
         lens, hashes, rng.permutation(300), 16, wanted, budget, per_document=2, taken=taken
@@ -97,7 +100,8 @@ def test_choose_heldout_rules():
     for split, docs in drawn.items():
         windows = [n for _, n in docs]
         assert sum(windows) == wanted[split]  # exactly the windows asked for
-        assert all(1 <= n <= min(2, (int(lens[i]) - 2) // 16 + 1) for i, n in docs)
+        assert all(1 <= n <= min(cap[split], (int(lens[i]) - 2) // 16 + 1) for i, n in docs)
+    assert max(n for _, n in drawn["val"]) == 2
     picked = [i for docs in drawn.values() for i, _ in docs]
     assert 7 not in picked and not set(picked) & set(range(200, 220))
     assert int(lens[picked].sum()) <= budget
@@ -184,26 +188,26 @@ def test_add_bos_without_a_bos_token_is_one_line(tmp_path):
 def test_warns_when_a_domain_has_too_few_documents(tmp_path, capsys):
     tok = word_tokenizer(tmp_path / "tok", llama_style=False)
     rng = np.random.default_rng(4)
-    # 40 documents of 21 tokens: 3 windows of 8 targets each, at most 2 held out per document
-    write_jsonl(tmp_path / "c" / "d" / "a.jsonl", [words(rng, 20) for _ in range(40)])
+    # 80 documents of 21 tokens: 3 windows of 8 targets each, at most 2 held out per document
+    write_jsonl(tmp_path / "c" / "d" / "a.jsonl", [words(rng, 20) for _ in range(80)])
     cfg = PrepareSection(
         input=str(tmp_path / "c"),
         output=str(tmp_path / "o"),
         seq_len=8,
-        val_sequences=30,
+        val_sequences=100,
         heldout_windows_per_document=2,
     )
     m = prepare(cfg, str(tok), progress=False)
     info = m["domains"]["d"]
-    # at most half of the tokens are held out: 20 documents, shared between val and test
-    assert info["val_documents"] + info["test_documents"] == 20
-    assert info["val_sequences"] == info["test_sequences"] == 20
-    assert info["train_documents"] == 20
+    # at most half of the tokens are held out: 40 documents, shared between val and test
+    assert info["val_documents"] + info["test_documents"] == 40
+    assert info["val_sequences"] == info["test_sequences"] == 40
+    assert info["train_documents"] == 40
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert len(lines) == 2
-    assert "domain 'd': validation has 20 of 30 windows" in lines[0]
+    assert "domain 'd': validation has 40 of 100 windows" in lines[0]
     assert "at most 2 window(s) of 8 tokens from each" in lines[0]
-    assert "domain 'd': test has 20 of 30 windows" in lines[1]
+    assert "domain 'd': test has 40 of 100 windows" in lines[1]
 
 
 def split_hashes(out: Path, corpus: Path) -> dict[tuple[str, str], list[int]]:
@@ -256,7 +260,7 @@ def test_long_documents_give_their_remainder_to_more_windows(tmp_path):
     that does is in the manifest and the summary."""
     tok = word_tokenizer(tmp_path / "tok", llama_style=False)
     rng = np.random.default_rng(6)
-    texts = [words(rng, int(rng.integers(60, 200))) for _ in range(120)]
+    texts = [words(rng, int(rng.integers(60, 200))) for _ in range(600)]
     write_jsonl(tmp_path / "c" / "books" / "a.jsonl", texts)
     lens = np.array([len(t.split()) + 1 for t in texts])  # + EOS
     unused = {}
@@ -266,15 +270,15 @@ def test_long_documents_give_their_remainder_to_more_windows(tmp_path):
             input=str(tmp_path / "c"),
             output=str(out),
             seq_len=16,
-            val_sequences=24,
+            val_sequences=128,
             heldout_windows_per_document=cap,
         )
         m = prepare(cfg, str(tok), progress=False)
         info = m["domains"]["books"]
         assert m["heldout_windows_per_document"] == cap
-        assert info["val_sequences"] == info["test_sequences"] == 24
+        assert info["val_sequences"] == info["test_sequences"] == 128
         held = read_split(out / info["folder"], "val") + read_split(out / info["folder"], "test")
-        assert len(held) == info["val_documents"] + info["test_documents"] >= 48 // cap
+        assert len(held) == info["val_documents"] + info["test_documents"] == 256 // cap
         assert all(len(t) == min(lens[i], 16 * cap + 1) or len(t) % 16 == 1 for i, t in held)
         lost = sum(int(lens[i]) - len(t) for i, t in held)
         assert info["heldout_unused_tokens"] == lost and info["total_tokens"] == lens.sum()
