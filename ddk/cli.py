@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared data folder")
     p.add_argument("--domains", nargs="*", help="subset of domains")
     p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--max-sequences", type=_positive_int, help="held-out sequences per domain")
+    p.add_argument("--max-sequences", type=_positive_int, help="held-out windows per domain")
     p.add_argument(
         "--split",
         choices=["val", "test"],
