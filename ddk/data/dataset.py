@@ -107,8 +107,8 @@ class DomainShard:
 
     def _window_spans(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(start, tokens) of each window of held-out `split`, from `<split>_docs.npy` (the
-        tokens each document contributed; every format wrote it, so older data reads the same
-        way: one window per document, as it held at most seq_len tokens of each)."""
+        tokens each document contributed, back to back in `<split>.bin`; every format wrote it,
+        so older data is cut per document the same way)."""
         if split not in self._spans:
             self._check_split(split)
             path = self.folder / f"{split}_docs.npy"
@@ -193,7 +193,7 @@ class PreparedData:
             print(
                 f"warning: '{folder}' was prepared by an older ddk (format "
                 f"{self.manifest.format_version}): a text it holds out may be in another domain's "
-                "training data; its held-out windows are read one document each. Prepare it again "
+                "training data; its held-out windows are cut per document. Prepare it again "
                 "for held-out perplexities you can trust",
                 file=sys.stderr,  # stdout may be `ddk eval --json`
             )

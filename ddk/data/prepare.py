@@ -306,18 +306,18 @@ def _too_little_heldout(name: str, cfg, lens: np.ndarray, hashes: np.ndarray, ta
     """Why a domain could not give one validation and one test window, in one line."""
     distinct = np.unique(hashes)
     elsewhere = sum(int(h) in taken for h in distinct.tolist())
+    if elsewhere and 2 * elsewhere >= len(distinct):
+        return DDKError(
+            f"domain '{name}': {elsewhere} of its {len(distinct)} distinct texts are held out by "
+            "other domains (the same text in two domains), too few remain for its own validation "
+            "and test; remove the copies from one of the domains or add text"
+        )
     if len(lens) - len(distinct) >= max(len(distinct), 1):  # at least half are copies
         return DDKError(
             f"domain '{name}' has {len(lens)} documents but only {len(distinct)} distinct "
             "text(s) (the rest are exact duplicates after normalising Unicode and whitespace); a "
             "text is held out once and its copies leave training, so validation and test need "
             "distinct documents: remove the duplicates or add text"
-        )
-    if elsewhere and 2 * elsewhere >= len(distinct):
-        return DDKError(
-            f"domain '{name}': {elsewhere} of its {len(distinct)} distinct texts are held out by "
-            "other domains (the same text in two domains), too few remain for its own validation "
-            "and test; remove the copies from one of the domains or add text"
         )
     # A cluster is small because many were asked for: say so first.
     fewer = (

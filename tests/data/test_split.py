@@ -285,3 +285,20 @@ def test_long_documents_give_their_remainder_to_more_windows(tmp_path):
         unused[cap] = lost / lens.sum()
         assert f"{100 * unused[cap]:.1f}%" in summary_table(m).splitlines()[2]
     assert unused[4] < unused[1] / 3
+
+
+def test_a_domain_made_of_another_domains_held_out_text_says_so(tmp_path):
+    tok = word_tokenizer(tmp_path / "tok", llama_style=False)
+    rng = np.random.default_rng(7)
+    texts = [words(rng, int(rng.integers(10, 20))) for _ in range(80)]
+    write_jsonl(tmp_path / "c" / "a" / "a.jsonl", texts)
+    cfg = dict(seq_len=8, val_sequences=4)
+    first = PrepareSection(input=str(tmp_path / "c"), output=str(tmp_path / "o1"), **cfg)
+    m = prepare(first, str(tok), progress=False)
+    folder = tmp_path / "o1" / m["domains"]["a"]["folder"]
+    held = [texts[i] for s in ("val", "test") for i, _ in read_split(folder, s)]
+    # `b` holds exactly the texts `a` holds out (a is drawn first, the same way as alone)
+    write_jsonl(tmp_path / "c" / "b" / "a.jsonl", held * 3)
+    both = PrepareSection(input=str(tmp_path / "c"), output=str(tmp_path / "o2"), **cfg)
+    with pytest.raises(DDKError, match=r"domain 'b': 8 of its 8 distinct texts are held out by"):
+        prepare(both, str(tok), progress=False)
