@@ -63,13 +63,23 @@ class PrepareSection(_Section):
         2048, ge=8, description="Tokens per training/validation sequence (choice)."
     )
     val_sequences: StrictInt = Field(
-        500, ge=1, description="Validation sequences per domain (paper: 500 samples per domain)."
+        500,
+        ge=1,
+        description="Validation windows per domain (paper: 500 samples per domain); each holds "
+        "one document's tokens.",
     )
     test_sequences: StrictInt | None = Field(
         None,
         ge=1,
         description="Test sequences per domain, held out for reporting only (default: "
         "val_sequences).",
+    )
+    heldout_windows_per_document: StrictInt = Field(
+        4,
+        ge=1,
+        description="Most validation/test windows one held-out document gives (its first "
+        "N*seq_len targets; the rest is in no split): fewer wastes more of long documents, more "
+        "lets fewer documents fill a split (choice).",
     )
     add_bos: bool | None = Field(
         None,

@@ -1,5 +1,6 @@
 """Per-domain held-out perplexity: exp(mean next-token cross-entropy over the domain's
-validation or test sequences). DDK steers by the validation split (Eq. 1/Eq. 2); final numbers
+validation or test windows; each window is one document's, so no target is predicted across a
+document boundary). DDK steers by the validation split (Eq. 1/Eq. 2); final numbers
 (`final_eval`, `ddk eval`, the demo table, `ddk report`) come from the test split, which nothing
 was tuned on."""
 
@@ -9,6 +10,7 @@ import contextlib
 import math
 import sys
 
+import numpy as np
 import torch
 
 from ddk.data.dataset import PreparedData
@@ -60,21 +62,24 @@ def domain_perplexities(
     for d, shard in enumerate(data.domains.values()):
         available = shard.num_sequences(split)
         n = available if max_sequences is None else min(max_sequences, available)
-        mine = list(range(n))[rank::world]
+        # Windows hold one document each, so their lengths differ: batch them longest first,
+        # each batch padded to its longest (the sum does not depend on the order).
+        by_length = np.argsort(-shard.window_lengths(split)[:n], kind="stable")
+        mine = by_length[rank::world].tolist()
         # Every rank runs the same number of forwards: with sharded weights (FSDP2, ZeRO-3)
         # each forward is a collective, so a rank with one batch fewer scores a throwaway one.
         for start in range(0, math.ceil(n / world), batch_size):
             rows = mine[start : start + batch_size]
-            seqs = shard.sequences(split, rows or [0]).to(device)
+            inputs, labels = shard.heldout_batch(split, rows or [0])
             with runtime.autocast():
-                hidden, head = hidden_and_head(model, seqs[:, :-1])
+                hidden, head = hidden_and_head(model, inputs.to(device))
             with gather_head():
                 if not rows:
                     continue
                 loss_sum, tokens = chunked_ce_sum(
                     hidden.reshape(-1, hidden.shape[-1]),
                     head.weight,
-                    seqs[:, 1:].reshape(-1),
+                    labels.to(device).reshape(-1),
                     vocab_size=vocab_size,
                     chunk_tokens=chunk_tokens,
                     head_bias=getattr(head, "bias", None),

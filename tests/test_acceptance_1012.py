@@ -271,8 +271,8 @@ def test_a_cluster_too_small_to_hold_out_suggests_fewer_domains(tmp_path, tokeni
         "bridge",
     ]
     lines = [{"text": " ".join(r.choice(words) for _ in range(60))} for _ in range(40)]
-    lines.append({"text": ", ".join(str(r.randint(0, 99999)) for _ in range(800))})
-    lines += [{"text": "1, 2"}, {"text": "3, 4"}]  # the numbers cluster: one long document
+    # the numbers cluster: three long documents, of which half the tokens hold out only one
+    lines += [{"text": ", ".join(str(r.randint(0, 99999)) for _ in range(300))} for _ in range(3)]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     cfg = PrepareSection(
         input=str(tmp_path / "c.jsonl"),

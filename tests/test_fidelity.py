@@ -60,6 +60,7 @@ def _with_test_split(prepared_dir, dest, n=4):
         folder = dest / info["folder"]
         tokens = np.fromfile(folder / "train.bin", dtype=manifest["token_dtype"])
         tokens[-(n * L + 1) :].tofile(folder / "test.bin")
+        np.save(folder / "test_docs.npy", np.array([[0, n * L + 1]]))  # one document, n windows
         info["test_tokens"], info["test_sequences"] = n * L + 1, n
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
@@ -301,3 +302,8 @@ def test_cache_keys_follow_weights_dtype_and_data(tmp_path, teacher_dir, student
     assert cache.get("val", ["a", "c"]) is None and cache.get("test", ["a"]) is None
     other = TeacherPPLCache(store, data_fingerprint(other_data), fp)
     assert other.get("val", ["a"]) is None
+    # an entry an older ddk wrote, from windows that crossed documents, is not reused
+    entry = json.loads(cache.path.read_text())
+    del entry["key"]["windows"]
+    cache.path.write_text(json.dumps(entry))
+    assert cache.get("val", ["b"]) is None

@@ -227,6 +227,16 @@ def test_offline_kd_is_reproducible_and_resumable(
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_teacher_perplexities_of_older_windows_are_not_used(cache_dir, tmp_path):
+    assert OfflineTeacher(cache_dir, ["code"], torch.device("cpu")).perplexities("val")
+    old = tmp_path / "old"
+    (old / "code").mkdir(parents=True)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    del manifest["teacher_ppl_windows"]  # built by a ddk whose windows crossed documents
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert OfflineTeacher(old, ["code"], torch.device("cpu")).perplexities("val") is None
+
+
 @pytest.mark.slow
 def test_offline_ddk_uses_cached_teacher_perplexities(
     tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir

@@ -14,8 +14,8 @@ import pytest
 from ddk.cli import main
 from ddk.config import Tracker
 from ddk.metrics import read_metrics
-from ddk.trackers import hyperparameters, tracker_values
 from ddk.run_dir import start_run
+from ddk.trackers import hyperparameters, tracker_values
 from tests.test_trainer import make_config
 
 

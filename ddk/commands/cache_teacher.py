@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ddk import identity
 from ddk.data.dataset import PreparedData
+from ddk.data.split import HELDOUT_WINDOWS
 from ddk.errors import DDKError
 from ddk.evaluate import run_perplexities
 from ddk.identity import Strength
@@ -234,6 +235,7 @@ def _finish(folder: Path, plan: dict, ppl: dict, seq_len: int) -> None:
     if missing:
         raise DDKError(f"{len(missing)} cache shards are missing (first: {missing[0]})")
     plan["teacher_ppl"] = ppl
+    plan["teacher_ppl_windows"] = HELDOUT_WINDOWS
     plan["complete"] = True
     write_cache_manifest(folder, plan)
     tokens = sum(i["sequences"] for i in plan["domains"].values()) * seq_len

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ddk.config import PrepareSection
 from ddk.data.dedup import HASH_DTYPE, text_hash
 from ddk.data.embed import make_embedder
-from ddk.data.manifest import domain_path, read_manifest
+from ddk.data.manifest import domain_path, read_array, read_manifest
 from ddk.data.sources import Corpus, iter_documents
 from ddk.errors import DDKError
 
@@ -268,7 +268,7 @@ def heldout_hashes(folder: str | Path) -> set[int]:
                 f"prepare.exclude_heldout: '{folder}' (domain '{name}') has no {HELDOUT_HASHES}; "
                 "prepare it again with this ddk version"
             )
-        found.update(np.load(path).astype(HASH_DTYPE).tolist())
+        found.update(read_array(folder, path, HASH_DTYPE).tolist())
     return found
 
 

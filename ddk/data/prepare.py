@@ -4,14 +4,17 @@ Output layout (all arrays little-endian numpy files; `ddk.data.manifest` owns th
     manifest.json                 domains, splits, tokenizer, seq_len, BOS, sources, owner record
     <domain>/train.bin            flat tokens of the training documents (uint16 or uint32)
     <domain>/train_docs.npy       [n, 2] int64: (document id in corpus order, tokens incl. EOS)
-    <domain>/val.bin              validation: the first <= seq_len tokens of each held-out document
+    <domain>/val.bin              validation: the first windows * seq_len + 1 tokens of each
+                                  held-out document (up to prepare.heldout_windows_per_document
+                                  windows of one document each: `ddk.data.split`)
     <domain>/val_docs.npy         [n, 2] int64: (document id, tokens it contributed), draw order
     <domain>/test.bin, test_docs.npy   the same for the test split (reporting only)
     <domain>/heldout_hashes.npy   sorted uint64 text hashes of every validation and test document
-A "sequence" (window) i of a split is tokens[i*seq_len : (i+1)*seq_len + 1].
-Documents are tokenised once without special tokens, then given BOS (prepare.add_bos) and EOS.
-Validation and test are disjoint sets of whole documents, at most seq_len tokens from each, so
-no single long document fills a held-out set; training drops exact duplicates of them.
+A training window i is tokens[i*seq_len : (i+1)*seq_len + 1]; a held-out window never holds a
+token of another document. Documents are tokenised once without special tokens, then given BOS
+(prepare.add_bos) and EOS. Validation and test are disjoint sets of whole documents, and every
+domain's held-out texts are chosen before any training file is written: a text is held out once
+in the whole folder, and its copies in any domain's training data are dropped.
 """
 
 from __future__ import annotations
@@ -43,7 +46,14 @@ from ddk.data.manifest import (
     write_manifest,
 )
 from ddk.data.sources import Corpus, discover, iter_documents
-from ddk.data.split import TRAIN, choose_heldout
+from ddk.data.split import (
+    DROPPED,
+    TRAIN,
+    choose_heldout,
+    kept_tokens,
+    per_document_cap,
+    split_codes,
+)
 from ddk.data.vocab import same_vocabulary, token_dtype, vocab_hash
 from ddk.errors import DDKError
 from ddk.fileutil import disk_full, human_bytes, publish_dir
@@ -124,6 +134,7 @@ def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str) -> di
         "val_sequences": cfg.val_sequences,
         "test_sequences": cfg.test_sequences,
         "add_bos": cfg.add_bos,
+        "heldout_windows_per_document": cfg.heldout_windows_per_document,
         "format_version": FORMAT_VERSION,
         "seed": cfg.seed,
         "text_field": cfg.text_field,
@@ -245,31 +256,100 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _split_domain(folder: Path, name: str, cfg: PrepareSection, dtype: np.dtype) -> dict:
-    """Hold out whole random documents for validation and test (at most seq_len tokens of
-    each), drop training's exact duplicates of them; the rest, in order, is training data."""
+def _wanted(cfg: PrepareSection) -> dict[str, int]:
+    return {"val": cfg.val_sequences, "test": cfg.test_sequences or cfg.val_sequences}
+
+
+def _draw_heldout(
+    folder: Path, name: str, cfg: PrepareSection, taken: set[int]
+) -> dict[str, list[tuple[int, int]]]:
+    """Draw one domain's validation and test documents (`ddk.data.split`), never a text that
+    `taken` (the texts earlier domains hold out) holds; add the drawn texts to `taken`."""
+    lens = np.fromfile(folder / "all_lens.bin", dtype=np.int64)
+    hashes = np.fromfile(folder / "all_hash.bin", dtype=HASH_DTYPE)
+    total = int(lens.sum())
+    wanted = _wanted(cfg)
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
+    # Held-out documents may take at most half of a domain's tokens: training keeps the rest.
+    drawn = choose_heldout(
+        lens,
+        hashes,
+        rng.permutation(len(lens)),
+        cfg.seq_len,
+        wanted,
+        total // 2,
+        per_document=cfg.heldout_windows_per_document,
+        taken=taken,
+    )
+    if not drawn["val"] or not drawn["test"]:
+        raise _too_little_heldout(name, cfg, lens, hashes, taken)
+    taken.update(int(hashes[i]) for docs in drawn.values() for i, _ in docs)
+    return drawn
+
+
+def _too_little_heldout(name: str, cfg, lens: np.ndarray, hashes: np.ndarray, taken) -> DDKError:
+    """Why a domain could not give one validation and one test window, in one line."""
+    distinct = np.unique(hashes)
+    elsewhere = sum(int(h) in taken for h in distinct.tolist())
+    if elsewhere and 2 * elsewhere >= len(distinct):
+        return DDKError(
+            f"domain '{name}': {elsewhere} of its {len(distinct)} distinct texts are held out by "
+            "other domains (the same text in two domains), too few remain for its own validation "
+            "and test; remove the copies from one of the domains or add text"
+        )
+    if len(lens) - len(distinct) >= max(len(distinct), 1):  # at least half are copies
+        return DDKError(
+            f"domain '{name}' has {len(lens)} documents but only {len(distinct)} distinct "
+            "text(s) (the rest are exact duplicates after normalising Unicode and whitespace); a "
+            "text is held out once and its copies leave training, so validation and test need "
+            "distinct documents: remove the duplicates or add text"
+        )
+    # A cluster is small because many were asked for: say so first.
+    fewer = (
+        "ask for fewer domains (prepare.auto_domains / split_domains), "
+        if cfg.auto_domains is not None or cfg.split_domains is not None
+        else ""
+    )
+    return DDKError(
+        f"domain '{name}' has too little text to hold out whole documents for validation "
+        f"and test windows of {cfg.seq_len} tokens ({len(lens)} document(s), {int(lens.sum()):,} "
+        f"tokens; held-out documents may use at most half of them); {fewer}add text, split its "
+        "text into more documents (e.g. JSONL lines) or lower prepare.seq_len"
+    )
+
+
+def _write_splits(
+    folder: Path,
+    name: str,
+    cfg: PrepareSection,
+    dtype: np.dtype,
+    drawn: dict[str, list[tuple[int, int]]],
+    held: np.ndarray,
+) -> dict:
+    """Write one domain's held-out files (the first windows * seq_len + 1 tokens of each drawn
+    document) and its training file (every other document, in order, except copies of a text
+    in `held`: the sorted hashes every domain holds out)."""
     lens = np.fromfile(folder / "all_lens.bin", dtype=np.int64)
     ids = np.fromfile(folder / "all_ids.bin", dtype=np.int64)
     hashes = np.fromfile(folder / "all_hash.bin", dtype=HASH_DTYPE)
     total = int(lens.sum())
     L = cfg.seq_len
-    wanted = {"val": cfg.val_sequences, "test": cfg.test_sequences or cfg.val_sequences}
-    rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
-    # Held-out documents may take at most half of a domain's tokens: training keeps the rest.
-    codes, drawn = choose_heldout(lens, hashes, rng.permutation(len(lens)), L, wanted, total // 2)
     tokens = np.memmap(folder / "all.bin", dtype=dtype, mode="r")
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    stats: dict = {"documents": len(lens)}
-    for split, docs in drawn.items():
-        taken = np.minimum(lens[docs], L) if docs else np.zeros(0, dtype=np.int64)
+    stats: dict = {"documents": len(lens), "total_tokens": total, "heldout_unused_tokens": 0}
+    for split, picked in drawn.items():
+        docs = np.array([i for i, _ in picked], dtype=np.int64)
+        windows = np.array([n for _, n in picked], dtype=np.int64)
+        kept = kept_tokens(windows, lens[docs], L)
         with open(folder / f"{split}.bin", "wb") as fh:
-            for i, n in zip(docs, taken.tolist()):
+            for i, n in zip(docs.tolist(), kept.tolist()):
                 np.asarray(tokens[int(starts[i]) : int(starts[i]) + n]).tofile(fh)
-        np.save(folder / f"{split}_docs.npy", np.stack([ids[docs], taken], axis=1))
-        n_tokens = int(taken.sum())
+        np.save(folder / f"{split}_docs.npy", np.stack([ids[docs], kept], axis=1))
         stats[f"{split}_documents"] = len(docs)
-        stats[f"{split}_tokens"] = n_tokens
-        stats[f"{split}_sequences"] = min(wanted[split], max(0, (n_tokens - 1) // L))
+        stats[f"{split}_tokens"] = int(kept.sum())
+        stats[f"{split}_sequences"] = int(windows.sum())
+        stats["heldout_unused_tokens"] += int(lens[docs].sum() - kept.sum())
+    codes = split_codes(len(lens), hashes, drawn, held)
     train = codes == TRAIN
     with open(folder / "train.bin", "wb") as fh:
         # Copy runs of consecutive training documents, not one document at a time.
@@ -280,41 +360,32 @@ def _split_domain(folder: Path, name: str, cfg: PrepareSection, dtype: np.dtype)
             for a in range(lo, hi, _COPY_CHUNK):
                 np.asarray(tokens[a : min(hi, a + _COPY_CHUNK)]).tofile(fh)
     np.save(folder / "train_docs.npy", np.stack([ids[train], lens[train]], axis=1))
-    held = codes > TRAIN
-    np.save(folder / "heldout_hashes.npy", np.unique(hashes[held]).astype(HASH_DTYPE))
+    np.save(folder / "heldout_hashes.npy", np.unique(hashes[codes > TRAIN]).astype(HASH_DTYPE))
     del tokens
     for tmp in ("all.bin", "all_lens.bin", "all_ids.bin", "all_hash.bin"):
         (folder / tmp).unlink()
+    dropped = codes == DROPPED
     stats["train_documents"] = int(train.sum())
     stats["train_tokens"] = int(lens[train].sum())
     stats["train_sequences"] = max(0, (stats["train_tokens"] - 1) // L)
-    stats["duplicates_dropped"] = int((codes < TRAIN).sum())
-    if stats["val_sequences"] == 0 or stats["test_sequences"] == 0:
-        # A cluster is small because many were asked for: say so first.
-        fewer = (
-            "ask for fewer domains (prepare.auto_domains / split_domains), "
-            if cfg.auto_domains is not None or cfg.split_domains is not None
-            else ""
-        )
-        raise DDKError(
-            f"domain '{name}' has too little text to hold out whole documents for validation "
-            f"and test windows of {L} tokens ({len(lens)} document(s), {total:,} tokens; held-out "
-            f"documents may use at most half of them); {fewer}add text, split its text into more "
-            "documents (e.g. JSONL lines) or lower prepare.seq_len"
-        )
+    stats["duplicates_dropped"] = int(dropped.sum())
+    stats["duplicate_tokens"] = int(lens[dropped].sum())
     if stats["train_sequences"] == 0:
         raise DDKError(
             f"domain '{name}' keeps too little training text ({stats['train_tokens']:,} tokens "
-            f"after holding out validation and test documents and "
-            f"{stats['duplicates_dropped']} duplicate(s) of them); add text or lower "
-            "prepare.seq_len"
+            f"after holding out validation and test documents and dropping "
+            f"{stats['duplicates_dropped']} copy(ies) of held-out texts, of this or other "
+            "domains); add text or lower prepare.seq_len"
         )
+    wanted = _wanted(cfg)
     for split, label in (("val", "validation"), ("test", "test")):
         if stats[f"{split}_sequences"] < wanted[split]:
             _warn(
                 f"domain '{name}': {label} has {stats[f'{split}_sequences']} of "
                 f"{wanted[split]} windows, from {stats[f'{split}_documents']} documents (at most "
-                f"{L} tokens from each, held-out documents at most half of its {total:,} tokens)"
+                f"{per_document_cap(wanted[split], cfg.heldout_windows_per_document)} window(s) of "
+                f"{L} tokens from each, held-out "
+                f"documents at most half of its {total:,} tokens)"
             )
     return stats
 
@@ -401,12 +472,15 @@ def _write_prepared(tmp, cfg, corpus, tokenizer, tokenizer_name, domain_plan, pr
         raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
     if domain_plan is None:  # clusters replace the source folders as domains
         _check_domains_have_documents(corpus, writers)
-    domains = {}
-    for domain in writers:
-        domains[domain] = {
-            "folder": names[domain],
-            **_split_domain(tmp / names[domain], domain, cfg, dtype),
-        }
+    # Every domain's held-out texts are known before any train.bin is written, so no
+    # held-out text stays in the training data of any domain.
+    taken: set[int] = set()
+    drawn = {d: _draw_heldout(tmp / names[d], d, cfg, taken) for d in writers}
+    held = np.array(sorted(taken), dtype=HASH_DTYPE)
+    domains = {
+        d: {"folder": names[d], **_write_splits(tmp / names[d], d, cfg, dtype, drawn[d], held)}
+        for d in writers
+    }
     manifest = _manifest(cfg, corpus, tokenizer, tokenizer_name, vocab_size, bos, domains)
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     if domain_plan:  # clusters.json, assignments.jsonl: before the owner record lists files
@@ -435,6 +509,7 @@ def _manifest(cfg, corpus, tokenizer, tokenizer_name, vocab_size, bos, domains) 
         "val_sequences": cfg.val_sequences,
         "test_sequences": cfg.test_sequences or cfg.val_sequences,
         "add_bos": bos is not None,
+        "heldout_windows_per_document": cfg.heldout_windows_per_document,
         "seed": cfg.seed,
         "text_field": cfg.text_field,
         "domain_field": cfg.domain_field,
@@ -534,33 +609,60 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, docs=None, bos
 
 
 def summary_table(manifest: dict) -> str:
-    rows = [
-        [
+    """Per domain: documents, training tokens and windows, held-out windows (documents), the
+    copies of held-out texts dropped, and the share of its tokens no split keeps."""
+    domains = list(manifest["domains"].items())
+
+    def unused(docs: list[dict]) -> str:
+        """Tokens of held-out documents beyond their windows, as a share of all tokens."""
+        if any(d.get("heldout_unused_tokens") is None for d in docs):
+            return "-"  # data prepared before format 3 does not record it
+        total = sum(d["total_tokens"] for d in docs)
+        return f"{100 * sum(d['heldout_unused_tokens'] for d in docs) / max(total, 1):.1f}%"
+
+    def row(name: str, docs: list[dict]) -> list:
+        def total(key: str) -> int:
+            return sum(d[key] for d in docs)
+
+        return [
             name,
-            d["documents"],
-            d["train_tokens"],
-            d["train_sequences"],
-            f"{d['val_sequences']} ({d['val_documents']})",
-            f"{d['test_sequences']} ({d['test_documents']})",
-            d["duplicates_dropped"],
+            total("documents"),
+            total("train_tokens"),
+            total("train_sequences"),
+            f"{total('val_sequences')} ({total('val_documents')})",
+            f"{total('test_sequences')} ({total('test_documents')})",
+            total("duplicates_dropped"),
+            unused(docs),
         ]
-        for name, d in manifest["domains"].items()
-    ]
-    total = ["total"] + [sum(r[i] for r in rows) for i in (1, 2, 3)]
-    total += [
-        f"{sum(d['val_sequences'] for d in manifest['domains'].values())}",
-        f"{sum(d['test_sequences'] for d in manifest['domains'].values())}",
-        sum(r[6] for r in rows),
-    ]
-    return format_table(
+
+    rows = [row(name, [d]) for name, d in domains]
+    rows.append(row("total", [d for _, d in domains]))
+    table = format_table(
         [
             "domain",
             "documents",
             "train tokens",
-            "train sequences",
+            "train windows",
             "val windows (docs)",
             "test windows (docs)",
-            "duplicates dropped",
+            "copies dropped",
+            "unused",
         ],
-        rows + [total],
+        rows,
+    )
+    most = manifest.get("heldout_windows_per_document") or 1
+    caps = {
+        split: per_document_cap(manifest[f"{split}_sequences"] or manifest["val_sequences"], most)
+        for split in ("val", "test")
+    }
+    cap = (
+        str(caps["val"])
+        if caps["val"] == caps["test"]
+        else f"{caps['val']} (val), {caps['test']} (test)"
+    )
+    return (
+        f"{table}\n"
+        f"held-out windows: up to {manifest['seq_len']} targets of one document, at most {cap} per "
+        "document; unused: tokens of held-out documents past their windows\n"
+        "copies dropped: training documents whose text this or another domain holds out"
     )

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ddk import identity
+from ddk.data.split import HELDOUT_WINDOWS
 from ddk.errors import DDKError
 from ddk.identity import Strength
 from ddk.ranks import print0
@@ -92,6 +93,8 @@ class OfflineTeacher:
 
     def perplexities(self, split: str = "val") -> dict[str, float] | None:
         ppl = self.manifest.get("teacher_ppl", {}).get(split)
+        if self.manifest.get("teacher_ppl_windows") != HELDOUT_WINDOWS:
+            ppl = None  # measured on windows cut another way: computed anew
         if ppl is None:
             if self._fallback_factory is None:
                 return None

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ddk import identity
+from ddk.data.split import HELDOUT_WINDOWS
 from ddk.evaluate import run_perplexities
 from ddk.fileutil import write_json_atomic
 from ddk.identity import FileHashMemo, Strength
@@ -54,7 +55,8 @@ class TeacherPPLCache:
 
     def __init__(self, store: Path, data_fp: str, teacher_fp: str | None):
         self.store = store
-        self.key = {"data": data_fp, "teacher": teacher_fp}
+        # the windowing rule too: data prepared by an older ddk is now scored another way
+        self.key = {"data": data_fp, "teacher": teacher_fp, "windows": HELDOUT_WINDOWS}
         self.path = None if teacher_fp is None else store / f"{data_fp[:16]}-{teacher_fp[:16]}.json"
 
     def _entries(self) -> dict:

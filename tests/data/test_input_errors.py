@@ -62,6 +62,11 @@ def _write_corpus(root: Path, sizes: dict[str, int]) -> Path:
     return root
 
 
+def _write_jsonl(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
 def _snapshot(root: Path) -> dict[str, str]:
     """Every file, folder and link under `root` with its content hash (links not followed)."""
     seen = {}
@@ -191,6 +196,54 @@ def _output_locked(work, tok):
     return [], [f"PID {os.getpid()}", "in use by another ddk process"], []
 
 
+def _identical_documents(work, tok):
+    _write_jsonl(work / "corpus" / "copies" / "a.jsonl", ["the same text, again and again."] * 40)
+    return [], ["domain 'copies'", "40 documents", "1 distinct text", "duplicates"], ["too little"]
+
+
+def _labelled(work, tok) -> Path:
+    """Prepared data of the corpus, for --exclude-heldout to read."""
+    out = work / "labelled"
+    cfg = PrepareSection(input=str(work / "corpus"), output=str(out), seq_len=16, val_sequences=2)
+    prepare(cfg, str(tok), progress=False)
+    return out
+
+
+def _heldout_hashes_float(work, tok):
+    path = _labelled(work, tok) / "code" / "heldout_hashes.npy"
+    np.save(path, np.load(path).astype(np.float64))
+    return (
+        ["--exclude-heldout", str(work / "labelled")],
+        ["code/heldout_hashes.npy", "float64", "uint64", "prepare"],
+        [],
+    )
+
+
+def _heldout_hashes_pickled(work, tok):
+    path = _labelled(work, tok) / "code" / "heldout_hashes.npy"
+    np.save(path, np.array([{"hash": 1}], dtype=object), allow_pickle=True)
+    return ["--exclude-heldout", str(work / "labelled")], ["code/heldout_hashes.npy", "prepare"], []
+
+
+def _heldout_hashes_garbage(work, tok):
+    path = _labelled(work, tok) / "code" / "heldout_hashes.npy"
+    path.write_bytes(bytes(range(256)) * 4)
+    return ["--exclude-heldout", str(work / "labelled")], ["code/heldout_hashes.npy", "prepare"], []
+
+
+def _heldout_hashes_link_out(work, tok):
+    path = _labelled(work, tok) / "code" / "heldout_hashes.npy"
+    outside = work / "elsewhere.npy"
+    np.save(outside, np.load(path))
+    path.unlink()
+    path.symlink_to(outside)
+    return (
+        ["--exclude-heldout", str(work / "labelled")],
+        ["heldout_hashes.npy", "outside the prepared data folder"],
+        [],
+    )
+
+
 _HELD: list[FolderLock] = []
 
 CASES = {
@@ -209,6 +262,11 @@ CASES = {
     "domain with only an empty file": _empty_domain,
     "output parent is a file": _parent_is_a_file,
     "output locked by another process": _output_locked,
+    "a domain of identical documents": _identical_documents,
+    "float-valued heldout_hashes.npy": _heldout_hashes_float,
+    "pickled heldout_hashes.npy": _heldout_hashes_pickled,
+    "garbage heldout_hashes.npy": _heldout_hashes_garbage,
+    "heldout_hashes.npy links out of the folder": _heldout_hashes_link_out,
 }
 
 
