@@ -4,6 +4,7 @@ import yaml
 from ddk.cli import build_parser, main
 from ddk.config import Config, ConfigError, load_config
 from ddk.methods import PRESETS
+from tests.conftest import one_error_line
 
 
 def test_paper_defaults():
@@ -112,5 +113,5 @@ def test_cli_config_error_exit_code(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("distill:\n  alfa: 0.5\n")
     assert main(["distill", str(path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "unknown key 'distill.alfa'" in err
+    err = one_error_line(capsys.readouterr().err)
+    assert "unknown key 'distill.alfa'" in err

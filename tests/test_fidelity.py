@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from ddk.report import summarize_runs, write_report
 from ddk.run_dir import start_run
 from ddk.step import DistillStep
 from ddk.trainer import Trainer
-from tests.test_trainer import make_config
+from tests.conftest import make_config, with_test_split
 
 
 def _events(run, name):
@@ -50,24 +49,8 @@ def test_floored_initial_weights_match_naive_reference():
     np.testing.assert_array_equal(*later)
 
 
-# ----------------------------------------------------------------------------- test split
-def _with_test_split(prepared_dir, dest, n=4):
-    """A copy of the prepared data with a test split (windows unlike the validation ones)."""
-    shutil.copytree(prepared_dir, dest)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    L = manifest["seq_len"]
-    for info in manifest["domains"].values():
-        folder = dest / info["folder"]
-        tokens = np.fromfile(folder / "train.bin", dtype=manifest["token_dtype"])
-        tokens[-(n * L + 1) :].tofile(folder / "test.bin")
-        np.save(folder / "test_docs.npy", np.array([[0, n * L + 1]]))  # one document, n windows
-        info["test_tokens"], info["test_sequences"] = n * L + 1, n
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    return dest
-
-
 def test_final_numbers_come_from_the_test_split(tmp_path, teacher_dir, student_dir, prepared_dir):
-    data_dir = _with_test_split(prepared_dir, tmp_path / "data")
+    data_dir = with_test_split(prepared_dir, tmp_path / "data")
     run = tmp_path / "run"
     cfg = make_config(run, teacher_dir, student_dir, data_dir, **{"trainer.max_steps": 3})
     final = start_run(cfg)
@@ -131,40 +114,6 @@ def test_starved_and_repeated_domains_are_reported(
     assert update["math"]["epochs"] == 0
     summary = write_report([run], tmp_path / "report").parent / "summary.md"
     assert "Epochs per domain" in summary.read_text()
-
-
-# ----------------------------------------------------------------------------- NaN evaluation
-@pytest.fixture
-def nan_student(tmp_path, student_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(student_dir)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    path = tmp_path / "nan_student"
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(student_dir).save_pretrained(path)
-    return path
-
-
-def test_nan_evaluation_in_kd_is_logged_and_the_run_goes_on(
-    tmp_path, teacher_dir, nan_student, prepared_dir, capsys
-):
-    overrides = {"trainer.max_steps": 4, "distill.K": 2, "trainer.max_bad_steps": 100}
-    run = tmp_path / "kd"
-    cfg = make_config(run, teacher_dir, nan_student, prepared_dir,
-                      **{"distill.method": "kd", **overrides})  # fmt: skip
-    assert start_run(cfg) is not None
-    assert "does not use it, logged as NaN" in capsys.readouterr().out
-    updates, final = _events(run, "domain_update"), _events(run, "final_eval")
-    assert len(updates) == 2 and len(final) == 1
-    assert all(math.isnan(e["student_ppl"]) for e in final[0]["domains"].values())
-    assert math.isnan(summarize_runs([run])["runs"][0]["geomean_ppl"])
-    write_report([run], tmp_path / "report")  # the report copes with NaN
-    # ddk steers by the perplexities: it stops with the clear message instead
-    cfg = make_config(tmp_path / "ddk", teacher_dir, nan_student, prepared_dir, **overrides)
-    with pytest.raises(DDKError, match="cannot update domain weights at step 0"):
-        start_run(cfg)
 
 
 # ----------------------------------------------------------------------------- teacher ppl cache
@@ -273,37 +222,3 @@ def test_steering_keys_reach_the_run(tmp_path, teacher_dir, student_dir, prepare
         assert min(got) >= 0.5 / len(names) - 1e-12
         previous = got
     assert summarize_runs([run])["runs"][0]["label"] == "ddk+robust"
-
-
-def test_cache_keys_follow_weights_dtype_and_data(tmp_path, teacher_dir, student_dir, prepared_dir):
-    from ddk.identity import Strength
-    from ddk.identity import data_fingerprint as fingerprint
-    from ddk.identity import evaluated_teacher_fingerprint as teacher_fingerprint
-    from ddk.teacher.perplexity import HELDOUT, TeacherPPLCache
-
-    def data_fingerprint(folder):  # the perplexity cache's key: the held-out tokens
-        return fingerprint(folder, Strength.CONTENT, splits=HELDOUT)
-
-    store = tmp_path / "store"
-    fp = teacher_fingerprint(str(teacher_dir), "torch.float32", store)
-    assert fp == teacher_fingerprint(str(teacher_dir), "torch.float32", store)  # memoised
-    assert fp != teacher_fingerprint(str(teacher_dir), "torch.bfloat16", store)
-    assert fp != teacher_fingerprint(str(student_dir), "torch.float32", store)
-    copy = shutil.copytree(teacher_dir, tmp_path / "teacher_copy")
-    assert teacher_fingerprint(str(copy), "torch.float32", store) == fp  # content, not path
-    weights = next(copy.glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # one byte of the weights
-    assert teacher_fingerprint(str(copy), "torch.float32", store) != fp
-    other_data = _with_test_split(prepared_dir, tmp_path / "data")
-    assert data_fingerprint(other_data) != data_fingerprint(prepared_dir)
-    cache = TeacherPPLCache(store, data_fingerprint(prepared_dir), fp)
-    cache.put("val", {"a": {"ppl": 2.0}, "b": {"ppl": 3.0}})
-    assert cache.get("val", ["b"]) == {"b": {"ppl": 3.0}}
-    assert cache.get("val", ["a", "c"]) is None and cache.get("test", ["a"]) is None
-    other = TeacherPPLCache(store, data_fingerprint(other_data), fp)
-    assert other.get("val", ["a"]) is None
-    # an entry an older ddk wrote, from windows that crossed documents, is not reused
-    entry = json.loads(cache.path.read_text())
-    del entry["key"]["windows"]
-    cache.path.write_text(json.dumps(entry))
-    assert cache.get("val", ["b"]) is None

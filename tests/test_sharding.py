@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from ddk.errors import DDKError
 from ddk.metrics import read_metrics
 from ddk.runtime import check_backend
 from ddk.teacher.placement import choose_placement
+from tests.conftest import run_config, write_config
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
@@ -108,50 +110,33 @@ def test_unsupported_deepspeed_configs_stop_with_one_line(config, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-def test_checksums_cover_shard_files_in_sub_folders(tmp_path):
-    """Shards live in checkpoint/sharded/; a damaged shard makes the checkpoint unusable."""
-    import numpy as np
-
-    from ddk.checkpoint import begin_checkpoint, commit_checkpoint, verify_checkpoint
-
-    tmp = begin_checkpoint(tmp_path, 4)
-    (tmp / "sharded").mkdir()
-    (tmp / "sharded" / "__0_0.distcp").write_bytes(b"shard zero")
-    (tmp / "sharded" / ".metadata").write_bytes(b"meta")
-    final = commit_checkpoint(
-        tmp_path, 4, tmp, state={}, arrays={"plan": np.arange(3)}, rng_state={}, keep=2
-    )
-    assert final.name == "step-00000004" and not tmp.exists()
-    assert verify_checkpoint(final) is None
-    (final / "sharded" / "__0_0.distcp").write_bytes(b"shard 0ero")
-    assert verify_checkpoint(final) == "sharded/__0_0.distcp does not match its checksum"
-
-
 # ---------------------------------------------------------------- real 2-process runs
+SHARDED_RUN = {
+    "distill.K": 4,
+    "trainer.max_steps": 8,
+    "trainer.lr": 3e-3,
+    "trainer.min_lr": 3e-4,
+    "trainer.warmup_steps": 2,
+    "trainer.log_every": 2,
+    "trainer.save_every": 4,
+    "trainer.eval_batch_size": 4,
+}
+
+
 def _config(path, root, teacher, student, data, micro, accum, placement="auto"):
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"teacher": str(teacher), "student": str(student)},
-                "data": {"prepared": str(data)},
-                "distill": {"K": 4},
-                "teacher": {"placement": placement},
-                "trainer": {
-                    "output_dir": str(root),
-                    "max_steps": 8,
-                    "micro_batch_size": micro,
-                    "grad_accum_steps": accum,
-                    "lr": 3e-3,
-                    "min_lr": 3e-4,
-                    "warmup_steps": 2,
-                    "log_every": 2,
-                    "save_every": 4,
-                    "eval_batch_size": 4,
-                },
-            }
-        )
+    values = run_config(
+        root,
+        teacher,
+        student,
+        data,
+        SHARDED_RUN,
+        **{
+            "trainer.micro_batch_size": micro,
+            "trainer.grad_accum_steps": accum,
+            "teacher.placement": placement,
+        },
     )
-    return path
+    return Path(write_config(path, values))
 
 
 def _env(**extra):

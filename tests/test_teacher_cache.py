@@ -3,60 +3,54 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ddk.cli import main
 from ddk.commands.cache_teacher import build_cache
-from ddk.config import load_config
 from ddk.data.dataset import PreparedData
+from ddk.errors import DDKError
+from ddk.lock import LOCK_NAME
 from ddk.logits import hidden_and_head
 from ddk.metrics import read_metrics
 from ddk.models import load_teacher
+from ddk.preflight import preflight
 from ddk.run_dir import resume_run, start_run
 from ddk.teacher import Batch, cache_format, sparse_from_logits
 from ddk.teacher.cache_format import read_cache_manifest
 from ddk.teacher.offline import OfflineTeacher
+from tests.conftest import make_config, one_error_line, tree_digest
 
 K = 8
-RUN = [
-    "trainer.max_steps=12",
-    "trainer.micro_batch_size=4",
-    "trainer.lr=3e-3",
-    "trainer.min_lr=3e-4",
-    "trainer.warmup_steps=2",
-    "trainer.log_every=3",
-    "trainer.save_every=4",
-    "trainer.eval_batch_size=8",
-    "distill.K=5",
-]
+CACHE_RUN = {
+    "trainer.max_steps": 12,
+    "trainer.micro_batch_size": 4,
+    "trainer.lr": 3e-3,
+    "trainer.min_lr": 3e-4,
+    "trainer.warmup_steps": 2,
+    "trainer.log_every": 3,
+    "trainer.save_every": 4,
+    "trainer.eval_batch_size": 8,
+    "distill.K": 5,
+}
 
 
-def config(teacher, student, prepared, cache, *extra):
-    return load_config(
-        None,
-        [
-            f"model.teacher={teacher}",
-            f"model.student={student}",
-            f"data.prepared={prepared}",
-            f"teacher.cache={cache}",
-            f"teacher.cache_k={K}",
-            *RUN,
-            *extra,
-        ],
-    )
+def config(teacher, student, prepared, cache, *extra, base=CACHE_RUN):
+    """A run on `cache` (top-K); `extra`: "section.key=value" overrides."""
+    overrides = {"teacher.cache": cache, "teacher.cache_k": K}
+    overrides.update(item.split("=", 1) for item in extra)
+    return make_config("runs/ddk", teacher, student, prepared, base, **overrides)
 
 
-def tree(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != ".ddk.lock"
-    }
+def tree(folder: Path) -> dict[str, str]:
+    return tree_digest(folder, ignore=(LOCK_NAME,))
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +132,6 @@ def test_interrupted_cache_resumes_to_same_bytes(
 def test_cache_of_another_teacher_in_the_folder_is_refused(
     tmp_path, cache_dir, student_dir, prepared_dir, capsys
 ):
-    import shutil
 
     folder = tmp_path / "c"
     shutil.copytree(cache_dir, folder)
@@ -146,8 +139,7 @@ def test_cache_of_another_teacher_in_the_folder_is_refused(
     cfg = tmp_path / "cfg.yaml"
     config(student_dir, student_dir, prepared_dir, folder).save(cfg)
     assert main(["cache-teacher", str(cfg)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "another teacher" in err[0]
+    assert "another teacher" in one_error_line(capsys.readouterr().err)
     assert tree(folder) == before
 
 
@@ -174,15 +166,14 @@ def test_mismatched_cache_refused_before_step_1(
     cfg = tmp_path / "cfg.yaml"
     offline(teacher_dir, student_dir, prepared_dir, cache_dir, run, change).save(cfg)
     assert main(["distill", str(cfg)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and words in err[0], err
+    err = one_error_line(capsys.readouterr().err)
+    assert words in err, err
     assert not (run / "metrics.jsonl").exists()
 
 
 def test_cache_of_other_data_refused(
     tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir, capsys
 ):
-    import shutil
 
     other = tmp_path / "data"
     shutil.copytree(prepared_dir, other)
@@ -280,7 +271,7 @@ def test_two_processes_write_the_same_cache(
     one, two = tree(cache_dir), tree(tmp_path / "c")
     assert one.keys() == two.keys()
     assert all(one[f] == two[f] for f in one if f.endswith(".bin"))
-    m1, m2 = (json.loads(t["manifest.json"]) for t in (one, two))
+    m1, m2 = (json.loads((f / "manifest.json").read_text()) for f in (cache_dir, tmp_path / "c"))
     p1, p2 = m1.pop("teacher_ppl")["val"], m2.pop("teacher_ppl")["val"]
     # Ranks split the validation batches differently: float32 sums differ in the last bits.
     assert m1 == m2 and p1 == pytest.approx(p2, rel=1e-5)
@@ -311,3 +302,164 @@ def test_offline_at_full_k_trains_like_online(tmp_path, teacher_dir, student_dir
     for on, off in zip(logs["online"], logs["offline"]):
         assert off["kl"] == pytest.approx(on["kl"], rel=1e-3)
         assert off["loss"] == pytest.approx(on["loss"], rel=1e-3)
+
+
+# ---------------------------------------------------------------- cache-teacher as a user runs it
+def _k4(teacher, student, prepared, cache, *extra):
+    """A top-4 cache config without the run settings (what `ddk cache-teacher` needs)."""
+    return config(teacher, student, prepared, cache, "teacher.cache_k=4", *extra, base={})
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_cache_teacher_refuses_a_file(tmp_path, teacher_dir, student_dir, prepared_dir):
+    # Before: "cannot create 'afile/.ddk.lock': File exists".
+    target = tmp_path / "afile"
+    target.write_text("mine\n")
+    with pytest.raises(DDKError, match="is a file"):
+        build_cache(_k4(teacher_dir, student_dir, prepared_dir, target), progress=False)
+    assert target.read_text() == "mine\n"
+
+
+def test_cache_teacher_refuses_a_folder_of_other_files(
+    tmp_path, teacher_dir, student_dir, prepared_dir
+):
+    # Before: the shards, manifest.json and lock were written next to the user's files.
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep\n")
+    with pytest.raises(DDKError, match="non-empty folder that holds no teacher cache"):
+        build_cache(_k4(teacher_dir, student_dir, prepared_dir, target), progress=False)
+    assert _listing(target) == ["notes.txt"]
+
+
+def test_cache_teacher_refuses_prepared_data_untouched(teacher_dir, student_dir, prepared_dir):
+    # Before: refused as "a cache of another teacher..." but only after leaving a lock file in
+    # the prepared folder.
+    before = _listing(prepared_dir)
+    with pytest.raises(DDKError, match=r"not a teacher cache \(it is prepared data\)"):
+        build_cache(_k4(teacher_dir, student_dir, prepared_dir, prepared_dir), progress=False)
+    assert _listing(prepared_dir) == before
+    assert LOCK_NAME not in before
+
+
+def test_cache_teacher_accepts_an_empty_folder_or_one_left_by_a_kill(tmp_path, prepared_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cache_format.check_target(empty)
+    killed = tmp_path / "killed"  # killed between taking the lock and the first manifest
+    killed.mkdir()
+    (killed / LOCK_NAME).write_text("")
+    (killed / "manifest.json.tmp").write_text("{")
+    cache_format.check_target(killed)
+
+
+def test_offline_run_on_prepared_data_as_cache_says_so(
+    tmp_path, teacher_dir, student_dir, prepared_dir
+):
+    # Before: "... has cache format 2; build it again", which sends the user the wrong way.
+    cfg = _k4(
+        teacher_dir,
+        student_dir,
+        prepared_dir,
+        prepared_dir,
+        "teacher.mode=offline",
+        f"trainer.output_dir={tmp_path / 'run'}",
+    )
+    with pytest.raises(DDKError, match=r"not a teacher cache \(it is prepared data\)"):
+        preflight(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_offline_run_needs_no_teacher_on_this_machine(
+    tmp_path, teacher_dir, student_dir, prepared_dir, capsys
+):
+    # Before: a run.yaml naming a teacher that only the caching machine holds was refused
+    # ("cannot load ...; its weights must be on disk to fingerprint the cache"), although an
+    # offline run never loads it. Now the cache is matched by the teacher's name.
+
+    away = tmp_path / "teacher-elsewhere"
+    shutil.copytree(teacher_dir, away)
+    cache = tmp_path / "cache"
+    build_cache(_k4(away, student_dir, prepared_dir, cache), progress=False)
+    shutil.rmtree(away)
+    run = [f"trainer.output_dir={tmp_path / 'run'}", "teacher.mode=offline"]
+    preflight(_k4(away, student_dir, prepared_dir, cache, *run))
+    assert "is not on this machine" in capsys.readouterr().out
+    with pytest.raises(DDKError, match="built by another teacher"):
+        preflight(_k4(tmp_path / "other-teacher", student_dir, prepared_dir, cache, *run))
+    # A teacher that is on disk is still fingerprinted: same name, other weights, refused.
+    shutil.copytree(teacher_dir, away)
+    (away / "config.json").write_text((away / "config.json").read_text() + " ")
+    with pytest.raises(DDKError, match="built by another teacher"):
+        preflight(_k4(away, student_dir, prepared_dir, cache, *run))
+
+
+def test_offline_run_says_when_the_cache_has_another_k(
+    tmp_path, teacher_dir, student_dir, prepared_dir, capsys
+):
+    # Before: teacher.cache_k=32 against a top-4 cache trained with k = 4 without a word.
+    cache = tmp_path / "cache"
+    build_cache(_k4(teacher_dir, student_dir, prepared_dir, cache), progress=False)
+    run = [f"trainer.output_dir={tmp_path / 'run'}", "teacher.mode=offline"]
+    preflight(_k4(teacher_dir, student_dir, prepared_dir, cache, *run))
+    assert "warning" not in capsys.readouterr().out
+    preflight(_k4(teacher_dir, student_dir, prepared_dir, cache, *run, "teacher.cache_k=32"))
+    assert "holds the teacher's top-4, not teacher.cache_k=32" in capsys.readouterr().out
+
+
+def test_sigterm_stops_cache_teacher_with_a_resume_hint(
+    tmp_path, teacher_dir, student_dir, prepared_dir, monkeypatch, capsys
+):
+    # Before: SIGTERM (preemption) killed `ddk cache-teacher` silently with exit 143.
+    import signal
+
+    from ddk.cli import main
+
+    config = {
+        "model": {"teacher": str(teacher_dir), "student": str(student_dir)},
+        "data": {"prepared": str(prepared_dir)},
+        "teacher": {"cache": str(tmp_path / "cache"), "cache_k": 4},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    original, written = cache_format.write_shard, []
+
+    def term_after_one(path, arrays):
+        original(path, arrays)
+        written.append(path)
+        if len(written) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cache_format, "write_shard", term_after_one)  # the public seam
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["cache-teacher", str(tmp_path / "run.yaml")]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert len(list((tmp_path / "cache").rglob("*.bin"))) == 1
+    monkeypatch.setattr(cache_format, "write_shard", original)
+    assert main(["cache-teacher", str(tmp_path / "run.yaml")]) == 0
+
+
+def test_rerun_on_a_finished_cache_is_a_no_op(
+    tmp_path, teacher_dir, student_dir, prepared_dir, capsys
+):
+    # Before: a rerun loaded the teacher, recomputed every perplexity and marked the cache
+    # incomplete meanwhile (so an offline run starting then was refused).
+    cache = tmp_path / "cache"
+    cfg = _k4(teacher_dir, student_dir, prepared_dir, cache)
+    build_cache(cfg, progress=False)
+    manifest = cache / "manifest.json"
+    stamp = (manifest.read_bytes(), manifest.stat().st_mtime_ns)
+    capsys.readouterr()
+    build_cache(cfg, progress=False)
+    assert "already holds this cache; nothing to do" in capsys.readouterr().out
+    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == stamp
+    # A missing shard is not "finished": the rerun writes it again.
+    shard = sorted(cache.rglob("*.bin"))[0]
+    data = shard.read_bytes()
+    shard.unlink()
+    build_cache(cfg, progress=False)
+    assert "nothing to do" not in capsys.readouterr().out
+    assert shard.read_bytes() == data

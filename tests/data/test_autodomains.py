@@ -12,12 +12,13 @@ from sklearn.metrics import adjusted_rand_score
 from ddk.cli import main
 from ddk.config import Config, PrepareSection
 from ddk.data import autodomains
-from ddk.data.autodomains import DomainPlan, distinctive_terms, reservoir_add
+from ddk.data.autodomains import DomainPlan, cluster_name, distinctive_terms, reservoir_add
 from ddk.data.dedup import text_hash
 from ddk.data.prepare import prepare
 from ddk.data.sources import discover
 from ddk.errors import DDKError
 from ddk.preflight import preflight
+from tests.conftest import one_error_line
 
 ENGLISH = [
     "the",
@@ -273,8 +274,7 @@ def test_user_errors_are_one_line(tmp_path, mixed, tokenizer_dir, capsys, flags,
     argv = ["prepare", "--input", str(mixed[0]), "--output", str(out)]
     argv += ["--tokenizer", str(tokenizer_dir), "--seq-len", "16", "--val-sequences", "2"]
     assert main(argv + flags) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
-    assert last.startswith("error: ") and message in last
+    assert message in one_error_line(capsys.readouterr().err)
     assert not out.exists()
 
 
@@ -339,3 +339,48 @@ def test_cli_student_embedder_uses_model_student(tmp_path, mixed, tokenizer_dir,
     assert manifest["auto_domains"]["embedder"] == "student"
     assert manifest["fingerprint"]["embed_model"] == str(student_dir)
     assert len(manifest["domains"]) == 2
+
+
+def test_cluster_names_keep_accented_letters():
+    # Before: "über" named a cluster "c1_ber".
+    assert cluster_name(1, ["über", "café", "日本", "def"]) == "c1_uber_cafe_def"
+    assert cluster_name(0, []) == "c0"
+
+
+def test_a_cluster_too_small_to_hold_out_suggests_fewer_domains(tmp_path, tokenizer_dir):
+    # Before: the hint named only text and seq_len, not the N that made the cluster small.
+    import json
+    import random
+
+    from ddk.config import PrepareSection
+    from ddk.data.prepare import prepare
+
+    r = random.Random(0)
+    words = [
+        "the",
+        "river",
+        "town",
+        "people",
+        "walked",
+        "along",
+        "quiet",
+        "morning",
+        "light",
+        "over",
+        "old",
+        "bridge",
+    ]
+    lines = [{"text": " ".join(r.choice(words) for _ in range(60))} for _ in range(40)]
+    # the numbers cluster: three long documents, of which half the tokens hold out only one
+    lines += [{"text": ", ".join(str(r.randint(0, 99999)) for _ in range(300))} for _ in range(3)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = PrepareSection(
+        input=str(tmp_path / "c.jsonl"),
+        output=str(tmp_path / "out"),
+        seq_len=32,
+        val_sequences=2,
+        auto_domains=2,
+    )
+    with pytest.raises(DDKError, match=r"too little text.*ask for fewer domains"):
+        prepare(cfg, str(tokenizer_dir), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from ddk.errors import DDKError
 from ddk.lock import LOCK_NAME
 from ddk.losses import IGNORE_INDEX
 from ddk.ownership import check_replaceable, list_files
+from tests.conftest import one_error_line
 
 
 def copy_data(src: Path, dst: Path) -> Path:
@@ -117,20 +118,13 @@ def test_bad_manifest_is_one_line_naming_the_key(bad_folders):
             assert w in msg, f"{name}: {msg!r} lacks {w!r}"
 
 
-def _one_error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: ")
-    return lines[0]
-
-
 def test_bad_manifest_exits_2_for_eval_and_distill(
     bad_folders, student_dir, teacher_dir, tmp_path, capsys
 ):
     for name, folder, words in bad_folders:
         capsys.readouterr()
         assert main(["eval", "--model", str(student_dir), "--data", str(folder)]) == 2, name
-        line = _one_error_line(capsys)
+        line = one_error_line(capsys.readouterr().err)
         assert all(w in line for w in words), f"eval, {name}: {line!r}"
 
         config = tmp_path / f"{folder.name}.yaml"
@@ -142,7 +136,7 @@ def test_bad_manifest_exits_2_for_eval_and_distill(
         }
         config.write_text(yaml.safe_dump(data))
         assert main(["distill", str(config)]) == 2, name
-        line = _one_error_line(capsys)
+        line = one_error_line(capsys.readouterr().err)
         assert "data.prepared" in line and all(w in line for w in words), f"distill, {name}"
         assert not run_dir.exists() or not any(run_dir.iterdir())
 
@@ -230,3 +224,45 @@ def test_held_out_docs_that_disagree_with_the_manifest_are_one_line(prepared_dir
     np.save(data_dir / "code" / "val_docs.npy", docs.astype(np.float32))
     with pytest.raises(DDKError, match="float32 values .* not int64"):
         PreparedData(data_dir).domains["code"].num_sequences("val")
+
+
+def _data_with_a_link(tmp_path: Path, prepared_dir: Path, link_file: bool) -> tuple[Path, Path]:
+    """A copy of prepared data whose first domain folder (or its val.bin) is a link to a copy
+    outside the data folder. Returns (data, outside)."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    folder = next(iter(json.loads((data / "manifest.json").read_text())["domains"].values()))
+    inside = data / folder["folder"]
+    outside = tmp_path / "elsewhere"
+    if link_file:
+        outside.mkdir()
+        (inside / "val.bin").rename(outside / "val.bin")
+        (inside / "val.bin").symlink_to(outside / "val.bin")
+    else:
+        inside.rename(outside)
+        inside.symlink_to(outside)
+    return data, outside
+
+
+@pytest.mark.parametrize("link_file", [False, True], ids=["domain folder", "val.bin"])
+def test_prepared_data_links_out_of_the_folder_are_refused(
+    tmp_path, prepared_dir, student_dir, link_file, capsys
+):
+    # Before: the manifest's folder names were confined, but a link under them was followed.
+    data, outside = _data_with_a_link(tmp_path, prepared_dir, link_file)
+    with pytest.raises(DDKError, match="outside the prepared data folder"):
+        PreparedData(data)
+    assert main(["eval", "--model", str(student_dir), "--data", str(data)]) == 2
+    assert str(outside) in one_error_line(capsys.readouterr().err)
+
+
+def test_prepared_data_links_inside_the_folder_still_work(tmp_path, prepared_dir):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    name, info = next(iter(json.loads((data / "manifest.json").read_text())["domains"].items()))
+    (data / info["folder"]).rename(data / "moved")
+    (data / info["folder"]).symlink_to("moved")
+    assert PreparedData(data).domains[name].num_val_sequences > 0
+    link = tmp_path / "data_link"  # the data folder itself may be a link
+    link.symlink_to(data)
+    assert PreparedData(link).domains[name].num_val_sequences > 0
