@@ -49,6 +49,7 @@ def test_floored_initial_weights_match_naive_reference():
     np.testing.assert_array_equal(*later)
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_final_numbers_come_from_the_test_split(tmp_path, teacher_dir, student_dir, prepared_dir):
     data_dir = with_test_split(prepared_dir, tmp_path / "data")
     run = tmp_path / "run"
@@ -81,6 +82,7 @@ def test_final_numbers_come_from_the_test_split(tmp_path, teacher_dir, student_d
 
 
 # ----------------------------------------------------------------------------- the sampler
+@pytest.mark.slow  # an end-to-end run
 def test_starved_and_repeated_domains_are_reported(
     tmp_path, teacher_dir, student_dir, prepared_dir, capsys
 ):
@@ -117,6 +119,7 @@ def test_starved_and_repeated_domains_are_reported(
 
 
 # ----------------------------------------------------------------------------- teacher ppl cache
+@pytest.mark.slow  # an end-to-end run
 def test_teacher_perplexities_computed_once_for_three_runs(
     tmp_path, teacher_dir, student_dir, prepared_dir
 ):
@@ -172,6 +175,7 @@ def test_tau_squared_scales_the_divergence(teacher_dir, student_dir, prepared_di
     assert (hinton.total - plain.total).item() == pytest.approx(0.6 * plain.div.item(), rel=1e-3)
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_init_floor_run_is_labelled_and_floored(tmp_path, teacher_dir, student_dir, prepared_dir):
     from ddk.demo.run import split_variant
 

@@ -113,6 +113,7 @@ def test_fused_loss_with_transforms_matches_naive(divergence):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.slow  # a subprocess
 def test_unsupported_logit_transform_is_refused_with_one_line(
     tmp_path, tokenizer_dir, prepared_dir
 ):
@@ -158,6 +159,7 @@ def test_unsupported_logit_transform_is_refused_with_one_line(
     assert "max difference" in line and str(path) in line and "Dory" in line
 
 
+@pytest.mark.slow  # a subprocess per split
 @pytest.mark.parametrize("data, split", [("prepared_dir", "test"), ("format1_prepared_dir", "val")])
 def test_eval_reports_split_and_falls_back_to_val(student_dir, data, split, request):
     proc = subprocess.run(

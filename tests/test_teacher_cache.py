@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,9 @@ from ddk.teacher import Batch, cache_format, sparse_from_logits
 from ddk.teacher.cache_format import read_cache_manifest
 from ddk.teacher.offline import OfflineTeacher
 from tests.conftest import make_config, one_error_line, tree_digest
+
+# end-to-end runs on the tiny models: outside the fast tier (pytest -m 'not slow')
+pytestmark = pytest.mark.slow
 
 K = 8
 CACHE_RUN = {
@@ -190,7 +195,6 @@ def final_weights(run: Path) -> dict:
     return load_file(run / "final" / "model.safetensors")
 
 
-@pytest.mark.slow
 def test_offline_kd_is_reproducible_and_resumable(
     tmp_path, cache_dir, student_dir, prepared_dir, crash_at_step
 ):
@@ -228,7 +232,6 @@ def test_teacher_perplexities_of_older_windows_are_not_used(cache_dir, tmp_path)
     assert OfflineTeacher(old, ["code"], torch.device("cpu")).perplexities("val") is None
 
 
-@pytest.mark.slow
 def test_offline_ddk_uses_cached_teacher_perplexities(
     tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir
 ):
@@ -247,27 +250,29 @@ def test_offline_ddk_uses_cached_teacher_perplexities(
     assert set(record["source"].values()) == {"teacher cache"}
 
 
-@pytest.mark.slow
-def test_two_processes_write_the_same_cache(
-    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir
-):
-    """Under torchrun/accelerate launch rank r writes shards r::world: same shards, same bytes."""
-    import os
-    import subprocess
-    import sys
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    if not os.path.exists(torchrun):
+
+def _cache_teacher_on_two_processes(cfg: Path) -> subprocess.CompletedProcess:
+    if not os.path.exists(TORCHRUN):
         pytest.skip("torchrun not installed")
-    cfg = tmp_path / "cfg.yaml"
-    config(teacher_dir, student_dir, prepared_dir, tmp_path / "c").save(cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--standalone", "-m", "ddk.cli",
+        [TORCHRUN, "--nproc_per_node", "2", "--standalone", "-m", "ddk.cli",
          "cache-teacher", str(cfg)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def test_two_processes_write_the_same_cache(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir
+):
+    """Under torchrun/accelerate launch rank r writes shards r::world: same shards, same bytes."""
+    cfg = tmp_path / "cfg.yaml"
+    config(teacher_dir, student_dir, prepared_dir, tmp_path / "c").save(cfg)
+    _cache_teacher_on_two_processes(cfg)
     one, two = tree(cache_dir), tree(tmp_path / "c")
     assert one.keys() == two.keys()
     assert all(one[f] == two[f] for f in one if f.endswith(".bin"))
@@ -277,7 +282,30 @@ def test_two_processes_write_the_same_cache(
     assert m1 == m2 and p1 == pytest.approx(p2, rel=1e-5)
 
 
-@pytest.mark.slow
+def test_cache_teacher_honours_a_sharded_teacher_placement(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir
+):
+    """teacher.placement=sharded: each rank holds half the teacher's layers, so every forward
+    is a collective (the rank with fewer shards to write runs throwaway ones); the cache
+    equals the one the whole teacher wrote, to float rounding."""
+    cfg = tmp_path / "cfg.yaml"
+    folder = tmp_path / "c"
+    config(teacher_dir, student_dir, prepared_dir, folder, "teacher.placement=sharded").save(cfg)
+    done = _cache_teacher_on_two_processes(cfg)
+    assert "teacher placement: sharded" in done.stdout
+    whole, sharded = read_cache_manifest(cache_dir), read_cache_manifest(folder)
+    assert sharded["complete"] and sharded["domains"] == whole["domains"]
+    for split, ppl in whole["teacher_ppl"].items():
+        assert sharded["teacher_ppl"][split] == pytest.approx(ppl, rel=1e-5)
+    for name, info in whole["domains"].items():
+        for j in range(info["shards"]):
+            a = cache_format.open_shard(cache_dir, whole, name, j)
+            b = cache_format.open_shard(folder, sharded, name, j)
+            assert (a[0] == b[0]).mean() > 0.99  # ids: equal but at float16 near-ties
+            np.testing.assert_allclose(b[1], a[1], atol=2e-3)  # log-probs, float16
+            np.testing.assert_allclose(b[2], a[2], rtol=1e-4, atol=1e-5)  # log tail
+
+
 def test_offline_at_full_k_trains_like_online(tmp_path, teacher_dir, student_dir, prepared_dir):
     """A cache with k = vocabulary size is the teacher's whole distribution: the offline run's
     per-step KL and loss match the online run's (to float16 storage), so rows line up."""

@@ -15,6 +15,9 @@ from ddk.run_dir import start_run
 from ddk.trainer import Trainer
 from tests.conftest import make_config
 
+# end-to-end runs on the tiny models: outside the fast tier (pytest -m 'not slow')
+pytestmark = pytest.mark.slow
+
 
 def _events(records, name):
     return [r for r in records if r.get("event") == name]

@@ -173,12 +173,17 @@ def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard) -
     todo = [(n, j) for n, j in mine if not shard_path(folder, plan["domains"][n], j).exists()]
     batch = cfg.trainer.eval_batch_size
 
-    def tokens(shards):
-        return data.seq_len * sum(shard_sequences(plan, plan["domains"][n], j) for n, j in shards)
+    def sequences(shards):
+        return [shard_sequences(plan, plan["domains"][n], j) for n, j in shards]
 
+    # A sharded teacher's forward is a collective: every rank runs as many as the busiest one
+    # (agreed before any forward, so no other collective interleaves with them).
+    forwards = sum(math.ceil(m / batch) for m in sequences(todo))
+    if is_sharded(teacher.model):
+        most = int(rt.reduce_max(torch.tensor([forwards], device=rt.device))[0])
     with tqdm(
-        total=tokens(mine),
-        initial=tokens(mine) - tokens(todo),
+        total=data.seq_len * sum(sequences(mine)),
+        initial=data.seq_len * (sum(sequences(mine)) - sum(sequences(todo))),
         desc="cache-teacher",
         unit="tok",
         unit_scale=True,
@@ -186,7 +191,6 @@ def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard) -
         # `disable=False` would override TQDM_DISABLE: pass it only to switch the bar off.
         **({} if progress and rt.is_main else {"disable": True}),
     ) as bar:
-        forwards = 0
         for name, j in todo:
             info = plan["domains"][name]
             m = shard_sequences(plan, info, j)
@@ -196,11 +200,10 @@ def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard) -
                 idx = list(range(first, first + min(batch, m - start)))
                 seqs = data.domains[name].sequences("train", idx).to(rt.device)
                 pieces.append(_topk(cfg, plan, teacher, seqs))
-                forwards += 1
             write_shard(shard_path(folder, info, j), [np.concatenate(p) for p in zip(*pieces)])
             bar.update(m * data.seq_len)
     if is_sharded(teacher.model):
-        _match_forwards(cfg, plan, data, teacher, rt, forwards)
+        _throwaway_forwards(cfg, plan, data, teacher, rt, most - forwards)
 
 
 def _topk(cfg, plan: dict, teacher: OnlineTeacher, seqs: torch.Tensor) -> list[np.ndarray]:
@@ -214,13 +217,12 @@ def _topk(cfg, plan: dict, teacher: OnlineTeacher, seqs: torch.Tensor) -> list[n
     return shard_arrays(signal, plan["vocab_size"])
 
 
-def _match_forwards(cfg, plan, data, teacher, rt, forwards: int) -> None:
-    """A sharded teacher's forward is a collective: run throwaway forwards until this rank has
-    run as many as the busiest rank."""
-    most = int(rt.reduce_max(torch.tensor([forwards], device=rt.device))[0])
+def _throwaway_forwards(cfg, plan, data, teacher, rt, count: int) -> None:
+    """Forwards whose result is dropped: a sharded teacher's collectives on a rank with fewer
+    shards to write than the busiest one."""
     name = next(iter(data.domains))
     seqs = data.domains[name].sequences("train", [0]).to(rt.device)
-    for _ in range(most - forwards):
+    for _ in range(count):
         _topk(cfg, plan, teacher, seqs)
 
 

@@ -295,6 +295,7 @@ def test_overwrite_replaces_what_ddk_wrote(tmp_path, tokenizer_dir):
     assert sorted(p.name for p in work.iterdir()) == ["corpus", "out"]  # no lock or tmp left
 
 
+@pytest.mark.slow  # two interpreter start-ups
 def test_second_prepare_process_is_refused_naming_the_holder(tmp_path, tokenizer_dir):
     work = tmp_path / "work"
     _write_corpus(work / "corpus", {"code": 12, "prose": 12})

@@ -29,6 +29,7 @@ def _geo(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+@pytest.mark.slow  # the whole demo: about a minute
 def test_demo_quick(tmp_path, capsys):
     out, cache = tmp_path / "demo", tmp_path / "cache"
     assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), *TINY]) == 0
@@ -103,6 +104,7 @@ def _readme_first_command() -> str:
     return blocks[0].strip()
 
 
+@pytest.mark.slow  # a fresh venv and the demo: minutes
 def test_readme_first_command_as_written(tmp_path):
     command = _readme_first_command()
     assert command.endswith("ddk demo --quick"), command
