@@ -1,4 +1,4 @@
-"""What a teacher hands the loss for one micro-batch: a dense or a sparse (top-k) signal.
+"""What a teacher hands the loss for one micro-batch: a dense or a sparse (cached) signal.
 
 Both are row-aligned with the flattened student hidden states [N, H] (N = batch x tokens),
 so the chunked loss can slice them with the same row indices. This module imports only torch:
@@ -26,15 +26,29 @@ class DenseSignal(NamedTuple):
 
 
 class SparseSignal(NamedTuple):
-    """The teacher's top-k next-token distribution at temperature tau, per row.
+    """The teacher's next-token distribution at temperature tau, per row, in a few entries.
 
-    ``logp[n, j] = log softmax(z_T / tau)[ids[n, j]]`` and ``log_tail[n] = log(1 - sum_j
-    exp(logp[n, j]))`` (``-inf`` when the k ids carry all the mass, e.g. k = vocabulary size).
+    ``logp[n, j] = log softmax(z_T / tau)[ids[n, j]]`` over the top-k ids and ``log_tail[n] =
+    log(1 - sum_j exp(logp[n, j]))``, the mass of every other token (``-inf`` when the k ids
+    carry all the mass, e.g. k = vocabulary size).
+
+    With the ``sample_*`` fields (all three or none) it also holds m tokens drawn from the tail
+    (never a top-k id) with their teacher log-probs and log importance weights ``log(1 / (m pi))``,
+    pi being the probability the draw had (``-inf``: an empty slot, weight 0). The loss then
+    estimates the divergence without bias (``ddk.losses.sparse``); without them it uses k + 1
+    buckets.
     """
 
     ids: torch.Tensor  # [N, k] int64
     logp: torch.Tensor  # [N, k] float32 (or float64)
     log_tail: torch.Tensor  # [N]
+    sample_ids: torch.Tensor | None = None  # [N, m] int64
+    sample_logp: torch.Tensor | None = None  # [N, m]
+    sample_logw: torch.Tensor | None = None  # [N, m]
+
+    @property
+    def sampled(self) -> bool:
+        return self.sample_ids is not None
 
 
 TeacherSignal = DenseSignal | SparseSignal
