@@ -45,8 +45,11 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def bytes_per_token(k: int, vocab_size: int) -> int:
-    return k * (id_dtype(vocab_size).itemsize + LOGP_DTYPE.itemsize) + TAIL_DTYPE.itemsize
+def bytes_per_token(k: int, vocab_size: int, samples: int = 0) -> int:
+    """k ids and log-probs plus the log tail mass; with m tail samples, m more ids and log-probs
+    plus the tail proposal's log normaliser."""
+    entry = id_dtype(vocab_size).itemsize + LOGP_DTYPE.itemsize
+    return (k + samples) * entry + TAIL_DTYPE.itemsize * (2 if samples else 1)
 
 
 # ---------------------------------------------------------------------------------- identity
