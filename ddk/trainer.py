@@ -267,7 +267,9 @@ class Trainer:
             # No teacher model at all: the signal and the perplexities come from the cache.
             check_vocab(self.vocab_size, None, embedding_rows(self.student))
             self.teacher_model = None
-            self.teacher = OfflineTeacher(cfg.teacher.cache, self.domains, self.device)
+            self.teacher = OfflineTeacher(
+                cfg.teacher.cache, self.domains, self.device, cfg.teacher.sparse_estimator
+            )
             return
         # cpt trains on CE alone: its teacher (optional) only gives perplexities, loaded later.
         if cfg.model.teacher and self.method.teacher_for_training:

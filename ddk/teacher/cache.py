@@ -1,15 +1,21 @@
-"""`ddk cache-teacher`: the teacher's top-k next-token distribution over every training token,
-stored once, so `teacher.mode: offline` distils with no teacher loaded.
+"""`ddk cache-teacher`: the teacher's next-token distribution over every training token, as a
+top-k head plus sampled tail tokens, stored once, so `teacher.mode: offline` distils with no
+teacher loaded.
 
 Layout of the cache folder (``teacher.cache``)::
 
     manifest.json                 what was cached and by which teacher (see ``_identity``)
     <domain folder>/000000.bin    one shard: up to SHARD_SEQUENCES training sequences
 
-A shard holds, for its m sequences of L = seq_len positions (position t predicts token t+1),
-three C-order arrays back to back: ids [m, L, k] (uint16, or uint32 past 65,536 tokens),
-log-probs at temperature tau [m, L, k] (float16) and the log tail mass [m, L] (float32):
-k·(2 + id bytes) + 4 bytes per token. Each shard is written to a temporary file and renamed,
+A shard holds, for its n sequences of L = seq_len positions (position t predicts token t+1),
+C-order arrays back to back (``_layout``): ids [n, L, k] (uint16, or uint32 past 65,536
+tokens), log-probs at temperature tau [n, L, k] (float16) and the log tail mass [n, L]
+(float32); with s = ``samples`` > 0 (``teacher.sparse_estimator: sampled``) then s tail ids
+drawn from the teacher [n, L, s], their log-probs [n, L, s] and the tail proposal's log
+normaliser [n, L] (float32; ``ddk.losses.sparse``): (k + s)·(2 + id bytes) + 4 (+ 4 with
+samples) bytes per token. The draws' uniforms are a hash of (data fingerprint, domain,
+sequence, position). Format 1 (before samples) is format 2 with s = 0: the top-k estimator
+still reads it. Each shard is written to a temporary file and renamed,
 so a shard either exists whole or not at all: an interrupted run resumes with the missing
 shards, and the result is byte for byte what an uninterrupted run writes (each shard's
 batches are the same either way). Under `accelerate launch`, rank r writes shards r::world.
@@ -32,9 +38,17 @@ from tqdm.auto import tqdm
 from ddk.errors import DDKError
 from ddk.lock import LOCK_NAME
 from ddk.logits import logit_transform
+from ddk.losses.sparse import (
+    PROPOSAL_POWER,
+    counter_uniforms,
+    sample_log_weights,
+    sampled_from_logits,
+    sparse_from_logits,
+)
 from ddk.teacher.signals import Batch, SparseSignal
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+TOPK_FORMATS = (1, 2)  # format 1 is format 2 without tail samples
 MANIFEST = "manifest.json"
 SHARD_SEQUENCES = 64  # (choice) ~50 MB per shard at seq_len 2048, k = 64, a 150k vocabulary
 LOGP_DTYPE = np.dtype(np.float16)
@@ -108,8 +122,36 @@ def data_fingerprint(manifest) -> str:
 
 def _identity(m: dict) -> dict:
     """What a cache must agree on to be resumed (or used by a run)."""
-    keys = ("format_version", "teacher_fingerprint", "data_fingerprint", "k", "tau")
-    return {k: m.get(k) for k in (*keys, "domains")}
+    keys = ("format_version", "teacher_fingerprint", "data_fingerprint", "k", "tau", "samples")
+    return {k: m.get(k) for k in (*keys, "proposal_power", "domains")}
+
+
+def cache_samples(m: dict) -> int:
+    """Tail samples per token of a cache manifest (0: top-k only, as every format-1 cache)."""
+    return int(m.get("samples") or 0)
+
+
+def _layout(m: dict, sequences: int) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of each array of a shard of ``sequences`` sequences, in file order."""
+    L, k, s, dt = m["seq_len"], int(m["k"]), cache_samples(m), m["dtypes"]
+    arrays = [("ids", (k,)), ("logp", (k,)), ("log_tail", ())]
+    if s:
+        arrays += [("sample_ids", (s,)), ("sample_logp", (s,)), ("log_norm", ())]
+    return [(name, np.dtype(dt[name]), (sequences, L, *tail)) for name, tail in arrays]
+
+
+def _sample_key(data_fp: str, domain: str) -> int:
+    """The seed of a domain's draws: a hash of the data fingerprint and the domain name."""
+    return int.from_bytes(hashlib.sha256(f"{data_fp}/{domain}".encode()).digest()[:8], "little")
+
+
+def position_uniforms(m: dict, domain: str, sequences: list[int]) -> np.ndarray:
+    """[len(sequences) * L] uniforms of the tail draws: one per (sequence, position)."""
+    L = m["seq_len"]
+    counters = np.asarray(sequences, dtype=np.uint64)[:, None] * np.uint64(L) + np.arange(
+        L, dtype=np.uint64
+    )
+    return counter_uniforms(_sample_key(m["data_fingerprint"], domain), counters.ravel())
 
 
 def read_cache_manifest(folder: str | Path) -> dict:
@@ -179,7 +221,7 @@ def _shard_path(folder: Path, info: dict, shard: int) -> Path:
 
 
 def _shard_bytes(m: dict, sequences: int) -> int:
-    return sequences * m["seq_len"] * m["bytes_per_token"]
+    return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in _layout(m, sequences))
 
 
 def _shard_sequences(m: dict, info: dict, shard: int) -> int:
@@ -188,9 +230,21 @@ def _shard_sequences(m: dict, info: dict, shard: int) -> int:
 
 # ---------------------------------------------------------------------------------- building
 @torch.no_grad()
-def _topk_rows(model, seqs: torch.Tensor, *, vocab: int, k: int, tau: float, chunk: int, autocast):
-    """(ids, logp, log_tail) numpy arrays [B*L, ...] of the teacher's top-k at tau."""
-    from ddk.losses.sparse import sparse_from_logits
+def _topk_rows(
+    model,
+    seqs: torch.Tensor,
+    *,
+    vocab: int,
+    k: int,
+    tau: float,
+    chunk: int,
+    autocast,
+    samples: int = 0,
+    uniforms: np.ndarray | None = None,
+):
+    """Numpy arrays [B*L, ...] in ``_layout`` order: (ids, logp, log_tail) of the teacher's
+    top-k at tau, then with ``samples`` (and one uniform per row) the tail draws
+    (sample_ids, sample_logp, log_norm)."""
     from ddk.models import hidden_and_head
 
     with autocast():
@@ -205,14 +259,15 @@ def _topk_rows(model, seqs: torch.Tensor, *, vocab: int, k: int, tau: float, chu
         logits = F.linear(hidden[start : start + chunk], weight, bias).float()
         if transform is not None:
             logits = transform(logits)
-        s = sparse_from_logits(logits, k, tau)
-        parts.append(
-            (
-                s.ids.cpu().numpy().astype(id_dtype(vocab)),
-                s.logp.cpu().numpy().astype(LOGP_DTYPE),
-                s.log_tail.cpu().numpy().astype(TAIL_DTYPE),
-            )
-        )
+        if samples:
+            u = torch.from_numpy(uniforms[start : start + chunk])
+            logp_dtype = getattr(torch, LOGP_DTYPE.name)
+            s, log_norm = sampled_from_logits(logits, k, samples, tau, u, logp_dtype=logp_dtype)
+            arrays = (s.ids, s.logp, s.log_tail, s.sample_ids, s.sample_logp, log_norm)
+        else:
+            arrays = sparse_from_logits(logits, k, tau)[:3]
+        dtypes = (id_dtype(vocab), LOGP_DTYPE, TAIL_DTYPE) * 2
+        parts.append([a.cpu().numpy().astype(d) for a, d in zip(arrays, dtypes)])
     return [np.concatenate(p) for p in zip(*parts)]
 
 
@@ -233,6 +288,12 @@ def _plan(cfg, data, teacher_fp: str) -> dict:
     k = cfg.teacher.cache_k
     if k > vocab:
         raise DDKError(f"teacher.cache_k {k} exceeds the vocabulary ({vocab} tokens); lower it")
+    samples = cfg.teacher.cache_samples if cfg.teacher.sparse_estimator == "sampled" else 0
+    dtypes = {"ids": id_dtype(vocab).name, "logp": LOGP_DTYPE.name, "log_tail": TAIL_DTYPE.name}
+    if samples:
+        dtypes.update(
+            sample_ids=dtypes["ids"], sample_logp=dtypes["logp"], log_norm=dtypes["log_tail"]
+        )
     return {
         "format_version": FORMAT_VERSION,
         "teacher": cfg.model.teacher,
@@ -243,13 +304,11 @@ def _plan(cfg, data, teacher_fp: str) -> dict:
         "seq_len": data.seq_len,
         "k": k,
         "tau": float(cfg.distill.tau),
+        "samples": samples,
+        "proposal_power": PROPOSAL_POWER if samples else None,
         "shard_sequences": SHARD_SEQUENCES,
-        "dtypes": {
-            "ids": id_dtype(vocab).name,
-            "logp": LOGP_DTYPE.name,
-            "log_tail": TAIL_DTYPE.name,
-        },
-        "bytes_per_token": bytes_per_token(k, vocab),
+        "dtypes": dtypes,
+        "bytes_per_token": bytes_per_token(k, vocab, samples),
         "domains": {
             n: {
                 "folder": manifest["domains"][n]["folder"],
@@ -294,8 +353,8 @@ def build_cache(cfg, progress: bool = True) -> Path:
                 old = read_cache_manifest(folder)
                 if _identity(old) != _identity(plan):
                     raise DDKError(
-                        f"'{folder}' holds a cache of another teacher, data, domains, k or tau; set "
-                        "teacher.cache to a new folder (or delete this one)"
+                        f"'{folder}' holds a cache of another teacher, data, domains, k, tau, "
+                        "sampling or format; set teacher.cache to a new folder (or delete this one)"
                     )
                 plan = {**old, "complete": False}
             for stale in folder.glob("*/*.tmp"):  # from a killed run: never complete
@@ -345,6 +404,8 @@ def build_cache(cfg, progress: bool = True) -> Path:
                             tau=plan["tau"],
                             chunk=cfg.distill.loss_chunk_tokens,
                             autocast=rt.autocast,
+                            samples=cache_samples(plan),
+                            uniforms=position_uniforms(plan, name, list(idx)),
                         )
                     )
                 arrays = [np.concatenate(p) for p in zip(*pieces)]
@@ -371,8 +432,9 @@ def build_cache(cfg, progress: bool = True) -> Path:
             plan["complete"] = True
             _write_json(folder / MANIFEST, plan)
             tokens = sum(i["sequences"] for i in plan["domains"].values()) * data.seq_len
+            sampled = f" + {plan['samples']} tail samples" if cache_samples(plan) else ""
             print(
-                f"cached {tokens} tokens x top-{plan['k']} in {folder} "
+                f"cached {tokens} tokens x top-{plan['k']}{sampled} in {folder} "
                 f"({plan['bytes_per_token']} bytes/token)"
             )
         rt.barrier()
@@ -394,14 +456,26 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
         return [f"teacher.cache: {e}"]
     where = f"teacher.cache: '{cfg.teacher.cache}'"
     problems = []
-    if m.get("format_version") != FORMAT_VERSION:
+    if m.get("format_version") not in TOPK_FORMATS:
         return [f"{where} has cache format {m.get('format_version')}; build it again"]
+    if cfg.teacher.sparse_estimator == "sampled" and not cache_samples(m):
+        return [
+            f"{where} holds no tail samples (top-k only: built with sparse_estimator topk or by "
+            "an older ddk); rebuild it with `ddk cache-teacher` or set "
+            "teacher.sparse_estimator=topk"
+        ]
     if not m.get("complete"):
         problems.append(f"{where} is incomplete; finish it with `ddk cache-teacher`")
     if int(m["k"]) != cfg.teacher.cache_k:  # k only sets how a cache is built: say which one
         print(
             f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
             f"{cfg.teacher.cache_k}; distilling with k = {m['k']}"
+        )
+    if cfg.teacher.sparse_estimator == "sampled" and cache_samples(m) != cfg.teacher.cache_samples:
+        print(
+            f"warning: {where} holds {cache_samples(m)} tail samples per token, not "
+            f"teacher.cache_samples={cfg.teacher.cache_samples}; distilling with "
+            f"{cache_samples(m)}"
         )
     if float(m["tau"]) != float(cfg.distill.tau):
         problems.append(
@@ -446,17 +520,33 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------------------------- reading
 class OfflineTeacher:
-    """A `TeacherSource` that reads the cache: sparse signals, and the cached perplexities."""
+    """A `TeacherSource` that reads the cache: sparse signals, and the cached perplexities.
+
+    ``estimator`` "sampled" hands the loss the tail samples too, "topk" only the top-k and the
+    tail mass; None: whatever the cache holds."""
 
     MAX_OPEN = 128  # shard memmaps kept open (each holds a file descriptor)
 
-    def __init__(self, folder: str | Path, domains: list[str], device: torch.device):
+    def __init__(
+        self,
+        folder: str | Path,
+        domains: list[str],
+        device: torch.device,
+        estimator: str | None = None,
+    ):
         self.folder = Path(folder).expanduser()
         self.manifest = read_cache_manifest(self.folder)
         self.domains = list(domains)
         self.device = device
         self.k = int(self.manifest["k"])
         self.tau = float(self.manifest["tau"])
+        self.samples = cache_samples(self.manifest)
+        if estimator == "sampled" and not self.samples:
+            raise DDKError(
+                f"teacher cache '{self.folder}' holds no tail samples; rebuild it with "
+                "`ddk cache-teacher` or set teacher.sparse_estimator=topk"
+            )
+        self.sampled = bool(self.samples) and estimator != "topk"
         self._maps: collections.OrderedDict = collections.OrderedDict()
 
     def _shard(self, name: str, shard: int):
@@ -465,23 +555,16 @@ class OfflineTeacher:
             self._maps.move_to_end(key)
             return self._maps[key]
         m, info = self.manifest, self.manifest["domains"][name]
-        n, L, k = _shard_sequences(m, info, shard), m["seq_len"], self.k
+        n = _shard_sequences(m, info, shard)
         path = _shard_path(self.folder, info, shard)
         if not path.is_file() or path.stat().st_size != _shard_bytes(m, n):
             raise DDKError(
                 f"teacher cache shard '{path}' is missing or truncated; rebuild the cache"
             )
-        ids_t = np.dtype(m["dtypes"]["ids"])
-        logp_t = np.dtype(m["dtypes"]["logp"])
-        offsets = [0, n * L * k * ids_t.itemsize]
-        offsets.append(offsets[1] + n * L * k * logp_t.itemsize)
-        arrays = (
-            np.memmap(path, dtype=ids_t, mode="r", offset=offsets[0], shape=(n, L, k)),
-            np.memmap(path, dtype=logp_t, mode="r", offset=offsets[1], shape=(n, L, k)),
-            np.memmap(
-                path, dtype=m["dtypes"]["log_tail"], mode="r", offset=offsets[2], shape=(n, L)
-            ),
-        )
+        arrays, offset = [], 0
+        for _, dtype, shape in _layout(m, n):
+            arrays.append(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
+            offset += math.prod(shape) * dtype.itemsize
         self._maps[key] = arrays
         if len(self._maps) > self.MAX_OPEN:
             self._maps.popitem(last=False)
@@ -489,23 +572,24 @@ class OfflineTeacher:
 
     def signal(self, batch: Batch) -> SparseSignal:
         per = self.manifest["shard_sequences"]
-        ids, logp, tail = [], [], []
-        for d, i in np.asarray(batch.rows).tolist():
-            a_ids, a_logp, a_tail = self._shard(self.domains[d], i // per)
-            ids.append(a_ids[i % per])
-            logp.append(a_logp[i % per])
-            tail.append(a_tail[i % per])
         L = batch.input_ids.shape[1]
         if L != self.manifest["seq_len"]:
             raise DDKError(f"teacher cache has {self.manifest['seq_len']} tokens per row, not {L}")
+        pairs = np.asarray(batch.rows).tolist()
+        shards = [self._shard(self.domains[d], i // per) for d, i in pairs]
 
-        def stacked(parts, dtype):
-            arr = np.stack(parts).astype(dtype, copy=False)
+        def stacked(j: int) -> torch.Tensor:  # array j of _layout, rows of the batch
+            arr = np.stack([arrays[j][i % per] for arrays, (_, i) in zip(shards, pairs)])
+            arr = arr.astype(np.int64 if j in (0, 3) else np.float32, copy=False)  # ids: 0, 3
             return torch.from_numpy(arr.reshape(-1, *arr.shape[2:])).to(self.device)
 
-        return SparseSignal(
-            stacked(ids, np.int64), stacked(logp, np.float32), stacked(tail, np.float32)
-        )
+        ids, logp, log_tail, *tail = (stacked(j) for j in range(6 if self.sampled else 3))
+        if not tail:
+            return SparseSignal(ids, logp, log_tail)
+        sample_ids, sample_logp, log_norm = tail
+        power = float(self.manifest["proposal_power"])
+        logw = sample_log_weights(sample_logp, log_norm, self.samples, power)
+        return SparseSignal(ids, logp, log_tail, sample_ids, sample_logp, logw)
 
     def perplexities(self, split: str = "val") -> dict[str, float] | None:
         ppl = self.manifest.get("teacher_ppl", {}).get(split)
