@@ -242,10 +242,20 @@ class TeacherSection(_Section):
     mode: Literal["online", "offline"] = Field(
         "online",
         description="online: run the teacher each step; offline: read a `ddk cache-teacher` "
-        "top-k cache (no teacher loaded for training).",
+        "cache (no teacher loaded for training).",
     )
-    cache: str | None = Field(None, description="Top-k teacher cache folder (offline mode).")
+    cache: str | None = Field(None, description="Teacher cache folder (offline mode).")
     cache_k: StrictInt = Field(64, ge=1, description="Top-k log-probs stored per token.")
+    sparse_estimator: Literal["sampled", "topk"] = Field(
+        "sampled",
+        description="How offline mode estimates the divergence from the cache. sampled: the "
+        "top-k head plus teacher-sampled tail tokens with importance weights, unbiased in value "
+        "and gradient (the cache holds cache_samples more tokens); topk: k + 1 buckets, biased "
+        "low (reads any cache). `ddk cache-teacher` stores tail samples only for sampled.",
+    )
+    cache_samples: StrictInt = Field(
+        32, ge=1, description="Tail tokens sampled per position (sparse_estimator: sampled)."
+    )
     placement: Literal["auto", "replicated", "sharded", "cpu_offload"] = Field(
         "auto",
         description="Teacher placement across processes; auto = replicated when it fits.",

@@ -23,7 +23,7 @@ Who uses which (and why):
                     any change to its data refuses the resume.
     teacher ppl     data CONTENT of the held-out splits + teacher FILES + dtype: the key of the
       cache         shared teacher-perplexity cache (what the perplexities depend on, no more).
-    top-k cache     data RECORD (its format-1 key) + data CONTENT of every split it depends on
+    teacher cache   data RECORD (its format-1 key) + data CONTENT of every split it depends on
                     (train for the signal, val/test for its perplexities) + teacher FILES, or the
                     teacher's NAME when training on a machine without the teacher.
 """

@@ -28,12 +28,14 @@ from ddk.run_dir import resume_run, start_run
 from ddk.teacher import Batch, cache_format, sparse_from_logits
 from ddk.teacher.cache_format import read_cache_manifest
 from ddk.teacher.offline import OfflineTeacher
+from ddk.teacher.sampling import sampled_from_logits
 from tests.conftest import make_config, one_error_line, tree_digest
 
 # end-to-end runs on the tiny models: outside the fast tier (pytest -m 'not slow')
 pytestmark = pytest.mark.slow
 
 K = 8
+SAMPLES = 32  # teacher.cache_samples' default
 CACHE_RUN = {
     "trainer.max_steps": 12,
     "trainer.micro_batch_size": 4,
@@ -69,7 +71,8 @@ def test_manifest_and_bytes_per_token(cache_dir, prepared_dir):
     m = read_cache_manifest(cache_dir)
     data = PreparedData(prepared_dir)
     assert m["complete"] and m["k"] == K and m["dtypes"]["ids"] == "uint16"
-    assert m["bytes_per_token"] == K * (2 + 2) + 4
+    assert m["samples"] == SAMPLES and m["proposal_power"] == 0.5
+    assert m["bytes_per_token"] == (K + SAMPLES) * (2 + 2) + 4 + 4
     assert set(m["teacher_ppl"]["val"]) == set(data.names)
     if data.has_split("test"):
         assert set(m["teacher_ppl"]["test"]) == set(data.names)
@@ -91,12 +94,25 @@ def test_round_trip_equals_fresh_teacher(cache_dir, teacher_dir, prepared_dir):
         [data.domains[data.names[d]].sequences("train", [i]) for d, i in rows.tolist()]
     )
     got = teacher.signal(Batch(seqs[:, :-1], rows))
+    assert got.sampled and got.sample_ids.shape == (len(rows) * data.seq_len, SAMPLES)
     with torch.no_grad():
         hidden, head = hidden_and_head(model, seqs[:, :-1])
         logits = head(hidden).reshape(-1, head.weight.shape[0])[:, : data.vocab_size]
     ref = sparse_from_logits(logits, K, 1.0)
     torch.testing.assert_close(got.logp, ref.logp, rtol=2e-3, atol=2e-3)  # float16 storage
-    torch.testing.assert_close(got.log_tail, ref.log_tail)
+    torch.testing.assert_close(got.log_tail, ref.log_tail, rtol=2e-3, atol=2e-3)
+    # The tail draws are the sampler's, with each position's own uniform.
+    manifest = read_cache_manifest(cache_dir)
+    u = np.concatenate(
+        [cache_format.position_uniforms(manifest, data.names[d], [i]) for d, i in rows.tolist()]
+    )
+    sampled, _ = sampled_from_logits(
+        logits, K, SAMPLES, 1.0, torch.from_numpy(u), logp_dtype=torch.float16
+    )
+    rows_ok = (got.ids == sampled.ids).all(1)  # away from float16 ties in the head
+    assert rows_ok.float().mean() > 0.95
+    for a, b in zip(got[3:], sampled[3:]):
+        torch.testing.assert_close(a[rows_ok], b[rows_ok], rtol=1e-5, atol=1e-5)
     # Ids agree except where two log-probs tie to within float16 rounding.
     same = got.ids == ref.ids
     assert same.float().mean() > 0.99
@@ -189,6 +205,46 @@ def test_cache_of_other_data_refused(
     offline(teacher_dir, student_dir, other, cache_dir, tmp_path / "run").save(cfg)
     assert main(["distill", str(cfg)]) == 2
     assert "other prepared data" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def format1_cache(tmp_path_factory, teacher_dir, student_dir, prepared_dir) -> Path:
+    """A top-k cache as ddk wrote it before tail samples (format 1)."""
+    folder = tmp_path_factory.mktemp("cache1") / "c"
+    cfg = config(teacher_dir, student_dir, prepared_dir, folder, "teacher.sparse_estimator=topk")
+    build_cache(cfg, progress=False)
+    manifest = read_cache_manifest(folder)
+    assert manifest["samples"] == 0 and manifest["bytes_per_token"] == K * (2 + 2) + 4
+    for key in ("samples", "proposal_power"):
+        del manifest[key]
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    return folder
+
+
+def test_format1_cache_refused_by_sampled_estimator_and_read_by_topk(
+    tmp_path, format1_cache, cache_dir, teacher_dir, student_dir, prepared_dir, capsys
+):
+    run = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    offline(teacher_dir, student_dir, prepared_dir, format1_cache, run).save(cfg)
+    assert main(["distill", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no tail samples" in err[0] and "sparse_estimator=topk" in err[0]
+    assert not (run / "metrics.jsonl").exists()
+    with pytest.raises(DDKError, match="holds no tail samples"):
+        OfflineTeacher(format1_cache, ["a"], torch.device("cpu"), "sampled")
+
+    data = PreparedData(prepared_dir)
+    rows = np.array([[0, 1], [1, 0]])
+    seqs = torch.cat([data.domains[data.names[d]].sequences("train", [i]) for d, i in rows])
+    batch = Batch(seqs[:, :-1], rows)
+    old = OfflineTeacher(format1_cache, data.names, torch.device("cpu"), "topk").signal(batch)
+    assert not old.sampled and old.ids.shape == (2 * data.seq_len, K)
+    # A sampled cache read by the top-k estimator: the same head and tail mass, no samples.
+    new = OfflineTeacher(cache_dir, data.names, torch.device("cpu"), "topk").signal(batch)
+    assert not new.sampled
+    assert torch.equal(new.ids, old.ids) and torch.equal(new.logp, old.logp)
+    torch.testing.assert_close(new.log_tail, old.log_tail, rtol=1e-3, atol=1e-3)
 
 
 def final_weights(run: Path) -> dict:

@@ -1,6 +1,6 @@
-"""`ddk cache-teacher`: the teacher's top-k next-token distribution over every training token,
-stored once (format: `ddk.teacher.cache_format`), so `teacher.mode: offline` distils with no
-teacher loaded.
+"""`ddk cache-teacher`: the teacher's next-token distribution over every training token, as a
+top-k head plus sampled tail tokens (`ddk.teacher.sampling`), stored once (format:
+`ddk.teacher.cache_format`), so `teacher.mode: offline` distils with no teacher loaded.
 
 The teacher is loaded and placed as `teacher.placement` asks (replicated, sharded, CPU
 offload). Under `accelerate launch` rank r writes shards r::world; a sharded teacher's forwards
@@ -38,9 +38,11 @@ from ddk.teacher.cache_format import (
     SHARD_SEQUENCES,
     TAIL_DTYPE,
     bytes_per_token,
+    cache_samples,
     check_target,
     id_dtype,
     is_finished,
+    position_uniforms,
     read_cache_manifest,
     same_cache,
     shard_arrays,
@@ -51,6 +53,7 @@ from ddk.teacher.cache_format import (
 from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.perplexity import hash_memo
 from ddk.teacher.placement import is_sharded, load_placed_teacher
+from ddk.teacher.sampling import PROPOSAL_POWER
 
 
 def build_cache(cfg, progress: bool = True, write_shard=None, runtime=None) -> Path:
@@ -118,6 +121,12 @@ def _plan(cfg, data: PreparedData) -> dict:
     k = cfg.teacher.cache_k
     if k > vocab:
         raise DDKError(f"teacher.cache_k {k} exceeds the vocabulary ({vocab} tokens); lower it")
+    samples = cfg.teacher.cache_samples if cfg.teacher.sparse_estimator == "sampled" else 0
+    dtypes = {"ids": id_dtype(vocab).name, "logp": LOGP_DTYPE.name, "log_tail": TAIL_DTYPE.name}
+    if samples:
+        dtypes.update(
+            sample_ids=dtypes["ids"], sample_logp=dtypes["logp"], log_norm=dtypes["log_tail"]
+        )
     memo = hash_memo(cfg)
     return {
         "format_version": FORMAT_VERSION,
@@ -130,13 +139,11 @@ def _plan(cfg, data: PreparedData) -> dict:
         "seq_len": data.seq_len,
         "k": k,
         "tau": float(cfg.distill.tau),
+        "samples": samples,
+        "proposal_power": PROPOSAL_POWER if samples else None,
         "shard_sequences": SHARD_SEQUENCES,
-        "dtypes": {
-            "ids": id_dtype(vocab).name,
-            "logp": LOGP_DTYPE.name,
-            "log_tail": TAIL_DTYPE.name,
-        },
-        "bytes_per_token": bytes_per_token(k, vocab),
+        "dtypes": dtypes,
+        "bytes_per_token": bytes_per_token(k, vocab, samples),
         "domains": {
             n: {
                 "folder": manifest.domains[n].folder,
@@ -156,8 +163,8 @@ def _begin(folder: Path, plan: dict) -> dict:
         old = read_cache_manifest(folder)
         if not same_cache(old, plan):
             raise DDKError(
-                f"'{folder}' holds a cache of another teacher, data, domains, k or tau; set "
-                "teacher.cache to a new folder (or delete this one)"
+                f"'{folder}' holds a cache of another teacher, data, domains, k, tau, "
+                "sampling or format; set teacher.cache to a new folder (or delete this one)"
             )
         plan = {**old, CONTENT_KEY: plan[CONTENT_KEY], "complete": False}
     for stale in folder.glob("*/*.tmp"):  # from a killed run: never complete
@@ -199,22 +206,31 @@ def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard) -
                 first = j * SHARD_SEQUENCES + start
                 idx = list(range(first, first + min(batch, m - start)))
                 seqs = data.domains[name].sequences("train", idx).to(rt.device)
-                pieces.append(_topk(cfg, plan, teacher, seqs))
+                pieces.append(_rows(cfg, plan, teacher, seqs, name, idx))
             write_shard(shard_path(folder, info, j), [np.concatenate(p) for p in zip(*pieces)])
             bar.update(m * data.seq_len)
     if is_sharded(teacher.model):
         _throwaway_forwards(cfg, plan, data, teacher, rt, most - forwards)
 
 
-def _topk(cfg, plan: dict, teacher: OnlineTeacher, seqs: torch.Tensor) -> list[np.ndarray]:
-    signal = teacher.topk(
-        seqs[:, :-1],
-        vocab=plan["vocab_size"],
-        k=plan["k"],
-        tau=plan["tau"],
-        chunk=cfg.distill.loss_chunk_tokens,
+def _rows(
+    cfg, plan: dict, teacher: OnlineTeacher, seqs: torch.Tensor, domain: str, idx: list[int]
+) -> list[np.ndarray]:
+    """The shard arrays of sequences `idx` of `domain` (`seqs`): the teacher's top-k at tau,
+    then with samples the tail draws, each position with its own uniform."""
+    common = dict(
+        vocab=plan["vocab_size"], k=plan["k"], tau=plan["tau"], chunk=cfg.distill.loss_chunk_tokens
     )
-    return shard_arrays(signal, plan["vocab_size"])
+    if not cache_samples(plan):
+        return shard_arrays(teacher.topk(seqs[:, :-1], **common), plan["vocab_size"])
+    signal, log_norm = teacher.sampled(
+        seqs[:, :-1],
+        samples=cache_samples(plan),
+        uniforms=torch.from_numpy(position_uniforms(plan, domain, idx)),
+        logp_dtype=getattr(torch, LOGP_DTYPE.name),
+        **common,
+    )
+    return shard_arrays(signal, plan["vocab_size"], log_norm)
 
 
 def _throwaway_forwards(cfg, plan, data, teacher, rt, count: int) -> None:
@@ -223,7 +239,7 @@ def _throwaway_forwards(cfg, plan, data, teacher, rt, count: int) -> None:
     name = next(iter(data.domains))
     seqs = data.domains[name].sequences("train", [0]).to(rt.device)
     for _ in range(count):
-        _topk(cfg, plan, teacher, seqs)
+        _rows(cfg, plan, teacher, seqs, name, [0])
 
 
 def _finish(folder: Path, plan: dict, ppl: dict, seq_len: int) -> None:
@@ -241,7 +257,8 @@ def _finish(folder: Path, plan: dict, ppl: dict, seq_len: int) -> None:
     plan["complete"] = True
     write_cache_manifest(folder, plan)
     tokens = sum(i["sequences"] for i in plan["domains"].values()) * seq_len
+    sampled = f" + {plan['samples']} tail samples" if cache_samples(plan) else ""
     print0(
-        f"cached {tokens} tokens x top-{plan['k']} in {folder} "
+        f"cached {tokens} tokens x top-{plan['k']}{sampled} in {folder} "
         f"({plan['bytes_per_token']} bytes/token)"
     )

@@ -1,9 +1,10 @@
 """Where the teacher's signal and perplexities come from.
 
-- signals: what a teacher hands the loss (dense or sparse top-k), and `TeacherSource`
+- signals: what a teacher hands the loss (dense or sparse), and `TeacherSource`
 - online: a live teacher model (`OnlineTeacher`)
-- offline: a `ddk cache-teacher` top-k cache read back (`OfflineTeacher`)
+- offline: a `ddk cache-teacher` cache read back (`OfflineTeacher`)
 - cache_format: the cache's on-disk format
+- sampling: the cache's tail samples (top-k head plus draws from the teacher's tail)
 - placement: where a live teacher lives across processes (replicated, sharded, offloaded)
 - perplexity: teacher perplexities, cached per (data, teacher), and RUN/teacher_ppl.json
 - source: which `TeacherSource` a run's config asks for

@@ -1,39 +1,60 @@
-"""The on-disk format of a `ddk cache-teacher` top-k cache (format 1).
+"""The on-disk format of a `ddk cache-teacher` cache (format 2): the teacher's top-k head plus
+sampled tail tokens.
 
 Layout of the cache folder (``teacher.cache``)::
 
     manifest.json                 what was cached, from which data and by which teacher
     <domain folder>/000000.bin    one shard: up to SHARD_SEQUENCES training sequences
 
-A shard holds, for its m sequences of L = seq_len positions (position t predicts token t+1),
-three C-order arrays back to back: ids [m, L, k] (uint16, or uint32 past 65,536 tokens),
-log-probs at temperature tau [m, L, k] (float16) and the log tail mass [m, L] (float32):
-k·(2 + id bytes) + 4 bytes per token. Each shard is written to a temporary file and renamed,
+A shard holds, for its n sequences of L = seq_len positions (position t predicts token t+1),
+C-order arrays back to back (``_layout``): ids [n, L, k] (uint16, or uint32 past 65,536
+tokens), log-probs at temperature tau [n, L, k] (float16) and the log tail mass [n, L]
+(float32); with s = ``samples`` > 0 (``teacher.sparse_estimator: sampled``) then s tail ids
+drawn from the teacher [n, L, s], their log-probs [n, L, s] and the tail proposal's log
+normaliser [n, L] (float32; ``ddk.teacher.sampling``): (k + s)·(2 + id bytes) + 4 (+ 4 with
+samples) bytes per token. The draws' uniforms are a hash of (data fingerprint, domain,
+sequence, position) (``position_uniforms``). Format 1 (before samples) is format 2 with s = 0:
+the top-k estimator still reads it. Each shard is written to a temporary file and renamed,
 so a shard either exists whole or not at all.
 
-The manifest's identity (`IDENTITY_KEYS`) says which teacher, data, k and tau a cache holds;
+The manifest's identity (`IDENTITY_KEYS`) says which teacher, data, k, tau and sampling a cache
+holds;
 `data_content_fingerprint` (added without a format change: caches without it are matched on
 the rest) ties it to the data's tokens themselves (`ddk.identity`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ddk.errors import DDKError
 from ddk.lock import LOCK_NAME
+from ddk.teacher.sampling import counter_uniforms
 from ddk.teacher.signals import SparseSignal
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+TOPK_FORMATS = (1, 2)  # format 1 is format 2 without tail samples
 MANIFEST = "manifest.json"
 SHARD_SEQUENCES = 64  # (choice) ~50 MB per shard at seq_len 2048, k = 64, a 150k vocabulary
 LOGP_DTYPE = np.dtype(np.float16)
 TAIL_DTYPE = np.dtype(np.float32)
-IDENTITY_KEYS = ("format_version", "teacher_fingerprint", "data_fingerprint", "k", "tau", "domains")
+IDENTITY_KEYS = (
+    "format_version",
+    "teacher_fingerprint",
+    "data_fingerprint",
+    "k",
+    "tau",
+    "samples",
+    "proposal_power",
+    "domains",
+)
 CONTENT_KEY = "data_content_fingerprint"
 
 
@@ -41,8 +62,39 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def bytes_per_token(k: int, vocab_size: int) -> int:
-    return k * (id_dtype(vocab_size).itemsize + LOGP_DTYPE.itemsize) + TAIL_DTYPE.itemsize
+def bytes_per_token(k: int, vocab_size: int, samples: int = 0) -> int:
+    """k ids and log-probs plus the log tail mass; with m tail samples, m more ids and log-probs
+    plus the tail proposal's log normaliser."""
+    entry = id_dtype(vocab_size).itemsize + LOGP_DTYPE.itemsize
+    return (k + samples) * entry + TAIL_DTYPE.itemsize * (2 if samples else 1)
+
+
+def cache_samples(m: dict) -> int:
+    """Tail samples per token of a cache manifest (0: top-k only, as every format-1 cache)."""
+    return int(m.get("samples") or 0)
+
+
+def _layout(m: dict, sequences: int) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of each array of a shard of ``sequences`` sequences, in file order."""
+    L, k, s, dt = m["seq_len"], int(m["k"]), cache_samples(m), m["dtypes"]
+    arrays = [("ids", (k,)), ("logp", (k,)), ("log_tail", ())]
+    if s:
+        arrays += [("sample_ids", (s,)), ("sample_logp", (s,)), ("log_norm", ())]
+    return [(name, np.dtype(dt[name]), (sequences, L, *tail)) for name, tail in arrays]
+
+
+def _sample_key(data_fp: str, domain: str) -> int:
+    """The seed of a domain's draws: a hash of the data fingerprint and the domain name."""
+    return int.from_bytes(hashlib.sha256(f"{data_fp}/{domain}".encode()).digest()[:8], "little")
+
+
+def position_uniforms(m: dict, domain: str, sequences: list[int]) -> np.ndarray:
+    """[len(sequences) * L] uniforms of the tail draws: one per (sequence, position)."""
+    L = m["seq_len"]
+    counters = np.asarray(sequences, dtype=np.uint64)[:, None] * np.uint64(L) + np.arange(
+        L, dtype=np.uint64
+    )
+    return counter_uniforms(_sample_key(m["data_fingerprint"], domain), counters.ravel())
 
 
 def shard_path(folder: Path, info: dict, shard: int) -> Path:
@@ -55,16 +107,20 @@ def shard_sequences(m: dict, info: dict, shard: int) -> int:
 
 
 def shard_bytes(m: dict, sequences: int) -> int:
-    return sequences * m["seq_len"] * m["bytes_per_token"]
+    return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in _layout(m, sequences))
 
 
-def shard_arrays(signal: SparseSignal, vocab_size: int) -> list[np.ndarray]:
-    """A sparse signal as the shard's arrays (ids, log-probs, log tail) in the stored dtypes."""
-    return [
-        signal.ids.cpu().numpy().astype(id_dtype(vocab_size)),
-        signal.logp.cpu().numpy().astype(LOGP_DTYPE),
-        signal.log_tail.cpu().numpy().astype(TAIL_DTYPE),
-    ]
+def shard_arrays(
+    signal: SparseSignal, vocab_size: int, log_norm: torch.Tensor | None = None
+) -> list[np.ndarray]:
+    """A sparse signal as the shard's arrays in ``_layout`` order and the stored dtypes: (ids,
+    log-probs, log tail), then for a sampled signal (sample ids, their log-probs, the proposal's
+    log normaliser ``log_norm``; the weights are not stored: ``sample_log_weights``)."""
+    arrays = list(signal[:3])
+    if signal.sampled:
+        arrays += [signal.sample_ids, signal.sample_logp, log_norm]
+    dtypes = (id_dtype(vocab_size), LOGP_DTYPE, TAIL_DTYPE) * 2
+    return [a.cpu().numpy().astype(d) for a, d in zip(arrays, dtypes)]
 
 
 def write_shard(path: Path, arrays: list[np.ndarray]) -> None:
@@ -80,21 +136,19 @@ def write_shard(path: Path, arrays: list[np.ndarray]) -> None:
 
 
 def open_shard(folder: Path, m: dict, name: str, shard: int) -> tuple[np.memmap, ...]:
-    """(ids [n, L, k], logp [n, L, k], log_tail [n, L]) of one shard, memory-mapped."""
+    """The arrays of one shard in ``_layout`` order (ids [n, L, k], logp [n, L, k], log_tail
+    [n, L], then with samples sample_ids, sample_logp [n, L, s] and log_norm [n, L]),
+    memory-mapped."""
     info = m["domains"][name]
-    n, L, k = shard_sequences(m, info, shard), m["seq_len"], int(m["k"])
+    n = shard_sequences(m, info, shard)
     path = shard_path(folder, info, shard)
     if not path.is_file() or path.stat().st_size != shard_bytes(m, n):
         raise DDKError(f"teacher cache shard '{path}' is missing or truncated; rebuild the cache")
-    ids_t = np.dtype(m["dtypes"]["ids"])
-    logp_t = np.dtype(m["dtypes"]["logp"])
-    offsets = [0, n * L * k * ids_t.itemsize]
-    offsets.append(offsets[1] + n * L * k * logp_t.itemsize)
-    return (
-        np.memmap(path, dtype=ids_t, mode="r", offset=offsets[0], shape=(n, L, k)),
-        np.memmap(path, dtype=logp_t, mode="r", offset=offsets[1], shape=(n, L, k)),
-        np.memmap(path, dtype=m["dtypes"]["log_tail"], mode="r", offset=offsets[2], shape=(n, L)),
-    )
+    arrays, offset = [], 0
+    for _, dtype, shape in _layout(m, n):
+        arrays.append(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
+        offset += math.prod(shape) * dtype.itemsize
+    return tuple(arrays)
 
 
 def read_cache_manifest(folder: str | Path) -> dict:

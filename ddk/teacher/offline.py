@@ -1,5 +1,5 @@
-"""The offline teacher: a `ddk cache-teacher` top-k cache read back, so training loads no
-teacher model at all; and the preflight check that a cache can serve a run."""
+"""The offline teacher: a `ddk cache-teacher` cache (top-k head, sampled tail) read back, so
+training loads no teacher model at all; and the preflight check that a cache can serve a run."""
 
 from __future__ import annotations
 
@@ -17,17 +17,22 @@ from ddk.identity import Strength
 from ddk.ranks import print0
 from ddk.teacher.cache_format import (
     CONTENT_KEY,
-    FORMAT_VERSION,
+    TOPK_FORMATS,
+    cache_samples,
     open_shard,
     read_cache_manifest,
 )
 from ddk.teacher.perplexity import SharedPerplexities, hash_memo
+from ddk.teacher.sampling import sample_log_weights
 from ddk.teacher.signals import Batch, SparseSignal
 
 
 class OfflineTeacher:
     """A `TeacherSource` that reads the cache: sparse signals, and the perplexities the cache
-    recorded (or, for a cache without them, computed through `fallback`)."""
+    recorded (or, for a cache without them, computed through `fallback`).
+
+    ``estimator`` "sampled" hands the loss the tail samples too, "topk" only the top-k and the
+    tail mass; None: whatever the cache holds."""
 
     MAX_OPEN = 128  # shard memmaps kept open (each holds a file descriptor)
 
@@ -36,6 +41,7 @@ class OfflineTeacher:
         folder: str | Path,
         domains: list[str],
         device: torch.device,
+        estimator: str | None = None,
         fallback: Callable[[], SharedPerplexities] | None = None,
     ):
         self.folder = Path(folder).expanduser()
@@ -44,6 +50,13 @@ class OfflineTeacher:
         self.device = device
         self.k = int(self.manifest["k"])
         self.tau = float(self.manifest["tau"])
+        self.samples = cache_samples(self.manifest)
+        if estimator == "sampled" and not self.samples:
+            raise DDKError(
+                f"teacher cache '{self.folder}' holds no tail samples; rebuild it with "
+                "`ddk cache-teacher` or set teacher.sparse_estimator=topk"
+            )
+        self.sampled = bool(self.samples) and estimator != "topk"
         self._fallback_factory = fallback
         self.fallback: SharedPerplexities | None = None
         self._maps: collections.OrderedDict = collections.OrderedDict()
@@ -73,23 +86,24 @@ class OfflineTeacher:
 
     def signal(self, batch: Batch) -> SparseSignal:
         per = self.manifest["shard_sequences"]
-        ids, logp, tail = [], [], []
-        for d, i in np.asarray(batch.rows).tolist():
-            a_ids, a_logp, a_tail = self._shard(self.domains[d], i // per)
-            ids.append(a_ids[i % per])
-            logp.append(a_logp[i % per])
-            tail.append(a_tail[i % per])
         L = batch.input_ids.shape[1]
         if L != self.manifest["seq_len"]:
             raise DDKError(f"teacher cache has {self.manifest['seq_len']} tokens per row, not {L}")
+        pairs = np.asarray(batch.rows).tolist()
+        shards = [self._shard(self.domains[d], i // per) for d, i in pairs]
 
-        def stacked(parts, dtype):
-            arr = np.stack(parts).astype(dtype, copy=False)
+        def stacked(j: int) -> torch.Tensor:  # array j of the shard layout, rows of the batch
+            arr = np.stack([arrays[j][i % per] for arrays, (_, i) in zip(shards, pairs)])
+            arr = arr.astype(np.int64 if j in (0, 3) else np.float32, copy=False)  # ids: 0, 3
             return torch.from_numpy(arr.reshape(-1, *arr.shape[2:])).to(self.device)
 
-        return SparseSignal(
-            stacked(ids, np.int64), stacked(logp, np.float32), stacked(tail, np.float32)
-        )
+        ids, logp, log_tail, *tail = (stacked(j) for j in range(6 if self.sampled else 3))
+        if not tail:
+            return SparseSignal(ids, logp, log_tail)
+        sample_ids, sample_logp, log_norm = tail
+        power = float(self.manifest["proposal_power"])
+        logw = sample_log_weights(sample_logp, log_norm, self.samples, power)
+        return SparseSignal(ids, logp, log_tail, sample_ids, sample_logp, logw)
 
     def perplexities(self, split: str = "val") -> dict[str, float] | None:
         ppl = self.manifest.get("teacher_ppl", {}).get(split)
@@ -116,8 +130,14 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
     except DDKError as e:
         return [f"teacher.cache: {e}"]
     where = f"teacher.cache: '{cfg.teacher.cache}'"
-    if m.get("format_version") != FORMAT_VERSION:
+    if m.get("format_version") not in TOPK_FORMATS:
         return [f"{where} has cache format {m.get('format_version')}; build it again"]
+    if cfg.teacher.sparse_estimator == "sampled" and not cache_samples(m):
+        return [
+            f"{where} holds no tail samples (top-k only: built with sparse_estimator topk or by "
+            "an older ddk); rebuild it with `ddk cache-teacher` or set "
+            "teacher.sparse_estimator=topk"
+        ]
     problems = []
     if not m.get("complete"):
         problems.append(f"{where} is incomplete; finish it with `ddk cache-teacher`")
@@ -125,6 +145,12 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
         print0(
             f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
             f"{cfg.teacher.cache_k}; distilling with k = {m['k']}"
+        )
+    if cfg.teacher.sparse_estimator == "sampled" and cache_samples(m) != cfg.teacher.cache_samples:
+        print0(
+            f"warning: {where} holds {cache_samples(m)} tail samples per token, not "
+            f"teacher.cache_samples={cfg.teacher.cache_samples}; distilling with "
+            f"{cache_samples(m)}"
         )
     if float(m["tau"]) != float(cfg.distill.tau):
         problems.append(

@@ -1,4 +1,4 @@
-"""What a teacher hands the loss for one micro-batch: a dense or a sparse (top-k) signal, and
+"""What a teacher hands the loss for one micro-batch: a dense or a sparse (cached) signal, and
 the `TeacherSource` interface every teacher (online, offline, ...) implements.
 
 Both signals are row-aligned with the flattened student hidden states [N, H] (N = batch x
@@ -29,16 +29,30 @@ class DenseSignal(NamedTuple):
 
 
 class SparseSignal(NamedTuple):
-    """The teacher's top-k next-token distribution at temperature tau, per row.
+    """The teacher's next-token distribution at temperature tau, per row, in a few entries.
 
-    ``logp[n, j] = log softmax(z_T / tau)[ids[n, j]]`` and ``log_tail[n] = log(1 - sum_j
-    exp(logp[n, j]))`` (``-inf`` when the k ids carry all the mass, e.g. k = vocabulary size).
-    The logits z_T are the teacher's after its own logit transform.
+    ``logp[n, j] = log softmax(z_T / tau)[ids[n, j]]`` over the top-k ids and ``log_tail[n] =
+    log(1 - sum_j exp(logp[n, j]))``, the mass of every other token (``-inf`` when the k ids
+    carry all the mass, e.g. k = vocabulary size). The logits z_T are the teacher's after its
+    own logit transform.
+
+    With the ``sample_*`` fields (all three or none) it also holds m tokens drawn from the tail
+    (never a top-k id) with their teacher log-probs and log importance weights ``log(1 / (m pi))``,
+    pi being the probability the draw had (``-inf``: an empty slot, weight 0). The loss then
+    estimates the divergence without bias (``ddk.losses.sparse``); without them it uses k + 1
+    buckets.
     """
 
     ids: torch.Tensor  # [N, k] int64
     logp: torch.Tensor  # [N, k] float32 (or float64)
     log_tail: torch.Tensor  # [N]
+    sample_ids: torch.Tensor | None = None  # [N, m] int64
+    sample_logp: torch.Tensor | None = None  # [N, m]
+    sample_logw: torch.Tensor | None = None  # [N, m]
+
+    @property
+    def sampled(self) -> bool:
+        return self.sample_ids is not None
 
 
 TeacherSignal = DenseSignal | SparseSignal
@@ -61,12 +75,17 @@ class TeacherSource(Protocol):
     def perplexities(self, split: str) -> dict[str, float] | None: ...
 
 
+def log_probs(logits: Tensor, tau: float) -> Tensor:
+    """log softmax(logits / tau) in (at least) float32: the teacher's side of a sparse signal
+    and the student's side of its divergence (``ddk.losses.sparse``)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(z if tau == 1 else z / tau, dim=-1)
+
+
 def sparse_from_logits(teacher_logits: Tensor, k: int, tau: float) -> SparseSignal:
     """The top-k signal of full teacher logits [n, V] (what `ddk cache-teacher` stores, before
     rounding): used by the cache builder and by tests as the exact reference."""
-    dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
-    z = teacher_logits.to(dtype)
-    log_p = torch.log_softmax(z if tau == 1 else z / tau, dim=-1)
+    log_p = log_probs(teacher_logits, tau)
     logp, ids = log_p.topk(k, dim=-1)
     if k == log_p.shape[1]:
         log_tail = torch.full_like(logp[:, 0], -torch.inf)

@@ -1,6 +1,6 @@
 """Which teacher a run gets: the one place that turns the config into a `TeacherSource`.
 
-    teacher.mode offline   a `ddk cache-teacher` top-k cache; no teacher model is loaded
+    teacher.mode offline   a `ddk cache-teacher` cache; no teacher model is loaded
     online                 the teacher model, placed as `teacher.placement` asks, when the
                            method trains with its signal; else (cpt) loaded only for its
                            perplexities, on first use, and freed after
@@ -35,7 +35,13 @@ def teacher_source(cfg, data, runtime, *, student_rows: int, splits) -> TeacherS
         # without perplexities falls back to computing them, when model.teacher is set).
         check_vocab(data.vocab_size, None, student_rows)
         fallback = shared if cfg.model.teacher else None
-        return OfflineTeacher(cfg.teacher.cache, data.names, runtime.device, fallback)
+        return OfflineTeacher(
+            cfg.teacher.cache,
+            data.names,
+            runtime.device,
+            cfg.teacher.sparse_estimator,
+            fallback=fallback,
+        )
     model = None
     if cfg.model.teacher and method.trains_with_teacher(cfg.distill):
         model = load_placed_teacher(
