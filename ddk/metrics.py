@@ -169,7 +169,8 @@ def parse_record(raw) -> Record | None:
     if event is None and _num(raw.get("step")) is not None:
         return StepRecord.from_json(raw)
     if event == SKIPPED_STEP and _num(raw.get("step")) is not None:
-        return SkippedStep(_int(raw["step"]), _num(raw.get("loss")), _num(raw.get("grad_norm")), 0)
+        loss, norm = _num(raw.get("loss")), _num(raw.get("grad_norm"))
+        return SkippedStep(_int(raw["step"]), loss, norm, _int(raw.get("in_a_row")))
     return None
 
 
