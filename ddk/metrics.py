@@ -177,9 +177,8 @@ def parse_record(raw) -> Record | None:
     if event is None and json_number(raw.get("step")) is not None:
         return StepRecord.from_json(raw)
     if event == SKIPPED_STEP and json_number(raw.get("step")) is not None:
-        return SkippedStep(
-            _int(raw["step"]), json_number(raw.get("loss")), json_number(raw.get("grad_norm")), 0
-        )
+        loss, norm = json_number(raw.get("loss")), json_number(raw.get("grad_norm"))
+        return SkippedStep(_int(raw["step"]), loss, norm, _int(raw.get("in_a_row")))
     return None
 
 

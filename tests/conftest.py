@@ -307,6 +307,20 @@ def copy_run(w, name: str, edit: dict | None = None) -> Path:
     return run
 
 
+def user_folder(tmp_path: Path) -> Path:
+    """A project folder holding the user's own (valid) ddk config.yaml and notes."""
+    home = tmp_path / "project"
+    home.mkdir()
+    config = {
+        "model": {"teacher": "t", "student": "s"},
+        "data": {"prepared": str(tmp_path / "data")},
+        "trainer": {"output_dir": str(home)},
+    }
+    (home / "config.yaml").write_text("# my settings\n" + yaml.safe_dump(config))
+    (home / "notes.txt").write_text("mine")
+    return home
+
+
 def with_test_split(prepared_dir: Path, dest: Path, n: int = 4) -> Path:
     """A copy of the prepared data with a test split (windows unlike the validation ones)."""
     shutil.copytree(prepared_dir, dest)

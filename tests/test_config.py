@@ -1,8 +1,9 @@
 import pytest
 import yaml
 
-from ddk.cli import build_parser, main
-from ddk.config import Config, ConfigError, load_config
+from ddk.cli import build_parser, main, section_overrides
+from ddk.config import Config, ConfigError, PrepareSection, load_config
+from ddk.errors import DDKError
 from ddk.methods import PRESETS
 from tests.conftest import one_error_line
 
@@ -115,3 +116,29 @@ def test_cli_config_error_exit_code(tmp_path, capsys):
     assert main(["distill", str(path)]) == 2
     err = one_error_line(capsys.readouterr().err)
     assert "unknown key 'distill.alfa'" in err
+
+
+def test_config_errors_are_ddk_errors():
+    assert issubclass(ConfigError, DDKError) and issubclass(ConfigError, ValueError)
+
+
+def test_prepare_flags_come_from_the_config_section(capsys):
+    """Every PrepareSection field is a `ddk prepare` flag, and a flag sets its field."""
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prepare", "--help"])
+    help_text = capsys.readouterr().out
+    for name, field in PrepareSection.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in help_text, name
+        assert field.description, f"prepare.{name} has no description for its --help"
+    args = parser.parse_args(
+        ["prepare", "--seq-len", "16", "--auto-domains", "auto", "--no-add-bos",
+         "--auto-domains-range", "2", "5", "--embedder", "student", "--overwrite"]
+    )  # fmt: skip
+    cfg = load_config(None, section_overrides(args, PrepareSection, "prepare"))
+    p = cfg.prepare
+    assert (p.seq_len, p.auto_domains, p.add_bos) == (16, "auto", False)
+    assert (p.auto_domains_range, p.embedder, p.overwrite) == ((2, 5), "student", True)
+    assert p.val_sequences == PrepareSection().val_sequences  # flags not given stay unset
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prepare", "--auto-domains", "many"])

@@ -32,6 +32,7 @@ from tests.conftest import (
     make_config,
     one_error_line,
     tree_digest,
+    user_folder,
     world_config,
 )
 
@@ -280,23 +281,9 @@ def test_trust_remote_code_run_resumes_only_when_asked_again(world, capsys):
     assert main(argv) == 0
 
 
-def _user_folder(tmp_path: Path) -> Path:
-    """A project folder holding the user's own (valid) ddk config.yaml and notes."""
-    home = tmp_path / "project"
-    home.mkdir()
-    config = {
-        "model": {"teacher": "t", "student": "s"},
-        "data": {"prepared": str(tmp_path / "data")},
-        "trainer": {"output_dir": str(home)},
-    }
-    (home / "config.yaml").write_text("# my settings\n" + yaml.safe_dump(config))
-    (home / "notes.txt").write_text("mine")
-    return home
-
-
 def test_resume_refuses_a_folder_ddk_never_ran_in(tmp_path, capsys):
     # Before: `--resume` trained into the folder and rewrote the user's config.yaml.
-    home = _user_folder(tmp_path)
+    home = user_folder(tmp_path)
     before = tree_digest(home)
     assert main(["distill", "--resume", str(home)]) == 2
     err = one_error_line(capsys.readouterr().err)
@@ -307,7 +294,7 @@ def test_resume_refuses_a_folder_ddk_never_ran_in(tmp_path, capsys):
 def test_resume_still_accepts_a_run_that_died_before_its_first_checkpoint(tmp_path, capsys):
     # The lock file is the first thing a run writes: with it, the folder is a run, and resume
     # gets past the folder check to the config checks (made to fail here, before any model).
-    home = _user_folder(tmp_path)
+    home = user_folder(tmp_path)
     config = yaml.safe_load((home / "config.yaml").read_text())
     config["model"]["trust_remote_code"] = True
     (home / "config.yaml").write_text(yaml.safe_dump(config))

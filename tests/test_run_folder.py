@@ -7,10 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from ddk.cli import main
 from ddk.errors import DDKError
@@ -20,27 +18,14 @@ from tests.conftest import (
     make_config,
     one_error_line,
     tree_digest,
+    user_folder,
     world_config,
 )
 
 
-def _user_folder(tmp_path: Path) -> Path:
-    """A project folder holding the user's own (valid) ddk config.yaml and notes."""
-    home = tmp_path / "project"
-    home.mkdir()
-    config = {
-        "model": {"teacher": "t", "student": "s"},
-        "data": {"prepared": str(tmp_path / "data")},
-        "trainer": {"output_dir": str(home)},
-    }
-    (home / "config.yaml").write_text("# my settings\n" + yaml.safe_dump(config))
-    (home / "notes.txt").write_text("mine")
-    return home
-
-
 def test_new_run_in_a_user_folder_does_not_suggest_resume(tmp_path, capsys):
     # Before: the refusal advised `ddk distill --resume`, which then trained into the folder.
-    home = _user_folder(tmp_path)
+    home = user_folder(tmp_path)
     before = tree_digest(home)
     assert main(["distill", str(home / "config.yaml")]) == 2
     err = one_error_line(capsys.readouterr().err)
@@ -50,7 +35,7 @@ def test_new_run_in_a_user_folder_does_not_suggest_resume(tmp_path, capsys):
 
 def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     # Before: NotADirectoryError with a traceback, exit 1.
-    home = _user_folder(tmp_path)
+    home = user_folder(tmp_path)
     mine = tmp_path / "results.txt"
     mine.write_text("mine")
     argv = ["distill", str(home / "config.yaml"), "--set", f"trainer.output_dir={mine}"]

@@ -26,7 +26,7 @@ from ddk.errors import DDKError
 from ddk.evaluate import run_perplexities
 from ddk.identity import Strength
 from ddk.lock import FolderLock
-from ddk.models import check_vocab, embedding_rows, resolve_dtype
+from ddk.models import check_vocab, embedding_rows
 from ddk.ranks import print0
 from ddk.runtime import Runtime
 from ddk.teacher import cache_format
@@ -52,7 +52,7 @@ from ddk.teacher.cache_format import (
 )
 from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.perplexity import hash_memo
-from ddk.teacher.placement import is_sharded, load_placed_teacher
+from ddk.teacher.placement import is_sharded, load_configured_teacher
 from ddk.teacher.sampling import PROPOSAL_POWER
 
 
@@ -91,13 +91,7 @@ def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:
     if rt.is_main:
         plan = _begin(folder, plan)
     rt.barrier()
-    model = load_placed_teacher(
-        cfg.model.teacher,
-        dtype=resolve_dtype(cfg.model.dtype, rt.device),
-        trust_remote_code=cfg.model.trust_remote_code,
-        requested=cfg.teacher.placement,
-        runtime=rt,
-    )
+    model = load_configured_teacher(cfg, rt)
     check_vocab(data.vocab_size, embedding_rows(model), embedding_rows(model))
     teacher = OnlineTeacher(model, rt.autocast)
     _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard)

@@ -23,7 +23,7 @@ from ddk.evaluate import run_perplexities
 from ddk.fileutil import write_json_atomic
 from ddk.identity import FileHashMemo, Strength
 from ddk.models import check_vocab, embedding_rows, resolve_dtype
-from ddk.teacher.placement import load_placed_teacher
+from ddk.teacher.placement import load_configured_teacher
 
 DEFAULT_DIR = "ddk/teacher_ppl"  # under $XDG_CACHE_HOME, else ~/.cache
 HELDOUT = ("val", "test")
@@ -134,13 +134,7 @@ class SharedPerplexities:
 
     def _load_teacher(self):
         cfg = self.cfg
-        model = load_placed_teacher(
-            cfg.model.teacher,
-            dtype=self.dtype,
-            trust_remote_code=cfg.model.trust_remote_code,
-            requested=cfg.teacher.placement,
-            runtime=self.runtime,
-        )
+        model = load_configured_teacher(cfg, self.runtime)
         check_vocab(self.data.vocab_size, embedding_rows(model), self.student_rows)
         return model
 

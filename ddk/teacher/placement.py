@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ddk.errors import DDKError, first_line
 from ddk.logits import logit_transform, remember_logit_transform
-from ddk.models import load_teacher, resolve_local_path, whole_weights
+from ddk.models import load_teacher, resolve_dtype, resolve_local_path, whole_weights
 
 # A replicated teacher may take this share of the free device memory; the rest is left to
 # the student, its optimizer states and activations.
@@ -192,6 +192,18 @@ def load_placed_teacher(
             f"{total} parameter bytes; weights {source}"
         )
     return model
+
+
+def load_configured_teacher(cfg, runtime) -> torch.nn.Module:
+    """The run's teacher (`model.teacher`) in `model.dtype`, placed as `teacher.placement`
+    asks: how training, its perplexities and `ddk cache-teacher` all load it."""
+    return load_placed_teacher(
+        cfg.model.teacher,
+        dtype=resolve_dtype(cfg.model.dtype, runtime.device),
+        trust_remote_code=cfg.model.trust_remote_code,
+        requested=cfg.teacher.placement,
+        runtime=runtime,
+    )
 
 
 def local_bytes(model: torch.nn.Module) -> int:

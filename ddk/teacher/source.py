@@ -12,11 +12,11 @@ A new kind of teacher (served, per domain, ...) is another `TeacherSource` chose
 from __future__ import annotations
 
 from ddk.methods import method_spec
-from ddk.models import check_vocab, embedding_rows, resolve_dtype
+from ddk.models import check_vocab, embedding_rows
 from ddk.teacher.offline import OfflineTeacher
 from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.perplexity import SharedPerplexities
-from ddk.teacher.placement import load_placed_teacher
+from ddk.teacher.placement import load_configured_teacher
 from ddk.teacher.signals import TeacherSource
 
 
@@ -44,13 +44,7 @@ def teacher_source(cfg, data, runtime, *, student_rows: int, splits) -> TeacherS
         )
     model = None
     if cfg.model.teacher and method.trains_with_teacher(cfg.distill):
-        model = load_placed_teacher(
-            cfg.model.teacher,
-            dtype=resolve_dtype(cfg.model.dtype, runtime.device),
-            trust_remote_code=cfg.model.trust_remote_code,
-            requested=cfg.teacher.placement,
-            runtime=runtime,
-        )
+        model = load_configured_teacher(cfg, runtime)
     check_vocab(data.vocab_size, embedding_rows(model) if model is not None else None, student_rows)
     if not cfg.model.teacher:
         return None
