@@ -129,6 +129,24 @@ def test_interrupted_cache_resumes_to_same_bytes(
     assert tree(folder) == tree(cache_dir)
 
 
+def test_rerun_deletes_only_its_own_temporary_shards(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir
+):
+    """A killed run's `<shard>.bin.tmp` files go; a user's `notes/draft.tmp` stays."""
+    folder = tmp_path / "c"
+    shutil.copytree(cache_dir, folder)
+    m = read_cache_manifest(folder)
+    cache_format.write_cache_manifest(folder, {**m, "complete": False})
+    info = next(iter(m["domains"].values()))
+    half = cache_format.shard_path(folder, info, 0).with_name("000000.bin.tmp")
+    half.write_bytes(b"half a shard")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "draft.tmp").write_text("mine")
+    build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
+    assert (folder / "notes" / "draft.tmp").read_text() == "mine"
+    assert not half.exists() and read_cache_manifest(folder)["complete"]
+
+
 def test_cache_of_another_teacher_in_the_folder_is_refused(
     tmp_path, cache_dir, student_dir, prepared_dir, capsys
 ):

@@ -160,8 +160,10 @@ def _begin(folder: Path, plan: dict) -> dict:
                 "teacher.cache to a new folder (or delete this one)"
             )
         plan = {**old, CONTENT_KEY: plan[CONTENT_KEY], "complete": False}
-    for stale in folder.glob("*/*.tmp"):  # from a killed run: never complete
-        stale.unlink()
+    for info in plan["domains"].values():  # a killed run's shards: never complete
+        for j in range(info["shards"]):
+            shard = shard_path(folder, info, j)
+            shard.with_name(shard.name + ".tmp").unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     write_cache_manifest(folder, plan)
     return plan
