@@ -147,6 +147,26 @@ def test_rerun_deletes_only_its_own_temporary_shards(
     assert not half.exists() and read_cache_manifest(folder)["complete"]
 
 
+def test_rerun_rebuilds_a_truncated_or_changed_shard(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir
+):
+    """A shard cut short, or changed in place (random bytes, log-probs raised to p > 1), is
+    refused by a reader in one line and rebuilt by the next `cache-teacher`."""
+    folder = tmp_path / "c"
+    shutil.copytree(cache_dir, folder)
+    m = read_cache_manifest(folder)
+    name, info = next(iter(m["domains"].items()))
+    cfg = config(teacher_dir, student_dir, prepared_dir, folder)
+    first, last = (cache_format.shard_path(folder, info, j) for j in (0, info["shards"] - 1))
+    first.write_bytes(np.random.default_rng(0).bytes(first.stat().st_size))
+    reader = OfflineTeacher(folder, list(m["domains"]), torch.device("cpu"))
+    with pytest.raises(DDKError, match="does not match its checksum"):
+        reader.signal(Batch(torch.zeros(1, m["seq_len"], dtype=torch.long), np.array([[0, 0]])))
+    last.write_bytes(last.read_bytes()[:-7])
+    build_cache(cfg, progress=False)
+    assert tree(folder) == tree(cache_dir)
+
+
 def test_cache_of_another_teacher_in_the_folder_is_refused(
     tmp_path, cache_dir, student_dir, prepared_dir, capsys
 ):

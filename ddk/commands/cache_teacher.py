@@ -31,6 +31,7 @@ from ddk.ranks import print0
 from ddk.runtime import Runtime
 from ddk.teacher import cache_format
 from ddk.teacher.cache_format import (
+    CHECKSUMS_KEY,
     CONTENT_KEY,
     FORMAT_VERSION,
     LOGP_DTYPE,
@@ -44,7 +45,9 @@ from ddk.teacher.cache_format import (
     read_cache_manifest,
     same_cache,
     shard_arrays,
+    shard_checksums,
     shard_path,
+    shard_problem,
     shard_sequences,
     write_cache_manifest,
 )
@@ -160,10 +163,12 @@ def _begin(folder: Path, plan: dict) -> dict:
                 "teacher.cache to a new folder (or delete this one)"
             )
         plan = {**old, CONTENT_KEY: plan[CONTENT_KEY], "complete": False}
-    for info in plan["domains"].values():  # a killed run's shards: never complete
+    for name, info in plan["domains"].items():
         for j in range(info["shards"]):
             shard = shard_path(folder, info, j)
-            shard.with_name(shard.name + ".tmp").unlink(missing_ok=True)
+            shard.with_name(shard.name + ".tmp").unlink(missing_ok=True)  # a killed run's
+            if shard.exists() and shard_problem(folder, plan, name, j):
+                shard.unlink()  # truncated or changed: written again below
     folder.mkdir(parents=True, exist_ok=True)
     write_cache_manifest(folder, plan)
     return plan
@@ -236,6 +241,7 @@ def _finish(folder: Path, plan: dict, ppl: dict, seq_len: int) -> None:
     ]
     if missing:
         raise DDKError(f"{len(missing)} cache shards are missing (first: {missing[0]})")
+    plan[CHECKSUMS_KEY] = shard_checksums(folder, plan)
     plan["teacher_ppl"] = ppl
     plan["teacher_ppl_windows"] = HELDOUT_WINDOWS
     plan["complete"] = True

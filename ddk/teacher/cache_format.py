@@ -13,7 +13,10 @@ so a shard either exists whole or not at all.
 
 The manifest's identity (`IDENTITY_KEYS`) says which teacher, data, k and tau a cache holds;
 `data_content_fingerprint` (added without a format change: caches without it are matched on
-the rest) ties it to the data's tokens themselves (`ddk.identity`).
+the rest) ties it to the data's tokens themselves (`ddk.identity`). `shard_sha256` (also
+added without a format change) records each shard's SHA-256 when the cache is finished: a
+reader checks each shard once, and a rerun of `ddk cache-teacher` rebuilds any shard that is
+missing, truncated or changed.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ddk.errors import DDKError
+from ddk.fileutil import sha256_file
 from ddk.lock import LOCK_NAME
 from ddk.teacher.signals import SparseSignal
 
@@ -35,6 +39,7 @@ LOGP_DTYPE = np.dtype(np.float16)
 TAIL_DTYPE = np.dtype(np.float32)
 IDENTITY_KEYS = ("format_version", "teacher_fingerprint", "data_fingerprint", "k", "tau", "domains")
 CONTENT_KEY = "data_content_fingerprint"
+CHECKSUMS_KEY = "shard_sha256"  # {domain: [sha256 of shard 0, 1, ...]}
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -77,6 +82,29 @@ def write_shard(path: Path, arrays: list[np.ndarray]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def shard_checksums(folder: Path, m: dict) -> dict[str, list[str]]:
+    """Every shard's SHA-256 (reads the whole cache once: done when it is finished)."""
+    return {
+        name: [sha256_file(shard_path(folder, info, j)) for j in range(info["shards"])]
+        for name, info in m["domains"].items()
+    }
+
+
+def shard_problem(folder: Path, m: dict, name: str, shard: int, checksum: bool = True) -> str:
+    """Why shard `shard` of domain `name` cannot be read as the manifest `m` describes it
+    ('' when it can): missing, of the wrong size, or (`checksum`) not the bytes recorded."""
+    info = m["domains"][name]
+    path = shard_path(folder, info, shard)
+    if not path.is_file():
+        return f"teacher cache shard '{path}' is missing"
+    if path.stat().st_size != shard_bytes(m, shard_sequences(m, info, shard)):
+        return f"teacher cache shard '{path}' is truncated or of the wrong size"
+    recorded = m.get(CHECKSUMS_KEY, {}).get(name)
+    if checksum and recorded is not None and sha256_file(path) != recorded[shard]:
+        return f"teacher cache shard '{path}' does not match its checksum (changed or corrupt)"
+    return ""
 
 
 def open_shard(folder: Path, m: dict, name: str, shard: int) -> tuple[np.memmap, ...]:
@@ -159,9 +187,9 @@ def is_finished(folder: Path, plan: dict) -> bool:
     return (
         bool(old.get("complete"))
         and same_cache(old, plan)
-        and all(
-            shard_path(folder, info, j).exists()
-            for info in old["domains"].values()
+        and not any(
+            shard_problem(folder, old, name, j)
+            for name, info in old["domains"].items()
             for j in range(info["shards"])
         )
     )
