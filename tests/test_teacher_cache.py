@@ -501,3 +501,8 @@ def test_rerun_on_a_finished_cache_is_a_no_op(
     build_cache(cfg, progress=False)
     assert "nothing to do" not in capsys.readouterr().out
     assert shard.read_bytes() == data
+
+
+def test_eval_on_a_cache_says_it_is_a_teacher_cache(cache_dir, student_dir, capsys):
+    assert main(["eval", "--model", str(student_dir), "--data", str(cache_dir)]) == 2
+    assert "is a teacher cache" in one_error_line(capsys.readouterr().err)
