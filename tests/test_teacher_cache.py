@@ -506,3 +506,11 @@ def test_rerun_on_a_finished_cache_is_a_no_op(
 def test_eval_on_a_cache_says_it_is_a_teacher_cache(cache_dir, student_dir, capsys):
     assert main(["eval", "--model", str(student_dir), "--data", str(cache_dir)]) == 2
     assert "is a teacher cache" in one_error_line(capsys.readouterr().err)
+
+
+def test_refused_cache_teacher_leaves_no_folder(tmp_path, teacher_dir, student_dir, prepared_dir):
+    folder = tmp_path / "new" / "c"
+    cfg = config(teacher_dir, student_dir, prepared_dir, folder, "teacher.cache_k=1000000")
+    with pytest.raises(DDKError, match="exceeds the vocabulary"):
+        build_cache(cfg, progress=False)
+    assert not folder.exists()

@@ -25,7 +25,7 @@ from ddk.data.split import HELDOUT_WINDOWS
 from ddk.errors import DDKError
 from ddk.evaluate import run_perplexities
 from ddk.identity import Strength
-from ddk.lock import FolderLock
+from ddk.lock import LOCK_NAME, FolderLock
 from ddk.models import check_vocab, embedding_rows, resolve_dtype
 from ddk.ranks import print0
 from ddk.runtime import Runtime
@@ -72,11 +72,20 @@ def build_cache(cfg, progress: bool = True, write_shard=None, runtime=None) -> P
     rt = runtime if runtime is not None else Runtime()
     if rt.is_main:
         check_target(folder)
+    created = not folder.exists()
     lock = FolderLock(folder, "write the cache").acquire() if rt.is_main else None
     try:
         write_shard = write_shard or cache_format.write_shard
         _build_locked(cfg, folder, rt, progress, write_shard)
         return folder
+    except BaseException:
+        # Refused before anything was written: leave no folder holding only the lock
+        # (removed while still held, so no other process locks a file about to vanish).
+        if lock is not None and created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            (folder / LOCK_NAME).unlink()
+            lock.release()
+            folder.rmdir()
+        raise
     finally:
         if lock is not None:
             lock.release()
