@@ -514,3 +514,44 @@ def test_refused_cache_teacher_leaves_no_folder(tmp_path, teacher_dir, student_d
     with pytest.raises(DDKError, match="exceeds the vocabulary"):
         build_cache(cfg, progress=False)
     assert not folder.exists()
+
+
+def _edit(m: dict, change: str, folder: Path) -> dict:
+    name = next(iter(m["domains"]))
+    if change == "missing key":
+        del m["seq_len"]
+    elif change == "wrong type":
+        m["domains"][name]["shards"] = "6"
+    elif change == "outside":
+        m["domains"][name]["folder"] = "../outside"
+    elif change == "file for folder":
+        target = folder / m["domains"][name]["folder"]
+        shutil.rmtree(target)
+        target.write_text("not a folder")
+    return m
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ("missing key", "key 'seq_len' is missing"),
+        ("wrong type", "has the wrong type"),
+        ("outside", "not inside the cache"),
+        ("file for folder", "is a file, not a shard folder"),
+        ("not json", "corrupt (not JSON); delete"),
+    ],
+)
+def test_bad_cache_manifest_is_one_line_that_a_rerun_can_act_on(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir, change, words
+):
+    folder = tmp_path / "c"
+    shutil.copytree(cache_dir, folder)
+    manifest = folder / cache_format.MANIFEST
+    if change == "not json":
+        manifest.write_text("{not json")
+    else:
+        manifest.write_text(json.dumps(_edit(json.loads(manifest.read_text()), change, folder)))
+    with pytest.raises(DDKError, match="delete") as e:
+        build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
+    assert words in str(e.value)
+

@@ -125,16 +125,40 @@ def open_shard(folder: Path, m: dict, name: str, shard: int) -> tuple[np.memmap,
     )
 
 
+# The manifest's typed schema: key -> type (a dict: the keys of one domain's entry).
+_SCHEMA = {
+    "format_version": int,
+    "teacher_fingerprint": str,
+    "data_fingerprint": str,
+    "vocab_size": int,
+    "seq_len": int,
+    "k": int,
+    "tau": (int, float),
+    "shard_sequences": int,
+    "dtypes": {"ids": str, "logp": str, "log_tail": str},
+    "bytes_per_token": int,
+    "complete": bool,
+}
+_DOMAIN_SCHEMA = {"folder": str, "sequences": int, "shards": int}
+
+
 def read_cache_manifest(folder: str | Path) -> dict:
-    path = Path(folder).expanduser() / MANIFEST
+    """The one reader of a cache's manifest: parsed, typed and its domain folders confined to
+    the cache, or a one-line DDKError."""
+    folder = Path(folder).expanduser()
+    path = folder / MANIFEST
     if not path.is_file():
         raise DDKError(
             f"'{folder}' holds no teacher cache (no {MANIFEST}); run `ddk cache-teacher`"
         )
+    # A rerun of cache-teacher reads this same manifest: the fix is a new cache.
+    rebuild = (
+        f"delete '{folder}' (or set teacher.cache to a new folder) and run `ddk cache-teacher`"
+    )
     try:
         m = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DDKError(f"{path} is corrupt (not JSON); run `ddk cache-teacher` again") from None
+    except (ValueError, UnicodeDecodeError):
+        raise DDKError(f"{path} is corrupt (not JSON); {rebuild}") from None
     # Prepared data also has a manifest.json: name the mix-up instead of a format mismatch.
     if not isinstance(m, dict) or "teacher_fingerprint" not in m:
         what = " (it is prepared data)" if isinstance(m, dict) and "format" in m else ""
@@ -142,7 +166,47 @@ def read_cache_manifest(folder: str | Path) -> dict:
             f"'{folder}' is not a teacher cache{what}; point teacher.cache at a "
             "`ddk cache-teacher` folder"
         )
+    problem = _schema_problem(m, _SCHEMA, "")
+    domains = m.get("domains")
+    if not problem and (not isinstance(domains, dict) or not domains):
+        problem = "key 'domains' is missing or not a non-empty mapping"
+    for name, info in (domains or {}).items() if not problem else ():
+        problem = _schema_problem(info, _DOMAIN_SCHEMA, f"domains.{name}.") or _folder_problem(
+            folder, name, info["folder"]
+        )
+        if problem:
+            break
+    if problem:
+        raise DDKError(f"{path}: {problem}; {rebuild}")
     return m
+
+
+def _schema_problem(value: object, schema: dict, prefix: str) -> str:
+    if not isinstance(value, dict):
+        return f"'{prefix.rstrip('.')}' is not a mapping"
+    for key, kind in schema.items():
+        if key not in value:
+            return f"key '{prefix}{key}' is missing"
+        if isinstance(kind, dict):
+            problem = _schema_problem(value[key], kind, f"{prefix}{key}.")
+            if problem:
+                return problem
+        elif not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
+            return f"key '{prefix}{key}' has the wrong type ({type(value[key]).__name__})"
+    return ""
+
+
+def _folder_problem(folder: Path, name: str, sub: str) -> str:
+    """A domain's shards lie in a folder inside the cache, never elsewhere."""
+    rel = Path(sub)
+    if not sub or rel.is_absolute() or ".." in rel.parts:
+        return f"domain '{name}' names folder '{sub}', which is not inside the cache"
+    path = folder / rel
+    if path.exists() and not path.resolve().is_relative_to(folder.resolve()):
+        return f"domain '{name}' folder '{sub}' leads out of the cache"
+    if path.exists() and not path.is_dir():
+        return f"'{path}' (domain '{name}') is a file, not a shard folder"
+    return ""
 
 
 def write_cache_manifest(folder: Path, m: dict) -> None:
