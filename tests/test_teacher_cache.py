@@ -555,3 +555,12 @@ def test_bad_cache_manifest_is_one_line_that_a_rerun_can_act_on(
         build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
     assert words in str(e.value)
 
+
+def test_cache_inside_prepared_data_is_refused(tmp_path, teacher_dir, student_dir, prepared_dir):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    before = tree_digest(data)
+    cfg = config(teacher_dir, student_dir, data, data / "cache")
+    with pytest.raises(DDKError, match="inside the prepared data"):
+        build_cache(cfg, progress=False)
+    assert tree_digest(data) == before

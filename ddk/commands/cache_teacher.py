@@ -72,6 +72,12 @@ def build_cache(cfg, progress: bool = True, write_shard=None, runtime=None) -> P
     rt = runtime if runtime is not None else Runtime()
     if rt.is_main:
         check_target(folder)
+    prepared = Path(cfg.data.prepared).expanduser().resolve()
+    if folder.resolve().is_relative_to(prepared):
+        raise DDKError(
+            f"teacher.cache '{folder}' lies inside the prepared data '{cfg.data.prepared}'; "
+            "write the cache to a folder of its own"
+        )
     created = not folder.exists()
     lock = FolderLock(folder, "write the cache").acquire() if rt.is_main else None
     try:
