@@ -564,3 +564,13 @@ def test_cache_inside_prepared_data_is_refused(tmp_path, teacher_dir, student_di
     with pytest.raises(DDKError, match="inside the prepared data"):
         build_cache(cfg, progress=False)
     assert tree_digest(data) == before
+
+
+def test_disk_full_during_cache_teacher_is_one_line_and_leaves_no_temporary(
+    tmp_path, mount_tmpfs, teacher_dir, student_dir, prepared_dir
+):
+    disk = mount_tmpfs(tmp_path / "disk", "size=120k")  # room for one shard, not two
+    folder = disk / "c"
+    with pytest.raises(DDKError, match="the disk is full"):
+        build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
+    assert not list(folder.rglob("*.tmp")) and len(list(folder.rglob("*.bin"))) >= 1

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ddk.errors import DDKError
-from ddk.fileutil import sha256_file
+from ddk.fileutil import disk_full, sha256_file
 from ddk.lock import LOCK_NAME
 from ddk.teacher.signals import SparseSignal
 
@@ -76,12 +76,22 @@ def write_shard(path: Path, arrays: list[np.ndarray]) -> None:
     """Write one shard (its arrays back to back) to a temporary file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        for a in arrays:
-            fh.write(np.ascontiguousarray(a).tobytes())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            for a in arrays:
+                fh.write(np.ascontiguousarray(a).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise DDKError(
+                f"the disk is full writing teacher cache shard '{path}'; free space (or set "
+                "teacher.cache elsewhere) and rerun `ddk cache-teacher`: it keeps the finished "
+                "shards"
+            ) from None
+        raise
 
 
 def shard_checksums(folder: Path, m: dict) -> dict[str, list[str]]:
