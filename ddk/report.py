@@ -44,7 +44,7 @@ from ddk.metrics import (
     read_metrics,
     read_records,
 )
-from ddk.ownership import is_owned, ownership_record, read_record
+from ddk.ownership import is_owned, ownership_record, read_record, refuse_links
 from ddk.table import fmt_cell, format_table
 
 PLOTS = (
@@ -940,6 +940,7 @@ def _check_report_folder(out: Path) -> None:
     folder's other files stay as they are."""
     if out.exists() and not out.is_dir():
         raise DDKError(f"report folder '{out}' is a file; choose another --out")
+    refuse_links(out, f"report folder '{out}'", [*REPORT_FILES, REPORT_RECORD])
     record_path = out / REPORT_RECORD
     record = read_record(record_path)
     owned = set(record["files"]) if is_owned(record, "report") else set()

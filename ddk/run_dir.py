@@ -21,6 +21,7 @@ from ddk.errors import DDKError
 from ddk.identity import data_fingerprint
 from ddk.lock import LOCK_NAME, FolderLock, raise_if_held
 from ddk.metrics import truncate_metrics
+from ddk.ownership import refuse_links
 from ddk.ranks import print0
 from ddk.runtime import Runtime
 from ddk.trainer import Trainer
@@ -29,6 +30,7 @@ LOCK_HINT = "run"
 # What ddk writes in a run folder besides config.yaml; the lock file comes first, before any
 # check or model load, so even a run that died at once has it.
 RUN_MARKERS = ("checkpoints", "metrics.jsonl", "teacher_ppl.json", LOCK_NAME)
+RUN_FILES = ("config.yaml", "final", "report")
 
 # Keys a resume may change with --set: they change how long, how often or how loudly the run
 # goes, not what it learns from (trainer.lr does, and gets a warning).
@@ -132,6 +134,8 @@ def resume_run(
             f"'{run_dir}' holds a config.yaml but no run that ddk started (no checkpoints/, "
             f"metrics.jsonl or {LOCK_NAME}); start a new run in a new folder instead"
         )
+    # Resuming rewrites config.yaml and metrics.jsonl and replaces checkpoints and final/.
+    refuse_links(run_dir, f"run folder '{run_dir}'", [*RUN_FILES, *RUN_MARKERS], folder_too=False)
     with run_lock(run_dir):
         override_keys = check_overrides(overrides or [])
         cfg = load_config(run_dir / "config.yaml", overrides)

@@ -278,24 +278,19 @@ class Runtime:
         return grad_norm, applied
 
     def _deepspeed_step(self, optimizer, loss_finite: bool):
-        # ZeRO-2/3 skip a step whose gradient norm is NaN/inf themselves (and clip with
-        # gradient_clipping). A NaN/inf loss with finite gradients is the one case they would
-        # apply: the step then runs at learning rate 0, which leaves every weight as it was.
+        # ddk decides the skip itself: DeepSpeed's own overflow check is not to be relied on
+        # (ZeRO-3 before 0.19.8 checks it in fp16 only and turns a NaN norm into a -1
+        # sentinel, and a NaN loss with finite gradients passes every version's check).
         engine = self._engine
-        groups = optimizer.param_groups
-        rates = [g["lr"] for g in groups]
-        if not loss_finite:
-            for g in groups:
-                g["lr"] = 0.0
-        try:
+        with _gated_inner_step(engine.optimizer, loss_finite, self) as gate:
             engine.step()
-        finally:
-            for g, rate in zip(groups, rates):
-                g["lr"] = rate
         optimizer.step()  # a no-op wrapper under DeepSpeed; keeps the LR scheduler's count
         norm = engine.get_global_grad_norm()
-        grad_norm = float(norm) if norm is not None else math.nan
-        return grad_norm, loss_finite and engine.was_step_applied()
+        grad_norm = float(norm) if norm is not None and norm >= 0 else math.nan
+        if gate.gradients_finite is False:
+            grad_norm = math.nan
+        applied = loss_finite and engine.was_step_applied() and gate.gradients_finite is not False
+        return grad_norm, applied
 
     # ------------------------------------------------------------------ checkpoint states
     @property
@@ -449,6 +444,57 @@ class Runtime:
         if kind == "error":
             raise DDKError(value if self.is_main else f"rank 0: {value}")
         return value
+
+
+class _StepGate:
+    gradients_finite: bool | None = None  # None: the inner optimizer never ran (ZeRO skipped)
+
+
+@contextlib.contextmanager
+def _gated_inner_step(zero_optimizer, loss_finite: bool, runtime):
+    """While ZeRO's step runs, its inner torch optimizer (the one that moves the fp32 master
+    partitions) steps only if the loss is finite and the squared norm of every rank's
+    gradient partitions, summed over ranks, is finite; otherwise the master weights, the Adam
+    moments and the step count stay as they were, and ZeRO copies the unchanged weights back.
+    Every rank calls the inner step equally often (once per parameter group or sub-group),
+    so the reduction inside it is a matched collective."""
+    gate = _StepGate()
+    inners = [
+        o
+        for o in (
+            getattr(zero_optimizer, "optimizer", None),
+            getattr(zero_optimizer, "backup_optimizer", None),
+        )
+        if o is not None
+    ]
+
+    def gated(inner, real_step):
+        def step(*args, **kwargs):
+            squares = torch.zeros(1, dtype=torch.float32)
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        squares += p.grad.detach().float().pow(2).sum().cpu()
+            total = runtime.reduce_sum(squares.to(runtime.device))
+            finite = math.isfinite(float(total[0]))
+            gate.gradients_finite = finite and gate.gradients_finite is not False
+            if loss_finite and gate.gradients_finite:
+                return real_step(*args, **kwargs)
+            return None
+
+        return step
+
+    own = [(inner, vars(inner).get("step")) for inner in inners]
+    for inner in inners:
+        inner.step = gated(inner, inner.step)
+    try:
+        yield gate
+    finally:
+        for inner, step in own:
+            if step is None:
+                del inner.step  # the class's own step again
+            else:
+                inner.step = step
 
 
 def _bare(optimizer):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,74 @@ def test_demo_replaces_only_a_previous_demo(tmp_path):
     (out / "prepared" / "user.txt").write_text("mine")
     with pytest.raises(DDKError, match="prepared/user.txt"):
         check_demo_folder(out)
+
+
+def _outside_file(tmp_path: Path) -> Path:
+    mine = tmp_path / "elsewhere" / "mine.md"
+    mine.parent.mkdir()
+    mine.write_text("# my notes\n")
+    return mine
+
+
+def test_demo_refuses_a_symlinked_file_or_folder_it_recorded(tmp_path):
+    """A demo re-run replaces only what it wrote: never through a link the user put there,
+    even under a name its record lists (results.md, runs/)."""
+    from ddk.demo.run import check_demo_folder, write_demo_record
+
+    mine = _outside_file(tmp_path)
+    out = tmp_path / "demo"
+    (out / "runs" / "ddk").mkdir(parents=True)
+    (out / "results.md").write_text("table\n")
+    write_demo_record(out)
+    (out / "results.md").unlink()
+    (out / "results.md").symlink_to(mine)
+    with pytest.raises(DDKError, match=r"symlink \(results.md\)"):
+        check_demo_folder(out)
+    (out / "results.md").unlink()
+    (out / "results.md").write_text("table\n")
+    (out / "runs").rename(tmp_path / "elsewhere" / "runs")
+    (out / "runs").symlink_to(tmp_path / "elsewhere" / "runs")
+    with pytest.raises(DDKError, match=r"symlink \(runs\)"):
+        check_demo_folder(out)
+    assert (tmp_path / "elsewhere" / "runs" / "ddk").is_dir()
+    assert mine.read_text() == "# my notes\n"
+
+
+def test_report_refuses_a_symlinked_file_it_recorded(tmp_path):
+    from ddk.ownership import ownership_record
+    from ddk.report import REPORT_FILES, REPORT_RECORD, _check_report_folder
+
+    mine = _outside_file(tmp_path)
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / REPORT_RECORD).write_text(json.dumps(ownership_record("report", REPORT_FILES)))
+    (out / "summary.md").symlink_to(mine)
+    with pytest.raises(DDKError, match=r"symlink \(summary.md\)"):
+        _check_report_folder(out)
+
+
+def test_resume_refuses_a_symlinked_config(tmp_path, capsys):
+    """config.yaml linked to a user's file: resuming would rewrite it (losing its comments)."""
+    home = user_folder(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    (run / "config.yaml").symlink_to(home / "config.yaml")
+    before = (home / "config.yaml").read_text()
+    assert main(["distill", "--resume", str(run)]) == 2
+    assert "symlink (config.yaml)" in one_error_line(capsys.readouterr().err)
+    assert (home / "config.yaml").read_text() == before
+
+
+def test_overwrite_refuses_an_output_that_is_a_symlink(tmp_path):
+    from ddk.ownership import check_replaceable, ownership_record
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.bin").write_bytes(b"x")
+    link = tmp_path / "data"
+    link.symlink_to(real)
+    record = ownership_record("prepared", ["a.bin"])
+    with pytest.raises(DDKError, match="is a symlink"):
+        check_replaceable(link, record, "prepared", f"output '{link}'")
+    assert link.is_symlink() and (real / "a.bin").read_bytes() == b"x"

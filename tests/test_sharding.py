@@ -496,15 +496,30 @@ def forward(self, *args, **kwargs):
     return out
 
 
+def local_weights(module):
+    # ZeRO-3 holds each rank's partition in ds_tensor (the parameter itself is empty).
+    return [getattr(p, "ds_tensor", p).detach().clone() for p in module.parameters()]
+
+
 def optimizer_step(self, module, optimizer, max_norm, loss_finite):
-    before = [p.detach().clone() for p in module.parameters()]  # ZeRO-2: whole weights
+    before = local_weights(module)
     grad_norm, applied = original_step(self, module, optimizer, max_norm, loss_finite)
     if not applied and self.rank == 0:  # a skipped step must leave every weight as it was
-        same = all(torch.equal(a, p) for a, p in zip(before, module.parameters()))
+        same = all(torch.equal(a, p) for a, p in zip(before, local_weights(module)))
         with open(os.environ["SKIPPED_STEPS_FILE"], "a") as f:
             f.write(f"unchanged={same}\\n")
     return grad_norm, applied
 
+
+if os.environ.get("DISABLE_DEEPSPEED_OVERFLOW_CHECK"):
+    # What ZeRO-3 before 0.19.8 did in bf16/fp32: no overflow check and a NaN norm taken for
+    # a valid one, so ddk's own check must skip.
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    for module in (stage3, stage_1_and_2):
+        module.is_invalid_grad_norm = lambda norm: False
+    for cls in (stage_1_and_2.DeepSpeedZeroOptimizer, stage3.DeepSpeedZeroOptimizer_Stage3):
+        cls.has_overflow = lambda self, *args, **kwargs: False
 
 original_step = Runtime.optimizer_step
 Runtime.optimizer_step = optimizer_step
@@ -516,15 +531,23 @@ sys.exit(cli.main(sys.argv[1:]))
 @pytest.mark.slow
 @needs_torchrun
 @needs_deepspeed
-def test_zero2_skips_nan_steps(tmp_path, teacher_dir, student_dir, prepared_dir):
-    """ddk's NaN/inf step skip holds under DeepSpeed: a NaN loss with finite gradients (which
-    ZeRO alone would apply) and NaN gradients (which ZeRO's overflow check catches)."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_skips_nan_steps_without_deepspeeds_overflow_check(
+    tmp_path, teacher_dir, student_dir, prepared_dir, stage
+):
+    """ddk's NaN/inf step skip holds under DeepSpeed ZeRO-2 and ZeRO-3 on its own: a NaN loss
+    with finite gradients (which ZeRO alone would apply) and NaN gradients, with DeepSpeed's
+    overflow check switched off (ZeRO-3 before 0.19.8 has none outside fp16)."""
     script = tmp_path / "nan_run.py"
     script.write_text(NAN_SCRIPT)
     cfg = _config(
         tmp_path / "nan.yaml", tmp_path / "nan", teacher_dir, student_dir, prepared_dir, 2, 2
     )
-    env = _env(**_zero_env(2), SKIPPED_STEPS_FILE=str(tmp_path / "skipped.txt"))
+    env = _env(
+        **_zero_env(stage),
+        SKIPPED_STEPS_FILE=str(tmp_path / "skipped.txt"),
+        DISABLE_DEEPSPEED_OVERFLOW_CHECK="1",
+    )
     _torchrun(["distill", str(cfg)], env, program=[str(script)])
     assert (tmp_path / "skipped.txt").read_text() == "unchanged=True\n" * 2
     records = read_metrics(tmp_path / "nan" / "metrics.jsonl")

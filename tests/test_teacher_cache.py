@@ -150,6 +150,44 @@ def test_interrupted_cache_resumes_to_same_bytes(
     assert tree(folder) == tree(cache_dir)
 
 
+def test_rerun_deletes_only_its_own_temporary_shards(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir
+):
+    """A killed run's `<shard>.bin.tmp` files go; a user's `notes/draft.tmp` stays."""
+    folder = tmp_path / "c"
+    shutil.copytree(cache_dir, folder)
+    m = read_cache_manifest(folder)
+    cache_format.write_cache_manifest(folder, {**m, "complete": False})
+    info = next(iter(m["domains"].values()))
+    half = cache_format.shard_path(folder, info, 0).with_name("000000.bin.tmp")
+    half.write_bytes(b"half a shard")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "draft.tmp").write_text("mine")
+    build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
+    assert (folder / "notes" / "draft.tmp").read_text() == "mine"
+    assert not half.exists() and read_cache_manifest(folder)["complete"]
+
+
+def test_rerun_rebuilds_a_truncated_or_changed_shard(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir
+):
+    """A shard cut short, or changed in place (random bytes, log-probs raised to p > 1), is
+    refused by a reader in one line and rebuilt by the next `cache-teacher`."""
+    folder = tmp_path / "c"
+    shutil.copytree(cache_dir, folder)
+    m = read_cache_manifest(folder)
+    name, info = next(iter(m["domains"].items()))
+    cfg = config(teacher_dir, student_dir, prepared_dir, folder)
+    first, last = (cache_format.shard_path(folder, info, j) for j in (0, info["shards"] - 1))
+    first.write_bytes(np.random.default_rng(0).bytes(first.stat().st_size))
+    reader = OfflineTeacher(folder, list(m["domains"]), torch.device("cpu"))
+    with pytest.raises(DDKError, match="does not match its checksum"):
+        reader.signal(Batch(torch.zeros(1, m["seq_len"], dtype=torch.long), np.array([[0, 0]])))
+    last.write_bytes(last.read_bytes()[:-7])
+    build_cache(cfg, progress=False)
+    assert tree(folder) == tree(cache_dir)
+
+
 def test_cache_of_another_teacher_in_the_folder_is_refused(
     tmp_path, cache_dir, student_dir, prepared_dir, capsys
 ):
@@ -547,3 +585,76 @@ def test_rerun_on_a_finished_cache_is_a_no_op(
     build_cache(cfg, progress=False)
     assert "nothing to do" not in capsys.readouterr().out
     assert shard.read_bytes() == data
+
+
+def test_eval_on_a_cache_says_it_is_a_teacher_cache(cache_dir, student_dir, capsys):
+    assert main(["eval", "--model", str(student_dir), "--data", str(cache_dir)]) == 2
+    assert "is a teacher cache" in one_error_line(capsys.readouterr().err)
+
+
+def test_refused_cache_teacher_leaves_no_folder(tmp_path, teacher_dir, student_dir, prepared_dir):
+    folder = tmp_path / "new" / "c"
+    cfg = config(teacher_dir, student_dir, prepared_dir, folder, "teacher.cache_k=1000000")
+    with pytest.raises(DDKError, match="exceeds the vocabulary"):
+        build_cache(cfg, progress=False)
+    assert not folder.exists()
+
+
+def _edit(m: dict, change: str, folder: Path) -> dict:
+    name = next(iter(m["domains"]))
+    if change == "missing key":
+        del m["seq_len"]
+    elif change == "wrong type":
+        m["domains"][name]["shards"] = "6"
+    elif change == "outside":
+        m["domains"][name]["folder"] = "../outside"
+    elif change == "file for folder":
+        target = folder / m["domains"][name]["folder"]
+        shutil.rmtree(target)
+        target.write_text("not a folder")
+    return m
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ("missing key", "key 'seq_len' is missing"),
+        ("wrong type", "has the wrong type"),
+        ("outside", "not inside the cache"),
+        ("file for folder", "is a file, not a shard folder"),
+        ("not json", "corrupt (not JSON); delete"),
+    ],
+)
+def test_bad_cache_manifest_is_one_line_that_a_rerun_can_act_on(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir, change, words
+):
+    folder = tmp_path / "c"
+    shutil.copytree(cache_dir, folder)
+    manifest = folder / cache_format.MANIFEST
+    if change == "not json":
+        manifest.write_text("{not json")
+    else:
+        manifest.write_text(json.dumps(_edit(json.loads(manifest.read_text()), change, folder)))
+    with pytest.raises(DDKError, match="delete") as e:
+        build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
+    assert words in str(e.value)
+
+
+def test_cache_inside_prepared_data_is_refused(tmp_path, teacher_dir, student_dir, prepared_dir):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    before = tree_digest(data)
+    cfg = config(teacher_dir, student_dir, data, data / "cache")
+    with pytest.raises(DDKError, match="inside the prepared data"):
+        build_cache(cfg, progress=False)
+    assert tree_digest(data) == before
+
+
+def test_disk_full_during_cache_teacher_is_one_line_and_leaves_no_temporary(
+    tmp_path, mount_tmpfs, teacher_dir, student_dir, prepared_dir
+):
+    disk = mount_tmpfs(tmp_path / "disk", "size=120k")  # room for one shard, not two
+    folder = disk / "c"
+    with pytest.raises(DDKError, match="the disk is full"):
+        build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
+    assert not list(folder.rglob("*.tmp")) and len(list(folder.rglob("*.bin"))) >= 1

@@ -25,12 +25,13 @@ from ddk.data.split import HELDOUT_WINDOWS
 from ddk.errors import DDKError
 from ddk.evaluate import run_perplexities
 from ddk.identity import Strength
-from ddk.lock import FolderLock
+from ddk.lock import LOCK_NAME, FolderLock
 from ddk.models import check_vocab, embedding_rows
 from ddk.ranks import print0
 from ddk.runtime import Runtime
 from ddk.teacher import cache_format
 from ddk.teacher.cache_format import (
+    CHECKSUMS_KEY,
     CONTENT_KEY,
     FORMAT_VERSION,
     LOGP_DTYPE,
@@ -46,7 +47,9 @@ from ddk.teacher.cache_format import (
     read_cache_manifest,
     same_cache,
     shard_arrays,
+    shard_checksums,
     shard_path,
+    shard_problem,
     shard_sequences,
     write_cache_manifest,
 )
@@ -72,11 +75,26 @@ def build_cache(cfg, progress: bool = True, write_shard=None, runtime=None) -> P
     rt = runtime if runtime is not None else Runtime()
     if rt.is_main:
         check_target(folder)
+    prepared = Path(cfg.data.prepared).expanduser().resolve()
+    if folder.resolve().is_relative_to(prepared):
+        raise DDKError(
+            f"teacher.cache '{folder}' lies inside the prepared data '{cfg.data.prepared}'; "
+            "write the cache to a folder of its own"
+        )
+    created = not folder.exists()
     lock = FolderLock(folder, "write the cache").acquire() if rt.is_main else None
     try:
         write_shard = write_shard or cache_format.write_shard
         _build_locked(cfg, folder, rt, progress, write_shard)
         return folder
+    except BaseException:
+        # Refused before anything was written: leave no folder holding only the lock
+        # (removed while still held, so no other process locks a file about to vanish).
+        if lock is not None and created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            (folder / LOCK_NAME).unlink()
+            lock.release()
+            folder.rmdir()
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -161,8 +179,12 @@ def _begin(folder: Path, plan: dict) -> dict:
                 "sampling or format; set teacher.cache to a new folder (or delete this one)"
             )
         plan = {**old, CONTENT_KEY: plan[CONTENT_KEY], "complete": False}
-    for stale in folder.glob("*/*.tmp"):  # from a killed run: never complete
-        stale.unlink()
+    for name, info in plan["domains"].items():
+        for j in range(info["shards"]):
+            shard = shard_path(folder, info, j)
+            shard.with_name(shard.name + ".tmp").unlink(missing_ok=True)  # a killed run's
+            if shard.exists() and shard_problem(folder, plan, name, j):
+                shard.unlink()  # truncated or changed: written again below
     folder.mkdir(parents=True, exist_ok=True)
     write_cache_manifest(folder, plan)
     return plan
@@ -246,6 +268,7 @@ def _finish(folder: Path, plan: dict, ppl: dict, seq_len: int) -> None:
     ]
     if missing:
         raise DDKError(f"{len(missing)} cache shards are missing (first: {missing[0]})")
+    plan[CHECKSUMS_KEY] = shard_checksums(folder, plan)
     plan["teacher_ppl"] = ppl
     plan["teacher_ppl_windows"] = HELDOUT_WINDOWS
     plan["complete"] = True

@@ -180,6 +180,11 @@ def read_manifest(folder: str | Path) -> Manifest:
         raise DDKError(f"{path} is corrupt (not JSON); prepare the data again") from None
     except OSError as e:
         raise DDKError(f"cannot read {path}: {e.strerror}") from None
+    if isinstance(data, dict) and "teacher_fingerprint" in data:  # a teacher cache's manifest
+        raise DDKError(
+            f"'{folder}' is a teacher cache (written by `ddk cache-teacher`), not prepared "
+            "data; give the output folder of `ddk prepare`"
+        )
     return parse_manifest(data, path)
 
 

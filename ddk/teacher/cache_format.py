@@ -20,7 +20,10 @@ so a shard either exists whole or not at all.
 The manifest's identity (`IDENTITY_KEYS`) says which teacher, data, k, tau and sampling a cache
 holds;
 `data_content_fingerprint` (added without a format change: caches without it are matched on
-the rest) ties it to the data's tokens themselves (`ddk.identity`).
+the rest) ties it to the data's tokens themselves (`ddk.identity`). `shard_sha256` (also
+added without a format change) records each shard's SHA-256 when the cache is finished: a
+reader checks each shard once, and a rerun of `ddk cache-teacher` rebuilds any shard that is
+missing, truncated or changed.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from ddk.errors import DDKError
+from ddk.fileutil import disk_full, sha256_file
 from ddk.lock import LOCK_NAME
 from ddk.teacher.sampling import counter_uniforms
 from ddk.teacher.signals import SparseSignal
@@ -56,6 +60,7 @@ IDENTITY_KEYS = (
     "domains",
 )
 CONTENT_KEY = "data_content_fingerprint"
+CHECKSUMS_KEY = "shard_sha256"  # {domain: [sha256 of shard 0, 1, ...]}
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -127,12 +132,45 @@ def write_shard(path: Path, arrays: list[np.ndarray]) -> None:
     """Write one shard (its arrays back to back) to a temporary file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        for a in arrays:
-            fh.write(np.ascontiguousarray(a).tobytes())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            for a in arrays:
+                fh.write(np.ascontiguousarray(a).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise DDKError(
+                f"the disk is full writing teacher cache shard '{path}'; free space (or set "
+                "teacher.cache elsewhere) and rerun `ddk cache-teacher`: it keeps the finished "
+                "shards"
+            ) from None
+        raise
+
+
+def shard_checksums(folder: Path, m: dict) -> dict[str, list[str]]:
+    """Every shard's SHA-256 (reads the whole cache once: done when it is finished)."""
+    return {
+        name: [sha256_file(shard_path(folder, info, j)) for j in range(info["shards"])]
+        for name, info in m["domains"].items()
+    }
+
+
+def shard_problem(folder: Path, m: dict, name: str, shard: int, checksum: bool = True) -> str:
+    """Why shard `shard` of domain `name` cannot be read as the manifest `m` describes it
+    ('' when it can): missing, of the wrong size, or (`checksum`) not the bytes recorded."""
+    info = m["domains"][name]
+    path = shard_path(folder, info, shard)
+    if not path.is_file():
+        return f"teacher cache shard '{path}' is missing"
+    if path.stat().st_size != shard_bytes(m, shard_sequences(m, info, shard)):
+        return f"teacher cache shard '{path}' is truncated or of the wrong size"
+    recorded = m.get(CHECKSUMS_KEY, {}).get(name)
+    if checksum and recorded is not None and sha256_file(path) != recorded[shard]:
+        return f"teacher cache shard '{path}' does not match its checksum (changed or corrupt)"
+    return ""
 
 
 def open_shard(folder: Path, m: dict, name: str, shard: int) -> tuple[np.memmap, ...]:
@@ -151,16 +189,40 @@ def open_shard(folder: Path, m: dict, name: str, shard: int) -> tuple[np.memmap,
     return tuple(arrays)
 
 
+# The manifest's typed schema: key -> type (a dict: the keys of one domain's entry).
+_SCHEMA = {
+    "format_version": int,
+    "teacher_fingerprint": str,
+    "data_fingerprint": str,
+    "vocab_size": int,
+    "seq_len": int,
+    "k": int,
+    "tau": (int, float),
+    "shard_sequences": int,
+    "dtypes": {"ids": str, "logp": str, "log_tail": str},
+    "bytes_per_token": int,
+    "complete": bool,
+}
+_DOMAIN_SCHEMA = {"folder": str, "sequences": int, "shards": int}
+
+
 def read_cache_manifest(folder: str | Path) -> dict:
-    path = Path(folder).expanduser() / MANIFEST
+    """The one reader of a cache's manifest: parsed, typed and its domain folders confined to
+    the cache, or a one-line DDKError."""
+    folder = Path(folder).expanduser()
+    path = folder / MANIFEST
     if not path.is_file():
         raise DDKError(
             f"'{folder}' holds no teacher cache (no {MANIFEST}); run `ddk cache-teacher`"
         )
+    # A rerun of cache-teacher reads this same manifest: the fix is a new cache.
+    rebuild = (
+        f"delete '{folder}' (or set teacher.cache to a new folder) and run `ddk cache-teacher`"
+    )
     try:
         m = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DDKError(f"{path} is corrupt (not JSON); run `ddk cache-teacher` again") from None
+    except (ValueError, UnicodeDecodeError):
+        raise DDKError(f"{path} is corrupt (not JSON); {rebuild}") from None
     # Prepared data also has a manifest.json: name the mix-up instead of a format mismatch.
     if not isinstance(m, dict) or "teacher_fingerprint" not in m:
         what = " (it is prepared data)" if isinstance(m, dict) and "format" in m else ""
@@ -168,7 +230,47 @@ def read_cache_manifest(folder: str | Path) -> dict:
             f"'{folder}' is not a teacher cache{what}; point teacher.cache at a "
             "`ddk cache-teacher` folder"
         )
+    problem = _schema_problem(m, _SCHEMA, "")
+    domains = m.get("domains")
+    if not problem and (not isinstance(domains, dict) or not domains):
+        problem = "key 'domains' is missing or not a non-empty mapping"
+    for name, info in (domains or {}).items() if not problem else ():
+        problem = _schema_problem(info, _DOMAIN_SCHEMA, f"domains.{name}.") or _folder_problem(
+            folder, name, info["folder"]
+        )
+        if problem:
+            break
+    if problem:
+        raise DDKError(f"{path}: {problem}; {rebuild}")
     return m
+
+
+def _schema_problem(value: object, schema: dict, prefix: str) -> str:
+    if not isinstance(value, dict):
+        return f"'{prefix.rstrip('.')}' is not a mapping"
+    for key, kind in schema.items():
+        if key not in value:
+            return f"key '{prefix}{key}' is missing"
+        if isinstance(kind, dict):
+            problem = _schema_problem(value[key], kind, f"{prefix}{key}.")
+            if problem:
+                return problem
+        elif not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
+            return f"key '{prefix}{key}' has the wrong type ({type(value[key]).__name__})"
+    return ""
+
+
+def _folder_problem(folder: Path, name: str, sub: str) -> str:
+    """A domain's shards lie in a folder inside the cache, never elsewhere."""
+    rel = Path(sub)
+    if not sub or rel.is_absolute() or ".." in rel.parts:
+        return f"domain '{name}' names folder '{sub}', which is not inside the cache"
+    path = folder / rel
+    if path.exists() and not path.resolve().is_relative_to(folder.resolve()):
+        return f"domain '{name}' folder '{sub}' leads out of the cache"
+    if path.exists() and not path.is_dir():
+        return f"'{path}' (domain '{name}') is a file, not a shard folder"
+    return ""
 
 
 def write_cache_manifest(folder: Path, m: dict) -> None:
@@ -213,9 +315,9 @@ def is_finished(folder: Path, plan: dict) -> bool:
     return (
         bool(old.get("complete"))
         and same_cache(old, plan)
-        and all(
-            shard_path(folder, info, j).exists()
-            for info in old["domains"].values()
+        and not any(
+            shard_problem(folder, old, name, j)
+            for name, info in old["domains"].items()
             for j in range(info["shards"])
         )
     )

@@ -21,6 +21,7 @@ from ddk.teacher.cache_format import (
     cache_samples,
     open_shard,
     read_cache_manifest,
+    shard_problem,
 )
 from ddk.teacher.perplexity import SharedPerplexities, hash_memo
 from ddk.teacher.sampling import sample_log_weights
@@ -60,6 +61,7 @@ class OfflineTeacher:
         self._fallback_factory = fallback
         self.fallback: SharedPerplexities | None = None
         self._maps: collections.OrderedDict = collections.OrderedDict()
+        self._verified: set[tuple[str, int]] = set()
         self.ppl_source: dict[str, str] = {}
 
     @property
@@ -78,6 +80,12 @@ class OfflineTeacher:
         if key in self._maps:
             self._maps.move_to_end(key)
             return self._maps[key]
+        if key not in self._verified:  # once per shard and process: a changed shard (random
+            # bytes, edited log-probs) would index out of range or train on p > 1
+            problem = shard_problem(self.folder, self.manifest, name, shard)
+            if problem:
+                raise DDKError(f"{problem}; rerun `ddk cache-teacher` to rebuild it")
+            self._verified.add(key)
         arrays = open_shard(self.folder, self.manifest, name, shard)
         self._maps[key] = arrays
         if len(self._maps) > self.MAX_OPEN:
