@@ -12,6 +12,7 @@ from ddk.fileutil import write_json_atomic
 from ddk.harness.score import score, score_or_failure
 from ddk.harness.tasks import BenchmarkPlan, check_plan
 from ddk.metrics import BENCHMARK_EVAL, BENCHMARKS_FORMAT
+from ddk.ranks import print0
 from ddk.table import format_table
 
 
@@ -112,13 +113,41 @@ class RunBenchmarks:
     `eval.every_intervals` intervals. Each scoring is a `benchmark_eval` record for metrics.jsonl
     (`{"event", "step", "final", **score's record}`, or `"failed"` instead of the scores) and
     rewrites RUN/benchmarks.json: the latest scores and a `history` of every scoring so far.
-    Reporting only: nothing here is read back by the sampler."""
+    Reporting only: nothing here is read back by the sampler.
 
-    def __init__(self, section, run_dir: Path, tokenizer):
+    `intervals=False` (sharded backends: no rank holds the whole student mid-run) scores the
+    final model only, and says so once."""
+
+    def __init__(self, section, run_dir: Path, tokenizer, *, intervals: bool = True):
         self.plan = BenchmarkPlan.from_section(section)
-        self.every = section.every_intervals
+        self.every = section.every_intervals if intervals else None
         self.run_dir = Path(run_dir)
         self.tokenizer = tokenizer
+        self.runtime = self.metrics = None  # set by for_run
+        if section.every_intervals is not None and not intervals:
+            print0(
+                "note: eval.every_intervals is ignored under a sharded backend (FSDP2, "
+                "DeepSpeed ZeRO); benchmarks score the final model only"
+            )
+
+    @classmethod
+    def for_run(cls, section, run_dir: Path, tokenizer, runtime, metrics) -> RunBenchmarks | None:
+        """A training run's benchmarks (None without eval.tasks), written through `metrics`
+        (a MetricsWriter); between intervals only where rank 0 holds the whole student (one
+        process, DDP)."""
+        if not section.tasks:
+            return None
+        run = cls(section, run_dir, tokenizer, intervals=not runtime.is_sharded)
+        run.runtime, run.metrics = runtime, metrics
+        return run
+
+    def record(self, model, step: int, *, final: bool = False) -> None:
+        """Inside a run: rank 0 scores `model` (whole there) into metrics.jsonl and
+        RUN/benchmarks.json while the other ranks wait at a barrier; a failure is a warning
+        and a recorded failure, never a stop."""
+        if self.runtime.is_main:
+            self.metrics.write(self.score(model, step, final=final))
+        self.runtime.barrier()
 
     @property
     def enabled(self) -> bool:
