@@ -253,7 +253,8 @@ class Trainer:
             record.domains[d].rows, record.domains[d].epochs = rows, epochs
         self.metrics.write(record)
         if self.benchmarks is not None and self.benchmarks.due(self.plan.interval):
-            self.benchmarks.record(self.student, self.state.step)  # DDP/one process: whole
+            model = self.runtime.whole_model(self.step_module, "student")  # FSDP2: a collective
+            self.benchmarks.record(model, self.state.step)
 
     # ------------------------------------------------------------------ training
     def train_step(self, stop_requested: bool = False) -> dict:

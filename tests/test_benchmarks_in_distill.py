@@ -15,7 +15,7 @@ from ddk.metrics import read_metrics, truncate_metrics
 from ddk.table import fmt_cell
 from tests.conftest import run_config, write_config
 from tests.test_report import table_row
-from tests.test_sharding import _env, _torchrun, needs_torchrun
+from tests.test_sharding import FSDP_ENV, _env, _torchrun, needs_torchrun
 
 pytest.importorskip("lm_eval")
 
@@ -87,10 +87,12 @@ def test_distill_scores_benchmarks_and_report_shows_the_table(
 
 @pytest.mark.slow
 @needs_torchrun
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2"])
 def test_two_process_run_logs_once_and_scores_once(
-    tmp_path, teacher_dir, student_dir, prepared_dir
+    backend, tmp_path, teacher_dir, student_dir, prepared_dir
 ):
-    """DDP over gloo: rank 0 scores its whole copy while rank 1 waits; one record per scoring."""
+    """Over gloo, rank 0 scores the whole student (DDP: its own copy; FSDP2: one gathered by
+    every rank) while rank 1 waits; one record per scoring."""
     cfg = distill_config(
         tmp_path,
         teacher_dir,
@@ -98,7 +100,7 @@ def test_two_process_run_logs_once_and_scores_once(
         prepared_dir,
         **{"trainer.micro_batch_size": 2, "trainer.max_steps": 6, "eval.every_intervals": 1},
     )
-    done = _torchrun(["distill", cfg], _env())
+    done = _torchrun(["distill", cfg], _env(**(FSDP_ENV if backend == "fsdp2" else {})))
     events = benchmark_events(tmp_path / "run")
     assert [(e["step"], e["final"]) for e in events] == [(3, False), (6, True)]
     updates = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "event" in r]

@@ -115,8 +115,8 @@ class RunBenchmarks:
     rewrites RUN/benchmarks.json: the latest scores and a `history` of every scoring so far.
     Reporting only: nothing here is read back by the sampler.
 
-    `intervals=False` (sharded backends: no rank holds the whole student mid-run) scores the
-    final model only, and says so once."""
+    `intervals=False` (DeepSpeed: the whole student is read back from a checkpoint, which
+    only the end writes for certain) scores the final model only, and says so once."""
 
     def __init__(self, section, run_dir: Path, tokenizer, *, intervals: bool = True):
         self.plan = BenchmarkPlan.from_section(section)
@@ -126,18 +126,18 @@ class RunBenchmarks:
         self.runtime = self.metrics = None  # set by for_run
         if section.every_intervals is not None and not intervals:
             print0(
-                "note: eval.every_intervals is ignored under a sharded backend (FSDP2, "
-                "DeepSpeed ZeRO); benchmarks score the final model only"
+                "note: eval.every_intervals is ignored under DeepSpeed ZeRO (its whole model "
+                "is read from a checkpoint); benchmarks score the final model only"
             )
 
     @classmethod
     def for_run(cls, section, run_dir: Path, tokenizer, runtime, metrics) -> RunBenchmarks | None:
         """A training run's benchmarks (None without eval.tasks), written through `metrics`
-        (a MetricsWriter); between intervals only where rank 0 holds the whole student (one
-        process, DDP)."""
+        (a MetricsWriter); between intervals too except under DeepSpeed."""
         if not section.tasks:
             return None
-        run = cls(section, run_dir, tokenizer, intervals=not runtime.is_sharded)
+        deepspeed = runtime.is_sharded and runtime.backend == "deepspeed"
+        run = cls(section, run_dir, tokenizer, intervals=not deepspeed)
         run.runtime, run.metrics = runtime, metrics
         return run
 
@@ -146,7 +146,8 @@ class RunBenchmarks:
         RUN/benchmarks.json while the other ranks wait at a barrier; a failure is a warning
         and a recorded failure, never a stop."""
         if self.runtime.is_main:
-            self.metrics.write(self.score(model, step, final=final))
+            record = self.score(model, step, final=final, device=self.runtime.device)
+            self.metrics.write(record)
         self.runtime.barrier()
 
     @property
@@ -159,8 +160,8 @@ class RunBenchmarks:
             self.enabled and self.every is not None and interval > 0 and interval % self.every == 0
         )
 
-    def score(self, model, step: int, *, final: bool = False) -> dict:
-        record = score_or_failure(model, self.tokenizer, self.plan)
+    def score(self, model, step: int, *, final: bool = False, device=None) -> dict:
+        record = score_or_failure(model, self.tokenizer, self.plan, device)
         event = {"event": BENCHMARK_EVAL, "step": step, "final": final, **record}
         self._write_file(event)
         return event
