@@ -404,7 +404,7 @@ class Trainer:
             model.config.use_cache = True  # generation wants the KV cache back
             save_final(self.run_dir, model, self.student_tokenizer)
         print0(f"final student saved to {final}")
-        if self.benchmarks is not None:  # after the save: a failure cannot cost the model
-            self.benchmarks.record(model, self.state.step, final=True)
         self.runtime.barrier()
+        if self.benchmarks is not None:  # after the save; the other ranks finish meanwhile
+            self.benchmarks.record(model, self.state.step, final=True, wait=False)
         return final

@@ -141,14 +141,16 @@ class RunBenchmarks:
         run.runtime, run.metrics = runtime, metrics
         return run
 
-    def record(self, model, step: int, *, final: bool = False) -> None:
+    def record(self, model, step: int, *, final: bool = False, wait: bool = True) -> None:
         """Inside a run: rank 0 scores `model` (whole there) into metrics.jsonl and
-        RUN/benchmarks.json while the other ranks wait at a barrier; a failure is a warning
-        and a recorded failure, never a stop."""
+        RUN/benchmarks.json; with `wait` the other ranks wait at a barrier (mid-run), else they
+        go on (the end: no collective follows, so no process-group timeout applies). A failure
+        is a warning and a recorded failure, never a stop."""
         if self.runtime.is_main:
             record = self.score(model, step, final=final, device=self.runtime.device)
             self.metrics.write(record)
-        self.runtime.barrier()
+        if wait:
+            self.runtime.barrier()
 
     @property
     def enabled(self) -> bool:
