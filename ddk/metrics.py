@@ -200,11 +200,12 @@ def read_records(path: str | Path) -> list[Record]:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep what a run had logged up to checkpoint `step`; later lines are redone on resume.
-    Evaluations at `step` itself (domain_update, final_eval) come after that checkpoint, so they
-    go too; a step's own log and skipped_step record come before it and stay."""
+    Evaluations at `step` itself (domain_update, final_eval, benchmark_eval) come after that
+    checkpoint, so they go too; a step's own log and skipped_step record come before it and
+    stay."""
     if not path.exists():
         return
-    redone = EVAL_EVENTS
+    redone = (*EVAL_EVENTS, BENCHMARK_EVAL)
     kept = [
         r
         for r in read_metrics(path)

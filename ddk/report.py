@@ -401,7 +401,7 @@ def _percent(value):
     return "" if value is None else 100.0 * value
 
 
-def _benchmark_table(summary: dict) -> tuple[list[str], list[list]] | None:
+def benchmark_table(summary: dict) -> tuple[list[str], list[list]] | None:
     """The paper's Table 1: a row per model (reference files, then runs), a column per task
     grouped by domain, the average; beside them each run's test perplexity and worst ratio."""
     columns = summary["benchmark_columns"]
@@ -432,7 +432,7 @@ def _benchmark_table(summary: dict) -> tuple[list[str], list[list]] | None:
 
 def _benchmark_notes(summary: dict) -> list[str]:
     notes = []
-    if _benchmark_table(summary) is None:
+    if benchmark_table(summary) is None:
         return notes
     notes.append(
         "Benchmark scores in percent, each task's primary lm-eval metric (see each run's "
@@ -574,7 +574,7 @@ def _reference_note(summary: dict) -> str | None:
 
 def _markdown(summary: dict) -> str:
     parts = ["# DDK distillation report", ""]
-    benchmarks = _benchmark_table(summary)
+    benchmarks = benchmark_table(summary)
     if benchmarks:
         parts += ["## Benchmark scores (lm-eval)", ""]
         parts += [format_table(*benchmarks, markdown=True), ""]
@@ -634,7 +634,7 @@ def _html(summary: dict, out: Path) -> str:
         )
         + "</p>",
     ]
-    benchmarks = _benchmark_table(summary)
+    benchmarks = benchmark_table(summary)
     if benchmarks:
         p += ["<h2>Benchmark scores (lm-eval)</h2>", _html_table(*benchmarks)]
         p += [

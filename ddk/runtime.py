@@ -554,11 +554,18 @@ def _enable_cpu_fsdp(accelerator) -> None:
 
 def plain_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain (unsharded) copy of a Hugging Face model holding `state_dict`, for
-    `save_pretrained`: the sharded original's parameters are DTensors, which it cannot save."""
+    `save_pretrained` and benchmark scoring: the sharded original's parameters are DTensors,
+    which it cannot save."""
     with torch.device("meta"):  # the same class (remote-code models too), no memory yet
         copy = type(model)(model.config)
     copy.load_state_dict(state_dict, assign=True, strict=False)
     copy.tie_weights()
+    # Buffers outside the state dict (rotary inv_freq) are whole on every rank: the copy runs.
+    originals = dict(model.named_buffers())
+    for name, buffer in list(copy.named_buffers()):
+        if buffer.is_meta and name in originals:
+            owner, _, attribute = name.rpartition(".")
+            copy.get_submodule(owner)._buffers[attribute] = originals[name].detach().clone()
     missing = [n for n, p in copy.named_parameters() if p.is_meta]
     if missing:
         raise RuntimeError(f"gathered state dict lacks {missing[:3]}")

@@ -7,7 +7,8 @@
             signal -> CE + γ·divergence (chunked, normalised by the step's global token count)
             -> AdamW; logs, checkpoints every `save_every` steps
     finish: the final evaluation on the held-out test split, the final student with
-            save_pretrained
+            save_pretrained, its lm-eval benchmark scores (eval.tasks; also every
+            eval.every_intervals intervals: reporting only, never steering)
 
 Multi-GPU / multi-node runs go through Hugging Face Accelerate (`accelerate launch -m ddk.cli
 distill ...`) behind `ddk.runtime`; every rank computes the same interval plan and takes its
@@ -33,6 +34,7 @@ from ddk.data.dataset import PreparedData
 from ddk.errors import DDKError
 from ddk.evaluate import report_split, run_perplexities
 from ddk.final import save_final
+from ddk.harness import RunBenchmarks
 from ddk.identity import data_fingerprint
 from ddk.losses import LossSums
 from ddk.methods import method_spec
@@ -131,6 +133,10 @@ class Trainer:
             enabled=self.is_main,
         )
         self._teacher_ppl: dict | None = None
+        # lm-eval scores of the student in memory (reporting only); None without eval.tasks
+        self.benchmarks = RunBenchmarks.for_run(
+            cfg.eval, run_dir, self.student_tokenizer, rt, self.metrics
+        )
 
     # ------------------------------------------------------------------ setup
     def _load_student(self):
@@ -246,6 +252,9 @@ class Trainer:
         for d, rows, epochs in zip(self.domains, self.plan.rows_per_domain(), self.plan.epochs()):
             record.domains[d].rows, record.domains[d].epochs = rows, epochs
         self.metrics.write(record)
+        if self.benchmarks is not None and self.benchmarks.due(self.plan.interval):
+            model = self.runtime.whole_model(self.step_module, "student")  # FSDP2: a collective
+            self.benchmarks.record(model, self.state.step)
 
     # ------------------------------------------------------------------ training
     def train_step(self, stop_requested: bool = False) -> dict:
@@ -396,4 +405,6 @@ class Trainer:
             save_final(self.run_dir, model, self.student_tokenizer)
         print0(f"final student saved to {final}")
         self.runtime.barrier()
+        if self.benchmarks is not None:  # after the save; the other ranks finish meanwhile
+            self.benchmarks.record(model, self.state.step, final=True, wait=False)
         return final

@@ -5,12 +5,16 @@
     -> student: a smaller Llama pre-trained briefly on a skewed mix (cached; it lags unevenly,
        as real small models do, which is where DDK has something to steer)
     -> ddk prepare -> ddk distill with cpt, kd, ddk and equal at equal tokens and seed -> report.
+With lm-eval installed (`pip install -e '.[eval]'`), one benchmark task per domain is built from
+its held-out test documents (ddk.demo.tasks); the teacher, the student before and every run's
+final student are scored on them (inside `ddk distill`, through eval.tasks) beside perplexity.
 Every stage runs through the same code (and config schema) a user's run takes; each stage's
 config is written to OUT/configs/ as a YAML to copy for one's own models and data.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -20,15 +24,18 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from ddk.commands.eval_model import eval_model, eval_tokenizer
 from ddk.config import Config, PrepareSection, load_config
 from ddk.data.prepare import prepare
 from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
 from ddk.demo.corpus import build_demo_corpus
+from ddk.demo.tasks import write_demo_tasks
 from ddk.errors import DDKError
+from ddk.harness import LM_EVAL_EXTRA, BenchmarkPlan, benchmarks_payload, score, write_benchmarks
 from ddk.lock import FolderLock
 from ddk.methods import METHODS
 from ddk.ownership import check_replaceable, list_files, ownership_record, read_record
-from ddk.report import summarize_runs, write_report
+from ddk.report import benchmark_table, summarize_runs, write_report
 from ddk.run_dir import start_run
 from ddk.table import format_table
 
@@ -202,6 +209,7 @@ def distill_stage(
     steps: int,
     seed: int,
     configs: Path,
+    benchmarks: list[str] = (),
 ) -> Path:
     run_dir = out / "runs" / method
     if run_dir.exists():
@@ -214,6 +222,7 @@ def distill_stage(
         f"distill.method={base}",
         f"distill.K={size.K}",
         *_common_trainer(size, steps, run_dir, 1e-3, seed),
+        *benchmarks,
     ]
     if variant == "floor":
         overrides.append("distill.init_floor=true")
@@ -221,6 +230,42 @@ def distill_stage(
     cfg.save(configs / f"distill_{method}.yaml")
     _finished(start_run(cfg))
     return run_dir
+
+
+def demo_benchmarks(corpus: Path, data: Path, out: Path, seed: int, t0) -> list[str]:
+    """The eval.* overrides of every distill run: one lm-eval task per domain, built from its
+    held-out test documents; none (and one line) without lm-eval."""
+    if importlib.util.find_spec("lm_eval") is None:
+        print(f"lm-eval is not installed: no benchmark scores in this demo ({LM_EVAL_EXTRA})")
+        return []
+    folder = out / "tasks"
+    tasks = write_demo_tasks(data, corpus, folder, seed)
+    _stage(f"built one benchmark task per domain from its test documents in {folder}", t0)
+    return [
+        f"eval.tasks={json.dumps(tasks)}",
+        f"eval.include_path={json.dumps([str(folder.resolve())])}",
+        f"eval.batch_size={BENCHMARK_BATCH}",
+    ]
+
+
+BENCHMARK_BATCH = 32
+
+
+def score_references(models: dict[str, Path], benchmarks: list[str], out: Path, t0) -> list[Path]:
+    """`ddk eval --out` files of the models every run is compared with (the teacher, the
+    student before distillation): rows above the runs in the benchmark table."""
+    if not benchmarks:
+        return []
+    plan = BenchmarkPlan.from_section(load_config(None, benchmarks).eval)
+    files = []
+    for label, folder in models.items():
+        _stage(f"scoring the {label} on the benchmark tasks", t0)
+        record = score(eval_model(str(folder)), eval_tokenizer(str(folder)), plan)
+        path = out / "benchmarks" / f"{label.replace(' ', '_')}.json"
+        path.parent.mkdir(exist_ok=True)
+        write_benchmarks(path, benchmarks_payload(label, record))
+        files.append(path)
+    return files
 
 
 VARIANTS = {"": "the method as configured", "floor": "distill.init_floor=true (ddk only)"}
@@ -259,6 +304,24 @@ def demo_table(summary: dict) -> str:
         + [f"{r['worst_ratio']:.3f} ({r['worst_domain']})" for r in runs]
     )
     return format_table(headers, rows)
+
+
+def results_text(summary: dict) -> str:
+    """results.md: the perplexity table, then (when scored) the benchmark table."""
+    caption = (
+        f"Perplexity per domain on the {summary['split']} split (lower is better; "
+        + ("held out, nothing was tuned on it" if summary["split"] == "test" else "no test split")
+        + "); worst ratio = largest student/teacher perplexity ratio."
+    )
+    text = caption + "\n\n```\n" + demo_table(summary) + "\n```\n"
+    benchmarks = benchmark_table(summary)
+    if benchmarks is not None:
+        text += (
+            "\nBenchmark accuracy in percent (higher is better; lm-eval's acc_mutual_info on "
+            "one next-unit multiple-choice task per domain, built from its held-out test "
+            "documents; tasks/ holds them):\n\n```\n" + format_table(*benchmarks) + "\n```\n"
+        )
+    return text
 
 
 def run_demo(args) -> dict:
@@ -326,24 +389,25 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
         flush=True,
     )
 
-    _, data = _prepare_all(cache, out, size, args.seed, configs, t0)
-    _, teacher, student = _models(cache, out / "corpus", data, size, args.seed, configs, t0)
+    corpus, data = _prepare_all(cache, out, size, args.seed, configs, t0)
+    _, teacher, student = _models(cache, corpus, data, size, args.seed, configs, t0)
+    benchmarks = demo_benchmarks(corpus, data, out, args.seed, t0)
+    references = score_references(
+        {"teacher": teacher, "student before": student}, benchmarks, out, t0
+    )
     runs = []
     for i, method in enumerate(methods, 1):
         _stage(f"distilling with {method} ({i}/{len(methods)}, {steps} steps)", t0)
         runs.append(
-            distill_stage(method, teacher, student, data, out, size, steps, args.seed, configs)
+            distill_stage(
+                method, teacher, student, data, out, size, steps, args.seed, configs, benchmarks
+            )
         )
 
-    summary = summarize_runs(runs)
-    table = demo_table(summary)
-    html = write_report(runs, out / "report")
-    caption = (
-        f"Perplexity per domain on the {summary['split']} split (lower is better; "
-        + ("held out, nothing was tuned on it" if summary["split"] == "test" else "no test split")
-        + "); worst ratio = largest student/teacher perplexity ratio."
-    )
-    (out / "results.md").write_text(caption + "\n\n```\n" + table + "\n```\n")
-    print("\n" + caption + "\n" + table + "\n")
+    summary = summarize_runs(runs, benchmark_files=references)
+    html = write_report(runs, out / "report", benchmark_files=references)
+    results = results_text(summary)
+    (out / "results.md").write_text(results)
+    print("\n" + results.replace("```\n", ""))
     _stage(f"done. Report: {html}  Configs to copy: {configs}", t0)
     return summary

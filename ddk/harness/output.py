@@ -12,6 +12,7 @@ from ddk.fileutil import write_json_atomic
 from ddk.harness.score import score, score_or_failure
 from ddk.harness.tasks import BenchmarkPlan, check_plan
 from ddk.metrics import BENCHMARK_EVAL, BENCHMARKS_FORMAT
+from ddk.ranks import print0
 from ddk.table import format_table
 
 
@@ -112,13 +113,44 @@ class RunBenchmarks:
     `eval.every_intervals` intervals. Each scoring is a `benchmark_eval` record for metrics.jsonl
     (`{"event", "step", "final", **score's record}`, or `"failed"` instead of the scores) and
     rewrites RUN/benchmarks.json: the latest scores and a `history` of every scoring so far.
-    Reporting only: nothing here is read back by the sampler."""
+    Reporting only: nothing here is read back by the sampler.
 
-    def __init__(self, section, run_dir: Path, tokenizer):
+    `intervals=False` (DeepSpeed: the whole student is read back from a checkpoint, which
+    only the end writes for certain) scores the final model only, and says so once."""
+
+    def __init__(self, section, run_dir: Path, tokenizer, *, intervals: bool = True):
         self.plan = BenchmarkPlan.from_section(section)
-        self.every = section.every_intervals
+        self.every = section.every_intervals if intervals else None
         self.run_dir = Path(run_dir)
         self.tokenizer = tokenizer
+        self.runtime = self.metrics = None  # set by for_run
+        if section.every_intervals is not None and not intervals:
+            print0(
+                "note: eval.every_intervals is ignored under DeepSpeed ZeRO (its whole model "
+                "is read from a checkpoint); benchmarks score the final model only"
+            )
+
+    @classmethod
+    def for_run(cls, section, run_dir: Path, tokenizer, runtime, metrics) -> RunBenchmarks | None:
+        """A training run's benchmarks (None without eval.tasks), written through `metrics`
+        (a MetricsWriter); between intervals too except under DeepSpeed."""
+        if not section.tasks:
+            return None
+        deepspeed = runtime.is_sharded and runtime.backend == "deepspeed"
+        run = cls(section, run_dir, tokenizer, intervals=not deepspeed)
+        run.runtime, run.metrics = runtime, metrics
+        return run
+
+    def record(self, model, step: int, *, final: bool = False, wait: bool = True) -> None:
+        """Inside a run: rank 0 scores `model` (whole there) into metrics.jsonl and
+        RUN/benchmarks.json; with `wait` the other ranks wait at a barrier (mid-run), else they
+        go on (the end: no collective follows, so no process-group timeout applies). A failure
+        is a warning and a recorded failure, never a stop."""
+        if self.runtime.is_main:
+            record = self.score(model, step, final=final, device=self.runtime.device)
+            self.metrics.write(record)
+        if wait:
+            self.runtime.barrier()
 
     @property
     def enabled(self) -> bool:
@@ -130,8 +162,8 @@ class RunBenchmarks:
             self.enabled and self.every is not None and interval > 0 and interval % self.every == 0
         )
 
-    def score(self, model, step: int, *, final: bool = False) -> dict:
-        record = score_or_failure(model, self.tokenizer, self.plan)
+    def score(self, model, step: int, *, final: bool = False, device=None) -> dict:
+        record = score_or_failure(model, self.tokenizer, self.plan, device)
         event = {"event": BENCHMARK_EVAL, "step": step, "final": final, **record}
         self._write_file(event)
         return event

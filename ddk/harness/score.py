@@ -195,11 +195,12 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def score_or_failure(model, tokenizer, plan: BenchmarkPlan) -> dict:
-    """`score`, but a failure (during training) is a warning and a record, never a stop:
-    {"failed": "<error type>: <first line>"}."""
+def score_or_failure(model, tokenizer, plan: BenchmarkPlan, device=None) -> dict:
+    """`score` (on `device`, when given: a whole copy gathered from shards is built on the
+    CPU, where a real model would take hours), but a failure (during training; no room on the
+    device too) is a warning and a record, never a stop: {"failed": "<type>: <first line>"}."""
     try:
-        return score(model, tokenizer, plan)
+        return score(model if device is None else model.to(device), tokenizer, plan)
     except Exception as e:
         reason = f"{type(e).__name__}: {first_line(e)}"
         print(f"warning: benchmark evaluation failed ({reason}); training continues", flush=True)
