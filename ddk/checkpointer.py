@@ -19,6 +19,7 @@ before anything is loaded.
 from __future__ import annotations
 
 import random
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,22 @@ class Checkpointer:
             fn(state)
         except ValueError as e:  # e.g. a checkpoint from before data fingerprints were stored
             raise DDKError(f"cannot resume '{self.run_dir}': {e}") from None
+
+
+@dataclass
+class TrainState:
+    """The run's progress, as a checkpoint restores it (the interval plan has its own state)."""
+
+    step: int = 0  # optimizer steps completed
+    tokens_seen: int = 0
+    bad_steps_total: int = 0
+    bad_steps_in_a_row: int = 0
+    before: dict = field(default_factory=dict)  # student perplexity on the report split at step 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])

@@ -114,26 +114,7 @@ def section_overrides(args, section: type[BaseModel], prefix: str) -> list[str]:
     ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ddk", description="Domain-aware knowledge distillation (DDK) for Hugging Face LMs."
-    )
-    parser.add_argument("--version", action="version", version=f"ddk {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("prepare", help="tokenise a multi-domain corpus into packed shards")
-    _add_config_args(p)
-    add_section_flags(p, PrepareSection)
-
-    p = sub.add_parser("distill", help="distill a teacher into a student")
-    _add_config_args(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-
-    p = sub.add_parser(
-        "cache-teacher", help="store the teacher's top-k log-probs for `teacher.mode: offline`"
-    )
-    _add_config_args(p, config_required=True)
-
+def _add_eval_parser(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="per-domain test perplexity (--data) and benchmark scores through lm-eval (--tasks)",
@@ -170,6 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out split: test (default; reporting only) or val (what DDK steers by)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddk", description="Domain-aware knowledge distillation (DDK) for Hugging Face LMs."
+    )
+    parser.add_argument("--version", action="version", version=f"ddk {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenise a multi-domain corpus into packed shards")
+    _add_config_args(p)
+    add_section_flags(p, PrepareSection)
+
+    p = sub.add_parser("distill", help="distill a teacher into a student")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+
+    p = sub.add_parser(
+        "cache-teacher", help="store the teacher's top-k log-probs for `teacher.mode: offline`"
+    )
+    _add_config_args(p, config_required=True)
+
+    _add_eval_parser(sub)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, nothing downloaded")
     p.add_argument("--out", default="ddk-demo", help="output folder (default ./ddk-demo)")

@@ -18,10 +18,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ddk.trackers import Trackers
 
 # Event names of metrics.jsonl records (training-step records carry no "event").
 DOMAIN_UPDATE = "domain_update"
@@ -218,7 +214,7 @@ class MetricsWriter:
     """Appends records to metrics.jsonl and hands them to the run's trackers (ddk.trackers).
     `trackers` is None off rank 0 and when report_to is empty."""
 
-    def __init__(self, run_dir: Path, trackers: Trackers | None = None, enabled: bool = True):
+    def __init__(self, run_dir: Path, trackers=None, enabled: bool = True):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.trackers = trackers if enabled else None

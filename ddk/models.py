@@ -150,3 +150,18 @@ def check_tokenizers_match(teacher_tok, student_tok, teacher: str, student: str)
             f"student '{student}' has {len(student_tok)} (or the same size with other ids); "
             "ddk needs teacher and student from one model family with one tokenizer"
         )
+
+
+def eval_tokenizer(model_name: str):
+    """The model's tokenizer, or None for a model folder without tokenizer files."""
+    try:
+        return load_tokenizer(model_name)
+    except DDKError:
+        return None
+
+
+def eval_model(model_name: str, device: torch.device | str | None = None):
+    """A model for evaluation: on `device` (default: the GPU when there is one), in ddk's
+    evaluation dtype."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return load_model(model_name, dtype=resolve_dtype("auto", device), what="model").to(device)

@@ -611,6 +611,29 @@ def _md_inline(text: str) -> str:
     return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
 
 
+def _html_benchmarks(summary: dict) -> list[str]:
+    """The paper-style benchmark table and its notes; nothing when no run scored any."""
+    benchmarks = benchmark_table(summary)
+    if not benchmarks:
+        return []
+    notes = "".join(f"<li>{_md_inline(n)}</li>" for n in _benchmark_notes(summary))
+    return ["<h2>Benchmark scores (lm-eval)</h2>", _html_table(*benchmarks), f"<ul>{notes}</ul>"]
+
+
+def _html_plots(out: Path) -> list[str]:
+    """Every plot in `out`, inlined as base64 (benchmarks over training: only when drawn)."""
+    parts = []
+    for name, title in PLOTS:
+        if not (out / name).is_file():
+            continue
+        data = base64.b64encode((out / name).read_bytes()).decode("ascii")
+        parts += [
+            f"<h2>{html.escape(title)}</h2>",
+            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">',
+        ]
+    return parts
+
+
 def _html(summary: dict, out: Path) -> str:
     style = (
         "body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;"
@@ -634,14 +657,7 @@ def _html(summary: dict, out: Path) -> str:
         )
         + "</p>",
     ]
-    benchmarks = benchmark_table(summary)
-    if benchmarks:
-        p += ["<h2>Benchmark scores (lm-eval)</h2>", _html_table(*benchmarks)]
-        p += [
-            "<ul>"
-            + "".join(f"<li>{_md_inline(n)}</li>" for n in _benchmark_notes(summary))
-            + "</ul>"
-        ]
+    p += _html_benchmarks(summary)
     p += [
         f"<h2>{html.escape(_split_caption(summary))}</h2>",
         _html_table(*_domain_table(summary)),
@@ -653,14 +669,7 @@ def _html(summary: dict, out: Path) -> str:
     if epochs:
         p += ["<h2>Epochs per domain (passes through its training data)</h2>"]
         p += [_html_table(*epochs)]
-    for name, title in PLOTS:
-        if not (out / name).is_file():  # benchmarks over training: only when scored repeatedly
-            continue
-        data = base64.b64encode((out / name).read_bytes()).decode("ascii")
-        p += [
-            f"<h2>{html.escape(title)}</h2>",
-            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">',
-        ]
+    p += _html_plots(out)
     p.append("<h2>Run configurations</h2>")
     headers = ["run", "folder", "method", "K", "alpha", "gamma", "steps", "tokens", "final eval"]
     rows = [

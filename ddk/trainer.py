@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddk.checkpoint import latest_good_checkpoint
-from ddk.checkpointer import Checkpointer, RNGState, seed_everything
+from ddk.checkpointer import Checkpointer, RNGState, TrainState, seed_everything
 from ddk.config import Config
 from ddk.curriculum import IntervalPlan
 from ddk.data.dataset import PreparedData
@@ -58,25 +57,6 @@ from ddk.teacher import Batch
 from ddk.teacher.perplexity import write_teacher_ppl
 from ddk.teacher.source import teacher_source
 from ddk.trackers import start_trackers
-
-
-@dataclass
-class TrainState:
-    """The run's progress, as a checkpoint restores it (the interval plan has its own state)."""
-
-    step: int = 0  # optimizer steps completed
-    tokens_seen: int = 0
-    bad_steps_total: int = 0
-    bad_steps_in_a_row: int = 0
-    before: dict = field(default_factory=dict)  # student perplexity on the report split at step 0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for f in fields(self):
-            if f.name in state:
-                setattr(self, f.name, state[f.name])
 
 
 class Trainer:

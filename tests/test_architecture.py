@@ -27,12 +27,21 @@ DEFERRED_IMPORTS = {
         "torch.distributed",
     },
     "ddk.runtime": {"deepspeed.runtime.zero", "deepspeed.utils.zero_to_fp32"},  # [deepspeed]
-    "ddk.metrics": {"torch.utils.tensorboard"},  # [tensorboard]
+    # [eval]: lm-evaluation-harness
+    "ddk.harness.score": {"lm_eval.evaluator", "lm_eval.models.huggingface"},
+    "ddk.harness.tasks": {
+        "lm_eval",
+        "lm_eval.evaluator",
+        "lm_eval.tasks",
+        "lm_eval.tasks._index",
+        "datasets",  # lm-eval's own dependency: its offline checks
+        "datasets.utils",
+    },
     "ddk.data.sources": {"datasets"},  # [datasets]
     "ddk.demo.corpus": {"pydoc_data.topics"},  # some Python distributions strip it
 }
 # Functions over the limit that other work is changing now (held-out rules, weight rules).
-LONG_FUNCTIONS = {"ddk.data.prepare._split_domain", "ddk.domains.fixed_mixture"}
+LONG_FUNCTIONS = {"ddk.data.prepare._write_splits", "ddk.domains.fixed_mixture"}
 LONG_FUNCTIONS |= {"ddk.domains.next_weights"}
 
 

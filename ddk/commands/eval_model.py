@@ -15,7 +15,8 @@ from ddk.data.manifest import read_manifest
 from ddk.data.vocab import same_vocabulary
 from ddk.errors import DDKError
 from ddk.evaluate import domain_perplexities, report_split
-from ddk.models import check_vocab, embedding_rows, load_model, load_tokenizer, resolve_dtype
+from ddk.harness import benchmark_model_cli
+from ddk.models import check_vocab, embedding_rows, eval_model, eval_tokenizer
 from ddk.runtime import LocalRuntime
 from ddk.table import format_table
 
@@ -46,8 +47,6 @@ def eval_command(args) -> None:
             loaded=loaded,
         )
     if section.tasks:
-        from ddk.harness import benchmark_model_cli  # optional extra: ddk-distill[eval]
-
         domains = list(read_manifest(Path(args.data)).domains) if args.data else None
         benchmark_model_cli(
             model, section, out=args.out, as_json=args.json, domains=domains, loaded=loaded
@@ -87,21 +86,6 @@ def resolve_model_folder(name: str) -> tuple[str, Path | None]:
     return name, None
 
 
-def eval_tokenizer(model_name: str):
-    """The model's tokenizer, or None for a model folder without tokenizer files."""
-    try:
-        return load_tokenizer(model_name)
-    except DDKError:
-        return None
-
-
-def eval_model(model_name: str, runtime: LocalRuntime | None = None):
-    """The model on the GPU when there is one, in ddk's evaluation dtype."""
-    runtime = runtime or _local_runtime()
-    model = load_model(model_name, dtype=resolve_dtype("auto", runtime.device), what="model")
-    return model.to(runtime.device)
-
-
 def _local_runtime() -> LocalRuntime:
     return LocalRuntime("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -130,7 +114,7 @@ def evaluate_model_cli(
         )
     runtime = _local_runtime()
     if model is None:
-        model = eval_model(model_name, runtime)
+        model = eval_model(model_name, runtime.device)
     check_vocab(data.vocab_size, None, embedding_rows(model))
     split = report_split(data, split)
     result = domain_perplexities(

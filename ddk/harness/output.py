@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ddk.commands.eval_model import eval_model, eval_tokenizer
 from ddk.errors import DDKError
 from ddk.fileutil import write_json_atomic
 from ddk.harness.score import score, score_or_failure
 from ddk.harness.tasks import BenchmarkPlan, check_plan
 from ddk.metrics import BENCHMARK_EVAL, BENCHMARKS_FORMAT
+from ddk.models import eval_model, eval_tokenizer
 from ddk.ranks import print0
 from ddk.table import format_table
 
