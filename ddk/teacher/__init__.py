@@ -1,5 +1,5 @@
 """Where the teacher's signal comes from: a live teacher forward (`OnlineTeacher`, dense) or a
-`ddk cache-teacher` top-k cache (`OfflineTeacher` in `ddk.teacher.cache`, sparse)."""
+`ddk cache-teacher` cache (`OfflineTeacher` in `ddk.teacher.cache`, sparse)."""
 
 from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.signals import Batch, DenseSignal, SparseSignal, TeacherSignal, TeacherSource

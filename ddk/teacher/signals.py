@@ -63,6 +63,6 @@ class Batch(NamedTuple):
 
 @runtime_checkable
 class TeacherSource(Protocol):
-    """Where the teacher signal comes from: a live model (online) or a top-k cache (offline)."""
+    """Where the teacher signal comes from: a live model (online) or a cache (offline)."""
 
     def signal(self, batch: Batch) -> TeacherSignal: ...
