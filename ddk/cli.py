@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
 
     p = sub.add_parser(
-        "cache-teacher", help="store the teacher's top-k log-probs for `teacher.mode: offline`"
+        "cache-teacher",
+        help="store the teacher's top-k and sampled tail log-probs for `teacher.mode: offline`",
     )
     _add_config_args(p, config_required=True)
 
