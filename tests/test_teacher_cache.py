@@ -574,3 +574,15 @@ def test_disk_full_during_cache_teacher_is_one_line_and_leaves_no_temporary(
     with pytest.raises(DDKError, match="the disk is full"):
         build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
     assert not list(folder.rglob("*.tmp")) and len(list(folder.rglob("*.bin"))) >= 1
+
+
+def test_cache_teacher_runs_distills_preflight(
+    tmp_path, save_model, tokenizer_dir, student_dir, prepared_dir
+):
+    """A cache for data the teacher cannot serve (here: seq_len beyond its context) is
+    refused before any teacher forward, as distill would refuse it."""
+    short = save_model(tmp_path / "short", tokenizer_dir, hidden_size=48, max_positions=16)
+    folder = tmp_path / "c"
+    with pytest.raises(DDKError, match="exceeds the teacher's context of 16"):
+        build_cache(config(short, student_dir, prepared_dir, folder), progress=False)
+    assert not folder.exists()
