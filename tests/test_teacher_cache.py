@@ -586,3 +586,21 @@ def test_cache_teacher_runs_distills_preflight(
     with pytest.raises(DDKError, match="exceeds the teacher's context of 16"):
         build_cache(config(short, student_dir, prepared_dir, folder), progress=False)
     assert not folder.exists()
+
+
+def test_resume_refuses_a_rebuilt_cache(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir, crash_at_step
+):
+    """A checkpoint pins the cache it trained on: the same path rebuilt with another k is
+    refused on --resume, not trained on with a warning."""
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir, cache)
+    cfg = offline(teacher_dir, student_dir, prepared_dir, cache, tmp_path / "run")
+    disarm = crash_at_step(6)
+    with pytest.raises(RuntimeError, match="crash"):
+        start_run(cfg)
+    disarm()
+    shutil.rmtree(cache)
+    build_cache(config(teacher_dir, student_dir, prepared_dir, cache, "teacher.cache_k=4"))
+    with pytest.raises(DDKError, match="teacher cache .* changed since"):
+        resume_run(tmp_path / "run")

@@ -21,6 +21,7 @@ missing, truncated or changed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -217,6 +218,15 @@ def _folder_problem(folder: Path, name: str, sub: str) -> str:
     if path.exists() and not path.is_dir():
         return f"'{path}' (domain '{name}') is a file, not a shard folder"
     return ""
+
+
+def cache_identity(folder: str | Path) -> str:
+    """What a checkpoint pins of the cache it trained on: its identity and every shard's
+    checksum (a cache rebuilt with the same settings has the same bytes, so it matches)."""
+    m = read_cache_manifest(folder)
+    keys = (*IDENTITY_KEYS, CONTENT_KEY, CHECKSUMS_KEY)
+    pinned = {k: m.get(k) for k in keys}
+    return hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
 
 
 def write_cache_manifest(folder: Path, m: dict) -> None:
