@@ -90,7 +90,7 @@ def resolve_model_folder(name: str) -> tuple[str, Path | None]:
 def eval_tokenizer(model_name: str):
     """The model's tokenizer, or None for a model folder without tokenizer files."""
     try:
-        return load_tokenizer(model_name)
+        return load_tokenizer(model_name, trust_remote_code=False)
     except DDKError:
         return None
 
@@ -98,7 +98,12 @@ def eval_tokenizer(model_name: str):
 def eval_model(model_name: str, runtime: LocalRuntime | None = None):
     """The model on the GPU when there is one, in ddk's evaluation dtype."""
     runtime = runtime or _local_runtime()
-    model = load_model(model_name, dtype=resolve_dtype("auto", runtime.device), what="model")
+    model = load_model(
+        model_name,
+        dtype=resolve_dtype("auto", runtime.device),
+        what="model",
+        trust_remote_code=False,  # ddk eval runs no model code
+    )
     return model.to(runtime.device)
 
 
