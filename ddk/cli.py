@@ -220,7 +220,7 @@ def _prepare(args) -> int:
         raise DDKError("no tokenizer: set prepare.tokenizer or model.student (or pass --tokenizer)")
     if cfg.prepare.embedder == "student" and not cfg.prepare.embed_model:
         cfg.prepare.embed_model = cfg.model.student  # None: the tokenizer folder's model
-    prepare(cfg.prepare, tokenizer)
+    prepare(cfg.prepare, tokenizer, trust_remote_code=cfg.model.trust_remote_code)
     return 0
 
 

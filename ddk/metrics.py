@@ -180,12 +180,13 @@ def parse_record(raw) -> Record | None:
 
 def read_metrics(path: str | Path) -> list[dict]:
     records = []
-    for line in Path(path).read_text().splitlines():
+    # Undecodable bytes (a binary file put there) become lines that are not JSON, skipped.
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+            except (ValueError, RecursionError):
+                continue  # a line cut short by a crash, or not ddk's
     return records
 
 

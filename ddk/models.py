@@ -155,7 +155,7 @@ def check_tokenizers_match(teacher_tok, student_tok, teacher: str, student: str)
 def eval_tokenizer(model_name: str):
     """The model's tokenizer, or None for a model folder without tokenizer files."""
     try:
-        return load_tokenizer(model_name)
+        return load_tokenizer(model_name, trust_remote_code=False)
     except DDKError:
         return None
 
@@ -164,4 +164,10 @@ def eval_model(model_name: str, device: torch.device | str | None = None):
     """A model for evaluation: on `device` (default: the GPU when there is one), in ddk's
     evaluation dtype."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return load_model(model_name, dtype=resolve_dtype("auto", device), what="model").to(device)
+    model = load_model(
+        model_name,
+        dtype=resolve_dtype("auto", device),
+        what="model",
+        trust_remote_code=False,  # ddk eval runs no model code
+    )
+    return model.to(device)

@@ -24,6 +24,7 @@ from ddk.metrics import truncate_metrics
 from ddk.ownership import refuse_links
 from ddk.ranks import print0
 from ddk.runtime import Runtime
+from ddk.teacher.source import pinned_cache
 from ddk.trainer import Trainer
 
 LOCK_HINT = "run"
@@ -225,6 +226,13 @@ def check_resume(
                 "written (it was prepared again or its domains differ); resume needs the same "
                 "data: restore it or start a new run"
             )
+    pinned = saved.get("teacher_cache")
+    if pinned is not None and pinned != pinned_cache(cfg):
+        raise DDKError(
+            f"the teacher cache '{cfg.teacher.cache}' changed since {checkpoint.name} was "
+            "written (it was rebuilt, with other settings or bytes); resume needs the cache it "
+            "trained on: restore it or start a new run"
+        )
     return warnings
 
 

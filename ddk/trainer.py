@@ -55,7 +55,7 @@ from ddk.schedule import Schedule
 from ddk.step import DistillStep
 from ddk.teacher import Batch
 from ddk.teacher.perplexity import write_teacher_ppl
-from ddk.teacher.source import teacher_source
+from ddk.teacher.source import pinned_cache, teacher_source
 from ddk.trackers import start_trackers
 
 
@@ -103,6 +103,7 @@ class Trainer:
             record={
                 "config": cfg.model_dump(mode="json"),
                 "data_fingerprint": data_fingerprint(cfg.data.prepared),  # once: data is fixed
+                "teacher_cache": pinned_cache(cfg),
             },
         )
         if resume_from is not None:

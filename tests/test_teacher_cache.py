@@ -658,3 +658,33 @@ def test_disk_full_during_cache_teacher_is_one_line_and_leaves_no_temporary(
     with pytest.raises(DDKError, match="the disk is full"):
         build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
     assert not list(folder.rglob("*.tmp")) and len(list(folder.rglob("*.bin"))) >= 1
+
+
+def test_cache_teacher_runs_distills_preflight(
+    tmp_path, save_model, tokenizer_dir, student_dir, prepared_dir
+):
+    """A cache for data the teacher cannot serve (here: seq_len beyond its context) is
+    refused before any teacher forward, as distill would refuse it."""
+    short = save_model(tmp_path / "short", tokenizer_dir, hidden_size=48, max_positions=16)
+    folder = tmp_path / "c"
+    with pytest.raises(DDKError, match="exceeds the teacher's context of 16"):
+        build_cache(config(short, student_dir, prepared_dir, folder), progress=False)
+    assert not folder.exists()
+
+
+def test_resume_refuses_a_rebuilt_cache(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir, crash_at_step
+):
+    """A checkpoint pins the cache it trained on: the same path rebuilt with another k is
+    refused on --resume, not trained on with a warning."""
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir, cache)
+    cfg = offline(teacher_dir, student_dir, prepared_dir, cache, tmp_path / "run")
+    disarm = crash_at_step(6)
+    with pytest.raises(RuntimeError, match="crash"):
+        start_run(cfg)
+    disarm()
+    shutil.rmtree(cache)
+    build_cache(config(teacher_dir, student_dir, prepared_dir, cache, "teacher.cache_k=4"))
+    with pytest.raises(DDKError, match="teacher cache .* changed since"):
+        resume_run(tmp_path / "run")

@@ -27,6 +27,7 @@ from ddk.evaluate import run_perplexities
 from ddk.identity import Strength
 from ddk.lock import LOCK_NAME, FolderLock
 from ddk.models import check_vocab, embedding_rows
+from ddk.preflight import preflight
 from ddk.ranks import print0
 from ddk.runtime import Runtime
 from ddk.teacher import cache_format
@@ -71,6 +72,7 @@ def build_cache(cfg, progress: bool = True, write_shard=None, runtime=None) -> P
         section, name = key.split(".")
         if not getattr(getattr(cfg, section), name):
             raise DDKError(f"{key}: required ({what})")
+    _preflight(cfg)
     folder = Path(cfg.teacher.cache).expanduser()
     rt = runtime if runtime is not None else Runtime()
     if rt.is_main:
@@ -98,6 +100,21 @@ def build_cache(cfg, progress: bool = True, write_shard=None, runtime=None) -> P
     finally:
         if lock is not None:
             lock.release()
+
+
+def _preflight(cfg) -> None:
+    """distill's checks of the data against the models (tokenizer, vocabulary, context
+    length), as the run that will read this cache makes them: a cache for data the teacher
+    cannot serve would only fail there, after the cost of building it. The cache itself does
+    not exist yet, so they run as for an online teacher."""
+    model = {"student": cfg.model.student or cfg.model.teacher}
+    check = cfg.model_copy(
+        update={
+            "teacher": cfg.teacher.model_copy(update={"mode": "online"}),
+            "model": cfg.model.model_copy(update=model),
+        }
+    )
+    preflight(check)
 
 
 def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:

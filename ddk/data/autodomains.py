@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ddk.config import PrepareSection
 from ddk.data.dedup import HASH_DTYPE, text_hash
-from ddk.data.embed import make_embedder
+from ddk.data.embed import EmbedModel, make_embedder
 from ddk.data.manifest import domain_path, read_array, read_manifest
 from ddk.data.sources import Corpus, iter_documents
 from ddk.errors import DDKError
@@ -202,7 +202,7 @@ def _merge_tiny(labels: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def fit_group(
-    texts: list[str], n, cfg: PrepareSection, embed_model: str | None, prefix: str, log
+    texts: list[str], n, cfg: PrepareSection, embed_model: EmbedModel, prefix: str, log
 ) -> GroupModel:
     """Fit embedder + k-means on `texts` (the sample) for n clusters ('auto': by silhouette)."""
     distinct = len(set(texts))
@@ -280,7 +280,7 @@ class DomainPlan:
     tokeniser; writes assignments.jsonl) and then `finish(tmp)` (clusters.json; returns the
     manifest's `auto_domains` entry)."""
 
-    def __init__(self, cfg: PrepareSection, corpus: Corpus, embed_model: str | None, progress):
+    def __init__(self, cfg: PrepareSection, corpus: Corpus, embed_model: EmbedModel, progress):
         check_settings(cfg)
         self.cfg = cfg
         self.corpus = corpus
@@ -322,7 +322,7 @@ class DomainPlan:
                 source = str(files[file_index].path)
             yield label, text, source, record - 1
 
-    def _fit(self, embed_model: str | None) -> None:
+    def _fit(self, embed_model: EmbedModel) -> None:
         cfg = self.cfg
         rng = np.random.default_rng(cfg.seed)
         samples: dict[str | None, list[str]] = {}
@@ -454,8 +454,16 @@ class DomainPlan:
         return entry
 
 
-def plan(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str, progress: bool):
+def plan(
+    cfg: PrepareSection,
+    corpus: Corpus,
+    tokenizer_name: str,
+    progress: bool,
+    trust_remote_code: bool,
+):
     """A DomainPlan when clustering or held-out exclusion is asked for, else None."""
     if not active(cfg):
         return None
-    return DomainPlan(cfg, corpus, cfg.embed_model or tokenizer_name, progress)
+    return DomainPlan(
+        cfg, corpus, EmbedModel(cfg.embed_model or tokenizer_name, trust_remote_code), progress
+    )

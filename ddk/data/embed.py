@@ -10,6 +10,8 @@ states over real tokens, batched, on the GPU when there is one.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -94,19 +96,30 @@ class HashingEmbedder:
         return normalize(np.hstack([normalize(rows), layout])).astype(np.float32)
 
 
+class EmbedModel(NamedTuple):
+    """The model `StudentEmbedder` loads, and whether its own code may run (the run's
+    model.trust_remote_code, passed explicitly: transformers would otherwise ask on stdin)."""
+
+    name: str | None
+    trust_remote_code: bool
+
+
 class StudentEmbedder:
-    def __init__(self, model_name: str | None, batch_size: int = 32):
+    def __init__(self, model: EmbedModel, batch_size: int = 32):
+        model_name = model.name
         if not model_name:
             raise DDKError(
                 "prepare.embedder 'student' needs a model: set model.student or "
                 "prepare.embed_model (or pass --tokenizer with a model folder)"
             )
-        self.tokenizer = load_tokenizer(model_name)
+        self.tokenizer = load_tokenizer(model_name, model.trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            self.model = AutoModel.from_pretrained(resolve_local_path(model_name, "model"))
+            self.model = AutoModel.from_pretrained(
+                resolve_local_path(model_name, "model"), trust_remote_code=model.trust_remote_code
+            )
         except (OSError, ValueError) as e:
             raise DDKError(
                 f"cannot load the embedder model '{model_name}': {first_line(e)}"
@@ -139,7 +152,7 @@ class StudentEmbedder:
         return normalize(rows).astype(np.float32)
 
 
-def make_embedder(kind: str, seed: int, model_name: str | None):
+def make_embedder(kind: str, seed: int, model: EmbedModel):
     if kind == "student":
-        return StudentEmbedder(model_name)
+        return StudentEmbedder(model)
     return HashingEmbedder(seed)

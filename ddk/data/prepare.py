@@ -402,7 +402,13 @@ def _refuse_output_in_input(out: Path, corpus: Path) -> None:
         )
 
 
-def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) -> dict:
+def prepare(
+    cfg: PrepareSection,
+    tokenizer_name: str,
+    *,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
     """Tokenise `cfg.input` once into `cfg.output`; return the manifest. Atomic: a failure
     leaves no output folder that a later run would trust."""
     if not cfg.input:
@@ -415,10 +421,12 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
     # One prepare per output, locked before the input is read. The output appears by rename,
     # so the lock file sits next to it (and is removed on release).
     with FolderLock(out, "prepare", path=out.parent / f".{out.name}.ddk.lock"):
-        return _prepare_locked(cfg, tokenizer_name, out, progress)
+        return _prepare_locked(cfg, tokenizer_name, out, progress, trust_remote_code)
 
 
-def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progress: bool) -> dict:
+def _prepare_locked(
+    cfg: PrepareSection, tokenizer_name: str, out: Path, progress: bool, trust_remote_code: bool
+) -> dict:
     corpus = discover(cfg.input)
     fingerprint = _fingerprint(cfg, corpus, tokenizer_name)
     existing = _check_output(out, fingerprint, cfg.overwrite)
@@ -427,8 +435,10 @@ def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progres
             print(f"'{out}' already holds this corpus prepared; nothing to do.")
         return existing
 
-    tokenizer = load_tokenizer(tokenizer_name)
-    domain_plan = autodomains.plan(cfg, corpus, tokenizer_name, progress)  # pass 1 if clustering
+    tokenizer = load_tokenizer(tokenizer_name, trust_remote_code)
+    domain_plan = autodomains.plan(
+        cfg, corpus, tokenizer_name, progress, trust_remote_code
+    )  # pass 1 if clustering
     if tokenizer.eos_token_id is None:
         raise DDKError(f"tokenizer '{tokenizer_name}' has no EOS token to separate documents")
     # ids can have gaps: the largest id, not the count, decides the dtype and logits width

@@ -150,7 +150,7 @@ def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, co
     if teacher.exists() and student.exists():
         _stage(f"using cached teacher and student in {cache}", t0)
         return tok_dir, teacher, student
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     for name, shape, steps, mix, lr in (
         ("teacher", TEACHER, size.teacher_steps, "natural", 3e-3),
         ("student", STUDENT, size.student_steps, STUDENT_MIX, 3e-3),
@@ -195,7 +195,7 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
         )
     )
     cfg.save(configs / "prepare.yaml")
-    prepare(cfg.prepare, str(tok_dir))
+    prepare(cfg.prepare, str(tok_dir), trust_remote_code=False)  # the demo's own tokenizer
     return corpus, out / "prepared"
 
 

@@ -143,7 +143,7 @@ def write_demo_tasks(
     the document before it."""
     prepared, corpus = Path(prepared), Path(corpus)
     manifest = read_manifest(prepared)
-    tokenizer = load_tokenizer(manifest.tokenizer.name_or_path)
+    tokenizer = load_tokenizer(manifest.tokenizer.name_or_path, trust_remote_code=False)
     max_tokens = manifest.seq_len // 2
 
     @functools.cache

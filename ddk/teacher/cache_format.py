@@ -273,6 +273,15 @@ def _folder_problem(folder: Path, name: str, sub: str) -> str:
     return ""
 
 
+def cache_identity(folder: str | Path) -> str:
+    """What a checkpoint pins of the cache it trained on: its identity and every shard's
+    checksum (a cache rebuilt with the same settings has the same bytes, so it matches)."""
+    m = read_cache_manifest(folder)
+    keys = (*IDENTITY_KEYS, CONTENT_KEY, CHECKSUMS_KEY)
+    pinned = {k: m.get(k) for k in keys}
+    return hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
+
+
 def write_cache_manifest(folder: Path, m: dict) -> None:
     # A fixed temporary name, not fileutil.write_json_atomic's random one: `check_target`
     # recognises `manifest.json.tmp` as what a run killed mid-write leaves behind.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ddk.methods import method_spec
 from ddk.models import check_vocab, embedding_rows
+from ddk.teacher.cache_format import cache_identity
 from ddk.teacher.offline import OfflineTeacher
 from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.perplexity import SharedPerplexities
@@ -49,3 +50,11 @@ def teacher_source(cfg, data, runtime, *, student_rows: int, splits) -> TeacherS
     if not cfg.model.teacher:
         return None
     return OnlineTeacher(model, runtime.autocast, shared(model))
+
+
+def pinned_cache(cfg) -> str | None:
+    """The identity of the teacher cache a run trains on (None: it reads no cache), which its
+    checkpoints record and `--resume` requires unchanged."""
+    if cfg.teacher.mode == "offline" and method_spec(cfg.distill.method).teacher_for_training:
+        return cache_identity(cfg.teacher.cache)
+    return None

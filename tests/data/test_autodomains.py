@@ -14,6 +14,7 @@ from ddk.config import Config, PrepareSection
 from ddk.data import autodomains
 from ddk.data.autodomains import DomainPlan, cluster_name, distinctive_terms, reservoir_add
 from ddk.data.dedup import text_hash
+from ddk.data.embed import EmbedModel
 from ddk.data.prepare import prepare
 from ddk.data.sources import discover
 from ddk.errors import DDKError
@@ -179,7 +180,7 @@ def test_memory_bounded_streaming(tmp_path, monkeypatch):
     truth = write_unlabelled(tmp_path / "big.jsonl", per_source=100, seed=1)  # 400 documents
     monkeypatch.setattr(autodomains, "ASSIGN_BATCH", 16)
     cfg = _cfg(tmp_path / "big.jsonl", tmp_path / "out", auto_domains=4, cluster_sample=40)
-    plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
+    plan = DomainPlan(cfg, discover(cfg.input), EmbedModel(None, False), progress=False)
     assert sum(plan.models[None].sample_sizes) == 40  # fitted on the sample only
     n = sum(1 for _, text, _ in plan.documents(tmp_path) if text is not None)
     assert n == len(truth) == 10 * cfg.cluster_sample
@@ -190,7 +191,7 @@ def test_memory_bounded_streaming(tmp_path, monkeypatch):
 
 def test_auto_picks_the_number_of_sources(tmp_path, mixed):
     cfg = _cfg(mixed[0], tmp_path / "out", auto_domains="auto", auto_domains_range=(2, 7))
-    plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
+    plan = DomainPlan(cfg, discover(cfg.input), EmbedModel(None, False), progress=False)
     model = plan.models[None]
     assert set(model.silhouette) == set(range(2, 8))
     assert len(model.names) == 4
@@ -280,7 +281,7 @@ def test_user_errors_are_one_line(tmp_path, mixed, tokenizer_dir, capsys, flags,
 
 def test_student_embedder_clusters_with_the_students_hidden_states(tmp_path, mixed, student_dir):
     cfg = _cfg(mixed[0], tmp_path / "out", auto_domains=4, embedder="student")
-    plan = DomainPlan(cfg, discover(cfg.input), str(student_dir), progress=False)
+    plan = DomainPlan(cfg, discover(cfg.input), EmbedModel(str(student_dir), False), progress=False)
     model = plan.models[None]
     rows = model.embedder.transform(["def f(self):\n    return 1", "der die das und"])
     assert rows.shape == (2, 32) and np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
@@ -290,7 +291,7 @@ def test_student_embedder_clusters_with_the_students_hidden_states(tmp_path, mix
 def test_student_embedder_needs_a_model(tmp_path, mixed):
     cfg = _cfg(mixed[0], tmp_path / "out", auto_domains=4, embedder="student")
     with pytest.raises(DDKError, match="needs a model"):
-        DomainPlan(cfg, discover(cfg.input), None, progress=False)
+        DomainPlan(cfg, discover(cfg.input), EmbedModel(None, False), progress=False)
 
 
 def test_tiny_clusters_merge_into_the_most_similar_kept_one():
@@ -324,7 +325,7 @@ def test_unlabelled_parquet_and_datasets_need_no_domain_column(tmp_path, mixed, 
         inp = tmp_path / "ds"
         datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(inp))
     cfg = _cfg(inp, tmp_path / "out", auto_domains=4)
-    plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
+    plan = DomainPlan(cfg, discover(cfg.input), EmbedModel(None, False), progress=False)
     labels = [d for d, text, _ in plan.documents(tmp_path) if text is not None]
     assert adjusted_rand_score(mixed[1], labels) >= 0.8
 
