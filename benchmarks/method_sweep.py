@@ -53,6 +53,7 @@ PAPER_KEYS = [
     "distill.weight_temperature=1.0",
     "distill.min_share=0.0",
     "distill.max_weight_change=null",
+    "distill.gap_trend=0",
 ]
 
 
@@ -84,6 +85,43 @@ SETTINGS: dict[str, list[str]] = {
     ),
     "log_clip_floor": _ddk(
         "distill.gap=log_ratio", "distill.clip_gap=true", "distill.init_floor=true"
+    ),
+    "log_t3_floor": _ddk(
+        "distill.gap=log_ratio", "distill.weight_temperature=3", "distill.init_floor=true"
+    ),
+    "log_t4_floor": _ddk(
+        "distill.gap=log_ratio", "distill.weight_temperature=4", "distill.init_floor=true"
+    ),
+    "log_t2_floor_a25": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.alpha=0.25",
+    ),
+    "log_t2_floor_min75": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.min_share=0.75",
+    ),
+    "log_t2_cap15": _ddk(
+        "distill.gap=log_ratio", "distill.weight_temperature=2", "distill.max_weight_change=1.5"
+    ),
+    "log_cap15": _ddk("distill.gap=log_ratio", "distill.max_weight_change=1.5"),
+    "log_floor_trend1": _ddk(
+        "distill.gap=log_ratio", "distill.init_floor=true", "distill.gap_trend=1"
+    ),
+    "log_t2_floor_trend1": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.gap_trend=1",
+    ),
+    "log_t2_floor_trend2": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.gap_trend=2",
     ),
     "t10_floor": _ddk("distill.weight_temperature=10", "distill.init_floor=true"),
     "cap2": _ddk("distill.max_weight_change=2"),
@@ -356,7 +394,9 @@ def collect(runs: list[Run]) -> dict[str, dict[str, dict]]:
 
 
 def write_results(out: Path, rows, results: dict, settings: dict, reference: str | None, note):
-    md = [note, "", table(rows, reference, markdown=True), "", "Settings:", ""]
+    command = shlex.join(["python", "benchmarks/method_sweep.py", *sys.argv[1:]])
+    md = [f"# command: {command}", "", note, "", table(rows, reference, markdown=True), ""]
+    md += ["Settings:", ""]
     md += [f"- `{name}`: `{describe(list(overrides))}`" for name, overrides in settings.items()]
     md += [""]
     per_domain = sorted(

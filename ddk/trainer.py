@@ -124,6 +124,7 @@ class TrainState:
     bad_steps_in_a_row: int = 0
     geometry: dict = field(default_factory=dict)  # what the saved plan and positions assume
     before: dict = field(default_factory=dict)  # student perplexity on the report split at step 0
+    last_val_ppl: list[float] = field(default_factory=list)  # at the last update (gap_trend)
 
 
 def _rng_state() -> dict:
@@ -463,10 +464,13 @@ class Trainer:
                 self.fixed,
                 domains=self.domains,
                 steering=cfg.steering(),
+                previous_student_ppl=self.state.last_val_ppl or None,
             )
         except ValueError as e:
             raise DDKError(f"cannot update domain weights at step {self.state.step}: {e}") from None
         self.state.weights = [float(w) for w in weights]
+        if self.method.teacher_for_weights:  # the baselines' perplexities may be NaN
+            self.state.last_val_ppl = [float(p) for p in s_ppl]
         record = self._domain_event(DOMAIN_UPDATE, student, self.teacher_ppl, weights)
         record["eval_seconds"] = round(time.perf_counter() - started, 3)
         self.plan = self.sampler.plan_interval(
