@@ -331,9 +331,10 @@ def check_same_run(run: Run, cfg: Config) -> None:
     saved = run.run_dir / "config.yaml"
     if not saved.is_file():
         return
-    had = _comparable(read_raw_config(saved))
+    # a key the saved config lacks is newer than the run, which ran with its default
+    had = {**_comparable(Config().model_dump(mode="json")), **_comparable(read_raw_config(saved))}
     want = _comparable(cfg.model_dump(mode="json"))
-    diff = sorted(k for k in set(had) | set(want) if had.get(k) != want.get(k))
+    diff = sorted(k for k in want if had.get(k) != want[k])
     if diff:
         raise DDKError(
             f"'{run.run_dir}' holds a run of setting '{run.setting}' made with other values of "
@@ -376,6 +377,8 @@ def execute(run: Run, launcher: list[str] | None, log_dir: Path) -> None:
 
 
 def sweep(runs: list[Run], launcher: list[str] | None, log_dir: Path, say: Callable = print):
+    for run in runs:  # every folder first: a finished run made with other values is refused too
+        check_same_run(run, requested_config(run))
     todo = [r for r in runs if run_numbers(r.run_dir) is None]
     say(f"{len(runs) - len(todo)} of {len(runs)} runs finished already; {len(todo)} to go")
     for i, run in enumerate(todo, 1):
@@ -388,6 +391,8 @@ def collect(runs: list[Run]) -> dict[str, dict[str, dict]]:
     for run in runs:
         numbers = run_numbers(run.run_dir)
         results.setdefault(run.setting, {})
+        if numbers is not None:
+            check_same_run(run, requested_config(run))
         if numbers is not None:
             results[run.setting][run.replicate.label] = numbers
     return results
