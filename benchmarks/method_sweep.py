@@ -53,6 +53,7 @@ PAPER_KEYS = [
     "distill.weight_temperature=1.0",
     "distill.min_share=0.0",
     "distill.max_weight_change=null",
+    "distill.gap_trend=0",
 ]
 
 
@@ -84,6 +85,43 @@ SETTINGS: dict[str, list[str]] = {
     ),
     "log_clip_floor": _ddk(
         "distill.gap=log_ratio", "distill.clip_gap=true", "distill.init_floor=true"
+    ),
+    "log_t3_floor": _ddk(
+        "distill.gap=log_ratio", "distill.weight_temperature=3", "distill.init_floor=true"
+    ),
+    "log_t4_floor": _ddk(
+        "distill.gap=log_ratio", "distill.weight_temperature=4", "distill.init_floor=true"
+    ),
+    "log_t2_floor_a25": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.alpha=0.25",
+    ),
+    "log_t2_floor_min75": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.min_share=0.75",
+    ),
+    "log_t2_cap15": _ddk(
+        "distill.gap=log_ratio", "distill.weight_temperature=2", "distill.max_weight_change=1.5"
+    ),
+    "log_cap15": _ddk("distill.gap=log_ratio", "distill.max_weight_change=1.5"),
+    "log_floor_trend1": _ddk(
+        "distill.gap=log_ratio", "distill.init_floor=true", "distill.gap_trend=1"
+    ),
+    "log_t2_floor_trend1": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.gap_trend=1",
+    ),
+    "log_t2_floor_trend2": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.gap_trend=2",
     ),
     "t10_floor": _ddk("distill.weight_temperature=10", "distill.init_floor=true"),
     "cap2": _ddk("distill.max_weight_change=2"),
@@ -293,9 +331,10 @@ def check_same_run(run: Run, cfg: Config) -> None:
     saved = run.run_dir / "config.yaml"
     if not saved.is_file():
         return
-    had = _comparable(read_raw_config(saved))
+    # a key the saved config lacks is newer than the run, which ran with its default
+    had = {**_comparable(Config().model_dump(mode="json")), **_comparable(read_raw_config(saved))}
     want = _comparable(cfg.model_dump(mode="json"))
-    diff = sorted(k for k in set(had) | set(want) if had.get(k) != want.get(k))
+    diff = sorted(k for k in want if had.get(k) != want[k])
     if diff:
         raise DDKError(
             f"'{run.run_dir}' holds a run of setting '{run.setting}' made with other values of "
@@ -338,6 +377,8 @@ def execute(run: Run, launcher: list[str] | None, log_dir: Path) -> None:
 
 
 def sweep(runs: list[Run], launcher: list[str] | None, log_dir: Path, say: Callable = print):
+    for run in runs:  # every folder first: a finished run made with other values is refused too
+        check_same_run(run, requested_config(run))
     todo = [r for r in runs if run_numbers(r.run_dir) is None]
     say(f"{len(runs) - len(todo)} of {len(runs)} runs finished already; {len(todo)} to go")
     for i, run in enumerate(todo, 1):
@@ -351,12 +392,16 @@ def collect(runs: list[Run]) -> dict[str, dict[str, dict]]:
         numbers = run_numbers(run.run_dir)
         results.setdefault(run.setting, {})
         if numbers is not None:
+            check_same_run(run, requested_config(run))
+        if numbers is not None:
             results[run.setting][run.replicate.label] = numbers
     return results
 
 
 def write_results(out: Path, rows, results: dict, settings: dict, reference: str | None, note):
-    md = [note, "", table(rows, reference, markdown=True), "", "Settings:", ""]
+    command = shlex.join(["python", "benchmarks/method_sweep.py", *sys.argv[1:]])
+    md = [f"# command: {command}", "", note, "", table(rows, reference, markdown=True), ""]
+    md += ["Settings:", ""]
     md += [f"- `{name}`: `{describe(list(overrides))}`" for name, overrides in settings.items()]
     md += [""]
     per_domain = sorted(

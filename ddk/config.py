@@ -207,6 +207,13 @@ class DistillSection(_Section):
         description="Every domain's weight is at least min_share/N, a fraction of the uniform "
         "share (not in the paper; Eq. 2 already keeps (1-alpha)/N after interval 0).",
     )
+    gap_trend: float = Field(
+        0.0,
+        ge=0.0,
+        description="Extrapolate each domain's gap one interval ahead from its change since "
+        "the last update: gap + gap_trend * (gap - previous gap); 1 = optimistic mirror "
+        "descent. A gap that closes fast then pulls less (not in the paper).",
+    )
     max_weight_change: float | None = Field(
         None,
         ge=1.0,
@@ -233,6 +240,7 @@ class DistillSection(_Section):
             clip_gap=self.clip_gap,
             min_share=self.min_share,
             max_change=self.max_weight_change,
+            trend=self.gap_trend,
         )
 
 

@@ -76,6 +76,8 @@ class IntervalPlan:
         }
         self.interval = 0
         self.weights: list[float] = []
+        # the student's val perplexities at the last update (distill.gap_trend reads them)
+        self.last_val_ppl: list[float] = []
         self.plan: np.ndarray | None = None  # the current interval's rows, [steps * batch, 2]
         self._epoch_warned: set[str] = set()
 
@@ -107,11 +109,14 @@ class IntervalPlan:
                 self.fixed,
                 domains=self.domains,
                 steering=self.steering,
+                previous_student_ppl=self.last_val_ppl or None,
             )
         except ValueError as e:
             raise DDKError(f"cannot update domain weights at step {step}: {e}") from None
         self.interval = interval
         self.weights = [float(w) for w in weights]
+        if self.method.teacher_for_weights:  # the baselines' perplexities may be NaN
+            self.last_val_ppl = [float(student_ppl[d]) for d in self.domains]
         self.plan = self.sampler.plan_interval(
             interval, weights, self._interval_steps() * self.global_batch
         )
@@ -139,6 +144,7 @@ class IntervalPlan:
         return {
             "interval": self.interval,
             "weights": list(self.weights),
+            "last_val_ppl": list(self.last_val_ppl),
             "sampler": self.sampler.state_dict(),
             "geometry": self.geometry,
             "plan": self.plan,
@@ -166,6 +172,7 @@ class IntervalPlan:
         self.sampler.load_state_dict(state.get("sampler", {}))
         self.interval = int(state.get("interval", 0))
         self.weights = [float(w) for w in state.get("weights", [])]
+        self.last_val_ppl = [float(p) for p in state.get("last_val_ppl", [])]
         self.plan = state["plan"]
 
     # ------------------------------------------------------------------ internals

@@ -28,6 +28,9 @@ step of the recipe and defaults to the paper's behaviour::
                                               DoReMi's / Sheared-LLaMA's excess loss
     g        = max(g, g(ℓ_S = ℓ_T))          clip_gap: no push once the student matches
                                               the teacher (DoReMi clips excess loss at 0)
+    g        = g + β·(g - g_prev)            trend = β: the gap extrapolated one interval
+                                              ahead from its change since the last
+                                              evaluation (optimistic mirror descent: β = 1)
     x        = g / temperature               temperature on Eq. 1's and Eq. 2's softmax
     r0       = softmax(x)  (+ Eq. 2's floor with init_floor)
     r'       = Eq. 2 with x
@@ -65,6 +68,7 @@ __all__ = [
     "Steering",
     "perplexity_ratio",
     "domain_gap",
+    "steering_exponent",
     "bounded_rescale",
     "limit_change",
     "apply_min_share",
@@ -95,6 +99,7 @@ class Steering:
     clip_gap: bool = False
     min_share: float = 0.0
     max_change: float | None = None
+    trend: float = 0.0
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -105,6 +110,8 @@ class Steering:
             raise ValueError(f"min_share must be in [0, 1], got {self.min_share}")
         if self.max_change is not None and not self.max_change >= 1.0:
             raise ValueError(f"max_change must be >= 1, got {self.max_change}")
+        if not self.trend >= 0.0:
+            raise ValueError(f"trend must be >= 0, got {self.trend}")
 
 
 #: The paper's DDK: every knob off.
@@ -206,9 +213,22 @@ def domain_gap(
     return np.maximum(g, even) if clip else g
 
 
-def _logits(student_ppl, teacher_ppl, domains, steering: Steering) -> np.ndarray:
-    """``x = gap / temperature``: the per-domain exponent of Eq. 1 and Eq. 2."""
+def steering_exponent(
+    student_ppl: Sequence[float] | np.ndarray,
+    teacher_ppl: Sequence[float] | np.ndarray,
+    domains: Sequence[str] | None = None,
+    steering: Steering = PAPER,
+    previous_student_ppl: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
+    """The per-domain exponent of Eq. 1 and Eq. 2: ``x = g / temperature``, where ``g`` is
+    :func:`domain_gap`, extrapolated by ``steering.trend`` from the gap of
+    ``previous_student_ppl`` (the last evaluation) when that is given. The paper: ``ℓ_S/ℓ_T``."""
     g = domain_gap(student_ppl, teacher_ppl, steering.gap, steering.clip_gap, domains)
+    if steering.trend and previous_student_ppl is not None:
+        before = domain_gap(
+            previous_student_ppl, teacher_ppl, steering.gap, steering.clip_gap, domains
+        )
+        g = g + steering.trend * (g - before)
     return g / steering.temperature
 
 
@@ -217,10 +237,12 @@ def initial_weights(
     teacher_ppl: Sequence[float] | np.ndarray,
     domains: Sequence[str] | None = None,
     steering: Steering = PAPER,
+    previous_student_ppl: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Eq. 1: ``r0 = softmax(ℓ_S / ℓ_T)``, computed as ``exp(x - logsumexp(x))`` in float64
-    (``x`` from ``steering``'s gap and temperature; the paper's by default)."""
-    return _softmax_log(_logits(student_ppl, teacher_ppl, domains, steering))
+    (``x`` from :func:`steering_exponent`; the paper's by default)."""
+    x = steering_exponent(student_ppl, teacher_ppl, domains, steering, previous_student_ppl)
+    return _softmax_log(x)
 
 
 def floored_initial_weights(
@@ -263,6 +285,7 @@ def smooth_update(
     alpha: float,
     domains: Sequence[str] | None = None,
     steering: Steering = PAPER,
+    previous_student_ppl: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Eq. 2 (factor smooth updating), in log space.
 
@@ -270,10 +293,10 @@ def smooth_update(
     finite, ``>= 0`` and not all zero (its scale does not matter: ψ is normalised).
     A zero weight stays at the floor ``(1 - α)/N`` instead of producing NaN. Every
     returned weight is ``>= (1 - α)/N`` and the weights sum to 1 (to rounding).
-    ``steering``'s gap and temperature replace ``ℓ_S/ℓ_T`` in ``ψ`` (the paper's by default).
+    :func:`steering_exponent` replaces ``ℓ_S/ℓ_T`` in ``ψ`` (the same by default).
     """
     alpha = _check_alpha(alpha)
-    x = _logits(student_ppl, teacher_ppl, domains, steering)
+    x = steering_exponent(student_ppl, teacher_ppl, domains, steering, previous_student_ppl)
     r = _check_weights(weights, x.size)
     with np.errstate(divide="ignore"):
         log_psi = np.log(r) + x
@@ -425,6 +448,7 @@ def next_weights(
     fixed: Sequence[float] | np.ndarray | None,
     domains: Sequence[str] | None = None,
     steering: Steering = PAPER,
+    previous_student_ppl: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
     """The domain weights to sample interval ``interval`` with — one dispatch for every method.
 
@@ -444,7 +468,8 @@ def next_weights(
     (whichever is given first). Bad perplexities raise ``ValueError`` for the DDK
     methods (see the module docstring). ``steering`` applies to the two DDK methods only:
     ``init_floor`` makes ``ddk``'s interval 0 :func:`floored_initial_weights`; gap, clip and
-    temperature change Eq. 1/2's exponent; then ``max_change`` caps the change from
+    temperature change Eq. 1/2's exponent, and ``trend`` with ``previous_student_ppl`` (the
+    student's perplexities at the last update; None at interval 0); then ``max_change`` caps the change from
     ``weights`` (uniform at interval 0 or when ``weights`` is None) and ``min_share`` floors
     the result (in that order, so the floor wins).
     """
@@ -453,8 +478,9 @@ def next_weights(
     rule = method_spec(method).weights
 
     if rule in ("eq1_then_eq2", "eq1_every_interval"):
+        before = previous_student_ppl if interval > 0 else None
         if rule == "eq1_every_interval":
-            new = initial_weights(student_ppl, teacher_ppl, domains, steering)
+            new = initial_weights(student_ppl, teacher_ppl, domains, steering, before)
         elif interval == 0 and steering.init_floor:
             new = floored_initial_weights(student_ppl, teacher_ppl, alpha, domains, steering)
         elif interval == 0:
@@ -462,7 +488,7 @@ def next_weights(
         elif weights is None:
             raise ValueError(f"method {method!r} needs the previous interval's weights after 0")
         else:
-            new = smooth_update(weights, student_ppl, teacher_ppl, alpha, domains, steering)
+            new = smooth_update(weights, student_ppl, teacher_ppl, alpha, domains, steering, before)
         if steering.max_change is not None:
             before = weights if interval > 0 and weights is not None else uniform_weights(new.size)
             new = limit_change(before, new, steering.max_change)

@@ -79,8 +79,9 @@ def method_spec(name: str) -> MethodSpec:
         raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)}") from None
 
 
-# `distill.preset` -> the distill keys it sets (keys a config sets itself win). Chosen by
-# benchmarks/method_sweep.py; the README's "Choosing a DDK setting" shows the evidence.
+# `distill.preset` -> the distill keys it sets (a key the config sets to a non-default value
+# wins). Chosen with benchmarks/method_sweep.py; README "Choosing a DDK setting" has the runs.
+# "robust" is provisional: chosen on the demo only, to be confirmed on other corpora (issue 19).
 PRESETS: dict[str, dict[str, Any]] = {
-    "robust": {"init_floor": True, "alpha": 0.25},
+    "robust": {"gap": "log_ratio", "weight_temperature": 2.0, "init_floor": True},
 }

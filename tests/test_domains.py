@@ -21,6 +21,7 @@ from ddk.domains import (
     next_weights,
     perplexity_ratio,
     smooth_update,
+    steering_exponent,
     uniform_weights,
 )
 
@@ -535,3 +536,40 @@ def test_steering_does_not_touch_fixed_mixtures(method):
     st = Steering(init_floor=True, gap="log_ratio", min_share=1.0, max_change=1.1)
     w = next_weights(method, 2, [0.8, 0.1, 0.1], STUDENT, TEACHER, 0.5, FIXED, DOMAINS, st)
     np.testing.assert_allclose(w, FIXED if method != "equal" else [1 / 3] * 3)
+
+
+@pytest.mark.parametrize("gap", ["ratio", "log_ratio"])
+def test_trend_extrapolates_the_gap_like_the_naive_formula(gap):
+    rng = np.random.default_rng(6)
+    for _ in range(30):
+        s, t = _random_case(rng, spread=3.0)
+        prev = s * np.exp(rng.uniform(-0.5, 1.0, len(s)))
+        beta, temp = float(rng.uniform(0, 2)), float(rng.uniform(0.5, 3))
+        st = Steering(gap=gap, trend=beta, temperature=temp)
+        g, g0 = np.array(_naive_gap(s, t, gap, False)), np.array(_naive_gap(prev, t, gap, False))
+        x = (g + beta * (g - g0)) / temp
+        np.testing.assert_allclose(steering_exponent(s, t, None, st, prev), x, rtol=1e-12)
+        np.testing.assert_allclose(steering_exponent(s, t, None, st), g / temp, rtol=1e-12)
+        r, alpha = rng.dirichlet(np.ones(len(s))), float(rng.uniform())
+        psi = r * np.exp(x)
+        naive = alpha * psi / psi.sum() + (1 - alpha) / len(s)
+        np.testing.assert_allclose(smooth_update(r, s, t, alpha, None, st, prev), naive, rtol=1e-12)
+
+
+def test_trend_in_next_weights():
+    # 'a' closed its gap from 8x to 4x since the last update, 'b' stayed at 3x: with a trend
+    # of 1 the log-gaps ahead are 2 log 4 - log 8 = log 2 and log 3, so 'b' gets more
+    st = Steering(gap="log_ratio", trend=1.0)
+    prev, now, teacher = [8.0, 3.0], [4.0, 3.0], [1.0, 1.0]
+    w = next_weights("ddk_no_smoothing", 1, None, now, teacher, 0.5, None, None, st, prev)
+    np.testing.assert_allclose(w, [2 / 5, 3 / 5])
+    plain = next_weights("ddk_no_smoothing", 1, None, now, teacher, 0.5, None, None,
+                         Steering(gap="log_ratio"), prev)  # fmt: skip
+    np.testing.assert_allclose(plain, [4 / 7, 3 / 7])
+    # interval 0 has no previous evaluation, whatever is passed
+    w0 = next_weights("ddk", 0, None, now, teacher, 0.5, None, None, st, prev)
+    np.testing.assert_allclose(w0, [4 / 7, 3 / 7])
+    r1 = next_weights("ddk", 1, [0.5, 0.5], now, teacher, 0.5, None, None, st, prev)
+    np.testing.assert_allclose(r1, 0.5 * np.array([2 / 5, 3 / 5]) + 0.25)
+    with pytest.raises(ValueError, match="trend"):
+        Steering(trend=-1.0)

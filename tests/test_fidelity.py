@@ -206,23 +206,28 @@ def test_steering_keys_reach_the_run(tmp_path, teacher_dir, student_dir, prepare
 
     run = tmp_path / "robust"
     keys = {"distill.preset": "robust", "distill.gap": "log_ratio", "distill.min_share": 0.5,
-            "distill.max_weight_change": 1.5, "distill.K": 2, "trainer.max_steps": 4}  # fmt: skip
+            "distill.max_weight_change": 1.5, "distill.gap_trend": 1.0, "distill.K": 2,
+            "trainer.max_steps": 6}  # fmt: skip
     cfg = make_config(run, teacher_dir, student_dir, prepared_dir, **keys)
     start_run(cfg)
     saved = load_config(run / "config.yaml").distill
     assert saved == cfg.distill and saved.preset == "robust" and saved.gap == "log_ratio"
     assert yaml.safe_load((run / "config.yaml").read_text())["distill"]["init_floor"] is True
     updates = _events(run, "domain_update")
-    assert [u["step"] for u in updates] == [0, 2]
-    previous = None
+    assert [u["step"] for u in updates] == [0, 2, 4]
+    previous, last_ppl = None, None
     for i, update in enumerate(updates):
         names = list(update["domains"])
         s = [update["domains"][d]["student_ppl"] for d in names]
         t = [update["domains"][d]["teacher_ppl"] for d in names]
         expected = next_weights("ddk", i, previous, s, t, saved.alpha, None, names,
-                                saved.steering())  # fmt: skip
+                                saved.steering(), last_ppl)  # fmt: skip
         got = [update["domains"][d]["weight"] for d in names]
         np.testing.assert_allclose(got, expected, rtol=1e-9)
         assert min(got) >= 0.5 / len(names) - 1e-12
-        previous = got
+        previous, last_ppl = got, s
+    # the trend changed something: without the last perplexities interval 2 differs
+    r1 = [updates[1]["domains"][d]["weight"] for d in names]
+    blind = next_weights("ddk", 2, r1, s, t, saved.alpha, None, names, saved.steering())
+    assert not np.allclose(blind, got)
     assert summarize_runs([run])["runs"][0]["label"] == "ddk+robust"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ddk.config import Config
 from ddk.errors import DDKError
@@ -145,6 +146,15 @@ def test_plan_configs_and_refusals(tmp_path):
         sweep.check_same_run(runs[0], cfg)
     cfg.save(runs[0].run_dir / "config.yaml")
     sweep.check_same_run(runs[0], cfg)
+    # a run saved before a key existed ran with that key's default: same run, unless the
+    # setting asks for another value
+    older = cfg.model_dump(mode="json")
+    del older["distill"]["gap_trend"]
+    (runs[0].run_dir / "config.yaml").write_text(yaml.safe_dump(older))
+    sweep.check_same_run(runs[0], cfg)
+    cfg.distill.gap_trend = 1.0
+    with pytest.raises(DDKError, match="distill.gap_trend"):
+        sweep.check_same_run(runs[0], cfg)
     with pytest.raises(DDKError, match="unknown setting 'nope'"):
         sweep.chosen_settings(sweep.parse_args(["--out", "x", "--settings", "nope"]))
     with pytest.raises(DDKError, match="neither a config file nor a demo folder"):
@@ -190,3 +200,6 @@ def test_tiny_sweep_end_to_end_and_resumable(
     assert "1 of 2 runs finished already; 1 to go" in resumed
     assert "resuming from" in resumed  # from its last checkpoint
     assert sweep.run_numbers(metrics.parent) == numbers_equal
+    # the same folder asked for with other values is refused, not tabulated as if it matched
+    with pytest.raises(DDKError, match="other values of distill.alpha"):
+        sweep.main([*argv[:-3], "--setting", "equal", "distill.method=equal", "distill.alpha=0.1"])
