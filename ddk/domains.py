@@ -392,22 +392,7 @@ def fixed_mixture(
         if spec == "uniform":
             return uniform_weights(n)
         if spec == "natural":
-            if natural_tokens is None:
-                raise ValueError("fixed mixture 'natural' needs the token count of every domain")
-            counts = []
-            for d in domains:
-                if d not in natural_tokens:
-                    raise ValueError(f"fixed mixture 'natural': no token count for domain {d!r}")
-                c = float(natural_tokens[d])
-                if not np.isfinite(c) or c < 0:
-                    raise ValueError(
-                        f"fixed mixture 'natural': token count of domain {d!r} must be >= 0, got {c}"
-                    )
-                counts.append(c)
-            w = np.asarray(counts, dtype=np.float64)
-            if w.sum() <= 0:
-                raise ValueError("fixed mixture 'natural': every domain has 0 tokens")
-            return w / w.sum()
+            return _natural_mixture(domains, natural_tokens)
         raise ValueError(
             f"fixed mixture must be 'natural', 'uniform' or a {{domain: weight}} dict, got {spec!r}"
         )
@@ -417,8 +402,33 @@ def fixed_mixture(
             f"fixed mixture must be 'natural', 'uniform' or a {{domain: weight}} dict, "
             f"got {type(spec).__name__}"
         )
+    return _given_mixture(domains, spec)
+
+
+def _natural_mixture(domains: list[str], natural_tokens: Mapping[str, int] | None) -> np.ndarray:
+    """Weights proportional to each domain's training token count."""
+    if natural_tokens is None:
+        raise ValueError("fixed mixture 'natural' needs the token count of every domain")
+    counts = []
+    for d in domains:
+        if d not in natural_tokens:
+            raise ValueError(f"fixed mixture 'natural': no token count for domain {d!r}")
+        c = float(natural_tokens[d])
+        if not np.isfinite(c) or c < 0:
+            raise ValueError(
+                f"fixed mixture 'natural': token count of domain {d!r} must be >= 0, got {c}"
+            )
+        counts.append(c)
+    w = np.asarray(counts, dtype=np.float64)
+    if w.sum() <= 0:
+        raise ValueError("fixed mixture 'natural': every domain has 0 tokens")
+    return w / w.sum()
+
+
+def _given_mixture(domains: list[str], spec: Mapping[str, float]) -> np.ndarray:
+    """A user's {domain: weight}, normalised; domains it leaves out get 0."""
     index = {d: i for i, d in enumerate(domains)}
-    w = np.zeros(n, dtype=np.float64)
+    w = np.zeros(len(domains), dtype=np.float64)
     for d, value in spec.items():
         if d not in index:
             raise ValueError(f"fixed mixture names unknown domain {d!r}; known: {domains}")
@@ -478,24 +488,10 @@ def next_weights(
     rule = method_spec(method).weights
 
     if rule in ("eq1_then_eq2", "eq1_every_interval"):
-        before = previous_student_ppl if interval > 0 else None
-        if rule == "eq1_every_interval":
-            new = initial_weights(student_ppl, teacher_ppl, domains, steering, before)
-        elif interval == 0 and steering.init_floor:
-            new = floored_initial_weights(student_ppl, teacher_ppl, alpha, domains, steering)
-        elif interval == 0:
-            new = initial_weights(student_ppl, teacher_ppl, domains, steering)
-        elif weights is None:
-            raise ValueError(f"method {method!r} needs the previous interval's weights after 0")
-        else:
-            new = smooth_update(weights, student_ppl, teacher_ppl, alpha, domains, steering, before)
-        if steering.max_change is not None:
-            before = weights if interval > 0 and weights is not None else uniform_weights(new.size)
-            new = limit_change(before, new, steering.max_change)
-        if steering.min_share > 0:
-            new = apply_min_share(new, steering.min_share)
-        return new
-
+        return _ddk_weights(
+            method, rule, interval, weights, student_ppl, teacher_ppl, alpha, domains, steering,
+            previous_student_ppl,
+        )  # fmt: skip
     n = None
     for candidate in (domains, teacher_ppl, student_ppl, weights, fixed):
         if candidate is not None:
@@ -512,3 +508,26 @@ def next_weights(
     if abs(w.sum() - 1.0) > 1e-6:
         raise ValueError(f"fixed mixture must sum to 1, sums to {w.sum()}")
     return w.copy()
+
+
+def _ddk_weights(
+    method, rule, interval, weights, student_ppl, teacher_ppl, alpha, domains, steering, previous
+) -> np.ndarray:
+    """``next_weights`` for the two DDK methods: Eq. 1 / Eq. 2 with the steering keys."""
+    before = previous if interval > 0 else None
+    if rule == "eq1_every_interval":
+        new = initial_weights(student_ppl, teacher_ppl, domains, steering, before)
+    elif interval == 0 and steering.init_floor:
+        new = floored_initial_weights(student_ppl, teacher_ppl, alpha, domains, steering)
+    elif interval == 0:
+        new = initial_weights(student_ppl, teacher_ppl, domains, steering)
+    elif weights is None:
+        raise ValueError(f"method {method!r} needs the previous interval's weights after 0")
+    else:
+        new = smooth_update(weights, student_ppl, teacher_ppl, alpha, domains, steering, before)
+    if steering.max_change is not None:
+        start = weights if interval > 0 and weights is not None else uniform_weights(new.size)
+        new = limit_change(start, new, steering.max_change)
+    if steering.min_share > 0:
+        new = apply_min_share(new, steering.min_share)
+    return new

@@ -351,14 +351,7 @@ def _write_splits(
         stats["heldout_unused_tokens"] += int(lens[docs].sum() - kept.sum())
     codes = split_codes(len(lens), hashes, drawn, held)
     train = codes == TRAIN
-    with open(folder / "train.bin", "wb") as fh:
-        # Copy runs of consecutive training documents, not one document at a time.
-        change = np.flatnonzero(np.diff(np.concatenate([[0], train.view(np.int8), [0]])))
-        for run_start, run_end in zip(change[::2], change[1::2]):
-            lo = int(starts[run_start])
-            hi = int(starts[run_end - 1] + lens[run_end - 1])
-            for a in range(lo, hi, _COPY_CHUNK):
-                np.asarray(tokens[a : min(hi, a + _COPY_CHUNK)]).tofile(fh)
+    _write_train(folder / "train.bin", tokens, starts, lens, train)
     np.save(folder / "train_docs.npy", np.stack([ids[train], lens[train]], axis=1))
     np.save(folder / "heldout_hashes.npy", np.unique(hashes[codes > TRAIN]).astype(HASH_DTYPE))
     del tokens
@@ -377,6 +370,24 @@ def _write_splits(
             f"{stats['duplicates_dropped']} copy(ies) of held-out texts, of this or other "
             "domains); add text or lower prepare.seq_len"
         )
+    _warn_short_heldout(name, cfg, stats)
+    return stats
+
+
+def _write_train(path: Path, tokens, starts: np.ndarray, lens: np.ndarray, train) -> None:
+    """The training documents' tokens in corpus order, copied in runs of consecutive training
+    documents, not one document at a time."""
+    with open(path, "wb") as fh:
+        change = np.flatnonzero(np.diff(np.concatenate([[0], train.view(np.int8), [0]])))
+        for run_start, run_end in zip(change[::2], change[1::2]):
+            lo = int(starts[run_start])
+            hi = int(starts[run_end - 1] + lens[run_end - 1])
+            for a in range(lo, hi, _COPY_CHUNK):
+                np.asarray(tokens[a : min(hi, a + _COPY_CHUNK)]).tofile(fh)
+
+
+def _warn_short_heldout(name: str, cfg: PrepareSection, stats: dict) -> None:
+    """One warning per held-out split that got fewer windows than asked for."""
     wanted = _wanted(cfg)
     for split, label in (("val", "validation"), ("test", "test")):
         if stats[f"{split}_sequences"] < wanted[split]:
@@ -384,10 +395,9 @@ def _write_splits(
                 f"domain '{name}': {label} has {stats[f'{split}_sequences']} of "
                 f"{wanted[split]} windows, from {stats[f'{split}_documents']} documents (at most "
                 f"{per_document_cap(wanted[split], cfg.heldout_windows_per_document)} window(s) of "
-                f"{L} tokens from each, held-out "
-                f"documents at most half of its {total:,} tokens)"
+                f"{cfg.seq_len} tokens from each, held-out "
+                f"documents at most half of its {stats['total_tokens']:,} tokens)"
             )
-    return stats
 
 
 def _refuse_output_in_input(out: Path, corpus: Path) -> None:
