@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from ddk import __version__
 from ddk.config import PrepareSection, load_config
-from ddk.errors import DDKError
+from ddk.errors import DDKError, first_line
 
 EXIT_USER_ERROR = 2
 
@@ -320,8 +320,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _peer_stopped(e):
+            raise
+        # Another rank stopped (its one line is above) and this one's collective lost it.
+        print(
+            "error: another process of this launch stopped (see its error); here: "
+            + first_line(e)[:200],
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     finally:
         _close_process_group()
+
+
+# What gloo and NCCL raise in a rank whose peer exited in the middle of a collective.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _peer_stopped(e: BaseException) -> bool:
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist  # deferred: torch is loaded by now, so this costs nothing
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    text = str(e)
+    return isinstance(e, dist.DistBackendError) or any(m in text for m in _PEER_GONE)
 
 
 if __name__ == "__main__":

@@ -619,3 +619,48 @@ def test_zero2_optimizer_offload_resumes_exactly(tmp_path, teacher_dir, student_
     killed = _killed_copy(tmp_path / "whole", tmp_path / "killed", drop_after=4)
     _torchrun(["distill", "--resume", str(killed)], env, program=[str(script)])
     _assert_same_run(tmp_path / "whole", killed, rel=1e-6)
+
+
+ONE_RANK_FAILS = """
+import sys
+import torch.distributed as dist
+from ddk import cli
+from ddk.errors import DDKError
+from ddk.trainer import Trainer
+
+original = Trainer.train_step
+
+
+def train_step(self, *args, **kwargs):
+    if dist.get_rank() == 1 and self.state.step == 2:
+        raise DDKError("rank one cannot go on")  # rank 0 is left in a collective
+    return original(self, *args, **kwargs)
+
+
+Trainer.train_step = train_step
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_surviving_rank_exits_quietly_after_another_ranks_one_line(
+    tmp_path, teacher_dir, student_dir, prepared_dir
+):
+    script = tmp_path / "fail.py"
+    script.write_text(ONE_RANK_FAILS)
+    cfg = _config(
+        tmp_path / "c.yaml", tmp_path / "run", teacher_dir, student_dir, prepared_dir, 2, 2
+    )
+    done = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), "distill", str(cfg)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "rank one cannot go on" in done.stderr
+    # torchrun's own launcher traceback names the failed worker; no worker prints one.
+    assert "[rank0]: Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "[rank1]: Traceback" not in done.stderr, done.stderr[-3000:]
