@@ -381,6 +381,8 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
     cache.mkdir(parents=True, exist_ok=True)
     cached = (cache / "teacher" / "final").exists() and (cache / "student" / "final").exists()
     expect = ESTIMATE[(args.quick, cached)]
+    if importlib.util.find_spec("lm_eval") is not None:
+        expect += " plus about 3 minutes of benchmark scoring"
     print(
         f"ddk demo ({tag}) -> {out}\n"
         f"stages: corpus + tokenizer + prepare, teacher and student pre-training"
