@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -159,6 +160,7 @@ def main() -> None:
     headers = ["divergence", "tau", "estimator", "bytes/token", "value bias %", "value sd %",
                "grad cos (1 draw)", f"grad cos (mean of {args.draws})"]  # fmt: skip
     info = (
+        f"# command: python {' '.join(sys.argv)}\n"
         f"# bench_sparse_kl: {platform.machine()}, torch {torch.__version__}; "
         f"{n} tokens ({args.sequences} val sequences x {len(seqs) // args.sequences} domains), "
         f"vocab {vocab}, student {args.student or cfg.model.student}, tail proposal p^{args.power}, "
