@@ -651,9 +651,10 @@ def test_cache_inside_prepared_data_is_refused(tmp_path, teacher_dir, student_di
 
 
 def test_disk_full_during_cache_teacher_is_one_line_and_leaves_no_temporary(
-    tmp_path, mount_tmpfs, teacher_dir, student_dir, prepared_dir
+    tmp_path, mount_tmpfs, teacher_dir, student_dir, prepared_dir, cache_dir
 ):
-    disk = mount_tmpfs(tmp_path / "disk", "size=120k")  # room for one shard, not two
+    shard = max(p.stat().st_size for p in cache_dir.rglob("*.bin"))
+    disk = mount_tmpfs(tmp_path / "disk", f"size={shard * 3 // 2 // 1024}k")  # one shard, not two
     folder = disk / "c"
     with pytest.raises(DDKError, match="the disk is full"):
         build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
