@@ -113,12 +113,15 @@ def _write_cache(folder: Path, teacher, input_ids, vocab: int, k: int, chunk: in
         "format_version": c.FORMAT_VERSION,
         "teacher_fingerprint": "bench: random-init teacher",
         "data_fingerprint": "bench: one random batch",
+        "vocab_size": vocab,
         "seq_len": L,
         "k": k,
         "tau": TAU,
         "shard_sequences": c.SHARD_SEQUENCES,
         "dtypes": {"ids": c.id_dtype(vocab).name, "logp": "float16", "log_tail": "float32"},
         "bytes_per_token": c.bytes_per_token(k, vocab),
+        "samples": 0,  # top-k only: what the bench times
+        "complete": True,
         "domains": {"bench": {"folder": "bench", "sequences": B, "shards": 1}},
     }
     c.write_shard(folder / "bench" / "000000.bin", c.shard_arrays(signal, vocab))
@@ -165,7 +168,7 @@ def _worker(args) -> dict:
     if args.row == "offline":
         from ddk.teacher.offline import OfflineTeacher
 
-        offline = OfflineTeacher(args.cache, ["bench"], device)
+        offline = OfflineTeacher(args.cache, ["bench"], device, "topk")
         rows = np.stack([np.zeros(B, dtype=np.int64), np.arange(B)], axis=1)
     else:
         teacher = _model(p["teacher"], vocab, T, dtype, device, seed=2).eval().requires_grad_(False)

@@ -33,7 +33,7 @@ def _records():
 
 
 def test_records_round_trip_through_metrics_jsonl(tmp_path):
-    writer = MetricsWriter(tmp_path, report_to=[])
+    writer = MetricsWriter(tmp_path)
     for record in _records():
         writer.write(record)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
