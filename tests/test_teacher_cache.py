@@ -188,6 +188,52 @@ def test_rerun_rebuilds_a_truncated_or_changed_shard(
     assert tree(folder) == tree(cache_dir)
 
 
+def _without_checksums(cache_dir: Path, folder: Path) -> dict:
+    """A copy of `cache_dir` as ddk wrote it before shard checksums: no `shard_sha256`."""
+    shutil.copytree(cache_dir, folder)
+    m = read_cache_manifest(folder)
+    del m[cache_format.CHECKSUMS_KEY]
+    cache_format.write_cache_manifest(folder, m)
+    return m
+
+
+def _read_row(folder: Path, m: dict, domain: int) -> None:
+    reader = OfflineTeacher(folder, list(m["domains"]), torch.device("cpu"))
+    rows = np.array([[domain, 0]])
+    reader.signal(Batch(torch.zeros(1, m["seq_len"], dtype=torch.long), rows))
+
+
+def test_cache_without_checksums_is_checked_and_a_rerun_repairs_it(
+    tmp_path, cache_dir, teacher_dir, student_dir, prepared_dir, capsys
+):
+    """A cache written before shard checksums was read unchecked (log-probs of p > 1 trained
+    silently) and a rerun said "nothing to do". Now a reader checks such a shard's values and
+    refuses one that cannot be a distribution, and a rerun rebuilds it and records checksums."""
+    folder = tmp_path / "c"
+    m = _without_checksums(cache_dir, folder)
+    names = list(m["domains"])
+    _read_row(folder, m, 1)  # an intact shard of an old cache still reads
+    edited = cache_format.shard_path(folder, m["domains"][names[0]], 0)
+    arrays = [np.array(a) for a in cache_format.open_shard(folder, m, names[0], 0)]
+    arrays[1][:] = 5.0  # log-probs raised to +5: p > 1
+    cache_format.write_shard(edited, arrays)
+    with pytest.raises(DDKError, match="log-probabilities that are NaN or above 0"):
+        _read_row(folder, m, 0)
+    noise = cache_format.shard_path(folder, m["domains"][names[1]], 0)
+    noise.write_bytes(np.random.default_rng(0).bytes(noise.stat().st_size))
+    with pytest.raises(DDKError, match="holds token ids beyond the vocabulary|NaN or above 0"):
+        _read_row(folder, m, 1)
+    cfg = tmp_path / "cfg.yaml"
+    offline(teacher_dir, student_dir, prepared_dir, folder, tmp_path / "run").save(cfg)
+    assert main(["distill", str(cfg)]) == 2
+    captured = capsys.readouterr()
+    assert "written before ddk recorded shard checksums" in captured.out
+    assert "rerun `ddk cache-teacher`" in one_error_line(captured.err)
+    build_cache(config(teacher_dir, student_dir, prepared_dir, folder), progress=False)
+    assert "nothing to do" not in capsys.readouterr().out
+    assert tree(folder) == tree(cache_dir)  # both shards rebuilt, the checksums recorded
+
+
 def test_cache_of_another_teacher_in_the_folder_is_refused(
     tmp_path, cache_dir, student_dir, prepared_dir, capsys
 ):

@@ -23,7 +23,9 @@ holds;
 the rest) ties it to the data's tokens themselves (`ddk.identity`). `shard_sha256` (also
 added without a format change) records each shard's SHA-256 when the cache is finished: a
 reader checks each shard once, and a rerun of `ddk cache-teacher` rebuilds any shard that is
-missing, truncated or changed.
+missing, truncated or changed. A cache written before checksums has its shards' values checked
+instead (`shard_values_problem`), and a rerun of `ddk cache-teacher` rebuilds those that fail
+and records the checksums.
 """
 
 from __future__ import annotations
@@ -170,6 +172,43 @@ def shard_problem(folder: Path, m: dict, name: str, shard: int, checksum: bool =
     recorded = m.get(CHECKSUMS_KEY, {}).get(name)
     if checksum and recorded is not None and sha256_file(path) != recorded[shard]:
         return f"teacher cache shard '{path}' does not match its checksum (changed or corrupt)"
+    if checksum and recorded is None:  # a cache from before checksums: what can be checked
+        return shard_values_problem(folder, m, name, shard)
+    return ""
+
+
+# (choice) top-k mass plus tail mass may miss 1 by float16 rounding of k log-probs, no more.
+MASS_TOLERANCE = 0.02
+LOGP_SLACK = 1e-3  # a log-probability above this is a probability above 1
+
+
+def shard_values_problem(folder: Path, m: dict, name: str, shard: int) -> str:
+    """Why a shard's values cannot be a teacher's distribution ('' when they can): ids outside
+    the vocabulary, log-probs that are NaN or above 0, or a top-k head whose probabilities and
+    tail mass do not sum to 1. The check for a shard with no recorded checksum (a cache written
+    before checksums existed): it catches random bytes and edited log-probs, not a shard
+    swapped for another valid one."""
+    path = shard_path(folder, m["domains"][name], shard)
+    vocab = m["vocab_size"]
+    arrays = open_shard(folder, m, name, shard)
+    for seq in range(arrays[0].shape[0]):  # one sequence at a time: bounded memory
+        ids, logp, log_tail, *tail = (np.asarray(a[seq]) for a in arrays)
+        logp, log_tail = logp.astype(np.float32), log_tail.astype(np.float32)
+        problem = ""
+        if int(ids.max(initial=0)) >= vocab or (tail and int(tail[0].max(initial=0)) >= vocab):
+            problem = f"token ids beyond the vocabulary of {vocab}"
+        elif any(np.isnan(a).any() or (a > LOGP_SLACK).any() for a in (logp, log_tail)):
+            problem = "log-probabilities that are NaN or above 0"
+        elif tail and (np.isnan(tail[1]).any() or (tail[1] > LOGP_SLACK).any()):
+            problem = "tail sample log-probabilities that are NaN or above 0"
+        elif tail and not np.isfinite(tail[2]).all():
+            problem = "tail proposal normalisers that are not finite"
+        else:
+            mass = np.exp(logp).sum(-1) + np.exp(log_tail)
+            if np.abs(mass - 1).max() > MASS_TOLERANCE:
+                problem = "top-k probabilities and tail mass that do not sum to 1"
+        if problem:
+            return f"teacher cache shard '{path}' holds {problem} (sequence {seq})"
     return ""
 
 
@@ -324,6 +363,7 @@ def is_finished(folder: Path, plan: dict) -> bool:
     return (
         bool(old.get("complete"))
         and same_cache(old, plan)
+        and CHECKSUMS_KEY in old  # a cache from before checksums: a rerun checks and adds them
         and not any(
             shard_problem(folder, old, name, j)
             for name, info in old["domains"].items()

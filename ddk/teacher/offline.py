@@ -16,6 +16,7 @@ from ddk.errors import DDKError
 from ddk.identity import Strength
 from ddk.ranks import print0
 from ddk.teacher.cache_format import (
+    CHECKSUMS_KEY,
     CONTENT_KEY,
     TOPK_FORMATS,
     cache_samples,
@@ -149,6 +150,12 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
     problems = []
     if not m.get("complete"):
         problems.append(f"{where} is incomplete; finish it with `ddk cache-teacher`")
+    elif CHECKSUMS_KEY not in m:
+        print0(
+            f"warning: {where} was written before ddk recorded shard checksums: each shard's "
+            "values are checked when first read, not its exact bytes; rerun `ddk "
+            "cache-teacher` with this config to check every shard and record its checksum"
+        )
     if int(m["k"]) != cfg.teacher.cache_k:  # k only sets how a cache is built: say which one
         print0(
             f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
