@@ -125,6 +125,7 @@ def _write_cache(folder: Path, teacher, input_ids, vocab: int, k: int, chunk: in
         "domains": {"bench": {"folder": "bench", "sequences": B, "shards": 1}},
     }
     c.write_shard(folder / "bench" / "000000.bin", c.shard_arrays(signal, vocab))
+    manifest[c.CHECKSUMS_KEY] = c.shard_checksums(folder, manifest)  # as cache-teacher finishes
     (folder / c.MANIFEST).write_text(json.dumps(manifest))
 
 
