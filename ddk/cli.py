@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--auto-domains",
         type=_auto_domains,
         metavar="N|auto",
-        help="no labels: cluster documents into N domains ('auto': pick N by silhouette)",
+        help="no labels: cluster documents into N domains ('auto': pick N from the merge tree)",
     )
     p.add_argument("--split-domains", type=int, metavar="N", help="split each domain in up to N")
     p.add_argument("--embedder", choices=["hashing", "student"], help="features for clustering")

@@ -202,6 +202,12 @@ def fit_group(
     means, sizes, docs = clustering.piece_stats(rows, weights, pieces, k)
     merges = clustering.ward_tree(means, sizes, docs)
     auto: dict = {}
+    if n == "auto" and cfg.embedder != "hashing":
+        log(
+            f"{prefix or 'auto-domains'}: auto's distance threshold was measured with the "
+            f"hashing features; with '{cfg.embedder}' features check the closest pairs below "
+            "and give N if they look off"
+        )
     if n == "auto":
         n, auto = pick_n(rows, weights, pieces, merges, lo, min(hi, k), prefix, log)
     label_map = clustering.cut_tree(merges, k, n)

@@ -1,5 +1,5 @@
 """Clustering for auto-domains: over-cluster the sample, then merge the pieces by Ward's
-criterion over bytes, and (for `auto`) count the splits that separate distinct kinds of text.
+criterion over bytes; for `auto`, the most domains that stay distinct from each other.
 
 Why not k-means with N centroids: its objective (squared distance summed over documents)
 pays more for a big domain's internal spread than for a small domain's distinctness, so on a
@@ -20,16 +20,21 @@ import numpy as np
 # k-means pieces per domain asked for (for `auto`: per auto_domains_range's high end). 4 and 8
 # gave the same domains on the benchmark corpora; 8 leaves more room for small domains.
 OVERCLUSTER = 8
+# Ward's cost of joining two groups is h * |mean_a - mean_b|^2 with h = size_a * size_b /
+# (size_a + size_b); ward_tree raises h to this power. Below 1, distinctness counts for more
+# than size: 0.8 kept C and Tcl apart where Ward joined them (the unbalanced corpus after the
+# labelled folder's held-out split took half their documents), but split a corpus of word
+# problems alone into its 14 templates, where Ward sees one domain. --size-exponents in
+# benchmarks/auto_domains.py measures both.
+SIZE_EXPONENT = 1.0
 # k-means restarts of the over-clustering (the lowest inertia wins). The merge step, not one
 # k-means optimum, decides the domains, so a few restarts suffice.
 OVERCLUSTER_RESTARTS = 4
 # `auto` picks the most domains such that every two differ by at least this cosine distance
 # between their mean feature rows, and calls a sample one domain when even its two halves do
-# not. Measured with the hashing features (benchmarks/auto_domains.py prints the table): the
-# halves of one-domain corpora (word problems, English prose, Python, Han prose) differ by
-# 0.07-0.15; the closest two true domains of the unbalanced corpus (C and Tcl, or code and
-# prose) by 0.26-0.29, of the demo (code and its docstrings) by 0.18-0.20, but of a 7-domain
-# corpus by 0.16 and of code among much more prose by 0.14: there `auto` finds too few.
+# not. `benchmarks/auto_domains.py --cluster-only` prints the distances: the halves of corpora
+# of one domain (word problems, English prose, Han prose) 0.12-0.15; the closest two true
+# domains of the unbalanced corpus 0.27, of the demo (code and its docstrings) 0.20.
 MIN_DOMAIN_DISTANCE = 0.18
 
 
@@ -40,7 +45,7 @@ class Merge:
 
     left: int
     right: int
-    cost: float  # Ward: the increase of the byte-weighted within-cluster sum of squares
+    cost: float  # the tempered Ward cost (see ward_tree)
     distance: float  # cosine distance between the two groups' mean rows
     docs: tuple[int, int]  # sampled documents on each side
 
@@ -69,11 +74,15 @@ def _cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 - float(a @ b) / norm if norm > 0 else 1.0
 
 
-def ward_tree(means: np.ndarray, sizes: np.ndarray, docs: np.ndarray) -> list[Merge]:
-    """Agglomerate k weighted groups (mean row, total weight, documents each) into one, by
-    Ward's criterion: each step joins the pair whose union raises the weighted within-group sum
-    of squares least, size_a * size_b / (size_a + size_b) * |mean_a - mean_b|^2. Ties go to the
-    lowest indices, so the tree is deterministic. Returns the k-1 merges in order."""
+def ward_tree(
+    means: np.ndarray, sizes: np.ndarray, docs: np.ndarray, exponent: float | None = None
+) -> list[Merge]:
+    """Agglomerate k weighted groups (mean row, total weight, documents each) into one by
+    Ward's criterion with the size factor tempered: each step joins the pair with the lowest
+    (size_a * size_b / (size_a + size_b)) ** exponent * |mean_a - mean_b|^2 (exponent 1: the
+    increase of the weighted within-group sum of squares; default SIZE_EXPONENT). Ties go to
+    the lowest indices, so the tree is deterministic. Returns the k-1 merges in order."""
+    exponent = SIZE_EXPONENT if exponent is None else exponent
     k = len(means)
     means = np.asarray(means, dtype=np.float64).copy()
     sizes = np.asarray(sizes, dtype=np.float64).copy()
@@ -83,7 +92,7 @@ def ward_tree(means: np.ndarray, sizes: np.ndarray, docs: np.ndarray) -> list[Me
 
     def costs_to(i: int) -> np.ndarray:
         sq = ((means - means[i]) ** 2).sum(1)
-        c = sizes * sizes[i] / np.maximum(sizes + sizes[i], 1e-12) * sq
+        c = (sizes * sizes[i] / np.maximum(sizes + sizes[i], 1e-12)) ** exponent * sq
         c[~alive] = np.inf
         c[i] = np.inf
         return c

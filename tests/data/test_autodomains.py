@@ -442,8 +442,8 @@ def test_auto_errors_print_no_warning_first(tmp_path, tokenizer_dir, texts, mess
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
-def _naive_ward(means, sizes):
-    """Ward from scratch: every step recomputes each group's mean from its pieces."""
+def _naive_ward(means, sizes, exponent):
+    """Tempered Ward from scratch: every step recomputes each group's mean from its pieces."""
     groups = [[i] for i in range(len(means))]
     steps = []
     while len(groups) > 1:
@@ -453,7 +453,7 @@ def _naive_ward(means, sizes):
                 sa, sb = sizes[groups[a]].sum(), sizes[groups[b]].sum()
                 ma = (means[groups[a]] * sizes[groups[a], None]).sum(0) / sa
                 mb = (means[groups[b]] * sizes[groups[b], None]).sum(0) / sb
-                cost = sa * sb / (sa + sb) * ((ma - mb) ** 2).sum()
+                cost = (sa * sb / (sa + sb)) ** exponent * ((ma - mb) ** 2).sum()
                 if best is None or cost < best[0]:
                     best = (cost, a, b)
         cost, a, b = best
@@ -463,15 +463,16 @@ def _naive_ward(means, sizes):
     return steps
 
 
-def test_ward_tree_and_cut_against_a_naive_reference():
+@pytest.mark.parametrize("exponent", [1.0, clustering.SIZE_EXPONENT])
+def test_ward_tree_and_cut_against_a_naive_reference(exponent):
     rng = np.random.default_rng(0)
     means, sizes = rng.normal(size=(12, 5)), rng.uniform(1, 50, size=12)
-    merges = clustering.ward_tree(means, sizes, np.ones(12, dtype=int))
+    merges = clustering.ward_tree(means, sizes, np.ones(12, dtype=int), exponent)
     members = {i: {i} for i in range(12)}
     for step, m in enumerate(merges):
         members[12 + step] = members[m.left] | members[m.right]
     got = [(frozenset(members[12 + s]), m.cost) for s, m in enumerate(merges)]
-    want = _naive_ward(means, sizes)
+    want = _naive_ward(means, sizes, exponent)
     assert [g for g, _ in got] == [w for w, _ in want]
     assert np.allclose([c for _, c in got], [c for _, c in want])
     for n in (1, 3, 12):
