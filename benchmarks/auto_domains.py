@@ -47,7 +47,7 @@ from ddk.data.prepare import prepare
 from ddk.data.sources import discover
 from ddk.demo.corpora import Shape, build_corpus
 from ddk.demo.corpus import build_demo_corpus
-from ddk.demo.run import FULL, QUICK, DemoSize, _distill, _pretrain
+from ddk.demo.run import FULL, QUICK, DemoSize, distill_stage, pretrain
 from ddk.errors import DDKError
 from ddk.table import format_table
 
@@ -244,7 +244,7 @@ def _own_models(corpus: Path, cache: Path, size: DemoSize, seed: int, configs: P
         model.save_pretrained(init)
         loaded.save_pretrained(init)
         print(f"pre-training the {name} on {corpus.name} ({steps} steps)", flush=True)
-        _pretrain(
+        pretrain(
             init, data, cache / name, size, steps, mix, 3e-3, seed, configs, f"pretrain_{name}"
         )
     return teacher, student, tok
@@ -328,7 +328,7 @@ def distill(args) -> None:
     per_seed: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in runs}
     for s in args.train_seeds:  # the trainer's seed; corpus and models stay those of --seed
         for label, method, data, folder in runs:
-            run = _distill(
+            run = distill_stage(
                 method, teacher, student, data, out / f"seed{s}" / folder, size, steps, s, configs
             )
             per_seed[label].append(_ppl(run / "final", labelled))

@@ -104,35 +104,27 @@ def _params(model) -> int:
 
 def _write_cache(folder: Path, teacher, input_ids, vocab: int, k: int, chunk: int) -> None:
     """A one-shard `ddk cache-teacher` cache of this batch, written with the cache's own code."""
-    import numpy as np
-    import torch
+    from ddk.teacher import cache_format as c
+    from ddk.teacher.online import OnlineTeacher
 
-    from ddk.teacher import cache as c
-
-    seqs = torch.cat([input_ids, input_ids[:, :1]], dim=1)  # _topk_rows drops the last column
-    arrays = c._topk_rows(
-        teacher,
-        seqs,
-        vocab=vocab,
-        k=k,
-        tau=TAU,
-        chunk=chunk,
-        autocast=__import__("contextlib").nullcontext,
-    )
+    signal = OnlineTeacher(teacher).topk(input_ids, vocab=vocab, k=k, tau=TAU, chunk=chunk)
     B, L = input_ids.shape
     manifest = {
         "format_version": c.FORMAT_VERSION,
         "teacher_fingerprint": "bench: random-init teacher",
         "data_fingerprint": "bench: one random batch",
+        "vocab_size": vocab,
         "seq_len": L,
         "k": k,
         "tau": TAU,
         "shard_sequences": c.SHARD_SEQUENCES,
         "dtypes": {"ids": c.id_dtype(vocab).name, "logp": "float16", "log_tail": "float32"},
         "bytes_per_token": c.bytes_per_token(k, vocab),
+        "samples": 0,  # top-k only: what the bench times
+        "complete": True,
         "domains": {"bench": {"folder": "bench", "sequences": B, "shards": 1}},
     }
-    c._write_shard(folder / "bench" / "000000.bin", [np.asarray(a) for a in arrays])
+    c.write_shard(folder / "bench" / "000000.bin", c.shard_arrays(signal, vocab))
     (folder / c.MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -141,9 +133,10 @@ def _worker(args) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from ddk.logits import hidden_and_head
     from ddk.losses import fused_distill_loss
-    from ddk.models import hidden_and_head
-    from ddk.teacher import Batch, OnlineTeacher
+    from ddk.teacher import Batch
+    from ddk.teacher.online import OnlineTeacher
 
     p = PRESETS[args.preset]
     vocab, T, B = p["vocab"], args.seq_len or p["seq_len"], args.batch or p["batch"]
@@ -173,9 +166,9 @@ def _worker(args) -> dict:
             _write_cache(Path(args.cache), t, input_ids, vocab, args.k, args.chunk)
         return {"teacher_params": _params(t)}
     if args.row == "offline":
-        from ddk.teacher.cache import OfflineTeacher
+        from ddk.teacher.offline import OfflineTeacher
 
-        offline = OfflineTeacher(args.cache, ["bench"], device)
+        offline = OfflineTeacher(args.cache, ["bench"], device, "topk")
         rows = np.stack([np.zeros(B, dtype=np.int64), np.arange(B)], axis=1)
     else:
         teacher = _model(p["teacher"], vocab, T, dtype, device, seed=2).eval().requires_grad_(False)

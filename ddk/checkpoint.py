@@ -1,13 +1,25 @@
-"""Crash-safe checkpoints: written to a temporary folder, fsynced, renamed into place, with a
-manifest of SHA-256 checksums; the newest intact checkpoint is the one resumed from.
+"""The on-disk format of a checkpoint: written to a temporary folder, fsynced, renamed into place,
+with a manifest of SHA-256 checksums; the newest intact checkpoint is the one resumed from.
 
-Nothing here unpickles arbitrary objects: tensors live in safetensors files, the optimizer
-state is read with `torch.load(weights_only=True)`, everything else is JSON.
+    RUN/checkpoints/step-00000040/
+        trainer_state.json   {"trainer": the run's progress and its interval plan, "scheduler",
+                              "config": the resolved config, "data_fingerprint"}: JSON
+        plan.npy             the interval plan's rows (every numpy array of a state: <key>.npy)
+        rng.pt               Python, numpy, torch (and CUDA) RNG states
+        model.safetensors    the student (whole-state backends: DDP, one process)
+        optimizer.pt         the optimizer state (whole-state backends)
+        sharded/ | deepspeed/  the model and optimizer shards (FSDP2 / DeepSpeed ZeRO), written
+                             by every rank through `ddk.runtime`
+        checksums.json       SHA-256 of every file above
+
+Nothing here unpickles arbitrary objects: tensors live in safetensors files, the optimizer and
+RNG states are read with `torch.load(weights_only=True)`, everything else is JSON. What goes
+into these files is decided by `ddk.checkpointer`; how sharded states are written, by
+`ddk.runtime`.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -20,21 +32,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from ddk.errors import DDKError, first_line
-from ddk.fileutil import sha256_file
+from ddk.fileutil import disk_full, fsync_dir, human_bytes, publish_dir, sha256_file
 
 CHECKSUMS = "checksums.json"
+STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
+# Folders of sharded model and optimizer states inside a checkpoint.
+SHARDED = "sharded"  # FSDP2: a torch.distributed.checkpoint folder
+DEEPSPEED = "deepspeed"  # DeepSpeed ZeRO: the engine's checkpoint folder
+DEEPSPEED_TAG = "state"
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# Format 1 keeps the interval plan's JSON fields inside the "trainer" record (state name ->
+# record name; any other state is stored under its own name).
+RECORD_OF = {"plan": "trainer"}
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -80,56 +94,57 @@ def commit_checkpoint(
     """Write the rest of checkpoint `step` into `tmp` (which may already hold sharded states),
     checksum every file, rename into place, then drop all but the newest `keep`."""
     root = checkpoints_dir(run_dir)
-    final = root / f"step-{step:08d}"
     try:
         _write_files(tmp, model, optimizer_state, state, arrays, rng_state)
     except (OSError, SafetensorError, RuntimeError) as e:
         # The previous checkpoints are untouched; only the half-written folder goes.
         shutil.rmtree(tmp, ignore_errors=True)
-        need = checkpoint_bytes(model, optimizer_state, arrays)
-        free = shutil.disk_usage(root).free
-        # torch.save reports a full disk only as "iostream error": judge by the space left.
-        if _out_of_space(e) or free < need:
-            raise DDKError(
-                f"disk full while writing checkpoint step {step} to '{root}': it needs about "
-                f"{_mb(need)} (model + optimizer state), {_mb(free)} is free; free space and "
-                "resume with `ddk distill --resume`"
-            ) from None
-        if not isinstance(e, OSError):
+        problem = _write_error(e, root, step, checkpoint_bytes(model, optimizer_state, arrays))
+        if problem is None:
             raise
-        raise DDKError(
-            f"cannot write checkpoint step {step} to '{root}': {e.strerror or first_line(e)}"
-        ) from None
-    old = None
-    if final.exists():  # the same step saved again (e.g. a resumed run's final save)
-        old = root / f".old-step-{step:08d}-{os.getpid()}"
-        final.rename(old)  # set aside, removed only once the new one is in place
-    tmp.rename(final)
-    _fsync_dir(root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        raise problem from None
+    final = root / f"step-{step:08d}"
+    # The same step saved again (e.g. a resumed run's final save) replaces the old one.
+    publish_dir(tmp, final, aside=root / f".old-step-{step:08d}-{os.getpid()}")
     for _, old in list_checkpoints(run_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _write_error(e: BaseException, root: Path, step: int, need: int) -> DDKError | None:
+    """The one-line error for a failed checkpoint write; None: not the user's to fix."""
+    free = shutil.disk_usage(root).free
+    # torch.save reports a full disk only as "iostream error": judge by the space left.
+    if disk_full(e) or free < need:
+        return DDKError(
+            f"disk full while writing checkpoint step {step} to '{root}': it needs about "
+            f"{human_bytes(need, 'MiB')} (model + optimizer state), {human_bytes(free, 'MiB')} "
+            "is free; free space and resume with `ddk distill --resume`"
+        )
+    if not isinstance(e, OSError):
+        return None
+    return DDKError(
+        f"cannot write checkpoint step {step} to '{root}': {e.strerror or first_line(e)}"
+    )
+
+
 def _write_files(tmp: Path, model, optimizer_state, state, arrays, rng_state) -> None:
     """The unsharded files, then checksums of everything in `tmp` (shards included), fsynced."""
     if model is not None:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / MODEL_FILE))
     if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(rng_state, tmp / "rng.pt")
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+    torch.save(rng_state, tmp / RNG_FILE)
     for name, arr in arrays.items():
         np.save(tmp / f"{name}.npy", arr)
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     sums = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in _files(tmp)}
     (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
     for p in _files(tmp):
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
     for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-        _fsync_dir(d)
+        fsync_dir(d)
 
 
 def save_checkpoint(
@@ -158,14 +173,6 @@ def save_checkpoint(
     )
 
 
-def _out_of_space(e: BaseException) -> bool:
-    # safetensors and torch.save report a full disk as their own errors, naming the OS error.
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return True
-    text = str(e)
-    return "No space left" in text or "code: 28" in text or "Disk quota" in text
-
-
 def _tensor_bytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -184,10 +191,6 @@ def checkpoint_bytes(model: torch.nn.Module | None, optimizer_state: dict | None
         + _tensor_bytes(optimizer_state or {})
         + sum(a.nbytes for a in arrays.values() if a is not None)
     )
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 def verify_checkpoint(folder: Path) -> str | None:
@@ -218,28 +221,35 @@ def latest_good_checkpoint(run_dir: Path, log=print) -> Path | None:
     return None
 
 
+def read_state(folder: Path) -> dict:
+    """The JSON record of a checkpoint (what `--resume` checks before anything loads)."""
+    try:
+        return json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        raise DDKError(f"cannot read '{folder / STATE_FILE}'") from None
+
+
+def saved_geometry(state: dict) -> dict:
+    """What the saved plan and positions assume (global batch, processes, K, ...)."""
+    return state.get("trainer", {}).get("geometry", {})
+
+
 def load_checkpoint(folder: Path, model: torch.nn.Module | None, device) -> dict:
     """Load the weights into `model` and return the rest (state, optimizer, rng, arrays);
     with `model=None` (sharded checkpoints) weights and optimizer are left to the caller."""
     try:
         optimizer_state = None
         if model is not None:
-            load_model(model, str(folder / "model.safetensors"), device=str(device))
+            load_model(model, str(folder / MODEL_FILE), device=str(device))
             optimizer_state = torch.load(
-                folder / "optimizer.pt", map_location=device, weights_only=True
+                folder / OPTIMIZER_FILE, map_location=device, weights_only=True
             )
-        rng_state = torch.load(folder / "rng.pt", weights_only=True)
-        state = json.loads((folder / "trainer_state.json").read_text())
+        rng_state = torch.load(folder / RNG_FILE, weights_only=True)
+        state = json.loads((folder / STATE_FILE).read_text())
         arrays = {p.stem: np.load(p, allow_pickle=False) for p in folder.glob("*.npy")}
     except Exception as e:  # a checkpoint that passed its checksums but does not fit the model
         raise DDKError(f"cannot load checkpoint '{folder}': {first_line(e)}") from None
     return {"state": state, "optimizer": optimizer_state, "rng": rng_state, "arrays": arrays}
-
-
-# ---------------------------------------------------------------- sharded backends
-SHARDED = "sharded"  # FSDP2: the torch.distributed.checkpoint folder inside a checkpoint
-DEEPSPEED = "deepspeed"  # DeepSpeed ZeRO: the engine's checkpoint folder inside a checkpoint
-DEEPSPEED_TAG = "state"
 
 
 def sharded_states_dir(folder: Path) -> Path | None:
@@ -248,75 +258,3 @@ def sharded_states_dir(folder: Path) -> Path | None:
         if (folder / name).is_dir():
             return folder / name
     return None
-
-
-def _bare(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> torch's
-
-
-def save_sharded_states(folder: Path, model: torch.nn.Module, optimizer) -> None:
-    """Every rank writes its own shard of the model and optimizer states (a collective)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, _bare(optimizer))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
-
-
-def load_sharded_states(folder: Path, model: torch.nn.Module, optimizer) -> None:
-    """Read the shards into the (already sharded) model and optimizer; DCP reshards when the
-    saved and current layouts differ."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, _bare(optimizer))
-    both = {"model": model_sd, "optim": optim_sd}
-    try:
-        dcp.load(both, checkpoint_id=str(folder))
-    except Exception as e:
-        raise DDKError(f"cannot load sharded states from '{folder}': {first_line(e)}") from None
-    set_state_dict(
-        model, _bare(optimizer), model_state_dict=both["model"], optim_state_dict=both["optim"]
-    )
-
-
-def save_deepspeed_states(folder: Path, engine) -> None:
-    """Every rank writes its ZeRO partitions (model, fp32 master weights, Adam moments) through
-    the engine (a collective). ddk's own scheduler, sampler and RNG are saved beside them."""
-    engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, client_state={}, save_latest=False)
-
-
-def load_deepspeed_states(folder: Path, engine) -> None:
-    try:
-        path, _ = engine.load_checkpoint(
-            str(folder),
-            tag=DEEPSPEED_TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-    except Exception as e:
-        raise DDKError(f"cannot load DeepSpeed states from '{folder}': {first_line(e)}") from None
-    if path is None:
-        raise DDKError(f"cannot load DeepSpeed states from '{folder}': no checkpoint found")
-
-
-def deepspeed_fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The whole fp32 state dict, consolidated from a ZeRO-2/3 checkpoint's master weights."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
-
-
-def agreed_latest_good_checkpoint(run_dir: Path, log=print) -> Path | None:
-    """`latest_good_checkpoint` checked once, on rank 0, and its verdict given to every rank
-    (the checksums are not re-hashed by each process)."""
-    from accelerate.utils import broadcast_object_list
-
-    from ddk.runtime import partial_state
-
-    state = partial_state()
-    if state.num_processes == 1:
-        return latest_good_checkpoint(run_dir, log)
-    box = [latest_good_checkpoint(run_dir, log) if state.is_main_process else None]
-    broadcast_object_list(box, from_process=0)
-    return box[0]

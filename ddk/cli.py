@@ -1,14 +1,25 @@
-"""`ddk prepare | distill | cache-teacher | eval | demo | report`: every command reads the same config model."""
+"""`ddk prepare | distill | cache-teacher | eval | demo | report`: every command reads the same
+config model; `prepare`'s flags are generated from its config section.
+
+This is the one module that imports inside functions: each command's module (and torch,
+transformers) is imported when that command runs, so `ddk --help`, `--version` and argument
+errors answer at once instead of after seconds of imports.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import types
+import typing
+
+from pydantic import BaseModel
 
 from ddk import __version__
-from ddk.config import ConfigError, load_config
-from ddk.errors import DDKError
+from ddk.config import PrepareSection, load_config
+from ddk.errors import DDKError, first_line
 
 EXIT_USER_ERROR = 2
 
@@ -27,6 +38,13 @@ def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) 
     )
 
 
+def _task_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one task name")
+    return names
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -34,13 +52,105 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _auto_domains(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got '{text}'") from None
+def _int_or(words: tuple[str, ...]):
+    def parse(text: str) -> int | str:
+        if text in words:
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            choices = " or ".join(f"'{w}'" for w in words)
+            raise argparse.ArgumentTypeError(
+                f"must be a number or {choices}, got '{text}'"
+            ) from None
+
+    return parse
+
+
+def _kinds(annotation) -> list:
+    """The types a field accepts: a union's members, Annotated (StrictInt) unwrapped, no None."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = typing.get_args(annotation) if union else (annotation,)
+    kinds = [
+        typing.get_args(k)[0] if typing.get_origin(k) is typing.Annotated else k for k in kinds
+    ]
+    return [k for k in kinds if k is not type(None)]
+
+
+def _flag_options(info) -> dict:
+    """argparse options for one config field, from its annotation and description."""
+    kinds = _kinds(info.annotation)
+    words = tuple(
+        w for k in kinds if typing.get_origin(k) is typing.Literal for w in typing.get_args(k)
+    )
+    options = {"help": info.description}
+    if kinds == [bool]:
+        return {**options, "action": argparse.BooleanOptionalAction}
+    if typing.get_origin(kinds[0]) is tuple:
+        return {**options, "nargs": len(typing.get_args(kinds[0])), "type": int,
+                "metavar": ("LOW", "HIGH")}  # fmt: skip
+    if int in kinds and words:
+        return {**options, "type": _int_or(words), "metavar": "|".join(("N", *words))}
+    if int in kinds:
+        return {**options, "type": int}
+    if words:
+        return {**options, "choices": list(words)}
+    return {**options, "type": str}
+
+
+def add_section_flags(parser: argparse.ArgumentParser, section: type[BaseModel]) -> None:
+    """One --flag per field of a config section (`--seq-len` for `seq_len`): the config model
+    stays the one place an option and its help are defined."""
+    for name, info in section.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **_flag_options(info))
+
+
+def section_overrides(args, section: type[BaseModel], prefix: str) -> list[str]:
+    """The flags given on the command line, as `prefix.key=value` overrides."""
+    return [
+        f"{prefix}.{name}={json.dumps(getattr(args, name))}"
+        for name in section.model_fields
+        if getattr(args, name, None) is not None
+    ]
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="per-domain test perplexity (--data) and benchmark scores through lm-eval (--tasks)",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--model", required=True, help="model hub id or folder, or a run folder (its final/)"
+    )
+    p.add_argument("--data", help="prepared data folder: per-domain perplexity")
+    p.add_argument(
+        "--tasks",
+        type=_task_list,
+        help="lm-eval tasks, comma-separated (e.g. gsm8k,mmlu); default: the run's or CONFIG's "
+        "eval.tasks",
+    )
+    p.add_argument("--include-path", action="append", help="folder of your own lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's)")
+    p.add_argument("--limit", type=float, help="examples per task (below 1: a fraction)")
+    p.add_argument("--out", help="write the benchmark scores to this JSON file")
+    p.add_argument(
+        "--confirm-run-unsafe-code",
+        action="store_true",
+        help="allow tasks that execute the model's code (humaneval, mbpp)",
+    )
+    p.add_argument("--domains", nargs="*", help="subset of domains")
+    p.add_argument(
+        "--batch-size", type=_positive_int, help="sequences (perplexity: 8) or requests per forward"
+    )
+    p.add_argument("--max-sequences", type=_positive_int, help="held-out sequences per domain")
+    p.add_argument(
+        "--split",
+        choices=["val", "test"],
+        default="test",
+        help="held-out split: test (default; reporting only) or val (what DDK steers by)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,53 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenise a multi-domain corpus into packed shards")
     _add_config_args(p)
-    p.add_argument("--input", help="corpus: folder of domain folders, JSONL/Parquet, or dataset")
-    p.add_argument("--output", help="folder to write the prepared data to")
-    p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: model.student)")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--val-sequences", type=int, help="validation sequences per domain")
-    p.add_argument("--text-field")
-    p.add_argument("--domain-field")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an output folder that ddk prepared (never other files)",
-    )
-    p.add_argument(
-        "--auto-domains",
-        type=_auto_domains,
-        metavar="N|auto",
-        help="no labels: cluster documents into N domains ('auto': pick N from the merge tree)",
-    )
-    p.add_argument("--split-domains", type=int, metavar="N", help="split each domain in up to N")
-    p.add_argument("--embedder", choices=["hashing", "student"], help="features for clustering")
-    p.add_argument("--cluster-sample", type=int, help="documents sampled to fit the clustering")
-    p.add_argument(
-        "--exclude-heldout", metavar="PREPARED", help="drop documents PREPARED holds out (val/test)"
-    )
+    add_section_flags(p, PrepareSection)
 
     p = sub.add_parser("distill", help="distill a teacher into a student")
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
 
     p = sub.add_parser(
-        "cache-teacher", help="store the teacher's top-k log-probs for `teacher.mode: offline`"
+        "cache-teacher",
+        help="store the teacher's top-k and sampled tail log-probs for `teacher.mode: offline`",
     )
     _add_config_args(p, config_required=True)
 
-    p = sub.add_parser("eval", help="per-domain test (or validation) perplexity of a model")
-    p.add_argument("--model", required=True, help="model hub id or folder")
-    p.add_argument("--data", required=True, help="prepared data folder")
-    p.add_argument("--domains", nargs="*", help="subset of domains")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--max-sequences", type=_positive_int, help="held-out sequences per domain")
-    p.add_argument(
-        "--split",
-        choices=["val", "test"],
-        default="test",
-        help="held-out split: test (default; reporting only) or val (what DDK steers by)",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_eval_parser(sub)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, nothing downloaded")
     p.add_argument("--out", default="ddk-demo", help="output folder (default ./ddk-demo)")
@@ -123,41 +199,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and a summary of one or more runs")
     p.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
     p.add_argument("--out", help="output folder (default: the first run's report/)")
+    p.add_argument(
+        "--benchmarks",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="`ddk eval --out` files (e.g. the teacher's) shown as rows of the benchmark table",
+    )
     return parser
 
 
 def _prepare(args) -> int:
     from ddk.data.prepare import prepare
 
-    flags = {
-        "input": args.input,
-        "output": args.output,
-        "tokenizer": args.tokenizer,
-        "seq_len": args.seq_len,
-        "val_sequences": args.val_sequences,
-        "text_field": args.text_field,
-        "domain_field": args.domain_field,
-        "auto_domains": args.auto_domains,
-        "split_domains": args.split_domains,
-        "embedder": args.embedder,
-        "cluster_sample": args.cluster_sample,
-        "exclude_heldout": args.exclude_heldout,
-    }
-    overrides = [f"prepare.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    if args.overwrite:
-        overrides.append("prepare.overwrite=true")
-    cfg = load_config(args.config, overrides + args.overrides)
+    cfg = load_config(
+        args.config, section_overrides(args, PrepareSection, "prepare") + args.overrides
+    )
     tokenizer = cfg.prepare.tokenizer or cfg.model.student
     if not tokenizer:
         raise DDKError("no tokenizer: set prepare.tokenizer or model.student (or pass --tokenizer)")
     if cfg.prepare.embedder == "student" and not cfg.prepare.embed_model:
         cfg.prepare.embed_model = cfg.model.student  # None: the tokenizer folder's model
-    prepare(cfg.prepare, tokenizer)
+    prepare(cfg.prepare, tokenizer, trust_remote_code=cfg.model.trust_remote_code)
     return 0
 
 
 def _distill(args) -> int:
-    from ddk.trainer import resume_run, start_run
+    from ddk.preflight import load_checked_config
+    from ddk.run_dir import resume_run, start_run
 
     if args.resume:
         if args.config:
@@ -166,16 +235,12 @@ def _distill(args) -> int:
     else:
         if not args.config:
             raise DDKError("ddk distill needs a config file (or --resume RUN_DIR)")
-        from ddk.preflight import load_checked_config
-
         start_run(load_checked_config(args.config, args.overrides))
     return 0
 
 
 def _cache_teacher(args) -> int:
-    import signal
-
-    from ddk.teacher.cache import build_cache
+    from ddk.commands.cache_teacher import build_cache
 
     def _stop(signum, frame):  # preemption (SIGTERM) ends like Ctrl-C: finished shards stay
         raise KeyboardInterrupt
@@ -195,17 +260,9 @@ def _cache_teacher(args) -> int:
 
 
 def _eval(args) -> int:
-    from ddk.evaluate import evaluate_model_cli
+    from ddk.commands.eval_model import eval_command
 
-    evaluate_model_cli(
-        args.model,
-        args.data,
-        domains=args.domains,
-        batch_size=args.batch_size,
-        max_sequences=args.max_sequences,
-        as_json=args.json,
-        split=args.split,
-    )
+    eval_command(args)
     return 0
 
 
@@ -219,7 +276,7 @@ def _demo(args) -> int:
 def _report(args) -> int:
     from ddk.report import write_report
 
-    write_report(args.runs, args.out)
+    write_report(args.runs, args.out, benchmark_files=args.benchmarks)
     return 0
 
 
@@ -235,7 +292,7 @@ COMMANDS = {
 
 def _quiet_libraries() -> None:
     """ddk shows its own progress; transformers' per-load bars would only clutter it."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: see the module docstring
 
     hf_logging.disable_progress_bar()
 
@@ -246,7 +303,7 @@ def _close_process_group() -> None:
     ("terminate called without an active exception") after a run that succeeded."""
     if "torch" not in sys.modules:
         return
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: torch is loaded by now, so this costs nothing
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -257,14 +314,39 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
-    except (DDKError, ConfigError) as e:
+    except DDKError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _peer_stopped(e):
+            raise
+        # Another rank stopped (its one line is above) and this one's collective lost it.
+        print(
+            "error: another process of this launch stopped (see its error); here: "
+            + first_line(e)[:200],
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     finally:
         _close_process_group()
+
+
+# What gloo and NCCL raise in a rank whose peer exited in the middle of a collective.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _peer_stopped(e: BaseException) -> bool:
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist  # deferred: torch is loaded by now, so this costs nothing
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    text = str(e)
+    return isinstance(e, dist.DistBackendError) or any(m in text for m in _PEER_GONE)
 
 
 if __name__ == "__main__":

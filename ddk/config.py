@@ -11,11 +11,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-
-class ConfigError(ValueError):
-    """A problem a user can fix in the configuration; the message names the YAML path."""
+from ddk.domains import Steering
+from ddk.errors import ConfigError
+from ddk.methods import PRESETS
 
 
 class _Section(BaseModel):
@@ -47,19 +55,31 @@ class PrepareSection(_Section):
     tokenizer: str | None = Field(
         None, description="Tokenizer (hub id or dir); default: model.student."
     )
-    text_field: str = "text"
-    domain_field: str = "domain"
+    text_field: str = Field("text", description="Record field holding a document's text.")
+    domain_field: str = Field(
+        "domain", description="Record field naming its domain (one file or dataset of all)."
+    )
     seq_len: StrictInt = Field(
         2048, ge=8, description="Tokens per training/validation sequence (choice)."
     )
     val_sequences: StrictInt = Field(
-        500, ge=1, description="Validation sequences per domain (paper: 500 samples per domain)."
+        500,
+        ge=1,
+        description="Validation windows per domain (paper: 500 samples per domain); each holds "
+        "one document's tokens.",
     )
     test_sequences: StrictInt | None = Field(
         None,
         ge=1,
         description="Test sequences per domain, held out for reporting only (default: "
         "val_sequences).",
+    )
+    heldout_windows_per_document: StrictInt = Field(
+        4,
+        ge=1,
+        description="Most validation/test windows one held-out document gives (its first "
+        "N*seq_len targets; the rest is in no split): fewer wastes more of long documents, more "
+        "lets fewer documents fill a split (choice).",
     )
     add_bos: bool | None = Field(
         None,
@@ -94,8 +114,10 @@ class PrepareSection(_Section):
         "model trained on this data can be scored on that folder's domains.",
     )
     batch_docs: StrictInt = Field(1000, ge=1, description="Documents per tokenizer batch.")
-    seed: StrictInt = 0
-    overwrite: bool = False
+    seed: StrictInt = Field(0, description="Seed of the held-out split and clustering sample.")
+    overwrite: bool = Field(
+        False, description="Replace an output folder that ddk prepared (never other files)."
+    )
 
 
 class DataSection(_Section):
@@ -105,13 +127,38 @@ class DataSection(_Section):
     )
 
 
-# The keys of ddk.methods.METHODS (a test checks they agree).
+# The keys of ddk.methods.METHODS and PRESETS (a test checks they agree).
 Method = Literal["ddk", "kd", "cpt", "ddk_no_smoothing", "equal"]
+Preset = Literal["robust"]
+# The trackers Accelerate's tracker API knows (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test
+# checks they agree).
+Tracker = Literal[
+    "tensorboard", "wandb", "trackio", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab"
+]
 Divergence = Literal["forward_kl", "reverse_kl", "js", "skew_kl", "skew_reverse_kl", "none"]
 
 
 class DistillSection(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_preset(cls, data: Any) -> Any:
+        """A preset sets each key it names unless the config gives that key a value other than
+        its default (a full config, such as a saved one, writes every key out). Resolved here,
+        once, so every later reader and the saved config.yaml see the actual values."""
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            data = dict(data)
+            for key, value in PRESETS[data["preset"]].items():
+                if data.get(key, cls.model_fields[key].default) == cls.model_fields[key].default:
+                    data[key] = value
+        return data
+
     method: Method = Field("ddk", description="ddk | kd | cpt | ddk_no_smoothing | equal.")
+    preset: Preset | None = Field(
+        None,
+        description="A named bundle of the domain-weight keys below (ddk.methods.PRESETS; "
+        "'robust': see the README). It sets each key it names that the config leaves at its "
+        "default; the saved config shows the values it resolved to. null: the paper's DDK.",
+    )
     K: StrictInt = Field(
         1000, ge=1, description="Distillation interval: steps between domain updates."
     )
@@ -136,6 +183,43 @@ class DistillSection(_Section):
         False,
         description="Apply Eq. 2's floor (1-alpha)/N at interval 0 too (not in the paper).",
     )
+    gap: Literal["ratio", "log_ratio"] = Field(
+        "ratio",
+        description="What Eq. 1/2 exponentiate: the perplexity ratio student/teacher (paper) or "
+        "its log, the student-minus-teacher cross-entropy (DoReMi's excess loss; not in the "
+        "paper). Ratios of 50+ make Eq. 1 one-hot; their logs do not.",
+    )
+    clip_gap: bool = Field(
+        False,
+        description="Count a domain where the student is at or below the teacher's perplexity "
+        "as no gap (ratio 1, log-ratio 0), as DoReMi clips excess loss at 0 (not in the paper).",
+    )
+    weight_temperature: float = Field(
+        1.0,
+        gt=0.0,
+        description="Divide the gap by this in Eq. 1's and Eq. 2's softmax; > 1 flattens the "
+        "domain weights (paper: 1). Not the distillation temperature tau.",
+    )
+    min_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Every domain's weight is at least min_share/N, a fraction of the uniform "
+        "share (not in the paper; Eq. 2 already keeps (1-alpha)/N after interval 0).",
+    )
+    gap_trend: float = Field(
+        0.0,
+        ge=0.0,
+        description="Extrapolate each domain's gap one interval ahead from its change since "
+        "the last update: gap + gap_trend * (gap - previous gap); 1 = optimistic mirror "
+        "descent. A gap that closes fast then pulls less (not in the paper).",
+    )
+    max_weight_change: float | None = Field(
+        None,
+        ge=1.0,
+        description="Cap on how fast a domain weight moves: at most this factor up or down per "
+        "interval, from uniform at interval 0 (not in the paper; null = no cap).",
+    )
     tau_squared: bool = Field(
         False,
         description="Multiply the divergence by tau^2 (Hinton-style KD); the paper does not.",
@@ -147,6 +231,18 @@ class DistillSection(_Section):
         512, ge=1, description="Tokens per loss chunk; bounds the logits held in memory."
     )
 
+    def steering(self) -> Steering:
+        """The keys beyond alpha that shape DDK's weights, as ddk.domains takes them."""
+        return Steering(
+            init_floor=self.init_floor,
+            temperature=self.weight_temperature,
+            gap=self.gap,
+            clip_gap=self.clip_gap,
+            min_share=self.min_share,
+            max_change=self.max_weight_change,
+            trend=self.gap_trend,
+        )
+
 
 class TeacherSection(_Section):
     """Where the teacher's signal comes from and where the teacher lives."""
@@ -154,10 +250,20 @@ class TeacherSection(_Section):
     mode: Literal["online", "offline"] = Field(
         "online",
         description="online: run the teacher each step; offline: read a `ddk cache-teacher` "
-        "top-k cache (no teacher loaded for training).",
+        "cache (no teacher loaded for training).",
     )
-    cache: str | None = Field(None, description="Top-k teacher cache folder (offline mode).")
+    cache: str | None = Field(None, description="Teacher cache folder (offline mode).")
     cache_k: StrictInt = Field(64, ge=1, description="Top-k log-probs stored per token.")
+    sparse_estimator: Literal["sampled", "topk"] = Field(
+        "sampled",
+        description="How offline mode estimates the divergence from the cache. sampled: the "
+        "top-k head plus teacher-sampled tail tokens with importance weights, unbiased in value "
+        "and gradient (the cache holds cache_samples more tokens); topk: k + 1 buckets, biased "
+        "low (reads any cache). `ddk cache-teacher` stores tail samples only for sampled.",
+    )
+    cache_samples: StrictInt = Field(
+        32, ge=1, description="Tail tokens sampled per position (sparse_estimator: sampled)."
+    )
     placement: Literal["auto", "replicated", "sharded", "cpu_offload"] = Field(
         "auto",
         description="Teacher placement across processes; auto = replicated when it fits.",
@@ -189,8 +295,83 @@ class TrainerSection(_Section):
     max_bad_steps: StrictInt = Field(
         10, ge=1, description="Consecutive NaN/inf steps before stopping."
     )
-    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers, through Accelerate's tracker API (rank 0 only): "
+        "tensorboard (event files in RUN/tensorboard), wandb, trackio, mlflow, aim, comet_ml, "
+        "clearml, dvclive, swanlab. One that is not installed or cannot start is skipped with a "
+        "one-line warning.",
+    )
+    tracker_project: str = Field(
+        "ddk",
+        description="Project (wandb, trackio, comet_ml, aim, clearml...) or experiment "
+        "(mlflow) name the trackers log under.",
+    )
+    tracker_run_name: str | None = Field(
+        None, description="The run's name in the trackers; default: the run folder's name."
+    )
+    tracker_kwargs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments per tracker, as Accelerate's init_trackers "
+        "init_kwargs: {wandb: {entity: my-team, tags: [ddk]}, tensorboard: {flush_secs: 30}}.",
+    )
     gradient_checkpointing: bool = False
+
+
+class EvalSection(_Section):
+    """Benchmark scores through lm-evaluation-harness (`pip install 'ddk-distill[eval]'`).
+
+    Scores are reported, never steered by: the sampler reads validation perplexities only."""
+
+    tasks: list[str] | dict[str, list[str]] = Field(
+        default_factory=list,
+        description="lm-eval task, group or tag names, as a list or per domain of the data "
+        "({math: [gsm8k], code: [humaneval, mbpp]}); empty: no benchmarks.",
+    )
+    num_fewshot: StrictInt | dict[str, StrictInt] | None = Field(
+        None,
+        description="Few-shot examples for every task, or {task: n}; default: each task's own.",
+    )
+    limit: StrictInt | float | None = Field(
+        None,
+        gt=0,
+        description="Examples per task (a number below 1: that fraction of each task); "
+        "default: all. A limited score is not comparable with published numbers.",
+    )
+    batch_size: StrictInt | Literal["auto"] = Field(
+        8, description="Requests per forward; 'auto' lets lm-eval find the largest that fits."
+    )
+    include_path: list[str] = Field(
+        default_factory=list,
+        description="Folders of your own lm-eval task YAMLs (e.g. over local JSON/JSONL files).",
+    )
+    every_intervals: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="Also score every N distillation intervals (reporting only; never steers "
+        "the sampler); default: only the final model.",
+    )
+    confirm_run_unsafe_code: bool = Field(
+        False,
+        description="Allow tasks that execute generated code (humaneval, mbpp); lm-eval "
+        "refuses them otherwise.",
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, v):
+        names = list(v) if isinstance(v, list) else [t for ts in v.values() for t in ts]
+        if any(not isinstance(n, str) or not n.strip() for n in names):
+            raise ValueError("task names must be non-empty strings")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"task listed more than once: {', '.join(repeated)}")
+        return v
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_or_more_paths(cls, v):
+        return [v] if isinstance(v, str) else v
 
 
 class Config(_Section):
@@ -202,6 +383,7 @@ class Config(_Section):
     distill: DistillSection = Field(default_factory=DistillSection)
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     trainer: TrainerSection = Field(default_factory=TrainerSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
     def _check_lr(self) -> Config:

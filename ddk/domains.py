@@ -17,6 +17,30 @@ so any finite ratio (1e6 included) works. A weight of exactly 0 in ``r`` gives
 ``log r = -inf`` and contributes nothing to ``ψ``; that domain gets the floor
 ``(1 - α) / N``.
 
+Steering beyond the paper (all off by default, see :class:`Steering`)
+---------------------------------------------------------------------
+The paper's ratios were 1.2–1.8. Ratios of 50–400 (a student far behind on one domain)
+make Eq. 1 one-hot and let Eq. 2 pile weight on one domain. Each knob below changes one
+step of the recipe and defaults to the paper's behaviour::
+
+    g        = ℓ_S/ℓ_T                       gap="ratio" (paper)
+             = log ℓ_S - log ℓ_T              gap="log_ratio": the cross-entropy difference,
+                                              DoReMi's / Sheared-LLaMA's excess loss
+    g        = max(g, g(ℓ_S = ℓ_T))          clip_gap: no push once the student matches
+                                              the teacher (DoReMi clips excess loss at 0)
+    g        = g + β·(g - g_prev)            trend = β: the gap extrapolated one interval
+                                              ahead from its change since the last
+                                              evaluation (optimistic mirror descent: β = 1)
+    x        = g / temperature               temperature on Eq. 1's and Eq. 2's softmax
+    r0       = softmax(x)  (+ Eq. 2's floor with init_floor)
+    r'       = Eq. 2 with x
+    r'       ∈ [r/c, c·r]                    max_change = c (interval 0: relative to 1/N)
+    r'       ≥ min_share / N                 min_share
+
+The last two are projections: ``w_i = clip(s·p_i, lo_i, hi_i)`` with the one scale
+``s`` that makes the weights sum to 1 (:func:`bounded_rescale`), so the domains that
+are not clipped keep their proportions.
+
 Policy for bad perplexities
 ---------------------------
 A perplexity that is NaN, infinite, zero or negative (student or teacher) means the
@@ -30,6 +54,8 @@ rejected the same way. A finite but huge ratio is fine.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -38,7 +64,14 @@ from ddk.methods import method_spec
 
 __all__ = [
     "METHODS",
+    "PAPER",
+    "Steering",
     "perplexity_ratio",
+    "domain_gap",
+    "steering_exponent",
+    "bounded_rescale",
+    "limit_change",
+    "apply_min_share",
     "initial_weights",
     "floored_initial_weights",
     "smooth_update",
@@ -49,6 +82,40 @@ __all__ = [
 
 #: Every value of ``distill.method`` that :func:`next_weights` understands (ddk.methods).
 METHODS = tuple(_METHOD_TABLE)
+
+Gap = Literal["ratio", "log_ratio"]
+
+
+@dataclass(frozen=True)
+class Steering:
+    """How DDK turns perplexities into weights, beyond α; the defaults are the paper's Eq. 1/2.
+
+    See the module docstring for the formulas. ``max_change`` None means no cap.
+    """
+
+    init_floor: bool = False
+    temperature: float = 1.0
+    gap: Gap = "ratio"
+    clip_gap: bool = False
+    min_share: float = 0.0
+    max_change: float | None = None
+    trend: float = 0.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.gap not in ("ratio", "log_ratio"):
+            raise ValueError(f"gap must be 'ratio' or 'log_ratio', got {self.gap!r}")
+        if not 0.0 <= self.min_share <= 1.0:
+            raise ValueError(f"min_share must be in [0, 1], got {self.min_share}")
+        if self.max_change is not None and not self.max_change >= 1.0:
+            raise ValueError(f"max_change must be >= 1, got {self.max_change}")
+        if not self.trend >= 0.0:
+            raise ValueError(f"trend must be >= 0, got {self.trend}")
+
+
+#: The paper's DDK: every knob off.
+PAPER = Steering()
 
 
 def _domain_label(i: int, domains: Sequence[str] | None) -> str:
@@ -121,13 +188,61 @@ def perplexity_ratio(
     return ratio
 
 
+def domain_gap(
+    student_ppl: Sequence[float] | np.ndarray,
+    teacher_ppl: Sequence[float] | np.ndarray,
+    gap: Gap = "ratio",
+    clip: bool = False,
+    domains: Sequence[str] | None = None,
+) -> np.ndarray:
+    """What Eq. 1/2 exponentiate: ``ℓ_S/ℓ_T`` (``gap="ratio"``, the paper) or
+    ``log ℓ_S - log ℓ_T`` (``"log_ratio"``: student minus teacher cross-entropy in nats).
+    ``clip`` raises a gap below "student = teacher" (ratio 1, log-ratio 0) to that value."""
+    ratio = perplexity_ratio(student_ppl, teacher_ppl, domains)
+    if gap == "ratio":
+        g, even = ratio, 1.0
+    elif gap == "log_ratio":
+        # log of each perplexity, not of the ratio: exact when the ratio underflows
+        g, even = (
+            np.log(np.asarray(student_ppl, np.float64))
+            - np.log(np.asarray(teacher_ppl, np.float64)),
+            0.0,
+        )
+    else:
+        raise ValueError(f"gap must be 'ratio' or 'log_ratio', got {gap!r}")
+    return np.maximum(g, even) if clip else g
+
+
+def steering_exponent(
+    student_ppl: Sequence[float] | np.ndarray,
+    teacher_ppl: Sequence[float] | np.ndarray,
+    domains: Sequence[str] | None = None,
+    steering: Steering = PAPER,
+    previous_student_ppl: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
+    """The per-domain exponent of Eq. 1 and Eq. 2: ``x = g / temperature``, where ``g`` is
+    :func:`domain_gap`, extrapolated by ``steering.trend`` from the gap of
+    ``previous_student_ppl`` (the last evaluation) when that is given. The paper: ``ℓ_S/ℓ_T``."""
+    g = domain_gap(student_ppl, teacher_ppl, steering.gap, steering.clip_gap, domains)
+    if steering.trend and previous_student_ppl is not None:
+        before = domain_gap(
+            previous_student_ppl, teacher_ppl, steering.gap, steering.clip_gap, domains
+        )
+        g = g + steering.trend * (g - before)
+    return g / steering.temperature
+
+
 def initial_weights(
     student_ppl: Sequence[float] | np.ndarray,
     teacher_ppl: Sequence[float] | np.ndarray,
     domains: Sequence[str] | None = None,
+    steering: Steering = PAPER,
+    previous_student_ppl: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
-    """Eq. 1: ``r0 = softmax(ℓ_S / ℓ_T)``, computed as ``exp(x - logsumexp(x))`` in float64."""
-    return _softmax_log(perplexity_ratio(student_ppl, teacher_ppl, domains))
+    """Eq. 1: ``r0 = softmax(ℓ_S / ℓ_T)``, computed as ``exp(x - logsumexp(x))`` in float64
+    (``x`` from :func:`steering_exponent`; the paper's by default)."""
+    x = steering_exponent(student_ppl, teacher_ppl, domains, steering, previous_student_ppl)
+    return _softmax_log(x)
 
 
 def floored_initial_weights(
@@ -135,11 +250,13 @@ def floored_initial_weights(
     teacher_ppl: Sequence[float] | np.ndarray,
     alpha: float,
     domains: Sequence[str] | None = None,
+    steering: Steering = PAPER,
 ) -> np.ndarray:
     """Eq. 1 with Eq. 2's floor (``distill.init_floor``, not in the paper):
-    ``r0 = α · softmax(ℓ_S/ℓ_T) + (1 - α)/N``, so no domain starts with (almost) no rows."""
+    ``r0 = α · softmax(ℓ_S/ℓ_T) + (1 - α)/N``, so no domain starts with (almost) no rows.
+    This is Eq. 2 applied to a uniform prior."""
     alpha = _check_alpha(alpha)
-    r0 = initial_weights(student_ppl, teacher_ppl, domains)
+    r0 = initial_weights(student_ppl, teacher_ppl, domains, steering)
     return alpha * r0 + (1.0 - alpha) / r0.size
 
 
@@ -167,6 +284,8 @@ def smooth_update(
     teacher_ppl: Sequence[float] | np.ndarray,
     alpha: float,
     domains: Sequence[str] | None = None,
+    steering: Steering = PAPER,
+    previous_student_ppl: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Eq. 2 (factor smooth updating), in log space.
 
@@ -174,13 +293,72 @@ def smooth_update(
     finite, ``>= 0`` and not all zero (its scale does not matter: ψ is normalised).
     A zero weight stays at the floor ``(1 - α)/N`` instead of producing NaN. Every
     returned weight is ``>= (1 - α)/N`` and the weights sum to 1 (to rounding).
+    :func:`steering_exponent` replaces ``ℓ_S/ℓ_T`` in ``ψ`` (the same by default).
     """
     alpha = _check_alpha(alpha)
-    ratio = perplexity_ratio(student_ppl, teacher_ppl, domains)
-    r = _check_weights(weights, ratio.size)
+    x = steering_exponent(student_ppl, teacher_ppl, domains, steering, previous_student_ppl)
+    r = _check_weights(weights, x.size)
     with np.errstate(divide="ignore"):
-        log_psi = np.log(r) + ratio
-    return alpha * _softmax_log(log_psi) + (1.0 - alpha) / ratio.size
+        log_psi = np.log(r) + x
+    return alpha * _softmax_log(log_psi) + (1.0 - alpha) / x.size
+
+
+def bounded_rescale(weights, lower, upper) -> np.ndarray:
+    """``w_i = clip(s · p_i, lower_i, upper_i)`` with the one ``s >= 0`` that makes ``Σ w = 1``.
+
+    ``p = weights`` (``>= 0``, not all zero; its scale does not matter). The domains left
+    unclipped keep their proportions. Needs ``lower <= upper``, ``Σ lower <= 1 <= Σ upper``.
+    A zero ``p_i`` is treated as the smallest positive float, so it can still be raised to
+    its upper bound when the others cannot take the mass. Exact: ``Σ clip(s p, lo, hi)`` is
+    piecewise linear in ``s``, so the segment holding 1 is found among the breakpoints and
+    solved in closed form.
+    """
+    p = _check_weights(weights, len(np.atleast_1d(weights)))
+    lo = np.asarray(lower, np.float64) * np.ones_like(p)
+    hi = np.asarray(upper, np.float64) * np.ones_like(p)
+    if np.any(lo > hi) or np.any(lo < 0) or not np.all(np.isfinite(hi)):
+        raise ValueError("bounds must satisfy 0 <= lower <= upper < inf")
+    if lo.sum() > 1 + 1e-12 or hi.sum() < 1 - 1e-12:
+        raise ValueError(f"no weights within the bounds sum to 1 (lower sums to {lo.sum()}, "
+                         f"upper to {hi.sum()})")  # fmt: skip
+    p = np.maximum(p / p.sum(), np.finfo(np.float64).tiny)
+
+    def total(scale: float) -> float:
+        return float(np.clip(scale * p, lo, hi).sum())
+
+    points = np.unique(np.concatenate([lo / p, hi / p]))
+    k = int(np.searchsorted([total(b) for b in points], 1.0))  # first breakpoint with Σ >= 1
+    if k == 0:  # Σ lower already 1 (to rounding)
+        return lo / lo.sum() if lo.sum() > 0 else lo
+    if k == len(points):  # Σ upper is 1 (to rounding)
+        return hi / hi.sum()
+    a, b = points[k - 1], points[k]
+    # between two breakpoints every domain is pinned or free the same way
+    mid = np.clip(0.5 * (a + b) * p, lo, hi)
+    free = (mid > lo) & (mid < hi)
+    pinned = float(mid[~free].sum())
+    scale = (1.0 - pinned) / p[free].sum() if free.any() else a
+    w = np.clip(scale * p, lo, hi)
+    return w / w.sum()
+
+
+def limit_change(previous, proposed, max_change: float) -> np.ndarray:
+    """Keep every weight within a factor ``max_change`` of ``previous`` (``r/c <= r' <= c·r``),
+    as close in proportion to ``proposed`` as that allows (:func:`bounded_rescale`)."""
+    if not max_change >= 1.0:
+        raise ValueError(f"max_change must be >= 1, got {max_change}")
+    prev = _check_weights(previous, len(np.atleast_1d(previous)), "previous weights")
+    prev = prev / prev.sum()
+    return bounded_rescale(proposed, prev / max_change, prev * max_change)
+
+
+def apply_min_share(weights, min_share: float) -> np.ndarray:
+    """Raise every weight to at least ``min_share / N`` (a fraction of the uniform share),
+    taking the mass from the others in proportion (:func:`bounded_rescale`)."""
+    if not 0.0 <= min_share <= 1.0:
+        raise ValueError(f"min_share must be in [0, 1], got {min_share}")
+    w = _check_weights(weights, len(np.atleast_1d(weights)))
+    return bounded_rescale(w, min_share / w.size, 1.0)
 
 
 def uniform_weights(n: int) -> np.ndarray:
@@ -214,22 +392,7 @@ def fixed_mixture(
         if spec == "uniform":
             return uniform_weights(n)
         if spec == "natural":
-            if natural_tokens is None:
-                raise ValueError("fixed mixture 'natural' needs the token count of every domain")
-            counts = []
-            for d in domains:
-                if d not in natural_tokens:
-                    raise ValueError(f"fixed mixture 'natural': no token count for domain {d!r}")
-                c = float(natural_tokens[d])
-                if not np.isfinite(c) or c < 0:
-                    raise ValueError(
-                        f"fixed mixture 'natural': token count of domain {d!r} must be >= 0, got {c}"
-                    )
-                counts.append(c)
-            w = np.asarray(counts, dtype=np.float64)
-            if w.sum() <= 0:
-                raise ValueError("fixed mixture 'natural': every domain has 0 tokens")
-            return w / w.sum()
+            return _natural_mixture(domains, natural_tokens)
         raise ValueError(
             f"fixed mixture must be 'natural', 'uniform' or a {{domain: weight}} dict, got {spec!r}"
         )
@@ -239,8 +402,33 @@ def fixed_mixture(
             f"fixed mixture must be 'natural', 'uniform' or a {{domain: weight}} dict, "
             f"got {type(spec).__name__}"
         )
+    return _given_mixture(domains, spec)
+
+
+def _natural_mixture(domains: list[str], natural_tokens: Mapping[str, int] | None) -> np.ndarray:
+    """Weights proportional to each domain's training token count."""
+    if natural_tokens is None:
+        raise ValueError("fixed mixture 'natural' needs the token count of every domain")
+    counts = []
+    for d in domains:
+        if d not in natural_tokens:
+            raise ValueError(f"fixed mixture 'natural': no token count for domain {d!r}")
+        c = float(natural_tokens[d])
+        if not np.isfinite(c) or c < 0:
+            raise ValueError(
+                f"fixed mixture 'natural': token count of domain {d!r} must be >= 0, got {c}"
+            )
+        counts.append(c)
+    w = np.asarray(counts, dtype=np.float64)
+    if w.sum() <= 0:
+        raise ValueError("fixed mixture 'natural': every domain has 0 tokens")
+    return w / w.sum()
+
+
+def _given_mixture(domains: list[str], spec: Mapping[str, float]) -> np.ndarray:
+    """A user's {domain: weight}, normalised; domains it leaves out get 0."""
     index = {d: i for i, d in enumerate(domains)}
-    w = np.zeros(n, dtype=np.float64)
+    w = np.zeros(len(domains), dtype=np.float64)
     for d, value in spec.items():
         if d not in index:
             raise ValueError(f"fixed mixture names unknown domain {d!r}; known: {domains}")
@@ -269,7 +457,8 @@ def next_weights(
     alpha: float,
     fixed: Sequence[float] | np.ndarray | None,
     domains: Sequence[str] | None = None,
-    init_floor: bool = False,
+    steering: Steering = PAPER,
+    previous_student_ppl: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
     """The domain weights to sample interval ``interval`` with — one dispatch for every method.
 
@@ -287,24 +476,22 @@ def next_weights(
 
     ``N`` is taken from ``domains``, the perplexities, ``weights`` or ``fixed``
     (whichever is given first). Bad perplexities raise ``ValueError`` for the DDK
-    methods (see the module docstring). ``init_floor``: ``ddk``'s interval 0 uses
-    :func:`floored_initial_weights` instead of plain Eq. 1.
+    methods (see the module docstring). ``steering`` applies to the two DDK methods only:
+    ``init_floor`` makes ``ddk``'s interval 0 :func:`floored_initial_weights`; gap, clip and
+    temperature change Eq. 1/2's exponent, and ``trend`` with ``previous_student_ppl`` (the
+    student's perplexities at the last update; None at interval 0); then ``max_change`` caps the change from
+    ``weights`` (uniform at interval 0 or when ``weights`` is None) and ``min_share`` floors
+    the result (in that order, so the floor wins).
     """
     if interval < 0:
         raise ValueError(f"interval must be >= 0, got {interval}")
     rule = method_spec(method).weights
 
-    if rule == "eq1_then_eq2":
-        if interval == 0:
-            if init_floor:
-                return floored_initial_weights(student_ppl, teacher_ppl, alpha, domains)
-            return initial_weights(student_ppl, teacher_ppl, domains)
-        if weights is None:
-            raise ValueError(f"method {method!r} needs the previous interval's weights after 0")
-        return smooth_update(weights, student_ppl, teacher_ppl, alpha, domains)
-    if rule == "eq1_every_interval":
-        return initial_weights(student_ppl, teacher_ppl, domains)
-
+    if rule in ("eq1_then_eq2", "eq1_every_interval"):
+        return _ddk_weights(
+            method, rule, interval, weights, student_ppl, teacher_ppl, alpha, domains, steering,
+            previous_student_ppl,
+        )  # fmt: skip
     n = None
     for candidate in (domains, teacher_ppl, student_ppl, weights, fixed):
         if candidate is not None:
@@ -321,3 +508,26 @@ def next_weights(
     if abs(w.sum() - 1.0) > 1e-6:
         raise ValueError(f"fixed mixture must sum to 1, sums to {w.sum()}")
     return w.copy()
+
+
+def _ddk_weights(
+    method, rule, interval, weights, student_ppl, teacher_ppl, alpha, domains, steering, previous
+) -> np.ndarray:
+    """``next_weights`` for the two DDK methods: Eq. 1 / Eq. 2 with the steering keys."""
+    before = previous if interval > 0 else None
+    if rule == "eq1_every_interval":
+        new = initial_weights(student_ppl, teacher_ppl, domains, steering, before)
+    elif interval == 0 and steering.init_floor:
+        new = floored_initial_weights(student_ppl, teacher_ppl, alpha, domains, steering)
+    elif interval == 0:
+        new = initial_weights(student_ppl, teacher_ppl, domains, steering)
+    elif weights is None:
+        raise ValueError(f"method {method!r} needs the previous interval's weights after 0")
+    else:
+        new = smooth_update(weights, student_ppl, teacher_ppl, alpha, domains, steering, before)
+    if steering.max_change is not None:
+        start = weights if interval > 0 and weights is not None else uniform_weights(new.size)
+        new = limit_change(start, new, steering.max_change)
+    if steering.min_share > 0:
+        new = apply_min_share(new, steering.min_share)
+    return new

@@ -5,6 +5,11 @@ class DDKError(Exception):
     """A problem with the user's input (path, data, config, models); the message says what to fix."""
 
 
+class ConfigError(DDKError, ValueError):
+    """A problem a user can fix in the configuration; the message names the YAML path.
+    (Also a ValueError, as it was before it joined DDKError.)"""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (library errors can run to pages)."""
     text = str(error).strip()

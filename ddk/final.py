@@ -10,8 +10,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ddk.checkpoint import _fsync_dir, _mb, _out_of_space
 from ddk.errors import DDKError, first_line
+from ddk.fileutil import disk_full, human_bytes, publish_dir
 
 
 def save_final(run_dir: Path, model, tokenizer) -> Path:
@@ -27,23 +27,17 @@ def save_final(run_dir: Path, model, tokenizer) -> Path:
         need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         free = shutil.disk_usage(run_dir).free
         resume = f"ddk distill --resume {run_dir}"
-        if _out_of_space(e) or free < need:
+        if disk_full(e) or free < need:
             raise DDKError(
                 f"disk full while saving the final student to '{final}': it needs about "
-                f"{_mb(need)}, {_mb(free)} is free; free space and run `{resume}` (the last "
-                "checkpoint is intact)"
+                f"{human_bytes(need, 'MiB')}, {human_bytes(free, 'MiB')} is free; free space and "
+                f"run `{resume}` (the last checkpoint is intact)"
             ) from None
         if not isinstance(e, OSError):
             raise
         raise DDKError(
             f"cannot save the final student to '{final}': {e.strerror or first_line(e)}"
         ) from None
-    old = None
-    if final.exists():  # a resumed run saving again: the old one goes once the new is in place
-        old = run_dir / f".old-final-{os.getpid()}"
-        final.rename(old)
-    tmp.rename(final)
-    _fsync_dir(run_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    # A resumed run saving again: the old one goes once the new is in place.
+    publish_dir(tmp, final, aside=run_dir / f".old-final-{os.getpid()}")
     return final

@@ -1,7 +1,8 @@
-"""Models whose logits are not `hidden @ W.T + b`, and the load-time probe that finds them.
+"""How ddk builds logits: from a model's last hidden state and its LM head, chunk by chunk
+(`hidden_and_head`), plus the model's own scalar transform where its logits are not
+`hidden @ W.T + b`, found by a load-time probe.
 
-ddk's fused loss and evaluation build logits from the last hidden state and the LM head, chunk
-by chunk, so a model that transforms its logits after the head (Granite divides by
+ddk's fused loss and evaluation never hold full [tokens, vocab] logits, so a model that transforms its logits after the head (Granite divides by
 `logits_scaling`, Cohere multiplies by `logit_scale`, FalconH1 by `lm_head_multiplier`, Gemma 2
 soft-caps with `final_logit_softcapping`, MiniCPM scales the hidden state) would be silently
 wrong. Every model is probed once: its own `model(ids).logits` against the fused path on a few
@@ -67,10 +68,19 @@ def transform_from_config(config) -> LogitTransform | None:
     return None if t.is_identity else t
 
 
+def base_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The last hidden state, before the LM head."""
+    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def hidden_and_head(model, input_ids: torch.Tensor):
+    """Last hidden states and the LM head, so logits can be built chunk by chunk. Models whose
+    logits are not `hidden @ W.T + b` need `logit_transform(model)` on top."""
+    return base_hidden(model, input_ids), model.get_output_embeddings()
+
+
 def fused_logits(model, input_ids: torch.Tensor, transform: LogitTransform | None):
     """Logits the way ddk builds them: base model hidden state @ head (+ bias), transformed."""
-    from ddk.models import base_hidden
-
     hidden = base_hidden(model, input_ids)
     head = model.get_output_embeddings()
     z = torch.nn.functional.linear(hidden, head.weight, getattr(head, "bias", None)).float()

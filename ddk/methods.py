@@ -1,15 +1,24 @@
 """The methods ddk runs, in one table: how each sets its domain weights and what it needs.
 
-The config's allowed values, `domains.next_weights`, the trainer and preflight all read this
-table, so "does this method need a teacher" is answered in one place.
+The config's allowed values, `domains.next_weights`, the trainer, the loss and preflight all
+read this module, so "does this method (and this run) need a teacher" is answered in one place:
+`MethodSpec.trains_with_teacher` for a run's settings, `divergence_active` for the loss.
+PRESETS are named bundles of `distill` keys (`distill.preset`), resolved when the config is
+validated.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Weights = Literal["eq1_then_eq2", "eq1_every_interval", "fixed", "uniform"]
+
+
+def divergence_active(divergence: str, gamma: float) -> bool:
+    """Whether the loss has a γ·divergence term at all: without one, no step needs the
+    teacher's signal (and the loss never computes teacher logits)."""
+    return divergence != "none" and gamma != 0
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,15 @@ class MethodSpec:
     def needs_teacher(self) -> bool:
         return self.teacher_for_training or self.teacher_for_weights
 
+    def loss_divergence(self, divergence: str) -> str:
+        """The divergence the loss uses for this method: "none" for CE-only methods."""
+        return divergence if self.uses_divergence else "none"
+
+    def trains_with_teacher(self, distill) -> bool:
+        """Whether a run with these `distill` settings needs the teacher's signal at each step
+        (`distill.gamma` = 0 or `distill.divergence: none` turn the term off)."""
+        return divergence_active(self.loss_divergence(distill.divergence), distill.gamma)
+
     @property
     def fixed_mixture(self) -> bool:
         """Whether `distill.mixture` applies."""
@@ -59,3 +77,11 @@ def method_spec(name: str) -> MethodSpec:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)}") from None
+
+
+# `distill.preset` -> the distill keys it sets (a key the config sets to a non-default value
+# wins). Chosen with benchmarks/method_sweep.py; README "Choosing a DDK setting" has the runs.
+# "robust" is provisional: chosen on the demo only, to be confirmed on other corpora (issue 19).
+PRESETS: dict[str, dict[str, Any]] = {
+    "robust": {"gap": "log_ratio", "weight_temperature": 2.0, "init_floor": True},
+}

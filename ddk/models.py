@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import deepspeed as hf_deepspeed
 
 from ddk.errors import DDKError, first_line
-from ddk.fileutil import sha256_file
+from ddk.logits import logit_transform
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -41,33 +42,13 @@ def local_model_folder(name: str, what: str = "model") -> Path | None:
     if path.is_dir():
         return path
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(name, local_files_only=True))
     except Exception:
         return None
 
 
-def model_fingerprint(folder: Path, file_hash: Callable[[Path], str] = sha256_file) -> str | None:
-    """SHA-256 over the SHA-256 of config.json and of every weight file in `folder` (content,
-    not paths or times); None when it holds no weight file."""
-    files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)
-    )
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
-        return None
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.name}:{file_hash(p)}\n".encode())
-    return h.hexdigest()
-
-
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """A fast tokenizer from a hub id or a local folder."""
-    from transformers import AutoTokenizer
-
     path = resolve_local_path(name, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -92,8 +73,6 @@ def whole_weights():
     ZeRO-3 config is active. ddk loads whole weights instead: the logit probe needs a forward,
     the teacher is placed by ddk (teacher.placement), and the student is partitioned by the
     DeepSpeed engine when the runtime prepares it."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref
     active = ref() if ref is not None else None
     hf_deepspeed.unset_hf_deepspeed_config()
@@ -105,8 +84,6 @@ def whole_weights():
 
 
 def load_model(name: str, *, dtype: torch.dtype, what: str, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
-
     path = resolve_local_path(name, what)
     try:
         with whole_weights():
@@ -121,8 +98,6 @@ def load_model(name: str, *, dtype: torch.dtype, what: str, trust_remote_code: b
             f"cannot load {what} '{name}': its weight files are truncated or corrupt "
             f"({first_line(e)}); copy or save the model folder again"
         ) from None
-    from ddk.logits import logit_transform
-
     logit_transform(model, name)  # probe now: an unsupported head stops before any work
     return model
 
@@ -133,17 +108,6 @@ def load_teacher(name: str, *, dtype: torch.dtype, trust_remote_code: bool = Fal
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def base_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The last hidden state, before the LM head."""
-    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-
-
-def hidden_and_head(model, input_ids: torch.Tensor):
-    """Last hidden states and the LM head, so logits can be built chunk by chunk. Models whose
-    logits are not `hidden @ W.T + b` need `ddk.logits.logit_transform(model)` on top."""
-    return base_hidden(model, input_ids), model.get_output_embeddings()
 
 
 def embedding_rows(model) -> int:
@@ -186,3 +150,24 @@ def check_tokenizers_match(teacher_tok, student_tok, teacher: str, student: str)
             f"student '{student}' has {len(student_tok)} (or the same size with other ids); "
             "ddk needs teacher and student from one model family with one tokenizer"
         )
+
+
+def eval_tokenizer(model_name: str):
+    """The model's tokenizer, or None for a model folder without tokenizer files."""
+    try:
+        return load_tokenizer(model_name, trust_remote_code=False)
+    except DDKError:
+        return None
+
+
+def eval_model(model_name: str, device: torch.device | str | None = None):
+    """A model for evaluation: on `device` (default: the GPU when there is one), in ddk's
+    evaluation dtype."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(
+        model_name,
+        dtype=resolve_dtype("auto", device),
+        what="model",
+        trust_remote_code=False,  # ddk eval runs no model code
+    )
+    return model.to(device)

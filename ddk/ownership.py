@@ -8,6 +8,7 @@ replace such a folder; anything else, even a folder with a parseable manifest, i
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ddk.errors import DDKError
@@ -20,12 +21,42 @@ _ALWAYS_ALLOWED = {LOCK_NAME}
 
 
 def list_files(folder: Path) -> list[str]:
-    """Every file under `folder`, as sorted POSIX paths relative to it (symlinks as files)."""
+    """Every file under `folder`, as sorted POSIX paths relative to it (symlinks as files,
+    never followed)."""
     out = []
-    for p in folder.rglob("*"):
-        if p.is_file() or p.is_symlink():
-            out.append(p.relative_to(folder).as_posix())
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        links = [d for d in dirs if (here / d).is_symlink()]
+        dirs[:] = [d for d in dirs if d not in links]
+        out += [(here / f).relative_to(folder).as_posix() for f in [*files, *links]]
     return sorted(out)
+
+
+def links_in(folder: Path, names: list[str] | None = None) -> list[str]:
+    """The symlinks among `names` in `folder` (every entry under it when None)."""
+    if names is None:
+        return [f for f in list_files(folder) if (folder / f).is_symlink()]
+    return [n for n in names if (folder / n).is_symlink()]
+
+
+def refuse_links(
+    folder: Path, what: str, names: list[str] | None = None, folder_too: bool = True
+) -> None:
+    """One line unless neither `folder` nor anything ddk would write or delete in it (`names`,
+    or everything under it) is a symlink: ddk creates none, so a link is the user's, and
+    writing or deleting through it would change files outside the folder."""
+    if folder_too and folder.is_symlink():
+        raise DDKError(
+            f"{what} is a symlink to '{os.readlink(folder)}'; ddk never writes or deletes "
+            "through a link: give the folder it points to"
+        )
+    if folder.is_dir():
+        links = links_in(folder, names)
+        if links:
+            raise DDKError(
+                f"{what} holds a symlink ({links[0]}); ddk never writes or deletes through a "
+                "link it did not create: remove it or choose another folder"
+            )
 
 
 def ownership_record(kind: str, files: list[str]) -> dict:
@@ -54,6 +85,7 @@ def check_replaceable(folder: Path, record: object, kind: str, what: str) -> Non
     `record` is the folder's ownership record (None when it has none); `what` names the folder
     for the message, e.g. "output 'data/'".
     """
+    refuse_links(folder, what)
     if not folder.exists():
         return
     if not folder.is_dir():

@@ -7,10 +7,22 @@ manifest, the model configs and tokenizers.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-from ddk.config import Config
+from pydantic import ValidationError
+from transformers import AutoConfig
+
+from ddk.config import Config, ConfigError, load_config, read_raw_config, validation_problems
+from ddk.data.manifest import read_manifest
+from ddk.data.vocab import same_vocabulary
 from ddk.errors import DDKError, first_line
+from ddk.harness import BenchmarkPlan, plan_problems
+from ddk.identity import teacher_on_disk
+from ddk.methods import method_spec
+from ddk.models import check_tokenizers_match, load_tokenizer, resolve_local_path
+from ddk.ranks import print0
+from ddk.teacher.offline import cache_problems
 
 
 def _load_quietly(fn, *args, **kwargs):
@@ -21,10 +33,6 @@ def _load_quietly(fn, *args, **kwargs):
 
 
 def _model_config(name: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    from ddk.models import resolve_local_path
-
     path = resolve_local_path(name, "model")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -42,10 +50,6 @@ def preflight(cfg: Config) -> None:
 def load_checked_config(path, overrides: list[str]) -> Config:
     """load_config, but a schema error does not hide the data and model problems: the invalid
     keys fall back to their defaults, the rest is checked too, and one DDKError lists all."""
-    from pydantic import ValidationError
-
-    from ddk.config import ConfigError, load_config, read_raw_config
-
     try:
         return load_config(path, overrides)
     except ConfigError:
@@ -54,24 +58,18 @@ def load_checked_config(path, overrides: list[str]) -> Config:
             Config.model_validate(raw)
         except ValidationError as err:
             schema = schema_problems(err, str(path) if path else "config")
-            usable = _drop_invalid(raw)
+            usable = drop_invalid(raw)
             problems = schema + (preflight_problems(usable) if usable is not None else [])
             raise DDKError(f"{len(problems)} problem(s): " + "; ".join(problems)) from None
         raise
 
 
 def schema_problems(err, source: str) -> list[str]:
-    from ddk.config import validation_problems
-
     return [f"{source}: {problem}" for problem in validation_problems(err)]
 
 
-def _drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
+def drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
     """The config with every invalid key removed (so its default applies), or None."""
-    import copy
-
-    from pydantic import ValidationError
-
     data = copy.deepcopy(raw)
     for _ in range(rounds):
         try:
@@ -102,31 +100,49 @@ def _deepest_key(data: dict, loc: list[str]) -> tuple[str, ...]:
     return tuple(path)
 
 
-def _teacher_on_disk(cfg: Config) -> bool:
-    from ddk.teacher.cache import teacher_on_disk
-
-    return teacher_on_disk(cfg.model.teacher)
-
-
 def preflight_problems(cfg: Config) -> list[str]:
     """Every config/data/model problem found, each a short phrase naming its YAML path."""
-    from ddk.data.manifest import read_manifest
-    from ddk.data.vocab import same_vocabulary
-    from ddk.methods import method_spec
-    from ddk.models import check_tokenizers_match, load_tokenizer
-
     problems: list[str] = []
-    method = cfg.distill.method
+    manifest = _manifest(cfg, problems)
+    domains = _domains(cfg, manifest, problems)
+    _mixture_problems(cfg, manifest, domains, problems)
+    configs, tokenizers = _models(cfg, problems)
+    if manifest:
+        _data_model_problems(cfg, manifest, configs, tokenizers, problems)
+    if "student" in tokenizers and "teacher" in tokenizers:
+        _, err = _load_quietly(
+            check_tokenizers_match,
+            tokenizers["teacher"],
+            tokenizers["student"],
+            cfg.model.teacher,
+            cfg.model.student,
+        )
+        if err:
+            problems.append(f"model.teacher: {err}")
+    if cfg.teacher.mode == "offline" and cfg.distill.method != "cpt":
+        problems.extend(cache_problems(cfg, manifest, domains))
+    if cfg.eval.tasks:
+        plan = BenchmarkPlan.from_section(cfg.eval)
+        problems.extend(plan_problems(plan, domains if manifest else None))
+    return problems
 
-    manifest = None
+
+def _manifest(cfg: Config, problems: list[str]):
+    """The prepared data's manifest, or None (with the problem noted)."""
     if not cfg.data.prepared:
         problems.append("data.prepared: required (the output folder of `ddk prepare`)")
-    elif not Path(cfg.data.prepared).expanduser().exists():
+        return None
+    if not Path(cfg.data.prepared).expanduser().exists():
         problems.append(f"data.prepared: '{cfg.data.prepared}' does not exist; run `ddk prepare`")
-    else:
-        manifest, err = _load_quietly(read_manifest, Path(cfg.data.prepared).expanduser())
-        if err:
-            problems.append(f"data.prepared: {err}")
+        return None
+    manifest, err = _load_quietly(read_manifest, Path(cfg.data.prepared).expanduser())
+    if err:
+        problems.append(f"data.prepared: {err}")
+    return manifest
+
+
+def _domains(cfg: Config, manifest, problems: list[str]) -> list[str]:
+    """The run's domains that the data has."""
     domains = list(manifest.domains) if manifest else []
     if cfg.data.domains is not None and not cfg.data.domains:
         problems.append("data.domains: empty; list domains to train on or leave it out for all")
@@ -137,27 +153,34 @@ def preflight_problems(cfg: Config) -> list[str]:
                     f"data.domains: '{d}' is not in the prepared data ({', '.join(domains)})"
                 )
         domains = [d for d in cfg.data.domains if d in manifest.domains]
-    mixture = cfg.distill.mixture
-    if isinstance(mixture, dict) and method_spec(method).fixed_mixture:
-        if manifest:
-            for d in mixture:
-                if d not in domains:
-                    problems.append(
-                        f"distill.mixture: '{d}' is not a domain of the run ({', '.join(domains)})"
-                    )
-        if any(not v >= 0 for v in mixture.values()):  # catches NaN too
-            problems.append("distill.mixture: weights must be >= 0")
-        elif not any(v > 0 for d, v in mixture.items() if not manifest or d in domains):
-            problems.append(
-                "distill.mixture: every weight is 0; give at least one domain a positive weight"
-            )
+    return domains
 
-    tokenizers, configs = {}, {}
-    roles = [("student", cfg.model.student)]
-    offline = cfg.teacher.mode == "offline"
-    if cfg.model.teacher and offline and method != "cpt" and not _teacher_on_disk(cfg):
+
+def _mixture_problems(cfg: Config, manifest, domains: list[str], problems: list[str]) -> None:
+    mixture = cfg.distill.mixture
+    if not isinstance(mixture, dict) or not method_spec(cfg.distill.method).fixed_mixture:
+        return
+    if manifest:
+        for d in mixture:
+            if d not in domains:
+                problems.append(
+                    f"distill.mixture: '{d}' is not a domain of the run ({', '.join(domains)})"
+                )
+    if any(not v >= 0 for v in mixture.values()):  # catches NaN too
+        problems.append("distill.mixture: weights must be >= 0")
+    elif not any(v > 0 for d, v in mixture.items() if not manifest or d in domains):
+        problems.append(
+            "distill.mixture: every weight is 0; give at least one domain a positive weight"
+        )
+
+
+def _roles(cfg: Config, problems: list[str]) -> list[tuple[str, str]]:
+    """The models to check: the student and, when it is on this machine, the teacher."""
+    method, offline = cfg.distill.method, cfg.teacher.mode == "offline"
+    roles = [("student", cfg.model.student)] if cfg.model.student else []
+    if cfg.model.teacher and offline and method != "cpt" and not teacher_on_disk(cfg.model.teacher):
         # The cache stands in for the teacher, so the training machine need not hold it.
-        print(
+        print0(
             f"warning: teacher '{cfg.model.teacher}' is not on this machine; the offline cache "
             "is checked against its name only"
         )
@@ -167,8 +190,13 @@ def preflight_problems(cfg: Config) -> list[str]:
         problems.append(f"model.teacher: required for distill.method '{method}'")
     if not cfg.model.student:
         problems.append("model.student: required (a hub id or a local folder)")
-        roles = roles[1:]
-    for role, name in roles:
+    return roles
+
+
+def _models(cfg: Config, problems: list[str]) -> tuple[dict, dict]:
+    """({role: model config}, {role: tokenizer}) of the models that load."""
+    configs, tokenizers = {}, {}
+    for role, name in _roles(cfg, problems):
         model_cfg, err = _load_quietly(_model_config, name, cfg.model.trust_remote_code)
         if err:
             problems.append(f"model.{role}: {err}")
@@ -180,46 +208,34 @@ def preflight_problems(cfg: Config) -> list[str]:
         elif role == "student":
             problems.append(f"model.student: {err}")
         else:
-            print(
+            print0(
                 f"warning: no tokenizer in teacher '{name}' ({err}); only its output size is checked"
             )
+    return configs, tokenizers
 
-    if manifest:
-        seq_len = manifest.seq_len
-        for role, model_cfg in configs.items():
-            limit = getattr(model_cfg, "max_position_embeddings", None)
-            if limit is not None and seq_len > limit:
-                problems.append(
-                    f"data.prepared: seq_len {seq_len} exceeds the {role}'s context of {limit} "
-                    "tokens; prepare the data with a smaller prepare.seq_len"
-                )
-        student_tok = tokenizers.get("student")
-        if student_tok is not None and not same_vocabulary(manifest, student_tok):
+
+def _data_model_problems(cfg: Config, manifest, configs, tokenizers, problems) -> None:
+    """The data against the models: context length, tokenizer, output rows."""
+    seq_len = manifest.seq_len
+    for role, model_cfg in configs.items():
+        limit = getattr(model_cfg, "max_position_embeddings", None)
+        if limit is not None and seq_len > limit:
             problems.append(
-                f"data.prepared: tokenised with '{manifest.tokenizer.name_or_path}', whose "
-                f"vocabulary differs from the student's ('{cfg.model.student}'); prepare the data "
-                "with the student's tokenizer"
+                f"data.prepared: seq_len {seq_len} exceeds the {role}'s context of {limit} "
+                "tokens; prepare the data with a smaller prepare.seq_len"
             )
-        vocab = manifest.tokenizer.vocab_size
-        for role, model_cfg in configs.items():
-            rows = getattr(model_cfg, "vocab_size", None)
-            if rows is not None and rows < vocab:
-                problems.append(
-                    f"model.{role}: vocabulary mismatch: its output layer has {rows} rows but the "
-                    f"tokenizer has {vocab} tokens"
-                )
-    if "student" in tokenizers and "teacher" in tokenizers:
-        _, err = _load_quietly(
-            check_tokenizers_match,
-            tokenizers["teacher"],
-            tokenizers["student"],
-            cfg.model.teacher,
-            cfg.model.student,
+    student_tok = tokenizers.get("student")
+    if student_tok is not None and not same_vocabulary(manifest, student_tok):
+        problems.append(
+            f"data.prepared: tokenised with '{manifest.tokenizer.name_or_path}', whose "
+            f"vocabulary differs from the student's ('{cfg.model.student}'); prepare the data "
+            "with the student's tokenizer"
         )
-        if err:
-            problems.append(f"model.teacher: {err}")
-    if offline and method != "cpt":
-        from ddk.teacher.cache import cache_problems
-
-        problems.extend(cache_problems(cfg, manifest, domains))
-    return problems
+    vocab = manifest.tokenizer.vocab_size
+    for role, model_cfg in configs.items():
+        rows = getattr(model_cfg, "vocab_size", None)
+        if rows is not None and rows < vocab:
+            problems.append(
+                f"model.{role}: vocabulary mismatch: its output layer has {rows} rows but the "
+                f"tokenizer has {vocab} tokens"
+            )

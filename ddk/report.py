@@ -7,8 +7,12 @@ Reads each run's `config.yaml` and `metrics.jsonl` and writes, into one folder:
 - `ratio_over_training.png`: ℓ_S/ℓ_T per domain over training, one panel per run (Figure 3);
 - `domain_weights.png`: the domain sampling weights over training, one panel per run;
 - `loss_curves.png`: CE and KL over training;
-- `summary.md`: per-domain perplexities and ratios, the worst-domain ratio (the largest
-  ℓ_S/ℓ_T) and the geometric-mean perplexity of every run;
+- `benchmarks_over_training.png`: benchmark scores against step, when runs scored them more
+  than once (`eval.every_intervals`);
+- `summary.md`: the benchmark scores as the paper's Table 1 lays them out (one row per run, one
+  column per task grouped by domain, the average, beside the test perplexity and the worst
+  ratio) when the runs have any, per-domain perplexities and ratios, the worst-domain ratio
+  (the largest ℓ_S/ℓ_T) and the geometric-mean perplexity of every run;
 - `report.html`: all of the above on one self-contained page (images inlined as base64).
 """
 
@@ -20,11 +24,27 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import yaml
+from matplotlib import colormaps
+from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on save
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from ddk.errors import DDKError
-from ddk.metrics import DOMAIN_UPDATE, EVAL_EVENTS, FINAL_EVAL, read_metrics
-from ddk.ownership import ownership_record
+from ddk.metrics import (
+    BENCHMARK_EVAL,
+    BENCHMARKS_FORMAT,
+    DOMAIN_UPDATE,
+    FINAL_EVAL,
+    DomainStats,
+    EvalRecord,
+    StepRecord,
+    json_number,
+    read_metrics,
+    read_records,
+)
+from ddk.ownership import is_owned, ownership_record, read_record, refuse_links
 from ddk.table import fmt_cell, format_table
 
 PLOTS = (
@@ -32,6 +52,7 @@ PLOTS = (
     ("ratio_over_training.png", "Student/teacher perplexity ratio over training"),
     ("domain_weights.png", "Domain weights over training"),
     ("loss_curves.png", "Loss curves"),
+    ("benchmarks_over_training.png", "Benchmark scores over training"),
 )
 NA = "n/a"  # a ratio that cannot exist (the run has no teacher)
 
@@ -47,55 +68,66 @@ class _Run:
         distill = self.config.get("distill") or {}
         trainer = self.config.get("trainer") or {}
         self.method = str(distill.get("method") or "unknown")
-        # a variant of a method (the opt-in interval-0 floor) gets its own label
-        self.variant = self.method + ("+floor" if distill.get("init_floor") else "")
+        # a variant of a method (a preset, else the opt-in interval-0 floor) gets its own label
+        if distill.get("preset"):
+            self.variant = f"{self.method}+{distill['preset']}"
+        else:
+            self.variant = self.method + ("+floor" if distill.get("init_floor") else "")
         self.K = distill.get("K")
         self.alpha = distill.get("alpha")
         self.gamma = distill.get("gamma")
         self.max_steps = trainer.get("max_steps")
         self.label = self.method
 
-        records = read_metrics(path / "metrics.jsonl")
-        self.logs = sorted(
-            (r for r in records if "event" not in r and isinstance(r.get("step"), int | float)),
-            key=lambda r: r["step"],
+        records = read_records(path / "metrics.jsonl")
+        self.logs: list[StepRecord] = sorted(
+            (r for r in records if isinstance(r, StepRecord)), key=lambda r: r.step
         )
-        evals: dict[tuple[str, int], dict] = {}
+        evals: dict[tuple[str, int], EvalRecord] = {}
         for r in records:  # a resumed run may repeat a record; the later one wins
-            if r.get("event") in EVAL_EVENTS and isinstance(r.get("domains"), dict):
-                evals[(r["event"], r.get("step", 0))] = r
+            if isinstance(r, EvalRecord):
+                evals[(r.event, r.step)] = r
         # at equal steps a domain_update comes before the final_eval
-        self.evals = sorted(
-            evals.values(), key=lambda r: (r.get("step", 0), r["event"] == FINAL_EVAL)
+        self.evals: list[EvalRecord] = sorted(
+            evals.values(), key=lambda r: (r.step, r.event == FINAL_EVAL)
         )
         if not self.evals:
             raise DDKError(
                 f"'{path / 'metrics.jsonl'}' has no evaluation records (domain_update or "
                 "final_eval); the run stopped before its first evaluation"
             )
-        finals = [r for r in self.evals if r["event"] == FINAL_EVAL]
+        scored: dict[int, dict] = {}
+        for r in read_metrics(path / "metrics.jsonl"):  # a resumed run's later record wins
+            if (
+                isinstance(r, dict)
+                and r.get("event") == BENCHMARK_EVAL
+                and isinstance(r.get("step"), int | float)
+            ):
+                scored[int(r["step"])] = r
+        in_order = [scored[step] for step in sorted(scored)]
+        self.benchmarks = [r for r in in_order if isinstance(r.get("tasks"), dict)]
+        self.benchmark_failures = [r for r in in_order if "failed" in r]
+        finals = [r for r in self.evals if r.event == FINAL_EVAL]
         self.has_final = bool(finals)
         self.final = finals[-1] if finals else self.evals[-1]
-        self.domains = list(dict.fromkeys(d for r in self.evals for d in r["domains"]))
+        self.domains = list(dict.fromkeys(d for r in self.evals for d in r.domains))
         # the final numbers' split ("test": held out; "val": what DDK steered by)
-        self.split = self.final.get("split", "val")
-        updates = [r for r in self.evals if r["event"] == DOMAIN_UPDATE]
+        self.split = self.final.split or "val"
+        updates = [r for r in self.evals if r.event == DOMAIN_UPDATE]
         self.epochs = {
-            d: e["epochs"]
-            for d, e in (updates[-1]["domains"].items() if updates else ())
-            if isinstance(e.get("epochs"), int)
+            d: e.epochs
+            for d, e in (updates[-1].domains.items() if updates else ())
+            if e.epochs is not None
         }
 
     @property
     def steps(self) -> int | None:
-        candidates = [r.get("step") for r in (self.final, *self.logs[-1:])]
-        candidates = [s for s in candidates if isinstance(s, int | float)]
-        return int(max(candidates)) if candidates else None
+        return max(r.step for r in (self.final, *self.logs[-1:]))
 
     @property
     def tokens(self) -> int | None:
-        tokens = [r["tokens"] for r in self.logs if isinstance(r.get("tokens"), int | float)]
-        return int(tokens[-1]) if tokens else None
+        tokens = [r.tokens for r in self.logs if r.tokens is not None]
+        return tokens[-1] if tokens else None
 
 
 def _read_config(path: Path) -> dict:
@@ -147,21 +179,6 @@ def _assign_labels(runs: list[_Run]) -> None:
 
 
 # ----------------------------------------------------------------------------- numbers
-def _num(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _ratio(entry: dict) -> float | None:
-    ratio = _num(entry.get("ratio"))
-    if ratio is None:
-        s, t = _num(entry.get("student_ppl")), _num(entry.get("teacher_ppl"))
-        if s is not None and t is not None and t > 0:
-            ratio = s / t
-    return ratio
-
-
 def _rank(ratio: float) -> float:
     """Sort key for ratios: NaN (a diverged domain) ranks as infinity, worse than any number."""
     return math.inf if ratio != ratio else ratio
@@ -176,75 +193,81 @@ def _geomean(values) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def _summarize(runs: list[_Run]) -> dict:
-    domains = list(dict.fromkeys(d for r in runs for d in r.domains))
-
+def _teacher_column(runs: list[_Run], domains: list[str]) -> tuple[dict, bool]:
+    """The teacher perplexity per domain, and whether the runs disagree on it (runs distilled
+    from different teachers: compare with care)."""
     teacher: dict[str, float | None] = {d: None for d in domains}
-    teacher_mismatch = False  # runs distilled from different teachers: compare with care
+    mismatch = False
     for r in runs:
         # the teacher of the reported numbers: the final evaluation's split, not the curves'
-        for rec in [r.final] if r.final.get("split") else r.evals:
-            for d, e in rec["domains"].items():
-                t = _num(e.get("teacher_ppl"))
+        for rec in [r.final] if r.final.split else r.evals:
+            for d, e in rec.domains.items():
+                t = e.teacher_ppl
                 if teacher.get(d) is None:
                     teacher[d] = t
                 elif t is not None and abs(t - teacher[d]) > 1e-3 * abs(teacher[d]):
-                    teacher_mismatch = True
+                    mismatch = True
+    return teacher, mismatch
 
-    # "before": the step-0 evaluation of the first run (or of the first run that has one)
+
+def _before_column(runs: list[_Run], domains: list[str]) -> tuple[dict, dict, str | None]:
+    """The student before training per domain (and its ratio): the step-0 evaluation of the
+    first run that has one, on the final evaluation's split when it was recorded there."""
     before: dict[str, float | None] = {d: None for d in domains}
-    before_ratio: dict[str, float] = {}
-    before_from = None
+    ratios: dict[str, float] = {}
     for r in runs:
-        if any(_num(e.get("student_before_ppl")) is not None for e in r.final["domains"].values()):
-            for d, e in r.final["domains"].items():  # step 0, on the final evaluation's split
-                before[d] = _num(e.get("student_before_ppl"))
-                t = _num(e.get("teacher_ppl"))
-                if before[d] is not None and t:
-                    before_ratio[d] = before[d] / t
-            before_from = r.label
-            break
-        start = [rec for rec in r.evals if rec["event"] == DOMAIN_UPDATE and rec["step"] == 0]
+        if any(e.student_before_ppl is not None for e in r.final.domains.values()):
+            for d, e in r.final.domains.items():  # step 0, on the final evaluation's split
+                before[d] = e.student_before_ppl
+                if before[d] is not None and e.teacher_ppl:
+                    ratios[d] = before[d] / e.teacher_ppl
+            return before, ratios, r.label
+        start = [rec for rec in r.evals if rec.event == DOMAIN_UPDATE and rec.step == 0]
         if start:
-            for d, e in start[0]["domains"].items():
-                before[d] = _num(e.get("student_ppl"))
-                ratio = _ratio(e)
+            for d, e in start[0].domains.items():
+                before[d] = e.student_ppl
+                ratio = e.best_ratio()
                 if ratio is not None and ratio == ratio:
-                    before_ratio[d] = ratio
-            before_from = r.label
-            break
+                    ratios[d] = ratio
+            return before, ratios, r.label
+    return before, ratios, None
+
+
+def _run_summary(r: _Run) -> dict:
+    ppl = {d: e.student_ppl for d, e in r.final.domains.items()}
+    ratio = {d: e.best_ratio() for d, e in r.final.domains.items()}
+    known = {d: v for d, v in ratio.items() if v is not None}
+    # a NaN ratio (the student diverged on that domain) counts as the worst of all
+    worst = max(known, key=lambda d: _rank(known[d])) if known else None
+    return {
+        "label": r.label,
+        "method": r.method,
+        "run_dir": str(r.path),
+        "K": r.K,
+        "alpha": r.alpha,
+        "gamma": r.gamma,
+        "steps": r.steps,
+        "tokens": r.tokens,
+        "final_step": r.final.step,
+        "has_final_eval": r.has_final,
+        "has_teacher": bool(known),
+        "ppl": ppl,
+        "ratio": ratio,
+        "worst_domain": worst,
+        "worst_ratio": known[worst] if worst is not None else None,
+        "geomean_ppl": _geomean(v for v in ppl.values() if v is not None),
+        "split": r.split,
+        "epochs": dict(r.epochs),
+    }
+
+
+def _summarize(runs: list[_Run], references: tuple[dict, ...] = ()) -> dict:
+    """`references`: benchmark files (read_benchmark_file) shown as rows above the runs."""
+    domains = list(dict.fromkeys(d for r in runs for d in r.domains))
+    teacher, teacher_mismatch = _teacher_column(runs, domains)
+    before, before_ratio, before_from = _before_column(runs, domains)
     before_worst = max(before_ratio, key=before_ratio.get) if before_ratio else None
-
-    out_runs = []
-    for r in runs:
-        ppl = {d: _num(e.get("student_ppl")) for d, e in r.final["domains"].items()}
-        ratio = {d: _ratio(e) for d, e in r.final["domains"].items()}
-        known = {d: v for d, v in ratio.items() if v is not None}
-        # a NaN ratio (the student diverged on that domain) counts as the worst of all
-        worst = max(known, key=lambda d: _rank(known[d])) if known else None
-        out_runs.append(
-            {
-                "label": r.label,
-                "method": r.method,
-                "run_dir": str(r.path),
-                "K": r.K,
-                "alpha": r.alpha,
-                "gamma": r.gamma,
-                "steps": r.steps,
-                "tokens": r.tokens,
-                "final_step": r.final.get("step"),
-                "has_final_eval": r.has_final,
-                "has_teacher": bool(known),
-                "ppl": ppl,
-                "ratio": ratio,
-                "worst_domain": worst,
-                "worst_ratio": known[worst] if worst is not None else None,
-                "geomean_ppl": _geomean(v for v in ppl.values() if v is not None),
-                "split": r.split,
-                "epochs": dict(r.epochs),
-            }
-        )
-
+    out_runs = [{**_run_summary(r), **_run_benchmarks(r)} for r in runs]
     judged = [r for r in out_runs if r["worst_ratio"] is not None]
     best = min(judged, key=lambda r: _rank(r["worst_ratio"]))["label"] if judged else None
     teacher_vals = [v for v in teacher.values() if v is not None]
@@ -265,10 +288,67 @@ def _summarize(runs: list[_Run]) -> dict:
         "teacher_mismatch": teacher_mismatch,
         "same_domains": all(set(r.domains) == set(domains) for r in runs),
         "split": "/".join(sorted({r.split for r in runs})),
+        "benchmark_columns": _benchmark_columns(
+            [r.benchmarks[-1] for r in runs if r.benchmarks] + list(references), domains
+        ),
+        "benchmark_references": [
+            {"label": ref["model"], "file": ref["file"], **_scores(ref)} for ref in references
+        ],
     }
 
 
-def summarize_runs(run_dirs) -> dict:
+def _scores(record: dict) -> dict:
+    """A benchmark record's primary scores: per task, per domain, average."""
+    return {
+        "tasks": {t: json_number(e.get("score")) for t, e in record.get("tasks", {}).items()},
+        "domains": {
+            d: json_number(e.get("score")) for d, e in (record.get("domains") or {}).items()
+        },
+        "average": json_number(record.get("average")),
+    }
+
+
+def _run_benchmarks(r: _Run) -> dict:
+    """The run's final benchmark scores (its `final` scoring, else its last), every scoring's
+    scores by step, and the scorings that failed."""
+    finals = [b for b in r.benchmarks if b.get("final")]
+    last = (finals or r.benchmarks or [None])[-1]
+    return {
+        "benchmarks": None if last is None else {"step": last["step"], **_scores(last)},
+        "benchmark_history": [{"step": b["step"], **_scores(b)} for b in r.benchmarks],
+        "benchmark_failures": [
+            {"step": b["step"], "failed": str(b["failed"])} for b in r.benchmark_failures
+        ],
+    }
+
+
+def _benchmark_columns(records: list[dict], domains: list[str]) -> list[dict]:
+    """Every task any record scored, grouped by domain in the report's domain order (tasks of
+    no domain last), in first-seen order within a domain."""
+    seen: dict[str, str | None] = {}
+    for record in records:
+        for task, entry in record.get("tasks", {}).items():
+            seen.setdefault(task, entry.get("domain"))
+    rank = {d: i for i, d in enumerate(domains)}
+    ordered = sorted(seen.items(), key=lambda item: rank.get(item[1], len(rank)))
+    return [{"task": t, "domain": d} for t, d in ordered]
+
+
+def read_benchmark_file(path: str | Path) -> dict:
+    """A `ddk eval --out` (or RUN/benchmarks.json) file, for the report's reference rows."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DDKError(f"cannot read benchmark file '{path}': {e}") from None
+    if not isinstance(payload, dict) or payload.get("format") != BENCHMARKS_FORMAT:
+        raise DDKError(f"'{path}' is not a ddk benchmarks file (written by `ddk eval --out`)")
+    if "failed" in payload:
+        raise DDKError(f"'{path}' records a failed evaluation: {payload['failed']}")
+    return {**payload, "file": str(path)}
+
+
+def summarize_runs(run_dirs, benchmark_files=()) -> dict:
     """The numbers the report shows.
 
     Returns ``{"domains", "teacher": {domain: ppl|None}, "before": {domain: ppl|None},
@@ -282,8 +362,14 @@ def summarize_runs(run_dirs) -> dict:
     evaluation); the curves are always on the validation split.
     "worst domain" is the one with the largest student/teacher perplexity ratio; `best_run`
     is the label of the run whose worst-domain ratio is lowest (None without a teacher).
+    Benchmarks (lm-eval scores, from `benchmark_eval` records): each run also has
+    "benchmarks" ({"step", "tasks": {task: score}, "domains": {domain: mean}, "average"} or
+    None), "benchmark_history" (the same per scoring) and "benchmark_failures"; the summary has
+    "benchmark_columns" ([{"task", "domain"}], grouped by domain) and "benchmark_references"
+    (one entry per file in `benchmark_files`, e.g. the teacher's `ddk eval --out`).
     """
-    return _summarize(_load_runs(run_dirs))
+    references = tuple(read_benchmark_file(f) for f in benchmark_files)
+    return _summarize(_load_runs(run_dirs), references)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -309,6 +395,58 @@ def _domain_table(summary: dict) -> tuple[list[str], list[list]]:
                 row.append(NA if ratio is None else ratio)
         rows.append(row)
     return headers, rows
+
+
+def _percent(value):
+    return "" if value is None else 100.0 * value
+
+
+def benchmark_table(summary: dict) -> tuple[list[str], list[list]] | None:
+    """The paper's Table 1: a row per model (reference files, then runs), a column per task
+    grouped by domain, the average; beside them each run's test perplexity and worst ratio."""
+    columns = summary["benchmark_columns"]
+    runs = [r for r in summary["runs"] if r["benchmarks"]]
+    if not columns or not (runs or summary["benchmark_references"]):
+        return None
+    headers = ["model"] + [
+        f"{c['task']} ({c['domain']})" if c["domain"] else c["task"] for c in columns
+    ]
+    headers += ["average", f"{summary['split']} geo-mean ppl", "worst ratio"]
+    rows = []
+    for ref in summary["benchmark_references"]:
+        scores = [_percent(ref["tasks"].get(c["task"])) for c in columns]
+        rows.append([ref["label"], *scores, _percent(ref["average"]), "", ""])
+    for r in runs:
+        b = r["benchmarks"]
+        worst = (
+            ""
+            if r["worst_ratio"] is None
+            else f"{fmt_cell(r['worst_ratio'])} ({r['worst_domain']})"
+        )
+        rows.append(
+            [r["label"], *(_percent(b["tasks"].get(c["task"])) for c in columns)]
+            + [_percent(b["average"]), _cell(r["geomean_ppl"]), worst]
+        )
+    return headers, rows
+
+
+def _benchmark_notes(summary: dict) -> list[str]:
+    notes = []
+    if benchmark_table(summary) is None:
+        return notes
+    notes.append(
+        "Benchmark scores in percent, each task's primary lm-eval metric (see each run's "
+        "benchmarks.json for every metric and its standard error); average = mean over the "
+        "tasks a row scored."
+    )
+    scored = {
+        tuple(sorted(x["tasks"]))
+        for x in [r["benchmarks"] for r in summary["runs"] if r["benchmarks"]]
+        + summary["benchmark_references"]
+    }
+    if len(scored) > 1:
+        notes.append("The rows scored different tasks: their averages are not comparable.")
+    return notes
 
 
 def _epoch_table(summary: dict) -> tuple[list[str], list[list]] | None:
@@ -380,19 +518,9 @@ def _notes(summary: dict) -> list[str]:
         notes.append(text + ".")
     else:
         notes.append("No run has teacher perplexities, so there are no ratios to compare.")
-    ref = []
-    if summary["teacher_geomean_ppl"] is not None:
-        ref.append(f"teacher geo-mean ppl {fmt_cell(summary['teacher_geomean_ppl'])}")
-    if summary["before_geomean_ppl"] is not None:
-        text = f"student before: geo-mean ppl {fmt_cell(summary['before_geomean_ppl'])}"
-        if summary["before_worst_domain"]:
-            text += (
-                f", worst-domain ratio {fmt_cell(summary['before_worst_ratio'])} "
-                f"({summary['before_worst_domain']})"
-            )
-        ref.append(text)
+    ref = _reference_note(summary)
     if ref:
-        notes.append("Reference: " + "; ".join(ref) + ".")
+        notes.append(ref)
     notes.append(
         "Worst domain = the domain with the largest student/teacher perplexity ratio "
         "ℓ_S/ℓ_T (what DDK steers by), not the largest perplexity. "
@@ -415,6 +543,11 @@ def _notes(summary: dict) -> list[str]:
             "and each geo-mean is over that run's own domains."
         )
     for r in runs:
+        for f in r["benchmark_failures"]:
+            notes.append(
+                f"{r['label']}: the benchmark evaluation at step {f['step']} failed "
+                f"({f['failed']}); training went on."
+            )
         if not r["has_final_eval"]:
             notes.append(
                 f"{r['label']} has no final evaluation (stopped early?); its 'after' numbers are "
@@ -423,8 +556,29 @@ def _notes(summary: dict) -> list[str]:
     return notes
 
 
+def _reference_note(summary: dict) -> str | None:
+    """The teacher's and the untrained student's numbers, to read the runs against."""
+    ref = []
+    if summary["teacher_geomean_ppl"] is not None:
+        ref.append(f"teacher geo-mean ppl {fmt_cell(summary['teacher_geomean_ppl'])}")
+    if summary["before_geomean_ppl"] is not None:
+        text = f"student before: geo-mean ppl {fmt_cell(summary['before_geomean_ppl'])}"
+        if summary["before_worst_domain"]:
+            text += (
+                f", worst-domain ratio {fmt_cell(summary['before_worst_ratio'])} "
+                f"({summary['before_worst_domain']})"
+            )
+        ref.append(text)
+    return "Reference: " + "; ".join(ref) + "." if ref else None
+
+
 def _markdown(summary: dict) -> str:
     parts = ["# DDK distillation report", ""]
+    benchmarks = benchmark_table(summary)
+    if benchmarks:
+        parts += ["## Benchmark scores (lm-eval)", ""]
+        parts += [format_table(*benchmarks, markdown=True), ""]
+        parts += [f"- {n}" for n in _benchmark_notes(summary)] + [""]
     parts += [f"## {_split_caption(summary)}", ""]
     parts += [format_table(*_domain_table(summary), markdown=True), ""]
     parts += ["## Runs", ""]
@@ -457,6 +611,29 @@ def _md_inline(text: str) -> str:
     return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
 
 
+def _html_benchmarks(summary: dict) -> list[str]:
+    """The paper-style benchmark table and its notes; nothing when no run scored any."""
+    benchmarks = benchmark_table(summary)
+    if not benchmarks:
+        return []
+    notes = "".join(f"<li>{_md_inline(n)}</li>" for n in _benchmark_notes(summary))
+    return ["<h2>Benchmark scores (lm-eval)</h2>", _html_table(*benchmarks), f"<ul>{notes}</ul>"]
+
+
+def _html_plots(out: Path) -> list[str]:
+    """Every plot in `out`, inlined as base64 (benchmarks over training: only when drawn)."""
+    parts = []
+    for name, title in PLOTS:
+        if not (out / name).is_file():
+            continue
+        data = base64.b64encode((out / name).read_bytes()).decode("ascii")
+        parts += [
+            f"<h2>{html.escape(title)}</h2>",
+            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">',
+        ]
+    return parts
+
+
 def _html(summary: dict, out: Path) -> str:
     style = (
         "body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;"
@@ -479,6 +656,9 @@ def _html(summary: dict, out: Path) -> str:
             for r in summary["runs"]
         )
         + "</p>",
+    ]
+    p += _html_benchmarks(summary)
+    p += [
         f"<h2>{html.escape(_split_caption(summary))}</h2>",
         _html_table(*_domain_table(summary)),
         "<h2>Runs</h2>",
@@ -489,12 +669,7 @@ def _html(summary: dict, out: Path) -> str:
     if epochs:
         p += ["<h2>Epochs per domain (passes through its training data)</h2>"]
         p += [_html_table(*epochs)]
-    for name, title in PLOTS:
-        data = base64.b64encode((out / name).read_bytes()).decode("ascii")
-        p += [
-            f"<h2>{html.escape(title)}</h2>",
-            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">',
-        ]
+    p += _html_plots(out)
     p.append("<h2>Run configurations</h2>")
     headers = ["run", "folder", "method", "K", "alpha", "gamma", "steps", "tokens", "final eval"]
     rows = [
@@ -518,8 +693,6 @@ def _html(summary: dict, out: Path) -> str:
 
 # ----------------------------------------------------------------------------- plots
 def _figure(nplots: int, width: float = 5.0, height: float = 3.6):
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on save
-
     ncols = min(nplots, 3)
     nrows = math.ceil(nplots / ncols)
     fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
@@ -534,8 +707,6 @@ def _finite(v) -> bool:
 
 
 def _domain_colors(domains: list[str]) -> dict[str, tuple]:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if len(domains) <= 10 else "tab20"]
     return {d: cmap(i % cmap.N) for i, d in enumerate(domains)}
 
@@ -546,8 +717,6 @@ def _wide_range(values, factor: float) -> bool:
 
 
 def _plot_perplexity(summary: dict, runs: list[_Run], path: Path) -> None:
-    import numpy as np
-
     domains = summary["domains"]
     series = []
     if any(v is not None for v in summary["teacher"].values()):
@@ -592,22 +761,18 @@ def _plot_perplexity(summary: dict, runs: list[_Run], path: Path) -> None:
 
 
 def _series_colors(n: int) -> list:
-    from matplotlib import colormaps
-
     cmap = colormaps["Set2" if n <= 8 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
 
 def _plot_ratios(summary: dict, runs: list[_Run], colors: dict, path: Path) -> None:
     fig, axes = _figure(len(runs))
-    all_ratios = [_ratio(e) for r in runs for rec in r.evals for e in rec["domains"].values()]
+    all_ratios = [e.best_ratio() for r in runs for rec in r.evals for e in rec.domains.values()]
     log = _wide_range(all_ratios + [1.0], 10)
     for ax, r in zip(axes, runs):
         drawn = False
         for d in r.domains:
-            pts = [
-                (rec["step"], _ratio(rec["domains"][d])) for rec in r.evals if d in rec["domains"]
-            ]
+            pts = [(rec.step, rec.domains[d].best_ratio()) for rec in r.evals if d in rec.domains]
             pts = [(s, v) for s, v in pts if _finite(v)]
             if pts:
                 xs, ys = zip(*pts)
@@ -621,7 +786,7 @@ def _plot_ratios(summary: dict, runs: list[_Run], colors: dict, path: Path) -> N
             if log:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-            steps = [rec["step"] for rec in r.evals]
+            steps = [rec.step for rec in r.evals]
             if len(set(steps)) == 1:  # one evaluation: a readable axis, not ±0.04 around it
                 ax.set_xlim(steps[0] - 1, max(steps[0] + 1, r.steps or 0))
         else:
@@ -637,9 +802,6 @@ def _plot_ratios(summary: dict, runs: list[_Run], colors: dict, path: Path) -> N
 
 def _domain_legend(fig, domains: list[str], colors: dict, kind: str) -> None:
     """One legend for all panels (a domain has the same colour everywhere), outside the axes."""
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
     if kind == "line":
         handles = [Line2D([], [], color=colors[d], marker="o", markersize=3) for d in domains]
     else:
@@ -650,10 +812,10 @@ def _domain_legend(fig, domains: list[str], colors: dict, kind: str) -> None:
 def _plot_weights(summary: dict, runs: list[_Run], colors: dict, path: Path) -> None:
     fig, axes = _figure(len(runs))
     for ax, r in zip(axes, runs):
-        steps = [rec["step"] for rec in r.evals]
+        steps = [rec.step for rec in r.evals]
         names, stacks = [], []
         for d in r.domains:
-            ws = [_num(rec["domains"].get(d, {}).get("weight")) for rec in r.evals]
+            ws = [rec.domains.get(d, DomainStats(None)).weight for rec in r.evals]
             if any(_finite(w) for w in ws):
                 names.append(d)
                 stacks.append([w if _finite(w) else 0.0 for w in ws])
@@ -687,7 +849,7 @@ def _plot_losses(summary: dict, runs: list[_Run], path: Path) -> None:
     ):
         drawn = False
         for r, c in zip(runs, colors):
-            pts = [(rec["step"], _num(rec.get(key))) for rec in r.logs]
+            pts = [(rec.step, getattr(rec, key)) for rec in r.logs]
             pts = [(s, v) for s, v in pts if _finite(v)]
             if pts:
                 xs, ys = zip(*pts)
@@ -705,15 +867,49 @@ def _plot_losses(summary: dict, runs: list[_Run], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _plot_benchmarks(summary: dict, path: Path) -> bool:
+    """Score against step (average, then each domain's mean), a line per run; only when some
+    run scored more than once (eval.every_intervals). Returns whether it was drawn."""
+    runs = [r for r in summary["runs"] if len(r["benchmark_history"]) > 1]
+    if not runs:
+        return False
+    domains = [
+        d
+        for d in summary["domains"]
+        if any(d in h["domains"] for r in runs for h in r["benchmark_history"])
+    ]
+    panels = [("average", None)] + [(f"{d} (mean of its tasks)", d) for d in domains]
+    fig, axes = _figure(len(panels))
+    colors = _series_colors(len(summary["runs"]))
+    for ax, (title, domain) in zip(axes, panels):
+        for r, c in zip(summary["runs"], colors):
+            pts = [
+                (h["step"], h["average"] if domain is None else h["domains"].get(domain))
+                for h in r["benchmark_history"]
+            ]
+            pts = [(step, 100.0 * v) for step, v in pts if _finite(v)]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", markersize=3, color=c, label=r["label"])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("score (%)")
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    fig.suptitle("Benchmark scores over training (reporting only: DDK never steers by them)")
+    fig.savefig(path, dpi=110)
+    return True
+
+
 # ----------------------------------------------------------------------------- entry point
-def write_report(run_dirs, out_dir=None) -> Path:
+def write_report(run_dirs, out_dir=None, benchmark_files=()) -> Path:
     """Write the plots, `summary.md` and a self-contained `report.html`; return report.html.
 
     `out_dir` defaults to the first run folder's `report/`. Raises DDKError (one line) when a
     run folder or its metrics.jsonl is missing, or it holds no evaluation record.
     """
     runs = _load_runs(run_dirs)
-    summary = _summarize(runs)
+    summary = _summarize(runs, tuple(read_benchmark_file(f) for f in benchmark_files))
     out = Path(out_dir) if out_dir is not None else runs[0].path / "report"
     _check_report_folder(out)
     try:
@@ -726,6 +922,8 @@ def write_report(run_dirs, out_dir=None) -> Path:
     _plot_ratios(summary, runs, colors, out / "ratio_over_training.png")
     _plot_weights(summary, runs, colors, out / "domain_weights.png")
     _plot_losses(summary, runs, out / "loss_curves.png")
+    if not _plot_benchmarks(summary, out / "benchmarks_over_training.png"):
+        (out / "benchmarks_over_training.png").unlink(missing_ok=True)  # a previous report's
     (out / "summary.md").write_text(_markdown(summary), encoding="utf-8")
     page = out / "report.html"
     page.write_text(_html(summary, out), encoding="utf-8")
@@ -740,6 +938,7 @@ REPORT_FILES = [
     "ratio_over_training.png",
     "domain_weights.png",
     "loss_curves.png",
+    "benchmarks_over_training.png",
     "summary.md",
     "report.html",
 ]
@@ -748,10 +947,9 @@ REPORT_FILES = [
 def _check_report_folder(out: Path) -> None:
     """A report replaces only files a previous report wrote (listed in its record); the
     folder's other files stay as they are."""
-    from ddk.ownership import is_owned, read_record
-
     if out.exists() and not out.is_dir():
         raise DDKError(f"report folder '{out}' is a file; choose another --out")
+    refuse_links(out, f"report folder '{out}'", [*REPORT_FILES, REPORT_RECORD])
     record_path = out / REPORT_RECORD
     record = read_record(record_path)
     owned = set(record["files"]) if is_owned(record, "report") else set()

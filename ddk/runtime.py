@@ -1,8 +1,12 @@
-"""Everything Accelerate-specific, behind one small seam: building the accelerator and checking
-its backend, prepare/unwrap, reductions, barriers, broadcasts and full state dicts.
+"""Everything backend-specific, behind one small seam: building the accelerator and checking its
+backend, prepare/unwrap, backward and the optimizer step, reductions, barriers, broadcasts, and
+saving/loading the model and optimizer states of every backend (whole, FSDP2 through
+torch.distributed.checkpoint, DeepSpeed ZeRO through its engine).
 
-The trainer and evaluation talk to a `Runtime`, never to Accelerate or torch.distributed
-directly, so a backend (DDP, FSDP2, DeepSpeed ZeRO-2/3) changes this file, not the recipe.
+The trainer, the checkpointer, evaluation and the teacher talk to a runtime, never to Accelerate
+or torch.distributed directly, so a backend (DDP, FSDP2, DeepSpeed ZeRO-2/3) changes this file,
+not the recipe. `LocalRuntime` is the one-process runtime (no Accelerate) that `ddk eval` and the
+tests use; `Runtime` is the Accelerate one, and either can be substituted.
 
 ddk owns gradient accumulation (the loss is a sum normalised once by the step's global token
 count), the skipped step on a NaN/inf loss or gradient, AdamW and the learning-rate schedule,
@@ -15,22 +19,62 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
-from ddk.checkpoint import (
-    DEEPSPEED,
-    SHARDED,
-    deepspeed_fp32_state_dict,
-    load_deepspeed_states,
-    load_sharded_states,
-    save_deepspeed_states,
-    save_sharded_states,
-)
-from ddk.errors import DDKError
+from ddk import ranks
+from ddk.checkpoint import DEEPSPEED, DEEPSPEED_TAG, SHARDED
+from ddk.errors import DDKError, first_line
 
 SUPPORTED = ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED")
 ZERO_STAGES = (2, 3)
+STATE_KINDS = {SHARDED: "FSDP2", DEEPSPEED: "DeepSpeed", None: "whole (DDP)"}
+
+
+class LocalRuntime:
+    """One process, no Accelerate: what evaluation and the teacher need from a runtime
+    (rank, world size, reductions, broadcasts, autocast), all trivial."""
+
+    backend = "local"
+    is_sharded = False
+
+    def __init__(self, device: torch.device | str | None = None):
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def gathered_head(self):
+        return contextlib.nullcontext()
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast_object(self, obj, src: int = 0):
+        return obj
+
+    def main_result(self, fn):
+        return fn()
 
 
 def check_backend(
@@ -78,48 +122,34 @@ def check_deepspeed_config(config: dict) -> None:
         )
 
 
-def _deepspeed_requested() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def _distributed_launch() -> bool:
-    return int(os.environ.get("LOCAL_RANK", -1)) != -1
-
-
 def _state_kwargs(cuda: bool) -> dict:
-    """How Accelerate's shared state is built, the same everywhere (the runtime and the
-    resume check that runs before it). Accelerate turns DeepSpeed on only when not told
+    """How Accelerate's shared state is built. Accelerate turns DeepSpeed on only when not told
     `cpu=True`; on a CPU-only launch it then finds no backend, so gloo is named, which
     DeepSpeed's CPU accelerator also uses."""
     if cuda:
         return {"cpu": False}
-    if _deepspeed_requested() and _distributed_launch():
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and int(os.environ.get("LOCAL_RANK", -1)) != -1:
         return {"cpu": False, "backend": "gloo"}
     return {"cpu": True}
 
 
-def partial_state():
-    """Accelerate's process state (rank, world size), built as the runtime will build it."""
-    from accelerate import PartialState
-
-    return PartialState(**_state_kwargs(torch.cuda.is_available()))
+def _check_accumulation_unset() -> None:
+    # ddk accumulates gradients itself (and normalises by the step's global token count);
+    # Accelerate's own accumulation would silently divide the loss again.
+    accum = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if accum not in (None, "", "1"):
+        raise DDKError(
+            f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={accum} is set; ddk does its own "
+            "accumulation: unset it (or set 1) and use trainer.grad_accum_steps"
+        )
 
 
 class Runtime:
+    """The Accelerate runtime: DDP (or one process), FSDP2 or DeepSpeed ZeRO-2/3."""
+
     def __init__(self, cpu: bool | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedType
-
-        # ddk accumulates gradients itself (and normalises by the step's global token count);
-        # Accelerate's own accumulation would silently divide the loss again.
-        accum = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-        if accum not in (None, "", "1"):
-            raise DDKError(
-                f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={accum} is set; ddk does its own "
-                "accumulation: unset it (or set 1) and use trainer.grad_accum_steps"
-            )
-        from accelerate.utils import InitProcessGroupKwargs
-
+        _check_accumulation_unset()
         cuda = torch.cuda.is_available() if cpu is None else not cpu
         bf16 = cuda and torch.cuda.is_bf16_supported()
         state = _state_kwargs(cuda)
@@ -144,12 +174,9 @@ class Runtime:
         if acc.is_fsdp2 and bf16:
             # Accelerate's bf16 policy also reduces gradients in bf16; ddk reduces in fp32
             # (the loss is a sum over the global batch, normalised once).
-            from torch.distributed.fsdp import MixedPrecisionPolicy
-
             acc.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16, reduce_dtype=torch.float32
             )
-        self.distributed_type = acc.distributed_type
         # "ddp" covers one process too: every rank holds whole weights and optimizer states.
         self.backend = {
             DistributedType.FSDP: "fsdp2",
@@ -165,15 +192,15 @@ class Runtime:
 
     @property
     def world_size(self) -> int:
-        return self.accelerator.num_processes
+        return ranks.world_size()
 
     @property
     def rank(self) -> int:
-        return self.accelerator.process_index
+        return ranks.rank()
 
     @property
     def is_main(self) -> bool:
-        return self.accelerator.is_main_process
+        return ranks.is_main()
 
     @property
     def is_sharded(self) -> bool:
@@ -212,7 +239,7 @@ class Runtime:
         params = [p for p in params if p is not None]
         self._external_params = params
         if self.backend == "deepspeed" and self.zero_stage == 3:
-            from deepspeed.runtime.zero import register_external_parameter
+            from deepspeed.runtime.zero import register_external_parameter  # optional extra
 
             for p in params:
                 register_external_parameter(module, p)
@@ -251,45 +278,70 @@ class Runtime:
         return grad_norm, applied
 
     def _deepspeed_step(self, optimizer, loss_finite: bool):
-        # ZeRO-2/3 skip a step whose gradient norm is NaN/inf themselves (and clip with
-        # gradient_clipping). A NaN/inf loss with finite gradients is the one case they would
-        # apply: the step then runs at learning rate 0, which leaves every weight as it was.
+        # ddk decides the skip itself: DeepSpeed's own overflow check is not to be relied on
+        # (ZeRO-3 before 0.19.8 checks it in fp16 only and turns a NaN norm into a -1
+        # sentinel, and a NaN loss with finite gradients passes every version's check).
         engine = self._engine
-        groups = optimizer.param_groups
-        rates = [g["lr"] for g in groups]
-        if not loss_finite:
-            for g in groups:
-                g["lr"] = 0.0
-        try:
+        with _gated_inner_step(engine.optimizer, loss_finite, self) as gate:
             engine.step()
-        finally:
-            for g, rate in zip(groups, rates):
-                g["lr"] = rate
         optimizer.step()  # a no-op wrapper under DeepSpeed; keeps the LR scheduler's count
         norm = engine.get_global_grad_norm()
-        grad_norm = float(norm) if norm is not None else math.nan
-        return grad_norm, loss_finite and engine.was_step_applied()
+        grad_norm = float(norm) if norm is not None and norm >= 0 else math.nan
+        if gate.gradients_finite is False:
+            grad_norm = math.nan
+        applied = loss_finite and engine.was_step_applied() and gate.gradients_finite is not False
+        return grad_norm, applied
 
-    # ------------------------------------------------------------------ sharded states
+    # ------------------------------------------------------------------ checkpoint states
     @property
     def states_dirname(self) -> str | None:
-        """The folder inside a checkpoint that holds sharded model and optimizer states."""
+        """The folder inside a checkpoint that holds sharded model and optimizer states
+        (None: whole states, written by rank 0 as model.safetensors and optimizer.pt)."""
         return {"fsdp2": SHARDED, "deepspeed": DEEPSPEED}.get(self.backend)
 
-    def save_states(self, folder, module, optimizer) -> None:
-        """Every rank writes its shard of the model and optimizer states (a collective)."""
+    def save_states(self, folder: Path, module, optimizer) -> None:
+        """Sharded backends: every rank writes its shard of the model and optimizer states
+        into `folder`/<states_dirname> (a collective). Whole states: nothing to do here."""
         if self.backend == "deepspeed":
-            save_deepspeed_states(folder, self._engine)
-        else:
-            save_sharded_states(folder, module, optimizer)
+            # The engine writes its ZeRO partitions (model, fp32 master weights, Adam moments);
+            # ddk's own scheduler, sampler and RNG are saved beside them.
+            self._engine.save_checkpoint(
+                str(folder / DEEPSPEED), tag=DEEPSPEED_TAG, client_state={}, save_latest=False
+            )
+        elif self.backend == "fsdp2":
+            model_sd, optim_sd = get_state_dict(module, _bare(optimizer))
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / SHARDED))
 
-    def load_states(self, folder, module, optimizer) -> None:
+    def whole_states(self, model: torch.nn.Module, optimizer) -> dict:
+        """What rank 0 writes itself: the model and optimizer state of whole-state backends."""
+        if self.is_sharded:
+            return {}
+        return {"model": model, "optimizer_state": optimizer.state_dict()}
+
+    def check_resumable(self, folder: Path, states: Path | None, saved_processes: int) -> None:
+        """Refuse, in one line, a checkpoint this launch's backend cannot load."""
+        saved_kind = states.name if states is not None else None
+        if saved_kind != self.states_dirname:
+            raise DDKError(
+                f"checkpoint '{folder}' holds {STATE_KINDS.get(saved_kind)} states but this "
+                f"launch uses {self.backend}; resume with the accelerate config it ran with"
+            )
+        if saved_kind == DEEPSPEED and saved_processes != self.world_size:
+            raise DDKError(
+                f"checkpoint '{folder}' holds DeepSpeed ZeRO partitions of {saved_processes} "
+                f"processes; resume with {saved_processes} processes (ZeRO partitions are not "
+                "resharded; DDP and FSDP2 checkpoints are)"
+            )
+
+    def load_states(self, folder: Path, module, optimizer) -> None:
+        """Read the shards in `folder` into the (already sharded) model and optimizer; DCP
+        reshards when the saved and current layouts differ. Every rank agrees on failure."""
         problem = None
         try:
             if self.backend == "deepspeed":
-                load_deepspeed_states(folder, self._engine)
+                _load_deepspeed(folder, self._engine)
             else:
-                load_sharded_states(folder, module, optimizer)
+                _load_dcp(folder, module, optimizer)
         except DDKError as e:
             problem = str(e)
         # A rank that failed alone must not leave the others waiting in the next collective.
@@ -297,12 +349,25 @@ class Runtime:
         if float(failed[0]) > 0:
             raise DDKError(problem or f"cannot load the states in '{folder}' on another rank")
 
-    def full_state_dict(self, module: torch.nn.Module, saved=None) -> dict[str, torch.Tensor]:
-        """The whole (unsharded) state dict; on rank 0 for sharded backends (a collective:
-        every rank must call it). DeepSpeed: read on rank 0 from `saved`, the checkpoint
-        just written, whose optimizer holds the fp32 master weights (the module may be bf16)."""
+    def whole_model(self, module: torch.nn.Module, attribute: str, saved: Path | None = None):
+        """`module.<attribute>` as a plain model with whole weights, on rank 0 (None on the
+        others), for `save_pretrained`. A collective under sharded backends: every rank must
+        call it. DeepSpeed: read from `saved`, the checkpoint just written, whose optimizer
+        holds the fp32 master weights (the module may be bf16)."""
+        model = getattr(self.unwrap(module), attribute)
+        if not self.is_sharded:
+            return model if self.is_main else None
+        prefix = attribute + "."
+        full = {
+            k[len(prefix) :]: v
+            for k, v in self._full_state_dict(module, saved).items()
+            if k.startswith(prefix)
+        }
+        return plain_copy(model, full) if self.is_main else None
+
+    def _full_state_dict(self, module: torch.nn.Module, saved) -> dict[str, torch.Tensor]:
         if self.backend == "deepspeed":
-            full = deepspeed_fp32_state_dict(saved / self.states_dirname) if self.is_main else {}
+            full = _deepspeed_fp32_state_dict(saved / DEEPSPEED) if self.is_main else {}
             self.barrier()
             return full
         return self.accelerator.get_state_dict(module)
@@ -313,7 +378,7 @@ class Runtime:
         block, for code that multiplies by them outside a forward (evaluation's CE). Entered
         after the base model's forward: a tied embedding's own hooks would re-partition it."""
         if self.backend == "deepspeed" and self.zero_stage == 3 and self._external_params:
-            from deepspeed.runtime.zero import GatheredParameters
+            from deepspeed.runtime.zero import GatheredParameters  # optional extra
 
             with GatheredParameters(self._external_params):
                 yield
@@ -326,8 +391,6 @@ class Runtime:
         sub-module directly (e.g. `student.base_model` and `lm_head.weight` in evaluation)
         instead of the wrapper's forward. Decoder layers still gather themselves in their own
         forward. Every rank must enter it (FSDP2 all-gathers)."""
-        from torch.distributed.fsdp import FSDPModule
-
         if self.backend != "fsdp2" or not isinstance(module, FSDPModule):
             yield
             return
@@ -346,6 +409,11 @@ class Runtime:
             return tensor
         return self.accelerator.reduce(tensor, reduction="sum")
 
+    def reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, reduction="max")
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
@@ -357,14 +425,121 @@ class Runtime:
         torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
 
+    def main_result(self, fn):
+        """`fn()` computed on rank 0 only (e.g. hashing files once per launch), and its result
+        on every rank; a DDKError it raises is raised on every rank (the others say which
+        rank), so no rank is left waiting in a collective."""
+        if self.world_size == 1:
+            return fn()
+        verdict, failure = None, None
+        if self.is_main:
+            try:
+                verdict = ("ok", fn())
+            except Exception as e:  # the others wait for the broadcast: tell them, then stop
+                failure = e
+                verdict = ("error", str(e) if isinstance(e, DDKError) else first_line(e))
+        kind, value = self.broadcast_object(verdict)
+        if failure is not None and not isinstance(failure, DDKError):
+            raise failure
+        if kind == "error":
+            raise DDKError(value if self.is_main else f"rank 0: {value}")
+        return value
+
+
+class _StepGate:
+    gradients_finite: bool | None = None  # None: the inner optimizer never ran (ZeRO skipped)
+
+
+@contextlib.contextmanager
+def _gated_inner_step(zero_optimizer, loss_finite: bool, runtime):
+    """While ZeRO's step runs, its inner torch optimizer (the one that moves the fp32 master
+    partitions) steps only if the loss is finite and the squared norm of every rank's
+    gradient partitions, summed over ranks, is finite; otherwise the master weights, the Adam
+    moments and the step count stay as they were, and ZeRO copies the unchanged weights back.
+    Every rank calls the inner step equally often (once per parameter group or sub-group),
+    so the reduction inside it is a matched collective."""
+    gate = _StepGate()
+    inners = [
+        o
+        for o in (
+            getattr(zero_optimizer, "optimizer", None),
+            getattr(zero_optimizer, "backup_optimizer", None),
+        )
+        if o is not None
+    ]
+
+    def gated(inner, real_step):
+        def step(*args, **kwargs):
+            squares = torch.zeros(1, dtype=torch.float32)
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        squares += p.grad.detach().float().pow(2).sum().cpu()
+            total = runtime.reduce_sum(squares.to(runtime.device))
+            finite = math.isfinite(float(total[0]))
+            gate.gradients_finite = finite and gate.gradients_finite is not False
+            if loss_finite and gate.gradients_finite:
+                return real_step(*args, **kwargs)
+            return None
+
+        return step
+
+    own = [(inner, vars(inner).get("step")) for inner in inners]
+    for inner in inners:
+        inner.step = gated(inner, inner.step)
+    try:
+        yield gate
+    finally:
+        for inner, step in own:
+            if step is None:
+                del inner.step  # the class's own step again
+            else:
+                inner.step = step
+
+
+def _bare(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> torch's
+
+
+def _load_dcp(folder: Path, model: torch.nn.Module, optimizer) -> None:
+    model_sd, optim_sd = get_state_dict(model, _bare(optimizer))
+    both = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(both, checkpoint_id=str(folder))
+    except Exception as e:
+        raise DDKError(f"cannot load sharded states from '{folder}': {first_line(e)}") from None
+    set_state_dict(
+        model, _bare(optimizer), model_state_dict=both["model"], optim_state_dict=both["optim"]
+    )
+
+
+def _load_deepspeed(folder: Path, engine) -> None:
+    try:
+        path, _ = engine.load_checkpoint(
+            str(folder),
+            tag=DEEPSPEED_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+    except Exception as e:
+        raise DDKError(f"cannot load DeepSpeed states from '{folder}': {first_line(e)}") from None
+    if path is None:
+        raise DDKError(f"cannot load DeepSpeed states from '{folder}': no checkpoint found")
+
+
+def _deepspeed_fp32_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 state dict, consolidated from a ZeRO-2/3 checkpoint's master weights."""
+    from deepspeed.utils.zero_to_fp32 import (  # optional extra
+        get_fp32_state_dict_from_zero_checkpoint,
+    )
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+
 
 def _enable_cpu_fsdp(accelerator) -> None:
     """Accelerate turns on FSDP only for GPUs; with `ACCELERATE_USE_FSDP=true` on a CPU
     launch (gloo) ddk switches the same Accelerate FSDP2 path on, so the sharded code runs
     and is tested on CPUs. fully_shard itself supports CPU meshes."""
-    from accelerate import FullyShardedDataParallelPlugin, PartialState
-    from accelerate.utils import DistributedType
-
     state = accelerator.state
     if (
         os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
@@ -379,11 +554,18 @@ def _enable_cpu_fsdp(accelerator) -> None:
 
 def plain_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain (unsharded) copy of a Hugging Face model holding `state_dict`, for
-    `save_pretrained`: the sharded original's parameters are DTensors, which it cannot save."""
+    `save_pretrained` and benchmark scoring: the sharded original's parameters are DTensors,
+    which it cannot save."""
     with torch.device("meta"):  # the same class (remote-code models too), no memory yet
         copy = type(model)(model.config)
     copy.load_state_dict(state_dict, assign=True, strict=False)
     copy.tie_weights()
+    # Buffers outside the state dict (rotary inv_freq) are whole on every rank: the copy runs.
+    originals = dict(model.named_buffers())
+    for name, buffer in list(copy.named_buffers()):
+        if buffer.is_meta and name in originals:
+            owner, _, attribute = name.rpartition(".")
+            copy.get_submodule(owner)._buffers[attribute] = originals[name].detach().clone()
     missing = [n for n, p in copy.named_parameters() if p.is_meta]
     if missing:
         raise RuntimeError(f"gathered state dict lacks {missing[:3]}")

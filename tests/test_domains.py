@@ -9,11 +9,19 @@ import pytest
 
 from ddk.domains import (
     METHODS,
+    PAPER,
+    Steering,
+    apply_min_share,
+    bounded_rescale,
+    domain_gap,
     fixed_mixture,
+    floored_initial_weights,
     initial_weights,
+    limit_change,
     next_weights,
     perplexity_ratio,
     smooth_update,
+    steering_exponent,
     uniform_weights,
 )
 
@@ -334,3 +342,234 @@ def test_next_weights_errors():
         next_weights("ddk", -1, None, STUDENT, TEACHER, 0.5, FIXED)
     with pytest.raises(ValueError, match="number of domains"):
         next_weights("equal", 0, None, None, None, 0.5, None)
+
+
+# ------------------------------------------------------------ steering beyond the paper
+def _naive_gap(student, teacher, gap, clip):
+    if gap == "ratio":
+        g = [s / t for s, t in zip(student, teacher)]
+        return [max(v, 1.0) for v in g] if clip else g
+    g = [math.log(s) - math.log(t) for s, t in zip(student, teacher)]
+    return [max(v, 0.0) for v in g] if clip else g
+
+
+def _random_case(rng, n=None, spread=4.0):
+    n = n or int(rng.integers(1, 10))
+    teacher = rng.uniform(1.0, 50.0, n)
+    student = teacher * np.exp(rng.uniform(-1.0, spread, n))  # some ratios below 1
+    return student, teacher
+
+
+@pytest.mark.parametrize("gap", ["ratio", "log_ratio"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_domain_gap_matches_naive(gap, clip):
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        s, t = _random_case(rng)
+        np.testing.assert_allclose(domain_gap(s, t, gap, clip), _naive_gap(s, t, gap, clip),
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+
+
+def test_domain_gap_by_hand_and_errors():
+    # student 2x the teacher on 'a', half of it on 'b'
+    np.testing.assert_allclose(domain_gap([4.0, 1.0], [2.0, 2.0], "log_ratio"),
+                               [math.log(2), -math.log(2)])  # fmt: skip
+    np.testing.assert_allclose(domain_gap([4.0, 1.0], [2.0, 2.0], "log_ratio", clip=True),
+                               [math.log(2), 0.0])  # fmt: skip
+    np.testing.assert_allclose(domain_gap([4.0, 1.0], [2.0, 2.0], "ratio", clip=True), [2.0, 1.0])
+    # a log-ratio stays exact where the ratio itself would be huge
+    assert domain_gap([1e300], [1e-5], "log_ratio")[0] == pytest.approx(
+        300 * math.log(10) + 5 * math.log(10)
+    )
+    with pytest.raises(ValueError, match="gap must be"):
+        domain_gap([1.0], [1.0], "difference")
+    with pytest.raises(ValueError, match=r"student perplexity.*domain 0 \('web'\)"):
+        domain_gap([float("nan")], [1.0], "log_ratio", domains=["web"])
+
+
+@pytest.mark.parametrize("gap", ["ratio", "log_ratio"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_eq1_eq2_with_gap_and_temperature_match_naive(gap, temperature):
+    rng = np.random.default_rng(4)
+    steering = Steering(gap=gap, temperature=temperature, clip_gap=True)
+    for _ in range(30):
+        s, t = _random_case(rng, spread=3.0)
+        x = np.array(_naive_gap(s, t, gap, True)) / temperature
+        naive0 = np.exp(x) / np.exp(x).sum()
+        np.testing.assert_allclose(initial_weights(s, t, steering=steering), naive0, rtol=1e-12)
+        r, alpha = rng.dirichlet(np.ones(len(s))), float(rng.uniform())
+        psi = r * np.exp(x)
+        naive = alpha * psi / psi.sum() + (1 - alpha) / len(s)
+        np.testing.assert_allclose(smooth_update(r, s, t, alpha, steering=steering), naive,
+                                   rtol=1e-12)  # fmt: skip
+        floored = floored_initial_weights(s, t, alpha, steering=steering)
+        np.testing.assert_allclose(floored, alpha * naive0 + (1 - alpha) / len(s), rtol=1e-12)
+
+
+def test_log_ratio_is_not_one_hot_where_the_ratio_is():
+    s, t = [60.0, 5.0, 2.0, 13.0], [1.0, 1.0, 1.0, 1.0]  # the demo's starting gaps, roughly
+    assert initial_weights(s, t).min() < 1e-15
+    w = initial_weights(s, t, steering=Steering(gap="log_ratio"))
+    np.testing.assert_allclose(w, np.array(s) / sum(s))  # softmax(log x) = x / sum(x)
+    flat = initial_weights(s, t, steering=Steering(gap="log_ratio", temperature=2.0))
+    np.testing.assert_allclose(flat, np.sqrt(s) / np.sqrt(s).sum())
+
+
+def _naive_rescale(p, lo, hi):
+    """Bisection on log s; no clever breakpoints."""
+    p = np.maximum(np.asarray(p, float) / np.sum(p), np.finfo(float).tiny)
+    a, b = -800.0, 800.0
+    for _ in range(300):
+        m = 0.5 * (a + b)
+        with np.errstate(over="ignore"):
+            below = np.clip(np.exp(m) * p, lo, hi).sum() < 1.0
+        if below:
+            a = m
+        else:
+            b = m
+    return np.clip(np.exp(b) * p, lo, hi)
+
+
+def test_bounded_rescale_matches_bisection():
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(1, 9))
+        p = rng.dirichlet(np.ones(n) * 0.3) * (rng.uniform(size=n) > 0.2)
+        if not p.any():
+            p[0] = 1.0
+        q = rng.dirichlet(np.ones(n))
+        c = float(rng.uniform(1.0, 4.0))
+        lo, hi = q / c, np.minimum(q * c, 1.0)
+        if rng.uniform() < 0.3:  # a lower bound only, as min_share uses it
+            lo, hi = np.full(n, float(rng.uniform(0, 1)) / n), np.ones(n)
+        got = bounded_rescale(p, lo, hi)
+        assert got.sum() == pytest.approx(1.0, abs=1e-12)
+        assert np.all(got >= lo - 1e-12) and np.all(got <= hi + 1e-12)
+        np.testing.assert_allclose(got, _naive_rescale(p, lo, hi), rtol=1e-7, atol=1e-12)
+        free = (got > lo + 1e-9) & (got < hi - 1e-9) & (p > 0)
+        if free.sum() >= 2:  # the unclipped keep their proportions
+            ratio = got[free] / p[free]
+            np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)
+
+
+def test_bounded_rescale_by_hand_and_errors():
+    np.testing.assert_allclose(bounded_rescale([0.7, 0.2, 0.1], 0.2, 1.0), [0.6, 0.2, 0.2])
+    np.testing.assert_allclose(bounded_rescale([1.0, 1.0], [0.5, 0.5], [0.5, 0.5]), [0.5, 0.5])
+    # the zero-weight domain takes what the capped one cannot
+    np.testing.assert_allclose(bounded_rescale([0.0, 1.0], [0.0, 0.0], [1.0, 0.3]), [0.7, 0.3])
+    with pytest.raises(ValueError, match="sum to 1"):
+        bounded_rescale([0.5, 0.5], 0.6, 1.0)
+    with pytest.raises(ValueError, match="sum to 1"):
+        bounded_rescale([0.5, 0.5], 0.0, 0.4)
+    with pytest.raises(ValueError, match="lower <= upper"):
+        bounded_rescale([0.5, 0.5], [0.5, 0.5], [0.4, 0.6])
+
+
+def test_min_share_by_hand():
+    # N = 3, min_share 0.5: every weight >= 1/6; the rest keeps its proportions
+    np.testing.assert_allclose(apply_min_share([1.0, 0.0, 0.0], 0.5), [2 / 3, 1 / 6, 1 / 6])
+    np.testing.assert_allclose(apply_min_share([0.6, 0.3, 0.1], 0.6), [0.6 * 0.8 / 0.9,
+                               0.3 * 0.8 / 0.9, 0.2])  # fmt: skip
+    np.testing.assert_allclose(apply_min_share([0.9, 0.1], 1.0), [0.5, 0.5])  # = uniform
+    np.testing.assert_allclose(apply_min_share([0.9, 0.1], 0.0), [0.9, 0.1])
+
+
+def test_limit_change_by_hand():
+    # uniform before, one-hot proposal, factor 2: the winner may only double
+    np.testing.assert_allclose(limit_change([0.25] * 4, [0.97, 0.01, 0.01, 0.01], 2.0),
+                               [0.5, 1 / 6, 1 / 6, 1 / 6])  # fmt: skip
+    # within the cap: unchanged
+    np.testing.assert_allclose(limit_change([0.5, 0.5], [0.4, 0.6], 2.0), [0.4, 0.6])
+    # factor 1 freezes the weights
+    np.testing.assert_allclose(limit_change([0.3, 0.7], [0.9, 0.1], 1.0), [0.3, 0.7])
+    with pytest.raises(ValueError, match="max_change must be >= 1"):
+        limit_change([0.5, 0.5], [0.5, 0.5], 0.5)
+
+
+def test_steering_validates():
+    for bad, match in (({"temperature": 0.0}, "temperature"), ({"gap": "diff"}, "gap"),
+                       ({"min_share": 1.5}, "min_share"), ({"max_change": 0.9}, "max_change")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            Steering(**bad)
+
+
+def test_next_weights_paper_steering_is_the_paper():
+    r0 = next_weights("ddk", 0, None, STUDENT, TEACHER, 0.5, None, steering=PAPER)
+    np.testing.assert_array_equal(r0, initial_weights(STUDENT, TEACHER))
+    r1 = next_weights("ddk", 1, r0, STUDENT, TEACHER, 0.5, None, steering=PAPER)
+    np.testing.assert_array_equal(r1, smooth_update(r0, STUDENT, TEACHER, 0.5))
+
+
+def test_next_weights_steering_order():
+    """Eq. 1/2 with gap and temperature, then the change cap (from uniform at interval 0),
+    then the minimum share."""
+    st = Steering(gap="log_ratio", temperature=0.5, max_change=1.5, min_share=0.9)
+    x = np.log(np.array(STUDENT) / np.array(TEACHER)) / 0.5
+    eq1 = np.exp(x) / np.exp(x).sum()
+    expected0 = apply_min_share(limit_change(uniform_weights(3), eq1, 1.5), 0.9)
+    r0 = next_weights("ddk", 0, None, STUDENT, TEACHER, 0.5, None, DOMAINS, st)
+    np.testing.assert_allclose(r0, expected0, rtol=1e-12)
+    assert r0.min() >= 0.9 / 3 - 1e-12  # the floor wins over the cap
+    eq2 = 0.5 * r0 * np.exp(x) / (r0 * np.exp(x)).sum() + 0.5 / 3
+    expected1 = apply_min_share(limit_change(r0, eq2, 1.5), 0.9)
+    r1 = next_weights("ddk", 1, r0, STUDENT, TEACHER, 0.5, None, DOMAINS, st)
+    np.testing.assert_allclose(r1, expected1, rtol=1e-12)
+    # without a minimum share, the cap holds exactly
+    capped = Steering(max_change=1.5)
+    r0 = next_weights("ddk", 0, None, STUDENT, TEACHER, 0.5, None, DOMAINS, capped)
+    assert np.all(r0 <= 1.5 / 3 + 1e-12) and np.all(r0 >= 1 / 4.5 - 1e-12)
+    r1 = next_weights("ddk", 1, r0, STUDENT, TEACHER, 0.5, None, DOMAINS, capped)
+    assert np.all(r1 <= 1.5 * r0 + 1e-12) and np.all(r1 >= r0 / 1.5 - 1e-12)
+
+
+def test_next_weights_init_floor_and_no_smoothing_with_steering():
+    st = Steering(init_floor=True, gap="log_ratio")
+    r0 = next_weights("ddk", 0, None, STUDENT, TEACHER, 0.25, None, DOMAINS, st)
+    np.testing.assert_allclose(r0, floored_initial_weights(STUDENT, TEACHER, 0.25, steering=st))
+    # init_floor is interval 0 of ddk only; gap/temperature apply to ddk_no_smoothing too
+    w = next_weights("ddk_no_smoothing", 4, r0, STUDENT, TEACHER, 0.25, None, DOMAINS, st)
+    np.testing.assert_allclose(w, initial_weights(STUDENT, TEACHER, steering=st))
+
+
+@pytest.mark.parametrize("method", ["kd", "cpt", "equal"])
+def test_steering_does_not_touch_fixed_mixtures(method):
+    st = Steering(init_floor=True, gap="log_ratio", min_share=1.0, max_change=1.1)
+    w = next_weights(method, 2, [0.8, 0.1, 0.1], STUDENT, TEACHER, 0.5, FIXED, DOMAINS, st)
+    np.testing.assert_allclose(w, FIXED if method != "equal" else [1 / 3] * 3)
+
+
+@pytest.mark.parametrize("gap", ["ratio", "log_ratio"])
+def test_trend_extrapolates_the_gap_like_the_naive_formula(gap):
+    rng = np.random.default_rng(6)
+    for _ in range(30):
+        s, t = _random_case(rng, spread=3.0)
+        prev = s * np.exp(rng.uniform(-0.5, 1.0, len(s)))
+        beta, temp = float(rng.uniform(0, 2)), float(rng.uniform(0.5, 3))
+        st = Steering(gap=gap, trend=beta, temperature=temp)
+        g, g0 = np.array(_naive_gap(s, t, gap, False)), np.array(_naive_gap(prev, t, gap, False))
+        x = (g + beta * (g - g0)) / temp
+        np.testing.assert_allclose(steering_exponent(s, t, None, st, prev), x, rtol=1e-12)
+        np.testing.assert_allclose(steering_exponent(s, t, None, st), g / temp, rtol=1e-12)
+        r, alpha = rng.dirichlet(np.ones(len(s))), float(rng.uniform())
+        psi = r * np.exp(x)
+        naive = alpha * psi / psi.sum() + (1 - alpha) / len(s)
+        np.testing.assert_allclose(smooth_update(r, s, t, alpha, None, st, prev), naive, rtol=1e-12)
+
+
+def test_trend_in_next_weights():
+    # 'a' closed its gap from 8x to 4x since the last update, 'b' stayed at 3x: with a trend
+    # of 1 the log-gaps ahead are 2 log 4 - log 8 = log 2 and log 3, so 'b' gets more
+    st = Steering(gap="log_ratio", trend=1.0)
+    prev, now, teacher = [8.0, 3.0], [4.0, 3.0], [1.0, 1.0]
+    w = next_weights("ddk_no_smoothing", 1, None, now, teacher, 0.5, None, None, st, prev)
+    np.testing.assert_allclose(w, [2 / 5, 3 / 5])
+    plain = next_weights("ddk_no_smoothing", 1, None, now, teacher, 0.5, None, None,
+                         Steering(gap="log_ratio"), prev)  # fmt: skip
+    np.testing.assert_allclose(plain, [4 / 7, 3 / 7])
+    # interval 0 has no previous evaluation, whatever is passed
+    w0 = next_weights("ddk", 0, None, now, teacher, 0.5, None, None, st, prev)
+    np.testing.assert_allclose(w0, [4 / 7, 3 / 7])
+    r1 = next_weights("ddk", 1, [0.5, 0.5], now, teacher, 0.5, None, None, st, prev)
+    np.testing.assert_allclose(r1, 0.5 * np.array([2 / 5, 3 / 5]) + 0.25)
+    with pytest.raises(ValueError, match="trend"):
+        Steering(trend=-1.0)

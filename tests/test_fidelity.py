@@ -6,21 +6,22 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from ddk.data.dataset import PreparedData
-from ddk.domains import floored_initial_weights, next_weights
+from ddk.domains import Steering, floored_initial_weights, next_weights
 from ddk.errors import DDKError
 from ddk.evaluate import domain_perplexities
 from ddk.metrics import read_metrics
 from ddk.models import load_model
 from ddk.report import summarize_runs, write_report
-from ddk.trainer import DistillStep, Trainer, start_run
-from tests.test_trainer import make_config
+from ddk.run_dir import start_run
+from ddk.step import DistillStep
+from ddk.trainer import Trainer
+from tests.conftest import make_config, with_test_split
 
 
 def _events(run, name):
@@ -36,32 +37,21 @@ def test_floored_initial_weights_match_naive_reference():
     got = floored_initial_weights(s, t, alpha)
     np.testing.assert_allclose(got, naive, rtol=1e-12)
     assert got.sum() == pytest.approx(1.0) and got.min() >= (1 - alpha) / 3
-    floored = next_weights("ddk", 0, None, s, t, alpha, None, init_floor=True)
+    floored = next_weights("ddk", 0, None, s, t, alpha, None, steering=Steering(init_floor=True))
     np.testing.assert_allclose(floored, naive, rtol=1e-12)
     plain = next_weights("ddk", 0, None, s, t, alpha, None)  # the paper: no floor
     assert plain.min() < 1e-3
     # later intervals are Eq. 2 either way
-    later = [next_weights("ddk", 1, plain, s, t, alpha, None, init_floor=f) for f in (0, 1)]
+    later = [
+        next_weights("ddk", 1, plain, s, t, alpha, None, steering=Steering(init_floor=f))
+        for f in (False, True)
+    ]
     np.testing.assert_array_equal(*later)
 
 
-# ----------------------------------------------------------------------------- test split
-def _with_test_split(prepared_dir, dest, n=4):
-    """A copy of the prepared data with a test split (windows unlike the validation ones)."""
-    shutil.copytree(prepared_dir, dest)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    L = manifest["seq_len"]
-    for info in manifest["domains"].values():
-        folder = dest / info["folder"]
-        tokens = np.fromfile(folder / "train.bin", dtype=manifest["token_dtype"])
-        tokens[-(n * L + 1) :].tofile(folder / "test.bin")
-        info["test_tokens"], info["test_sequences"] = n * L + 1, n
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    return dest
-
-
+@pytest.mark.slow  # an end-to-end run
 def test_final_numbers_come_from_the_test_split(tmp_path, teacher_dir, student_dir, prepared_dir):
-    data_dir = _with_test_split(prepared_dir, tmp_path / "data")
+    data_dir = with_test_split(prepared_dir, tmp_path / "data")
     run = tmp_path / "run"
     cfg = make_config(run, teacher_dir, student_dir, data_dir, **{"trainer.max_steps": 3})
     final = start_run(cfg)
@@ -92,6 +82,7 @@ def test_final_numbers_come_from_the_test_split(tmp_path, teacher_dir, student_d
 
 
 # ----------------------------------------------------------------------------- the sampler
+@pytest.mark.slow  # an end-to-end run
 def test_starved_and_repeated_domains_are_reported(
     tmp_path, teacher_dir, student_dir, prepared_dir, capsys
 ):
@@ -127,41 +118,8 @@ def test_starved_and_repeated_domains_are_reported(
     assert "Epochs per domain" in summary.read_text()
 
 
-# ----------------------------------------------------------------------------- NaN evaluation
-@pytest.fixture
-def nan_student(tmp_path, student_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(student_dir)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    path = tmp_path / "nan_student"
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(student_dir).save_pretrained(path)
-    return path
-
-
-def test_nan_evaluation_in_kd_is_logged_and_the_run_goes_on(
-    tmp_path, teacher_dir, nan_student, prepared_dir, capsys
-):
-    overrides = {"trainer.max_steps": 4, "distill.K": 2, "trainer.max_bad_steps": 100}
-    run = tmp_path / "kd"
-    cfg = make_config(run, teacher_dir, nan_student, prepared_dir,
-                      **{"distill.method": "kd", **overrides})  # fmt: skip
-    assert start_run(cfg) is not None
-    assert "does not use it, logged as NaN" in capsys.readouterr().out
-    updates, final = _events(run, "domain_update"), _events(run, "final_eval")
-    assert len(updates) == 2 and len(final) == 1
-    assert all(math.isnan(e["student_ppl"]) for e in final[0]["domains"].values())
-    assert math.isnan(summarize_runs([run])["runs"][0]["geomean_ppl"])
-    write_report([run], tmp_path / "report")  # the report copes with NaN
-    # ddk steers by the perplexities: it stops with the clear message instead
-    cfg = make_config(tmp_path / "ddk", teacher_dir, nan_student, prepared_dir, **overrides)
-    with pytest.raises(DDKError, match="cannot update domain weights at step 0"):
-        start_run(cfg)
-
-
 # ----------------------------------------------------------------------------- teacher ppl cache
+@pytest.mark.slow  # an end-to-end run
 def test_teacher_perplexities_computed_once_for_three_runs(
     tmp_path, teacher_dir, student_dir, prepared_dir
 ):
@@ -195,7 +153,8 @@ def test_teacher_perplexities_computed_once_for_three_runs(
 
 # ----------------------------------------------------------------------------- tau_squared
 def test_tau_squared_scales_the_divergence(teacher_dir, student_dir, prepared_dir, tmp_path):
-    from ddk.teacher import Batch, OnlineTeacher
+    from ddk.teacher import Batch
+    from ddk.teacher.online import OnlineTeacher
 
     data = PreparedData(prepared_dir)
     student = load_model(str(student_dir), dtype=torch.float32, what="s")
@@ -216,6 +175,7 @@ def test_tau_squared_scales_the_divergence(teacher_dir, student_dir, prepared_di
     assert (hinton.total - plain.total).item() == pytest.approx(0.6 * plain.div.item(), rel=1e-3)
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_init_floor_run_is_labelled_and_floored(tmp_path, teacher_dir, student_dir, prepared_dir):
     from ddk.demo.run import split_variant
 
@@ -237,24 +197,37 @@ def test_init_floor_run_is_labelled_and_floored(tmp_path, teacher_dir, student_d
             split_variant(bad)
 
 
-def test_cache_keys_follow_weights_dtype_and_data(tmp_path, teacher_dir, student_dir, prepared_dir):
-    from ddk.teacher_ppl import TeacherPPLCache, data_fingerprint, teacher_fingerprint
+def test_steering_keys_reach_the_run(tmp_path, teacher_dir, student_dir, prepared_dir):
+    """A run with a preset and steering keys samples with exactly those weights, and its saved
+    config and report label say what it ran."""
+    import yaml
 
-    store = tmp_path / "store"
-    fp = teacher_fingerprint(str(teacher_dir), "torch.float32", store)
-    assert fp == teacher_fingerprint(str(teacher_dir), "torch.float32", store)  # memoised
-    assert fp != teacher_fingerprint(str(teacher_dir), "torch.bfloat16", store)
-    assert fp != teacher_fingerprint(str(student_dir), "torch.float32", store)
-    copy = shutil.copytree(teacher_dir, tmp_path / "teacher_copy")
-    assert teacher_fingerprint(str(copy), "torch.float32", store) == fp  # content, not path
-    weights = next(copy.glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # one byte of the weights
-    assert teacher_fingerprint(str(copy), "torch.float32", store) != fp
-    other_data = _with_test_split(prepared_dir, tmp_path / "data")
-    assert data_fingerprint(other_data) != data_fingerprint(prepared_dir)
-    cache = TeacherPPLCache(store, data_fingerprint(prepared_dir), fp)
-    cache.put("val", {"a": {"ppl": 2.0}, "b": {"ppl": 3.0}})
-    assert cache.get("val", ["b"]) == {"b": {"ppl": 3.0}}
-    assert cache.get("val", ["a", "c"]) is None and cache.get("test", ["a"]) is None
-    other = TeacherPPLCache(store, data_fingerprint(other_data), fp)
-    assert other.get("val", ["a"]) is None
+    from ddk.config import load_config
+
+    run = tmp_path / "robust"
+    keys = {"distill.preset": "robust", "distill.gap": "log_ratio", "distill.min_share": 0.5,
+            "distill.max_weight_change": 1.5, "distill.gap_trend": 1.0, "distill.K": 2,
+            "trainer.max_steps": 6}  # fmt: skip
+    cfg = make_config(run, teacher_dir, student_dir, prepared_dir, **keys)
+    start_run(cfg)
+    saved = load_config(run / "config.yaml").distill
+    assert saved == cfg.distill and saved.preset == "robust" and saved.gap == "log_ratio"
+    assert yaml.safe_load((run / "config.yaml").read_text())["distill"]["init_floor"] is True
+    updates = _events(run, "domain_update")
+    assert [u["step"] for u in updates] == [0, 2, 4]
+    previous, last_ppl = None, None
+    for i, update in enumerate(updates):
+        names = list(update["domains"])
+        s = [update["domains"][d]["student_ppl"] for d in names]
+        t = [update["domains"][d]["teacher_ppl"] for d in names]
+        expected = next_weights("ddk", i, previous, s, t, saved.alpha, None, names,
+                                saved.steering(), last_ppl)  # fmt: skip
+        got = [update["domains"][d]["weight"] for d in names]
+        np.testing.assert_allclose(got, expected, rtol=1e-9)
+        assert min(got) >= 0.5 / len(names) - 1e-12
+        previous, last_ppl = got, s
+    # the trend changed something: without the last perplexities interval 2 differs
+    r1 = [updates[1]["domains"][d]["weight"] for d in names]
+    blind = next_weights("ddk", 2, r1, s, t, saved.alpha, None, names, saved.steering())
+    assert not np.allclose(blind, got)
+    assert summarize_runs([run])["runs"][0]["label"] == "ddk+robust"

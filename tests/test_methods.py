@@ -4,13 +4,21 @@ import typing
 
 import pytest
 
-from ddk.config import Method
+from ddk.config import DistillSection, Method, Preset
 from ddk.domains import next_weights
-from ddk.methods import METHODS, method_spec
+from ddk.methods import METHODS, PRESETS, method_spec
 
 
 def test_every_config_method_is_in_the_table_and_back():
     assert set(typing.get_args(Method)) == set(METHODS)
+
+
+def test_every_config_preset_is_in_the_table_and_names_real_keys():
+    assert set(typing.get_args(Preset)) == set(PRESETS)
+    for name, keys in PRESETS.items():
+        assert keys and set(keys) <= set(DistillSection.model_fields) - {"method", "preset"}
+        DistillSection(**keys).steering()  # valid values
+        assert DistillSection(preset=name).model_dump(include=set(keys)) == keys
 
 
 def test_teacher_rules():

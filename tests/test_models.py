@@ -1,8 +1,12 @@
 """Model loading and the start-up vocabulary check, through from_pretrained on saved models."""
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
+import ddk
 from ddk.demo.build import train_bpe_tokenizer
 from ddk.errors import DDKError
 from ddk.models import (
@@ -71,3 +75,28 @@ def test_real_mismatch_names_both_sizes(tmp_path, corpus, teacher_dir):
 def test_missing_local_model_path():
     with pytest.raises(DDKError, match="student path './missing/model' does not exist"):
         load_model("./missing/model", dtype=torch.float32, what="student")
+
+
+def _pretrained_calls(source: str):
+    """The `....from_pretrained(...)` calls in `source`, as ast nodes."""
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "from_pretrained"
+        ):
+            yield node
+
+
+def test_every_model_or_tokenizer_load_passes_trust_remote_code():
+    """transformers asks on stdin before running a model's own code when trust_remote_code is
+    not passed (`echo y |` would then run it whatever the config says): every load in ddk
+    passes the setting explicitly."""
+    package = Path(ddk.__file__).parent
+    loads, missing = 0, []
+    for path in sorted(package.rglob("*.py")):
+        for call in _pretrained_calls(path.read_text()):
+            loads += 1
+            if not any(k.arg == "trust_remote_code" for k in call.keywords):
+                missing.append(f"{path.relative_to(package)}:{call.lineno}")
+    assert loads >= 5 and missing == []

@@ -318,3 +318,26 @@ def test_different_teachers_are_flagged(tmp_path):
     assert s["teacher_mismatch"] and s["teacher"] == TEACHER
     assert s["runs"][1]["worst_ratio"] == pytest.approx(AFTER["ddk"]["math"] / 24.0)
     assert "different teacher perplexities" in (tmp_path / "out" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b'{"domains": {"a": "x"}}\n',
+        b'{"event": "final_eval", "step": 100, "domains": {"a": "x"}}\n',
+        b"[1, 2, 3]\n",
+        bytes(range(256)) * 4,
+    ],
+)
+def test_report_on_foreign_metrics_lines_is_handled_or_one_line(tmp_path, capsys, junk):
+    """Lines ddk did not write (or a binary file) are skipped: the report is written from the
+    rest, or, with nothing usable left, stops in one line; never a traceback."""
+    run = write_run(tmp_path / "run", "ddk", AFTER["ddk"])
+    metrics = run / "metrics.jsonl"
+    if junk.startswith(b"{") or junk.startswith(b"["):
+        metrics.write_bytes(metrics.read_bytes() + junk)
+        assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    else:
+        metrics.write_bytes(junk)
+        assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 2
+        assert "has no evaluation records" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from ddk.errors import DDKError
 from ddk.metrics import read_metrics
 from ddk.runtime import check_backend
 from ddk.teacher.placement import choose_placement
+from tests.conftest import run_config, write_config
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
@@ -108,50 +110,33 @@ def test_unsupported_deepspeed_configs_stop_with_one_line(config, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-def test_checksums_cover_shard_files_in_sub_folders(tmp_path):
-    """Shards live in checkpoint/sharded/; a damaged shard makes the checkpoint unusable."""
-    import numpy as np
-
-    from ddk.checkpoint import begin_checkpoint, commit_checkpoint, verify_checkpoint
-
-    tmp = begin_checkpoint(tmp_path, 4)
-    (tmp / "sharded").mkdir()
-    (tmp / "sharded" / "__0_0.distcp").write_bytes(b"shard zero")
-    (tmp / "sharded" / ".metadata").write_bytes(b"meta")
-    final = commit_checkpoint(
-        tmp_path, 4, tmp, state={}, arrays={"plan": np.arange(3)}, rng_state={}, keep=2
-    )
-    assert final.name == "step-00000004" and not tmp.exists()
-    assert verify_checkpoint(final) is None
-    (final / "sharded" / "__0_0.distcp").write_bytes(b"shard 0ero")
-    assert verify_checkpoint(final) == "sharded/__0_0.distcp does not match its checksum"
-
-
 # ---------------------------------------------------------------- real 2-process runs
+SHARDED_RUN = {
+    "distill.K": 4,
+    "trainer.max_steps": 8,
+    "trainer.lr": 3e-3,
+    "trainer.min_lr": 3e-4,
+    "trainer.warmup_steps": 2,
+    "trainer.log_every": 2,
+    "trainer.save_every": 4,
+    "trainer.eval_batch_size": 4,
+}
+
+
 def _config(path, root, teacher, student, data, micro, accum, placement="auto"):
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"teacher": str(teacher), "student": str(student)},
-                "data": {"prepared": str(data)},
-                "distill": {"K": 4},
-                "teacher": {"placement": placement},
-                "trainer": {
-                    "output_dir": str(root),
-                    "max_steps": 8,
-                    "micro_batch_size": micro,
-                    "grad_accum_steps": accum,
-                    "lr": 3e-3,
-                    "min_lr": 3e-4,
-                    "warmup_steps": 2,
-                    "log_every": 2,
-                    "save_every": 4,
-                    "eval_batch_size": 4,
-                },
-            }
-        )
+    values = run_config(
+        root,
+        teacher,
+        student,
+        data,
+        SHARDED_RUN,
+        **{
+            "trainer.micro_batch_size": micro,
+            "trainer.grad_accum_steps": accum,
+            "teacher.placement": placement,
+        },
     )
-    return path
+    return Path(write_config(path, values))
 
 
 def _env(**extra):
@@ -494,7 +479,7 @@ import sys
 import torch
 from ddk import cli
 from ddk.runtime import Runtime
-from ddk.trainer import DistillStep
+from ddk.step import DistillStep
 
 original = DistillStep.forward
 calls = {"n": 0}
@@ -511,15 +496,30 @@ def forward(self, *args, **kwargs):
     return out
 
 
+def local_weights(module):
+    # ZeRO-3 holds each rank's partition in ds_tensor (the parameter itself is empty).
+    return [getattr(p, "ds_tensor", p).detach().clone() for p in module.parameters()]
+
+
 def optimizer_step(self, module, optimizer, max_norm, loss_finite):
-    before = [p.detach().clone() for p in module.parameters()]  # ZeRO-2: whole weights
+    before = local_weights(module)
     grad_norm, applied = original_step(self, module, optimizer, max_norm, loss_finite)
     if not applied and self.rank == 0:  # a skipped step must leave every weight as it was
-        same = all(torch.equal(a, p) for a, p in zip(before, module.parameters()))
+        same = all(torch.equal(a, p) for a, p in zip(before, local_weights(module)))
         with open(os.environ["SKIPPED_STEPS_FILE"], "a") as f:
             f.write(f"unchanged={same}\\n")
     return grad_norm, applied
 
+
+if os.environ.get("DISABLE_DEEPSPEED_OVERFLOW_CHECK"):
+    # What ZeRO-3 before 0.19.8 did in bf16/fp32: no overflow check and a NaN norm taken for
+    # a valid one, so ddk's own check must skip.
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    for module in (stage3, stage_1_and_2):
+        module.is_invalid_grad_norm = lambda norm: False
+    for cls in (stage_1_and_2.DeepSpeedZeroOptimizer, stage3.DeepSpeedZeroOptimizer_Stage3):
+        cls.has_overflow = lambda self, *args, **kwargs: False
 
 original_step = Runtime.optimizer_step
 Runtime.optimizer_step = optimizer_step
@@ -531,15 +531,23 @@ sys.exit(cli.main(sys.argv[1:]))
 @pytest.mark.slow
 @needs_torchrun
 @needs_deepspeed
-def test_zero2_skips_nan_steps(tmp_path, teacher_dir, student_dir, prepared_dir):
-    """ddk's NaN/inf step skip holds under DeepSpeed: a NaN loss with finite gradients (which
-    ZeRO alone would apply) and NaN gradients (which ZeRO's overflow check catches)."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_skips_nan_steps_without_deepspeeds_overflow_check(
+    tmp_path, teacher_dir, student_dir, prepared_dir, stage
+):
+    """ddk's NaN/inf step skip holds under DeepSpeed ZeRO-2 and ZeRO-3 on its own: a NaN loss
+    with finite gradients (which ZeRO alone would apply) and NaN gradients, with DeepSpeed's
+    overflow check switched off (ZeRO-3 before 0.19.8 has none outside fp16)."""
     script = tmp_path / "nan_run.py"
     script.write_text(NAN_SCRIPT)
     cfg = _config(
         tmp_path / "nan.yaml", tmp_path / "nan", teacher_dir, student_dir, prepared_dir, 2, 2
     )
-    env = _env(**_zero_env(2), SKIPPED_STEPS_FILE=str(tmp_path / "skipped.txt"))
+    env = _env(
+        **_zero_env(stage),
+        SKIPPED_STEPS_FILE=str(tmp_path / "skipped.txt"),
+        DISABLE_DEEPSPEED_OVERFLOW_CHECK="1",
+    )
     _torchrun(["distill", str(cfg)], env, program=[str(script)])
     assert (tmp_path / "skipped.txt").read_text() == "unchanged=True\n" * 2
     records = read_metrics(tmp_path / "nan" / "metrics.jsonl")
@@ -575,18 +583,19 @@ def test_zero3_cpt_loads_its_teacher_for_the_report(
 OPTIMIZER_SCRIPT = """
 import sys
 from ddk import cli
-from ddk.trainer import Trainer
+from ddk.runtime import Runtime
 
-original = Trainer._setup_optimizer
+original = Runtime.prepare_training
 
 
-def setup(self):
-    original(self)
+def prepare_training(self, module, optimizer, **kwargs):
+    module, optimizer = original(self, module, optimizer, **kwargs)
     if self.is_main:  # Accelerate swaps AdamW for DeepSpeedCPUAdam under optimizer offload
-        print("stepping optimizer:", type(self.optimizer.optimizer.optimizer).__name__)
+        print("stepping optimizer:", type(optimizer.optimizer.optimizer).__name__)
+    return module, optimizer
 
 
-Trainer._setup_optimizer = setup
+Runtime.prepare_training = prepare_training
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -610,3 +619,48 @@ def test_zero2_optimizer_offload_resumes_exactly(tmp_path, teacher_dir, student_
     killed = _killed_copy(tmp_path / "whole", tmp_path / "killed", drop_after=4)
     _torchrun(["distill", "--resume", str(killed)], env, program=[str(script)])
     _assert_same_run(tmp_path / "whole", killed, rel=1e-6)
+
+
+ONE_RANK_FAILS = """
+import sys
+import torch.distributed as dist
+from ddk import cli
+from ddk.errors import DDKError
+from ddk.trainer import Trainer
+
+original = Trainer.train_step
+
+
+def train_step(self, *args, **kwargs):
+    if dist.get_rank() == 1 and self.state.step == 2:
+        raise DDKError("rank one cannot go on")  # rank 0 is left in a collective
+    return original(self, *args, **kwargs)
+
+
+Trainer.train_step = train_step
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_surviving_rank_exits_quietly_after_another_ranks_one_line(
+    tmp_path, teacher_dir, student_dir, prepared_dir
+):
+    script = tmp_path / "fail.py"
+    script.write_text(ONE_RANK_FAILS)
+    cfg = _config(
+        tmp_path / "c.yaml", tmp_path / "run", teacher_dir, student_dir, prepared_dir, 2, 2
+    )
+    done = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), "distill", str(cfg)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "rank one cannot go on" in done.stderr
+    # torchrun's own launcher traceback names the failed worker; no worker prints one.
+    assert "[rank0]: Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "[rank1]: Traceback" not in done.stderr, done.stderr[-3000:]

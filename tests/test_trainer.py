@@ -6,36 +6,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ddk.config import load_config
 from ddk.domains import initial_weights
-from ddk.errors import DDKError
 from ddk.metrics import read_metrics
-from ddk.trainer import Trainer, resume_run, start_run
+from ddk.run_dir import start_run
+from ddk.trainer import Trainer
+from tests.conftest import make_config
 
-
-def make_config(run_dir, teacher_dir, student_dir, prepared_dir, **overrides):
-    base = {
-        "model.teacher": str(teacher_dir),
-        "model.student": str(student_dir),
-        "data.prepared": str(prepared_dir),
-        "trainer.output_dir": str(run_dir),
-        "trainer.max_steps": 12,
-        "trainer.micro_batch_size": 4,
-        "trainer.grad_accum_steps": 2,
-        "trainer.lr": 3e-3,
-        "trainer.min_lr": 3e-4,
-        "trainer.warmup_steps": 2,
-        "trainer.log_every": 2,
-        "trainer.save_every": 4,
-        "trainer.eval_batch_size": 4,
-        "distill.K": 3,
-        "distill.loss_chunk_tokens": 50,
-    }
-    base.update(overrides)
-    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+# end-to-end runs on the tiny models: outside the fast tier (pytest -m 'not slow')
+pytestmark = pytest.mark.slow
 
 
 def _events(records, name):
@@ -130,33 +111,6 @@ def test_no_smoothing_recomputes_eq1(tmp_path, teacher_dir, student_dir, prepare
         )
 
 
-def test_resume_after_crash_matches_uninterrupted(
-    tmp_path, teacher_dir, student_dir, prepared_dir, crash_at_step
-):
-    full = make_config(tmp_path / "full", teacher_dir, student_dir, prepared_dir)
-    start_run(full)
-
-    crashed = make_config(tmp_path / "crash", teacher_dir, student_dir, prepared_dir)
-    disarm = crash_at_step(9)  # after the step-8 checkpoint, mid-interval
-    with pytest.raises(RuntimeError, match="crash"):
-        start_run(crashed)
-    disarm()
-    assert not (tmp_path / "crash" / "final").exists()
-    resume_run(tmp_path / "crash")
-
-    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "crash" / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ra = read_metrics(tmp_path / "full" / "metrics.jsonl")
-    rb = read_metrics(tmp_path / "crash" / "metrics.jsonl")
-    strip = lambda rs: [  # noqa: E731 - timings differ between runs
-        {k: v for k, v in r.items() if k not in ("tokens_per_s", "eval_seconds")} for r in rs
-    ]
-    assert strip(ra) == strip(rb)
-
-
 def test_grad_accumulation_split_gives_same_gradients(
     tmp_path, teacher_dir, student_dir, prepared_dir
 ):
@@ -174,12 +128,11 @@ def test_grad_accumulation_split_gives_same_gradients(
             },
         )
         trainer = Trainer(cfg, tmp_path / f"r{micro}")
-        trainer.teacher_ppl = trainer.teacher_perplexities()
-        trainer.update_domain_weights()
+        trainer.begin_interval()
         captured = {}
 
         def capture(*a, _t=trainer, _c=captured, **k):
-            _c.update({n: p.grad.clone() for n, p in _t._unwrapped_student().named_parameters()})
+            _c.update({n: p.grad.clone() for n, p in _t.student.named_parameters()})
 
         trainer.optimizer.step = capture
         logs = trainer.train_step()
@@ -192,17 +145,6 @@ def test_grad_accumulation_split_gives_same_gradients(
         assert logs["loss"] == pytest.approx(logs0["loss"], rel=1e-2 if bf16 else 1e-5)
         for name in g0:
             torch.testing.assert_close(g[name], g0[name], **tol)
-
-
-def test_refuses_non_empty_run_dir(tmp_path, teacher_dir, student_dir, prepared_dir):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "notes.txt").write_text("mine")
-    cfg = make_config(run, teacher_dir, student_dir, prepared_dir)
-    with pytest.raises(DDKError, match="not empty and holds no ddk run") as e:
-        start_run(cfg)
-    assert "--resume" not in str(e.value)  # resuming would not help in the user's folder
-    assert (run / "notes.txt").read_text() == "mine"
 
 
 def test_tensorboard_scalars(tmp_path, teacher_dir, student_dir, prepared_dir):
@@ -232,46 +174,9 @@ def test_student_trains_in_train_mode(
     original = Trainer.train_step
 
     def record_mode(self, *args, **kwargs):
-        seen.append(self._unwrapped_student().training)
+        seen.append(self.student.training)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", record_mode)
     start_run(make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir))
     assert seen and all(seen), "the student was in eval mode during training steps"
-
-
-def test_resume_may_split_the_global_batch_otherwise_but_not_change_it(
-    tmp_path, teacher_dir, student_dir, prepared_dir, crash_at_step
-):
-    """micro_batch_size x grad_accum_steps x processes is the run's global batch: a resume may
-    split it otherwise (e.g. for another process count) and is the same run; changing it is
-    refused in one line before anything is written."""
-    start_run(make_config(tmp_path / "whole", teacher_dir, student_dir, prepared_dir))
-    disarm = crash_at_step(5)
-    with pytest.raises(RuntimeError):
-        start_run(make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir))
-    disarm()
-    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    with pytest.raises(DDKError, match="sequences_per_step 8 -> 4") as err:
-        resume_run(tmp_path / "run", ["trainer.grad_accum_steps=1"])
-    assert "\n" not in str(err.value)
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
-    split = ["trainer.micro_batch_size=2", "trainer.grad_accum_steps=4"]
-    assert resume_run(tmp_path / "run", split) is not None
-    whole = load_file(tmp_path / "whole" / "final" / "model.safetensors")
-    resumed = load_file(tmp_path / "run" / "final" / "model.safetensors")
-    for k in whole:
-        torch.testing.assert_close(resumed[k], whole[k], rtol=1e-4, atol=1e-5)
-
-
-def test_resume_before_first_checkpoint_restarts(
-    tmp_path, teacher_dir, student_dir, prepared_dir, crash_at_step
-):
-    disarm = crash_at_step(2)
-    with pytest.raises(RuntimeError):
-        start_run(make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir))
-    disarm()
-    assert not (tmp_path / "run" / "checkpoints").exists()
-    assert resume_run(tmp_path / "run") == tmp_path / "run" / "final"
-    updates = _events(read_metrics(tmp_path / "run" / "metrics.jsonl"), "domain_update")
-    assert [u["step"] for u in updates] == [0, 3, 6, 9]  # no duplicate step-0 record

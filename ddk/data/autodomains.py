@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from sklearn.feature_extraction.text import TfidfVectorizer
 from tqdm.auto import tqdm
 
 from ddk.config import PrepareSection
 from ddk.data import clustering
 from ddk.data.dedup import HASH_DTYPE, text_hash
-from ddk.data.embed import make_embedder
+from ddk.data.embed import EmbedModel, make_embedder
+from ddk.data.manifest import domain_path, read_array, read_manifest
 from ddk.data.naming import cluster_name as cluster_name  # re-exported (tests, callers)
 from ddk.data.naming import distinctive_terms, name_clusters
 from ddk.data.sources import Corpus, iter_documents
@@ -176,7 +178,7 @@ def _merge_tiny(labels: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def fit_group(
-    texts: list[str], n, cfg: PrepareSection, embed_model: str | None, prefix: str, log
+    texts: list[str], n, cfg: PrepareSection, embed_model: EmbedModel, prefix: str, log
 ) -> GroupModel:
     """Fit the features and the clustering on `texts` (the sample) for n domains ('auto':
     n from the merge tree): k-means pieces, joined by Ward's criterion over bytes."""
@@ -235,8 +237,6 @@ def fit_group(
 
 
 def _terms(texts: list[str], labels: np.ndarray, k: int) -> list[list[str]]:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
     try:
         vec = TfidfVectorizer(token_pattern=_WORD, max_features=20000, sublinear_tf=True)
         x = vec.fit_transform(texts)
@@ -252,8 +252,6 @@ def _terms(texts: list[str], labels: np.ndarray, k: int) -> list[list[str]]:
 def heldout_hashes(folder: str | Path) -> set[int]:
     """Hashes of the documents that prepared folder `folder` holds out (val/test), from its
     `<domain>/heldout_hashes.npy`."""
-    from ddk.data.manifest import domain_path, read_manifest
-
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     found: set[int] = set()
@@ -264,7 +262,7 @@ def heldout_hashes(folder: str | Path) -> set[int]:
                 f"prepare.exclude_heldout: '{folder}' (domain '{name}') has no {HELDOUT_HASHES}; "
                 "prepare it again with this ddk version"
             )
-        found.update(np.load(path).astype(HASH_DTYPE).tolist())
+        found.update(read_array(folder, path, HASH_DTYPE).tolist())
     return found
 
 
@@ -276,7 +274,7 @@ class DomainPlan:
     tokeniser; writes assignments.jsonl) and then `finish(tmp)` (clusters.json; returns the
     manifest's `auto_domains` entry)."""
 
-    def __init__(self, cfg: PrepareSection, corpus: Corpus, embed_model: str | None, progress):
+    def __init__(self, cfg: PrepareSection, corpus: Corpus, embed_model: EmbedModel, progress):
         check_settings(cfg)
         self.cfg = cfg
         self.corpus = corpus
@@ -318,7 +316,7 @@ class DomainPlan:
                 source = str(files[file_index].path)
             yield label, text, source, record - 1
 
-    def _fit(self, embed_model: str | None) -> None:
+    def _fit(self, embed_model: EmbedModel) -> None:
         cfg = self.cfg
         rng = np.random.default_rng(cfg.seed)
         samples: dict[str | None, list[str]] = {}
@@ -447,8 +445,16 @@ class DomainPlan:
         return entry
 
 
-def plan(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str, progress: bool):
+def plan(
+    cfg: PrepareSection,
+    corpus: Corpus,
+    tokenizer_name: str,
+    progress: bool,
+    trust_remote_code: bool,
+):
     """A DomainPlan when clustering or held-out exclusion is asked for, else None."""
     if not active(cfg):
         return None
-    return DomainPlan(cfg, corpus, cfg.embed_model or tokenizer_name, progress)
+    return DomainPlan(
+        cfg, corpus, EmbedModel(cfg.embed_model or tokenizer_name, trust_remote_code), progress
+    )

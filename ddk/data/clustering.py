@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.cluster import KMeans
 
 # k-means pieces per domain asked for (for `auto`: per auto_domains_range's high end). 4 and 8
 # gave the same domains on the benchmark corpora; 8 leaves more room for small domains.
@@ -52,8 +53,6 @@ class Merge:
 
 def kmeans_pieces(rows: np.ndarray, weights: np.ndarray, k: int, seed: int):
     """k-means with `k` centroids, each document weighted by `weights` (its bytes)."""
-    from sklearn.cluster import KMeans
-
     return KMeans(n_clusters=k, random_state=seed, n_init=OVERCLUSTER_RESTARTS).fit(
         rows, sample_weight=weights
     )

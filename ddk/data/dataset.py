@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ddk.data.dedup import HASH_DTYPE
-from ddk.data.manifest import SPLITS, DomainInfo, Manifest, confine, domain_path, read_manifest
+from ddk.data.manifest import (
+    FORMAT_VERSION,
+    SPLITS,
+    DomainInfo,
+    Manifest,
+    confine,
+    domain_path,
+    read_array,
+    read_manifest,
+)
+from ddk.data.split import window_spans
 from ddk.errors import DDKError
+from ddk.losses import IGNORE_INDEX
 
 
 class DomainShard:
     """One domain's train, validation and (when prepared) test tokens.
-    Sequence i of a split = tokens[i*L : (i+1)*L + 1]."""
+    Training window i = tokens[i*L : (i+1)*L + 1]. A held-out window is one document's piece
+    (`ddk.data.split.window_spans`): up to L + 1 tokens, never a token of another document."""
 
-    def __init__(self, folder: Path, name: str, info: DomainInfo, dtype: np.dtype, seq_len: int):
+    def __init__(
+        self,
+        folder: Path,
+        name: str,
+        info: DomainInfo,
+        dtype: np.dtype,
+        seq_len: int,
+        format_version: int = FORMAT_VERSION,
+    ):
         self.name = name
         self.seq_len = seq_len
         self.info = info
         self.folder = folder
         self._dtype = dtype
+        self._format_version = format_version
         self._paths = {
             split: folder / f"{split}.bin" for split in SPLITS if info.tokens(split) is not None
         }
@@ -33,6 +55,7 @@ class DomainShard:
                     f"prepared shard '{path}' is missing or truncated; prepare the data again"
                 )
         self._maps: dict[str, np.memmap] = {}
+        self._spans: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def has_split(self, split: str) -> bool:
         return split in self._paths
@@ -40,7 +63,9 @@ class DomainShard:
     def num_sequences(self, split: str) -> int:
         """Windows of `split` ("train", "val" or "test")."""
         self._check_split(split)
-        return int(self.info.sequences(split))
+        if split == "train":
+            return int(self.info.sequences(split))
+        return len(self._window_spans(split)[0])
 
     @property
     def train_tokens(self) -> int:
@@ -70,7 +95,9 @@ class DomainShard:
         return self._maps[split]
 
     def sequences(self, split: str, indices) -> torch.Tensor:
-        """[len(indices), seq_len + 1] int64 windows of `split`."""
+        """[len(indices), seq_len + 1] int64 training windows (held-out splits: `heldout_batch`)."""
+        if split != "train":
+            raise ValueError(f"held-out split {split!r} is read per document: use heldout_batch")
         tokens = self._tokens(split)
         L = self.seq_len
         out = np.empty((len(indices), L + 1), dtype=np.int64)
@@ -78,14 +105,57 @@ class DomainShard:
             out[row] = tokens[int(i) * L : int(i) * L + L + 1]
         return torch.from_numpy(out)
 
+    def _window_spans(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(start, tokens) of each window of held-out `split`, from `<split>_docs.npy` (the
+        tokens each document contributed, back to back in `<split>.bin`; every format wrote it,
+        so older data is cut per document the same way)."""
+        if split not in self._spans:
+            self._check_split(split)
+            path = self.folder / f"{split}_docs.npy"
+            docs = read_array(self.folder, path, np.dtype(np.int64), columns=2)
+            stored = docs[:, 1]
+            spans = window_spans(stored, self.seq_len)
+            count = self.info.sequences(split)
+            if (
+                (stored < 0).any()
+                or int(stored.sum()) != self.info.tokens(split)
+                or (self._format_version >= 3 and len(spans[0]) != count)
+            ):
+                raise DDKError(
+                    f"'{path}' does not match the manifest's {split} split of domain "
+                    f"'{self.name}'; prepare the data again"
+                )
+            self._spans[split] = spans
+        return self._spans[split]
+
+    def window_lengths(self, split: str) -> np.ndarray:
+        """Tokens of each held-out window (its targets are one fewer)."""
+        return self._window_spans(split)[1]
+
+    def heldout_batch(self, split: str, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows `indices` of held-out `split` as (inputs, labels), int64 [len(indices), T]
+        with T the most targets among them: row r scores labels[r] from inputs[r]; positions
+        past a window's document are padded (inputs 0, labels IGNORE_INDEX). The padding sits
+        after every real token, so a causal model's scores of the real tokens never see it."""
+        starts, lengths = self._window_spans(split)
+        tokens = self._tokens(split)
+        idx = np.asarray(list(indices), dtype=np.int64)
+        width = int(lengths[idx].max()) - 1 if len(idx) else 0
+        inputs = np.zeros((len(idx), width), dtype=np.int64)
+        labels = np.full((len(idx), width), IGNORE_INDEX, dtype=np.int64)
+        for row, (start, n) in enumerate(zip(starts[idx].tolist(), lengths[idx].tolist())):
+            window = tokens[start : start + n]
+            inputs[row, : n - 1] = window[:-1]
+            labels[row, : n - 1] = window[1:]
+        return torch.from_numpy(inputs), torch.from_numpy(labels)
+
     def heldout_hashes(self) -> np.ndarray:
         """Sorted uint64 text hashes of this domain's validation and test documents (empty for
         data prepared before they were recorded)."""
         path = self.folder / "heldout_hashes.npy"
         if not path.is_file():
             return np.zeros(0, dtype=HASH_DTYPE)
-        confine(self.folder, path)
-        return np.load(path, allow_pickle=False).astype(HASH_DTYPE, copy=False)
+        return read_array(self.folder, path, HASH_DTYPE)
 
 
 class PreparedData:
@@ -110,10 +180,23 @@ class PreparedData:
         names = domains if domains is not None else list(available)
         self.domains = {
             n: DomainShard(
-                domain_path(self.folder, available[n]), n, available[n], dtype, self.seq_len
+                domain_path(self.folder, available[n]),
+                n,
+                available[n],
+                dtype,
+                self.seq_len,
+                self.manifest.format_version,
             )
             for n in names
         }
+        if self.manifest.format_version < FORMAT_VERSION:
+            print(
+                f"warning: '{folder}' was prepared by an older ddk (format "
+                f"{self.manifest.format_version}): a text it holds out may be in another domain's "
+                "training data; its held-out windows are cut per document. Prepare it again "
+                "for held-out perplexities you can trust",
+                file=sys.stderr,  # stdout may be `ddk eval --json`
+            )
 
     @property
     def names(self) -> list[str]:

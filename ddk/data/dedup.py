@@ -1,4 +1,5 @@
-"""Exact-duplicate detection across the train / held-out split: a hash of normalised text.
+"""Exact-duplicate detection across the train / held-out splits of every domain: a hash of
+normalised text.
 
 Normalisation: Unicode NFC, whitespace runs collapsed to one space, ends stripped. Two documents
 that differ only in spacing or Unicode composition are the same document for the split.

@@ -22,10 +22,18 @@ one.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+from sklearn.preprocessing import normalize
+from transformers import AutoModel
 
 from ddk.errors import DDKError, first_line
+from ddk.models import load_tokenizer, resolve_local_path
 
 _HASH_FEATURES = 1 << 16  # per analyzer; collisions only blur rare n-grams
 _SHAPE_FEATURES = 1 << 18
@@ -59,7 +67,6 @@ def word_shape(text: str) -> str:
 
 def _fit_svd(matrix, dims: int, seed: int):
     """A seeded truncated SVD of `matrix`, or None when it has too few rows or columns."""
-    from sklearn.decomposition import TruncatedSVD
 
     dims = min(dims, matrix.shape[0] - 1, matrix.shape[1] - 1)
     if dims < 2:
@@ -72,8 +79,6 @@ def _fit_svd(matrix, dims: int, seed: int):
 
 class HashingEmbedder:
     def __init__(self, seed: int):
-        from sklearn.feature_extraction.text import HashingVectorizer
-
         self.seed = seed
         common = dict(n_features=_HASH_FEATURES, alternate_sign=False, norm=None)
         self._char = HashingVectorizer(analyzer="char_wb", ngram_range=(1, 3), **common)
@@ -91,20 +96,14 @@ class HashingEmbedder:
         self._columns = self._shape_columns = None
 
     def _counts(self, texts: list[str]):
-        import scipy.sparse as sp
-
         return sp.hstack([self._char.transform(texts), self._word.transform(texts)]).tocsr()
 
     def _shape_tf(self, texts: list[str]):
-        from sklearn.preprocessing import normalize
-
         counts = self._shape.transform([word_shape(t) for t in texts]).tocsr()
         counts.data = 1 + np.log(counts.data)  # sublinear, like the content block's TF
         return normalize(counts)
 
     def fit(self, texts: list[str]) -> HashingEmbedder:
-        from sklearn.feature_extraction.text import TfidfTransformer
-
         counts = self._counts(texts)
         self._tfidf = TfidfTransformer(sublinear_tf=True).fit(counts)
         self._tfidf.idf_ = np.sqrt(self._tfidf.idf_)  # see the module docstring
@@ -117,8 +116,6 @@ class HashingEmbedder:
         return self
 
     def transform(self, texts: list[str]) -> np.ndarray:
-        from sklearn.preprocessing import normalize
-
         weighted = self._tfidf.transform(self._counts(texts))[:, self._columns]
         content = weighted.toarray() if self._svd is None else self._svd.transform(weighted)
         shapes = self._shape_tf(texts)[:, self._shape_columns]
@@ -127,24 +124,30 @@ class HashingEmbedder:
         return normalize(rows).astype(np.float32)
 
 
+class EmbedModel(NamedTuple):
+    """The model `StudentEmbedder` loads, and whether its own code may run (the run's
+    model.trust_remote_code, passed explicitly: transformers would otherwise ask on stdin)."""
+
+    name: str | None
+    trust_remote_code: bool
+
+
 class StudentEmbedder:
-    def __init__(self, model_name: str | None, batch_size: int = 32):
+    def __init__(self, model: EmbedModel, batch_size: int = 32):
+        model_name = model.name
         if not model_name:
             raise DDKError(
                 "prepare.embedder 'student' needs a model: set model.student or "
                 "prepare.embed_model (or pass --tokenizer with a model folder)"
             )
-        import torch
-        from transformers import AutoModel
-
-        from ddk.models import load_tokenizer, resolve_local_path
-
-        self.tokenizer = load_tokenizer(model_name)
+        self.tokenizer = load_tokenizer(model_name, model.trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            self.model = AutoModel.from_pretrained(resolve_local_path(model_name, "model"))
+            self.model = AutoModel.from_pretrained(
+                resolve_local_path(model_name, "model"), trust_remote_code=model.trust_remote_code
+            )
         except (OSError, ValueError) as e:
             raise DDKError(
                 f"cannot load the embedder model '{model_name}': {first_line(e)}"
@@ -158,9 +161,6 @@ class StudentEmbedder:
         return self
 
     def transform(self, texts: list[str]) -> np.ndarray:
-        import torch
-        from sklearn.preprocessing import normalize
-
         out = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(
@@ -180,7 +180,7 @@ class StudentEmbedder:
         return normalize(rows).astype(np.float32)
 
 
-def make_embedder(kind: str, seed: int, model_name: str | None):
+def make_embedder(kind: str, seed: int, model: EmbedModel):
     if kind == "student":
-        return StudentEmbedder(model_name)
+        return StudentEmbedder(model)
     return HashingEmbedder(seed)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ddk.errors import DDKError
@@ -21,7 +22,10 @@ from ddk.ownership import is_owned, list_files, ownership_record, read_record
 
 MANIFEST = "manifest.json"
 FORMAT = "ddk.prepared"
-FORMAT_VERSION = 2  # 2: test split, BOS setting, duplicate counts, held-out hashes, owner
+# 2: test split, BOS setting, duplicate counts, held-out hashes, owner.
+# 3: held-out texts unique across domains; held-out windows of one document each (up to
+#    heldout_windows_per_document per document); token counts of what no split keeps.
+FORMAT_VERSION = 3
 OWNER_KIND = "prepared"
 SPLITS = ("train", "val", "test")
 
@@ -56,6 +60,11 @@ class DomainInfo(_Model):
     test_tokens: int | None = Field(None, ge=0)
     test_sequences: int | None = Field(None, ge=0)
     duplicates_dropped: int | None = Field(None, ge=0)
+    # None before format 3: all tokens of the domain's documents, those of held-out documents
+    # beyond their windows, and those of dropped copies of held-out texts (in no split)
+    total_tokens: int | None = Field(None, ge=0)
+    heldout_unused_tokens: int | None = Field(None, ge=0)
+    duplicate_tokens: int | None = Field(None, ge=0)
 
     @field_validator("folder")
     @classmethod
@@ -93,6 +102,7 @@ class Manifest(_Model):
     val_sequences: int = Field(ge=1)
     test_sequences: int | None = Field(None, ge=1)
     add_bos: bool | None = None
+    heldout_windows_per_document: int | None = Field(None, ge=1)  # None before format 3
     seed: int = 0
     text_field: str | None = None
     domain_field: str | None = None
@@ -105,6 +115,13 @@ class Manifest(_Model):
     def has_split(self, split: str) -> bool:
         """Whether every domain has `split` (data prepared before the test split has none)."""
         return split in SPLITS and all(d.tokens(split) is not None for d in self.domains.values())
+
+
+# DomainInfo keys that are optional in old formats and required from a format on.
+_REQUIRED_SINCE = {
+    2: ("test_documents", "test_tokens", "test_sequences", "duplicates_dropped"),
+    3: ("total_tokens", "heldout_unused_tokens", "duplicate_tokens"),
+}
 
 
 def _key(loc: tuple) -> str:
@@ -135,14 +152,20 @@ def parse_manifest(data: object, path: Path) -> Manifest:
             f"{path} has format {manifest.format_version}, newer than this ddk reads "
             f"({FORMAT_VERSION}); upgrade ddk"
         )
-    if manifest.format_version >= 2:
-        for name, info in manifest.domains.items():
-            for key in ("test_documents", "test_tokens", "test_sequences", "duplicates_dropped"):
-                if getattr(info, key) is None:
-                    raise DDKError(
-                        f"{path}: key 'domains.{name}.{key}' is missing; prepare the data again "
-                        "with `ddk prepare`"
-                    )
+    required = [key for version, keys in _REQUIRED_SINCE.items() for key in keys
+                if manifest.format_version >= version]  # fmt: skip
+    for name, info in manifest.domains.items():
+        for key in required:
+            if getattr(info, key) is None:
+                raise DDKError(
+                    f"{path}: key 'domains.{name}.{key}' is missing; prepare the data again "
+                    "with `ddk prepare`"
+                )
+    if manifest.format_version >= 3 and manifest.heldout_windows_per_document is None:
+        raise DDKError(
+            f"{path}: key 'heldout_windows_per_document' is missing; prepare the data again with "
+            "`ddk prepare`"
+        )
     return manifest
 
 
@@ -157,6 +180,11 @@ def read_manifest(folder: str | Path) -> Manifest:
         raise DDKError(f"{path} is corrupt (not JSON); prepare the data again") from None
     except OSError as e:
         raise DDKError(f"cannot read {path}: {e.strerror}") from None
+    if isinstance(data, dict) and "teacher_fingerprint" in data:  # a teacher cache's manifest
+        raise DDKError(
+            f"'{folder}' is a teacher cache (written by `ddk cache-teacher`), not prepared "
+            "data; give the output folder of `ddk prepare`"
+        )
     return parse_manifest(data, path)
 
 
@@ -196,3 +224,28 @@ def confine(root: Path, path: Path) -> None:
             f"'{path}' is a link to '{path.resolve()}', outside the prepared data folder "
             f"'{root}'; ddk reads only files inside it: prepare the data again"
         )
+
+
+def read_array(root: Path, path: Path, dtype: np.dtype, columns: int | None = None) -> np.ndarray:
+    """A `.npy` file of prepared data, checked: inside `root`, a plain array (never a pickle) of
+    `dtype`, one-dimensional or with `columns` columns; anything else is a one-line DDKError."""
+    confine(root, path)
+    again = "prepare the data again with `ddk prepare`"
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DDKError(f"'{path}' is missing; {again}") from None
+    except (ValueError, OSError, EOFError) as e:
+        reason = "it holds pickled objects" if "pickle" in str(e) else "it is corrupt"
+        raise DDKError(f"'{path}' is not a numpy array file ({reason}); {again}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        array.close()
+        raise DDKError(f"'{path}' is an archive of arrays, not one array; {again}")
+    shape = array.shape[:1] + (() if columns is None else (columns,))
+    if array.dtype != dtype or array.ndim == 0 or array.shape != shape:
+        want = "[n]" if columns is None else f"[n, {columns}]"
+        raise DDKError(
+            f"'{path}' holds {array.dtype} values of shape {list(array.shape)}, not {dtype.name} "
+            f"of shape {want}; {again}"
+        )
+    return array

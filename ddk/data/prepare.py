@@ -4,19 +4,21 @@ Output layout (all arrays little-endian numpy files; `ddk.data.manifest` owns th
     manifest.json                 domains, splits, tokenizer, seq_len, BOS, sources, owner record
     <domain>/train.bin            flat tokens of the training documents (uint16 or uint32)
     <domain>/train_docs.npy       [n, 2] int64: (document id in corpus order, tokens incl. EOS)
-    <domain>/val.bin              validation: the first <= seq_len tokens of each held-out document
+    <domain>/val.bin              validation: the first windows * seq_len + 1 tokens of each
+                                  held-out document (up to prepare.heldout_windows_per_document
+                                  windows of one document each: `ddk.data.split`)
     <domain>/val_docs.npy         [n, 2] int64: (document id, tokens it contributed), draw order
     <domain>/test.bin, test_docs.npy   the same for the test split (reporting only)
     <domain>/heldout_hashes.npy   sorted uint64 text hashes of every validation and test document
-A "sequence" (window) i of a split is tokens[i*seq_len : (i+1)*seq_len + 1].
-Documents are tokenised once without special tokens, then given BOS (prepare.add_bos) and EOS.
-Validation and test are disjoint sets of whole documents, at most seq_len tokens from each, so
-no single long document fills a held-out set; training drops exact duplicates of them.
+A training window i is tokens[i*seq_len : (i+1)*seq_len + 1]; a held-out window never holds a
+token of another document. Documents are tokenised once without special tokens, then given BOS
+(prepare.add_bos) and EOS. Validation and test are disjoint sets of whole documents, and every
+domain's held-out texts are chosen before any training file is written: a text is held out once
+in the whole folder, and its copies in any domain's training data are dropped.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import shutil
@@ -44,10 +46,19 @@ from ddk.data.manifest import (
     write_manifest,
 )
 from ddk.data.sources import Corpus, discover, iter_documents
-from ddk.data.split import TRAIN, choose_heldout
+from ddk.data.split import (
+    DROPPED,
+    TRAIN,
+    choose_heldout,
+    kept_tokens,
+    per_document_cap,
+    split_codes,
+)
 from ddk.data.vocab import same_vocabulary, token_dtype, vocab_hash
 from ddk.errors import DDKError
+from ddk.fileutil import disk_full, human_bytes, publish_dir
 from ddk.lock import FolderLock
+from ddk.models import load_tokenizer
 from ddk.ownership import check_replaceable, read_record
 from ddk.table import format_table
 
@@ -123,6 +134,7 @@ def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str) -> di
         "val_sequences": cfg.val_sequences,
         "test_sequences": cfg.test_sequences,
         "add_bos": cfg.add_bos,
+        "heldout_windows_per_document": cfg.heldout_windows_per_document,
         "format_version": FORMAT_VERSION,
         "seed": cfg.seed,
         "text_field": cfg.text_field,
@@ -176,23 +188,6 @@ def _make_parent(out: Path) -> None:
         )
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _is_disk_full(e: BaseException) -> bool:
-    if not isinstance(e, OSError):
-        return False
-    # ndarray.tofile/np.save report a short write without an errno
-    return e.errno in (errno.ENOSPC, errno.EDQUOT) or (
-        e.errno is None and "requested and" in str(e) and "written" in str(e)
-    )
-
-
 def _disk_full(out: Path, corpus: Corpus, dtype: np.dtype) -> DDKError:
     read = sum(f.size for f in corpus.files)
     # At most one token per input byte (byte-level BPE), stored twice at the peak: the
@@ -200,8 +195,9 @@ def _disk_full(out: Path, corpus: Corpus, dtype: np.dtype) -> DDKError:
     need = 2 * read * dtype.itemsize
     free = shutil.disk_usage(out.parent).free
     return DDKError(
-        f"disk full while writing output '{out}': preparing {_human(read)} of input needs up to "
-        f"{_human(need)} free, {_human(free)} is free; free space or choose another output folder"
+        f"disk full while writing output '{out}': preparing {human_bytes(read)} of input needs "
+        f"up to {human_bytes(need)} free, {human_bytes(free)} is free; free space or choose "
+        "another output folder"
     )
 
 
@@ -260,78 +256,148 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _split_domain(folder: Path, name: str, cfg: PrepareSection, dtype: np.dtype) -> dict:
-    """Hold out whole random documents for validation and test (at most seq_len tokens of
-    each), drop training's exact duplicates of them; the rest, in order, is training data."""
+def _wanted(cfg: PrepareSection) -> dict[str, int]:
+    return {"val": cfg.val_sequences, "test": cfg.test_sequences or cfg.val_sequences}
+
+
+def _draw_heldout(
+    folder: Path, name: str, cfg: PrepareSection, taken: set[int]
+) -> dict[str, list[tuple[int, int]]]:
+    """Draw one domain's validation and test documents (`ddk.data.split`), never a text that
+    `taken` (the texts earlier domains hold out) holds; add the drawn texts to `taken`."""
+    lens = np.fromfile(folder / "all_lens.bin", dtype=np.int64)
+    hashes = np.fromfile(folder / "all_hash.bin", dtype=HASH_DTYPE)
+    total = int(lens.sum())
+    wanted = _wanted(cfg)
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
+    # Held-out documents may take at most half of a domain's tokens: training keeps the rest.
+    drawn = choose_heldout(
+        lens,
+        hashes,
+        rng.permutation(len(lens)),
+        cfg.seq_len,
+        wanted,
+        total // 2,
+        per_document=cfg.heldout_windows_per_document,
+        taken=taken,
+    )
+    if not drawn["val"] or not drawn["test"]:
+        raise _too_little_heldout(name, cfg, lens, hashes, taken)
+    taken.update(int(hashes[i]) for docs in drawn.values() for i, _ in docs)
+    return drawn
+
+
+def _too_little_heldout(name: str, cfg, lens: np.ndarray, hashes: np.ndarray, taken) -> DDKError:
+    """Why a domain could not give one validation and one test window, in one line."""
+    distinct = np.unique(hashes)
+    elsewhere = sum(int(h) in taken for h in distinct.tolist())
+    if elsewhere and 2 * elsewhere >= len(distinct):
+        return DDKError(
+            f"domain '{name}': {elsewhere} of its {len(distinct)} distinct texts are held out by "
+            "other domains (the same text in two domains), too few remain for its own validation "
+            "and test; remove the copies from one of the domains or add text"
+        )
+    if len(lens) - len(distinct) >= max(len(distinct), 1):  # at least half are copies
+        return DDKError(
+            f"domain '{name}' has {len(lens)} documents but only {len(distinct)} distinct "
+            "text(s) (the rest are exact duplicates after normalising Unicode and whitespace); a "
+            "text is held out once and its copies leave training, so validation and test need "
+            "distinct documents: remove the duplicates or add text"
+        )
+    # A cluster is small because many were asked for: say so first.
+    fewer = (
+        "ask for fewer domains (prepare.auto_domains / split_domains), "
+        if cfg.auto_domains is not None or cfg.split_domains is not None
+        else ""
+    )
+    return DDKError(
+        f"domain '{name}' has too little text to hold out whole documents for validation "
+        f"and test windows of {cfg.seq_len} tokens ({len(lens)} document(s), {int(lens.sum()):,} "
+        f"tokens; held-out documents may use at most half of them); {fewer}add text, split its "
+        "text into more documents (e.g. JSONL lines) or lower prepare.seq_len"
+    )
+
+
+def _write_splits(
+    folder: Path,
+    name: str,
+    cfg: PrepareSection,
+    dtype: np.dtype,
+    drawn: dict[str, list[tuple[int, int]]],
+    held: np.ndarray,
+) -> dict:
+    """Write one domain's held-out files (the first windows * seq_len + 1 tokens of each drawn
+    document) and its training file (every other document, in order, except copies of a text
+    in `held`: the sorted hashes every domain holds out)."""
     lens = np.fromfile(folder / "all_lens.bin", dtype=np.int64)
     ids = np.fromfile(folder / "all_ids.bin", dtype=np.int64)
     hashes = np.fromfile(folder / "all_hash.bin", dtype=HASH_DTYPE)
     total = int(lens.sum())
     L = cfg.seq_len
-    wanted = {"val": cfg.val_sequences, "test": cfg.test_sequences or cfg.val_sequences}
-    rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
-    # Held-out documents may take at most half of a domain's tokens: training keeps the rest.
-    codes, drawn = choose_heldout(lens, hashes, rng.permutation(len(lens)), L, wanted, total // 2)
     tokens = np.memmap(folder / "all.bin", dtype=dtype, mode="r")
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    stats: dict = {"documents": len(lens)}
-    for split, docs in drawn.items():
-        taken = np.minimum(lens[docs], L) if docs else np.zeros(0, dtype=np.int64)
+    stats: dict = {"documents": len(lens), "total_tokens": total, "heldout_unused_tokens": 0}
+    for split, picked in drawn.items():
+        docs = np.array([i for i, _ in picked], dtype=np.int64)
+        windows = np.array([n for _, n in picked], dtype=np.int64)
+        kept = kept_tokens(windows, lens[docs], L)
         with open(folder / f"{split}.bin", "wb") as fh:
-            for i, n in zip(docs, taken.tolist()):
+            for i, n in zip(docs.tolist(), kept.tolist()):
                 np.asarray(tokens[int(starts[i]) : int(starts[i]) + n]).tofile(fh)
-        np.save(folder / f"{split}_docs.npy", np.stack([ids[docs], taken], axis=1))
-        n_tokens = int(taken.sum())
+        np.save(folder / f"{split}_docs.npy", np.stack([ids[docs], kept], axis=1))
         stats[f"{split}_documents"] = len(docs)
-        stats[f"{split}_tokens"] = n_tokens
-        stats[f"{split}_sequences"] = min(wanted[split], max(0, (n_tokens - 1) // L))
+        stats[f"{split}_tokens"] = int(kept.sum())
+        stats[f"{split}_sequences"] = int(windows.sum())
+        stats["heldout_unused_tokens"] += int(lens[docs].sum() - kept.sum())
+    codes = split_codes(len(lens), hashes, drawn, held)
     train = codes == TRAIN
-    with open(folder / "train.bin", "wb") as fh:
-        # Copy runs of consecutive training documents, not one document at a time.
+    _write_train(folder / "train.bin", tokens, starts, lens, train)
+    np.save(folder / "train_docs.npy", np.stack([ids[train], lens[train]], axis=1))
+    np.save(folder / "heldout_hashes.npy", np.unique(hashes[codes > TRAIN]).astype(HASH_DTYPE))
+    del tokens
+    for tmp in ("all.bin", "all_lens.bin", "all_ids.bin", "all_hash.bin"):
+        (folder / tmp).unlink()
+    dropped = codes == DROPPED
+    stats["train_documents"] = int(train.sum())
+    stats["train_tokens"] = int(lens[train].sum())
+    stats["train_sequences"] = max(0, (stats["train_tokens"] - 1) // L)
+    stats["duplicates_dropped"] = int(dropped.sum())
+    stats["duplicate_tokens"] = int(lens[dropped].sum())
+    if stats["train_sequences"] == 0:
+        raise DDKError(
+            f"domain '{name}' keeps too little training text ({stats['train_tokens']:,} tokens "
+            f"after holding out validation and test documents and dropping "
+            f"{stats['duplicates_dropped']} copy(ies) of held-out texts, of this or other "
+            "domains); add text or lower prepare.seq_len"
+        )
+    _warn_short_heldout(name, cfg, stats)
+    return stats
+
+
+def _write_train(path: Path, tokens, starts: np.ndarray, lens: np.ndarray, train) -> None:
+    """The training documents' tokens in corpus order, copied in runs of consecutive training
+    documents, not one document at a time."""
+    with open(path, "wb") as fh:
         change = np.flatnonzero(np.diff(np.concatenate([[0], train.view(np.int8), [0]])))
         for run_start, run_end in zip(change[::2], change[1::2]):
             lo = int(starts[run_start])
             hi = int(starts[run_end - 1] + lens[run_end - 1])
             for a in range(lo, hi, _COPY_CHUNK):
                 np.asarray(tokens[a : min(hi, a + _COPY_CHUNK)]).tofile(fh)
-    np.save(folder / "train_docs.npy", np.stack([ids[train], lens[train]], axis=1))
-    held = codes > TRAIN
-    np.save(folder / "heldout_hashes.npy", np.unique(hashes[held]).astype(HASH_DTYPE))
-    del tokens
-    for tmp in ("all.bin", "all_lens.bin", "all_ids.bin", "all_hash.bin"):
-        (folder / tmp).unlink()
-    stats["train_documents"] = int(train.sum())
-    stats["train_tokens"] = int(lens[train].sum())
-    stats["train_sequences"] = max(0, (stats["train_tokens"] - 1) // L)
-    stats["duplicates_dropped"] = int((codes < TRAIN).sum())
-    if stats["val_sequences"] == 0 or stats["test_sequences"] == 0:
-        # A cluster is small because many were asked for: say so first.
-        fewer = (
-            "ask for fewer domains (prepare.auto_domains / split_domains), "
-            if cfg.auto_domains is not None or cfg.split_domains is not None
-            else ""
-        )
-        raise DDKError(
-            f"domain '{name}' has too little text to hold out whole documents for validation "
-            f"and test windows of {L} tokens ({len(lens)} document(s), {total:,} tokens; held-out "
-            f"documents may use at most half of them); {fewer}add text, split its text into more "
-            "documents (e.g. JSONL lines) or lower prepare.seq_len"
-        )
-    if stats["train_sequences"] == 0:
-        raise DDKError(
-            f"domain '{name}' keeps too little training text ({stats['train_tokens']:,} tokens "
-            f"after holding out validation and test documents and "
-            f"{stats['duplicates_dropped']} duplicate(s) of them); add text or lower "
-            "prepare.seq_len"
-        )
+
+
+def _warn_short_heldout(name: str, cfg: PrepareSection, stats: dict) -> None:
+    """One warning per held-out split that got fewer windows than asked for."""
+    wanted = _wanted(cfg)
     for split, label in (("val", "validation"), ("test", "test")):
         if stats[f"{split}_sequences"] < wanted[split]:
             _warn(
                 f"domain '{name}': {label} has {stats[f'{split}_sequences']} of "
                 f"{wanted[split]} windows, from {stats[f'{split}_documents']} documents (at most "
-                f"{L} tokens from each, held-out documents at most half of its {total:,} tokens)"
+                f"{per_document_cap(wanted[split], cfg.heldout_windows_per_document)} window(s) of "
+                f"{cfg.seq_len} tokens from each, held-out "
+                f"documents at most half of its {stats['total_tokens']:,} tokens)"
             )
-    return stats
 
 
 def _refuse_output_in_input(out: Path, corpus: Path) -> None:
@@ -346,7 +412,13 @@ def _refuse_output_in_input(out: Path, corpus: Path) -> None:
         )
 
 
-def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) -> dict:
+def prepare(
+    cfg: PrepareSection,
+    tokenizer_name: str,
+    *,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
     """Tokenise `cfg.input` once into `cfg.output`; return the manifest. Atomic: a failure
     leaves no output folder that a later run would trust."""
     if not cfg.input:
@@ -359,12 +431,12 @@ def prepare(cfg: PrepareSection, tokenizer_name: str, *, progress: bool = True) 
     # One prepare per output, locked before the input is read. The output appears by rename,
     # so the lock file sits next to it (and is removed on release).
     with FolderLock(out, "prepare", path=out.parent / f".{out.name}.ddk.lock"):
-        return _prepare_locked(cfg, tokenizer_name, out, progress)
+        return _prepare_locked(cfg, tokenizer_name, out, progress, trust_remote_code)
 
 
-def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progress: bool) -> dict:
-    from ddk.models import load_tokenizer
-
+def _prepare_locked(
+    cfg: PrepareSection, tokenizer_name: str, out: Path, progress: bool, trust_remote_code: bool
+) -> dict:
     corpus = discover(cfg.input)
     fingerprint = _fingerprint(cfg, corpus, tokenizer_name)
     existing = _check_output(out, fingerprint, cfg.overwrite)
@@ -373,81 +445,102 @@ def _prepare_locked(cfg: PrepareSection, tokenizer_name: str, out: Path, progres
             print(f"'{out}' already holds this corpus prepared; nothing to do.")
         return existing
 
-    tokenizer = load_tokenizer(tokenizer_name)
-    domain_plan = autodomains.plan(cfg, corpus, tokenizer_name, progress)  # pass 1 if clustering
+    tokenizer = load_tokenizer(tokenizer_name, trust_remote_code)
+    domain_plan = autodomains.plan(
+        cfg, corpus, tokenizer_name, progress, trust_remote_code
+    )  # pass 1 if clustering
     if tokenizer.eos_token_id is None:
         raise DDKError(f"tokenizer '{tokenizer_name}' has no EOS token to separate documents")
     # ids can have gaps: the largest id, not the count, decides the dtype and logits width
-    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
-    dtype = token_dtype(vocab_size)
-    bos = bos_token(tokenizer, cfg.add_bos, tokenizer_name)
-    backend = tokenizer.backend_tokenizer
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-
+    dtype = token_dtype(max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1))
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed prepare
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
-    started = time.perf_counter()
     try:
-        docs = domain_plan.documents(tmp) if domain_plan else None
-        writers, names = _tokenize_all(
-            corpus, cfg, encode, tokenizer.eos_token_id, dtype, tmp, progress, docs, bos=bos
+        manifest = _write_prepared(
+            tmp, cfg, corpus, tokenizer, tokenizer_name, domain_plan, progress
         )
-        if not writers:
-            raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
-        if domain_plan is None:  # clusters replace the source folders as domains
-            _check_domains_have_documents(corpus, writers)
-        domains = {}
-        for domain in writers:
-            domains[domain] = {
-                "folder": names[domain],
-                **_split_domain(tmp / names[domain], domain, cfg, dtype),
-            }
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "ddk_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.perf_counter() - started, 3),
-            "tokenizer": {
-                "name_or_path": tokenizer_name,
-                "vocab_size": vocab_size,
-                "eos_token_id": tokenizer.eos_token_id,
-                "bos_token_id": tokenizer.bos_token_id,
-                "class": type(tokenizer).__name__,
-                "vocab_sha256": vocab_hash(tokenizer),
-            },
-            "token_dtype": dtype.name,
-            "seq_len": cfg.seq_len,
-            "val_sequences": cfg.val_sequences,
-            "test_sequences": cfg.test_sequences or cfg.val_sequences,
-            "add_bos": bos is not None,
-            "seed": cfg.seed,
-            "text_field": cfg.text_field,
-            "domain_field": cfg.domain_field,
-            "layout": corpus.layout,
-            "sources": [
-                {"path": str(f.path), "bytes": f.size, "sha256": f.sha256, "domain": f.domain}
-                for f in corpus.files
-            ],
-            "fingerprint": fingerprint,
-            "domains": domains,
-        }
-        if domain_plan:  # clusters.json, assignments.jsonl: before the owner record lists files
-            manifest["auto_domains"] = domain_plan.finish(tmp)
+        manifest["fingerprint"] = fingerprint
         typed = Manifest.model_validate(manifest)
         write_manifest(tmp, typed)  # also records what `--overwrite` may later replace
         manifest = typed.model_dump(mode="json")
-        _publish(tmp, out)
+        publish_dir(tmp, out, aside=out.parent / f".{out.name}.old-{os.getpid()}")
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(e):
+        if disk_full(e):
             raise _disk_full(out, corpus, dtype) from None
         raise
     if progress:
         print(summary_table(manifest))
     return manifest
+
+
+def _write_prepared(tmp, cfg, corpus, tokenizer, tokenizer_name, domain_plan, progress) -> dict:
+    """Tokenise and split every domain into `tmp`; the manifest (without its owner record)."""
+    started = time.perf_counter()
+    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    dtype = token_dtype(vocab_size)
+    bos = bos_token(tokenizer, cfg.add_bos, tokenizer_name)
+    backend = tokenizer.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    docs = domain_plan.documents(tmp) if domain_plan else None
+    writers, names = _tokenize_all(
+        corpus, cfg, encode, tokenizer.eos_token_id, dtype, tmp, progress, docs, bos=bos
+    )
+    if not writers:
+        raise DDKError(f"input '{cfg.input}' holds no non-empty documents")
+    if domain_plan is None:  # clusters replace the source folders as domains
+        _check_domains_have_documents(corpus, writers)
+    # Every domain's held-out texts are known before any train.bin is written, so no
+    # held-out text stays in the training data of any domain.
+    taken: set[int] = set()
+    drawn = {d: _draw_heldout(tmp / names[d], d, cfg, taken) for d in writers}
+    held = np.array(sorted(taken), dtype=HASH_DTYPE)
+    domains = {
+        d: {"folder": names[d], **_write_splits(tmp / names[d], d, cfg, dtype, drawn[d], held)}
+        for d in writers
+    }
+    manifest = _manifest(cfg, corpus, tokenizer, tokenizer_name, vocab_size, bos, domains)
+    manifest["seconds"] = round(time.perf_counter() - started, 3)
+    if domain_plan:  # clusters.json, assignments.jsonl: before the owner record lists files
+        manifest["auto_domains"] = domain_plan.finish(tmp)
+    return manifest
+
+
+def _manifest(cfg, corpus, tokenizer, tokenizer_name, vocab_size, bos, domains) -> dict:
+    """The manifest of a prepared folder (before its fingerprint, owner record and clusters)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ddk_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": None,
+        "tokenizer": {
+            "name_or_path": tokenizer_name,
+            "vocab_size": vocab_size,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "class": type(tokenizer).__name__,
+            "vocab_sha256": vocab_hash(tokenizer),
+        },
+        "token_dtype": token_dtype(vocab_size).name,
+        "seq_len": cfg.seq_len,
+        "val_sequences": cfg.val_sequences,
+        "test_sequences": cfg.test_sequences or cfg.val_sequences,
+        "add_bos": bos is not None,
+        "heldout_windows_per_document": cfg.heldout_windows_per_document,
+        "seed": cfg.seed,
+        "text_field": cfg.text_field,
+        "domain_field": cfg.domain_field,
+        "layout": corpus.layout,
+        "sources": [
+            {"path": str(f.path), "bytes": f.size, "sha256": f.sha256, "domain": f.domain}
+            for f in corpus.files
+        ],
+        "fingerprint": None,
+        "domains": domains,
+    }
 
 
 def bos_token(tokenizer, add_bos: bool | None, name: str) -> int | None:
@@ -462,15 +555,23 @@ def bos_token(tokenizer, add_bos: bool | None, name: str) -> int | None:
     return bos if add_bos else None
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Swap the finished folder into place; the old one is removed only after the rename."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _new_domain_folder(domain: str, names: dict[str, str]) -> str:
+    folder = _domain_dirname(domain)
+    if folder in names.values():
+        raise DDKError(f"domains '{domain}' and another map to one folder name '{folder}'")
+    return folder
+
+
+def _domain_bar(domain: str, total: int | None, position: int) -> tqdm:
+    return tqdm(
+        desc=f"prepare {domain}",
+        total=total,
+        unit="B",
+        unit_scale=True,
+        position=position,
+        leave=True,
+        dynamic_ncols=True,
+    )
 
 
 def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, docs=None, bos=None):
@@ -503,24 +604,10 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, docs=None, bos
                 continue
             domain, (doc_ids, texts) = a, b
             if domain not in writers:
-                folder = _domain_dirname(domain)
-                if folder in names.values():
-                    raise DDKError(
-                        f"domains '{domain}' and another map to one folder name '{folder}'"
-                    )
-                names[domain] = folder
-                writers[domain] = _DomainWriter(tmp / folder, dtype)
+                names[domain] = _new_domain_folder(domain, names)
+                writers[domain] = _DomainWriter(tmp / names[domain], dtype)
                 if progress:
-                    total = domain_bytes.get(domain)
-                    bars[domain] = tqdm(
-                        desc=f"prepare {domain}",
-                        total=total,
-                        unit="B",
-                        unit_scale=True,
-                        position=len(bars),
-                        leave=True,
-                        dynamic_ncols=True,
-                    )
+                    bars[domain] = _domain_bar(domain, domain_bytes.get(domain), len(bars))
             encodings = encode_documents(encode, texts)  # long documents in bounded pieces
             hashes = [text_hash(t) for t in texts]  # for the held-out duplicate check
             writers[domain].append(doc_ids, encodings, eos, hashes, bos)
@@ -542,33 +629,60 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, docs=None, bos
 
 
 def summary_table(manifest: dict) -> str:
-    rows = [
-        [
+    """Per domain: documents, training tokens and windows, held-out windows (documents), the
+    copies of held-out texts dropped, and the share of its tokens no split keeps."""
+    domains = list(manifest["domains"].items())
+
+    def unused(docs: list[dict]) -> str:
+        """Tokens of held-out documents beyond their windows, as a share of all tokens."""
+        if any(d.get("heldout_unused_tokens") is None for d in docs):
+            return "-"  # data prepared before format 3 does not record it
+        total = sum(d["total_tokens"] for d in docs)
+        return f"{100 * sum(d['heldout_unused_tokens'] for d in docs) / max(total, 1):.1f}%"
+
+    def row(name: str, docs: list[dict]) -> list:
+        def total(key: str) -> int:
+            return sum(d[key] for d in docs)
+
+        return [
             name,
-            d["documents"],
-            d["train_tokens"],
-            d["train_sequences"],
-            f"{d['val_sequences']} ({d['val_documents']})",
-            f"{d['test_sequences']} ({d['test_documents']})",
-            d["duplicates_dropped"],
+            total("documents"),
+            total("train_tokens"),
+            total("train_sequences"),
+            f"{total('val_sequences')} ({total('val_documents')})",
+            f"{total('test_sequences')} ({total('test_documents')})",
+            total("duplicates_dropped"),
+            unused(docs),
         ]
-        for name, d in manifest["domains"].items()
-    ]
-    total = ["total"] + [sum(r[i] for r in rows) for i in (1, 2, 3)]
-    total += [
-        f"{sum(d['val_sequences'] for d in manifest['domains'].values())}",
-        f"{sum(d['test_sequences'] for d in manifest['domains'].values())}",
-        sum(r[6] for r in rows),
-    ]
-    return format_table(
+
+    rows = [row(name, [d]) for name, d in domains]
+    rows.append(row("total", [d for _, d in domains]))
+    table = format_table(
         [
             "domain",
             "documents",
             "train tokens",
-            "train sequences",
+            "train windows",
             "val windows (docs)",
             "test windows (docs)",
-            "duplicates dropped",
+            "copies dropped",
+            "unused",
         ],
-        rows + [total],
+        rows,
+    )
+    most = manifest.get("heldout_windows_per_document") or 1
+    caps = {
+        split: per_document_cap(manifest[f"{split}_sequences"] or manifest["val_sequences"], most)
+        for split in ("val", "test")
+    }
+    cap = (
+        str(caps["val"])
+        if caps["val"] == caps["test"]
+        else f"{caps['val']} (val), {caps['test']} (test)"
+    )
+    return (
+        f"{table}\n"
+        f"held-out windows: up to {manifest['seq_len']} targets of one document, at most {cap} per "
+        "document; unused: tokens of held-out documents past their windows\n"
+        "copies dropped: training documents whose text this or another domain holds out"
     )

@@ -17,6 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from ddk.errors import DDKError
 from ddk.fileutil import sha256_file
 
@@ -295,8 +298,6 @@ def _iter_json(source: SourceFile, text_field: str, domain_field: str):
 
 
 def _iter_parquet(source: SourceFile, text_field: str, domain_field: str):
-    import pyarrow.parquet as pq
-
     _hash_file(source)
     try:
         pf = pq.ParquetFile(source.path)
@@ -333,8 +334,6 @@ def _iter_parquet(source: SourceFile, text_field: str, domain_field: str):
 
 
 def is_text_type(arrow_type) -> bool:
-    import pyarrow as pa
-
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
     return (

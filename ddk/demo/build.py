@@ -10,15 +10,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 EOS = "<|endoftext|>"
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Path:
     """Byte-level BPE (GPT-2 style) trained on `texts`, saved as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,8 +47,6 @@ def tiny_causal_lm(
 ):
     """A randomly initialised Llama or Qwen2 model; `padded_vocab` pads the embedding matrix
     past the tokenizer, as Qwen checkpoints do."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     config = config_cls(
         vocab_size=padded_vocab or vocab_size,

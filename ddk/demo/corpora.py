@@ -34,17 +34,17 @@ from pathlib import Path
 
 from ddk.demo.corpus import (
     MAX_DOC_BYTES,
-    _chunk_lines,
-    _docstrings,
-    _math_problems,
-    _parse,
-    _pydoc_topics,
-    _read_source,
-    _records,
-    _write_jsonl,
+    chunk_lines,
     default_stdlib_dir,
+    docstring_texts,
+    math_problems,
+    parse_source,
+    pydoc_topics,
+    read_source,
+    record_texts,
     split_code,
     stdlib_python_files,
+    write_domain_jsonl,
 )
 
 FILE_NAME = "part-00000.jsonl"
@@ -106,19 +106,19 @@ def _generated(stream: Callable[[random.Random], Iterator[str]], name: str):
 
 def _stdlib_docstrings(ctx: BuildContext, files: Sequence[Path]) -> Iterator[str]:
     for path in files:
-        source = _read_source(path)
-        tree = _parse(source) if source is not None else None
+        source = read_source(path)
+        tree = parse_source(source) if source is not None else None
         if tree is not None:
-            for doc in _docstrings(tree):
-                yield from _chunk_lines(doc.split("\n"), (), MAX_DOC_BYTES)
+            for doc in docstring_texts(tree):
+                yield from chunk_lines(doc.split("\n"), (), MAX_DOC_BYTES)
 
 
 def _prose(n: int, ctx: BuildContext) -> list[str]:
     """English technical prose: the interactive-help topics, then docstrings."""
     topics = [
         chunk
-        for _, text in _pydoc_topics()
-        for chunk in _chunk_lines(text.strip().split("\n"), (), MAX_DOC_BYTES)
+        for _, text in pydoc_topics()
+        for chunk in chunk_lines(text.strip().split("\n"), (), MAX_DOC_BYTES)
     ]
     ctx.rng("prose").shuffle(topics)
     quarter = ctx.take(iter(topics), n // 4)
@@ -128,7 +128,7 @@ def _prose(n: int, ctx: BuildContext) -> list[str]:
 
 def _python(n: int, ctx: BuildContext) -> list[str]:
     """Python source of the standard library, one document per file or chunk of statements."""
-    chunks = (c for path in ctx.stdlib_files for c in split_code(_read_source(path) or ""))
+    chunks = (c for path in ctx.stdlib_files for c in split_code(read_source(path) or ""))
     return ctx.take((c for c in chunks if len(c.encode()) >= _MIN_FILE_DOC_BYTES), n)
 
 
@@ -171,10 +171,10 @@ def _han(n: int, ctx: BuildContext) -> list[str]:
 def _file_chunks(files: Sequence[Path]) -> Iterator[str]:
     """Each file as one document, or chunks of whole blank-line-separated blocks."""
     for path in files:
-        text = _read_source(path)
+        text = read_source(path)
         if text is None:
             continue
-        for chunk in _chunk_lines(text.split("\n"), (), MAX_DOC_BYTES):
+        for chunk in chunk_lines(text.split("\n"), (), MAX_DOC_BYTES):
             if len(chunk.encode()) >= _MIN_FILE_DOC_BYTES:
                 yield chunk
 
@@ -224,11 +224,11 @@ def _tcl(n: int, ctx: BuildContext) -> list[str]:
 
 SOURCES: dict[str, Source] = {
     "math": Source(
-        _generated(_math_problems, "math"),
+        _generated(math_problems, "math"),
         "generated arithmetic word problems with worked answers (`ddk.demo.corpus`)",
     ),
     "records": Source(
-        _generated(_records, "records"),
+        _generated(record_texts, "records"),
         "generated JSON records and CSV tables (`ddk.demo.corpus`)",
     ),
     "prose": Source(
@@ -307,7 +307,7 @@ def build_corpus(
         if len(texts) < n:
             log(f"corpus '{name}': source '{used}' made {len(texts)} of {n} documents")
         ctx.rng(f"{used}:order").shuffle(texts)
-        _write_jsonl(out_dir / used / FILE_NAME, texts)
+        write_domain_jsonl(out_dir / used / FILE_NAME, texts)
         nbytes = sum(len(t.encode("utf-8")) for t in texts)
         stats[used] = {"documents": len(texts), "bytes": nbytes, "source": used}
     (out_dir / "SOURCES.md").write_text(_sources_md(name, spec, stats, seed, scale))

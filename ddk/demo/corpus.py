@@ -118,13 +118,7 @@ def build_demo_corpus(
     root = Path(stdlib_dir) if stdlib_dir is not None else default_stdlib_dir()
     targets = {d: max(1, round(TARGET_BYTES[d] * scale)) for d in DOMAINS}
 
-    for domain in DOMAINS:
-        stray = [p.name for p in sorted((out_dir / domain).glob("*.jsonl")) if p.name != _FILE_NAME]
-        if stray:
-            raise FileExistsError(
-                f"{out_dir / domain} already holds other JSONL files ({', '.join(stray)}); "
-                "choose an empty output folder"
-            )
+    _refuse_stray_files(out_dir)
 
     files = stdlib_python_files(root)
     random.Random(f"{seed}:stdlib-order").shuffle(files)
@@ -137,10 +131,30 @@ def build_demo_corpus(
     docs = {
         "code": code_docs,
         "prose": prose_docs,
-        "math": _take(_math_problems(random.Random(f"{seed}:math")), targets["math"]),
-        "records": _take(_records(random.Random(f"{seed}:records")), targets["records"]),
+        "math": _take(math_problems(random.Random(f"{seed}:math")), targets["math"]),
+        "records": _take(record_texts(random.Random(f"{seed}:records")), targets["records"]),
     }
 
+    stats = _write_domains(out_dir, docs, seed, root)
+    (out_dir / "SOURCES.md").write_text(
+        _sources_md(stats, scale=scale, seed=seed, n_code_files=n_code_files, n_topics=n_topics),
+        encoding="utf-8",
+    )
+    return stats
+
+
+def _refuse_stray_files(out_dir: Path) -> None:
+    for domain in DOMAINS:
+        stray = [p.name for p in sorted((out_dir / domain).glob("*.jsonl")) if p.name != _FILE_NAME]
+        if stray:
+            raise FileExistsError(
+                f"{out_dir / domain} already holds other JSONL files ({', '.join(stray)}); "
+                "choose an empty output folder"
+            )
+
+
+def _write_domains(out_dir: Path, docs: dict[str, list[str]], seed: int, root: Path) -> dict:
+    """Each domain's documents, shuffled, as one JSONL file; {domain: {documents, bytes}}."""
     stats: dict[str, dict] = {}
     for domain in DOMAINS:
         texts = docs[domain]
@@ -150,16 +164,11 @@ def build_demo_corpus(
                 f"(standard library read from {root}); pass stdlib_dir=..."
             )
         random.Random(f"{seed}:{domain}:order").shuffle(texts)
-        _write_jsonl(out_dir / domain / _FILE_NAME, texts)
+        write_domain_jsonl(out_dir / domain / _FILE_NAME, texts)
         stats[domain] = {
             "documents": len(texts),
             "bytes": sum(len(t.encode("utf-8")) for t in texts),
         }
-
-    (out_dir / "SOURCES.md").write_text(
-        _sources_md(stats, scale=scale, seed=seed, n_code_files=n_code_files, n_topics=n_topics),
-        encoding="utf-8",
-    )
     return stats
 
 
@@ -195,7 +204,7 @@ def stdlib_python_files(root: Path, skip_dirs: Iterable[str] = SKIP_DIRS) -> lis
 # --------------------------------------------------------------------------- stdlib domains
 
 
-def _read_source(path: Path) -> str | None:
+def read_source(path: Path) -> str | None:
     try:
         text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError):
@@ -203,7 +212,7 @@ def _read_source(path: Path) -> str | None:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _parse(source: str) -> ast.Module | None:
+def parse_source(source: str) -> ast.Module | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. SyntaxWarning on invalid escapes
         try:
@@ -244,7 +253,7 @@ def _split_long(lines: list[str], max_bytes: int) -> list[list[str]]:
     return pieces
 
 
-def _chunk_lines(lines: list[str], cuts: Iterable[int], max_bytes: int) -> list[str]:
+def chunk_lines(lines: list[str], cuts: Iterable[int], max_bytes: int) -> list[str]:
     """Cut ``lines`` at ``cuts`` (line indices), split over-long segments, pack greedily."""
     bounds = sorted({0, len(lines), *(c for c in cuts if 0 < c < len(lines))})
     pieces: list[list[str]] = []
@@ -300,14 +309,14 @@ def split_code(source: str, max_bytes: int = MAX_DOC_BYTES) -> list[str]:
     of at most ``max_bytes``. A class longer than that is cut between its methods, a single
     function or method longer than that at blank lines. ``[]`` for source that does not
     parse."""
-    tree = _parse(source)
+    tree = parse_source(source)
     if tree is None:
         return []
     lines = source.split("\n")
     if _nbytes(lines) <= max_bytes:
         text = source.strip("\n")
         return [text] if len(text.strip()) >= _MIN_CODE_DOC_BYTES else []
-    chunks = _chunk_lines(lines, _code_cuts(tree, lines, max_bytes), max_bytes)
+    chunks = chunk_lines(lines, _code_cuts(tree, lines, max_bytes), max_bytes)
     return [c for c in chunks if len(c.strip()) >= _MIN_CODE_DOC_BYTES]
 
 
@@ -320,7 +329,7 @@ def _code_documents(files: Sequence[Path], target: int) -> tuple[list[str], int]
         if total >= target:
             break
         used += 1
-        source = _read_source(path)
+        source = read_source(path)
         if source is None:
             continue
         for chunk in split_code(source):
@@ -340,7 +349,7 @@ def _looks_like_prose(doc: str) -> bool:
     return doctest <= len(lines) // 4 and letters >= 0.75 * len(doc)
 
 
-def _docstrings(tree: ast.Module) -> Iterator[str]:
+def docstring_texts(tree: ast.Module) -> Iterator[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             doc = ast.get_docstring(node, clean=True)
@@ -348,7 +357,7 @@ def _docstrings(tree: ast.Module) -> Iterator[str]:
                 yield doc.strip()
 
 
-def _pydoc_topics() -> list[tuple[str, str]]:
+def pydoc_topics() -> list[tuple[str, str]]:
     """The interactive-help texts (``help('FOR')`` etc.): ~0.45 MB of English prose."""
     try:
         from pydoc_data.topics import topics
@@ -362,12 +371,12 @@ def _prose_documents(
 ) -> tuple[list[str], int]:
     """Help topics up to a quarter of ``target``, then docstrings, then the rest of the topics.
     Returns the documents and how many came from the help topics."""
-    topics = _pydoc_topics()
+    topics = pydoc_topics()
     rng.shuffle(topics)
     topic_chunks = [
         chunk
         for _, text in topics
-        for chunk in _chunk_lines(text.strip().split("\n"), (), MAX_DOC_BYTES)
+        for chunk in chunk_lines(text.strip().split("\n"), (), MAX_DOC_BYTES)
     ]
     docs: list[str] = []
     total = 0
@@ -382,15 +391,15 @@ def _prose_documents(
     for path in files:
         if total >= target:
             break
-        source = _read_source(path)
-        tree = _parse(source) if source is not None else None
+        source = read_source(path)
+        tree = parse_source(source) if source is not None else None
         if tree is None:
             continue
-        for doc in _docstrings(tree):
+        for doc in docstring_texts(tree):
             if doc in seen:
                 continue
             seen.add(doc)
-            for chunk in _chunk_lines(doc.split("\n"), (), MAX_DOC_BYTES):
+            for chunk in chunk_lines(doc.split("\n"), (), MAX_DOC_BYTES):
                 docs.append(chunk)
                 total += len(chunk.encode("utf-8"))
             if total >= target:
@@ -669,7 +678,7 @@ _MATH_TEMPLATES: tuple[Callable[[random.Random], tuple[str, str]], ...] = (
 )
 
 
-def _math_problems(rng: random.Random) -> Iterator[str]:
+def math_problems(rng: random.Random) -> Iterator[str]:
     """Endless word problems ``"Q: ...\\nA: ... The answer is N."``; every step in the answer
     has the form ``<arithmetic> = <value>`` and is correct."""
     while True:
@@ -782,7 +791,7 @@ def _csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return buf.getvalue().rstrip("\n")
 
 
-def _records(rng: random.Random) -> Iterator[str]:
+def record_texts(rng: random.Random) -> Iterator[str]:
     """Endless records: people and orders as JSON objects, sensor logs and bank statements as
     CSV tables; each kind has one fixed schema and consistent values (order totals are the
     sum of their lines, balances the running sum of the amounts, orders name known people)."""
@@ -793,89 +802,103 @@ def _records(rng: random.Random) -> Iterator[str]:
         if kind == "order" and not people:
             kind = "person"
         if kind == "person":
-            first, last = rng.choice(_FIRST), rng.choice(_LAST)
-            city, country = rng.choice(_CITIES)
-            pid = f"P{len(people) + 1:05d}"
-            people.append(pid)
-            signup = datetime(2019, 1, 1) + timedelta(seconds=rng.randrange(5 * 365 * 86400))
-            record = {
-                "id": pid,
-                "first_name": first,
-                "last_name": last,
-                "email": f"{first}.{last}{rng.randint(1, 99)}@example.com".lower(),
-                "birth_date": (
-                    date(1950, 1, 1) + timedelta(days=rng.randrange(55 * 365))
-                ).isoformat(),
-                "city": city,
-                "country": country,
-                "signup": signup.isoformat() + "Z",
-                "active": rng.random() < 0.8,
-            }
-            yield json.dumps(record)
+            yield json.dumps(_person(rng, people))
         elif kind == "order":
             n_orders += 1
-            ordered = _EPOCH + timedelta(days=rng.randrange(4 * 365))
-            items = []
-            total = 0
-            for sku, name, price in rng.sample(_PRODUCTS, rng.randint(1, 4)):
-                qty = rng.randint(1, 5)
-                total += qty * price
-                line = {"sku": sku, "name": name, "qty": qty, "unit_price": _money(price)}
-                items.append(line | {"line_total": _money(qty * price)})
-            status = rng.choice(_ORDER_STATUS)
-            shipped = (
-                (ordered + timedelta(days=rng.randint(1, 6))).isoformat()
-                if status in ("shipped", "delivered")
-                else None
-            )
-            record = {
-                "order_id": f"O-{ordered.year}-{n_orders:06d}",
-                "customer_id": rng.choice(people),
-                "order_date": ordered.isoformat(),
-                "status": status,
-                "shipped_date": shipped,
-                "currency": "USD",
-                "items": items,
-                "total": _money(total),
-            }
-            yield json.dumps(record)
+            yield json.dumps(_order(rng, people, n_orders))
         elif kind == "sensor":
-            sensor = f"S-{rng.randint(1, 40):03d}"
-            start = datetime(2024, 1, 1) + timedelta(minutes=15 * rng.randrange(365 * 96))
-            every = rng.choice((5, 10, 15, 30))
-            temp, hum, pres = rng.uniform(5, 30), rng.uniform(30, 80), rng.uniform(990, 1030)
-            rows = []
-            for i in range(rng.randint(8, 24)):
-                temp += rng.uniform(-0.4, 0.4)
-                hum = min(100.0, max(0.0, hum + rng.uniform(-1.5, 1.5)))
-                pres += rng.uniform(-0.3, 0.3)
-                ts = (start + timedelta(minutes=every * i)).isoformat() + "Z"
-                rows.append((ts, sensor, f"{temp:.2f}", f"{hum:.1f}", f"{pres:.1f}"))
-            yield _csv_text(
-                ("timestamp", "sensor_id", "temperature_c", "humidity_pct", "pressure_hpa"), rows
-            )
+            yield _sensor_log(rng)
         else:
-            account = f"ACC-{rng.randint(10000, 99999)}"
-            day = _EPOCH + timedelta(days=rng.randrange(4 * 365))
-            balance = rng.randint(50_000, 500_000)
-            rows = []
-            for _ in range(rng.randint(6, 18)):
-                day += timedelta(days=rng.randint(0, 3))
-                if rng.random() < 0.15:
-                    description, amount = "Salary", rng.randint(150_000, 400_000)
-                else:
-                    description, amount = rng.choice(_MERCHANTS), -rng.randint(150, 20_000)
-                balance += amount
-                rows.append(
-                    (day.isoformat(), account, description, _money(amount), _money(balance))
-                )
-            yield _csv_text(("date", "account", "description", "amount", "balance"), rows)
+            yield _bank_statement(rng)
+
+
+def _person(rng: random.Random, people: list[str]) -> dict:
+    """A person record; its id joins `people`."""
+    first, last = rng.choice(_FIRST), rng.choice(_LAST)
+    city, country = rng.choice(_CITIES)
+    pid = f"P{len(people) + 1:05d}"
+    people.append(pid)
+    signup = datetime(2019, 1, 1) + timedelta(seconds=rng.randrange(5 * 365 * 86400))
+    return {
+        "id": pid,
+        "first_name": first,
+        "last_name": last,
+        "email": f"{first}.{last}{rng.randint(1, 99)}@example.com".lower(),
+        "birth_date": (date(1950, 1, 1) + timedelta(days=rng.randrange(55 * 365))).isoformat(),
+        "city": city,
+        "country": country,
+        "signup": signup.isoformat() + "Z",
+        "active": rng.random() < 0.8,
+    }
+
+
+def _order(rng: random.Random, people: list[str], number: int) -> dict:
+    """Order `number` of a known person; its total is the sum of its lines."""
+    ordered = _EPOCH + timedelta(days=rng.randrange(4 * 365))
+    items = []
+    total = 0
+    for sku, name, price in rng.sample(_PRODUCTS, rng.randint(1, 4)):
+        qty = rng.randint(1, 5)
+        total += qty * price
+        line = {"sku": sku, "name": name, "qty": qty, "unit_price": _money(price)}
+        items.append(line | {"line_total": _money(qty * price)})
+    status = rng.choice(_ORDER_STATUS)
+    shipped = (
+        (ordered + timedelta(days=rng.randint(1, 6))).isoformat()
+        if status in ("shipped", "delivered")
+        else None
+    )
+    return {
+        "order_id": f"O-{ordered.year}-{number:06d}",
+        "customer_id": rng.choice(people),
+        "order_date": ordered.isoformat(),
+        "status": status,
+        "shipped_date": shipped,
+        "currency": "USD",
+        "items": items,
+        "total": _money(total),
+    }
+
+
+def _sensor_log(rng: random.Random) -> str:
+    """A CSV log of one sensor's readings at a fixed interval."""
+    sensor = f"S-{rng.randint(1, 40):03d}"
+    start = datetime(2024, 1, 1) + timedelta(minutes=15 * rng.randrange(365 * 96))
+    every = rng.choice((5, 10, 15, 30))
+    temp, hum, pres = rng.uniform(5, 30), rng.uniform(30, 80), rng.uniform(990, 1030)
+    rows = []
+    for i in range(rng.randint(8, 24)):
+        temp += rng.uniform(-0.4, 0.4)
+        hum = min(100.0, max(0.0, hum + rng.uniform(-1.5, 1.5)))
+        pres += rng.uniform(-0.3, 0.3)
+        ts = (start + timedelta(minutes=every * i)).isoformat() + "Z"
+        rows.append((ts, sensor, f"{temp:.2f}", f"{hum:.1f}", f"{pres:.1f}"))
+    return _csv_text(
+        ("timestamp", "sensor_id", "temperature_c", "humidity_pct", "pressure_hpa"), rows
+    )
+
+
+def _bank_statement(rng: random.Random) -> str:
+    """A CSV bank statement whose balance is the running sum of its amounts."""
+    account = f"ACC-{rng.randint(10000, 99999)}"
+    day = _EPOCH + timedelta(days=rng.randrange(4 * 365))
+    balance = rng.randint(50_000, 500_000)
+    rows = []
+    for _ in range(rng.randint(6, 18)):
+        day += timedelta(days=rng.randint(0, 3))
+        if rng.random() < 0.15:
+            description, amount = "Salary", rng.randint(150_000, 400_000)
+        else:
+            description, amount = rng.choice(_MERCHANTS), -rng.randint(150, 20_000)
+        balance += amount
+        rows.append((day.isoformat(), account, description, _money(amount), _money(balance)))
+    return _csv_text(("date", "account", "description", "amount", "balance"), rows)
 
 
 # --------------------------------------------------------------------------- output
 
 
-def _write_jsonl(path: Path, texts: Iterable[str]) -> None:
+def write_domain_jsonl(path: Path, texts: Iterable[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8", newline="\n") as f:

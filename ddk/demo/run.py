@@ -5,20 +5,38 @@
     -> student: a smaller Llama pre-trained briefly on a skewed mix (cached; it lags unevenly,
        as real small models do, which is where DDK has something to steer)
     -> ddk prepare -> ddk distill with cpt, kd, ddk and equal at equal tokens and seed -> report.
+With lm-eval installed (`pip install -e '.[eval]'`), one benchmark task per domain is built from
+its held-out test documents (ddk.demo.tasks); the teacher, the student before and every run's
+final student are scored on them (inside `ddk distill`, through eval.tasks) beside perplexity.
 Every stage runs through the same code (and config schema) a user's run takes; each stage's
 config is written to OUT/configs/ as a YAML to copy for one's own models and data.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
+from ddk.commands.eval_model import eval_model, eval_tokenizer
 from ddk.config import Config, PrepareSection, load_config
+from ddk.data.prepare import prepare
+from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
+from ddk.demo.corpus import build_demo_corpus
+from ddk.demo.tasks import write_demo_tasks
 from ddk.errors import DDKError
+from ddk.harness import LM_EVAL_EXTRA, BenchmarkPlan, benchmarks_payload, score, write_benchmarks
+from ddk.lock import FolderLock
+from ddk.methods import METHODS
+from ddk.ownership import check_replaceable, list_files, ownership_record, read_record
+from ddk.report import benchmark_table, summarize_runs, write_report
+from ddk.run_dir import start_run
 from ddk.table import format_table
 
 
@@ -98,7 +116,7 @@ def _finished(final: Path | None) -> Path:
     return final
 
 
-def _pretrain(
+def pretrain(
     base_model: Path,
     data: Path,
     run_dir: Path,
@@ -111,8 +129,6 @@ def _pretrain(
     name: str,
 ) -> Path:
     """Pre-train with the `cpt` method (CE only): the same trainer a user's run takes."""
-    from ddk.trainer import start_run
-
     overrides = [
         f"model.student={base_model}",
         f"data.prepared={data}",
@@ -128,17 +144,13 @@ def _pretrain(
 
 def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, configs: Path, t0):
     """Tokenizer, teacher and student base: built once, cached, reused by later runs."""
-    from transformers import AutoTokenizer
-
-    from ddk.demo.build import tiny_causal_lm
-
     tok_dir = cache / "tokenizer"
     teacher = cache / "teacher" / "final"
     student = cache / "student" / "final"
     if teacher.exists() and student.exists():
         _stage(f"using cached teacher and student in {cache}", t0)
         return tok_dir, teacher, student
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     for name, shape, steps, mix, lr in (
         ("teacher", TEACHER, size.teacher_steps, "natural", 3e-3),
         ("student", STUDENT, size.student_steps, STUDENT_MIX, 3e-3),
@@ -151,18 +163,12 @@ def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, co
         _stage(f"pre-training the {name} ({n_params / 1e6:.2f}M parameters, {steps} steps)", t0)
         run_dir = cache / name
         if run_dir.exists():
-            import shutil
-
             shutil.rmtree(run_dir)
-        _pretrain(init, data, run_dir, size, steps, mix, lr, seed, configs, f"pretrain_{name}")
+        pretrain(init, data, run_dir, size, steps, mix, lr, seed, configs, f"pretrain_{name}")
     return tok_dir, teacher, student
 
 
 def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Path, t0):
-    from ddk.data.prepare import prepare
-    from ddk.demo.build import train_bpe_tokenizer
-    from ddk.demo.corpus import build_demo_corpus
-
     corpus = out / "corpus"
     stats = build_demo_corpus(corpus, scale=size.scale, seed=seed)
     sizes = ", ".join(f"{d} {s['bytes'] / 1e6:.2f} MB" for d, s in stats.items())
@@ -189,11 +195,11 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
         )
     )
     cfg.save(configs / "prepare.yaml")
-    prepare(cfg.prepare, str(tok_dir))
+    prepare(cfg.prepare, str(tok_dir), trust_remote_code=False)  # the demo's own tokenizer
     return corpus, out / "prepared"
 
 
-def _distill(
+def distill_stage(
     method: str,
     teacher: Path,
     student: Path,
@@ -203,13 +209,10 @@ def _distill(
     steps: int,
     seed: int,
     configs: Path,
+    benchmarks: list[str] = (),
 ) -> Path:
-    from ddk.trainer import start_run
-
     run_dir = out / "runs" / method
     if run_dir.exists():
-        import shutil
-
         shutil.rmtree(run_dir)
     base, variant = split_variant(method)
     overrides = [
@@ -219,6 +222,7 @@ def _distill(
         f"distill.method={base}",
         f"distill.K={size.K}",
         *_common_trainer(size, steps, run_dir, 1e-3, seed),
+        *benchmarks,
     ]
     if variant == "floor":
         overrides.append("distill.init_floor=true")
@@ -228,13 +232,47 @@ def _distill(
     return run_dir
 
 
+def demo_benchmarks(corpus: Path, data: Path, out: Path, seed: int, t0) -> list[str]:
+    """The eval.* overrides of every distill run: one lm-eval task per domain, built from its
+    held-out test documents; none (and one line) without lm-eval."""
+    if importlib.util.find_spec("lm_eval") is None:
+        print(f"lm-eval is not installed: no benchmark scores in this demo ({LM_EVAL_EXTRA})")
+        return []
+    folder = out / "tasks"
+    tasks = write_demo_tasks(data, corpus, folder, seed)
+    _stage(f"built one benchmark task per domain from its test documents in {folder}", t0)
+    return [
+        f"eval.tasks={json.dumps(tasks)}",
+        f"eval.include_path={json.dumps([str(folder.resolve())])}",
+        f"eval.batch_size={BENCHMARK_BATCH}",
+    ]
+
+
+BENCHMARK_BATCH = 32
+
+
+def score_references(models: dict[str, Path], benchmarks: list[str], out: Path, t0) -> list[Path]:
+    """`ddk eval --out` files of the models every run is compared with (the teacher, the
+    student before distillation): rows above the runs in the benchmark table."""
+    if not benchmarks:
+        return []
+    plan = BenchmarkPlan.from_section(load_config(None, benchmarks).eval)
+    files = []
+    for label, folder in models.items():
+        _stage(f"scoring the {label} on the benchmark tasks", t0)
+        record = score(eval_model(str(folder)), eval_tokenizer(str(folder)), plan)
+        path = out / "benchmarks" / f"{label.replace(' ', '_')}.json"
+        path.parent.mkdir(exist_ok=True)
+        write_benchmarks(path, benchmarks_payload(label, record))
+        files.append(path)
+    return files
+
+
 VARIANTS = {"": "the method as configured", "floor": "distill.init_floor=true (ddk only)"}
 
 
 def split_variant(label: str) -> tuple[str, str]:
     """'ddk+floor' -> ('ddk', 'floor'): a method plus an opt-in variant, as the report labels it."""
-    from ddk.methods import METHODS
-
     base, _, variant = label.partition("+")
     if base not in METHODS or variant not in VARIANTS or (variant and base != "ddk"):
         raise DDKError(
@@ -268,6 +306,24 @@ def demo_table(summary: dict) -> str:
     return format_table(headers, rows)
 
 
+def results_text(summary: dict) -> str:
+    """results.md: the perplexity table, then (when scored) the benchmark table."""
+    caption = (
+        f"Perplexity per domain on the {summary['split']} split (lower is better; "
+        + ("held out, nothing was tuned on it" if summary["split"] == "test" else "no test split")
+        + "); worst ratio = largest student/teacher perplexity ratio."
+    )
+    text = caption + "\n\n```\n" + demo_table(summary) + "\n```\n"
+    benchmarks = benchmark_table(summary)
+    if benchmarks is not None:
+        text += (
+            "\nBenchmark accuracy in percent (higher is better; lm-eval's acc_mutual_info on "
+            "one next-unit multiple-choice task per domain, built from its held-out test "
+            "documents; tasks/ holds them):\n\n```\n" + format_table(*benchmarks) + "\n```\n"
+        )
+    return text
+
+
 def run_demo(args) -> dict:
     size = QUICK if args.quick else FULL
     changes = {
@@ -286,8 +342,6 @@ def run_demo(args) -> dict:
     t0 = time.perf_counter()
     out = Path(args.out).expanduser()
     replacing = check_demo_folder(out)
-    from ddk.lock import FolderLock
-
     with FolderLock(out, "use another --out"):
         try:
             if replacing:
@@ -303,8 +357,6 @@ DEMO_RECORD = ".ddk-demo.json"
 def check_demo_folder(out: Path) -> bool:
     """Refuse (one line) unless OUT is new, empty, or holds only what a previous demo wrote;
     True when there is a previous demo to replace."""
-    from ddk.ownership import check_replaceable, list_files, read_record
-
     record = read_record(out / DEMO_RECORD)
     check_replaceable(out, record, "demo", f"demo folder '{out}'")
     return out.is_dir() and bool(list_files(out))
@@ -312,10 +364,6 @@ def check_demo_folder(out: Path) -> bool:
 
 def write_demo_record(out: Path) -> None:
     """Everything under OUT is the demo's (check_demo_folder made sure), interrupted or not."""
-    import json
-
-    from ddk.ownership import list_files, ownership_record
-
     if out.is_dir():
         files = sorted(set(list_files(out)) | {DEMO_RECORD})
         (out / DEMO_RECORD).write_text(json.dumps(ownership_record("demo", files), indent=2))
@@ -333,6 +381,8 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
     cache.mkdir(parents=True, exist_ok=True)
     cached = (cache / "teacher" / "final").exists() and (cache / "student" / "final").exists()
     expect = ESTIMATE[(args.quick, cached)]
+    if importlib.util.find_spec("lm_eval") is not None:
+        expect += " plus about 3 minutes of benchmark scoring"
     print(
         f"ddk demo ({tag}) -> {out}\n"
         f"stages: corpus + tokenizer + prepare, teacher and student pre-training"
@@ -341,24 +391,25 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
         flush=True,
     )
 
-    _, data = _prepare_all(cache, out, size, args.seed, configs, t0)
-    _, teacher, student = _models(cache, out / "corpus", data, size, args.seed, configs, t0)
+    corpus, data = _prepare_all(cache, out, size, args.seed, configs, t0)
+    _, teacher, student = _models(cache, corpus, data, size, args.seed, configs, t0)
+    benchmarks = demo_benchmarks(corpus, data, out, args.seed, t0)
+    references = score_references(
+        {"teacher": teacher, "student before": student}, benchmarks, out, t0
+    )
     runs = []
     for i, method in enumerate(methods, 1):
         _stage(f"distilling with {method} ({i}/{len(methods)}, {steps} steps)", t0)
-        runs.append(_distill(method, teacher, student, data, out, size, steps, args.seed, configs))
+        runs.append(
+            distill_stage(
+                method, teacher, student, data, out, size, steps, args.seed, configs, benchmarks
+            )
+        )
 
-    from ddk.report import summarize_runs, write_report
-
-    summary = summarize_runs(runs)
-    table = demo_table(summary)
-    html = write_report(runs, out / "report")
-    caption = (
-        f"Perplexity per domain on the {summary['split']} split (lower is better; "
-        + ("held out, nothing was tuned on it" if summary["split"] == "test" else "no test split")
-        + "); worst ratio = largest student/teacher perplexity ratio."
-    )
-    (out / "results.md").write_text(caption + "\n\n```\n" + table + "\n```\n")
-    print("\n" + caption + "\n" + table + "\n")
+    summary = summarize_runs(runs, benchmark_files=references)
+    html = write_report(runs, out / "report", benchmark_files=references)
+    results = results_text(summary)
+    (out / "results.md").write_text(results)
+    print("\n" + results.replace("```\n", ""))
     _stage(f"done. Report: {html}  Configs to copy: {configs}", t0)
     return summary

@@ -6,6 +6,7 @@ from ddk.losses.chunked import (
     LossSums,
     chunked_ce_sum,
     fused_distill_loss,
+    loss_from_config,
     naive_distill_loss,
 )
 from ddk.losses.divergences import (
@@ -32,6 +33,7 @@ __all__ = [
     "fused_distill_loss",
     "get_divergence",
     "js",
+    "loss_from_config",
     "naive_distill_loss",
     "reverse_kl",
     "skew_kl",

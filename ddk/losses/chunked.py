@@ -28,8 +28,9 @@ in float32 (float64 inputs stay float64). Gradients come back in the input
 dtypes; the W/b gradient is accumulated over chunks in float32.
 
 The teacher is ONE argument: a ``DenseSignal`` (hidden states + LM head: teacher logits are
-built chunk by chunk like the student's), a ``SparseSignal`` (a top-k cache: the divergence
-runs on k + 1 buckets, see ``ddk.losses.sparse``) or ``None`` (CE only).
+built chunk by chunk like the student's), a ``SparseSignal`` (a cache: the top-k head plus
+either a tail bucket or importance-weighted tail samples, see ``ddk.losses.sparse``) or
+``None`` (CE only).
 
 ``naive_distill_loss`` is the plain reference with the same signature (full
 logits, ordinary autograd), and ``chunked_ce_sum`` the evaluation helper
@@ -46,7 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddk.losses import sparse
-from ddk.losses.divergences import DivergenceFn, get_divergence
+from ddk.losses.divergences import NO_DIVERGENCE, DivergenceFn, get_divergence
+from ddk.methods import divergence_active, method_spec
 from ddk.teacher.signals import DenseSignal, SparseSignal, TeacherSignal
 
 if TYPE_CHECKING:
@@ -79,6 +81,7 @@ class _Settings:
     chunk_tokens: int
     # Scalar scale / softcap of models whose logits are not hidden @ W.T + b (ddk.logits).
     student_transform: LogitTransform | None = None
+    divergence: str = NO_DIVERGENCE  # the name: a sparse teacher's estimator looks it up
     # (The teacher's transform travels in its DenseSignal; a sparse signal already has it.)
 
 
@@ -98,9 +101,7 @@ def _logits(
 def _divergence(logits: Tensor, teacher: TeacherSignal, s: _Settings) -> Tensor:
     """Per-row divergence of one chunk; ``teacher`` holds the chunk's rows (trimmed head)."""
     if isinstance(teacher, SparseSignal):
-        student_b = sparse.student_buckets(logits, teacher.ids, s.tau)
-        teacher_b = sparse.teacher_buckets(teacher, student_b.dtype)
-        return s.divergence_fn(student_b, teacher_b, 1.0, s.skew_lambda)  # tau already applied
+        return sparse.sparse_divergence(logits, teacher, s.tau, s.divergence, s.skew_lambda)
     with torch.no_grad():
         teacher_logits = _teacher_logits(teacher)
     return s.divergence_fn(logits, teacher_logits, s.tau, s.skew_lambda)
@@ -276,6 +277,9 @@ def _validate(
             raise ValueError(
                 f"sparse teacher: log_tail must be [N] and k <= vocab_size {vocab_size}"
             )
+        given = [t for t in teacher[3:] if t is not None]  # the sample_* fields
+        if given and (len(given) != 3 or any(t.shape != (n, given[0].shape[-1]) for t in given)):
+            raise ValueError("sparse teacher: sample_ids, sample_logp, sample_logw must be [N, m]")
     elif teacher is not None:
         raise ValueError(
             f"teacher must be a DenseSignal, a SparseSignal or None, got {type(teacher)}"
@@ -289,7 +293,7 @@ def _validate(
 
 
 def _uses_teacher(divergence: str, gamma: float, teacher: TeacherSignal | None) -> bool:
-    return divergence != "none" and gamma != 0 and teacher is not None
+    return teacher is not None and divergence_active(divergence, gamma)
 
 
 def fused_distill_loss(
@@ -334,6 +338,7 @@ def fused_distill_loss(
         float(skew_lambda),
         chunk_tokens,
         student_transform,
+        divergence,
     )
     rows = (labels != ignore_index).nonzero().squeeze(1)  # the one host sync of a call
     args = (student_hidden, student_head_weight, student_head_bias, teacher, rows, labels)
@@ -385,9 +390,9 @@ def naive_distill_loss(
         total = ce
     else:
         if isinstance(teacher, SparseSignal):
-            student_b = sparse.student_buckets(logits, teacher.ids, float(tau))
-            teacher_b = sparse.teacher_buckets(teacher, student_b.dtype)
-            per_token = div_fn(student_b, teacher_b, 1.0, float(skew_lambda))
+            per_token = sparse.sparse_divergence(
+                logits, teacher, float(tau), divergence, float(skew_lambda)
+            )
         else:
             with torch.no_grad():
                 teacher_logits = _teacher_logits(_trim_teacher(teacher, vocab_size))
@@ -446,18 +451,6 @@ class FusedDistillLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.ignore_index = ignore_index
 
-    @classmethod
-    def from_config(cls, distill: DistillSection, vocab_size: int) -> FusedDistillLoss:
-        """Settings from the config's ``distill`` section (gamma, tau, divergence, ...)."""
-        return cls(
-            vocab_size,
-            gamma=distill.gamma,
-            tau=distill.tau,
-            divergence=distill.divergence,
-            skew_lambda=distill.skew_lambda,
-            chunk_tokens=distill.loss_chunk_tokens,
-        )
-
     def forward(
         self,
         student_hidden: Tensor,
@@ -492,3 +485,18 @@ class FusedDistillLoss(nn.Module):
             f"divergence={self.divergence!r}, skew_lambda={self.skew_lambda}, "
             f"chunk_tokens={self.chunk_tokens}"
         )
+
+
+def loss_from_config(distill: DistillSection, vocab_size: int) -> FusedDistillLoss:
+    """The loss of a run, from its ``distill`` section: the method's divergence ("none" for
+    CE-only methods), γ (times τ² with ``tau_squared``, Hinton-style KD; the paper's Eq. 3 has
+    no τ²), τ, the skew mixing and the chunk size. The one mapping from config to loss."""
+    gamma = distill.gamma * distill.tau**2 if distill.tau_squared else distill.gamma
+    return FusedDistillLoss(
+        vocab_size,
+        gamma=gamma,
+        tau=distill.tau,
+        divergence=method_spec(distill.method).loss_divergence(distill.divergence),
+        skew_lambda=distill.skew_lambda,
+        chunk_tokens=distill.loss_chunk_tokens,
+    )

@@ -11,6 +11,10 @@ float64). Everything is built from ``log_softmax`` and log-space mixtures, and a
 probability that is exactly 0 (a ``-inf`` logit) contributes 0 to the sum, with a
 finite gradient, instead of ``0 * -inf = NaN``.
 
+Each divergence is also a sum over the vocabulary of per-entry terms ``f(p_j, q_j)``;
+``DIVERGENCE_TERMS`` holds those terms (same names) for the sparse teacher's sampled
+estimator, which evaluates them on a few entries only (``ddk.losses.sparse``).
+
 ``DIVERGENCES`` is the one place a divergence name is defined. The config's
 ``Divergence`` literal is these names plus ``"none"`` (``NO_DIVERGENCE``): no
 divergence term at all (continued pre-training); the chunked loss handles it by
@@ -26,6 +30,7 @@ import torch
 from torch import Tensor
 
 DivergenceFn = Callable[[Tensor, Tensor, float, float], Tensor]
+DivergenceTermsFn = Callable[[Tensor, Tensor, float], Tensor]
 
 NO_DIVERGENCE = "none"
 
@@ -137,6 +142,50 @@ DIVERGENCES: dict[str, DivergenceFn] = {
     "skew_reverse_kl": skew_reverse_kl,
 }
 """Name -> per-token divergence. The single source of truth for divergence names."""
+
+
+def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Elementwise p (log p - log q); 0 where p == 0 (with a finite gradient)."""
+    p = log_p.exp()
+    return torch.where(p == 0, 0.0, log_p - log_q) * p
+
+
+def forward_kl_terms(log_p: Tensor, log_q: Tensor, skew_lambda: float = 0.0) -> Tensor:
+    del skew_lambda
+    return _kl_terms(log_p, log_q)
+
+
+def reverse_kl_terms(log_p: Tensor, log_q: Tensor, skew_lambda: float = 0.0) -> Tensor:
+    del skew_lambda
+    return _kl_terms(log_q, log_p)
+
+
+def js_terms(log_p: Tensor, log_q: Tensor, skew_lambda: float = 0.0) -> Tensor:
+    del skew_lambda
+    log_m = _log_mix(log_p, log_q, 0.5)
+    return 0.5 * _kl_terms(log_p, log_m) + 0.5 * _kl_terms(log_q, log_m)
+
+
+def skew_kl_terms(log_p: Tensor, log_q: Tensor, skew_lambda: float = 0.1) -> Tensor:
+    return _kl_terms(log_p, _log_mix(log_p, log_q, skew_lambda))
+
+
+def skew_reverse_kl_terms(log_p: Tensor, log_q: Tensor, skew_lambda: float = 0.1) -> Tensor:
+    return _kl_terms(log_q, _log_mix(log_q, log_p, skew_lambda))
+
+
+DIVERGENCE_TERMS: dict[str, DivergenceTermsFn] = {
+    "forward_kl": forward_kl_terms,
+    "reverse_kl": reverse_kl_terms,
+    "js": js_terms,
+    "skew_kl": skew_kl_terms,
+    "skew_reverse_kl": skew_reverse_kl_terms,
+}
+"""Name -> ``terms(log_p_teacher, log_q_student, skew_lambda)``: the per-entry terms ``f(p_j,
+q_j)`` (elementwise, any shape) whose sum over the vocabulary is ``DIVERGENCES[name]`` at the
+same temperature. The inputs are log-probabilities, used as they are (no softmax), so the terms
+can be evaluated on a subset of the vocabulary, or on a bucket's total mass."""
+assert DIVERGENCE_TERMS.keys() == DIVERGENCES.keys()
 
 
 def get_divergence(name: str) -> DivergenceFn | None:

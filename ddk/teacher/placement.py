@@ -13,8 +13,15 @@ each chunk of hidden states by the whole head anyway.
 from __future__ import annotations
 
 import torch
+from accelerate import init_empty_weights
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ddk.errors import DDKError, first_line
+from ddk.logits import logit_transform, remember_logit_transform
+from ddk.models import load_teacher, resolve_dtype, resolve_local_path, whole_weights
 
 # A replicated teacher may take this share of the free device memory; the rest is left to
 # the student, its optimizer states and activations.
@@ -67,8 +74,6 @@ def _layer_classes(model: torch.nn.Module) -> set[type]:
 def _fully_shard(model: torch.nn.Module, device: torch.device, offload: bool) -> None:
     """FSDP2 over the teacher's decoder layers and its base model, forward only. The base
     model is the root (ddk calls `model.base_model` directly); the LM head is kept whole."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
     layers = _layer_classes(model)
     if not layers:
         raise DDKError(
@@ -103,11 +108,6 @@ def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 def teacher_skeleton(name: str, *, dtype: torch.dtype, trust_remote_code: bool = False):
     """The teacher's architecture with parameters on the meta device (no memory, no reads of
     the weight files) and real buffers (rotary tables are computed from the config)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ddk.models import resolve_local_path, whole_weights
-
     path = resolve_local_path(name, "teacher")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -127,26 +127,14 @@ def _load_sharded(
 ) -> torch.nn.Module:
     """Rank 0 reads the weights; every rank shards the skeleton and receives its shards (and
     the whole head) by broadcast. Host memory holds one whole teacher per launch."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    full: dict[str, torch.Tensor] = {}
 
-    from ddk.logits import logit_transform, remember_logit_transform
-    from ddk.models import load_teacher
+    def read_on_rank0():
+        whole = load_teacher(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        full.update(whole.state_dict())
+        return logit_transform(whole)  # probed on the whole model, remembered on the shards
 
-    full, verdict, failure = {}, None, None
-    if runtime.is_main:
-        try:
-            whole = load_teacher(name, dtype=dtype, trust_remote_code=trust_remote_code)
-            full = whole.state_dict()
-            verdict = ("ok", logit_transform(whole))
-            del whole
-        except Exception as e:  # the other ranks wait for the broadcast: tell them, then stop
-            failure = e
-            verdict = ("error", str(e) if isinstance(e, DDKError) else first_line(e))
-    verdict = runtime.broadcast_object(verdict)
-    if failure is not None and not isinstance(failure, DDKError):
-        raise failure
-    if verdict[0] == "error":
-        raise DDKError(verdict[1] if runtime.is_main else f"rank 0: {verdict[1]}")
+    transform = runtime.main_result(read_on_rank0)
     device = runtime.device
     model = skeleton
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -161,10 +149,10 @@ def _load_sharded(
         full,
         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
     )
-    del full
+    full.clear()  # rank 0's whole copy: freed as soon as every rank has its shards
     model.tie_weights()  # to_empty may have given tied parameters separate storage
     _to_compute_device(model, device)
-    remember_logit_transform(model, verdict[1])
+    remember_logit_transform(model, transform)
     return model
 
 
@@ -174,8 +162,6 @@ def load_placed_teacher(
     """The frozen teacher, loaded and placed as `teacher.placement` asks, with a one-line log
     of the choice. The choice is made from the architecture alone (a meta-device skeleton),
     before any weights are read; sharded placements read them on rank 0 only."""
-    from ddk.models import load_teacher
-
     device = runtime.device
     skeleton = teacher_skeleton(name, dtype=dtype, trust_remote_code=trust_remote_code)
     total = parameter_bytes(skeleton)
@@ -208,11 +194,26 @@ def load_placed_teacher(
     return model
 
 
+def load_configured_teacher(cfg, runtime) -> torch.nn.Module:
+    """The run's teacher (`model.teacher`) in `model.dtype`, placed as `teacher.placement`
+    asks: how training, its perplexities and `ddk cache-teacher` all load it."""
+    return load_placed_teacher(
+        cfg.model.teacher,
+        dtype=resolve_dtype(cfg.model.dtype, runtime.device),
+        trust_remote_code=cfg.model.trust_remote_code,
+        requested=cfg.teacher.placement,
+        runtime=runtime,
+    )
+
+
 def local_bytes(model: torch.nn.Module) -> int:
     """Parameter bytes this rank stores (its shards only, for sharded parameters)."""
-    from torch.distributed.tensor import DTensor
-
     return sum(
         (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
         for p in model.parameters()
     )
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the teacher was placed sharded (its forwards are then collectives)."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())

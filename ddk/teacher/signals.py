@@ -1,8 +1,9 @@
-"""What a teacher hands the loss for one micro-batch: a dense or a sparse (top-k) signal.
+"""What a teacher hands the loss for one micro-batch: a dense or a sparse (cached) signal, and
+the `TeacherSource` interface every teacher (online, offline, ...) implements.
 
-Both are row-aligned with the flattened student hidden states [N, H] (N = batch x tokens),
-so the chunked loss can slice them with the same row indices. This module imports only torch:
-the losses depend on it, and it depends on nothing of ddk's.
+Both signals are row-aligned with the flattened student hidden states [N, H] (N = batch x
+tokens), so the chunked loss can slice them with the same row indices. This module imports only
+torch and numpy: the losses depend on it, and it depends on nothing of ddk's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch import Tensor
 
 
 class DenseSignal(NamedTuple):
@@ -22,19 +24,35 @@ class DenseSignal(NamedTuple):
     head_bias: torch.Tensor | None = None
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     """The teacher's own elementwise logit transform (a scale or softcap), applied to the
-    float32 logits of each chunk; None for plain ``hidden @ W.T + b``."""
+    float32 logits of each chunk; None for plain ``hidden @ W.T + b``. The signal carries it:
+    the loss needs nothing else to know about the teacher."""
 
 
 class SparseSignal(NamedTuple):
-    """The teacher's top-k next-token distribution at temperature tau, per row.
+    """The teacher's next-token distribution at temperature tau, per row, in a few entries.
 
-    ``logp[n, j] = log softmax(z_T / tau)[ids[n, j]]`` and ``log_tail[n] = log(1 - sum_j
-    exp(logp[n, j]))`` (``-inf`` when the k ids carry all the mass, e.g. k = vocabulary size).
+    ``logp[n, j] = log softmax(z_T / tau)[ids[n, j]]`` over the top-k ids and ``log_tail[n] =
+    log(1 - sum_j exp(logp[n, j]))``, the mass of every other token (``-inf`` when the k ids
+    carry all the mass, e.g. k = vocabulary size). The logits z_T are the teacher's after its
+    own logit transform.
+
+    With the ``sample_*`` fields (all three or none) it also holds m tokens drawn from the tail
+    (never a top-k id) with their teacher log-probs and log importance weights ``log(1 / (m pi))``,
+    pi being the probability the draw had (``-inf``: an empty slot, weight 0). The loss then
+    estimates the divergence without bias (``ddk.losses.sparse``); without them it uses k + 1
+    buckets.
     """
 
     ids: torch.Tensor  # [N, k] int64
     logp: torch.Tensor  # [N, k] float32 (or float64)
     log_tail: torch.Tensor  # [N]
+    sample_ids: torch.Tensor | None = None  # [N, m] int64
+    sample_logp: torch.Tensor | None = None  # [N, m]
+    sample_logw: torch.Tensor | None = None  # [N, m]
+
+    @property
+    def sampled(self) -> bool:
+        return self.sample_ids is not None
 
 
 TeacherSignal = DenseSignal | SparseSignal
@@ -49,6 +67,28 @@ class Batch(NamedTuple):
 
 @runtime_checkable
 class TeacherSource(Protocol):
-    """Where the teacher signal comes from: a live model (online) or a top-k cache (offline)."""
+    """Where the teacher comes from: its signal for a micro-batch, and its per-domain
+    perplexities on a held-out split (what DDK's Eq. 1/2 and the reports divide by)."""
 
     def signal(self, batch: Batch) -> TeacherSignal: ...
+
+    def perplexities(self, split: str) -> dict[str, float] | None: ...
+
+
+def log_probs(logits: Tensor, tau: float) -> Tensor:
+    """log softmax(logits / tau) in (at least) float32: the teacher's side of a sparse signal
+    and the student's side of its divergence (``ddk.losses.sparse``)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(z if tau == 1 else z / tau, dim=-1)
+
+
+def sparse_from_logits(teacher_logits: Tensor, k: int, tau: float) -> SparseSignal:
+    """The top-k signal of full teacher logits [n, V] (what `ddk cache-teacher` stores, before
+    rounding): used by the cache builder and by tests as the exact reference."""
+    log_p = log_probs(teacher_logits, tau)
+    logp, ids = log_p.topk(k, dim=-1)
+    if k == log_p.shape[1]:
+        log_tail = torch.full_like(logp[:, 0], -torch.inf)
+    else:
+        log_tail = torch.logsumexp(log_p.scatter(1, ids, -torch.inf), dim=-1)
+    return SparseSignal(ids, logp, log_tail)

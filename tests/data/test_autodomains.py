@@ -15,13 +15,15 @@ from sklearn.metrics import adjusted_rand_score
 from ddk.cli import main
 from ddk.config import Config, PrepareSection
 from ddk.data import autodomains, clustering
-from ddk.data.autodomains import DomainPlan, distinctive_terms, reservoir_add
+from ddk.data.autodomains import DomainPlan, cluster_name, distinctive_terms, reservoir_add
 from ddk.data.dedup import text_hash
+from ddk.data.embed import EmbedModel
 from ddk.data.prepare import prepare
 from ddk.data.sources import discover
 from ddk.demo.corpora import Shape, build_corpus
 from ddk.errors import DDKError
 from ddk.preflight import preflight
+from tests.conftest import one_error_line
 
 ENGLISH = [
     "the",
@@ -188,7 +190,7 @@ def test_memory_bounded_streaming(tmp_path, monkeypatch):
     truth = write_unlabelled(tmp_path / "big.jsonl", per_source=100, seed=1)  # 400 documents
     monkeypatch.setattr(autodomains, "ASSIGN_BATCH", 16)
     cfg = _cfg(tmp_path / "big.jsonl", tmp_path / "out", auto_domains=4, cluster_sample=40)
-    plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
+    plan = DomainPlan(cfg, discover(cfg.input), EmbedModel(None, False), progress=False)
     assert sum(plan.models[None].sample_sizes) == 40  # fitted on the sample only
     n = sum(1 for _, text, _ in plan.documents(tmp_path) if text is not None)
     assert n == len(truth) == 10 * cfg.cluster_sample
@@ -199,7 +201,7 @@ def test_memory_bounded_streaming(tmp_path, monkeypatch):
 
 def test_auto_picks_the_number_of_sources(tmp_path, mixed):
     cfg = _cfg(mixed[0], tmp_path / "out", auto_domains="auto", auto_domains_range=(2, 7))
-    plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
+    plan = DomainPlan(cfg, discover(cfg.input), EmbedModel(None, False), progress=False)
     model = plan.models[None]
     assert set(model.auto["closest_pair_by_n"]) == {str(n) for n in range(2, 8)}
     assert model.auto["picked"] == len(model.names) == 4
@@ -283,14 +285,13 @@ def test_user_errors_are_one_line(tmp_path, mixed, tokenizer_dir, capsys, flags,
     argv = ["prepare", "--input", str(mixed[0]), "--output", str(out)]
     argv += ["--tokenizer", str(tokenizer_dir), "--seq-len", "16", "--val-sequences", "2"]
     assert main(argv + flags) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
-    assert last.startswith("error: ") and message in last
+    assert message in one_error_line(capsys.readouterr().err)
     assert not out.exists()
 
 
 def test_student_embedder_clusters_with_the_students_hidden_states(tmp_path, mixed, student_dir):
     cfg = _cfg(mixed[0], tmp_path / "out", auto_domains=4, embedder="student")
-    plan = DomainPlan(cfg, discover(cfg.input), str(student_dir), progress=False)
+    plan = DomainPlan(cfg, discover(cfg.input), EmbedModel(str(student_dir), False), progress=False)
     model = plan.models[None]
     rows = model.embedder.transform(["def f(self):\n    return 1", "der die das und"])
     assert rows.shape == (2, 32) and np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
@@ -300,7 +301,7 @@ def test_student_embedder_clusters_with_the_students_hidden_states(tmp_path, mix
 def test_student_embedder_needs_a_model(tmp_path, mixed):
     cfg = _cfg(mixed[0], tmp_path / "out", auto_domains=4, embedder="student")
     with pytest.raises(DDKError, match="needs a model"):
-        DomainPlan(cfg, discover(cfg.input), None, progress=False)
+        DomainPlan(cfg, discover(cfg.input), EmbedModel(None, False), progress=False)
 
 
 def test_tiny_clusters_merge_into_the_most_similar_kept_one():
@@ -334,7 +335,7 @@ def test_unlabelled_parquet_and_datasets_need_no_domain_column(tmp_path, mixed, 
         inp = tmp_path / "ds"
         datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(inp))
     cfg = _cfg(inp, tmp_path / "out", auto_domains=4)
-    plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
+    plan = DomainPlan(cfg, discover(cfg.input), EmbedModel(None, False), progress=False)
     labels = [d for d, text, _ in plan.documents(tmp_path) if text is not None]
     assert adjusted_rand_score(mixed[1], labels) >= 0.8
 
@@ -483,3 +484,48 @@ def test_ward_tree_and_cut_against_a_naive_reference(exponent):
         made = [g for g, _ in want[: 12 - n]]
         for g in groups:
             assert len(g) == 1 or g in made
+
+
+def test_cluster_names_keep_accented_letters():
+    # Before: "über" named a cluster "c1_ber".
+    assert cluster_name(1, ["über", "café", "日本", "def"]) == "c1_uber_cafe_def"
+    assert cluster_name(0, []) == "c0"
+
+
+def test_a_cluster_too_small_to_hold_out_suggests_fewer_domains(tmp_path, tokenizer_dir):
+    # Before: the hint named only text and seq_len, not the N that made the cluster small.
+    import json
+    import random
+
+    from ddk.config import PrepareSection
+    from ddk.data.prepare import prepare
+
+    r = random.Random(0)
+    words = [
+        "the",
+        "river",
+        "town",
+        "people",
+        "walked",
+        "along",
+        "quiet",
+        "morning",
+        "light",
+        "over",
+        "old",
+        "bridge",
+    ]
+    lines = [{"text": " ".join(r.choice(words) for _ in range(60))} for _ in range(40)]
+    # the numbers cluster: three long documents, of which half the tokens hold out only one
+    lines += [{"text": ", ".join(str(r.randint(0, 99999)) for _ in range(300))} for _ in range(3)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = PrepareSection(
+        input=str(tmp_path / "c.jsonl"),
+        output=str(tmp_path / "out"),
+        seq_len=32,
+        val_sequences=2,
+        auto_domains=2,
+    )
+    with pytest.raises(DDKError, match=r"too little text.*ask for fewer domains"):
+        prepare(cfg, str(tokenizer_dir), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,6 +23,7 @@ from ddk.data.longdocs import encode_documents, split_at_whitespace
 from ddk.data.prepare import prepare
 from ddk.errors import DDKError
 from ddk.lock import FolderLock
+from tests.conftest import one_error_line, tree_digest
 
 WORDS = [
     "the",
@@ -62,20 +62,9 @@ def _write_corpus(root: Path, sizes: dict[str, int]) -> Path:
     return root
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-    """Every file, folder and link under `root` with its content hash (links not followed)."""
-    seen = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
-                seen[rel] = "link:" + os.readlink(p)
-            elif p.is_dir():
-                seen[rel] = "dir"
-            else:
-                seen[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return seen
+def _write_jsonl(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
 def _argv(work: Path, tokenizer_dir: Path, out: Path | None = None) -> list[str]:
@@ -191,6 +180,54 @@ def _output_locked(work, tok):
     return [], [f"PID {os.getpid()}", "in use by another ddk process"], []
 
 
+def _identical_documents(work, tok):
+    _write_jsonl(work / "corpus" / "copies" / "a.jsonl", ["the same text, again and again."] * 40)
+    return [], ["domain 'copies'", "40 documents", "1 distinct text", "duplicates"], ["too little"]
+
+
+def _labelled(work, tok) -> Path:
+    """Prepared data of the corpus, for --exclude-heldout to read."""
+    out = work / "labelled"
+    cfg = PrepareSection(input=str(work / "corpus"), output=str(out), seq_len=16, val_sequences=2)
+    prepare(cfg, str(tok), progress=False)
+    return out
+
+
+def _heldout_hashes_float(work, tok):
+    path = _labelled(work, tok) / "code" / "heldout_hashes.npy"
+    np.save(path, np.load(path).astype(np.float64))
+    return (
+        ["--exclude-heldout", str(work / "labelled")],
+        ["code/heldout_hashes.npy", "float64", "uint64", "prepare"],
+        [],
+    )
+
+
+def _heldout_hashes_pickled(work, tok):
+    path = _labelled(work, tok) / "code" / "heldout_hashes.npy"
+    np.save(path, np.array([{"hash": 1}], dtype=object), allow_pickle=True)
+    return ["--exclude-heldout", str(work / "labelled")], ["code/heldout_hashes.npy", "prepare"], []
+
+
+def _heldout_hashes_garbage(work, tok):
+    path = _labelled(work, tok) / "code" / "heldout_hashes.npy"
+    path.write_bytes(bytes(range(256)) * 4)
+    return ["--exclude-heldout", str(work / "labelled")], ["code/heldout_hashes.npy", "prepare"], []
+
+
+def _heldout_hashes_link_out(work, tok):
+    path = _labelled(work, tok) / "code" / "heldout_hashes.npy"
+    outside = work / "elsewhere.npy"
+    np.save(outside, np.load(path))
+    path.unlink()
+    path.symlink_to(outside)
+    return (
+        ["--exclude-heldout", str(work / "labelled")],
+        ["heldout_hashes.npy", "outside the prepared data folder"],
+        [],
+    )
+
+
 _HELD: list[FolderLock] = []
 
 CASES = {
@@ -209,6 +246,11 @@ CASES = {
     "domain with only an empty file": _empty_domain,
     "output parent is a file": _parent_is_a_file,
     "output locked by another process": _output_locked,
+    "a domain of identical documents": _identical_documents,
+    "float-valued heldout_hashes.npy": _heldout_hashes_float,
+    "pickled heldout_hashes.npy": _heldout_hashes_pickled,
+    "garbage heldout_hashes.npy": _heldout_hashes_garbage,
+    "heldout_hashes.npy links out of the folder": _heldout_hashes_link_out,
 }
 
 
@@ -217,17 +259,15 @@ def test_bad_input_is_one_line_and_changes_nothing(case, tmp_path, tokenizer_dir
     work = tmp_path / "work"
     _write_corpus(work / "corpus", {"code": 12, "prose": 12})
     extra, words, absent = CASES[case](work, tokenizer_dir)
-    before = _snapshot(work)
+    before = tree_digest(work)
     capsys.readouterr()
     try:
         assert main(_argv(work, tokenizer_dir) + extra) == 2  # a later --input/--output wins
-        after = _snapshot(work)
+        after = tree_digest(work)
     finally:
         while _HELD:
             _HELD.pop().release()
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert "Traceback" not in err
+    err = one_error_line(capsys.readouterr().err)
     for w in words:
         assert w in err, f"{err!r} lacks {w!r}"
     for w in absent:
@@ -255,6 +295,7 @@ def test_overwrite_replaces_what_ddk_wrote(tmp_path, tokenizer_dir):
     assert sorted(p.name for p in work.iterdir()) == ["corpus", "out"]  # no lock or tmp left
 
 
+@pytest.mark.slow  # two interpreter start-ups
 def test_second_prepare_process_is_refused_naming_the_holder(tmp_path, tokenizer_dir):
     work = tmp_path / "work"
     _write_corpus(work / "corpus", {"code": 12, "prose": 12})
@@ -285,7 +326,7 @@ def test_second_prepare_process_is_refused_naming_the_holder(tmp_path, tokenizer
         holder.stdin.close()
         holder.wait(timeout=30)
     assert second.returncode == 2, second.stderr
-    assert second.stderr.count("\n") == 1 and f"PID {holder.pid})" in second.stderr
+    assert f"PID {holder.pid})" in one_error_line(second.stderr)
     assert not (work / "out").exists()
     # The holder is gone (the kernel dropped its lock): the same command now runs.
     assert main(_argv(work, tokenizer_dir)) == 0
@@ -324,12 +365,12 @@ def test_output_parent_read_only(tmp_path, tokenizer_dir, capsys, mount_tmpfs):
     else:
         ro.chmod(0o555)
     try:
-        before = _snapshot(work)
+        before = tree_digest(work)
         capsys.readouterr()
         assert main(_argv(work, tokenizer_dir, ro / "out")) == 2
         err = capsys.readouterr().err
-        assert len(err.splitlines()) == 1 and "read-only" in err and str(ro) in err
-        assert _snapshot(work) == before
+        assert "read-only" in one_error_line(err) and str(ro) in err
+        assert tree_digest(work) == before
     finally:
         if not root:
             ro.chmod(0o755)
@@ -340,17 +381,17 @@ def test_disk_full_says_how_much_space_is_needed(tmp_path, tokenizer_dir, capsys
     corpus = _write_corpus(work / "corpus", {"code": 1500, "prose": 1500})  # ~ 600 KB
     small = mount_tmpfs(work / "small", "size=256k")
     read = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file())
-    before = _snapshot(work)
+    before = tree_digest(work)
     capsys.readouterr()
     assert main(_argv(work, tokenizer_dir, small / "out")) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "disk full" in err, err
+    assert "disk full" in one_error_line(err), err
     need = re.search(r"needs up to ([\d.]+) (KB|MB)", err)
     assert need, err
     kb = float(need[1]) * (1000 if need[2] == "MB" else 1)
     assert kb * 1000 >= 2 * read  # two uint16 copies of at most a token per input byte
     assert list(small.iterdir()) == []  # temp folder and lock file removed
-    assert _snapshot(work) == before
+    assert tree_digest(work) == before
 
 
 def test_long_document_pieces_equal_whole_document(tokenizer_dir):
@@ -402,3 +443,19 @@ def test_sibling_lock_file_is_exclusive_and_removed_on_release(tmp_path):
     with FolderLock(tmp_path / "out", "prepare", path=path):
         assert path.exists()
     assert not path.exists()
+
+
+def test_prepare_refuses_an_output_inside_its_input(tmp_path, capsys):
+    # Before: accepted, and the next prepare read the output's manifest.json as a JSON corpus.
+    corpus = tmp_path / "corpus"
+    for domain in ("a", "b"):
+        (corpus / domain).mkdir(parents=True)
+        (corpus / domain / "doc.txt").write_text(f"text of {domain}")
+    before = tree_digest(corpus)
+    for out in (corpus / "prepared", corpus, corpus / "a" / ".." / "x"):
+        argv = ["prepare", "--input", str(corpus), "--output", str(out), "--tokenizer", "none"]
+        assert main(argv) == 2
+        err = one_error_line(capsys.readouterr().err)
+        assert "inside the input corpus" in err, err
+        assert tree_digest(corpus) == before
+    assert not (tmp_path / ".prepared.ddk.lock").exists()

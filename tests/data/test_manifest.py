@@ -4,15 +4,18 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from ddk.cli import main
 from ddk.data.dataset import PreparedData
-from ddk.data.manifest import FORMAT, MANIFEST, read_manifest, read_owner
+from ddk.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, read_owner
 from ddk.errors import DDKError
 from ddk.lock import LOCK_NAME
+from ddk.losses import IGNORE_INDEX
 from ddk.ownership import check_replaceable, list_files
+from tests.conftest import one_error_line
 
 
 def copy_data(src: Path, dst: Path) -> Path:
@@ -29,7 +32,7 @@ def edit_manifest(folder: Path, fn) -> None:
 
 def test_reader_is_typed_and_owner_lists_every_file(prepared_dir, tmp_path):
     m = read_manifest(prepared_dir)
-    assert m.format == FORMAT and m.format_version == 2
+    assert m.format == FORMAT and m.format_version == FORMAT_VERSION == 3
     assert m.seq_len == 32 and m.val_sequences == 4 and m.test_sequences == 4
     assert m.add_bos is False  # the test tokenizer (GPT-2 style) adds no BOS
     assert m.has_split("test")
@@ -58,6 +61,11 @@ BAD_MANIFESTS = [
         "missing test split key",
         lambda m: m["domains"]["math"].pop("test_tokens"),
         ["key 'domains.math.test_tokens' is missing"],
+    ),
+    (
+        "missing format 3 key",
+        lambda m: m["domains"]["prose"].pop("heldout_unused_tokens"),
+        ["key 'domains.prose.heldout_unused_tokens' is missing"],
     ),
     ("wrong type", lambda m: m.update(seq_len="32"), ["key 'seq_len' is invalid"]),
     (
@@ -110,20 +118,13 @@ def test_bad_manifest_is_one_line_naming_the_key(bad_folders):
             assert w in msg, f"{name}: {msg!r} lacks {w!r}"
 
 
-def _one_error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: ")
-    return lines[0]
-
-
 def test_bad_manifest_exits_2_for_eval_and_distill(
     bad_folders, student_dir, teacher_dir, tmp_path, capsys
 ):
     for name, folder, words in bad_folders:
         capsys.readouterr()
         assert main(["eval", "--model", str(student_dir), "--data", str(folder)]) == 2, name
-        line = _one_error_line(capsys)
+        line = one_error_line(capsys.readouterr().err)
         assert all(w in line for w in words), f"eval, {name}: {line!r}"
 
         config = tmp_path / f"{folder.name}.yaml"
@@ -135,7 +136,7 @@ def test_bad_manifest_exits_2_for_eval_and_distill(
         }
         config.write_text(yaml.safe_dump(data))
         assert main(["distill", str(config)]) == 2, name
-        line = _one_error_line(capsys)
+        line = one_error_line(capsys.readouterr().err)
         assert "data.prepared" in line and all(w in line for w in words), f"distill, {name}"
         assert not run_dir.exists() or not any(run_dir.iterdir())
 
@@ -159,7 +160,109 @@ def test_data_without_a_test_split_still_reads(prepared_dir, tmp_path):
     assert not data.has_split("test") and data.has_split("val")
     shard = data.domains["code"]
     assert shard.num_sequences("val") == 4
-    assert shard.sequences("val", [0]).shape == (1, 33)
+    inputs, labels = shard.heldout_batch("val", [0])
+    assert inputs.shape == labels.shape and inputs.shape[1] <= 32
     with pytest.raises(DDKError, match="no test split"):
         shard.num_sequences("test")
     assert PreparedData(prepared_dir).has_split("test")
+
+
+def _as_format_2(prepared_dir: Path, old: Path) -> Path:
+    """`prepared_dir` as ddk format 2 wrote it: each held-out document cut to its first seq_len
+    tokens (no EOS when longer), no format 3 keys."""
+    copy_data(prepared_dir, old)
+    m = json.loads((old / MANIFEST).read_text())
+    L = m["seq_len"]
+    for d in m["domains"].values():
+        for split in ("val", "test"):
+            folder = old / d["folder"]
+            tokens = np.fromfile(folder / f"{split}.bin", dtype=np.uint16)
+            docs = np.load(folder / f"{split}_docs.npy")
+            starts = np.concatenate([[0], np.cumsum(docs[:, 1])[:-1]])
+            cut = np.minimum(docs[:, 1], L)
+            np.concatenate([tokens[s : s + n] for s, n in zip(starts, cut)]).tofile(
+                folder / f"{split}.bin"
+            )
+            np.save(folder / f"{split}_docs.npy", np.stack([docs[:, 0], cut], axis=1))
+            d[f"{split}_tokens"] = int(cut.sum())
+            d[f"{split}_sequences"] = int((cut.sum() - 1) // L)  # packed windows, as then
+        for key in ("total_tokens", "heldout_unused_tokens", "duplicate_tokens"):
+            d.pop(key)
+    m.pop("heldout_windows_per_document")
+    m["format_version"] = 2
+    (old / MANIFEST).write_text(json.dumps(m))
+    return old
+
+
+def test_format_2_data_reads_one_document_per_window_and_warns(prepared_dir, tmp_path, capsys):
+    old = _as_format_2(prepared_dir, tmp_path / "old")
+    data = PreparedData(old)
+    err = capsys.readouterr().err
+    assert "format 2" in err and "prepare it again" in err.lower()
+    for name, shard in data.domains.items():
+        folder = old / name
+        tokens = np.fromfile(folder / "val.bin", dtype=np.uint16)
+        docs = np.load(folder / "val_docs.npy")
+        assert shard.num_sequences("val") == len(docs)  # one window per (cut) document
+        inputs, labels = shard.heldout_batch("val", range(len(docs)))
+        pos = 0
+        for row, n in enumerate(docs[:, 1].tolist()):
+            assert labels[row, : n - 1].tolist() == tokens[pos + 1 : pos + n].tolist()
+            assert (labels[row, n - 1 :] == IGNORE_INDEX).all()  # never the next document
+            pos += n
+    PreparedData(prepared_dir)
+    assert "older ddk" not in capsys.readouterr().err
+
+
+def test_held_out_docs_that_disagree_with_the_manifest_are_one_line(prepared_dir, tmp_path):
+    data_dir = copy_data(prepared_dir, tmp_path / "data")
+    docs = np.load(data_dir / "code" / "val_docs.npy")
+    docs[0, 1] += 1
+    np.save(data_dir / "code" / "val_docs.npy", docs)
+    with pytest.raises(DDKError, match="val_docs.npy' does not match the manifest"):
+        PreparedData(data_dir).domains["code"].num_sequences("val")
+    np.save(data_dir / "code" / "val_docs.npy", docs.astype(np.float32))
+    with pytest.raises(DDKError, match="float32 values .* not int64"):
+        PreparedData(data_dir).domains["code"].num_sequences("val")
+
+
+def _data_with_a_link(tmp_path: Path, prepared_dir: Path, link_file: bool) -> tuple[Path, Path]:
+    """A copy of prepared data whose first domain folder (or its val.bin) is a link to a copy
+    outside the data folder. Returns (data, outside)."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    folder = next(iter(json.loads((data / "manifest.json").read_text())["domains"].values()))
+    inside = data / folder["folder"]
+    outside = tmp_path / "elsewhere"
+    if link_file:
+        outside.mkdir()
+        (inside / "val.bin").rename(outside / "val.bin")
+        (inside / "val.bin").symlink_to(outside / "val.bin")
+    else:
+        inside.rename(outside)
+        inside.symlink_to(outside)
+    return data, outside
+
+
+@pytest.mark.parametrize("link_file", [False, True], ids=["domain folder", "val.bin"])
+def test_prepared_data_links_out_of_the_folder_are_refused(
+    tmp_path, prepared_dir, student_dir, link_file, capsys
+):
+    # Before: the manifest's folder names were confined, but a link under them was followed.
+    data, outside = _data_with_a_link(tmp_path, prepared_dir, link_file)
+    with pytest.raises(DDKError, match="outside the prepared data folder"):
+        PreparedData(data)
+    assert main(["eval", "--model", str(student_dir), "--data", str(data)]) == 2
+    assert str(outside) in one_error_line(capsys.readouterr().err)
+
+
+def test_prepared_data_links_inside_the_folder_still_work(tmp_path, prepared_dir):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    name, info = next(iter(json.loads((data / "manifest.json").read_text())["domains"].items()))
+    (data / info["folder"]).rename(data / "moved")
+    (data / info["folder"]).symlink_to("moved")
+    assert PreparedData(data).domains[name].num_val_sequences > 0
+    link = tmp_path / "data_link"  # the data folder itself may be a link
+    link.symlink_to(data)
+    assert PreparedData(link).domains[name].num_val_sequences > 0

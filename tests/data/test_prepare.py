@@ -10,6 +10,7 @@ from ddk.config import PrepareSection
 from ddk.data.dataset import PreparedData
 from ddk.data.prepare import prepare, token_dtype
 from ddk.errors import DDKError
+from ddk.losses import IGNORE_INDEX
 
 
 def _decode_docs(folder: Path, split: str, dtype, tok) -> dict[int, str]:
@@ -48,13 +49,28 @@ def test_round_trip_and_disjoint_split(prepared_dir, corpus, tokenizer_dir):
         assert not set(train) & set(held["val"]), "a document is in train and val"
         assert not set(train) & set(held["test"]), "a document is in train and test"
         assert not set(held["val"]) & set(held["test"]), "a document is in val and test"
-        # held-out: the first <= 32 tokens of a whole document each (so 4 windows need >= 4)
-        encoded = [tuple(tok(t, add_special_tokens=False)["input_ids"] + [0])[:32] for t in texts]
+        # held-out: a whole document, or its first 32 * w + 1 tokens
+        encoded = [tuple(tok(t, add_special_tokens=False)["input_ids"] + [0]) for t in texts]
         for split, pieces in held.items():
-            assert all(p in encoded for p in pieces.values())
-            assert info[f"{split}_documents"] == len(pieces) >= 4
-            assert info[f"{split}_sequences"] == 4
-            assert info[f"{split}_tokens"] >= 4 * 32 + 1
+            for p in pieces.values():
+                whole = [e for e in encoded if e[: len(p)] == p]
+                assert whole and (len(p) in map(len, whole) or len(p) % 32 == 1), p
+                assert len(p) <= 4 * 32 + 1
+            # a split of 4 windows (< split.MIN_DOCUMENTS) takes one window per document
+            assert info[f"{split}_documents"] == len(pieces) == info[f"{split}_sequences"] == 4
+            assert info[f"{split}_tokens"] == sum(map(len, pieces.values()))
+        assert info["total_tokens"] == sum(map(len, encoded))
+        # every token is in one split, past a held-out document's windows, or a dropped copy
+        assert info["total_tokens"] == sum(
+            info[k]
+            for k in (
+                "train_tokens",
+                "val_tokens",
+                "test_tokens",
+                "heldout_unused_tokens",
+                "duplicate_tokens",
+            )
+        )
         assert set(train.values()) <= set(texts)
         assert info["documents"] == len(texts)
         assert info["train_documents"] + len(held["val"]) + len(held["test"]) + info[
@@ -77,13 +93,29 @@ def test_manifest_contents(prepared_dir, tokenizer_dir, corpus):
 
 def test_prepared_data_windows(prepared_dir):
     data = PreparedData(prepared_dir)
-    shard = data.domains["math"]
-    seqs = shard.sequences("val", range(shard.num_val_sequences))
-    assert seqs.shape == (4, 33)
-    # consecutive windows overlap by exactly one token (inputs + shifted targets)
-    assert (seqs[0, -1] == seqs[1, 0]).item()
-    train = shard.sequences("train", [shard.num_train_sequences - 1])
+    manifest = json.loads((prepared_dir / "manifest.json").read_text())
+    for name, shard in data.domains.items():
+        folder = prepared_dir / manifest["domains"][name]["folder"]
+        for split in ("val", "test"):
+            # naive reference: each document's piece cut at every 32 tokens, one overlapping
+            expected = []
+            for piece in _held_out_pieces(folder, split, np.uint16).values():
+                for j in range(0, len(piece) - 1, 32):
+                    expected.append(piece[j : j + 33])
+            n = shard.num_sequences(split)
+            assert n == len(expected) == 4
+            inputs, labels = shard.heldout_batch(split, range(n))
+            assert inputs.shape == labels.shape == (n, max(map(len, expected)) - 1)
+            for row, window in enumerate(expected):
+                k = len(window) - 1
+                assert inputs[row, :k].tolist() == list(window[:-1])
+                assert labels[row, :k].tolist() == list(window[1:])
+                assert (labels[row, k:] == IGNORE_INDEX).all()  # past its document: not scored
+            assert shard.window_lengths(split).tolist() == list(map(len, expected))
+    train = data.domains["math"].sequences("train", [data.domains["math"].num_train_sequences - 1])
     assert train.shape == (1, 33)
+    with pytest.raises(ValueError, match="heldout_batch"):
+        data.domains["math"].sequences("val", [0])
 
 
 def test_token_dtype_choice():

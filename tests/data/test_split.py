@@ -10,9 +10,21 @@ import pytest
 from ddk.config import PrepareSection
 from ddk.data.dataset import PreparedData
 from ddk.data.dedup import text_hash
-from ddk.data.prepare import prepare
-from ddk.data.split import DROPPED, HELDOUT, TRAIN, choose_heldout
+from ddk.data.manifest import read_manifest
+from ddk.data.prepare import prepare, summary_table
+from ddk.data.sources import discover, iter_documents
+from ddk.data.split import (
+    DROPPED,
+    HELDOUT,
+    TRAIN,
+    choose_heldout,
+    document_windows,
+    per_document_cap,
+    split_codes,
+    window_spans,
+)
 from ddk.errors import DDKError
+from tests.conftest import make_documents
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -56,31 +68,52 @@ def read_split(folder: Path, split: str) -> list[tuple[int, np.ndarray]]:
     return out
 
 
+def test_window_spans_match_a_naive_cut():
+    rng = np.random.default_rng(5)
+    stored = rng.integers(1, 60, 50)
+    stored[:4] = [1, 2, 17, 33]  # no target, one target, exactly 16 + 1, exactly 2 * 16 + 1
+    starts, lengths = window_spans(stored, 16)
+    expected, pos = [], 0
+    for n in stored.tolist():
+        expected += [(pos + j, min(17, n - j)) for j in range(0, n - 1, 16)]
+        pos += n
+    assert list(zip(starts.tolist(), lengths.tolist())) == expected
+    assert document_windows(stored, 16).tolist() == [
+        len(range(0, n - 1, 16)) for n in stored.tolist()
+    ]
+
+
 def test_choose_heldout_rules():
     rng = np.random.default_rng(0)
-    lens = rng.integers(1, 60, 300)
+    lens = rng.integers(2, 60, 300)
     lens[7] = 10_000  # one long document: over the budget, so it stays in training
     hashes = rng.integers(0, 2**63, 300).astype(np.uint64)
     hashes[100:150] = hashes[50:100]  # 50 exact duplicates
-    codes, drawn = choose_heldout(
-        lens, hashes, rng.permutation(300), 16, {"val": 20, "test": 10}, int(lens.sum()) // 2
+    taken = set(hashes[200:220].tolist())  # texts another domain holds out
+    wanted = {"val": 96, "test": 20}
+    cap = {"val": 2, "test": 1}  # test: 20 windows from fewer than 32 documents would be too few
+    assert {s: per_document_cap(n, 2) for s, n in wanted.items()} == cap
+    budget = int(lens.sum()) // 2
+    drawn = choose_heldout(
+        lens, hashes, rng.permutation(300), 16, wanted, budget, per_document=2, taken=taken
     )
-    assert codes[7] == TRAIN
     for split, docs in drawn.items():
-        assert all(codes[d] == HELDOUT[split] for d in docs)
-        got = int(np.minimum(lens[docs], 16).sum())
-        n = {"val": 20, "test": 10}[split]
-        assert got >= n * 16 + 1  # enough tokens for n windows ...
-        assert got - min(int(lens[docs[-1]]), 16) < n * 16 + 1  # ... and no document more
-    assert not set(drawn["val"]) & set(drawn["test"])
-    held = codes > TRAIN
-    assert int(lens[held].sum()) <= int(lens.sum()) // 2
-    held_hashes = set(hashes[held].tolist())
-    assert len(held_hashes) == int(held.sum())  # never the same text held out twice
-    train_hashes = set(hashes[codes == TRAIN].tolist())
-    assert not held_hashes & train_hashes
+        windows = [n for _, n in docs]
+        assert sum(windows) == wanted[split]  # exactly the windows asked for
+        assert all(1 <= n <= min(cap[split], (int(lens[i]) - 2) // 16 + 1) for i, n in docs)
+    assert max(n for _, n in drawn["val"]) == 2
+    picked = [i for docs in drawn.values() for i, _ in docs]
+    assert 7 not in picked and not set(picked) & set(range(200, 220))
+    assert int(lens[picked].sum()) <= budget
+    assert len(set(hashes[picked].tolist())) == len(picked)  # never the same text held out twice
+    held = np.unique(hashes[picked])
+    codes = split_codes(300, hashes, drawn, held)
+    for split, docs in drawn.items():
+        assert all(codes[i] == HELDOUT[split] for i, _ in docs)
+    train = set(hashes[codes == TRAIN].tolist())
+    assert not train & set(held.tolist())
     dropped = np.flatnonzero(codes == DROPPED)
-    assert len(dropped) > 0 and all(int(hashes[d]) in held_hashes for d in dropped)
+    assert len(dropped) > 0 and all(int(hashes[d]) in set(held.tolist()) for d in dropped)
 
 
 def test_one_long_document_cannot_fill_validation(tmp_path):
@@ -96,51 +129,24 @@ def test_one_long_document_cannot_fill_validation(tmp_path):
         seq_len=16,
         val_sequences=500,
         test_sequences=40,
+        heldout_windows_per_document=2,
     )
     m = prepare(cfg, str(tok), progress=False)
     info = m["domains"]["books"]
-    assert info["val_sequences"] == 500 and info["val_documents"] >= 500
-    assert info["test_sequences"] == 40 and info["test_documents"] >= 40
+    assert info["val_sequences"] == 500 and info["val_documents"] >= 250
+    assert info["test_sequences"] == 40 and info["test_documents"] >= 20
     folder = out / info["folder"]
     val, test = read_split(folder, "val"), read_split(folder, "test")
-    assert all(len(t) <= 16 for _, t in val + test)  # at most one window's worth per document
+    assert all(len(t) <= 2 * 16 + 1 for _, t in val + test)  # at most two windows per document
     held_ids = {i for i, _ in val + test}
-    assert 0 not in held_ids  # the book is kept for training, not wasted on one window
+    assert 0 not in held_ids  # the book is kept for training, not wasted on two windows
     assert info["train_tokens"] > 1_000_000
     data = PreparedData(out)
     shard = data.domains["books"]
     assert data.has_split("test")
-    assert shard.sequences("val", range(shard.num_sequences("val"))).shape == (500, 17)
-    assert shard.sequences("test", [39]).shape == (1, 17)
-
-
-def test_splits_disjoint_by_document_and_by_text_hash(tmp_path):
-    tok = word_tokenizer(tmp_path / "tok", llama_style=False)
-    rng = np.random.default_rng(2)
-    unique = [words(rng, int(rng.integers(5, 40))) for _ in range(120)]
-    # every text twice, once with other spacing: the same document after normalisation
-    texts = unique + ["  " + t.replace(" ", "   ") + " " for t in unique]
-    write_jsonl(tmp_path / "corpus" / "d" / "a.jsonl", texts)
-    out = tmp_path / "out"
-    cfg = PrepareSection(
-        input=str(tmp_path / "corpus"), output=str(out), seq_len=8, val_sequences=10
-    )
-    m = prepare(cfg, str(tok), progress=False)
-    info = m["domains"]["d"]
-    folder = out / info["folder"]
-    ids = {s: {i for i, _ in read_split(folder, s)} for s in ("train", "val", "test")}
-    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"]
-    assert not ids["val"] & ids["test"]
-    hashes = {s: {text_hash(texts[i]) for i in ids[s]} for s in ids}
-    assert not hashes["train"] & (hashes["val"] | hashes["test"])
-    assert not hashes["val"] & hashes["test"]
-    # each held-out document's twin is dropped from training and counted
-    assert info["duplicates_dropped"] == info["val_documents"] + info["test_documents"]
-    assert info["train_documents"] + 2 * info["duplicates_dropped"] == len(texts)
-    recorded = np.load(folder / "heldout_hashes.npy")
-    assert recorded.dtype == np.uint64
-    assert set(recorded.tolist()) == hashes["val"] | hashes["test"]
-    assert set(PreparedData(out).domains["d"].heldout_hashes().tolist()) == set(recorded.tolist())
+    assert shard.num_sequences("val") == 500 and shard.num_sequences("test") == 40
+    inputs, labels = shard.heldout_batch("test", [39])
+    assert inputs.shape == labels.shape and inputs.shape[0] == 1 and inputs.shape[1] <= 16
 
 
 @pytest.mark.parametrize(
@@ -182,17 +188,117 @@ def test_add_bos_without_a_bos_token_is_one_line(tmp_path):
 def test_warns_when_a_domain_has_too_few_documents(tmp_path, capsys):
     tok = word_tokenizer(tmp_path / "tok", llama_style=False)
     rng = np.random.default_rng(4)
-    write_jsonl(tmp_path / "c" / "d" / "a.jsonl", [words(rng, 20) for _ in range(40)])
+    # 80 documents of 21 tokens: 3 windows of 8 targets each, at most 2 held out per document
+    write_jsonl(tmp_path / "c" / "d" / "a.jsonl", [words(rng, 20) for _ in range(80)])
     cfg = PrepareSection(
-        input=str(tmp_path / "c"), output=str(tmp_path / "o"), seq_len=8, val_sequences=30
+        input=str(tmp_path / "c"),
+        output=str(tmp_path / "o"),
+        seq_len=8,
+        val_sequences=100,
+        heldout_windows_per_document=2,
     )
     m = prepare(cfg, str(tok), progress=False)
     info = m["domains"]["d"]
-    # at most half of the tokens are held out: 20 documents, shared between val and test
-    assert info["val_documents"] + info["test_documents"] <= 20
-    assert 0 < info["val_sequences"] < 30 and 0 < info["test_sequences"] < 30
-    assert info["train_documents"] >= 20
+    # at most half of the tokens are held out: 40 documents, shared between val and test
+    assert info["val_documents"] + info["test_documents"] == 40
+    assert info["val_sequences"] == info["test_sequences"] == 40
+    assert info["train_documents"] == 40
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert len(lines) == 2
-    assert "domain 'd': validation has" in lines[0] and "of 30 windows" in lines[0]
-    assert "domain 'd': test has" in lines[1]
+    assert "domain 'd': validation has 40 of 100 windows" in lines[0]
+    assert "at most 2 window(s) of 8 tokens from each" in lines[0]
+    assert "domain 'd': test has 40 of 100 windows" in lines[1]
+
+
+def split_hashes(out: Path, corpus: Path) -> dict[tuple[str, str], list[int]]:
+    """{(domain, split): text hash of each of its documents}, the documents found by their
+    corpus ids (prepare numbers the non-blank documents in reading order)."""
+    stream = iter_documents(discover(str(corpus)), "text", "domain")
+    texts = [t for _, t, _ in stream if t is not None and t.strip()]
+    manifest = read_manifest(out)
+    return {
+        (name, split): [
+            text_hash(texts[i]) for i in np.load(out / info.folder / f"{split}_docs.npy")[:, 0]
+        ]
+        for name, info in manifest.domains.items()
+        for split in ("train", "val", "test")
+    }
+
+
+def assert_no_text_in_two_splits(found: dict[tuple[str, str], list[int]]) -> None:
+    """Training may repeat a text (in one domain or across domains); a held-out text is in
+    exactly one held-out split of one domain and nowhere in training."""
+    held = [h for (_, split), hs in found.items() if split != "train" for h in hs]
+    assert len(held) == len(set(held)), "a text is held out twice"
+    train = {h for (_, split), hs in found.items() if split == "train" for h in hs}
+    leaked = {key: len(set(hs) & train) for key, hs in found.items() if key[1] != "train"}
+    assert not any(leaked.values()), f"held-out texts in training: {leaked}"
+
+
+@pytest.mark.parametrize("mode", ["labelled", "split_domains"])
+def test_held_out_text_never_leaks_across_domains(tmp_path, tokenizer_dir, mode):
+    """The issue's case: `math_copy` holds the first 300 `math` documents."""
+    math = make_documents("math", 400, seed=0)
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "math" / "a.jsonl", math)
+    write_jsonl(corpus / "math_copy" / "a.jsonl", math[:300])
+    out = tmp_path / "out"
+    extra = {"split_domains": 2, "cluster_sample": 400} if mode == "split_domains" else {}
+    cfg = PrepareSection(input=str(corpus), output=str(out), seq_len=32, val_sequences=8, **extra)
+    m = prepare(cfg, str(tokenizer_dir), progress=False)
+    found = split_hashes(out, corpus)
+    assert_no_text_in_two_splits(found)
+    # every dropped duplicate is counted, in the domain whose training lost it
+    total = sum(len(texts) for texts in (math, math[:300]))
+    kept = sum(len(hs) for hs in found.values())
+    assert sum(d["duplicates_dropped"] for d in m["domains"].values()) == total - kept > 0
+
+
+def test_long_documents_give_their_remainder_to_more_windows(tmp_path):
+    """A domain of long documents: a held-out document scores up to
+    heldout_windows_per_document windows, so far fewer of its tokens end in no split; the share
+    that does is in the manifest and the summary."""
+    tok = word_tokenizer(tmp_path / "tok", llama_style=False)
+    rng = np.random.default_rng(6)
+    texts = [words(rng, int(rng.integers(60, 200))) for _ in range(600)]
+    write_jsonl(tmp_path / "c" / "books" / "a.jsonl", texts)
+    lens = np.array([len(t.split()) + 1 for t in texts])  # + EOS
+    unused = {}
+    for cap in (1, 4):
+        out = tmp_path / f"out{cap}"
+        cfg = PrepareSection(
+            input=str(tmp_path / "c"),
+            output=str(out),
+            seq_len=16,
+            val_sequences=128,
+            heldout_windows_per_document=cap,
+        )
+        m = prepare(cfg, str(tok), progress=False)
+        info = m["domains"]["books"]
+        assert m["heldout_windows_per_document"] == cap
+        assert info["val_sequences"] == info["test_sequences"] == 128
+        held = read_split(out / info["folder"], "val") + read_split(out / info["folder"], "test")
+        assert len(held) == info["val_documents"] + info["test_documents"] == 256 // cap
+        assert all(len(t) == min(lens[i], 16 * cap + 1) or len(t) % 16 == 1 for i, t in held)
+        lost = sum(int(lens[i]) - len(t) for i, t in held)
+        assert info["heldout_unused_tokens"] == lost and info["total_tokens"] == lens.sum()
+        unused[cap] = lost / lens.sum()
+        assert f"{100 * unused[cap]:.1f}%" in summary_table(m).splitlines()[2]
+    assert unused[4] < unused[1] / 3
+
+
+def test_a_domain_made_of_another_domains_held_out_text_says_so(tmp_path):
+    tok = word_tokenizer(tmp_path / "tok", llama_style=False)
+    rng = np.random.default_rng(7)
+    texts = [words(rng, int(rng.integers(10, 20))) for _ in range(80)]
+    write_jsonl(tmp_path / "c" / "a" / "a.jsonl", texts)
+    cfg = dict(seq_len=8, val_sequences=4)
+    first = PrepareSection(input=str(tmp_path / "c"), output=str(tmp_path / "o1"), **cfg)
+    m = prepare(first, str(tok), progress=False)
+    folder = tmp_path / "o1" / m["domains"]["a"]["folder"]
+    held = [texts[i] for s in ("val", "test") for i, _ in read_split(folder, s)]
+    # `b` holds exactly the texts `a` holds out (a is drawn first, the same way as alone)
+    write_jsonl(tmp_path / "c" / "b" / "a.jsonl", held * 3)
+    both = PrepareSection(input=str(tmp_path / "c"), output=str(tmp_path / "o2"), **cfg)
+    with pytest.raises(DDKError, match=r"domain 'b': 8 of its 8 distinct texts are held out by"):
+        prepare(both, str(tok), progress=False)

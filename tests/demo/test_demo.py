@@ -29,6 +29,7 @@ def _geo(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+@pytest.mark.slow  # the whole demo: about a minute
 def test_demo_quick(tmp_path, capsys):
     out, cache = tmp_path / "demo", tmp_path / "cache"
     assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), *TINY]) == 0
@@ -73,6 +74,7 @@ def test_demo_quick(tmp_path, capsys):
             assert img.size[0] > 100 and img.size[1] > 100
     for stage in ("prepare", "pretrain_teacher", "pretrain_student", "distill_ddk"):
         assert (out / "configs" / f"{stage}.yaml").is_file()
+    _assert_benchmark_scores(out)
     # the second run reuses the cached teacher and student
     assert (
         main(
@@ -97,12 +99,53 @@ def test_demo_quick(tmp_path, capsys):
     assert (out / ".ddk-demo.json").is_file()
 
 
+def _assert_benchmark_scores(out: Path) -> None:
+    """Every method, the teacher and the student before: a score per domain's task, in
+    results.md and in the report (lm-eval is in the test extra)."""
+    pytest.importorskip("lm_eval")
+    results = (out / "results.md").read_text()
+    summary = (out / "report" / "summary.md").read_text()
+    assert "Benchmark accuracy in percent" in results
+    assert "## Benchmark scores (lm-eval)" in summary
+    for domain in ("code", "prose", "math", "records"):
+        assert f"demo_{domain}_continuation ({domain})" in results
+    for label in ("teacher", "student before", "cpt", "kd", "ddk", "equal"):
+        (row,) = [x for x in results.splitlines() if x.startswith(f"{label}  ")][-1:]
+        assert len(re.findall(r"\d+\.\d\d", row)) >= 5, row  # four tasks and the average
+        assert re.search(rf"^\| {re.escape(label)} +\|", summary, flags=re.M), label
+    for method in ("cpt", "kd", "ddk", "equal"):
+        events = [
+            r
+            for r in read_metrics(out / "runs" / method / "metrics.jsonl")
+            if r.get("event") == "benchmark_eval"
+        ]
+        assert [e["final"] for e in events] == [True] and "failed" not in events[0]
+        assert (out / "runs" / method / "benchmarks.json").is_file()
+
+
+def test_demo_without_lm_eval_says_so_and_skips_benchmarks(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from ddk.demo import run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a)
+    )
+    assert run.demo_benchmarks(tmp_path, tmp_path, tmp_path, 0, 0.0) == []
+    assert run.score_references({"teacher": tmp_path}, [], tmp_path, 0.0) == []
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("lm-eval is not installed") and "[eval]" in line
+    assert not (tmp_path / "tasks").exists()
+
+
 def _readme_first_command() -> str:
     text = (REPO / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     return blocks[0].strip()
 
 
+@pytest.mark.slow  # a fresh venv and the demo: minutes
 def test_readme_first_command_as_written(tmp_path):
     command = _readme_first_command()
     assert command.endswith("ddk demo --quick"), command

@@ -16,6 +16,7 @@ from ddk.losses import (
     FusedDistillLoss,
     chunked_ce_sum,
     fused_distill_loss,
+    loss_from_config,
     naive_distill_loss,
 )
 from ddk.teacher.signals import DenseSignal
@@ -279,7 +280,7 @@ def test_chunked_ce_sum():
 def test_module_from_config():
     b = make_batch()
     cfg = DistillSection(gamma=0.25, tau=1.5, divergence="reverse_kl", loss_chunk_tokens=3)
-    loss = FusedDistillLoss.from_config(cfg, vocab_size=b.vocab)
+    loss = loss_from_config(cfg, vocab_size=b.vocab)
     assert "reverse_kl" in repr(loss)
     out = loss(b.hidden, b.weight, b.labels, b.teacher, b.bias)
     ref = naive_distill_loss(

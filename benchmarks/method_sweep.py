@@ -1,0 +1,515 @@
+"""Methods x settings x seeds on any prepared data, teacher and student: the worst-domain ratio
+and the geometric-mean perplexity on the test split, mean ± half-range over seeds, per setting.
+
+    python benchmarks/method_sweep.py --out /tmp/sweep \
+        --base /tmp/demo-0 /tmp/demo-1 /tmp/demo-2 \
+        --settings paper equal kd floor_a25 log_floor robust \
+        [--setting mine distill.method=ddk distill.alpha=0.3 ...] [--seeds 0 1 2] \
+        [--set trainer.max_steps=500 ...] [--teacher T --student S --data D] \
+        [--inprocess | --launcher "accelerate launch -m ddk.cli"] [--reference equal] \
+        [--table-only]
+
+A base is a run config (YAML) or a `ddk demo --out` folder (its configs/distill_*.yaml); each
+base x trainer seed (`--seeds`; default: the base's own seed) is one replicate, a "seed" in the
+table. `ddk demo --seed S` builds a corpus, tokenizer, teacher and student per seed, so its
+folders are bases of their own. A setting is a named bundle of `--set` overrides applied over
+the base (built-in: --list). Every run goes to OUT/runs/SETTING/REPLICATE through `ddk distill`
+(a subprocess, or in this process with --inprocess), one at a time. Finished runs (a final_eval
+record in metrics.jsonl) are skipped and interrupted ones resumed, so rerunning the same
+command continues a sweep; a run folder whose config differs from what the command asks for
+is refused. The numbers come from each run's final_eval record (the test split when the data
+has one); the table is printed and written to OUT/results.md, every run's numbers to
+OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddk.config import Config, read_raw_config
+from ddk.errors import DDKError
+from ddk.metrics import FINAL_EVAL, read_metrics
+from ddk.run_dir import flatten
+from ddk.table import format_table
+
+# Every steering key at the paper's value: built-in DDK settings start from these, so a
+# setting means the same whatever the base config says.
+PAPER_KEYS = [
+    "distill.method=ddk",
+    "distill.preset=null",
+    "distill.alpha=0.5",
+    "distill.init_floor=false",
+    "distill.gap=ratio",
+    "distill.clip_gap=false",
+    "distill.weight_temperature=1.0",
+    "distill.min_share=0.0",
+    "distill.max_weight_change=null",
+    "distill.gap_trend=0",
+]
+
+
+def describe(overrides: list[str]) -> str:
+    """The overrides that matter: the last value of each key, less the paper's own values
+    (the method always shows)."""
+    last = {o.partition("=")[0]: o for o in overrides}
+    return " ".join(o for k, o in last.items() if o not in PAPER_KEYS or k == "distill.method")
+
+
+def _ddk(*changes: str) -> list[str]:
+    return [*PAPER_KEYS, *changes]
+
+
+SETTINGS: dict[str, list[str]] = {
+    "paper": _ddk(),
+    "no_smoothing": _ddk("distill.method=ddk_no_smoothing"),
+    "equal": ["distill.method=equal"],
+    "kd": ["distill.method=kd"],
+    "cpt": ["distill.method=cpt"],
+    "floor": _ddk("distill.init_floor=true"),
+    "floor_a25": _ddk("distill.init_floor=true", "distill.alpha=0.25"),
+    "a25": _ddk("distill.alpha=0.25"),
+    "log": _ddk("distill.gap=log_ratio"),
+    "log_floor": _ddk("distill.gap=log_ratio", "distill.init_floor=true"),
+    "log_floor_a25": _ddk("distill.gap=log_ratio", "distill.init_floor=true", "distill.alpha=0.25"),
+    "log_t2_floor": _ddk(
+        "distill.gap=log_ratio", "distill.weight_temperature=2", "distill.init_floor=true"
+    ),
+    "log_clip_floor": _ddk(
+        "distill.gap=log_ratio", "distill.clip_gap=true", "distill.init_floor=true"
+    ),
+    "log_t3_floor": _ddk(
+        "distill.gap=log_ratio", "distill.weight_temperature=3", "distill.init_floor=true"
+    ),
+    "log_t4_floor": _ddk(
+        "distill.gap=log_ratio", "distill.weight_temperature=4", "distill.init_floor=true"
+    ),
+    "log_t2_floor_a25": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.alpha=0.25",
+    ),
+    "log_t2_floor_min75": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.min_share=0.75",
+    ),
+    "log_t2_cap15": _ddk(
+        "distill.gap=log_ratio", "distill.weight_temperature=2", "distill.max_weight_change=1.5"
+    ),
+    "log_cap15": _ddk("distill.gap=log_ratio", "distill.max_weight_change=1.5"),
+    "log_floor_trend1": _ddk(
+        "distill.gap=log_ratio", "distill.init_floor=true", "distill.gap_trend=1"
+    ),
+    "log_t2_floor_trend1": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.gap_trend=1",
+    ),
+    "log_t2_floor_trend2": _ddk(
+        "distill.gap=log_ratio",
+        "distill.weight_temperature=2",
+        "distill.init_floor=true",
+        "distill.gap_trend=2",
+    ),
+    "t10_floor": _ddk("distill.weight_temperature=10", "distill.init_floor=true"),
+    "cap2": _ddk("distill.max_weight_change=2"),
+    "log_cap2": _ddk("distill.gap=log_ratio", "distill.max_weight_change=2"),
+    "floor_min75": _ddk("distill.init_floor=true", "distill.min_share=0.75"),
+    "log_min75": _ddk("distill.gap=log_ratio", "distill.min_share=0.75"),
+    "robust": _ddk("distill.preset=robust"),
+}
+
+
+# ----------------------------------------------------------------------------- numbers
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    short: str
+    lower_is_better: bool
+
+
+# Columns of the table. A benchmark average (issue 18's lm-eval scores) is one more entry here
+# plus its value in run_numbers; a column none of the runs has is left out.
+METRICS = (
+    Metric("worst_ratio", "worst ratio S/T", "worst", True),
+    Metric("geomean_ppl", "geo-mean ppl", "geo-mean", True),
+)
+
+
+def run_numbers(run_dir: Path) -> dict | None:
+    """The final evaluation of one run folder, or None while it has none: {"split",
+    "worst_ratio", "worst_domain", "geomean_ppl", "ppl": {domain: ppl}, "ratio": {...}}.
+    A NaN ratio or perplexity (a diverged domain) makes the run's worst ratio / mean NaN."""
+    path = run_dir / "metrics.jsonl"
+    finals = (
+        [r for r in read_metrics(path) if r.get("event") == FINAL_EVAL] if path.is_file() else []
+    )
+    if not finals:
+        return None
+    domains = finals[-1]["domains"]  # a resumed run may repeat it; the last one stands
+    ppl = {d: float(e["student_ppl"]) for d, e in domains.items()}
+    ratio = {
+        d: float(e["ratio"]) if e.get("ratio") is not None else ppl[d] / float(e["teacher_ppl"])
+        for d, e in domains.items()
+        if e.get("ratio") is not None or e.get("teacher_ppl")
+    }
+    worst = max(ratio, key=lambda d: math.inf if math.isnan(ratio[d]) else ratio[d], default=None)
+    logs = [math.log(v) if v > 0 else math.nan for v in ppl.values()]
+    return {
+        "split": finals[-1].get("split", "val"),
+        "worst_domain": worst,
+        "worst_ratio": ratio[worst] if worst is not None else None,
+        "geomean_ppl": math.exp(sum(logs) / len(logs)) if logs else None,
+        "ppl": ppl,
+        "ratio": ratio,
+    }
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the max-min range."""
+    return statistics.mean(values), (max(values) - min(values)) / 2
+
+
+def summarize(results: dict[str, dict[str, dict]], reference: str | None) -> list[dict]:
+    """Per setting (in the given order): n, per-metric mean/half-range/per-replicate values,
+    and against `reference` (a setting name): the mean's relative change per metric and in how
+    many shared replicates the setting is better on every metric at once (ties count for the
+    second metric on: 'at or below')."""
+    ref = results.get(reference) if reference else None
+    rows = []
+    for setting, by_rep in results.items():
+        reps = sorted(by_rep)
+        row: dict = {"setting": setting, "replicates": reps, "n": len(reps), "metrics": {}}
+        for m in METRICS:
+            values = [by_rep[r][m.key] for r in reps if by_rep[r].get(m.key) is not None]
+            if not values:
+                continue
+            mean, half = spread(values)
+            row["metrics"][m.key] = {"mean": mean, "half_range": half, "values": values}
+        if ref and setting != reference and reps:
+            shared = [r for r in reps if r in ref]
+            row["vs_reference"] = _against(by_rep, ref, shared, row["metrics"], ref)
+        rows.append(row)
+    return rows
+
+
+def _better(mine: float, ref: float, metric: Metric, strict: bool) -> bool:
+    a, b = (mine, ref) if metric.lower_is_better else (-mine, -ref)
+    return a < b if strict else a <= b
+
+
+def _better_on_all(mine: dict, ref: dict, metrics) -> bool:
+    """Issue 19's bar: strictly better on the first metric (the worst ratio), at least as good
+    on the others (the mean)."""
+    return all(_better(mine[m.key], ref[m.key], m, strict=i == 0) for i, m in enumerate(metrics))
+
+
+def _against(mine: dict, ref: dict, shared: list[str], metrics: dict, ref_runs: dict) -> dict:
+    judged = [m for m in METRICS if m.key in metrics and
+              all(ref[r].get(m.key) is not None for r in shared)]  # fmt: skip
+    ref_means = (
+        {m.key: statistics.mean(ref[r][m.key] for r in shared) for m in judged} if shared else {}
+    )
+    my_means = {m.key: metrics[m.key]["mean"] for m in judged}
+    return {
+        "change": {k: my_means[k] / v - 1 if v else None for k, v in ref_means.items()},
+        "wins": sum(_better_on_all(mine[r], ref[r], judged) for r in shared),
+        "shared": len(shared),
+        "both_means": bool(ref_means) and _better_on_all(my_means, ref_means, judged),
+    }
+
+
+def table(rows: list[dict], reference: str | None, markdown: bool = False) -> str:
+    metrics = [m for m in METRICS if any(m.key in r["metrics"] for r in rows)]
+    headers = ["setting", "seeds"]
+    headers += [m.title for m in metrics]
+    headers += [f"{metrics[0].short} per seed"] if metrics else []
+    if reference and any("vs_reference" in r for r in rows):
+        headers += [f"Δ {m.short} vs {reference}" for m in metrics]
+        headers += [f"beats {reference} (seeds)"]
+    lines = []
+    for r in rows:
+        line = [r["setting"], r["n"]]
+        for m in metrics:
+            s = r["metrics"].get(m.key)
+            line.append(f"{s['mean']:.2f} ± {s['half_range']:.2f}" if s else "")
+        if metrics:
+            first = r["metrics"].get(metrics[0].key)
+            line.append(", ".join(f"{v:.2f}" for v in first["values"]) if first else "")
+        if reference and any("vs_reference" in x for x in rows):
+            vs = r.get("vs_reference")
+            for m in metrics:
+                c = vs["change"].get(m.key) if vs else None
+                line.append(f"{c:+.1%}" if c is not None else "")
+            line.append(f"{'yes' if vs['both_means'] else 'no'} ({vs['wins']}/{vs['shared']})"
+                        if vs else "(reference)")  # fmt: skip
+        lines.append(line)
+    return format_table(headers, lines, markdown=markdown)
+
+
+# ----------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class Replicate:
+    label: str
+    base: Path | None
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Run:
+    setting: str
+    replicate: Replicate
+    run_dir: Path
+    config_path: Path
+    overrides: tuple[str, ...]
+
+
+def base_config(path: str | Path) -> Path:
+    """A YAML file, or a `ddk demo --out` folder: its configs/distill_ddk.yaml (else the only
+    distill_*.yaml there)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    configs = p / "configs"
+    if (configs / "distill_ddk.yaml").is_file():
+        return configs / "distill_ddk.yaml"
+    found = sorted(configs.glob("distill_*.yaml"))
+    if not found:
+        raise DDKError(f"base '{p}' is neither a config file nor a demo folder with configs/")
+    return found[0]
+
+
+def replicates(bases: list[str], seeds: list[int] | None) -> list[Replicate]:
+    out = []
+    paths = [Path(b).expanduser() for b in bases]
+    names = [(p.stem if p.is_file() else p.name) or str(p) for p in paths]
+    for i, (base, name) in enumerate(zip(bases or [None], names or ["run"])):
+        label = name if names.count(name) == 1 else f"{name}-{i}"
+        path = base_config(base) if base is not None else None
+        for seed in seeds or [None]:
+            out.append(Replicate(label if seed is None else f"{label}.seed{seed}", path, seed))
+    return out
+
+
+def plan(out: Path, settings: dict[str, list[str]], reps: list[Replicate], common: list[str]):
+    runs = []
+    for name, overrides in settings.items():
+        for rep in reps:
+            run_dir = out / "runs" / name / rep.label
+            extra = [f"trainer.seed={rep.seed}"] if rep.seed is not None else []
+            full = (*common, *overrides, *extra, f"trainer.output_dir={run_dir}")
+            runs.append(Run(name, rep, run_dir, out / "configs" / name / f"{rep.label}.yaml", full))
+    return runs
+
+
+def requested_config(run: Run) -> Config:
+    from ddk.config import load_config
+
+    return load_config(run.replicate.base, list(run.overrides))
+
+
+def _comparable(config: dict) -> dict:
+    flat = flatten(config)
+    flat.pop("trainer.output_dir", None)
+    return {k: v for k, v in flat.items() if not k.startswith("prepare.")}
+
+
+def check_same_run(run: Run, cfg: Config) -> None:
+    saved = run.run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    # a key the saved config lacks is newer than the run, which ran with its default
+    had = {**_comparable(Config().model_dump(mode="json")), **_comparable(read_raw_config(saved))}
+    want = _comparable(cfg.model_dump(mode="json"))
+    diff = sorted(k for k in want if had.get(k) != want[k])
+    if diff:
+        raise DDKError(
+            f"'{run.run_dir}' holds a run of setting '{run.setting}' made with other values of "
+            f"{', '.join(diff)}; remove that folder or use another --out"
+        )
+
+
+def execute(run: Run, launcher: list[str] | None, log_dir: Path) -> None:
+    """One run through `ddk distill` (new, or --resume when its folder holds a started run)."""
+    cfg = requested_config(run)
+    check_same_run(run, cfg)
+    run.config_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg.save(run.config_path)
+    started = run.run_dir.is_dir() and any(run.run_dir.iterdir())
+    if launcher is None:
+        from ddk.preflight import load_checked_config
+        from ddk.run_dir import resume_run, start_run
+
+        done = (
+            resume_run(run.run_dir)
+            if started
+            else start_run(load_checked_config(run.config_path, []))
+        )
+        if done is None:
+            raise KeyboardInterrupt
+        return
+    argv = [
+        *launcher,
+        "distill",
+        *(["--resume", str(run.run_dir)] if started else [str(run.config_path)]),
+    ]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{run.setting}__{run.replicate.label}.log"
+    with open(log, "a") as fh:
+        fh.write(f"$ {shlex.join(argv)}\n")
+        fh.flush()
+        code = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise DDKError(f"run '{run.run_dir}' failed (exit {code}); see {log}")
+
+
+def sweep(runs: list[Run], launcher: list[str] | None, log_dir: Path, say: Callable = print):
+    for run in runs:  # every folder first: a finished run made with other values is refused too
+        check_same_run(run, requested_config(run))
+    todo = [r for r in runs if run_numbers(r.run_dir) is None]
+    say(f"{len(runs) - len(todo)} of {len(runs)} runs finished already; {len(todo)} to go")
+    for i, run in enumerate(todo, 1):
+        say(f"[{i}/{len(todo)}] {run.setting} on {run.replicate.label} -> {run.run_dir}")
+        execute(run, launcher, log_dir)
+
+
+def collect(runs: list[Run]) -> dict[str, dict[str, dict]]:
+    results: dict[str, dict[str, dict]] = {}
+    for run in runs:
+        numbers = run_numbers(run.run_dir)
+        results.setdefault(run.setting, {})
+        if numbers is not None:
+            check_same_run(run, requested_config(run))
+        if numbers is not None:
+            results[run.setting][run.replicate.label] = numbers
+    return results
+
+
+def write_results(out: Path, rows, results: dict, settings: dict, reference: str | None, note):
+    command = shlex.join(["python", "benchmarks/method_sweep.py", *sys.argv[1:]])
+    md = [f"# command: {command}", "", note, "", table(rows, reference, markdown=True), ""]
+    md += ["Settings:", ""]
+    md += [f"- `{name}`: `{describe(list(overrides))}`" for name, overrides in settings.items()]
+    md += [""]
+    per_domain = sorted(
+        {d for by_rep in results.values() for n in by_rep.values() for d in n["ratio"]}
+    )
+    if per_domain:
+        md += ["Ratio S/T per domain (mean over seeds):", ""]
+        lines = []
+        for setting, by_rep in results.items():
+            if by_rep:
+                lines.append([setting] + [statistics.mean(n["ratio"][d] for n in by_rep.values()
+                             if d in n["ratio"]) for d in per_domain])  # fmt: skip
+        md += [format_table(["setting", *per_domain], lines, markdown=True), ""]
+    (out / "results.md").write_text("\n".join(md))
+    (out / "results.json").write_text(json.dumps({"summary": rows, "runs": results}, indent=2))
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=False, help="sweep folder (runs, configs, logs, results)")
+    p.add_argument("--base", nargs="+", default=[], help="config YAMLs or `ddk demo` folders")
+    p.add_argument("--seeds", type=int, nargs="+", help="trainer.seed values per base")
+    p.add_argument("--settings", nargs="+", default=[], help="built-in settings (see --list)")
+    p.add_argument("--setting", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
+                   help="a setting of your own: a name and its --set overrides")  # fmt: skip
+    p.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for every run (e.g. trainer.max_steps=500)")  # fmt: skip
+    p.add_argument("--teacher", help="= --set model.teacher=...")
+    p.add_argument("--student", help="= --set model.student=...")
+    p.add_argument("--data", help="= --set data.prepared=...")
+    p.add_argument("--reference", default="equal", help="setting to compare against ('' = none)")
+    p.add_argument("--inprocess", action="store_true", help="run in this process, not `ddk`")
+    p.add_argument("--launcher", default=None,
+                   help="command that takes ddk's arguments (default: this Python -m ddk.cli)")  # fmt: skip
+    p.add_argument("--table-only", action="store_true", help="run nothing; tabulate what is done")
+    p.add_argument("--list", action="store_true", help="print the built-in settings and exit")
+    args = p.parse_args(argv)
+    if not args.list and not args.out:
+        p.error("--out is required")
+    return args
+
+
+def chosen_settings(args) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for name in args.settings:
+        if name not in SETTINGS:
+            raise DDKError(f"unknown setting '{name}'; built-in: {', '.join(SETTINGS)}")
+        settings[name] = SETTINGS[name]
+    for name, *overrides in args.setting:
+        if "=" in name or "/" in name:
+            raise DDKError(f"--setting needs a name first, then KEY=VALUE overrides; got '{name}'")
+        settings[name] = overrides
+    if not settings:
+        raise DDKError("no settings: give --settings NAME ... or --setting NAME KEY=VALUE ...")
+    return settings
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name, overrides in SETTINGS.items():
+            print(f"{name:16s} {describe(overrides)}")
+        return 0
+    out = Path(args.out).expanduser()
+    settings = chosen_settings(args)
+    common = list(args.common)
+    for key, value in (("model.teacher", args.teacher), ("model.student", args.student),
+                       ("data.prepared", args.data)):  # fmt: skip
+        if value:
+            common.append(f"{key}={value}")
+    reps = replicates(args.base, args.seeds)
+    runs = plan(out, settings, reps, common)
+    reference = args.reference if args.reference in settings else None
+    if not args.table_only:
+        from ddk.lock import FolderLock
+
+        out.mkdir(parents=True, exist_ok=True)
+        launcher = None if args.inprocess else shlex.split(args.launcher or "") or [
+            sys.executable, "-m", "ddk.cli"]  # fmt: skip
+        with FolderLock(out, "another sweep uses this --out"):
+            sweep(runs, launcher, out / "logs")
+    results = collect(runs)
+    rows = summarize(results, reference)
+    splits = sorted({n["split"] for by_rep in results.values() for n in by_rep.values()})
+    note = (
+        f"{len(reps)} seeds ({', '.join(r.label for r in reps)}); numbers on the "
+        f"{'/'.join(splits) or '?'} split"
+        + (" (held out: nothing steered by it)" if splits == ["test"] else "")
+        + "; mean ± half the max-min range over seeds; Δ: change of the mean against "
+        + (
+            f"'{reference}'; beats: a lower {METRICS[0].short} and a {METRICS[1].short} at or "
+            f"below {reference}'s, on the means (and in how many seeds)."
+            if reference
+            else "none."
+        )
+    )
+    print("\n" + note)
+    print(table(rows, reference))
+    if out.is_dir():
+        write_results(out, rows, results, settings, reference, note)
+        print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DDKError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

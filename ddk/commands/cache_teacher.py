@@ -1,0 +1,298 @@
+"""`ddk cache-teacher`: the teacher's next-token distribution over every training token, as a
+top-k head plus sampled tail tokens (`ddk.teacher.sampling`), stored once (format:
+`ddk.teacher.cache_format`), so `teacher.mode: offline` distils with no teacher loaded.
+
+The teacher is loaded and placed as `teacher.placement` asks (replicated, sharded, CPU
+offload). Under `accelerate launch` rank r writes shards r::world; a sharded teacher's forwards
+are collectives, so every rank then runs as many forwards as the busiest one. Each shard is
+written whole or not at all, so an interrupted run resumes with the missing shards and the
+result is byte for byte what an uninterrupted run writes (each shard's batches are the same
+either way).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddk import identity
+from ddk.data.dataset import PreparedData
+from ddk.data.split import HELDOUT_WINDOWS
+from ddk.errors import DDKError
+from ddk.evaluate import run_perplexities
+from ddk.identity import Strength
+from ddk.lock import LOCK_NAME, FolderLock
+from ddk.models import check_vocab, embedding_rows
+from ddk.preflight import preflight
+from ddk.ranks import print0
+from ddk.runtime import Runtime
+from ddk.teacher import cache_format
+from ddk.teacher.cache_format import (
+    CHECKSUMS_KEY,
+    CONTENT_KEY,
+    FORMAT_VERSION,
+    LOGP_DTYPE,
+    MANIFEST,
+    SHARD_SEQUENCES,
+    TAIL_DTYPE,
+    bytes_per_token,
+    cache_samples,
+    check_target,
+    id_dtype,
+    is_finished,
+    position_uniforms,
+    read_cache_manifest,
+    same_cache,
+    shard_arrays,
+    shard_checksums,
+    shard_path,
+    shard_problem,
+    shard_sequences,
+    write_cache_manifest,
+)
+from ddk.teacher.online import OnlineTeacher
+from ddk.teacher.perplexity import hash_memo
+from ddk.teacher.placement import is_sharded, load_configured_teacher
+from ddk.teacher.sampling import PROPOSAL_POWER
+
+
+def build_cache(cfg, progress: bool = True, write_shard=None, runtime=None) -> Path:
+    """Run the teacher over every training sequence of `data.prepared` (the `data.domains`
+    subset if set) and write the cache to `teacher.cache`. Resumes an interrupted cache.
+    `write_shard(path, arrays)` writes one shard (default: `cache_format.write_shard`)."""
+    for key, what in (
+        ("teacher.cache", "the folder to write the cache to"),
+        ("model.teacher", "the teacher to cache"),
+        ("data.prepared", "the output folder of `ddk prepare`"),
+    ):
+        section, name = key.split(".")
+        if not getattr(getattr(cfg, section), name):
+            raise DDKError(f"{key}: required ({what})")
+    _preflight(cfg)
+    folder = Path(cfg.teacher.cache).expanduser()
+    rt = runtime if runtime is not None else Runtime()
+    if rt.is_main:
+        check_target(folder)
+    prepared = Path(cfg.data.prepared).expanduser().resolve()
+    if folder.resolve().is_relative_to(prepared):
+        raise DDKError(
+            f"teacher.cache '{folder}' lies inside the prepared data '{cfg.data.prepared}'; "
+            "write the cache to a folder of its own"
+        )
+    created = not folder.exists()
+    lock = FolderLock(folder, "write the cache").acquire() if rt.is_main else None
+    try:
+        write_shard = write_shard or cache_format.write_shard
+        _build_locked(cfg, folder, rt, progress, write_shard)
+        return folder
+    except BaseException:
+        # Refused before anything was written: leave no folder holding only the lock
+        # (removed while still held, so no other process locks a file about to vanish).
+        if lock is not None and created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            (folder / LOCK_NAME).unlink()
+            lock.release()
+            folder.rmdir()
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _preflight(cfg) -> None:
+    """distill's checks of the data against the models (tokenizer, vocabulary, context
+    length), as the run that will read this cache makes them: a cache for data the teacher
+    cannot serve would only fail there, after the cost of building it. The cache itself does
+    not exist yet, so they run as for an online teacher."""
+    model = {"student": cfg.model.student or cfg.model.teacher}
+    check = cfg.model_copy(
+        update={
+            "teacher": cfg.teacher.model_copy(update={"mode": "online"}),
+            "model": cfg.model.model_copy(update=model),
+        }
+    )
+    preflight(check)
+
+
+def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:
+    data = PreparedData(cfg.data.prepared, cfg.data.domains)
+    plan = rt.main_result(lambda: _plan(cfg, data))  # hashes the data and teacher once
+    if is_finished(folder, plan):  # every rank sees the same: rank 0 writes nothing here
+        print0(f"'{folder}' already holds this cache; nothing to do")
+        return
+    if rt.is_main:
+        plan = _begin(folder, plan)
+    rt.barrier()
+    model = load_configured_teacher(cfg, rt)
+    check_vocab(data.vocab_size, embedding_rows(model), embedding_rows(model))
+    teacher = OnlineTeacher(model, rt.autocast)
+    _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard)
+    rt.barrier()
+    # The teacher's exact perplexities (full softmax, not top-k): DDK's Eq. 1/2 use them.
+    ppl = {}
+    for split in ("val", "test"):
+        if split == "test" and not data.has_split("test"):
+            continue  # data prepared before test splits
+        result = run_perplexities(cfg, model, data, split, rt)
+        ppl[split] = {d: r["ppl"] for d, r in result.items()}
+    if rt.is_main:
+        _finish(folder, plan, ppl, data.seq_len)
+    rt.barrier()
+
+
+def _plan(cfg, data: PreparedData) -> dict:
+    """The manifest of the cache `cfg` asks for (incomplete until every shard is written)."""
+    vocab = data.vocab_size
+    manifest = data.manifest
+    k = cfg.teacher.cache_k
+    if k > vocab:
+        raise DDKError(f"teacher.cache_k {k} exceeds the vocabulary ({vocab} tokens); lower it")
+    samples = cfg.teacher.cache_samples if cfg.teacher.sparse_estimator == "sampled" else 0
+    dtypes = {"ids": id_dtype(vocab).name, "logp": LOGP_DTYPE.name, "log_tail": TAIL_DTYPE.name}
+    if samples:
+        dtypes.update(
+            sample_ids=dtypes["ids"], sample_logp=dtypes["logp"], log_norm=dtypes["log_tail"]
+        )
+    memo = hash_memo(cfg)
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher": cfg.model.teacher,
+        "teacher_fingerprint": identity.teacher_fingerprint(cfg.model.teacher, memo),
+        "data_fingerprint": identity.record_fingerprint(manifest),
+        CONTENT_KEY: identity.data_fingerprint(data.folder, Strength.CONTENT, memo=memo),
+        "vocab_size": vocab,
+        "vocab_sha256": manifest.tokenizer.vocab_sha256,
+        "seq_len": data.seq_len,
+        "k": k,
+        "tau": float(cfg.distill.tau),
+        "samples": samples,
+        "proposal_power": PROPOSAL_POWER if samples else None,
+        "shard_sequences": SHARD_SEQUENCES,
+        "dtypes": dtypes,
+        "bytes_per_token": bytes_per_token(k, vocab, samples),
+        "domains": {
+            n: {
+                "folder": manifest.domains[n].folder,
+                "sequences": s.num_train_sequences,
+                "shards": math.ceil(s.num_train_sequences / SHARD_SEQUENCES),
+            }
+            for n, s in data.domains.items()
+        },
+        "complete": False,
+    }
+
+
+def _begin(folder: Path, plan: dict) -> dict:
+    """Rank 0: refuse another cache in `folder`, clear a killed run's temporary shards and
+    mark the cache incomplete. Returns the plan to finish (an existing cache's own)."""
+    if (folder / MANIFEST).exists():
+        old = read_cache_manifest(folder)
+        if not same_cache(old, plan):
+            raise DDKError(
+                f"'{folder}' holds a cache of another teacher, data, domains, k, tau, "
+                "sampling or format; set teacher.cache to a new folder (or delete this one)"
+            )
+        plan = {**old, CONTENT_KEY: plan[CONTENT_KEY], "complete": False}
+    for name, info in plan["domains"].items():
+        for j in range(info["shards"]):
+            shard = shard_path(folder, info, j)
+            shard.with_name(shard.name + ".tmp").unlink(missing_ok=True)  # a killed run's
+            if shard.exists() and shard_problem(folder, plan, name, j):
+                shard.unlink()  # truncated or changed: written again below
+    folder.mkdir(parents=True, exist_ok=True)
+    write_cache_manifest(folder, plan)
+    return plan
+
+
+def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard) -> None:
+    shards = [(n, j) for n, info in plan["domains"].items() for j in range(info["shards"])]
+    mine = shards[rt.rank :: rt.world_size]
+    todo = [(n, j) for n, j in mine if not shard_path(folder, plan["domains"][n], j).exists()]
+    batch = cfg.trainer.eval_batch_size
+
+    def sequences(shards):
+        return [shard_sequences(plan, plan["domains"][n], j) for n, j in shards]
+
+    # A sharded teacher's forward is a collective: every rank runs as many as the busiest one
+    # (agreed before any forward, so no other collective interleaves with them).
+    forwards = sum(math.ceil(m / batch) for m in sequences(todo))
+    if is_sharded(teacher.model):
+        most = int(rt.reduce_max(torch.tensor([forwards], device=rt.device))[0])
+    with tqdm(
+        total=data.seq_len * sum(sequences(mine)),
+        initial=data.seq_len * (sum(sequences(mine)) - sum(sequences(todo))),
+        desc="cache-teacher",
+        unit="tok",
+        unit_scale=True,
+        dynamic_ncols=True,
+        # `disable=False` would override TQDM_DISABLE: pass it only to switch the bar off.
+        **({} if progress and rt.is_main else {"disable": True}),
+    ) as bar:
+        for name, j in todo:
+            info = plan["domains"][name]
+            m = shard_sequences(plan, info, j)
+            pieces = []
+            for start in range(0, m, batch):
+                first = j * SHARD_SEQUENCES + start
+                idx = list(range(first, first + min(batch, m - start)))
+                seqs = data.domains[name].sequences("train", idx).to(rt.device)
+                pieces.append(_rows(cfg, plan, teacher, seqs, name, idx))
+            write_shard(shard_path(folder, info, j), [np.concatenate(p) for p in zip(*pieces)])
+            bar.update(m * data.seq_len)
+    if is_sharded(teacher.model):
+        _throwaway_forwards(cfg, plan, data, teacher, rt, most - forwards)
+
+
+def _rows(
+    cfg, plan: dict, teacher: OnlineTeacher, seqs: torch.Tensor, domain: str, idx: list[int]
+) -> list[np.ndarray]:
+    """The shard arrays of sequences `idx` of `domain` (`seqs`): the teacher's top-k at tau,
+    then with samples the tail draws, each position with its own uniform."""
+    common = dict(
+        vocab=plan["vocab_size"], k=plan["k"], tau=plan["tau"], chunk=cfg.distill.loss_chunk_tokens
+    )
+    if not cache_samples(plan):
+        return shard_arrays(teacher.topk(seqs[:, :-1], **common), plan["vocab_size"])
+    signal, log_norm = teacher.sampled(
+        seqs[:, :-1],
+        samples=cache_samples(plan),
+        uniforms=torch.from_numpy(position_uniforms(plan, domain, idx)),
+        logp_dtype=getattr(torch, LOGP_DTYPE.name),
+        **common,
+    )
+    return shard_arrays(signal, plan["vocab_size"], log_norm)
+
+
+def _throwaway_forwards(cfg, plan, data, teacher, rt, count: int) -> None:
+    """Forwards whose result is dropped: a sharded teacher's collectives on a rank with fewer
+    shards to write than the busiest one."""
+    name = next(iter(data.domains))
+    seqs = data.domains[name].sequences("train", [0]).to(rt.device)
+    for _ in range(count):
+        _rows(cfg, plan, teacher, seqs, name, [0])
+
+
+def _finish(folder: Path, plan: dict, ppl: dict, seq_len: int) -> None:
+    """Rank 0: check every shard is there, record the perplexities and mark the cache done."""
+    missing = [
+        str(shard_path(folder, info, j))
+        for info in plan["domains"].values()
+        for j in range(info["shards"])
+        if not shard_path(folder, info, j).exists()
+    ]
+    if missing:
+        raise DDKError(f"{len(missing)} cache shards are missing (first: {missing[0]})")
+    plan[CHECKSUMS_KEY] = shard_checksums(folder, plan)
+    plan["teacher_ppl"] = ppl
+    plan["teacher_ppl_windows"] = HELDOUT_WINDOWS
+    plan["complete"] = True
+    write_cache_manifest(folder, plan)
+    tokens = sum(i["sequences"] for i in plan["domains"].values()) * seq_len
+    sampled = f" + {plan['samples']} tail samples" if cache_samples(plan) else ""
+    print0(
+        f"cached {tokens} tokens x top-{plan['k']}{sampled} in {folder} "
+        f"({plan['bytes_per_token']} bytes/token)"
+    )

@@ -1,0 +1,205 @@
+"""The offline teacher: a `ddk cache-teacher` cache (top-k head, sampled tail) read back, so
+training loads no teacher model at all; and the preflight check that a cache can serve a run."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddk import identity
+from ddk.data.split import HELDOUT_WINDOWS
+from ddk.errors import DDKError
+from ddk.identity import Strength
+from ddk.ranks import print0
+from ddk.teacher.cache_format import (
+    CONTENT_KEY,
+    TOPK_FORMATS,
+    cache_samples,
+    open_shard,
+    read_cache_manifest,
+    shard_problem,
+)
+from ddk.teacher.perplexity import SharedPerplexities, hash_memo
+from ddk.teacher.sampling import sample_log_weights
+from ddk.teacher.signals import Batch, SparseSignal
+
+
+class OfflineTeacher:
+    """A `TeacherSource` that reads the cache: sparse signals, and the perplexities the cache
+    recorded (or, for a cache without them, computed through `fallback`).
+
+    ``estimator`` "sampled" hands the loss the tail samples too, "topk" only the top-k and the
+    tail mass; None: whatever the cache holds."""
+
+    MAX_OPEN = 128  # shard memmaps kept open (each holds a file descriptor)
+
+    def __init__(
+        self,
+        folder: str | Path,
+        domains: list[str],
+        device: torch.device,
+        estimator: str | None = None,
+        fallback: Callable[[], SharedPerplexities] | None = None,
+    ):
+        self.folder = Path(folder).expanduser()
+        self.manifest = read_cache_manifest(self.folder)
+        self.domains = list(domains)
+        self.device = device
+        self.k = int(self.manifest["k"])
+        self.tau = float(self.manifest["tau"])
+        self.samples = cache_samples(self.manifest)
+        if estimator == "sampled" and not self.samples:
+            raise DDKError(
+                f"teacher cache '{self.folder}' holds no tail samples; rebuild it with "
+                "`ddk cache-teacher` or set teacher.sparse_estimator=topk"
+            )
+        self.sampled = bool(self.samples) and estimator != "topk"
+        self._fallback_factory = fallback
+        self.fallback: SharedPerplexities | None = None
+        self._maps: collections.OrderedDict = collections.OrderedDict()
+        self._verified: set[tuple[str, int]] = set()
+        self.ppl_source: dict[str, str] = {}
+
+    @property
+    def ppl_key(self) -> dict:
+        if self.fallback is not None and set(self.ppl_source.values()) != {"teacher cache"}:
+            return self.fallback.key
+        m = self.manifest
+        return {
+            "data": m.get("data_fingerprint"),
+            "teacher": m.get("teacher_fingerprint"),
+            "teacher_cache": str(self.folder),
+        }
+
+    def _shard(self, name: str, shard: int):
+        key = (name, shard)
+        if key in self._maps:
+            self._maps.move_to_end(key)
+            return self._maps[key]
+        if key not in self._verified:  # once per shard and process: a changed shard (random
+            # bytes, edited log-probs) would index out of range or train on p > 1
+            problem = shard_problem(self.folder, self.manifest, name, shard)
+            if problem:
+                raise DDKError(f"{problem}; rerun `ddk cache-teacher` to rebuild it")
+            self._verified.add(key)
+        arrays = open_shard(self.folder, self.manifest, name, shard)
+        self._maps[key] = arrays
+        if len(self._maps) > self.MAX_OPEN:
+            self._maps.popitem(last=False)
+        return arrays
+
+    def signal(self, batch: Batch) -> SparseSignal:
+        per = self.manifest["shard_sequences"]
+        L = batch.input_ids.shape[1]
+        if L != self.manifest["seq_len"]:
+            raise DDKError(f"teacher cache has {self.manifest['seq_len']} tokens per row, not {L}")
+        pairs = np.asarray(batch.rows).tolist()
+        shards = [self._shard(self.domains[d], i // per) for d, i in pairs]
+
+        def stacked(j: int) -> torch.Tensor:  # array j of the shard layout, rows of the batch
+            arr = np.stack([arrays[j][i % per] for arrays, (_, i) in zip(shards, pairs)])
+            arr = arr.astype(np.int64 if j in (0, 3) else np.float32, copy=False)  # ids: 0, 3
+            return torch.from_numpy(arr.reshape(-1, *arr.shape[2:])).to(self.device)
+
+        ids, logp, log_tail, *tail = (stacked(j) for j in range(6 if self.sampled else 3))
+        if not tail:
+            return SparseSignal(ids, logp, log_tail)
+        sample_ids, sample_logp, log_norm = tail
+        power = float(self.manifest["proposal_power"])
+        logw = sample_log_weights(sample_logp, log_norm, self.samples, power)
+        return SparseSignal(ids, logp, log_tail, sample_ids, sample_logp, logw)
+
+    def perplexities(self, split: str = "val") -> dict[str, float] | None:
+        ppl = self.manifest.get("teacher_ppl", {}).get(split)
+        if self.manifest.get("teacher_ppl_windows") != HELDOUT_WINDOWS:
+            ppl = None  # measured on windows cut another way: computed anew
+        if ppl is None:
+            if self._fallback_factory is None:
+                return None
+            if self.fallback is None:  # built on demand: it fingerprints the teacher's files
+                self.fallback = self._fallback_factory()
+            result = self.fallback.perplexities(split)
+            self.ppl_source[split] = self.fallback.ppl_source.get(split, "computed")
+            return result
+        self.ppl_source[split] = "teacher cache"
+        return {d: ppl[d] for d in self.domains}
+
+
+def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
+    """Preflight for `teacher.mode: offline`: every reason the cache cannot serve this run."""
+    if not cfg.teacher.cache:
+        return ["teacher.cache: required with teacher.mode offline (a `ddk cache-teacher` folder)"]
+    try:
+        m = read_cache_manifest(cfg.teacher.cache)
+    except DDKError as e:
+        return [f"teacher.cache: {e}"]
+    where = f"teacher.cache: '{cfg.teacher.cache}'"
+    if m.get("format_version") not in TOPK_FORMATS:
+        return [f"{where} has cache format {m.get('format_version')}; build it again"]
+    if cfg.teacher.sparse_estimator == "sampled" and not cache_samples(m):
+        return [
+            f"{where} holds no tail samples (top-k only: built with sparse_estimator topk or by "
+            "an older ddk); rebuild it with `ddk cache-teacher` or set "
+            "teacher.sparse_estimator=topk"
+        ]
+    problems = []
+    if not m.get("complete"):
+        problems.append(f"{where} is incomplete; finish it with `ddk cache-teacher`")
+    if int(m["k"]) != cfg.teacher.cache_k:  # k only sets how a cache is built: say which one
+        print0(
+            f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
+            f"{cfg.teacher.cache_k}; distilling with k = {m['k']}"
+        )
+    if cfg.teacher.sparse_estimator == "sampled" and cache_samples(m) != cfg.teacher.cache_samples:
+        print0(
+            f"warning: {where} holds {cache_samples(m)} tail samples per token, not "
+            f"teacher.cache_samples={cfg.teacher.cache_samples}; distilling with "
+            f"{cache_samples(m)}"
+        )
+    if float(m["tau"]) != float(cfg.distill.tau):
+        problems.append(
+            f"{where} was built at tau {m['tau']} but distill.tau is {cfg.distill.tau}; use the "
+            "same tau or build a cache for it"
+        )
+    if prepared_manifest is not None:
+        problems += _data_problems(cfg, m, where, prepared_manifest, domains)
+    if cfg.model.teacher:
+        problems += _teacher_problems(cfg, m, where)
+    return problems
+
+
+def _data_problems(cfg, m: dict, where: str, prepared_manifest, domains: list[str]) -> list[str]:
+    tokenizer = prepared_manifest.tokenizer
+    other = f"{where} was built from other prepared data than '{cfg.data.prepared}'"
+    problems = []
+    if m["vocab_size"] != tokenizer.vocab_size or m.get("vocab_sha256") != tokenizer.vocab_sha256:
+        problems.append(f"{where} was built for another vocabulary than data.prepared's")
+    elif m["data_fingerprint"] != identity.record_fingerprint(prepared_manifest):
+        problems.append(f"{other}; run `ddk cache-teacher` on this data")
+    elif CONTENT_KEY in m and m[CONTENT_KEY] != identity.data_fingerprint(
+        cfg.data.prepared, Strength.CONTENT, memo=hash_memo(cfg)
+    ):  # the tokens themselves: a shard edited in place is other data
+        problems.append(f"{other} (its token files changed); run `ddk cache-teacher` again")
+    absent = [d for d in domains if d not in m["domains"]]
+    if absent:
+        problems.append(f"{where} has no domain '{absent[0]}'; cache it or drop it from the run")
+    return problems
+
+
+def _teacher_problems(cfg, m: dict, where: str) -> list[str]:
+    other = (
+        f"{where} was built by another teacher ('{m.get('teacher')}') than "
+        f"model.teacher '{cfg.model.teacher}'"
+    )
+    if not identity.teacher_on_disk(cfg.model.teacher):
+        # Training off the teacher's machine: only the name it was cached under can be compared.
+        return [other] if m.get("teacher") != cfg.model.teacher else []
+    try:
+        fingerprint = identity.teacher_fingerprint(cfg.model.teacher, hash_memo(cfg))
+    except DDKError as e:
+        return [f"model.teacher: {e}"]
+    return [other] if fingerprint != m["teacher_fingerprint"] else []

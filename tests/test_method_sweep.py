@@ -1,0 +1,205 @@
+"""benchmarks/method_sweep.py: reads final_eval records, aggregates over seeds, compares with
+the reference setting, and (slow) runs a real tiny sweep end to end, resumably."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddk.config import Config
+from ddk.errors import DDKError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "method_sweep.py"
+_spec = importlib.util.spec_from_file_location("method_sweep", SCRIPT)
+sweep = sys.modules.setdefault("method_sweep", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(sweep)  # dataclasses look their module up in sys.modules
+
+
+def fake_run(run_dir: Path, student: dict, teacher: dict, split="test", stale=None) -> Path:
+    """A run folder as `ddk distill` leaves it: training logs, domain updates, one final_eval
+    (after a `stale` one from before a resume, if given)."""
+    run_dir.mkdir(parents=True)
+
+    def event(name, ppl, step):
+        return {"event": name, "step": step, "split": split, "domains": {
+            d: {"student_ppl": ppl[d], "teacher_ppl": teacher[d], "ratio": ppl[d] / teacher[d],
+                "weight": 0.5} for d in ppl}}  # fmt: skip
+
+    records = [{"step": 1, "loss": 3.0}, event("domain_update", {d: 99.0 for d in student}, 0)]
+    if stale:
+        records.append(event("final_eval", stale, 4))
+    records += [{"step": 4, "loss": 2.0}, event("final_eval", student, 4), "{truncated"]
+    (run_dir / "metrics.jsonl").write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+    )
+    return run_dir
+
+
+TEACHER = {"code": 10.0, "math": 5.0, "prose": 20.0}
+
+
+def test_run_numbers_reads_the_last_final_eval(tmp_path):
+    run = fake_run(tmp_path / "r", {"code": 30.0, "math": 20.0, "prose": 40.0}, TEACHER,
+                   stale={"code": 1.0, "math": 1.0, "prose": 1.0})  # fmt: skip
+    n = sweep.run_numbers(run)
+    assert n["split"] == "test" and n["worst_domain"] == "math"
+    assert n["worst_ratio"] == pytest.approx(4.0)
+    assert n["geomean_ppl"] == pytest.approx((30 * 20 * 40) ** (1 / 3))
+    assert sweep.run_numbers(tmp_path / "missing") is None
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    assert sweep.run_numbers(tmp_path / "started") is None  # no final_eval yet: not finished
+    nan = fake_run(tmp_path / "nan", {"code": float("nan"), "math": 6.0, "prose": 20.0}, TEACHER)
+    assert sweep.run_numbers(nan)["worst_domain"] == "code"  # a diverged domain is the worst
+    assert math.isnan(sweep.run_numbers(nan)["geomean_ppl"])
+
+
+def _numbers(worst, geo):
+    return {"worst_ratio": worst, "geomean_ppl": geo, "split": "test", "ratio": {"a": worst}}
+
+
+def test_summarize_mean_half_range_and_reference():
+    results = {
+        "equal": {"s0": _numbers(3.0, 80.0), "s1": _numbers(2.0, 82.0), "s2": _numbers(4.0, 78.0)},
+        # better on both in s0 and s1; in s2 the worst ratio is better but the mean is not
+        "mine": {"s0": _numbers(2.5, 80.0), "s1": _numbers(1.9, 81.0), "s2": _numbers(3.0, 79.0)},
+        "worse": {"s0": _numbers(3.5, 70.0), "s1": _numbers(2.5, 70.0), "s2": _numbers(4.5, 70.0)},
+    }
+    rows = {r["setting"]: r for r in sweep.summarize(results, "equal")}
+    eq = rows["equal"]["metrics"]
+    assert eq["worst_ratio"]["mean"] == pytest.approx(3.0)
+    assert eq["worst_ratio"]["half_range"] == pytest.approx(1.0)
+    assert eq["worst_ratio"]["values"] == [3.0, 2.0, 4.0]
+    assert eq["geomean_ppl"]["half_range"] == pytest.approx(2.0)
+    assert "vs_reference" not in rows["equal"]
+    vs = rows["mine"]["vs_reference"]
+    assert vs["wins"] == 2 and vs["shared"] == 3
+    assert vs["change"]["worst_ratio"] == pytest.approx(statistics.mean([2.5, 1.9, 3.0]) / 3 - 1)
+    assert vs["change"]["geomean_ppl"] == pytest.approx(0.0) and vs["both_means"]  # a tie counts
+    assert (
+        rows["worse"]["vs_reference"]["wins"] == 0
+        and not rows["worse"]["vs_reference"]["both_means"]
+    )
+    text = sweep.table(list(rows.values()), "equal")
+    line = next(x for x in text.splitlines() if x.startswith("mine"))
+    assert "2.47 ± 0.55" in line and "80.00 ± 1.00" in line and "yes (2/3)" in line
+    assert "2.50, 1.90, 3.00" in line and "-17.8%" in line
+
+
+def _base(tmp_path) -> Path:
+    cfg = Config()
+    cfg.model.teacher, cfg.model.student = "teacher", "student"
+    cfg.data.prepared = str(tmp_path / "data")
+    path = tmp_path / "configs" / "distill_ddk.yaml"
+    path.parent.mkdir(parents=True)
+    cfg.save(path)
+    return tmp_path
+
+
+def test_table_only_reads_a_sweep_folder(tmp_path, capsys):
+    demo = _base(tmp_path / "demo-0")  # a `ddk demo` folder is a base
+    out = tmp_path / "sweep"
+    for setting, ppl in (("equal", 30.0), ("robust", 25.0)):
+        fake_run(out / "runs" / setting / "demo-0.seed0", {"code": ppl, "math": ppl, "prose": 60.0}, TEACHER)  # fmt: skip
+        fake_run(out / "runs" / setting / "demo-0.seed1", {"code": ppl, "math": ppl - 1, "prose": 60.0}, TEACHER)  # fmt: skip
+    argv = ["--out", str(out), "--base", str(demo), "--seeds", "0", "1", "--table-only",
+            "--settings", "equal", "robust", "--setting", "mine", "distill.alpha=0.3"]  # fmt: skip
+    assert sweep.main(argv) == 0
+    shown = capsys.readouterr().out
+    assert "2 seeds (demo-0.seed0, demo-0.seed1)" in shown and "test split" in shown
+    robust = next(x for x in shown.splitlines() if x.startswith("robust"))
+    # worst: math, 25/5 and 24/5 against 30/5 and 29/5
+    assert "4.90 ± 0.10" in robust and "5.00, 4.80" in robust and "yes (2/2)" in robust
+    md = (out / "results.md").read_text()
+    assert "| robust" in md and "`robust`: `distill.method=ddk distill.preset=robust`" in md
+    assert "`mine`: `distill.alpha=0.3`" in md
+    saved = json.loads((out / "results.json").read_text())
+    assert (
+        set(saved["runs"]["equal"]) == {"demo-0.seed0", "demo-0.seed1"}
+        and saved["runs"]["mine"] == {}
+    )
+
+
+def test_plan_configs_and_refusals(tmp_path):
+    demo = _base(tmp_path / "d")
+    reps = sweep.replicates([str(demo)], [3])
+    runs = sweep.plan(
+        tmp_path / "out", {"robust": sweep.SETTINGS["robust"]}, reps, ["trainer.max_steps=7"]
+    )
+    cfg = sweep.requested_config(runs[0])
+    assert cfg.trainer.seed == 3 and cfg.trainer.max_steps == 7
+    assert cfg.trainer.output_dir == str(tmp_path / "out" / "runs" / "robust" / "d.seed3")
+    assert cfg.distill.preset == "robust" and cfg.distill.init_floor  # resolved over a full base
+    # a finished folder of the same name but other values is refused, not silently reused
+    other = cfg.model_copy(deep=True)
+    other.distill.alpha = 0.9
+    runs[0].run_dir.mkdir(parents=True)
+    other.save(runs[0].run_dir / "config.yaml")
+    with pytest.raises(DDKError, match="other values of distill.alpha"):
+        sweep.check_same_run(runs[0], cfg)
+    cfg.save(runs[0].run_dir / "config.yaml")
+    sweep.check_same_run(runs[0], cfg)
+    # a run saved before a key existed ran with that key's default: same run, unless the
+    # setting asks for another value
+    older = cfg.model_dump(mode="json")
+    del older["distill"]["gap_trend"]
+    (runs[0].run_dir / "config.yaml").write_text(yaml.safe_dump(older))
+    sweep.check_same_run(runs[0], cfg)
+    cfg.distill.gap_trend = 1.0
+    with pytest.raises(DDKError, match="distill.gap_trend"):
+        sweep.check_same_run(runs[0], cfg)
+    with pytest.raises(DDKError, match="unknown setting 'nope'"):
+        sweep.chosen_settings(sweep.parse_args(["--out", "x", "--settings", "nope"]))
+    with pytest.raises(DDKError, match="neither a config file nor a demo folder"):
+        sweep.base_config(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end_and_resumable(
+    tmp_path, teacher_dir, student_dir, prepared_dir, capsys
+):
+    from tests.test_trainer import make_config
+
+    base = tmp_path / "base.yaml"
+    make_config(tmp_path / "unused", teacher_dir, student_dir, prepared_dir,
+                **{"trainer.max_steps": 2, "distill.K": 1, "trainer.save_every": 1}).save(base)  # fmt: skip
+    out = tmp_path / "sweep"
+    argv = ["--out", str(out), "--base", str(base), "--inprocess", "--settings", "equal", "robust"]
+    assert sweep.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "0 of 2 runs finished already; 2 to go" in first
+    assert "yes (1/1)" in first or "no (0/1)" in first  # judged against equal
+    numbers = sweep.run_numbers(out / "runs" / "robust" / "base")
+    numbers_equal = sweep.run_numbers(out / "runs" / "equal" / "base")
+    assert numbers["split"] == "test" and numbers["worst_ratio"] > 0
+    assert (
+        Config.model_validate(
+            __import__("yaml").safe_load(
+                (out / "runs" / "robust" / "base" / "config.yaml").read_text()
+            )
+        ).distill.preset
+        == "robust"
+    )
+    assert sweep.main(argv) == 0  # rerun: nothing to do, same table
+    again = capsys.readouterr().out
+    assert "2 of 2 runs finished already; 0 to go" in again
+    assert first.splitlines()[-4:] == again.splitlines()[-4:]
+    # a run cut short (no final_eval yet) is resumed, not restarted or skipped
+    metrics = out / "runs" / "equal" / "base" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("".join(x + "\n" for x in lines if '"final_eval"' not in x))
+    assert sweep.main(argv) == 0
+    resumed = capsys.readouterr().out
+    assert "1 of 2 runs finished already; 1 to go" in resumed
+    assert "resuming from" in resumed  # from its last checkpoint
+    assert sweep.run_numbers(metrics.parent) == numbers_equal
+    # the same folder asked for with other values is refused, not tabulated as if it matched
+    with pytest.raises(DDKError, match="other values of distill.alpha"):
+        sweep.main([*argv[:-3], "--setting", "equal", "distill.method=equal", "distill.alpha=0.1"])
