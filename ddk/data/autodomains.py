@@ -2,9 +2,10 @@
 relabel the document stream that `ddk prepare` tokenises, so the output has the usual layout.
 
 Two passes over the corpus keep memory bounded: pass 1 keeps a seeded reservoir sample of
-`prepare.cluster_sample` documents (per labelled domain for --split-domains) and fits the
-embedder and k-means on it; pass 2 streams every document through in batches, assigns it to
-the nearest centroid and hands it on. Also here: dropping documents that another prepared
+`prepare.cluster_sample` documents (per labelled domain for --split-domains) and fits on it the
+features (ddk.data.embed), k-means pieces and the tree that joins them into domains
+(ddk.data.clustering); pass 2 streams every document through in batches, assigns it to the
+nearest piece, hence its domain, and hands it on. Names: ddk.data.naming. Also here: dropping documents that another prepared
 folder holds out (`prepare.exclude_heldout`), so a model trained on this data can be scored on
 that folder's true domains.
 """
@@ -12,22 +13,21 @@ that folder's true domains.
 from __future__ import annotations
 
 import json
-import re
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.cluster import KMeans
 from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
 from ddk.config import PrepareSection
+from ddk.data import clustering
 from ddk.data.dedup import HASH_DTYPE, text_hash
 from ddk.data.embed import EmbedModel, make_embedder
 from ddk.data.manifest import domain_path, read_array, read_manifest
+from ddk.data.naming import cluster_name as cluster_name  # re-exported (tests, callers)
+from ddk.data.naming import distinctive_terms, name_clusters
 from ddk.data.sources import Corpus, iter_documents
 from ddk.errors import DDKError
 
@@ -36,10 +36,8 @@ CLUSTERS = "clusters.json"
 HELDOUT_HASHES = "heldout_hashes.npy"
 ASSIGN_BATCH = 256  # documents embedded at once in pass 2 (and the most held in memory)
 MIN_CLUSTER_DOCS = 3  # sample documents a cluster needs; fewer: merged into the nearest one
-SILHOUETTE_SAMPLE = 3000  # silhouette is quadratic in documents: score on a seeded subset
 _SNIPPET_CHARS = 160
 _NAME_TERMS = 3
-_TERM_CHARS = 12
 _WORD = r"(?u)\b[^\W\d_]{2,}\b"  # naming terms: words of letters, no numbers
 
 
@@ -94,29 +92,6 @@ def reservoir_add(sample: list, seen: int, item, capacity: int, rng: np.random.G
             sample[j] = item
 
 
-def distinctive_terms(weights: np.ndarray, vocab: list[str], top: int) -> list[list[str]]:
-    """Per row of `weights` ([clusters, terms], mean TF-IDF of each cluster), the terms whose
-    weight most exceeds their mean weight in the other clusters (only positive margins)."""
-    k = weights.shape[0]
-    others = (weights.sum(0, keepdims=True) - weights) / max(k - 1, 1)
-    margin = weights - others
-    out = []
-    for row in margin:
-        order = np.argsort(-row, kind="stable")[:top]
-        out.append([vocab[i] for i in order if row[i] > 0])
-    return out
-
-
-def cluster_name(index: int, terms: list[str]) -> str:
-    """`c3_def_return_self`: folder-safe ASCII, unique through the index."""
-    # Accents decomposed first: "über" names as "uber", not the misleading "ber".
-    flat = [
-        unicodedata.normalize("NFKD", t.lower()).encode("ascii", "ignore").decode() for t in terms
-    ]
-    parts = [re.sub(r"[^a-z0-9]", "", t)[:_TERM_CHARS] for t in flat]
-    return "_".join([f"c{index}"] + [p for p in parts if p])
-
-
 def snippet(text: str) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= _SNIPPET_CHARS else flat[: _SNIPPET_CHARS - 1] + "…"
@@ -130,64 +105,65 @@ class GroupModel:
     """The clustering of one group: the whole corpus, or one labelled domain when splitting."""
 
     embedder: object
-    kmeans: object
-    label_map: np.ndarray  # k-means label -> cluster index (after merging tiny clusters)
+    kmeans: object  # the over-clustering: pieces of the sample
+    label_map: np.ndarray  # piece -> cluster index
     names: list[str]
     terms: list[list[str]]
+    basis: list[dict]  # what each name is based on: code language, script, terms, characters
     examples: list[list[str]]
     sample_sizes: list[int]
-    silhouette: dict[int, float] = field(default_factory=dict)
+    auto: dict = field(default_factory=dict)  # how N was picked (auto_domains='auto')
 
     def assign(self, texts: list[str]) -> list[str]:
         labels = self.label_map[self.kmeans.predict(self.embedder.transform(texts))]
         return [self.names[i] for i in labels]
 
 
-# k-means restarts; the lowest-inertia fit wins. 10 restarts can stop in a worse optimum: on
-# the demo corpus minus another folder's held-out documents they merged code with prose (inertia
-# 1597, ARI 0.68) where 50 found the lower-inertia split into the true domains (1578, ARI 0.98).
-KMEANS_RESTARTS = 50
-
-
-def _kmeans(rows: np.ndarray, k: int, seed: int, restarts: int = KMEANS_RESTARTS):
-    # Full k-means on the sample (at most prepare.cluster_sample short dense rows, so memory
-    # stays bounded): on the demo corpus it finds the true domains where MiniBatchKMeans
-    # often splits one and merges two.
-    return KMeans(n_clusters=k, random_state=seed, n_init=restarts).fit(rows)
-
-
-def _pick_k(rows: np.ndarray, lo: int, hi: int, seed: int, log) -> tuple[int, dict[int, float]]:
-    scores = {}
-    for k in range(lo, min(hi, len(rows) - 1) + 1):
-        labels = _kmeans(rows, k, seed, restarts=10).predict(rows)  # a scan: fewer restarts
-        if len(set(labels.tolist())) < 2:
-            scores[k] = -1.0
-            continue
-        scores[k] = float(
-            silhouette_score(
-                rows,
-                labels,
-                metric="cosine",
-                sample_size=min(len(rows), SILHOUETTE_SAMPLE),
-                random_state=seed,
-            )
+def pick_n(
+    rows: np.ndarray,
+    weights: np.ndarray,
+    pieces: np.ndarray,
+    merges: list[clustering.Merge],
+    lo: int,
+    hi: int,
+    prefix: str,
+    log,
+) -> tuple[int, dict]:
+    """N for auto_domains='auto': the largest N in [lo, hi] whose cut of the merge tree leaves
+    every two domains at least clustering.MIN_DOMAIN_DISTANCE apart. One line and stop when
+    even two are closer: the sample is one domain."""
+    k = len(merges) + 1
+    closest = {
+        n: clustering.closest_pair(
+            rows, weights, clustering.cut_tree(merges, k, n)[pieces], MIN_CLUSTER_DOCS
         )
-    if not scores:
+        for n in range(2, hi + 1)
+    }
+    where = prefix or "the corpus"
+    if closest[2] < clustering.MIN_DOMAIN_DISTANCE:
         raise DDKError(
-            f"prepare.auto_domains 'auto' needs more than {lo} distinct sampled documents; "
-            "add text or lower prepare.auto_domains_range"
+            f"{where} looks like one domain: split in two, its halves differ by "
+            f"{closest[2]:.2f} (cosine distance of mean features; distinct domains differ by at "
+            f"least {clustering.MIN_DOMAIN_DISTANCE}), so auto-domains has nothing to split; "
+            "prepare it without --auto-domains, or give a number of domains to split it anyway"
         )
-    best = max(scores, key=lambda k: (scores[k], -k))
+    n = max(m for m, d in closest.items() if d >= clustering.MIN_DOMAIN_DISTANCE)
+    n = min(max(n, lo), hi)
     log(
-        "auto-domains: silhouette (cosine) by N: "
-        + ", ".join(f"{k}={s:.3f}" for k, s in scores.items())
-        + f" -> N={best}"
+        f"{prefix or 'auto-domains'}: N={n}, the most domains whose closest two differ by at "
+        f"least {clustering.MIN_DOMAIN_DISTANCE} (cosine distance of mean features); closest "
+        "pair by N: " + ", ".join(f"{m}={d:.2f}" for m, d in closest.items())
     )
-    return best, scores
+    return n, {
+        "picked": n,
+        "min_domain_distance": clustering.MIN_DOMAIN_DISTANCE,
+        "closest_pair_by_n": {str(m): round(d, 4) for m, d in closest.items()},
+        "range": [lo, hi],
+    }
 
 
 def _merge_tiny(labels: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Map k-means labels to kept clusters: one with fewer than MIN_CLUSTER_DOCS sampled
+    """Map cluster labels to kept clusters: one with fewer than MIN_CLUSTER_DOCS sampled
     documents joins the kept cluster whose centroid is most similar (cosine)."""
     k = len(centroids)
     sizes = np.bincount(labels, minlength=k)
@@ -204,8 +180,14 @@ def _merge_tiny(labels: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def fit_group(
     texts: list[str], n, cfg: PrepareSection, embed_model: EmbedModel, prefix: str, log
 ) -> GroupModel:
-    """Fit embedder + k-means on `texts` (the sample) for n clusters ('auto': by silhouette)."""
+    """Fit the features and the clustering on `texts` (the sample) for n domains ('auto':
+    n from the merge tree): k-means pieces, joined by Ward's criterion over bytes."""
     distinct = len(set(texts))
+    if n == "auto" and distinct < 2:
+        raise DDKError(
+            f"{prefix or 'the corpus'}: auto-domains needs at least 2 distinct documents, "
+            f"but the {len(texts):,} sampled are all the same text; add text"
+        )
     if n != "auto" and n > distinct:
         raise DDKError(
             f"{prefix or 'the corpus'}: {n} domains asked but only {distinct} distinct documents "
@@ -214,32 +196,44 @@ def fit_group(
         )
     embedder = make_embedder(cfg.embedder, cfg.seed, embed_model).fit(texts)
     rows = embedder.transform(texts)
-    scores: dict[int, float] = {}
-    if n == "auto":
-        lo, hi = cfg.auto_domains_range
-        n, scores = _pick_k(rows, lo, min(hi, distinct), cfg.seed, log)
-    kmeans = _kmeans(rows, n, cfg.seed)
-    raw = kmeans.predict(rows)
-    merged = _merge_tiny(raw, kmeans.cluster_centers_)
-    merged_away = sorted(set(range(n)) - set(merged.tolist()))
-    if merged_away:
+    weights = np.array([max(len(t.encode("utf-8")), 1) for t in texts], dtype=np.float64)
+    lo, hi = cfg.auto_domains_range if n == "auto" else (n, n)
+    k = min(clustering.OVERCLUSTER * hi, distinct)
+    kmeans = clustering.kmeans_pieces(rows, weights, k, cfg.seed)
+    pieces = kmeans.predict(rows)
+    means, sizes, docs = clustering.piece_stats(rows, weights, pieces, k)
+    merges = clustering.ward_tree(means, sizes, docs)
+    auto: dict = {}
+    if n == "auto" and cfg.embedder != "hashing":
         log(
-            f"{prefix or 'auto-domains'}: {len(merged_away)} cluster(s) with fewer than "
-            f"{MIN_CLUSTER_DOCS} sampled documents merged into their nearest cluster"
+            f"{prefix or 'auto-domains'}: auto's distance threshold was measured with the "
+            f"hashing features; with '{cfg.embedder}' features check the closest pairs below "
+            "and give N if they look off"
         )
-    labels = merged[raw]
+    if n == "auto":
+        n, auto = pick_n(rows, weights, pieces, merges, lo, min(hi, k), prefix, log)
+    label_map = clustering.cut_tree(merges, k, n)
+    labels = label_map[pieces]
+    centroids, _, _ = clustering.piece_stats(rows, weights, labels, n)
+    merged = _merge_tiny(labels, centroids)
+    if (merged != np.arange(n)).any():
+        log(
+            f"{prefix or 'auto-domains'}: {int((merged != np.arange(n)).sum())} cluster(s) with "
+            f"fewer than {MIN_CLUSTER_DOCS} sampled documents merged into their nearest cluster"
+        )
+    labels = merged[labels]
     # Cluster indices by sampled size (largest first), so c0 is the biggest domain.
     kept = sorted(set(labels.tolist()), key=lambda c: (-int((labels == c).sum()), c))
     index_of = {c: i for i, c in enumerate(kept)}
-    label_map = np.array([index_of[int(merged[c])] for c in range(n)])
-    final = label_map[raw]
+    label_map = np.array([index_of[int(merged[c])] for c in label_map])
+    final = label_map[pieces]
+    members = [[texts[j] for j in np.flatnonzero(final == i)] for i in range(len(kept))]
     terms = _terms(texts, final, len(kept))
-    names = [(prefix + "." if prefix else "") + cluster_name(i, t) for i, t in enumerate(terms)]
-    examples = [
-        [snippet(texts[j]) for j in np.flatnonzero(final == i)[:3]] for i in range(len(kept))
-    ]
-    sizes = [int((final == i).sum()) for i in range(len(kept))]
-    return GroupModel(embedder, kmeans, label_map, names, terms, examples, sizes, scores)
+    names, basis = name_clusters(members, terms)
+    names = [(prefix + "." if prefix else "") + name for name in names]
+    examples = [[snippet(t) for t in m[:3]] for m in members]
+    sizes_out = [len(m) for m in members]
+    return GroupModel(embedder, kmeans, label_map, names, terms, basis, examples, sizes_out, auto)
 
 
 def _terms(texts: list[str], labels: np.ndarray, k: int) -> list[list[str]]:
@@ -427,6 +421,7 @@ class DomainPlan:
                     "bytes": nbytes,
                     "sampled_documents": model.sample_sizes[i],
                     "top_terms": model.terms[i],
+                    "named_by": model.basis[i],
                     "examples": model.examples[i],
                 }
         for name, (docs, nbytes) in self.counts.items():  # domains kept whole
@@ -437,11 +432,7 @@ class DomainPlan:
             "embedder": self.cfg.embedder,
             "seed": self.cfg.seed,
             "cluster_sample": self.cfg.cluster_sample,
-            "silhouette": {
-                (g or "all"): {str(k): s for k, s in m.silhouette.items()}
-                for g, m in self.models.items()
-                if m.silhouette
-            },
+            "auto": {(g or "all"): m.auto for g, m in self.models.items() if m.auto},
             "clusters": clusters,
         }
         (tmp / CLUSTERS).write_text(json.dumps(report, indent=2, ensure_ascii=False))

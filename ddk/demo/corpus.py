@@ -131,8 +131,8 @@ def build_demo_corpus(
     docs = {
         "code": code_docs,
         "prose": prose_docs,
-        "math": _take(_math_problems(random.Random(f"{seed}:math")), targets["math"]),
-        "records": _take(_records(random.Random(f"{seed}:records")), targets["records"]),
+        "math": _take(math_problems(random.Random(f"{seed}:math")), targets["math"]),
+        "records": _take(record_texts(random.Random(f"{seed}:records")), targets["records"]),
     }
 
     stats = _write_domains(out_dir, docs, seed, root)
@@ -164,7 +164,7 @@ def _write_domains(out_dir: Path, docs: dict[str, list[str]], seed: int, root: P
                 f"(standard library read from {root}); pass stdlib_dir=..."
             )
         random.Random(f"{seed}:{domain}:order").shuffle(texts)
-        _write_jsonl(out_dir / domain / _FILE_NAME, texts)
+        write_domain_jsonl(out_dir / domain / _FILE_NAME, texts)
         stats[domain] = {
             "documents": len(texts),
             "bytes": sum(len(t.encode("utf-8")) for t in texts),
@@ -204,7 +204,7 @@ def stdlib_python_files(root: Path, skip_dirs: Iterable[str] = SKIP_DIRS) -> lis
 # --------------------------------------------------------------------------- stdlib domains
 
 
-def _read_source(path: Path) -> str | None:
+def read_source(path: Path) -> str | None:
     try:
         text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError):
@@ -212,7 +212,7 @@ def _read_source(path: Path) -> str | None:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _parse(source: str) -> ast.Module | None:
+def parse_source(source: str) -> ast.Module | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. SyntaxWarning on invalid escapes
         try:
@@ -253,7 +253,7 @@ def _split_long(lines: list[str], max_bytes: int) -> list[list[str]]:
     return pieces
 
 
-def _chunk_lines(lines: list[str], cuts: Iterable[int], max_bytes: int) -> list[str]:
+def chunk_lines(lines: list[str], cuts: Iterable[int], max_bytes: int) -> list[str]:
     """Cut ``lines`` at ``cuts`` (line indices), split over-long segments, pack greedily."""
     bounds = sorted({0, len(lines), *(c for c in cuts if 0 < c < len(lines))})
     pieces: list[list[str]] = []
@@ -309,14 +309,14 @@ def split_code(source: str, max_bytes: int = MAX_DOC_BYTES) -> list[str]:
     of at most ``max_bytes``. A class longer than that is cut between its methods, a single
     function or method longer than that at blank lines. ``[]`` for source that does not
     parse."""
-    tree = _parse(source)
+    tree = parse_source(source)
     if tree is None:
         return []
     lines = source.split("\n")
     if _nbytes(lines) <= max_bytes:
         text = source.strip("\n")
         return [text] if len(text.strip()) >= _MIN_CODE_DOC_BYTES else []
-    chunks = _chunk_lines(lines, _code_cuts(tree, lines, max_bytes), max_bytes)
+    chunks = chunk_lines(lines, _code_cuts(tree, lines, max_bytes), max_bytes)
     return [c for c in chunks if len(c.strip()) >= _MIN_CODE_DOC_BYTES]
 
 
@@ -329,7 +329,7 @@ def _code_documents(files: Sequence[Path], target: int) -> tuple[list[str], int]
         if total >= target:
             break
         used += 1
-        source = _read_source(path)
+        source = read_source(path)
         if source is None:
             continue
         for chunk in split_code(source):
@@ -349,7 +349,7 @@ def _looks_like_prose(doc: str) -> bool:
     return doctest <= len(lines) // 4 and letters >= 0.75 * len(doc)
 
 
-def _docstrings(tree: ast.Module) -> Iterator[str]:
+def docstring_texts(tree: ast.Module) -> Iterator[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             doc = ast.get_docstring(node, clean=True)
@@ -357,7 +357,7 @@ def _docstrings(tree: ast.Module) -> Iterator[str]:
                 yield doc.strip()
 
 
-def _pydoc_topics() -> list[tuple[str, str]]:
+def pydoc_topics() -> list[tuple[str, str]]:
     """The interactive-help texts (``help('FOR')`` etc.): ~0.45 MB of English prose."""
     try:
         from pydoc_data.topics import topics
@@ -371,12 +371,12 @@ def _prose_documents(
 ) -> tuple[list[str], int]:
     """Help topics up to a quarter of ``target``, then docstrings, then the rest of the topics.
     Returns the documents and how many came from the help topics."""
-    topics = _pydoc_topics()
+    topics = pydoc_topics()
     rng.shuffle(topics)
     topic_chunks = [
         chunk
         for _, text in topics
-        for chunk in _chunk_lines(text.strip().split("\n"), (), MAX_DOC_BYTES)
+        for chunk in chunk_lines(text.strip().split("\n"), (), MAX_DOC_BYTES)
     ]
     docs: list[str] = []
     total = 0
@@ -391,15 +391,15 @@ def _prose_documents(
     for path in files:
         if total >= target:
             break
-        source = _read_source(path)
-        tree = _parse(source) if source is not None else None
+        source = read_source(path)
+        tree = parse_source(source) if source is not None else None
         if tree is None:
             continue
-        for doc in _docstrings(tree):
+        for doc in docstring_texts(tree):
             if doc in seen:
                 continue
             seen.add(doc)
-            for chunk in _chunk_lines(doc.split("\n"), (), MAX_DOC_BYTES):
+            for chunk in chunk_lines(doc.split("\n"), (), MAX_DOC_BYTES):
                 docs.append(chunk)
                 total += len(chunk.encode("utf-8"))
             if total >= target:
@@ -678,7 +678,7 @@ _MATH_TEMPLATES: tuple[Callable[[random.Random], tuple[str, str]], ...] = (
 )
 
 
-def _math_problems(rng: random.Random) -> Iterator[str]:
+def math_problems(rng: random.Random) -> Iterator[str]:
     """Endless word problems ``"Q: ...\\nA: ... The answer is N."``; every step in the answer
     has the form ``<arithmetic> = <value>`` and is correct."""
     while True:
@@ -791,7 +791,7 @@ def _csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return buf.getvalue().rstrip("\n")
 
 
-def _records(rng: random.Random) -> Iterator[str]:
+def record_texts(rng: random.Random) -> Iterator[str]:
     """Endless records: people and orders as JSON objects, sensor logs and bank statements as
     CSV tables; each kind has one fixed schema and consistent values (order totals are the
     sum of their lines, balances the running sum of the amounts, orders name known people)."""
@@ -898,7 +898,7 @@ def _bank_statement(rng: random.Random) -> str:
 # --------------------------------------------------------------------------- output
 
 
-def _write_jsonl(path: Path, texts: Iterable[str]) -> None:
+def write_domain_jsonl(path: Path, texts: Iterable[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8", newline="\n") as f:

@@ -116,7 +116,7 @@ def _finished(final: Path | None) -> Path:
     return final
 
 
-def _pretrain(
+def pretrain(
     base_model: Path,
     data: Path,
     run_dir: Path,
@@ -164,7 +164,7 @@ def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, co
         run_dir = cache / name
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        _pretrain(init, data, run_dir, size, steps, mix, lr, seed, configs, f"pretrain_{name}")
+        pretrain(init, data, run_dir, size, steps, mix, lr, seed, configs, f"pretrain_{name}")
     return tok_dir, teacher, student
 
 

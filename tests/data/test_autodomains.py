@@ -2,7 +2,10 @@
 the output is ordinary prepared data."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +14,13 @@ from sklearn.metrics import adjusted_rand_score
 
 from ddk.cli import main
 from ddk.config import Config, PrepareSection
-from ddk.data import autodomains
+from ddk.data import autodomains, clustering
 from ddk.data.autodomains import DomainPlan, cluster_name, distinctive_terms, reservoir_add
 from ddk.data.dedup import text_hash
 from ddk.data.embed import EmbedModel
 from ddk.data.prepare import prepare
 from ddk.data.sources import discover
+from ddk.demo.corpora import Shape, build_corpus
 from ddk.errors import DDKError
 from ddk.preflight import preflight
 from tests.conftest import one_error_line
@@ -157,6 +161,12 @@ def test_clusters_recover_hidden_sources(auto4, mixed):
         names, key=lambda n: sum(r["domain"] == n and t == "code" for r, t in zip(rows, truth))
     )
     assert set(clusters[code]["top_terms"]) & {"def", "return", "self", "get"}
+    # Code is named by its language, the cluster of numbers (no words) by its characters.
+    assert code.endswith("_code_python") and clusters[code]["named_by"] == {"code": "python"}
+    numbers = max(
+        names, key=lambda n: sum(r["domain"] == n and t == "numbers" for r, t in zip(rows, truth))
+    )
+    assert numbers.endswith("_numbers")
 
 
 def test_output_passes_preflight(auto4, student_dir, teacher_dir):
@@ -193,8 +203,8 @@ def test_auto_picks_the_number_of_sources(tmp_path, mixed):
     cfg = _cfg(mixed[0], tmp_path / "out", auto_domains="auto", auto_domains_range=(2, 7))
     plan = DomainPlan(cfg, discover(cfg.input), EmbedModel(None, False), progress=False)
     model = plan.models[None]
-    assert set(model.silhouette) == set(range(2, 8))
-    assert len(model.names) == 4
+    assert set(model.auto["closest_pair_by_n"]) == {str(n) for n in range(2, 8)}
+    assert model.auto["picked"] == len(model.names) == 4
 
 
 def test_split_domains(tmp_path, tokenizer_dir):
@@ -340,6 +350,140 @@ def test_cli_student_embedder_uses_model_student(tmp_path, mixed, tokenizer_dir,
     assert manifest["auto_domains"]["embedder"] == "student"
     assert manifest["fingerprint"]["embed_model"] == str(student_dir)
     assert len(manifest["domains"]) == 2
+
+
+def _read_folders(root: Path, path: Path) -> list[str]:
+    """The documents of a corpus folder (one sub-folder per true domain), shuffled, written to
+    `path` as one unlabelled JSONL; returns each line's true domain."""
+    items = [
+        (f.parent.name, json.loads(line)["text"])
+        for f in sorted(root.glob("*/*.jsonl"))
+        for line in f.read_text(encoding="utf-8").splitlines()
+    ]
+    random.Random(0).shuffle(items)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in items))
+    return [d for d, _ in items]
+
+
+def _recall_purity(truth: list[str], labels: list[str]) -> dict[str, tuple[float, float]]:
+    """Per true domain: the share of its documents in its biggest cluster, and that cluster's
+    share of the domain."""
+    out = {}
+    for d in set(truth):
+        mine = [lab for t, lab in zip(truth, labels) if t == d]
+        best = max(set(mine), key=mine.count)
+        in_best = [t for t, lab in zip(truth, labels) if lab == best]
+        out[d] = (mine.count(best) / len(mine), in_best.count(d) / len(in_best))
+    return out
+
+
+@pytest.fixture(scope="module")
+def unbalanced(tmp_path_factory):
+    """One domain of 85 % (word problems from templates, which split easily), two of ~6 %
+    (English docstrings, Han-script prose) and one of 2 % (Python code): sources every Python
+    install has."""
+    root = tmp_path_factory.mktemp("unbalanced")
+    shape = Shape("test", {"math": 1700, "prose": 120, "han": 120, "python": 40})
+    build_corpus(shape, root / "corpus", seed=0, log=lambda msg: None)
+    truth = _read_folders(root / "corpus", root / "unlabelled.jsonl")
+    return root / "unlabelled.jsonl", truth
+
+
+@pytest.mark.parametrize("n", [4, "auto"])
+def test_small_distinct_domains_are_found_not_the_big_one_split(tmp_path, unbalanced, n):
+    """Before: k-means with 4 centroids split the word problems in three and merged code into
+    prose (ARI 0.14; the Han cluster named a bare `c3`), and `auto` picked 16 domains."""
+    path, truth = unbalanced
+    cfg = _cfg(path, tmp_path / "out", auto_domains=n, cluster_sample=len(truth))
+    plan = DomainPlan(cfg, discover(cfg.input), None, progress=False)
+    labels = [d for d, text, _ in plan.documents(tmp_path) if text is not None]
+    assert adjusted_rand_score(truth, labels) >= 0.9
+    for domain, (recall, purity) in _recall_purity(truth, labels).items():
+        assert recall >= 0.8 and purity >= 0.8, (domain, recall, purity)
+    names = plan.models[None].names
+    assert len(names) == 4
+    assert any(name.endswith("_code_python") for name in names), names
+    assert any(name.endswith("_han") for name in names), names
+    if n == "auto":
+        assert plan.models[None].auto["picked"] == 4
+
+
+def test_auto_on_one_domain_says_so_in_one_line(tmp_path, tokenizer_dir, capsys):
+    build_corpus(Shape("one", {"math": 400}), tmp_path / "corpus", log=lambda msg: None)
+    out = tmp_path / "out"
+    argv = ["prepare", "--input", str(tmp_path / "corpus"), "--output", str(out)]
+    argv += ["--tokenizer", str(tokenizer_dir), "--seq-len", "16", "--val-sequences", "2"]
+    assert main(argv + ["--auto-domains", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the corpus looks like one domain"), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "texts, message",
+    [
+        (["the same text"] * 30, "all the same text"),  # issue 16: a RuntimeWarning came first
+        ([f"document {i} words" for i in range(30)], "looks like one domain"),  # one shape
+    ],
+)
+def test_auto_errors_print_no_warning_first(tmp_path, tokenizer_dir, texts, message):
+    """stderr holds the one-line error and nothing else (sklearn divided by a zero variance)."""
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    argv = ["prepare", "--input", str(tmp_path / "c.jsonl"), "--output", str(tmp_path / "out")]
+    argv += ["--tokenizer", str(tokenizer_dir), "--seq-len", "16", "--auto-domains", "auto"]
+    done = subprocess.run(
+        [sys.executable, "-m", "ddk.cli", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def _naive_ward(means, sizes, exponent):
+    """Tempered Ward from scratch: every step recomputes each group's mean from its pieces."""
+    groups = [[i] for i in range(len(means))]
+    steps = []
+    while len(groups) > 1:
+        best = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                sa, sb = sizes[groups[a]].sum(), sizes[groups[b]].sum()
+                ma = (means[groups[a]] * sizes[groups[a], None]).sum(0) / sa
+                mb = (means[groups[b]] * sizes[groups[b], None]).sum(0) / sb
+                cost = (sa * sb / (sa + sb)) ** exponent * ((ma - mb) ** 2).sum()
+                if best is None or cost < best[0]:
+                    best = (cost, a, b)
+        cost, a, b = best
+        steps.append((frozenset(groups[a] + groups[b]), cost))
+        groups[a] = groups[a] + groups[b]
+        del groups[b]
+    return steps
+
+
+@pytest.mark.parametrize("exponent", [1.0, clustering.SIZE_EXPONENT])
+def test_ward_tree_and_cut_against_a_naive_reference(exponent):
+    rng = np.random.default_rng(0)
+    means, sizes = rng.normal(size=(12, 5)), rng.uniform(1, 50, size=12)
+    merges = clustering.ward_tree(means, sizes, np.ones(12, dtype=int), exponent)
+    members = {i: {i} for i in range(12)}
+    for step, m in enumerate(merges):
+        members[12 + step] = members[m.left] | members[m.right]
+    got = [(frozenset(members[12 + s]), m.cost) for s, m in enumerate(merges)]
+    want = _naive_ward(means, sizes, exponent)
+    assert [g for g, _ in got] == [w for w, _ in want]
+    assert np.allclose([c for _, c in got], [c for _, c in want])
+    for n in (1, 3, 12):
+        labels = clustering.cut_tree(merges, 12, n)
+        assert len(set(labels.tolist())) == n and labels[0] == 0
+        # Each cluster is one node of the tree (or a piece): the groups the first 12-n steps made.
+        groups = {frozenset(np.flatnonzero(labels == c).tolist()) for c in range(n)}
+        made = [g for g, _ in want[: 12 - n]]
+        for g in groups:
+            assert len(g) == 1 or g in made
 
 
 def test_cluster_names_keep_accented_letters():
