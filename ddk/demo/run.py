@@ -92,7 +92,7 @@ def _stage(msg: str, started: float) -> None:
     print(f"[{time.perf_counter() - started:6.1f}s] {msg}", flush=True)
 
 
-def _common_trainer(size: DemoSize, steps: int, out_dir: Path, lr: float, seed: int) -> list[str]:
+def common_trainer(size: DemoSize, steps: int, out_dir: Path, lr: float, seed: int) -> list[str]:
     return [
         f"trainer.output_dir={out_dir}",
         f"trainer.max_steps={steps}",
@@ -135,7 +135,7 @@ def pretrain(
         "distill.method=cpt",
         f"distill.K={steps}",
         f"distill.mixture={json.dumps(mixture)}",
-        *_common_trainer(size, steps, run_dir, lr, seed),
+        *common_trainer(size, steps, run_dir, lr, seed),
     ]
     cfg = load_config(None, overrides)
     cfg.save(configs / f"{name}.yaml")
@@ -221,7 +221,7 @@ def distill_stage(
         f"data.prepared={data}",
         f"distill.method={base}",
         f"distill.K={size.K}",
-        *_common_trainer(size, steps, run_dir, 1e-3, seed),
+        *common_trainer(size, steps, run_dir, 1e-3, seed),
         *benchmarks,
     ]
     if variant == "floor":
