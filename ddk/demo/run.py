@@ -33,7 +33,7 @@ from ddk.demo.tasks import write_demo_tasks
 from ddk.errors import DDKError
 from ddk.harness import LM_EVAL_EXTRA, BenchmarkPlan, benchmarks_payload, score, write_benchmarks
 from ddk.lock import FolderLock
-from ddk.methods import METHODS
+from ddk.methods import METHODS, PRESETS
 from ddk.ownership import check_replaceable, list_files, ownership_record, read_record
 from ddk.report import benchmark_table, summarize_runs, write_report
 from ddk.run_dir import start_run
@@ -223,9 +223,8 @@ def distill_stage(
         f"distill.K={size.K}",
         *common_trainer(size, steps, run_dir, 1e-3, seed),
         *benchmarks,
+        *VARIANTS[variant],
     ]
-    if variant == "floor":
-        overrides.append("distill.init_floor=true")
     cfg = load_config(None, overrides)
     cfg.save(configs / f"distill_{method}.yaml")
     _finished(start_run(cfg))
@@ -268,15 +267,22 @@ def score_references(models: dict[str, Path], benchmarks: list[str], out: Path, 
     return files
 
 
-VARIANTS = {"": "the method as configured", "floor": "distill.init_floor=true (ddk only)"}
+# A ddk variant -> its overrides: the opt-in interval-0 floor, and each `distill.preset`.
+VARIANTS: dict[str, list[str]] = {
+    "": [],
+    "floor": ["distill.init_floor=true"],
+    **{name: [f"distill.preset={name}"] for name in PRESETS},
+}
 
 
 def split_variant(label: str) -> tuple[str, str]:
-    """'ddk+floor' -> ('ddk', 'floor'): a method plus an opt-in variant, as the report labels it."""
+    """'ddk+floor' -> ('ddk', 'floor'): a method plus an opt-in variant, as the report labels it
+    (ddk+robust: `distill.preset: robust`)."""
     base, _, variant = label.partition("+")
     if base not in METHODS or variant not in VARIANTS or (variant and base != "ddk"):
+        variants = " or ".join(f"ddk+{v}" for v in VARIANTS if v)
         raise DDKError(
-            f"demo method '{label}' is unknown; use one of {', '.join(METHODS)} or ddk+floor"
+            f"demo method '{label}' is unknown; use one of {', '.join(METHODS)} or {variants}"
         )
     return base, variant
 
