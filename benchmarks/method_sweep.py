@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ddk.config import Config, read_raw_config
 from ddk.errors import DDKError
-from ddk.metrics import FINAL_EVAL, read_metrics
+from ddk.metrics import BENCHMARK_EVAL, FINAL_EVAL, read_metrics
 from ddk.run_dir import flatten
 from ddk.table import format_table
 
@@ -139,26 +139,31 @@ class Metric:
     title: str
     short: str
     lower_is_better: bool
+    judged: bool = True
+    """Whether "beats the reference" asks for it (issue 19's bar: the two perplexity measures)."""
 
 
-# Columns of the table. A benchmark average (issue 18's lm-eval scores) is one more entry here
-# plus its value in run_numbers; a column none of the runs has is left out.
+# Columns of the table; a column none of the runs has is left out. The benchmark average is
+# shown, not judged: runs score it only with an `eval.tasks` section (lm-eval).
 METRICS = (
     Metric("worst_ratio", "worst ratio S/T", "worst", True),
     Metric("geomean_ppl", "geo-mean ppl", "geo-mean", True),
+    Metric("benchmark_avg", "benchmark avg %", "bench", False, judged=False),
 )
 
 
 def run_numbers(run_dir: Path) -> dict | None:
     """The final evaluation of one run folder, or None while it has none: {"split",
-    "worst_ratio", "worst_domain", "geomean_ppl", "ppl": {domain: ppl}, "ratio": {...}}.
+    "worst_ratio", "worst_domain", "geomean_ppl", "ppl": {domain: ppl}, "ratio": {...},
+    "benchmark_avg": the final model's lm-eval average in percent, or None}.
     A NaN ratio or perplexity (a diverged domain) makes the run's worst ratio / mean NaN."""
     path = run_dir / "metrics.jsonl"
-    finals = (
-        [r for r in read_metrics(path) if r.get("event") == FINAL_EVAL] if path.is_file() else []
-    )
+    records = read_metrics(path) if path.is_file() else []
+    finals = [r for r in records if r.get("event") == FINAL_EVAL]
     if not finals:
         return None
+    scored = [r for r in records if r.get("event") == BENCHMARK_EVAL and r.get("final")]
+    average = scored[-1].get("average") if scored else None  # None too when scoring failed
     domains = finals[-1]["domains"]  # a resumed run may repeat it; the last one stands
     ppl = {d: float(e["student_ppl"]) for d, e in domains.items()}
     ratio = {
@@ -175,6 +180,7 @@ def run_numbers(run_dir: Path) -> dict | None:
         "geomean_ppl": math.exp(sum(logs) / len(logs)) if logs else None,
         "ppl": ppl,
         "ratio": ratio,
+        "benchmark_avg": 100 * average if average is not None else None,
     }
 
 
@@ -218,7 +224,7 @@ def _better_on_all(mine: dict, ref: dict, metrics) -> bool:
 
 
 def _against(mine: dict, ref: dict, shared: list[str], metrics: dict, ref_runs: dict) -> dict:
-    judged = [m for m in METRICS if m.key in metrics and
+    judged = [m for m in METRICS if m.judged and m.key in metrics and
               all(ref[r].get(m.key) is not None for r in shared)]  # fmt: skip
     ref_means = (
         {m.key: statistics.mean(ref[r][m.key] for r in shared) for m in judged} if shared else {}
@@ -238,7 +244,7 @@ def table(rows: list[dict], reference: str | None, markdown: bool = False) -> st
     headers += [m.title for m in metrics]
     headers += [f"{metrics[0].short} per seed"] if metrics else []
     if reference and any("vs_reference" in r for r in rows):
-        headers += [f"Δ {m.short} vs {reference}" for m in metrics]
+        headers += [f"Δ {m.short} vs {reference}" for m in metrics if m.judged]
         headers += [f"beats {reference} (seeds)"]
     lines = []
     for r in rows:
@@ -251,7 +257,7 @@ def table(rows: list[dict], reference: str | None, markdown: bool = False) -> st
             line.append(", ".join(f"{v:.2f}" for v in first["values"]) if first else "")
         if reference and any("vs_reference" in x for x in rows):
             vs = r.get("vs_reference")
-            for m in metrics:
+            for m in (m for m in metrics if m.judged):
                 c = vs["change"].get(m.key) if vs else None
                 line.append(f"{c:+.1%}" if c is not None else "")
             line.append(f"{'yes' if vs['both_means'] else 'no'} ({vs['wins']}/{vs['shared']})"

@@ -184,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["cpt", "kd", "ddk", "equal"],
-        help="methods to compare (default: cpt kd ddk equal; also ddk_no_smoothing, ddk+floor = "
-        "ddk with distill.init_floor=true)",
+        default=["cpt", "kd", "ddk", "ddk+robust", "equal"],
+        help="methods to compare (default: cpt kd ddk ddk+robust equal; ddk+robust = ddk with "
+        "distill.preset=robust; also ddk_no_smoothing, ddk+floor = ddk with "
+        "distill.init_floor=true)",
     )
     p.add_argument(
         "--init-floor-variant", action="store_true", help="also run ddk+floor (init_floor=true)"

@@ -192,7 +192,8 @@ def test_init_floor_run_is_labelled_and_floored(tmp_path, teacher_dir, student_d
     assert min(first[d]["rows"] for d in names) > 0
     assert summarize_runs([run])["runs"][0]["label"] == "ddk+floor"
     assert split_variant("ddk+floor") == ("ddk", "floor") and split_variant("kd") == ("kd", "")
-    for bad in ("kd+floor", "ddk+tau", "dkk"):
+    assert split_variant("ddk+robust") == ("ddk", "robust")  # a preset is a variant too
+    for bad in ("kd+floor", "kd+robust", "ddk+tau", "dkk"):
         with pytest.raises(DDKError, match="ddk\\+floor"):
             split_variant(bad)
 

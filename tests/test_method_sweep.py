@@ -22,9 +22,12 @@ sweep = sys.modules.setdefault("method_sweep", importlib.util.module_from_spec(_
 _spec.loader.exec_module(sweep)  # dataclasses look their module up in sys.modules
 
 
-def fake_run(run_dir: Path, student: dict, teacher: dict, split="test", stale=None) -> Path:
+def fake_run(
+    run_dir: Path, student: dict, teacher: dict, split="test", stale=None, bench=None
+) -> Path:
     """A run folder as `ddk distill` leaves it: training logs, domain updates, one final_eval
-    (after a `stale` one from before a resume, if given)."""
+    (after a `stale` one from before a resume, if given), and with `bench` (an lm-eval average)
+    a mid-run and a final benchmark_eval."""
     run_dir.mkdir(parents=True)
 
     def event(name, ppl, step):
@@ -35,7 +38,11 @@ def fake_run(run_dir: Path, student: dict, teacher: dict, split="test", stale=No
     records = [{"step": 1, "loss": 3.0}, event("domain_update", {d: 99.0 for d in student}, 0)]
     if stale:
         records.append(event("final_eval", stale, 4))
-    records += [{"step": 4, "loss": 2.0}, event("final_eval", student, 4), "{truncated"]
+    records += [{"step": 4, "loss": 2.0}, event("final_eval", student, 4)]
+    if bench is not None:
+        records += [{"event": "benchmark_eval", "step": s, "final": s == 4, "average": a}
+                    for s, a in ((2, 0.01), (4, bench))]  # fmt: skip
+    records.append("{truncated")
     (run_dir / "metrics.jsonl").write_text(
         "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
     )
@@ -52,6 +59,11 @@ def test_run_numbers_reads_the_last_final_eval(tmp_path):
     assert n["split"] == "test" and n["worst_domain"] == "math"
     assert n["worst_ratio"] == pytest.approx(4.0)
     assert n["geomean_ppl"] == pytest.approx((30 * 20 * 40) ** (1 / 3))
+    assert n["benchmark_avg"] is None  # no lm-eval tasks in this run
+    scored = fake_run(
+        tmp_path / "b", {"code": 30.0, "math": 20.0, "prose": 40.0}, TEACHER, bench=0.42
+    )
+    assert sweep.run_numbers(scored)["benchmark_avg"] == pytest.approx(42.0)  # the final one
     assert sweep.run_numbers(tmp_path / "missing") is None
     (tmp_path / "started").mkdir()
     (tmp_path / "started" / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
@@ -107,8 +119,8 @@ def test_table_only_reads_a_sweep_folder(tmp_path, capsys):
     demo = _base(tmp_path / "demo-0")  # a `ddk demo` folder is a base
     out = tmp_path / "sweep"
     for setting, ppl in (("equal", 30.0), ("robust", 25.0)):
-        fake_run(out / "runs" / setting / "demo-0.seed0", {"code": ppl, "math": ppl, "prose": 60.0}, TEACHER)  # fmt: skip
-        fake_run(out / "runs" / setting / "demo-0.seed1", {"code": ppl, "math": ppl - 1, "prose": 60.0}, TEACHER)  # fmt: skip
+        fake_run(out / "runs" / setting / "demo-0.seed0", {"code": ppl, "math": ppl, "prose": 60.0}, TEACHER, bench=ppl / 100)  # fmt: skip
+        fake_run(out / "runs" / setting / "demo-0.seed1", {"code": ppl, "math": ppl - 1, "prose": 60.0}, TEACHER, bench=ppl / 50)  # fmt: skip
     argv = ["--out", str(out), "--base", str(demo), "--seeds", "0", "1", "--table-only",
             "--settings", "equal", "robust", "--setting", "mine", "distill.alpha=0.3"]  # fmt: skip
     assert sweep.main(argv) == 0
@@ -117,6 +129,9 @@ def test_table_only_reads_a_sweep_folder(tmp_path, capsys):
     robust = next(x for x in shown.splitlines() if x.startswith("robust"))
     # worst: math, 25/5 and 24/5 against 30/5 and 29/5
     assert "4.90 ± 0.10" in robust and "5.00, 4.80" in robust and "yes (2/2)" in robust
+    # the final lm-eval average in percent, shown but not judged (equal scores higher here)
+    assert "benchmark avg %" in shown and "Δ bench" not in shown
+    assert "37.50 ± 12.50" in robust and "45.00 ± 15.00" in shown
     md = (out / "results.md").read_text()
     assert "| robust" in md and "`robust`: `distill.method=ddk distill.preset=robust`" in md
     assert "`mine`: `distill.alpha=0.3`" in md

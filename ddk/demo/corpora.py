@@ -242,6 +242,12 @@ SOURCES: dict[str, Source] = {
     ),
     "c": Source(_c, "C: the CPython headers under include/", fallbacks=("tcl", "python")),
     "tcl": Source(_tcl, "Tcl: the Tcl/Tk library's scripts", fallbacks=("c", "python")),
+    # `prose` without the help topics: three quarters of `prose` is this, so the two domains
+    # nearly duplicate each other (a split of one real domain).
+    "docstrings": Source(
+        lambda n, ctx: ctx.take(_stdlib_docstrings(ctx, ctx.stdlib_files), n),
+        "English prose: standard-library docstrings only (a near-duplicate of `prose`)",
+    ),
 }
 
 
@@ -271,6 +277,19 @@ SHAPES: dict[str, Shape] = {
     "unbalanced": Shape(
         "one domain of 84 %, two of 7 %, two code domains under 1 % (C and Tcl)",
         {"math": 5100, "prose": 430, "han": 430, "c": 50, "tcl": 35},
+    ),
+    # Corpora for choosing and confirming a DDK setting (benchmarks/method_sweep.py): more
+    # domains than the demo, sizes (in bytes) 15x apart, and domains a student pre-trained on
+    # prose never saw (Han script, C, Tcl: benchmarks/sweep_bases.py's student mixes).
+    "skewed7": Shape(
+        "seven domains, 1 MB down to 70 kB: prose, Python, word problems, records, Han, C, Tcl",
+        {"prose": 900, "python": 300, "math": 1200, "records": 300, "han": 150, "c": 25, "tcl": 20},
+    ),
+    # Two domains that are nearly one (`docstrings` is most of what `prose` is made of), so
+    # DDK's weights split between them; C headers as the domain far from everything else.
+    "near_dup6": Shape(
+        "six domains; `docstrings` nearly duplicates `prose`; C headers at 60 documents",
+        {"prose": 600, "python": 250, "math": 600, "records": 300, "docstrings": 300, "c": 60},
     ),
 }
 

@@ -33,7 +33,7 @@ from ddk.demo.tasks import write_demo_tasks
 from ddk.errors import DDKError
 from ddk.harness import LM_EVAL_EXTRA, BenchmarkPlan, benchmarks_payload, score, write_benchmarks
 from ddk.lock import FolderLock
-from ddk.methods import METHODS
+from ddk.methods import METHODS, PRESETS
 from ddk.ownership import check_replaceable, list_files, ownership_record, read_record
 from ddk.report import benchmark_table, summarize_runs, write_report
 from ddk.run_dir import start_run
@@ -92,7 +92,7 @@ def _stage(msg: str, started: float) -> None:
     print(f"[{time.perf_counter() - started:6.1f}s] {msg}", flush=True)
 
 
-def _common_trainer(size: DemoSize, steps: int, out_dir: Path, lr: float, seed: int) -> list[str]:
+def common_trainer(size: DemoSize, steps: int, out_dir: Path, lr: float, seed: int) -> list[str]:
     return [
         f"trainer.output_dir={out_dir}",
         f"trainer.max_steps={steps}",
@@ -135,7 +135,7 @@ def pretrain(
         "distill.method=cpt",
         f"distill.K={steps}",
         f"distill.mixture={json.dumps(mixture)}",
-        *_common_trainer(size, steps, run_dir, lr, seed),
+        *common_trainer(size, steps, run_dir, lr, seed),
     ]
     cfg = load_config(None, overrides)
     cfg.save(configs / f"{name}.yaml")
@@ -221,11 +221,10 @@ def distill_stage(
         f"data.prepared={data}",
         f"distill.method={base}",
         f"distill.K={size.K}",
-        *_common_trainer(size, steps, run_dir, 1e-3, seed),
+        *common_trainer(size, steps, run_dir, 1e-3, seed),
         *benchmarks,
+        *VARIANTS[variant],
     ]
-    if variant == "floor":
-        overrides.append("distill.init_floor=true")
     cfg = load_config(None, overrides)
     cfg.save(configs / f"distill_{method}.yaml")
     _finished(start_run(cfg))
@@ -268,15 +267,22 @@ def score_references(models: dict[str, Path], benchmarks: list[str], out: Path, 
     return files
 
 
-VARIANTS = {"": "the method as configured", "floor": "distill.init_floor=true (ddk only)"}
+# A ddk variant -> its overrides: the opt-in interval-0 floor, and each `distill.preset`.
+VARIANTS: dict[str, list[str]] = {
+    "": [],
+    "floor": ["distill.init_floor=true"],
+    **{name: [f"distill.preset={name}"] for name in PRESETS},
+}
 
 
 def split_variant(label: str) -> tuple[str, str]:
-    """'ddk+floor' -> ('ddk', 'floor'): a method plus an opt-in variant, as the report labels it."""
+    """'ddk+floor' -> ('ddk', 'floor'): a method plus an opt-in variant, as the report labels it
+    (ddk+robust: `distill.preset: robust`)."""
     base, _, variant = label.partition("+")
     if base not in METHODS or variant not in VARIANTS or (variant and base != "ddk"):
+        variants = " or ".join(f"ddk+{v}" for v in VARIANTS if v)
         raise DDKError(
-            f"demo method '{label}' is unknown; use one of {', '.join(METHODS)} or ddk+floor"
+            f"demo method '{label}' is unknown; use one of {', '.join(METHODS)} or {variants}"
         )
     return base, variant
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ddk.cli import main
 from ddk.metrics import read_metrics
@@ -50,7 +51,10 @@ def test_demo_quick(tmp_path, capsys):
         "worst ratio",
     ):
         assert word in table, word
-    for method in ("cpt", "kd", "ddk", "equal"):
+    assert "ddk+robust" in table  # paper DDK, the preset, equal and KD side by side
+    robust = yaml.safe_load((out / "runs" / "ddk+robust" / "config.yaml").read_text())
+    assert robust["distill"]["preset"] == "robust" and robust["distill"]["gap"] == "log_ratio"
+    for method in ("cpt", "kd", "ddk", "ddk+robust", "equal"):
         start, final = _final_and_start(out / "runs" / method)
         for domain, d in start.items():
             assert d["teacher_ppl"] < d["student_ppl"], f"teacher not better on {domain}"
