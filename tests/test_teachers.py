@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ddk.cli import main
 from ddk.commands.cache_teacher import build_cache
 from ddk.data.dataset import PreparedData
 from ddk.evaluate import domain_perplexities
@@ -242,22 +241,22 @@ def test_cache_holds_each_domain_from_its_own_teacher(
     assert m["teacher_ppl"]["val"]["math"] == single["teacher_ppl"]["val"]["math"]
 
 
-def _cli(args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "ddk.cli", *args], capture_output=True, text=True, cwd=cwd
-    )
+def _cli(args, capsys):
+    """`ddk ARGS` in this process: (exit status, its one error line)."""
+    capsys.readouterr()
+    status = main(args)
+    return status, one_error_line(capsys.readouterr().err)
 
 
 def test_cache_of_another_teacher_mapping_is_refused_in_one_line(
-    tmp_path, two_teacher_cache, teacher_dir, other_teacher, student_dir, prepared_dir
+    tmp_path, two_teacher_cache, teacher_dir, other_teacher, student_dir, prepared_dir, capsys
 ):
     base = run_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir, TINY_RUN)
     offline = {"teacher.mode": "offline", "teacher.cache": two_teacher_cache, "teacher.cache_k": 4}
     for teachers in ({}, {"code": str(other_teacher), "math": str(other_teacher)}):
         path = write_config(tmp_path / "c.yaml", {**base, **offline, "model.teachers": teachers})
-        result = _cli(["distill", path], tmp_path)
-        assert result.returncode == 2
-        line = one_error_line(result.stderr)
+        status, line = _cli(["distill", path], capsys)
+        assert status == 2
         assert "another teacher mapping" in line and "model.teachers" in line
         assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -270,20 +269,18 @@ def test_cache_of_another_teacher_mapping_is_refused_in_one_line(
     ],
 )
 def test_bad_teacher_mapping_is_one_line_before_weights_load(
-    tmp_path, teachers, expected, teacher_dir, student_dir, prepared_dir
+    tmp_path, teachers, expected, teacher_dir, student_dir, prepared_dir, capsys
 ):
     teachers = {d: str(teacher_dir) if t == "TEACHER" else t for d, t in teachers.items()}
     values = run_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir, TINY_RUN)
     path = write_config(tmp_path / "c.yaml", {**values, "model.teachers": teachers})
-    result = _cli(["distill", path], tmp_path)
-    assert result.returncode == 2
-    assert expected in one_error_line(result.stderr)
+    status, line = _cli(["distill", path], capsys)
+    assert status == 2 and expected in line
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_teachers_without_a_default_teacher_is_refused(tmp_path, student_dir, prepared_dir):
+def test_teachers_without_a_default_teacher_is_refused(tmp_path, student_dir, prepared_dir, capsys):
     values = run_config(tmp_path / "run", None, student_dir, prepared_dir, TINY_RUN)
     path = write_config(tmp_path / "c.yaml", {**values, "model.teachers": {"math": "x"}})
-    result = _cli(["distill", path], tmp_path)
-    assert result.returncode == 2
-    assert "model.teachers needs model.teacher" in one_error_line(result.stderr)
+    status, line = _cli(["distill", path], capsys)
+    assert status == 2 and "model.teachers needs model.teacher" in line
