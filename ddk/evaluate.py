@@ -48,10 +48,9 @@ def domain_perplexities(
     gather_head=contextlib.nullcontext,
     domains=None,
 ) -> dict[str, dict[str, float]]:
-    """{domain: {"ppl", "loss", "tokens"}} on `split` over `domains` (default all of the
-    data's); the `runtime`'s ranks (default: this process alone) split the sequences and sum. `gather_head`: a context in which a
-    partitioned LM head (ZeRO-3) is whole, entered by every rank for every batch (a
-    collective)."""
+    """{domain: {"ppl", "loss", "tokens"}} on `split` over `domains` (default: all), the
+    `runtime`'s ranks (default: this process alone) splitting the sequences. `gather_head`: a
+    context in which a partitioned (ZeRO-3) LM head is whole, entered by every rank per batch."""
     was_training = model.training
     model.eval()
     # The head is whole and on the compute device under every placement (sharded or not).
@@ -59,8 +58,8 @@ def domain_perplexities(
     runtime = runtime if runtime is not None else LocalRuntime(device)
     rank, world = runtime.rank, runtime.world_size
     transform = logit_transform(model)
-    sums = torch.zeros(len(data.domains), 2, dtype=torch.float64, device=device)
     names = [n for n in data.domains if domains is None or n in domains]
+    sums = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
     for d, shard in enumerate(data.domains[n] for n in names):
         available = shard.num_sequences(split)
         n = available if max_sequences is None else min(max_sequences, available)
