@@ -111,6 +111,12 @@ class _Run:
         self.has_final = bool(finals)
         self.final = finals[-1] if finals else self.evals[-1]
         self.domains = list(dict.fromkeys(d for r in self.evals for d in r.domains))
+        model = self.config.get("model") or {}
+        # {domain: its teacher} when the run mapped domains to teachers (model.teachers)
+        mapped = model.get("teachers") or {}
+        self.teachers = (
+            {d: mapped.get(d, model.get("teacher")) for d in self.domains} if mapped else {}
+        )
         # the final numbers' split ("test": held out; "val": what DDK steered by)
         self.split = self.final.split or "val"
         updates = [r for r in self.evals if r.event == DOMAIN_UPDATE]
@@ -258,6 +264,7 @@ def _run_summary(r: _Run) -> dict:
         "geomean_ppl": _geomean(v for v in ppl.values() if v is not None),
         "split": r.split,
         "epochs": dict(r.epochs),
+        "teachers": dict(r.teachers),
     }
 
 
@@ -286,6 +293,8 @@ def _summarize(runs: list[_Run], references: tuple[dict, ...] = ()) -> dict:
         "runs": out_runs,
         "best_run": best,
         "teacher_mismatch": teacher_mismatch,
+        # which teacher each domain used (model.teachers), from the first run that mapped them
+        "domain_teachers": next((dict(r.teachers) for r in runs if r.teachers), None),
         "same_domains": all(set(r.domains) == set(domains) for r in runs),
         "split": "/".join(sorted({r.split for r in runs})),
         "benchmark_columns": _benchmark_columns(
@@ -378,13 +387,21 @@ def _cell(value):
     return "" if value is None else value
 
 
+def _teacher_name(name: str | None) -> str:
+    """A teacher's folder as its last two path parts (a hub id stays whole)."""
+    parts = Path(name).parts if name else ()
+    return "/".join(parts[-2:]) if parts else ""
+
+
 def _domain_table(summary: dict) -> tuple[list[str], list[list]]:
-    headers = ["domain", "teacher ppl", "student before"]
+    mapped = summary.get("domain_teachers")
+    headers = ["domain"] + (["teacher"] if mapped else []) + ["teacher ppl", "student before"]
     for r in summary["runs"]:
         headers += [f"{r['label']} ppl", f"{r['label']} ratio"]
     rows = []
     for d in summary["domains"]:
-        row = [d, _cell(summary["teacher"].get(d)), _cell(summary["before"].get(d))]
+        row = [d] + ([_teacher_name(mapped.get(d))] if mapped else [])
+        row += [_cell(summary["teacher"].get(d)), _cell(summary["before"].get(d))]
         for r in summary["runs"]:
             ppl = r["ppl"].get(d)
             row.append(_cell(ppl))
@@ -536,6 +553,11 @@ def _notes(summary: dict) -> list[str]:
         notes.append(
             "The runs report different teacher perplexities (different teachers or validation "
             "data); the teacher column shows the first run's, each ratio uses the run's own."
+        )
+    if summary.get("domain_teachers"):
+        notes.append(
+            "A teacher per domain (model.teachers): each domain's teacher perplexity and ratio "
+            "are against the teacher in its row."
         )
     if not summary["same_domains"]:
         notes.append(
