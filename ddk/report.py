@@ -111,12 +111,7 @@ class _Run:
         self.has_final = bool(finals)
         self.final = finals[-1] if finals else self.evals[-1]
         self.domains = list(dict.fromkeys(d for r in self.evals for d in r.domains))
-        model = self.config.get("model") or {}
-        # {domain: its teacher} when the run mapped domains to teachers (model.teachers)
-        mapped = model.get("teachers") or {}
-        self.teachers = (
-            {d: mapped.get(d, model.get("teacher")) for d in self.domains} if mapped else {}
-        )
+        self.teachers = _domain_teachers(self.config, self.domains)
         # the final numbers' split ("test": held out; "val": what DDK steered by)
         self.split = self.final.split or "val"
         updates = [r for r in self.evals if r.event == DOMAIN_UPDATE]
@@ -134,6 +129,13 @@ class _Run:
     def tokens(self) -> int | None:
         tokens = [r.tokens for r in self.logs if r.tokens is not None]
         return tokens[-1] if tokens else None
+
+
+def _domain_teachers(config: dict, domains: list[str]) -> dict[str, str]:
+    """{domain: its teacher} of a run that mapped domains to teachers (model.teachers), else {}."""
+    model = config.get("model") or {}
+    mapped = model.get("teachers") or {}
+    return {d: mapped.get(d, model.get("teacher")) for d in domains} if mapped else {}
 
 
 def _read_config(path: Path) -> dict:
@@ -293,8 +295,9 @@ def _summarize(runs: list[_Run], references: tuple[dict, ...] = ()) -> dict:
         "runs": out_runs,
         "best_run": best,
         "teacher_mismatch": teacher_mismatch,
-        # which teacher each domain used (model.teachers), from the first run that mapped them
-        "domain_teachers": next((dict(r.teachers) for r in runs if r.teachers), None),
+        # which teacher each domain used (model.teachers) in the first run, whose teacher
+        # perplexities the teacher column shows
+        "domain_teachers": dict(runs[0].teachers) or None,
         "same_domains": all(set(r.domains) == set(domains) for r in runs),
         "split": "/".join(sorted({r.split for r in runs})),
         "benchmark_columns": _benchmark_columns(
@@ -362,11 +365,12 @@ def summarize_runs(run_dirs, benchmark_files=()) -> dict:
 
     Returns ``{"domains", "teacher": {domain: ppl|None}, "before": {domain: ppl|None},
     "before_from", "teacher_geomean_ppl", "before_geomean_ppl", "before_worst_domain",
-    "before_worst_ratio", "best_run", "same_domains", "teacher_mismatch",
+    "before_worst_ratio", "best_run", "same_domains", "teacher_mismatch", "domain_teachers"
+    ({domain: teacher} of a first run with model.teachers, else None),
     "runs": [{"label", "method", "run_dir", "K", "alpha", "gamma", "steps", "tokens",
     "final_step", "has_final_eval", "has_teacher", "ppl": {domain: ppl},
     "ratio": {domain: ratio|None}, "worst_domain", "worst_ratio", "geomean_ppl", "split",
-    "epochs": {domain: epochs}}], "split"}``. "split" is the held-out split the final numbers
+    "epochs": {domain: epochs}, "teachers": {domain: teacher} or {}}], "split"}``. "split" is the held-out split the final numbers
     come from ("test"; "val" for data prepared without a test split or a run without a final
     evaluation); the curves are always on the validation split.
     "worst domain" is the one with the largest student/teacher perplexity ratio; `best_run`
@@ -555,10 +559,7 @@ def _notes(summary: dict) -> list[str]:
             "data); the teacher column shows the first run's, each ratio uses the run's own."
         )
     if summary.get("domain_teachers"):
-        notes.append(
-            "A teacher per domain (model.teachers): each domain's teacher perplexity and ratio "
-            "are against the teacher in its row."
-        )
+        notes.append("The first run has a teacher per domain (model.teachers), named per row.")
     if not summary["same_domains"]:
         notes.append(
             "The runs were evaluated on different domains; blanks mark a domain a run lacks, "
