@@ -38,38 +38,49 @@ def _scale_and_cap(transform: LogitTransform | None) -> tuple[float, float | Non
     return (1.0, None) if transform is None else (transform.scale, transform.softcap)
 
 
-def merge_dense(parts: list[tuple[np.ndarray, DenseSignal]], batch: int, seq: int) -> DenseSignal:
+def merged_head(signals: list[DenseSignal]) -> torch.Tensor:
+    """The teachers' LM heads side by side along the hidden axis, each bias as one more
+    column, trimmed to the smallest vocabulary: [V, sum(H_t + has_bias_t)]."""
+    vocab = min(s.head_weight.shape[0] for s in signals)
+    heads = []
+    for s in signals:
+        heads.append(s.head_weight[:vocab])
+        if s.head_bias is not None:
+            heads.append(s.head_bias[:vocab, None].to(s.head_weight.dtype))
+    return torch.cat(heads, dim=1)
+
+
+def merge_dense(
+    parts: list[tuple[np.ndarray, DenseSignal]], batch: int, seq: int, head=None
+) -> DenseSignal:
     """One signal for a micro-batch of `batch` rows of `seq` tokens from `parts`, (row
     indices, that teacher's signal over those rows in their order): row r's logits are its
     own teacher's. A teacher's logit scale is folded into its hidden states and bias; teachers
-    whose soft-caps differ cannot share one signal."""
+    whose soft-caps differ cannot share one signal. `head`: `merged_head` of the parts'
+    signals, when the caller keeps it (the heads are frozen)."""
     caps = {_scale_and_cap(s.transform)[1] for _, s in parts}
     if len(caps) > 1:
         raise DDKError(
             f"model.teachers: teachers that soft-cap logits differently ({sorted(caps, key=str)}) "
             "cannot share a micro-batch; map these domains to teachers of one family"
         )
-    vocab = min(s.head_weight.shape[0] for _, s in parts)
     ref = parts[0][1].hidden
     width = sum(s.hidden.shape[1] + (s.head_bias is not None) for _, s in parts)
     hidden = torch.zeros(batch * seq, width, dtype=ref.dtype, device=ref.device)
-    heads, col = [], 0
+    col = 0
     for rows, signal in parts:
         scale = _scale_and_cap(signal.transform)[0]
         tokens = torch.from_numpy((rows[:, None] * seq + np.arange(seq)).reshape(-1))
         tokens = tokens.to(ref.device)
         h = signal.hidden.shape[1]
         hidden[tokens, col : col + h] = signal.hidden * scale if scale != 1.0 else signal.hidden
-        heads.append(signal.head_weight[:vocab])
         col += h
         if signal.head_bias is not None:
             hidden[tokens, col] = scale
-            heads.append(signal.head_bias[:vocab, None].to(ref.dtype))
             col += 1
+    head = merged_head([s for _, s in parts]) if head is None else head
     cap = caps.pop()
-    return DenseSignal(
-        hidden, torch.cat(heads, dim=1), None, None if cap is None else LogitTransform(1.0, cap)
-    )
+    return DenseSignal(hidden, head, None, None if cap is None else LogitTransform(1.0, cap))
 
 
 class PerDomainTeachers:
@@ -84,6 +95,8 @@ class PerDomainTeachers:
         names = list(teachers)
         self._row_teacher = np.array([names.index(t) for t in domain_teachers.values()])
         self.ppl_source: dict[str, str] = {}
+        # the last merged head and which teachers it joins: rebuilt only when they change
+        self._head: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     @property
     def model(self):
@@ -106,7 +119,11 @@ class PerDomainTeachers:
                 teacher.signal(_rows_of(batch, np.arange(1)))  # joins the collectives, dropped
         if len(parts) == 1:
             return parts[0][1]
-        return merge_dense(parts, *batch.input_ids.shape)
+        key = tuple(id(s.head_weight) for _, s in parts)
+        if self._head is None or self._head[0] != key:
+            self._head = None  # free the old one first
+            self._head = (key, merged_head([s for _, s in parts]))
+        return merge_dense(parts, *batch.input_ids.shape, head=self._head[1])
 
     def perplexities(self, split: str) -> dict[str, float] | None:
         merged: dict[str, float] = {}
