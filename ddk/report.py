@@ -73,6 +73,7 @@ class _Run:
             self.variant = f"{self.method}+{distill['preset']}"
         else:
             self.variant = self.method + ("+floor" if distill.get("init_floor") else "")
+        self.variant += "+domain" if (self.config.get("model") or {}).get("teachers") else ""
         self.K = distill.get("K")
         self.alpha = distill.get("alpha")
         self.gamma = distill.get("gamma")

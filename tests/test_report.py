@@ -352,6 +352,7 @@ def test_a_teacher_per_domain_is_named_per_row(two_runs, tmp_path):
     (kd / "config.yaml").write_text(yaml.safe_dump(cfg))
     summary = summarize_runs([kd])
     assert summary["domain_teachers"][domain] == "models/math-teacher"
+    assert summary["runs"][0]["label"] == "kd+domain"
     assert {t for d, t in summary["domain_teachers"].items() if d != domain} == {"t"}
     write_report([kd], tmp_path / "out")
     table = (tmp_path / "out" / "summary.md").read_text()

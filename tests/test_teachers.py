@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from ddk.cli import main
 from ddk.commands.cache_teacher import build_cache
 from ddk.data.dataset import PreparedData
+from ddk.demo.run import split_variant
+from ddk.errors import DDKError
 from ddk.evaluate import domain_perplexities
 from ddk.logits import LogitTransform
 from ddk.metrics import read_metrics
@@ -284,3 +286,10 @@ def test_teachers_without_a_default_teacher_is_refused(tmp_path, student_dir, pr
     path = write_config(tmp_path / "c.yaml", {**values, "model.teachers": {"math": "x"}})
     status, line = _cli(["distill", path], capsys)
     assert status == 2 and "model.teachers needs model.teacher" in line
+
+
+def test_demo_names_runs_with_a_teacher_per_domain():
+    assert split_variant("ddk+domain") == ("ddk", "domain")
+    assert split_variant("kd+domain") == ("kd", "domain")
+    with pytest.raises(DDKError, match="METHOD\\+domain"):
+        split_variant("cpt+domain")  # CE only: no teacher to map
