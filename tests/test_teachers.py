@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from ddk.cli import main
 from ddk.commands.cache_teacher import build_cache
@@ -29,6 +30,16 @@ from ddk.teacher.placement import teachers_fit_problem
 from ddk.teacher.signals import Batch, DenseSignal
 from ddk.trainer import Trainer
 from tests.conftest import TINY_RUN, make_config, one_error_line, run_config, write_config
+from tests.test_sharding import (
+    _assert_same_run,
+    _config,
+    _env,
+    _torchrun,
+    needs_torchrun,
+)
+from tests.test_sharding import (
+    one_process_run as _one_process_run,  # noqa: F401 (the fixture one_process_run)
+)
 
 GIB = 2**30
 
@@ -293,3 +304,23 @@ def test_demo_names_runs_with_a_teacher_per_domain():
     assert split_variant("kd+domain") == ("kd", "domain")
     with pytest.raises(DDKError, match="METHOD\\+domain"):
         split_variant("cpt+domain")  # CE only: no teacher to map
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_two_processes_with_sharded_teachers_match_one_teacher(
+    tmp_path, one_process_run, teacher_dir, teacher_copy, student_dir, prepared_dir
+):
+    """2 gloo processes, each teacher sharded (FSDP2, forward only): a rank whose micro-batch
+    has no row of a teacher still joins that teacher's collectives. With math mapped to a copy
+    of the teacher the run equals the one-process single-teacher run."""
+    cfg = _config(
+        tmp_path / "two.yaml", tmp_path / "two", teacher_dir, student_dir, prepared_dir, 2, 2,
+        placement="sharded",
+    )  # fmt: skip
+    values = yaml.safe_load(cfg.read_text())
+    values["model"]["teachers"] = {"math": str(teacher_copy)}
+    cfg.write_text(yaml.safe_dump(values))
+    done = _torchrun(["distill", str(cfg)], _env())
+    assert done.stdout.count("teacher placement: sharded") == 2
+    _assert_same_run(one_process_run, tmp_path / "two")
