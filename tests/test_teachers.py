@@ -38,7 +38,7 @@ from tests.test_sharding import (
     needs_torchrun,
 )
 from tests.test_sharding import (
-    one_process_run as _one_process_run,  # noqa: F401 (the fixture one_process_run)
+    one_process_run as single_teacher_run,  # noqa: F401 (a fixture: the one-process run)
 )
 
 GIB = 2**30
@@ -309,7 +309,12 @@ def test_demo_names_runs_with_a_teacher_per_domain():
 @pytest.mark.slow
 @needs_torchrun
 def test_two_processes_with_sharded_teachers_match_one_teacher(
-    tmp_path, one_process_run, teacher_dir, teacher_copy, student_dir, prepared_dir
+    tmp_path,
+    single_teacher_run,  # noqa: F811 (the imported fixture)
+    teacher_dir,
+    teacher_copy,
+    student_dir,
+    prepared_dir,  # noqa: F811
 ):
     """2 gloo processes, each teacher sharded (FSDP2, forward only): a rank whose micro-batch
     has no row of a teacher still joins that teacher's collectives. With math mapped to a copy
@@ -323,4 +328,4 @@ def test_two_processes_with_sharded_teachers_match_one_teacher(
     cfg.write_text(yaml.safe_dump(values))
     done = _torchrun(["distill", str(cfg)], _env())
     assert done.stdout.count("teacher placement: sharded") == 2
-    _assert_same_run(one_process_run, tmp_path / "two")
+    _assert_same_run(single_teacher_run, tmp_path / "two")
