@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--init-floor-variant", action="store_true", help="also run ddk+floor (init_floor=true)"
     )
+    p.add_argument(
+        "--domain-teachers",
+        action="store_true",
+        help="also train a math teacher and a code teacher (the teacher trained longer on its "
+        "own domain) and run each teacher-using method with them too (METHOD+domain)",
+    )
     p.add_argument("--steps", type=int, help="distillation steps per method")
     p.add_argument("--scale", type=float, help="corpus size multiplier")
     p.add_argument("--teacher-steps", type=int, help="teacher pre-training steps")

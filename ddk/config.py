@@ -41,6 +41,28 @@ class ModelSection(_Section):
         "auto", description="'auto' = bfloat16 on a GPU that supports it, float32 otherwise."
     )
     trust_remote_code: bool = False
+    teachers: dict[str, str] = Field(
+        default_factory=dict,
+        description="A teacher per domain, {domain: hub id or local directory}: each listed "
+        "domain is distilled from, and its Eq. 1 ratio taken against, its own teacher; "
+        "model.teacher serves every domain not listed.",
+    )
+
+    @model_validator(mode="after")
+    def _default_teacher(self) -> ModelSection:
+        if self.teachers and not self.teacher:
+            raise ValueError(
+                "model.teachers needs model.teacher too (the teacher of every domain not listed)"
+            )
+        return self
+
+    def teacher_of(self, domain: str) -> str | None:
+        """The teacher that serves `domain`: its own in `teachers`, else `teacher`."""
+        return self.teachers.get(domain, self.teacher)
+
+    def domain_teachers(self, domains) -> dict[str, str | None]:
+        """{domain: teacher} over the run's domains, in their order."""
+        return {d: self.teacher_of(d) for d in domains}
 
 
 class PrepareSection(_Section):

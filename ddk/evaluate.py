@@ -46,11 +46,11 @@ def domain_perplexities(
     chunk_tokens: int = 1024,
     runtime=None,
     gather_head=contextlib.nullcontext,
+    domains=None,
 ) -> dict[str, dict[str, float]]:
-    """{domain: {"ppl", "loss", "tokens"}} on `split`; the `runtime`'s ranks (default: this
-    process alone) split the sequences and sum. `gather_head`: a context in which a
-    partitioned LM head (ZeRO-3) is whole, entered by every rank for every batch (a
-    collective)."""
+    """{domain: {"ppl", "loss", "tokens"}} on `split` over `domains` (default: all), the
+    `runtime`'s ranks (default: this process alone) splitting the sequences. `gather_head`: a
+    context in which a partitioned (ZeRO-3) LM head is whole, entered by every rank per batch."""
     was_training = model.training
     model.eval()
     # The head is whole and on the compute device under every placement (sharded or not).
@@ -58,8 +58,9 @@ def domain_perplexities(
     runtime = runtime if runtime is not None else LocalRuntime(device)
     rank, world = runtime.rank, runtime.world_size
     transform = logit_transform(model)
-    sums = torch.zeros(len(data.domains), 2, dtype=torch.float64, device=device)
-    for d, shard in enumerate(data.domains.values()):
+    names = [n for n in data.domains if domains is None or n in domains]
+    sums = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
+    for d, shard in enumerate(data.domains[n] for n in names):
         available = shard.num_sequences(split)
         n = available if max_sequences is None else min(max_sequences, available)
         # Windows hold one document each, so their lengths differ: batch them longest first,
@@ -90,14 +91,20 @@ def domain_perplexities(
     sums = runtime.reduce_sum(sums)
     model.train(was_training)
     out = {}
-    for d, name in enumerate(data.domains):
+    for d, name in enumerate(names):
         loss = (sums[d, 0] / sums[d, 1].clamp_min(1)).item()
         out[name] = {"ppl": math.exp(min(loss, 700.0)), "loss": loss, "tokens": int(sums[d, 1])}
     return out
 
 
 def run_perplexities(
-    cfg, model, data: PreparedData, split: str, runtime, gather_head=contextlib.nullcontext
+    cfg,
+    model,
+    data: PreparedData,
+    split: str,
+    runtime,
+    gather_head=contextlib.nullcontext,
+    domains=None,
 ) -> dict:
     """`domain_perplexities` with a run config's evaluation settings (batch size, loss chunk)."""
     return domain_perplexities(
@@ -109,4 +116,5 @@ def run_perplexities(
         chunk_tokens=cfg.distill.loss_chunk_tokens,
         runtime=runtime,
         gather_head=gather_head,
+        domains=domains,
     )

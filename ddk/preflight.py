@@ -23,6 +23,7 @@ from ddk.methods import method_spec
 from ddk.models import check_tokenizers_match, load_tokenizer, resolve_local_path
 from ddk.ranks import print0
 from ddk.teacher.offline import cache_problems
+from ddk.teacher.placement import teachers_placement_problem
 
 
 def _load_quietly(fn, *args, **kwargs):
@@ -40,9 +41,11 @@ def _model_config(name: str, trust_remote_code: bool):
         raise DDKError(f"cannot load '{name}': {first_line(e)}") from None
 
 
-def preflight(cfg: Config) -> None:
-    """Raise one DDKError listing every problem found (empty list: the run may start)."""
-    problems = preflight_problems(cfg)
+def preflight(cfg: Config, *, teachers_at_once: bool = True) -> None:
+    """Raise one DDKError listing every problem found (empty list: the run may start).
+    `teachers_at_once` False: the teachers of `model.teachers` are loaded one after the other
+    (`ddk cache-teacher`), so they need not fit the devices together."""
+    problems = preflight_problems(cfg, teachers_at_once=teachers_at_once)
     if problems:
         raise DDKError(f"{len(problems)} problem(s): " + "; ".join(problems))
 
@@ -100,25 +103,34 @@ def _deepest_key(data: dict, loc: list[str]) -> tuple[str, ...]:
     return tuple(path)
 
 
-def preflight_problems(cfg: Config) -> list[str]:
+def preflight_problems(cfg: Config, *, teachers_at_once: bool = True) -> list[str]:
     """Every config/data/model problem found, each a short phrase naming its YAML path."""
     problems: list[str] = []
     manifest = _manifest(cfg, problems)
     domains = _domains(cfg, manifest, problems)
     _mixture_problems(cfg, manifest, domains, problems)
+    if manifest:
+        problems.extend(
+            f"model.teachers: '{d}' is not a domain of the run ({', '.join(domains)})"
+            for d in cfg.model.teachers
+            if d not in domains
+        )
     configs, tokenizers = _models(cfg, problems)
     if manifest:
         _data_model_problems(cfg, manifest, configs, tokenizers, problems)
-    if "student" in tokenizers and "teacher" in tokenizers:
-        _, err = _load_quietly(
-            check_tokenizers_match,
-            tokenizers["teacher"],
-            tokenizers["student"],
-            cfg.model.teacher,
-            cfg.model.student,
-        )
-        if err:
-            problems.append(f"model.teacher: {err}")
+    for role, name in _teacher_roles(cfg):
+        if "student" in tokenizers and role in tokenizers:
+            _, err = _load_quietly(
+                check_tokenizers_match,
+                tokenizers[role],
+                tokenizers["student"],
+                name,
+                cfg.model.student,
+            )
+            if err:
+                problems.append(f"model.{role}: {err}")
+    if teachers_at_once:
+        problems.extend(_placement_problems(cfg, configs))
     if cfg.teacher.mode == "offline" and cfg.distill.method != "cpt":
         problems.extend(cache_problems(cfg, manifest, domains))
     if cfg.eval.tasks:
@@ -178,19 +190,41 @@ def _roles(cfg: Config, problems: list[str]) -> list[tuple[str, str]]:
     """The models to check: the student and, when it is on this machine, the teacher."""
     method, offline = cfg.distill.method, cfg.teacher.mode == "offline"
     roles = [("student", cfg.model.student)] if cfg.model.student else []
-    if cfg.model.teacher and offline and method != "cpt" and not teacher_on_disk(cfg.model.teacher):
-        # The cache stands in for the teacher, so the training machine need not hold it.
-        print0(
-            f"warning: teacher '{cfg.model.teacher}' is not on this machine; the offline cache "
-            "is checked against its name only"
-        )
-    elif cfg.model.teacher:
-        roles.append(("teacher", cfg.model.teacher))
-    elif method != "cpt" and not offline:
+    for role, name in _teacher_roles(cfg):
+        if offline and method != "cpt" and not teacher_on_disk(name):
+            # The cache stands in for the teacher, so the training machine need not hold it.
+            print0(
+                f"warning: teacher '{name}' is not on this machine; the offline cache is "
+                "checked against its name only"
+            )
+        else:
+            roles.append((role, name))
+    if not cfg.model.teacher and method != "cpt" and not offline:
         problems.append(f"model.teacher: required for distill.method '{method}'")
     if not cfg.model.student:
         problems.append("model.student: required (a hub id or a local folder)")
     return roles
+
+
+def _teacher_roles(cfg: Config) -> list[tuple[str, str]]:
+    """("teacher", model.teacher), then ("teachers.DOMAIN", path) for each other teacher of
+    `model.teachers`, named by its first domain."""
+    roles = {cfg.model.teacher: "teacher"} if cfg.model.teacher else {}
+    for domain, name in cfg.model.teachers.items():
+        roles.setdefault(name, f"teachers.{domain}")
+    return [(role, name) for name, role in roles.items()]
+
+
+def _placement_problems(cfg: Config, configs: dict) -> list[str]:
+    """The online teachers of `model.teachers` held at once must fit the devices given."""
+    teachers = [role for role, _ in _teacher_roles(cfg)]
+    trains = method_spec(cfg.distill.method).trains_with_teacher(cfg.distill)
+    if len(teachers) < 2 or cfg.teacher.mode != "online" or not trains:
+        return []
+    if not all(role in configs for role in teachers):
+        return []  # a teacher that does not load is reported already
+    problem, err = _load_quietly(teachers_placement_problem, cfg, dict(_teacher_roles(cfg)))
+    return [err] if err else [problem] if problem else []
 
 
 def _models(cfg: Config, problems: list[str]) -> tuple[dict, dict]:

@@ -73,6 +73,7 @@ class _Run:
             self.variant = f"{self.method}+{distill['preset']}"
         else:
             self.variant = self.method + ("+floor" if distill.get("init_floor") else "")
+        self.variant += "+domain" if (self.config.get("model") or {}).get("teachers") else ""
         self.K = distill.get("K")
         self.alpha = distill.get("alpha")
         self.gamma = distill.get("gamma")
@@ -111,6 +112,7 @@ class _Run:
         self.has_final = bool(finals)
         self.final = finals[-1] if finals else self.evals[-1]
         self.domains = list(dict.fromkeys(d for r in self.evals for d in r.domains))
+        self.teachers = _domain_teachers(self.config, self.domains)
         # the final numbers' split ("test": held out; "val": what DDK steered by)
         self.split = self.final.split or "val"
         updates = [r for r in self.evals if r.event == DOMAIN_UPDATE]
@@ -128,6 +130,13 @@ class _Run:
     def tokens(self) -> int | None:
         tokens = [r.tokens for r in self.logs if r.tokens is not None]
         return tokens[-1] if tokens else None
+
+
+def _domain_teachers(config: dict, domains: list[str]) -> dict[str, str]:
+    """{domain: its teacher} of a run that mapped domains to teachers (model.teachers), else {}."""
+    model = config.get("model") or {}
+    mapped = model.get("teachers") or {}
+    return {d: mapped.get(d, model.get("teacher")) for d in domains} if mapped else {}
 
 
 def _read_config(path: Path) -> dict:
@@ -258,6 +267,7 @@ def _run_summary(r: _Run) -> dict:
         "geomean_ppl": _geomean(v for v in ppl.values() if v is not None),
         "split": r.split,
         "epochs": dict(r.epochs),
+        "teachers": dict(r.teachers),
     }
 
 
@@ -286,6 +296,9 @@ def _summarize(runs: list[_Run], references: tuple[dict, ...] = ()) -> dict:
         "runs": out_runs,
         "best_run": best,
         "teacher_mismatch": teacher_mismatch,
+        # which teacher each domain used (model.teachers) in the first run, whose teacher
+        # perplexities the teacher column shows
+        "domain_teachers": dict(runs[0].teachers) or None,
         "same_domains": all(set(r.domains) == set(domains) for r in runs),
         "split": "/".join(sorted({r.split for r in runs})),
         "benchmark_columns": _benchmark_columns(
@@ -353,11 +366,12 @@ def summarize_runs(run_dirs, benchmark_files=()) -> dict:
 
     Returns ``{"domains", "teacher": {domain: ppl|None}, "before": {domain: ppl|None},
     "before_from", "teacher_geomean_ppl", "before_geomean_ppl", "before_worst_domain",
-    "before_worst_ratio", "best_run", "same_domains", "teacher_mismatch",
+    "before_worst_ratio", "best_run", "same_domains", "teacher_mismatch", "domain_teachers"
+    ({domain: teacher} of a first run with model.teachers, else None),
     "runs": [{"label", "method", "run_dir", "K", "alpha", "gamma", "steps", "tokens",
     "final_step", "has_final_eval", "has_teacher", "ppl": {domain: ppl},
     "ratio": {domain: ratio|None}, "worst_domain", "worst_ratio", "geomean_ppl", "split",
-    "epochs": {domain: epochs}}], "split"}``. "split" is the held-out split the final numbers
+    "epochs": {domain: epochs}, "teachers": {domain: teacher} or {}}], "split"}``. "split" is the held-out split the final numbers
     come from ("test"; "val" for data prepared without a test split or a run without a final
     evaluation); the curves are always on the validation split.
     "worst domain" is the one with the largest student/teacher perplexity ratio; `best_run`
@@ -378,13 +392,21 @@ def _cell(value):
     return "" if value is None else value
 
 
+def _teacher_name(name: str | None) -> str:
+    """A teacher's folder as its last two path parts (a hub id stays whole)."""
+    parts = Path(name).parts if name else ()
+    return "/".join(parts[-2:]) if parts else ""
+
+
 def _domain_table(summary: dict) -> tuple[list[str], list[list]]:
-    headers = ["domain", "teacher ppl", "student before"]
+    mapped = summary.get("domain_teachers")
+    headers = ["domain"] + (["teacher"] if mapped else []) + ["teacher ppl", "student before"]
     for r in summary["runs"]:
         headers += [f"{r['label']} ppl", f"{r['label']} ratio"]
     rows = []
     for d in summary["domains"]:
-        row = [d, _cell(summary["teacher"].get(d)), _cell(summary["before"].get(d))]
+        row = [d] + ([_teacher_name(mapped.get(d))] if mapped else [])
+        row += [_cell(summary["teacher"].get(d)), _cell(summary["before"].get(d))]
         for r in summary["runs"]:
             ppl = r["ppl"].get(d)
             row.append(_cell(ppl))
@@ -537,6 +559,8 @@ def _notes(summary: dict) -> list[str]:
             "The runs report different teacher perplexities (different teachers or validation "
             "data); the teacher column shows the first run's, each ratio uses the run's own."
         )
+    if summary.get("domain_teachers"):
+        notes.append("The first run has a teacher per domain (model.teachers), named per row.")
     if not summary["same_domains"]:
         notes.append(
             "The runs were evaluated on different domains; blanks mark a domain a run lacks, "

@@ -341,3 +341,21 @@ def test_report_on_foreign_metrics_lines_is_handled_or_one_line(tmp_path, capsys
         metrics.write_bytes(junk)
         assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 2
         assert "has no evaluation records" in capsys.readouterr().err
+
+
+def test_a_teacher_per_domain_is_named_per_row(two_runs, tmp_path):
+    """A run with model.teachers: the domain table names each domain's teacher."""
+    kd, _ = two_runs
+    cfg = yaml.safe_load((kd / "config.yaml").read_text())
+    domain = next(iter(AFTER["kd"]))
+    cfg["model"]["teachers"] = {domain: "models/math-teacher"}
+    (kd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    summary = summarize_runs([kd])
+    assert summary["domain_teachers"][domain] == "models/math-teacher"
+    assert summary["runs"][0]["label"] == "kd+domain"
+    assert {t for d, t in summary["domain_teachers"].items() if d != domain} == {"t"}
+    write_report([kd], tmp_path / "out")
+    table = (tmp_path / "out" / "summary.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith(f"| {domain} "))
+    assert "models/math-teacher" in row and "teacher per domain" in table
+    assert summarize_runs([two_runs[1]])["domain_teachers"] is None

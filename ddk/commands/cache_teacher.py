@@ -55,6 +55,7 @@ from ddk.teacher.cache_format import (
     write_cache_manifest,
 )
 from ddk.teacher.online import OnlineTeacher
+from ddk.teacher.per_domain import teacher_groups
 from ddk.teacher.perplexity import hash_memo
 from ddk.teacher.placement import is_sharded, load_configured_teacher
 from ddk.teacher.sampling import PROPOSAL_POWER
@@ -114,7 +115,7 @@ def _preflight(cfg) -> None:
             "model": cfg.model.model_copy(update=model),
         }
     )
-    preflight(check)
+    preflight(check, teachers_at_once=False)
 
 
 def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:
@@ -126,18 +127,21 @@ def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:
     if rt.is_main:
         plan = _begin(folder, plan)
     rt.barrier()
-    model = load_configured_teacher(cfg, rt)
-    check_vocab(data.vocab_size, embedding_rows(model), embedding_rows(model))
-    teacher = OnlineTeacher(model, rt.autocast)
-    _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard)
-    rt.barrier()
-    # The teacher's exact perplexities (full softmax, not top-k): DDK's Eq. 1/2 use them.
-    ppl = {}
-    for split in ("val", "test"):
-        if split == "test" and not data.has_split("test"):
-            continue  # data prepared before test splits
-        result = run_perplexities(cfg, model, data, split, rt)
-        ppl[split] = {d: r["ppl"] for d, r in result.items()}
+    ppl: dict[str, dict[str, float]] = {}
+    # One teacher at a time (model.teachers: each over the domains it serves), freed after.
+    for name, domains in teacher_groups(cfg.model.domain_teachers(data.names)).items():
+        model = load_configured_teacher(cfg, rt, name)
+        check_vocab(data.vocab_size, embedding_rows(model), embedding_rows(model))
+        teacher = OnlineTeacher(model, rt.autocast)
+        _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard, domains)
+        rt.barrier()
+        # The teacher's exact perplexities (full softmax, not top-k): DDK's Eq. 1/2 use them.
+        for split in ("val", "test"):
+            if split == "test" and not data.has_split("test"):
+                continue  # data prepared before test splits
+            result = run_perplexities(cfg, model, data, split, rt, domains=domains)
+            ppl.setdefault(split, {}).update({d: r["ppl"] for d, r in result.items()})
+        del model, teacher
     if rt.is_main:
         _finish(folder, plan, ppl, data.seq_len)
     rt.barrier()
@@ -173,15 +177,29 @@ def _plan(cfg, data: PreparedData) -> dict:
         "shard_sequences": SHARD_SEQUENCES,
         "dtypes": dtypes,
         "bytes_per_token": bytes_per_token(k, vocab, samples),
-        "domains": {
-            n: {
-                "folder": manifest.domains[n].folder,
-                "sequences": s.num_train_sequences,
-                "shards": math.ceil(s.num_train_sequences / SHARD_SEQUENCES),
-            }
-            for n, s in data.domains.items()
-        },
+        "domains": _domain_entries(cfg, data, memo),
         "complete": False,
+    }
+
+
+def _domain_entries(cfg, data: PreparedData, memo) -> dict:
+    """Each domain's shard layout and, with `model.teachers` naming 2+ teachers, the teacher
+    that serves it with its fingerprint (one teacher: it is the manifest's `teacher`)."""
+    mapping = cfg.model.domain_teachers(data.names)
+    groups = teacher_groups(mapping)
+    fingerprints = {t: identity.teacher_fingerprint(t, memo) for t in groups if len(groups) > 1}
+    return {
+        n: {
+            "folder": data.manifest.domains[n].folder,
+            "sequences": s.num_train_sequences,
+            "shards": math.ceil(s.num_train_sequences / SHARD_SEQUENCES),
+            **(
+                {"teacher": mapping[n], "teacher_fingerprint": fingerprints[mapping[n]]}
+                if fingerprints
+                else {}
+            ),
+        }
+        for n, s in data.domains.items()
     }
 
 
@@ -192,7 +210,7 @@ def _begin(folder: Path, plan: dict) -> dict:
         old = read_cache_manifest(folder)
         if not same_cache(old, plan):
             raise DDKError(
-                f"'{folder}' holds a cache of another teacher, data, domains, k, tau, "
+                f"'{folder}' holds a cache of another teacher (or model.teachers), data, domains, k, tau, "
                 "sampling or format; set teacher.cache to a new folder (or delete this one)"
             )
         plan = {**old, CONTENT_KEY: plan[CONTENT_KEY], "complete": False}
@@ -207,8 +225,11 @@ def _begin(folder: Path, plan: dict) -> dict:
     return plan
 
 
-def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard) -> None:
-    shards = [(n, j) for n, info in plan["domains"].items() for j in range(info["shards"])]
+def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard, domains) -> None:
+    """The shards of `domains` (one teacher's), split over the ranks."""
+    shards = [
+        (n, j) for n, info in plan["domains"].items() if n in domains for j in range(info["shards"])
+    ]
     mine = shards[rt.rank :: rt.world_size]
     todo = [(n, j) for n, j in mine if not shard_path(folder, plan["domains"][n], j).exists()]
     batch = cfg.trainer.eval_batch_size

@@ -168,6 +168,50 @@ def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, co
     return tok_dir, teacher, student
 
 
+# The "math teacher" and "code teacher": the teacher trained this share of its pre-training
+# steps longer on its own domain alone (choice).
+DOMAIN_TEACHER_SHARE = 0.5
+DOMAIN_TEACHER_DOMAINS = ("math", "code")
+
+
+def _domain_teachers(cache: Path, data: Path, teacher: Path, size: DemoSize, seed, configs, t0):
+    """{domain: its teacher}: the shared teacher trained longer on that domain alone (cached)."""
+    steps = max(1, int(size.teacher_steps * DOMAIN_TEACHER_SHARE))
+    teachers = {}
+    for domain in DOMAIN_TEACHER_DOMAINS:
+        run_dir = cache / f"teacher-{domain}"
+        teachers[domain] = run_dir / "final"
+        if teachers[domain].exists():
+            continue
+        _stage(f"training the {domain} teacher ({steps} more steps on {domain} alone)", t0)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        mix = {d: float(d == domain) for d in STUDENT_MIX}
+        name = f"pretrain_teacher_{domain}"
+        pretrain(teacher, data, run_dir, size, steps, mix, 1e-3, seed, configs, name)
+    return teachers
+
+
+def domain_teacher_table(runs: list[Path]) -> str | None:
+    """Per-domain test perplexity of the shared teacher and of the teacher each domain used in
+    the runs with a teacher per domain (from their RUN/teacher_ppl.json); None without both."""
+    records = {}
+    for run in runs:
+        path = run / "teacher_ppl.json"
+        if path.is_file():
+            kind = "domain" if split_variant(run.name)[1] == "domain" else "shared"
+            records.setdefault(kind, json.loads(path.read_text()))
+    if set(records) != {"shared", "domain"}:
+        return None
+    split = "test" if "test" in records["shared"]["ppl"] else "val"
+    shared, own = records["shared"]["ppl"][split], records["domain"]["ppl"][split]
+    teachers = records["domain"]["key"].get("teachers", {})
+    rows = [
+        [d, shared[d], own[d], Path(teachers.get(d, "")).parent.name or "shared"] for d in shared
+    ]
+    return format_table(["domain", "shared teacher", "its own teacher", "which"], rows)
+
+
 def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Path, t0):
     corpus = out / "corpus"
     stats = build_demo_corpus(corpus, scale=size.scale, seed=seed)
@@ -210,6 +254,7 @@ def distill_stage(
     seed: int,
     configs: Path,
     benchmarks: list[str] = (),
+    domain_teachers: dict[str, Path] | None = None,
 ) -> Path:
     run_dir = out / "runs" / method
     if run_dir.exists():
@@ -225,6 +270,9 @@ def distill_stage(
         *benchmarks,
         *VARIANTS[variant],
     ]
+    if variant == "domain":
+        teachers = {d: str(t) for d, t in (domain_teachers or {}).items()}
+        overrides.append(f"model.teachers={json.dumps(teachers)}")
     cfg = load_config(None, overrides)
     cfg.save(configs / f"distill_{method}.yaml")
     _finished(start_run(cfg))
@@ -267,11 +315,13 @@ def score_references(models: dict[str, Path], benchmarks: list[str], out: Path, 
     return files
 
 
-# A ddk variant -> its overrides: the opt-in interval-0 floor, and each `distill.preset`.
+# A variant -> its overrides: the opt-in interval-0 floor, each `distill.preset` (ddk only),
+# and `domain`: the math and code teachers (model.teachers; any method but cpt).
 VARIANTS: dict[str, list[str]] = {
     "": [],
     "floor": ["distill.init_floor=true"],
     **{name: [f"distill.preset={name}"] for name in PRESETS},
+    "domain": [],  # a teacher per domain: model.teachers, set from the demo's teachers
 }
 
 
@@ -279,10 +329,13 @@ def split_variant(label: str) -> tuple[str, str]:
     """'ddk+floor' -> ('ddk', 'floor'): a method plus an opt-in variant, as the report labels it
     (ddk+robust: `distill.preset: robust`)."""
     base, _, variant = label.partition("+")
-    if base not in METHODS or variant not in VARIANTS or (variant and base != "ddk"):
-        variants = " or ".join(f"ddk+{v}" for v in VARIANTS if v)
+    ddk_only = variant not in ("", "domain") and base != "ddk"
+    wrong_base = ddk_only or (variant == "domain" and base == "cpt")
+    if base not in METHODS or variant not in VARIANTS or wrong_base:
+        variants = ", ".join(f"ddk+{v}" for v in VARIANTS if v and v != "domain")
         raise DDKError(
-            f"demo method '{label}' is unknown; use one of {', '.join(METHODS)} or {variants}"
+            f"demo method '{label}' is unknown; use one of {', '.join(METHODS)}, {variants} or "
+            "METHOD+domain (a teacher per domain; not cpt)"
         )
     return base, variant
 
@@ -312,7 +365,7 @@ def demo_table(summary: dict) -> str:
     return format_table(headers, rows)
 
 
-def results_text(summary: dict) -> str:
+def results_text(summary: dict, teachers: str | None = None) -> str:
     """results.md: the perplexity table, then (when scored) the benchmark table."""
     caption = (
         f"Perplexity per domain on the {summary['split']} split (lower is better; "
@@ -320,6 +373,13 @@ def results_text(summary: dict) -> str:
         + "); worst ratio = largest student/teacher perplexity ratio."
     )
     text = caption + "\n\n```\n" + demo_table(summary) + "\n```\n"
+    if teachers is not None:
+        text += (
+            "\nTeacher perplexity per domain: the shared teacher, and the teacher each domain "
+            "used in the +domain runs (their ratios are against it):\n\n```\n"
+            + teachers
+            + "\n```\n"
+        )
     benchmarks = benchmark_table(summary)
     if benchmarks is not None:
         text += (
@@ -342,6 +402,8 @@ def run_demo(args) -> dict:
     methods = list(args.methods) + (
         ["ddk+floor"] if getattr(args, "init_floor_variant", False) else []
     )
+    if getattr(args, "domain_teachers", False):
+        methods += [f"{m}+domain" for m in methods if m in METHODS and m != "cpt"]
     methods = list(dict.fromkeys(methods))
     for m in methods:
         split_variant(m)  # refuse a typo before minutes of corpus building
@@ -399,6 +461,9 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
 
     corpus, data = _prepare_all(cache, out, size, args.seed, configs, t0)
     _, teacher, student = _models(cache, corpus, data, size, args.seed, configs, t0)
+    domain_teachers = None
+    if any(split_variant(m)[1] == "domain" for m in methods):
+        domain_teachers = _domain_teachers(cache, data, teacher, size, args.seed, configs, t0)
     benchmarks = demo_benchmarks(corpus, data, out, args.seed, t0)
     references = score_references(
         {"teacher": teacher, "student before": student}, benchmarks, out, t0
@@ -408,13 +473,23 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
         _stage(f"distilling with {method} ({i}/{len(methods)}, {steps} steps)", t0)
         runs.append(
             distill_stage(
-                method, teacher, student, data, out, size, steps, args.seed, configs, benchmarks
+                method,
+                teacher,
+                student,
+                data,
+                out,
+                size,
+                steps,
+                args.seed,
+                configs,
+                benchmarks,
+                domain_teachers,
             )
         )
 
     summary = summarize_runs(runs, benchmark_files=references)
     html = write_report(runs, out / "report", benchmark_files=references)
-    results = results_text(summary)
+    results = results_text(summary, domain_teacher_table(runs))
     (out / "results.md").write_text(results)
     print("\n" + results.replace("```\n", ""))
     _stage(f"done. Report: {html}  Configs to copy: {configs}", t0)

@@ -70,9 +70,17 @@ class OfflineTeacher:
         if self.fallback is not None and set(self.ppl_source.values()) != {"teacher cache"}:
             return self.fallback.key
         m = self.manifest
+        built = cache_teachers(m)
+        if len({t for t in built.values()}) == 1:
+            return {
+                "data": m.get("data_fingerprint"),
+                "teacher": m.get("teacher_fingerprint"),
+                "teacher_cache": str(self.folder),
+            }
         return {
             "data": m.get("data_fingerprint"),
-            "teacher": m.get("teacher_fingerprint"),
+            "teacher": {d: built[d][1] for d in self.domains},
+            "teachers": {d: built[d][0] for d in self.domains},
             "teacher_cache": str(self.folder),
         }
 
@@ -175,7 +183,7 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
     if prepared_manifest is not None:
         problems += _data_problems(cfg, m, where, prepared_manifest, domains)
     if cfg.model.teacher:
-        problems += _teacher_problems(cfg, m, where)
+        problems += _teacher_problems(cfg, m, where, domains)
     return problems
 
 
@@ -197,16 +205,40 @@ def _data_problems(cfg, m: dict, where: str, prepared_manifest, domains: list[st
     return problems
 
 
-def _teacher_problems(cfg, m: dict, where: str) -> list[str]:
-    other = (
-        f"{where} was built by another teacher ('{m.get('teacher')}') than "
-        f"model.teacher '{cfg.model.teacher}'"
-    )
-    if not identity.teacher_on_disk(cfg.model.teacher):
-        # Training off the teacher's machine: only the name it was cached under can be compared.
-        return [other] if m.get("teacher") != cfg.model.teacher else []
-    try:
-        fingerprint = identity.teacher_fingerprint(cfg.model.teacher, hash_memo(cfg))
-    except DDKError as e:
-        return [f"model.teacher: {e}"]
-    return [other] if fingerprint != m["teacher_fingerprint"] else []
+def cache_teachers(m: dict) -> dict[str, tuple[str | None, str | None]]:
+    """{domain: (teacher, its fingerprint)} a cache was built from: each domain's own where
+    it was built with `model.teachers`, else the manifest's one teacher."""
+    one = (m.get("teacher"), m.get("teacher_fingerprint"))
+    return {
+        d: (info["teacher"], info["teacher_fingerprint"]) if "teacher" in info else one
+        for d, info in m["domains"].items()
+    }
+
+
+def _teacher_problems(cfg, m: dict, where: str, domains: list[str]) -> list[str]:
+    built = cache_teachers(m)
+    several = len({fp for _, fp in built.values()}) > 1 or len(cfg.model.teachers) > 0
+    fingerprints: dict[str, str] = {}
+    for d in (d for d in domains if d in built):
+        name, fingerprint = built[d]
+        wanted = cfg.model.teacher_of(d)
+        if not several:
+            other = f"{where} was built by another teacher ('{name}') than model.teacher '{wanted}'"
+        else:
+            other = (
+                f"{where} was built for another teacher mapping: domain '{d}' from '{name}', "
+                f"not '{wanted}'; run `ddk cache-teacher` with this model.teachers"
+            )
+        if not identity.teacher_on_disk(wanted):
+            # Training off the teacher's machine: only the name it was cached under can be compared.
+            if name != wanted:
+                return [other]
+            continue
+        if wanted not in fingerprints:
+            try:
+                fingerprints[wanted] = identity.teacher_fingerprint(wanted, hash_memo(cfg))
+            except DDKError as e:
+                return [f"model.teacher: {e}"]
+        if fingerprints[wanted] != fingerprint:
+            return [other]
+    return []

@@ -86,10 +86,25 @@ class SharedPerplexities:
     """{domain: ppl} per split of the run's teacher: from the shared cache, else computed with
     `model`, or, when the run trains without the teacher (cpt), with the teacher loaded for
     this alone and freed after. The run's `splits` are computed together on first use, so a
-    teacher loaded only for them is loaded once."""
+    teacher loaded only for them is loaded once. `teacher` (default `model.teacher`) and
+    `domains` (default all the run's): with `model.teachers`, one per teacher, over the domains
+    it serves."""
 
-    def __init__(self, cfg, data, runtime, *, model=None, student_rows: int, splits):
+    def __init__(
+        self,
+        cfg,
+        data,
+        runtime,
+        *,
+        model=None,
+        student_rows: int,
+        splits,
+        teacher=None,
+        domains=None,
+    ):
         self.cfg, self.data, self.runtime, self.model = cfg, data, runtime, model
+        self.teacher = teacher or cfg.model.teacher
+        self.domains = list(domains) if domains is not None else list(data.names)
         self.student_rows = student_rows
         self.splits = tuple(dict.fromkeys(splits))
         store = cache_dir(cfg.teacher.ppl_cache_dir)
@@ -97,9 +112,7 @@ class SharedPerplexities:
         data_fp = identity.data_fingerprint(
             data.folder, Strength.CONTENT, splits=HELDOUT, memo=hash_memo(cfg)
         )
-        teacher_fp = identity.evaluated_teacher_fingerprint(
-            cfg.model.teacher, str(self.dtype), store
-        )
+        teacher_fp = identity.evaluated_teacher_fingerprint(self.teacher, str(self.dtype), store)
         self.cache = TeacherPPLCache(store, data_fp, teacher_fp)
         self.ppl_source: dict[str, str] = {}
         self._ppl: dict[str, dict[str, float]] = {}
@@ -114,7 +127,7 @@ class SharedPerplexities:
         return self._ppl[split]
 
     def _compute(self, splits: list[str]) -> None:
-        domains, rt, model = self.data.names, self.runtime, self.model
+        domains, rt, model = self.domains, self.runtime, self.model
         for split in dict.fromkeys(splits):
             # rank 0's view of the cache decides for every rank: evaluation all-reduces
             result = rt.broadcast_object(self.cache.get(split, domains))
@@ -122,7 +135,7 @@ class SharedPerplexities:
             if result is None:
                 if model is None:  # placed as training would place it (a 70B teacher: sharded)
                     model = self._load_teacher()
-                result = run_perplexities(self.cfg, model, self.data, split, rt)
+                result = run_perplexities(self.cfg, model, self.data, split, rt, domains=domains)
                 self.ppl_source[split] = "computed"
                 if rt.is_main:
                     self.cache.put(split, result)
@@ -134,7 +147,7 @@ class SharedPerplexities:
 
     def _load_teacher(self):
         cfg = self.cfg
-        model = load_configured_teacher(cfg, self.runtime)
+        model = load_configured_teacher(cfg, self.runtime, self.teacher)
         check_vocab(self.data.vocab_size, embedding_rows(model), self.student_rows)
         return model
 

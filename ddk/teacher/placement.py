@@ -12,6 +12,8 @@ each chunk of hidden states by the whole head anyway.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from accelerate import init_empty_weights
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -194,16 +196,72 @@ def load_placed_teacher(
     return model
 
 
-def load_configured_teacher(cfg, runtime) -> torch.nn.Module:
-    """The run's teacher (`model.teacher`) in `model.dtype`, placed as `teacher.placement`
-    asks: how training, its perplexities and `ddk cache-teacher` all load it."""
+def load_configured_teacher(cfg, runtime, name: str | None = None) -> torch.nn.Module:
+    """The run's teacher `name` (default `model.teacher`; with `model.teachers`, each domain's
+    own) in `model.dtype`, placed as `teacher.placement` asks: how training, its perplexities
+    and `ddk cache-teacher` all load it."""
     return load_placed_teacher(
-        cfg.model.teacher,
+        name or cfg.model.teacher,
         dtype=resolve_dtype(cfg.model.dtype, runtime.device),
         trust_remote_code=cfg.model.trust_remote_code,
         requested=cfg.teacher.placement,
         runtime=runtime,
     )
+
+
+def teachers_fit_problem(
+    sizes: dict[str, int], requested: str, *, free_bytes: int | None, world_size: int
+) -> str | None:
+    """Why the teachers of `sizes` ({teacher: parameter bytes}), all held at once, cannot fit
+    the devices given (None: they fit, or a CPU run, whose host memory is not checked).
+
+    Each teacher is placed as `requested`; together they may take FIT_SHARE of the free
+    device memory, as one teacher may: replicated, every rank holds them all; sharded (and
+    auto on 2+ processes), each rank holds 1/world of them; cpu_offload keeps the shards in
+    host memory, so only the LM heads and one layer at a time reach the device."""
+    if free_bytes is None or requested == "cpu_offload" or len(sizes) < 2:
+        return None
+    total = sum(sizes.values())
+    budget = FIT_SHARE * free_bytes
+    sharded = requested == "sharded" or (requested == "auto" and world_size >= 2)
+    per_rank = total / world_size if sharded else total
+    if per_rank <= budget:
+        return None
+    gib = 2**30
+    how = f"sharded over {world_size} processes" if sharded else "replicated"
+    fix = (
+        "use teacher.placement=cpu_offload, more processes, or fewer teachers"
+        if sharded
+        else "launch 2+ processes with teacher.placement=sharded or auto, or use fewer teachers"
+    )
+    return (
+        f"model.teachers: {len(sizes)} teachers ({total / gib:.2f} GiB) {how} need "
+        f"{per_rank / gib:.2f} GiB per device, over {FIT_SHARE:.0%} of the "
+        f"{free_bytes / gib:.1f} GiB free; {fix}"
+    )
+
+
+def teachers_placement_problem(cfg, teachers: dict[str, str]) -> str | None:
+    """`teachers_fit_problem` for the run's teachers ({role: name}), sized from their
+    architectures alone (meta-device skeletons: no weights read), on this launch's devices
+    (WORLD_SIZE processes; the free memory of this process's GPU, None without one)."""
+    device = _launch_device()
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    sizes = {
+        name: parameter_bytes(
+            teacher_skeleton(name, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        )
+        for name in teachers.values()
+    }
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return teachers_fit_problem(sizes, cfg.teacher.placement, free_bytes=free, world_size=world)
+
+
+def _launch_device() -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def local_bytes(model: torch.nn.Module) -> int:

@@ -6,7 +6,9 @@
                            perplexities, on first use, and freed after
     no model.teacher       None: the method needs none (cpt without a teacher)
 
-A new kind of teacher (served, per domain, ...) is another `TeacherSource` chosen here.
+    model.teachers         a teacher per domain (`PerDomainTeachers`), each as above
+
+A new kind of teacher (served, ...) is another `TeacherSource` chosen here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ddk.models import check_vocab, embedding_rows
 from ddk.teacher.cache_format import cache_identity
 from ddk.teacher.offline import OfflineTeacher
 from ddk.teacher.online import OnlineTeacher
+from ddk.teacher.per_domain import PerDomainTeachers, teacher_groups
 from ddk.teacher.perplexity import SharedPerplexities
 from ddk.teacher.placement import load_configured_teacher
 from ddk.teacher.signals import TeacherSource
@@ -23,19 +26,40 @@ from ddk.teacher.signals import TeacherSource
 
 def teacher_source(cfg, data, runtime, *, student_rows: int, splits) -> TeacherSource | None:
     """The run's teacher. `splits`: the held-out splits whose perplexities the run will ask
-    for (computed together, so a teacher loaded only for them is loaded once)."""
+    for (computed together, so a teacher loaded only for them is loaded once). With
+    `model.teachers` naming 2+ teachers: a `PerDomainTeachers` over one per teacher."""
     method = method_spec(cfg.distill.method)
+    groups = teacher_groups(cfg.model.domain_teachers(data.names)) if cfg.model.teacher else {}
 
-    def shared(model=None) -> SharedPerplexities:
+    def shared(model=None, name=None, domains=None) -> SharedPerplexities:
         return SharedPerplexities(
-            cfg, data, runtime, model=model, student_rows=student_rows, splits=splits
+            cfg,
+            data,
+            runtime,
+            model=model,
+            student_rows=student_rows,
+            splits=splits,
+            teacher=name,
+            domains=domains,
         )
+
+    def per_domain(load: bool) -> PerDomainTeachers:
+        teachers = {}
+        for name, domains in groups.items():
+            model = load_configured_teacher(cfg, runtime, name) if load else None
+            check_vocab(data.vocab_size, embedding_rows(model) if load else None, student_rows)
+            teachers[name] = OnlineTeacher(model, runtime.autocast, shared(model, name, domains))
+        return PerDomainTeachers(teachers, cfg.model.domain_teachers(data.names))
 
     if cfg.teacher.mode == "offline" and method.teacher_for_training:
         # No teacher model: the signal and the perplexities come from the cache (a cache
         # without perplexities falls back to computing them, when model.teacher is set).
         check_vocab(data.vocab_size, None, student_rows)
-        fallback = shared if cfg.model.teacher else None
+        fallback = None
+        if len(groups) > 1:
+            fallback = lambda: per_domain(load=False)  # noqa: E731
+        elif cfg.model.teacher:
+            fallback = shared
         return OfflineTeacher(
             cfg.teacher.cache,
             data.names,
@@ -43,9 +67,10 @@ def teacher_source(cfg, data, runtime, *, student_rows: int, splits) -> TeacherS
             cfg.teacher.sparse_estimator,
             fallback=fallback,
         )
-    model = None
-    if cfg.model.teacher and method.trains_with_teacher(cfg.distill):
-        model = load_configured_teacher(cfg, runtime)
+    trains = bool(cfg.model.teacher) and method.trains_with_teacher(cfg.distill)
+    if len(groups) > 1:
+        return per_domain(load=trains)
+    model = load_configured_teacher(cfg, runtime) if trains else None
     check_vocab(data.vocab_size, embedding_rows(model) if model is not None else None, student_rows)
     if not cfg.model.teacher:
         return None
