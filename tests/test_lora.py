@@ -1,0 +1,223 @@
+"""LoRA students (`model.lora`, through peft) on the real tiny Llama student saved with
+save_pretrained: the merge against peft's own, final/ equal to base + adapter, only the
+adapters trained and checkpointed, an exact resume after SIGKILL, FSDP2 on 2 processes equal
+to 1 process, and the one-line refusals."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from ddk.checkpoint import list_checkpoints
+from ddk.cli import main
+from ddk.config import LoraSection
+from ddk.demo.build import tiny_causal_lm
+from ddk.errors import DDKError
+from ddk.lora import ALL_LINEAR, check_backend, merged_state_dict, target_problems
+from tests.conftest import one_error_line, run_config, write_config
+from tests.test_sharding import FSDP_ENV, _assert_same_run, _env, _torchrun, needs_torchrun
+
+peft = pytest.importorskip("peft", reason="pip install 'ddk-distill[peft]'")
+
+# Adapters on three of the seven linear layer kinds: the other four must not move.
+TARGETS = ["q_proj", "v_proj", "gate_proj"]
+LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": TARGETS}
+LORA_RUN = {
+    "distill.K": 4,
+    "trainer.max_steps": 8,
+    "trainer.lr": 3e-2,  # adapters start at B = 0: a high rate so 8 steps move them
+    "trainer.min_lr": 3e-3,
+    "trainer.warmup_steps": 2,
+    "trainer.log_every": 2,
+    "trainer.save_every": 4,
+    "trainer.eval_batch_size": 4,
+    "model.lora": LORA,
+}
+
+
+def _lora_config(path: Path, run: Path, teacher, student, data, micro=4, accum=2) -> str:
+    extra = {"trainer.micro_batch_size": micro, "trainer.grad_accum_steps": accum}
+    return write_config(path, run_config(run, teacher, student, data, LORA_RUN, **extra))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ---------------------------------------------------------------- pure: the merge, the checks
+def test_merged_state_dict_equals_peft_merge_and_unload():
+    base = tiny_causal_lm(50, hidden_size=16, num_heads=2, seed=3)
+    lora = LoraSection(r=2, alpha=6.0, target_modules=ALL_LINEAR)
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(r=2, lora_alpha=6.0, target_modules="all-linear"),
+    )
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters something to merge
+            torch.nn.init.normal_(p, std=0.1)
+    live = model.base_model.model.state_dict()
+    ours = merged_state_dict({k: v.clone() for k, v in live.items()}, lora)
+    theirs = model.merge_and_unload().state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-6)
+
+
+def test_target_modules_the_student_lacks_are_listed_with_the_candidates():
+    model = tiny_causal_lm(50, hidden_size=16, num_heads=2)
+    ok = LoraSection(target_modules=["q_proj", "self_attn.v_proj", "mlp.down_proj"])
+    assert target_problems(ok, model) == []
+    assert target_problems(LoraSection(), model) == []  # all-linear
+    (problem,) = target_problems(LoraSection(target_modules=["q_proj", "c_attn"]), model)
+    assert "c_attn not among" in problem and "q_proj," not in problem.split(";")[0]
+    assert problem.endswith(
+        "candidates: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    )
+    # The LM head: ddk's fused loss reads its weight directly, an adapter there would be inert.
+    (head,) = target_problems(LoraSection(target_modules=["lm_head"]), model)
+    assert "lm_head not among" in head
+
+
+def test_deepspeed_with_lora_is_refused_in_one_line():
+    with pytest.raises(DDKError) as err:
+        check_backend("deepspeed")
+    assert "DDP or FSDP2" in str(err.value) and "\n" not in str(err.value)
+    check_backend("ddp")
+    check_backend("fsdp2")
+
+
+def test_bad_target_modules_stop_before_training_with_nothing_written(
+    tmp_path, capsys, teacher_dir, student_dir, prepared_dir
+):
+    run = tmp_path / "run"
+    values = run_config(run, teacher_dir, student_dir, prepared_dir, LORA_RUN)
+    values["model.lora"] = {**LORA, "target_modules": ["q_proj", "query_key_value"]}
+    code = main(["distill", write_config(tmp_path / "c.yaml", values)])
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "model.lora.target_modules: query_key_value not among" in line
+    assert "candidates: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in line
+    assert not run.exists()
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, teacher_dir, student_dir, prepared_dir):
+    """One uninterrupted 1-process LoRA run (8 steps, checkpoints at 4 and 8)."""
+    root = tmp_path_factory.mktemp("lora")
+    cfg = _lora_config(root / "c.yaml", root / "run", teacher_dir, student_dir, prepared_dir)
+    assert main(["distill", cfg]) == 0
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_final_is_base_plus_adapter_and_only_adapters_changed(lora_run, student_dir):
+    final = lora_run / "final"
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    with_adapter = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(student_dir), final / "adapter"
+    )
+    ids = torch.randint(
+        0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(
+        _logits(merged, ids), _logits(with_adapter, ids), rtol=1e-4, atol=1e-5
+    )
+    config = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == sorted(TARGETS)
+
+    base = load_file(student_dir / "model.safetensors")
+    merged_sd = load_file(final / "model.safetensors")
+    adapter = load_file(final / "adapter" / "adapter_model.safetensors")
+    assert sorted(merged_sd) == sorted(base)
+    scaling = LORA["alpha"] / LORA["r"]
+    adapted = 0
+    for key, weight in base.items():
+        layer = key.removesuffix(".weight")
+        if any(layer.endswith("." + t) for t in TARGETS):
+            a = adapter[f"base_model.model.{layer}.lora_A.weight"]
+            b = adapter[f"base_model.model.{layer}.lora_B.weight"]
+            assert b.abs().max() > 0, f"{layer}'s adapter never trained"
+            # merged - s·B@A is the base weight: the frozen base_layer did not move
+            torch.testing.assert_close(merged_sd[key] - scaling * b @ a, weight, rtol=0, atol=1e-6)
+            adapted += 1
+        else:  # embeddings, norms, k/o/up/down projections: bit-identical to the base
+            assert torch.equal(merged_sd[key], weight), key
+    assert adapted == 3 * 2  # three kinds x two layers
+
+
+@pytest.mark.slow
+def test_checkpoints_hold_only_the_adapters_and_their_optimizer_state(lora_run):
+    ckpt = lora_run / "checkpoints" / "step-00000004"
+    weights = load_file(ckpt / "model.safetensors")
+    assert len(weights) == 2 * 3 * 2  # A and B, three kinds, two layers
+    assert all(".lora_" in k.replace("/", ".") for k in weights)
+    optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert len(optimizer["state"]) == len(weights)
+    assert {"exp_avg", "exp_avg_sq"} <= set(optimizer["state"][0])
+
+
+def _ddk(*args) -> subprocess.Popen:
+    env = _env(PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "ddk.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_exact(
+    tmp_path, lora_run, teacher_dir, student_dir, prepared_dir
+):
+    run = tmp_path / "run"
+    proc = _ddk(
+        "distill", _lora_config(tmp_path / "c.yaml", run, teacher_dir, student_dir, prepared_dir)
+    )
+    deadline = time.time() + 300
+    while not list_checkpoints(run):  # the step-4 checkpoint
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists(), "finished before the kill"
+    resumed = _ddk("distill", "--resume", str(run))
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resuming from" in out
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        assert (run / "final" / name).read_bytes() == (lora_run / "final" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_fsdp2_two_processes_match_one(tmp_path, lora_run, teacher_dir, student_dir, prepared_dir):
+    """The same global batch (2 processes x 2 sequences x 2 micro-batches); FSDP2 shards the
+    frozen base and the adapters alike and its checkpoints hold the adapters only."""
+    two = tmp_path / "two"
+    cfg = _lora_config(tmp_path / "two.yaml", two, teacher_dir, student_dir, prepared_dir, 2, 2)
+    _torchrun(["distill", cfg], _env(**FSDP_ENV))
+    _assert_same_run(lora_run, two)
+    a = load_file(lora_run / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(two / "final" / "adapter" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    metadata = dcp.FileSystemReader(
+        str(two / "checkpoints" / "step-00000004" / "sharded")
+    ).read_metadata()
+    saved = {k for k in metadata.state_dict_metadata if k.startswith("model.")}
+    assert saved and all(".lora_" in k for k in saved), sorted(saved)[:3]
