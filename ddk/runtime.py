@@ -313,9 +313,7 @@ class Runtime:
                 str(folder / DEEPSPEED), tag=DEEPSPEED_TAG, client_state={}, save_latest=False
             )
         elif self.backend == "fsdp2":
-            model_sd, optim_sd = get_state_dict(
-                module, _bare(optimizer), options=_trainable(module)
-            )
+            model_sd, optim_sd = _trainable_state_dicts(module, optimizer)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / SHARDED))
 
     def whole_states(self, model: torch.nn.Module, optimizer) -> dict:
@@ -514,16 +512,23 @@ def _bare(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> torch's
 
 
-def _trainable(model: torch.nn.Module) -> StateDictOptions:
-    """Sharded checkpoints hold the trainable parameters only (a LoRA student's adapters; all
-    of a fully fine-tuned one): frozen weights are the base model's, read from its folder."""
+def _trainable_options(model: torch.nn.Module) -> StateDictOptions:
     frozen = any(not p.requires_grad for p in model.parameters())
     return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
 
 
+def _trainable_state_dicts(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """The model and optimizer state dicts of the trainable parameters only (a LoRA
+    student's adapters; every weight of a fully fine-tuned one): frozen weights are the base
+    model's, read from its folder. A frozen weight tied to another (a tied LM head) is
+    dropped too, which `ignore_frozen_params` alone misses."""
+    model_sd, optim_sd = get_state_dict(model, _bare(optimizer), options=_trainable_options(model))
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
+
+
 def _load_dcp(folder: Path, model: torch.nn.Module, optimizer) -> None:
-    options = _trainable(model)
-    model_sd, optim_sd = get_state_dict(model, _bare(optimizer), options=options)
+    model_sd, optim_sd = _trainable_state_dicts(model, optimizer)
     both = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(both, checkpoint_id=str(folder))
@@ -534,7 +539,7 @@ def _load_dcp(folder: Path, model: torch.nn.Module, optimizer) -> None:
         _bare(optimizer),
         model_state_dict=both["model"],
         optim_state_dict=both["optim"],
-        options=options,
+        options=_trainable_options(model),
     )
 
 

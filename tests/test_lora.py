@@ -23,7 +23,14 @@ from ddk.demo.build import tiny_causal_lm
 from ddk.errors import DDKError
 from ddk.lora import ALL_LINEAR, check_backend, merged_state_dict, target_problems
 from tests.conftest import one_error_line, run_config, write_config
-from tests.test_sharding import FSDP_ENV, _assert_same_run, _env, _torchrun, needs_torchrun
+from tests.test_sharding import (
+    FSDP_ENV,
+    _assert_same_run,
+    _env,
+    _killed_copy,
+    _torchrun,
+    needs_torchrun,
+)
 
 peft = pytest.importorskip("peft", reason="pip install 'ddk-distill[peft]'")
 
@@ -202,22 +209,58 @@ def test_sigkill_then_resume_is_bit_exact(
         assert (run / "final" / name).read_bytes() == (lora_run / "final" / name).read_bytes(), name
 
 
-@pytest.mark.slow
-@needs_torchrun
-def test_fsdp2_two_processes_match_one(tmp_path, lora_run, teacher_dir, student_dir, prepared_dir):
-    """The same global batch (2 processes x 2 sequences x 2 micro-batches); FSDP2 shards the
-    frozen base and the adapters alike and its checkpoints hold the adapters only."""
-    two = tmp_path / "two"
-    cfg = _lora_config(tmp_path / "two.yaml", two, teacher_dir, student_dir, prepared_dir, 2, 2)
+@pytest.fixture(scope="module")
+def fsdp_lora_run(tmp_path_factory, teacher_dir, student_dir, prepared_dir):
+    """The same LoRA run on 2 FSDP2 processes: the same global batch (2 processes x 2
+    sequences x 2 micro-batches)."""
+    root = tmp_path_factory.mktemp("fsdp_lora")
+    cfg = _lora_config(
+        root / "two.yaml", root / "two", teacher_dir, student_dir, prepared_dir, 2, 2
+    )
     _torchrun(["distill", cfg], _env(**FSDP_ENV))
-    _assert_same_run(lora_run, two)
-    a = load_file(lora_run / "final" / "adapter" / "adapter_model.safetensors")
-    b = load_file(two / "final" / "adapter" / "adapter_model.safetensors")
+    return root / "two"
+
+
+def _assert_same_adapter(a_run: Path, b_run: Path) -> None:
+    a = load_file(a_run / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(b_run / "final" / "adapter" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
-    metadata = dcp.FileSystemReader(
-        str(two / "checkpoints" / "step-00000004" / "sharded")
-    ).read_metadata()
-    saved = {k for k in metadata.state_dict_metadata if k.startswith("model.")}
-    assert saved and all(".lora_" in k for k in saved), sorted(saved)[:3]
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_fsdp2_two_processes_match_one(lora_run, fsdp_lora_run):
+    """FSDP2 shards the frozen base and the adapters alike; its checkpoints hold the adapters
+    (and their AdamW moments) only, the tied LM head included in neither."""
+    _assert_same_run(lora_run, fsdp_lora_run)
+    _assert_same_adapter(lora_run, fsdp_lora_run)
+    sharded = fsdp_lora_run / "checkpoints" / "step-00000004" / "sharded"
+    saved = dcp.FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+    weights = {k for k in saved if k.startswith("model.")}
+    assert len(weights) == 2 * 3 * 2 and all(".lora_" in k for k in weights), sorted(weights)
+    assert all(".lora_" in k for k in saved if k.startswith("optim.state."))
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_ddp_two_processes_match_one(tmp_path, lora_run, teacher_dir, student_dir, prepared_dir):
+    """DDP all-reduces the adapters' gradients only (the frozen base has none)."""
+    two = tmp_path / "two"
+    cfg = _lora_config(tmp_path / "two.yaml", two, teacher_dir, student_dir, prepared_dir, 2, 2)
+    _torchrun(["distill", cfg], _env())
+    _assert_same_run(lora_run, two)
+    _assert_same_adapter(lora_run, two)
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_fsdp2_resume_after_a_kill_is_exact(tmp_path, fsdp_lora_run):
+    """Killed after its step-4 checkpoint, the 2-process run resumes from the adapters alone
+    (the base re-read from the student's folder) and ends as the uninterrupted one."""
+    killed = _killed_copy(fsdp_lora_run, tmp_path / "killed", drop_after=4)
+    done = _torchrun(["distill", "--resume", str(killed)], _env(**FSDP_ENV))
+    assert "step-00000004" in done.stdout + done.stderr
+    _assert_same_run(fsdp_lora_run, killed, rel=1e-6)
+    _assert_same_adapter(fsdp_lora_run, killed)
