@@ -3,6 +3,7 @@ save_pretrained: the merge against peft's own, final/ equal to base + adapter, o
 adapters trained and checkpointed, an exact resume after SIGKILL, FSDP2 on 2 processes equal
 to 1 process, and the one-line refusals."""
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from ddk.config import LoraSection
 from ddk.demo.build import tiny_causal_lm
 from ddk.errors import DDKError
 from ddk.lora import ALL_LINEAR, check_backend, merged_state_dict, target_problems
+from ddk.run_dir import protected_differences
 from tests.conftest import one_error_line, run_config, write_config
 from tests.test_sharding import (
     FSDP_ENV,
@@ -32,6 +34,7 @@ from tests.test_sharding import (
     needs_torchrun,
 )
 
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lora_memory.py"
 peft = pytest.importorskip("peft", reason="pip install 'ddk-distill[peft]'")
 
 # Adapters on three of the seven linear layer kinds: the other four must not move.
@@ -115,6 +118,29 @@ def test_bad_target_modules_stop_before_training_with_nothing_written(
     assert "model.lora.target_modules: query_key_value not among" in line
     assert "candidates: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in line
     assert not run.exists()
+
+
+def test_a_changed_lora_section_is_refused_on_resume():
+    a = {"model": {"lora": LORA}, "trainer": {"lr": 1e-3}}
+    b = {"model": {"lora": {**LORA, "r": 8}}, "trainer": {"lr": 1e-3}}
+    assert protected_differences(a, b) == ["model.lora"]
+    assert protected_differences(a, {"model": {"lora": None}, "trainer": {"lr": 1e-3}})
+
+
+def test_the_memory_benchmark_measures_what_the_arithmetic_says():
+    """One real step of the benchmark's tiny Llama: gradients and AdamW moments exist for the
+    adapters only (4 B + 8 B each), the frozen base keeps its weights (4 B each)."""
+    spec = importlib.util.spec_from_file_location("bench_lora_memory", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lora = LoraSection(r=4, alpha=8.0)
+    full = bench.measure_one("tiny", "full", lora.model_dump_json())
+    ours = bench.measure_one("tiny", "lora", lora.model_dump_json())
+    assert ours["params"] == full["params"] == full["trained"] > ours["trained"] > 0
+    expected = bench.state_bytes(ours["params"], ours["trained"], lora=True)
+    # tied embedding + LM head are one storage, counted once by both
+    assert {k: ours[k] for k in expected} == expected
+    assert full["grads"] == full["weights"] and full["adamw"] == 2 * full["weights"]
 
 
 # ---------------------------------------------------------------- end to end
