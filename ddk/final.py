@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ddk.config import LoraSection
+from ddk.config import ModelSection
 from ddk.errors import DDKError, first_line
 from ddk.fileutil import disk_full, human_bytes, publish_dir
 from ddk.lora import merged_state_dict, save_adapter
@@ -20,18 +20,19 @@ from ddk.runtime import plain_copy
 ADAPTER_DIR = "adapter"  # final/adapter: a LoRA run's adapter, for PeftModel.from_pretrained
 
 
-def final_student(runtime, module, saved: Path | None, lora: LoraSection | None, base: str):
+def whole_student(runtime, module, model: ModelSection, saved: Path | None = None):
     """(the whole student as a plain model, a writer of final/adapter or None) on rank 0,
     (None, None) on the others; a collective under sharded backends. A LoRA student is
-    merged (base + alpha/r · B @ A) from its whole state dict."""
-    if lora is None:
+    merged (base + alpha/r · B @ A) from its whole state dict, so final/ and the benchmark
+    scores see one plain model under every backend."""
+    if model.lora is None:
         return runtime.whole_model(module, "student", saved), None
     full = runtime.whole_state_dict(module, "student", saved)
     if not runtime.is_main:
         return None, None
     student = runtime.unwrap(module).student
-    merged = plain_copy(student, merged_state_dict(full, lora))
-    return merged, lambda folder: save_adapter(folder, full, lora, base)
+    merged = plain_copy(student, merged_state_dict(full, model.lora))
+    return merged, lambda folder: save_adapter(folder, full, model.lora, model.student)
 
 
 def save_final(run_dir: Path, model, tokenizer, adapter=None) -> Path:

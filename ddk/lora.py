@@ -71,6 +71,11 @@ def _matches(name: str, target: str) -> bool:
 
 def target_problems(lora: LoraSection, model: torch.nn.Module) -> list[str]:
     """Each target module the student lacks (or that is its LM head), with the candidates."""
+    if not candidates(model):
+        return [
+            f"model.lora: the student ({type(model).__name__}) has no torch.nn.Linear layers "
+            "besides its LM head; ddk's LoRA adapts Linear layers only (GPT-2's Conv1D is not)"
+        ]
     if lora.target_modules == ALL_LINEAR:
         return []
     head = model.get_output_embeddings()
@@ -111,13 +116,28 @@ def check_backend(backend: str) -> None:
         )
 
 
-def apply_lora(student: torch.nn.Module, lora: LoraSection, backend: str) -> torch.nn.Module:
-    """Inject the adapters into `student` in place and freeze everything else."""
+def apply_lora(student: torch.nn.Module, lora: LoraSection | None, backend: str):
+    """Inject the adapters into `student` in place and freeze everything else (lora None:
+    the student as it is, every weight trained)."""
+    if lora is None:
+        return student
     check_backend(backend)
     problems = target_problems(lora, student)
     if problems:
         raise DDKError(problems[0])
     _peft().inject_adapter_in_model(lora_config(lora), student, adapter_name=ADAPTER)
+    other = {
+        type(m.base_layer).__name__
+        for m in student.modules()
+        if isinstance(getattr(m, "base_layer", None), torch.nn.Module)
+        and not isinstance(m.base_layer, torch.nn.Linear)
+    }
+    if other:  # e.g. GPT-2's Conv1D under all-linear: merged as W + s·B@A it would be wrong
+        raise DDKError(
+            f"model.lora: adapters landed on {', '.join(sorted(other))} layers; ddk merges "
+            "LoRA into torch.nn.Linear layers only: list target_modules by name (candidates: "
+            f"{', '.join(candidates(student))})"
+        )
     for name, p in student.named_parameters():
         p.requires_grad_(_LORA_KEY.match(name) is not None)
     return student

@@ -32,7 +32,7 @@ from ddk.curriculum import IntervalPlan
 from ddk.data.dataset import PreparedData
 from ddk.errors import DDKError
 from ddk.evaluate import report_split, run_perplexities
-from ddk.final import final_student, save_final
+from ddk.final import save_final, whole_student
 from ddk.harness import RunBenchmarks
 from ddk.identity import data_fingerprint
 from ddk.lora import apply_lora, trainable_weights
@@ -139,9 +139,7 @@ class Trainer:
         # from_pretrained returns eval mode: without this, dropout and gradient
         # checkpointing (which HF applies only in training mode) would silently be off.
         student.train()
-        if cfg.model.lora is not None:  # adapters injected in place; the base frozen
-            apply_lora(student, cfg.model.lora, self.runtime.backend)
-        return student
+        return apply_lora(student, cfg.model.lora, self.runtime.backend)  # None: full FT
 
     def _setup_optimizer(self, student) -> None:
         t, rt = self.cfg.trainer, self.runtime
@@ -238,7 +236,7 @@ class Trainer:
             record.domains[d].rows, record.domains[d].epochs = rows, epochs
         self.metrics.write(record)
         if self.benchmarks is not None and self.benchmarks.due(self.plan.interval):
-            model = self.runtime.whole_model(self.step_module, "student")  # FSDP2: a collective
+            model, _ = whole_student(self.runtime, self.step_module, self.cfg.model)  # collective
             self.benchmarks.record(model, self.state.step)
 
     # ------------------------------------------------------------------ training
@@ -384,8 +382,7 @@ class Trainer:
         final = self.run_dir / "final"
         # Sharded backends gather one whole state dict (a collective), so final/ is always a
         # plain save_pretrained folder.
-        m = self.cfg.model
-        model, adapter = final_student(self.runtime, self.step_module, saved, m.lora, m.student)
+        model, adapter = whole_student(self.runtime, self.step_module, self.cfg.model, saved)
         if self.is_main:
             model.config.use_cache = True  # generation wants the KV cache back
             save_final(self.run_dir, model, self.student_tokenizer, adapter)

@@ -6,8 +6,6 @@ to 1 process, and the one-line refusals."""
 import importlib.util
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from ddk.checkpoint import list_checkpoints
 from ddk.cli import main
@@ -23,8 +21,10 @@ from ddk.config import LoraSection
 from ddk.demo.build import tiny_causal_lm
 from ddk.errors import DDKError
 from ddk.lora import ALL_LINEAR, check_backend, merged_state_dict, target_problems
-from ddk.run_dir import protected_differences
-from tests.conftest import one_error_line, run_config, write_config
+from ddk.run_dir import protected_differences, start_run
+from ddk.runtime import Runtime
+from tests.conftest import make_config, one_error_line, run_config, write_config
+from tests.test_resume import ddk_process
 from tests.test_sharding import (
     FSDP_ENV,
     _assert_same_run,
@@ -98,12 +98,29 @@ def test_target_modules_the_student_lacks_are_listed_with_the_candidates():
     assert "lm_head not among" in head
 
 
+def test_a_student_without_linear_layers_is_refused():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
+    (problem,) = target_problems(LoraSection(), gpt2)  # its Conv1D cannot be merged as Linear
+    assert "no torch.nn.Linear layers" in problem and "Conv1D" in problem
+
+
 def test_deepspeed_with_lora_is_refused_in_one_line():
     with pytest.raises(DDKError) as err:
         check_backend("deepspeed")
     assert "DDP or FSDP2" in str(err.value) and "\n" not in str(err.value)
     check_backend("ddp")
     check_backend("fsdp2")
+
+
+def test_deepspeed_with_lora_stops_the_run_before_anything_is_written(
+    tmp_path, teacher_dir, student_dir, prepared_dir
+):
+    runtime = Runtime(cpu=True)
+    runtime.backend = "deepspeed"  # what a ZeRO launch sets; refused before any step or file
+    cfg = make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir, LORA_RUN)
+    with pytest.raises(DDKError, match="not supported under DeepSpeed ZeRO"):
+        start_run(cfg, runtime=runtime)
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_target_modules_stop_before_training_with_nothing_written(
@@ -200,23 +217,12 @@ def test_checkpoints_hold_only_the_adapters_and_their_optimizer_state(lora_run):
     assert {"exp_avg", "exp_avg_sq"} <= set(optimizer["state"][0])
 
 
-def _ddk(*args) -> subprocess.Popen:
-    env = _env(PYTHONUNBUFFERED="1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "ddk.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_exact(
     tmp_path, lora_run, teacher_dir, student_dir, prepared_dir
 ):
     run = tmp_path / "run"
-    proc = _ddk(
+    proc = ddk_process(
         "distill", _lora_config(tmp_path / "c.yaml", run, teacher_dir, student_dir, prepared_dir)
     )
     deadline = time.time() + 300
@@ -227,7 +233,7 @@ def test_sigkill_then_resume_is_bit_exact(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "final").exists(), "finished before the kill"
-    resumed = _ddk("distill", "--resume", str(run))
+    resumed = ddk_process("distill", "--resume", str(run))
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resuming from" in out
