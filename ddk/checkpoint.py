@@ -6,7 +6,8 @@ with a manifest of SHA-256 checksums; the newest intact checkpoint is the one re
                               "config": the resolved config, "data_fingerprint"}: JSON
         plan.npy             the interval plan's rows (every numpy array of a state: <key>.npy)
         rng.pt               Python, numpy, torch (and CUDA) RNG states
-        model.safetensors    the student (whole-state backends: DDP, one process)
+        model.safetensors    the student's trainable weights (whole-state backends: DDP, one
+                             process; a LoRA run: its adapters, `ddk.lora.trainable_weights`)
         optimizer.pt         the optimizer state (whole-state backends)
         sharded/ | deepspeed/  the model and optimizer shards (FSDP2 / DeepSpeed ZeRO), written
                              by every rank through `ddk.runtime`

@@ -30,6 +30,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSection(_Section):
+    """A LoRA student (needs `pip install 'ddk-distill[peft]'`): low-rank adapters on the
+    student's linear layers train, its base weights stay frozen; RUN/final holds the merged
+    model and the adapter (final/adapter)."""
+
+    r: StrictInt = Field(16, ge=1, description="Rank of each adapter (choice).")
+    alpha: float = Field(
+        32.0, gt=0.0, description="Scale: an adapter adds (alpha / r) * B @ A (choice: 2r)."
+    )
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on an adapter's input (peft's default, 0)."
+    )
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        min_length=1,
+        description="Names of the student's linear layers to adapt, matched as peft does (a "
+        "layer's name or its dotted suffix, e.g. q_proj, v_proj); 'all-linear': every linear "
+        "layer but the LM head, which ddk's fused loss reads directly.",
+    )
+
+
 class ModelSection(_Section):
     teacher: str | None = Field(
         None, description="Teacher: Hugging Face hub id or local directory."
@@ -46,6 +67,12 @@ class ModelSection(_Section):
         description="A teacher per domain, {domain: hub id or local directory}: each listed "
         "domain is distilled from, and its Eq. 1 ratio taken against, its own teacher; "
         "model.teacher serves every domain not listed.",
+    )
+    lora: LoraSection | None = Field(
+        None,
+        description="Train the student through LoRA adapters ({r, alpha, dropout, "
+        "target_modules}); null: full fine-tuning of every student weight. The teacher is "
+        "frozen either way.",
     )
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """The final student, written the way checkpoints are: into a temporary folder, then renamed to
 `RUN/final`, so that folder holds a whole model or none. A full disk is one line, and the
-checkpoint saved just before stays the place to resume from."""
+checkpoint saved just before stays the place to resume from. A LoRA student's final/ is the
+merged model, with its adapter in final/adapter."""
 
 from __future__ import annotations
 
@@ -10,11 +11,32 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ddk.config import ModelSection
 from ddk.errors import DDKError, first_line
 from ddk.fileutil import disk_full, human_bytes, publish_dir
+from ddk.lora import merged_state_dict, save_adapter
+from ddk.runtime import plain_copy
+
+ADAPTER_DIR = "adapter"  # final/adapter: a LoRA run's adapter, for PeftModel.from_pretrained
 
 
-def save_final(run_dir: Path, model, tokenizer) -> Path:
+def whole_student(runtime, module, model: ModelSection, saved: Path | None = None):
+    """(the whole student as a plain model, a writer of final/adapter or None) on rank 0,
+    (None, None) on the others; a collective under sharded backends. A LoRA student is
+    merged (base + alpha/r · B @ A) from its whole state dict, so final/ and the benchmark
+    scores see one plain model under every backend."""
+    if model.lora is None:
+        return runtime.whole_model(module, "student", saved), None
+    full = runtime.whole_state_dict(module, "student", saved)
+    if not runtime.is_main:
+        return None, None
+    student = runtime.unwrap(module).student
+    merged = plain_copy(student, merged_state_dict(full, model.lora))
+    return merged, lambda folder: save_adapter(folder, full, model.lora, model.student)
+
+
+def save_final(run_dir: Path, model, tokenizer, adapter=None) -> Path:
+    """`adapter`: writes a LoRA run's adapter into the folder it is given (final/adapter)."""
     final = run_dir / "final"
     for stale in [*run_dir.glob(".tmp-final-*"), *run_dir.glob(".old-final-*")]:  # killed saves
         shutil.rmtree(stale, ignore_errors=True)
@@ -22,6 +44,8 @@ def save_final(run_dir: Path, model, tokenizer) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if adapter is not None:
+            adapter(tmp / ADAPTER_DIR)
     except (OSError, SafetensorError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         need = sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -19,6 +19,7 @@ from ddk.data.vocab import same_vocabulary
 from ddk.errors import DDKError, first_line
 from ddk.harness import BenchmarkPlan, plan_problems
 from ddk.identity import teacher_on_disk
+from ddk.lora import lora_problems
 from ddk.methods import method_spec
 from ddk.models import check_tokenizers_match, load_tokenizer, resolve_local_path
 from ddk.ranks import print0
@@ -131,6 +132,9 @@ def preflight_problems(cfg: Config, *, teachers_at_once: bool = True) -> list[st
                 problems.append(f"model.{role}: {err}")
     if teachers_at_once:
         problems.extend(_placement_problems(cfg, configs))
+    if cfg.model.lora is not None and "student" in configs:
+        trust = cfg.model.trust_remote_code
+        problems.extend(lora_problems(cfg.model.lora, configs["student"], trust))
     if cfg.teacher.mode == "offline" and cfg.distill.method != "cpt":
         problems.extend(cache_problems(cfg, manifest, domains))
     if cfg.eval.tasks:

@@ -25,7 +25,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 from ddk import ranks
@@ -309,7 +313,7 @@ class Runtime:
                 str(folder / DEEPSPEED), tag=DEEPSPEED_TAG, client_state={}, save_latest=False
             )
         elif self.backend == "fsdp2":
-            model_sd, optim_sd = get_state_dict(module, _bare(optimizer))
+            model_sd, optim_sd = _trainable_state_dicts(module, optimizer)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / SHARDED))
 
     def whole_states(self, model: torch.nn.Module, optimizer) -> dict:
@@ -357,13 +361,20 @@ class Runtime:
         model = getattr(self.unwrap(module), attribute)
         if not self.is_sharded:
             return model if self.is_main else None
+        full = self.whole_state_dict(module, attribute, saved)
+        return plain_copy(model, full) if self.is_main else None
+
+    def whole_state_dict(self, module, attribute: str, saved: Path | None = None) -> dict:
+        """`module.<attribute>`'s whole state dict on rank 0 ({} or unused on the others); a
+        collective under sharded backends (see `whole_model`)."""
+        if not self.is_sharded:
+            return getattr(self.unwrap(module), attribute).state_dict() if self.is_main else {}
         prefix = attribute + "."
-        full = {
+        return {
             k[len(prefix) :]: v
             for k, v in self._full_state_dict(module, saved).items()
             if k.startswith(prefix)
         }
-        return plain_copy(model, full) if self.is_main else None
 
     def _full_state_dict(self, module: torch.nn.Module, saved) -> dict[str, torch.Tensor]:
         if self.backend == "deepspeed":
@@ -501,15 +512,34 @@ def _bare(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> torch's
 
 
+def _trainable_options(model: torch.nn.Module) -> StateDictOptions:
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+
+
+def _trainable_state_dicts(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """The model and optimizer state dicts of the trainable parameters only (a LoRA
+    student's adapters; every weight of a fully fine-tuned one): frozen weights are the base
+    model's, read from its folder. A frozen weight tied to another (a tied LM head) is
+    dropped too, which `ignore_frozen_params` alone misses."""
+    model_sd, optim_sd = get_state_dict(model, _bare(optimizer), options=_trainable_options(model))
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
+
+
 def _load_dcp(folder: Path, model: torch.nn.Module, optimizer) -> None:
-    model_sd, optim_sd = get_state_dict(model, _bare(optimizer))
+    model_sd, optim_sd = _trainable_state_dicts(model, optimizer)
     both = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(both, checkpoint_id=str(folder))
     except Exception as e:
         raise DDKError(f"cannot load sharded states from '{folder}': {first_line(e)}") from None
     set_state_dict(
-        model, _bare(optimizer), model_state_dict=both["model"], optim_state_dict=both["optim"]
+        model,
+        _bare(optimizer),
+        model_state_dict=both["model"],
+        optim_state_dict=both["optim"],
+        options=_trainable_options(model),
     )
 
 

@@ -32,9 +32,10 @@ from ddk.curriculum import IntervalPlan
 from ddk.data.dataset import PreparedData
 from ddk.errors import DDKError
 from ddk.evaluate import report_split, run_perplexities
-from ddk.final import save_final
+from ddk.final import save_final, whole_student
 from ddk.harness import RunBenchmarks
 from ddk.identity import data_fingerprint
+from ddk.lora import apply_lora, trainable_weights
 from ddk.losses import LossSums
 from ddk.methods import method_spec
 from ddk.metrics import (
@@ -91,7 +92,7 @@ class Trainer:
             rt,
             self.step_module,
             self.optimizer,
-            model=self.student,
+            model=trainable_weights(self.student, cfg.model.lora),  # LoRA: adapters only
             states={
                 "trainer": self.state,
                 "plan": self.plan,
@@ -138,12 +139,13 @@ class Trainer:
         # from_pretrained returns eval mode: without this, dropout and gradient
         # checkpointing (which HF applies only in training mode) would silently be off.
         student.train()
-        return student
+        return apply_lora(student, cfg.model.lora, self.runtime.backend)  # None: full FT
 
     def _setup_optimizer(self, student) -> None:
         t, rt = self.cfg.trainer, self.runtime
-        decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
+        trainable = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": t.weight_decay},
@@ -234,7 +236,7 @@ class Trainer:
             record.domains[d].rows, record.domains[d].epochs = rows, epochs
         self.metrics.write(record)
         if self.benchmarks is not None and self.benchmarks.due(self.plan.interval):
-            model = self.runtime.whole_model(self.step_module, "student")  # FSDP2: a collective
+            model, _ = whole_student(self.runtime, self.step_module, self.cfg.model)  # collective
             self.benchmarks.record(model, self.state.step)
 
     # ------------------------------------------------------------------ training
@@ -380,10 +382,10 @@ class Trainer:
         final = self.run_dir / "final"
         # Sharded backends gather one whole state dict (a collective), so final/ is always a
         # plain save_pretrained folder.
-        model = self.runtime.whole_model(self.step_module, "student", saved)
+        model, adapter = whole_student(self.runtime, self.step_module, self.cfg.model, saved)
         if self.is_main:
             model.config.use_cache = True  # generation wants the KV cache back
-            save_final(self.run_dir, model, self.student_tokenizer)
+            save_final(self.run_dir, model, self.student_tokenizer, adapter)
         print0(f"final student saved to {final}")
         self.runtime.barrier()
         if self.benchmarks is not None:  # after the save; the other ranks finish meanwhile

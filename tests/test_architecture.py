@@ -38,6 +38,7 @@ DEFERRED_IMPORTS = {
         "datasets.utils",
     },
     "ddk.data.sources": {"datasets"},  # [datasets]
+    "ddk.lora": {"peft"},  # [peft]: LoRA students
     "ddk.demo.corpus": {"pydoc_data.topics"},  # some Python distributions strip it
     "ddk.demo.corpora": {"tkinter"},  # optional: not every Python is built with Tcl/Tk
 }
