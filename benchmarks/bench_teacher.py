@@ -34,7 +34,7 @@ from pathlib import Path
 PRESETS = {
     "tiny": dict(
         seq_len=256,
-        sequences=512,  # 8 shards of 64
+        sequences=512,  # about: the corpus is sized for this many
         vocab=2048,
         dtype="float32",
         arch="llama",
@@ -153,7 +153,14 @@ def run_one(engine: str, inputs: dict, k: int, dtype: str, cache: Path) -> dict:
     data = PreparedData(inputs["prepared"])
     per_shard = cache_format.SHARD_SEQUENCES * data.seq_len
     steady = (len(stamps) - 1) * per_shard / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0
-    return {"engine": engine, "tok_s": steady, "build_s": total, "shards": len(stamps)}
+    tokens = sum(d.num_train_sequences for d in data.domains.values()) * data.seq_len
+    return {
+        "engine": engine,
+        "tok_s": steady,
+        "build_s": total,
+        "shards": len(stamps),
+        "tokens": tokens,
+    }
 
 
 def main() -> None:
@@ -194,10 +201,11 @@ def main() -> None:
 
 def table(args, preset: dict, rows: list[dict]) -> str:
     base = next((r["tok_s"] for r in rows if r["engine"] == "hf" and "tok_s" in r), None)
-    device = "cuda" if preset["dtype"] != "float32" else f"CPU ({platform.processor() or '?'})"
+    device = "cuda" if preset["dtype"] != "float32" else f"CPU, {os.cpu_count()} cores"
+    tokens = next((r["tokens"] for r in rows if "tokens" in r), 0)
     lines = [
-        f"preset {args.preset}: seq_len {preset['seq_len']}, {preset['sequences']} train "
-        f"sequences, k = {args.k}, {preset['dtype']}, {device}, "
+        f"preset {args.preset}: seq_len {preset['seq_len']}, {tokens:,} cached tokens, "
+        f"k = {args.k}, {preset['dtype']}, {device} ({platform.machine()}), "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
         "",
         "| engine | teacher tok/s | vs hf | build s (all) | shards |",

@@ -20,6 +20,7 @@ DEFERRED_IMPORTS = {
         "ddk.preflight",
         "ddk.run_dir",
         "ddk.commands.cache_teacher",
+        "ddk.commands.serve_teacher",
         "ddk.commands.eval_model",
         "ddk.demo.run",
         "ddk.report",

@@ -199,7 +199,7 @@ class ServedTeacher:
             self.close()
             raise self._stopped(e) from None
         self._ask_ahead()  # the freed slot: the next micro-batch
-        return SparseSignal(*(t.to(self.device) for t in signal))
+        return SparseSignal(*(t.to(self.device) for t in signal[:3]))
 
     # ------------------------------------------------------------------ perplexities
     def perplexities(self, split: str) -> dict[str, float]:
