@@ -79,7 +79,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ddk.cli", "serve-teacher", self.config,
              "--set", f"teacher.served.port={self.port}"],
-            stdout=subprocess.PIPE, stderr=open(os.devnull, "w") if not os.environ.get("DDK_TEST_SERVER_LOG") else None, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
             start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 400
