@@ -142,6 +142,29 @@ def test_a_served_run_completes_and_resumes(wide, server, tmp_path, crash_at_ste
 
 
 @needs_vllm
+def test_a_server_whose_perplexities_are_not_the_teachers_is_refused(
+    wide, server, tmp_path, capsys
+):
+    """model.teacher's perplexities in the shared cache (here: made 1.5x the truth, as if the
+    server ran another model) must match the server's before step 1."""
+    from ddk.config import load_config
+    from ddk.data.dataset import PreparedData
+    from ddk.teacher.served import hf_perplexity_cache
+
+    path = tmp_path / "c.yaml"
+    served_config(path, wide, tmp_path / "run", server.url)
+    cfg, data = load_config(path), PreparedData(wide["data"])
+    cache = hf_perplexity_cache(cfg, data, "cpu")
+    cache.put("val", {d: {"ppl": 20.0, "loss": 3.0, "tokens": 1} for d in data.names})
+    try:
+        assert main(["distill", str(path)]) == 2
+    finally:
+        cache.path.unlink()  # the other tests' runs on this teacher and data
+    assert "model.teacher's is 20" in one_error_line(capsys.readouterr().err)
+    assert list_checkpoints(tmp_path / "run") == []
+
+
+@needs_vllm
 def test_killing_the_server_stops_the_run_in_one_line_and_resume_continues(
     wide, server, tmp_path, capsys, monkeypatch
 ):

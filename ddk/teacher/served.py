@@ -10,8 +10,9 @@ signal as a top-k cache, through the same loss.
 - A failed request is retried with backoff (1, 2, 4, ... s); then the run stops with one line and
   its last checkpoint kept (`ddk distill --resume` continues once the server is back).
 - At start-up: the server answers, serves the configured model, and returns prompt_logprobs for
-  a probe row; its teacher perplexities are checked against model.teacher's when those are in
-  the shared teacher-perplexity cache.
+  a probe row; its teacher perplexities are checked against model.teacher's (within
+  PPL_AGREEMENT) when those are in the shared teacher-perplexity cache (an online run or a
+  transformers evaluation of this teacher on this data put them there).
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import torch
 
+from ddk import identity
 from ddk.errors import DDKError
+from ddk.identity import Strength
+from ddk.models import resolve_dtype
 from ddk.teacher.engines.logprobs import sparse_rows
+from ddk.teacher.perplexity import HELDOUT, TeacherPPLCache, cache_dir, hash_memo
 from ddk.teacher.signals import Batch, SparseSignal
 
 PPL_AGREEMENT = 0.02  # (choice) relative gap between served and cached teacher perplexities
@@ -69,6 +75,18 @@ def with_retries(call: Callable[[], dict], retries: int, backoff: float = 1.0) -
     raise AssertionError("unreachable")
 
 
+def hf_perplexity_cache(cfg, data, device) -> TeacherPPLCache:
+    """The shared cache entry of model.teacher's own perplexities on this data, in the dtype
+    model.dtype gives a transformers forward (what online runs and cache-teacher store)."""
+    store = cache_dir(cfg.teacher.ppl_cache_dir)
+    data_fp = identity.data_fingerprint(
+        data.folder, Strength.CONTENT, splits=HELDOUT, memo=hash_memo(cfg)
+    )
+    dtype = str(resolve_dtype(cfg.model.dtype, torch.device(device)))
+    teacher_fp = identity.evaluated_teacher_fingerprint(cfg.model.teacher, dtype, store)
+    return TeacherPPLCache(store, data_fp, teacher_fp)
+
+
 def _entries(position: dict | None) -> list[tuple[int, float, int]]:
     return [(int(t), e["logprob"], e.get("rank") or 0) for t, e in (position or {}).items()]
 
@@ -93,7 +111,7 @@ class ServedTeacher:
         self.in_flight = t.served.max_in_flight
         self.pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="ddk-teacher")
         self.pending: dict[bytes, Future] = {}
-        self.runtime = runtime
+        self.runtime, self.cfg = runtime, cfg
         self.ppl_source: dict[str, str] = {}
         self._ppl: dict[str, dict[str, float]] = {}
         self._check_server()
@@ -203,12 +221,32 @@ class ServedTeacher:
 
     # ------------------------------------------------------------------ perplexities
     def perplexities(self, split: str) -> dict[str, float]:
-        """{domain: ppl} of the served teacher on held-out `split` (rank 0 asks; broadcast)."""
+        """{domain: ppl} of the served teacher on held-out `split` (rank 0 asks; broadcast),
+        checked against model.teacher's own when the shared cache holds them (the first call,
+        for val, comes before step 1)."""
         if split not in self._ppl:
             result = self._heldout(split) if self.runtime.is_main else None
-            self._ppl[split] = self.runtime.broadcast_object(result)
+            problem = self._ppl_problem(split, result) if self.runtime.is_main else ""
+            result, problem = self.runtime.broadcast_object((result, problem))
+            if problem:
+                self.close()
+                raise DDKError(problem)
+            self._ppl[split] = result
             self.ppl_source[split] = "served"
         return self._ppl[split]
+
+    def _ppl_problem(self, split: str, served: dict[str, float]) -> str:
+        known = hf_perplexity_cache(self.cfg, self.data, self.device).get(split, self.data.names)
+        if known is None:
+            return ""
+        for domain, value in served.items():
+            if abs(value / known[domain]["ppl"] - 1) > PPL_AGREEMENT:
+                return (
+                    f"teacher.url: the server's teacher perplexity on {split} '{domain}' is "
+                    f"{value:.4g}, model.teacher's is {known[domain]['ppl']:.4g}; the server "
+                    "serves another model, tokenizer or precision: serve model.teacher there"
+                )
+        return ""
 
     def _heldout(self, split: str) -> dict[str, float]:
         out = {}
