@@ -1,4 +1,4 @@
-"""`ddk prepare | distill | cache-teacher | eval | demo | report`: every command reads the same
+"""`ddk prepare | distill | cache-teacher | serve-teacher | eval | demo | report`: every command reads the same
 config model; `prepare`'s flags are generated from its config section.
 
 This is the one module that imports inside functions: each command's module (and torch,
@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p, config_required=True)
 
+    p = sub.add_parser(
+        "serve-teacher",
+        help="start a vLLM server for the configured teacher on 127.0.0.1 (teacher.mode: served)",
+    )
+    _add_config_args(p, config_required=True)
+
     _add_eval_parser(sub)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, nothing downloaded")
@@ -266,6 +272,21 @@ def _cache_teacher(args) -> int:
     return 0
 
 
+def _serve_teacher(args) -> int:
+    from ddk.commands.serve_teacher import serve_teacher
+
+    def _stop(signum, frame):  # SIGTERM stops the server like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return serve_teacher(load_config(args.config, args.overrides))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _eval(args) -> int:
     from ddk.commands.eval_model import eval_command
 
@@ -291,6 +312,7 @@ COMMANDS = {
     "prepare": _prepare,
     "distill": _distill,
     "cache-teacher": _cache_teacher,
+    "serve-teacher": _serve_teacher,
     "eval": _eval,
     "demo": _demo,
     "report": _report,

