@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval_parser(sub)
 
+    _add_demo_parser(sub)
+    _add_report_parser(sub)
+    return parser
+
+
+def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, nothing downloaded")
     p.add_argument("--out", default="ddk-demo", help="output folder (default ./ddk-demo)")
     p.add_argument("--cache-dir", help="where the demo teacher is cached (~/.cache/ddk/demo)")
@@ -209,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-steps", type=int, help="teacher pre-training steps")
     p.add_argument("--student-steps", type=int, help="student pre-training steps")
 
+
+def _add_report_parser(sub) -> None:
     p = sub.add_parser("report", help="plots and a summary of one or more runs")
     p.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
     p.add_argument("--out", help="output folder (default: the first run's report/)")
@@ -219,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="`ddk eval --out` files (e.g. the teacher's) shown as rows of the benchmark table",
     )
-    return parser
 
 
 def _prepare(args) -> int:

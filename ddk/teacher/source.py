@@ -38,13 +38,7 @@ def teacher_source(
     method = method_spec(cfg.distill.method)
     groups = teacher_groups(cfg.model.domain_teachers(data.names)) if cfg.model.teacher else {}
     if cfg.teacher.mode == "served" and method.teacher_for_training:
-        if len(groups) > 1:
-            raise DDKError(
-                "teacher.mode: served reads one teacher server; per-domain teachers "
-                "(model.teachers) run online or from an offline cache"
-            )
-        check_vocab(data.vocab_size, None, student_rows)
-        return ServedTeacher(cfg, data, runtime, plan=plan, step=step)
+        return _served(cfg, data, runtime, groups, student_rows, plan, step)
 
     def shared(model=None, name=None, domains=None) -> SharedPerplexities:
         return SharedPerplexities(
@@ -90,6 +84,16 @@ def teacher_source(
     if not cfg.model.teacher:
         return None
     return OnlineTeacher(model, runtime.autocast, shared(model))
+
+
+def _served(cfg, data, runtime, groups, student_rows, plan, step) -> ServedTeacher:
+    if len(groups) > 1:
+        raise DDKError(
+            "teacher.mode: served reads one teacher server; per-domain teachers "
+            "(model.teachers) run online or from an offline cache"
+        )
+    check_vocab(data.vocab_size, None, student_rows)
+    return ServedTeacher(cfg, data, runtime, plan=plan, step=step)
 
 
 def pinned_cache(cfg) -> str | None:
