@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from ddk.config import PrepareSection
-from ddk.data.chat import ChatRenderer, is_chat_record, load_template, record_messages, template_hash
+from ddk.data.chat import (
+    ChatRenderer,
+    is_chat_record,
+    load_template,
+    record_messages,
+    template_hash,
+)
 from ddk.data.dedup import HASH_DTYPE, text_hash
 from ddk.data.packing import MASK_SUFFIX, TARGET, conversation_bytes, fill_rows, pack_rows
 from ddk.data.sources import RECORD_SUFFIXES, Corpus
@@ -127,14 +133,19 @@ def render_corpus(corpus: Corpus, cfg: PrepareSection, renderer: ChatRenderer):
     """{domain: Conversations} in corpus order; conversations with no trained token are
     skipped with one warning each (a domain left with none stops)."""
     out: dict[str, Conversations] = {}
-    for doc_id, (domain, record, where) in enumerate(
-        _iter_conversations(corpus, cfg.domain_field)
-    ):
+    first_skipped: dict[str, str] = {}
+    for doc_id, (domain, record, where) in enumerate(_iter_conversations(corpus, cfg.domain_field)):
         messages, tools = record_messages(record, where)
         r = renderer.render(messages, tools)
         conv = out.setdefault(domain, Conversations())
-        if not conv.add(doc_id, r.ids, r.mask, r.text, cfg.seq_len):
-            _warn(f"{where}: no {cfg.train_on.replace('_', ' ')} tokens to train on; skipped")
+        if not conv.add(doc_id, r.ids, r.mask, r.text, cfg.seq_len) and conv.skipped == 1:
+            first_skipped[domain] = where
+    for domain, where in first_skipped.items():
+        _warn(
+            f"domain '{domain}': skipped {out[domain].skipped} conversation(s) with no "
+            f"{cfg.train_on.replace('_', ' ')} tokens within prepare.seq_len={cfg.seq_len} "
+            f"(the first: {where})"
+        )
     for name in {f.domain for f in corpus.files if f.domain is not None} - set(out):
         out[name] = Conversations()
     for name, conv in out.items():

@@ -40,8 +40,8 @@ from ddk.data.longdocs import encode_documents
 from ddk.data.manifest import (
     CHAT_FORMAT_VERSION,
     FORMAT,
-    TEXT_FORMAT_VERSION,
     MANIFEST,
+    TEXT_FORMAT_VERSION,
     Manifest,
     read_manifest,
     write_manifest,
