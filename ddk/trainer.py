@@ -29,7 +29,7 @@ from ddk.checkpoint import latest_good_checkpoint
 from ddk.checkpointer import Checkpointer, RNGState, TrainState, seed_everything
 from ddk.config import Config
 from ddk.curriculum import IntervalPlan
-from ddk.data.dataset import PreparedData
+from ddk.data.dataset import PreparedData, target_count
 from ddk.errors import DDKError
 from ddk.evaluate import report_split, run_perplexities
 from ddk.final import save_final
@@ -241,18 +241,19 @@ class Trainer:
     def train_step(self, stop_requested: bool = False) -> dict:
         """One optimizer step over this rank's micro-batches; every returned number is the
         global batch's (all-reduced)."""
-        rt, tokens = self.runtime, self.step_tokens
+        rt = self.runtime
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         sums[3] = float(stop_requested)
         micro_batches = self.plan.rows(self.state.step, self.rank)
-        for i, rows in enumerate(micro_batches):
-            seqs = torch.cat(
-                [self.data.domains[self.domains[d]].sequences("train", [j]) for d, j in rows]
-            ).to(self.device)
-            input_ids, labels = seqs[:, :-1], seqs[:, 1:]
-            teacher = self.teacher.signal(Batch(input_ids, rows)) if self.uses_teacher else None
+        batches = [self.data.train_batch(rows, self.domains, self.device) for rows in micro_batches]
+        tokens = self.step_tokens  # packed raw text: every position is a target
+        if self.data.masked:  # chat data: the loss mask's targets over the whole step
+            tokens = float(rt.reduce_sum(target_count(batches, self.device)).clamp_min(1))
+        for i, (rows, (input_ids, labels, positions)) in enumerate(zip(micro_batches, batches)):
+            signal = Batch(input_ids, rows, positions)
+            teacher = self.teacher.signal(signal) if self.uses_teacher else None
             with rt.no_sync(self.step_module, skip_sync=i < len(micro_batches) - 1):
-                out: LossSums = self.step_module(input_ids, labels, teacher)
+                out: LossSums = self.step_module(input_ids, labels, teacher, positions)
                 # DDP averages gradients over ranks; scale so the result is sum / global tokens.
                 rt.backward(out.total * (self.world / tokens))
             sums[:3] += torch.stack(

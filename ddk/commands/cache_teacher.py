@@ -238,8 +238,8 @@ def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard) -
             for start in range(0, m, batch):
                 first = j * SHARD_SEQUENCES + start
                 idx = list(range(first, first + min(batch, m - start)))
-                seqs = data.domains[name].sequences("train", idx).to(rt.device)
-                pieces.append(_rows(cfg, plan, teacher, seqs, name, idx))
+                inputs, _, positions = data.domains[name].train_batch(idx)
+                pieces.append(_rows(cfg, plan, teacher, _on(inputs, positions, rt), name, idx))
             write_shard(shard_path(folder, info, j), [np.concatenate(p) for p in zip(*pieces)])
             bar.update(m * data.seq_len)
     if is_sharded(teacher.model):
@@ -247,17 +247,21 @@ def _write_shards(cfg, folder, plan, data, teacher, rt, progress, write_shard) -
 
 
 def _rows(
-    cfg, plan: dict, teacher: OnlineTeacher, seqs: torch.Tensor, domain: str, idx: list[int]
+    cfg, plan: dict, teacher: OnlineTeacher, batch: tuple, domain: str, idx: list[int]
 ) -> list[np.ndarray]:
-    """The shard arrays of sequences `idx` of `domain` (`seqs`): the teacher's top-k at tau,
-    then with samples the tail draws, each position with its own uniform."""
+    """The shard arrays of sequences `idx` of `domain` (`batch`: their inputs and position
+    ids): the teacher's top-k at tau, then with samples the tail draws, each position with its
+    own uniform. Chat data: every position is stored; the data's loss mask marks the ones a run
+    counts, so rows stay fixed-size and found by index."""
+    inputs, positions = batch
     common = dict(
-        vocab=plan["vocab_size"], k=plan["k"], tau=plan["tau"], chunk=cfg.distill.loss_chunk_tokens
-    )
+        vocab=plan["vocab_size"], k=plan["k"], tau=plan["tau"], chunk=cfg.distill.loss_chunk_tokens,
+        position_ids=positions,
+    )  # fmt: skip
     if not cache_samples(plan):
-        return shard_arrays(teacher.topk(seqs[:, :-1], **common), plan["vocab_size"])
+        return shard_arrays(teacher.topk(inputs, **common), plan["vocab_size"])
     signal, log_norm = teacher.sampled(
-        seqs[:, :-1],
+        inputs,
         samples=cache_samples(plan),
         uniforms=torch.from_numpy(position_uniforms(plan, domain, idx)),
         logp_dtype=getattr(torch, LOGP_DTYPE.name),
@@ -270,9 +274,14 @@ def _throwaway_forwards(cfg, plan, data, teacher, rt, count: int) -> None:
     """Forwards whose result is dropped: a sharded teacher's collectives on a rank with fewer
     shards to write than the busiest one."""
     name = next(iter(data.domains))
-    seqs = data.domains[name].sequences("train", [0]).to(rt.device)
+    inputs, _, positions = data.domains[name].train_batch([0])
     for _ in range(count):
-        _rows(cfg, plan, teacher, seqs, name, [0])
+        _rows(cfg, plan, teacher, _on(inputs, positions, rt), name, [0])
+
+
+def _on(inputs: torch.Tensor, positions, rt) -> tuple:
+    """(inputs, position ids or None) on the runtime's device."""
+    return inputs.to(rt.device), None if positions is None else positions.to(rt.device)
 
 
 def _finish(folder: Path, plan: dict, ppl: dict, seq_len: int) -> None:

@@ -194,6 +194,12 @@ class DomainShard:
         return read_array(self.folder, path, HASH_DTYPE)
 
 
+def target_count(batches, device=None) -> torch.Tensor:
+    """float64 scalar: the loss targets (labels not IGNORE_INDEX) of `train_batch` results."""
+    total = sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _ in batches)
+    return torch.tensor(float(total), dtype=torch.float64, device=device)
+
+
 class PreparedData:
     """The output folder of `ddk prepare`, restricted to `domains` if given (manifest order)."""
 
@@ -240,13 +246,13 @@ class PreparedData:
         """Chat data: losses and perplexities count the loss mask's targets only."""
         return self.manifest.chat is not None
 
-    def train_batch(self, rows, domains: list[str]):
+    def train_batch(self, rows, domains: list[str], device=None):
         """(inputs, labels, position_ids or None) of `rows` ((domain index into `domains`,
-        window index) pairs), concatenated in order."""
+        window index) pairs), concatenated in order, on `device`."""
         parts = [self.domains[domains[d]].train_batch([j]) for d, j in rows]
         inputs, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        positions = torch.cat([p[2] for p in parts]) if self.masked else None
-        return inputs, labels, positions
+        positions = torch.cat([p[2] for p in parts]).to(device) if self.masked else None
+        return inputs.to(device), labels.to(device), positions
 
     @property
     def names(self) -> list[str]:

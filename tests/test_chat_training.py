@@ -1,0 +1,127 @@
+"""Chat data in training: packed conversations do not see each other, the loss counts the mask's
+targets only, and an all-ones mask trains exactly like raw text on the same tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from ddk.config import PrepareSection
+from ddk.data.dataset import PreparedData
+from ddk.data.packing import MASK_SUFFIX, TARGET
+from ddk.data.prepare import prepare
+from ddk.demo.build import tiny_causal_lm
+from ddk.evaluate import domain_perplexities
+from ddk.logits import hidden_and_head
+from ddk.losses import IGNORE_INDEX
+from ddk.trainer import Trainer
+from tests.conftest import make_config
+from tests.data.test_chat import chat_tokenizer, write_chat_corpus  # noqa: F401 (fixture)
+
+CHAT_INFO = {
+    "template_sha256": "0" * 64,
+    "template_source": "test",
+    "spans_from": "prefix",
+    "train_on": "all",
+    "packing": "isolated",
+    "pad_token_id": 0,
+}
+
+
+def masked_copy(prepared: Path, dest: Path, mask_for) -> Path:
+    """`prepared` (raw text) as chat data whose mask bytes are `mask_for(split, n_tokens)`."""
+    shutil.copytree(prepared, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for info in manifest["domains"].values():
+        for split in ("train", "val", "test"):
+            if info.get(f"{split}_tokens") is not None:
+                path = dest / info["folder"] / f"{split}{MASK_SUFFIX}"
+                mask_for(split, info[f"{split}_tokens"]).astype(np.uint8).tofile(path)
+    manifest.update(format_version=4, chat=CHAT_INFO)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def packed_chat(tmp_path_factory, chat_tokenizer):  # noqa: F811
+    root = tmp_path_factory.mktemp("packed")
+    write_chat_corpus(root / "corpus", per_domain=40)
+    cfg = PrepareSection(
+        input=str(root / "corpus"), output=str(root / "data"), seq_len=128, val_sequences=2
+    )
+    prepare(cfg, str(chat_tokenizer), progress=False)
+    return root / "data"
+
+
+def test_packed_conversation_logits_equal_alone(packed_chat, chat_tokenizer):  # noqa: F811
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer)
+    model = tiny_causal_lm(len(tok), seed=3).eval()  # a Llama from its config, sdpa attention
+    shard = PreparedData(packed_chat).domains["math"]
+    inputs, _, positions = shard.train_batch(range(shard.num_train_sequences))
+    row = int(torch.argmax((positions == 0).sum(1)))  # the row holding the most sequences
+    x, pos = inputs[row : row + 1], positions[row : row + 1]
+    starts = torch.nonzero(pos[0] == 0).flatten().tolist() + [x.shape[1]]
+    assert len(starts) >= 3, "no row packs two conversations"
+    with torch.no_grad():
+        hidden, head = hidden_and_head(model, x, pos)
+        packed = head(hidden)[0]
+        unmasked = head(hidden_and_head(model, x)[0])[0]
+        for a, b in zip(starts[:-1], starts[1:]):
+            alone = head(hidden_and_head(model, x[:, a:b])[0])[0]
+            torch.testing.assert_close(packed[a:b], alone, rtol=1e-5, atol=1e-5)
+    a, b = starts[1], starts[2]  # without position ids the second sequence sees the first
+    assert not torch.allclose(unmasked[a:b], packed[a:b], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_all_ones_mask_trains_like_raw_text(tmp_path, teacher_dir, student_dir, prepared_dir):
+    chat = masked_copy(prepared_dir, tmp_path / "chat", lambda _, n: np.full(n, TARGET))
+    runs = []
+    for name, data in (("raw", prepared_dir), ("chat", chat)):
+        cfg = make_config(tmp_path / name, teacher_dir, student_dir, data,
+                          **{"distill.method": "kd"})  # fmt: skip
+        trainer = Trainer(cfg, tmp_path / name)
+        trainer.begin_interval()
+        logs = [trainer.train_step() for _ in range(3)]
+        ppl = trainer.evaluate_student()
+        runs.append(
+            (logs, ppl, {n: p.detach().clone() for n, p in trainer.student.named_parameters()})
+        )
+    (raw_logs, raw_ppl, raw_w), (chat_logs, chat_ppl, chat_w) = runs
+    for a, b in zip(raw_logs, chat_logs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-6)
+    for d in raw_ppl:
+        assert chat_ppl[d]["ppl"] == pytest.approx(raw_ppl[d]["ppl"], rel=1e-6)
+    for n in raw_w:
+        torch.testing.assert_close(chat_w[n], raw_w[n], rtol=1e-5, atol=1e-7)
+
+
+def test_loss_and_perplexity_count_masked_targets_only(tmp_path, student_dir, prepared_dir):
+    rng = np.random.default_rng(0)
+    chat = masked_copy(prepared_dir, tmp_path / "chat", lambda _, n: rng.random(n) < 0.3)
+    data = PreparedData(chat)
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    ppl = domain_perplexities(model, data, vocab_size=data.vocab_size, split="val")
+    for name, shard in data.domains.items():
+        x, y = shard.heldout_batch("val", range(shard.num_val_sequences))
+        raw_x, raw_y = (
+            PreparedData(prepared_dir)
+            .domains[name]
+            .heldout_batch("val", range(shard.num_val_sequences))
+        )
+        kept = y != IGNORE_INDEX
+        assert torch.equal(x, raw_x) and torch.equal(y[kept], raw_y[kept])
+        assert 0 < kept.sum() < (raw_y != IGNORE_INDEX).sum()
+        with torch.no_grad():
+            logits = model(x).logits.float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+        assert ppl[name]["tokens"] == int(kept.sum())
+        assert ppl[name]["loss"] == pytest.approx(float(ce) / int(kept.sum()), rel=1e-5)
