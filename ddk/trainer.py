@@ -217,7 +217,9 @@ class Trainer:
             )
             for i, d in enumerate(self.domains)
         }
-        return EvalRecord(event, self.state.step, self.plan.interval, domains)
+        return EvalRecord(
+            event, self.state.step, self.plan.interval, domains, targets=self.data.targets
+        )
 
     def begin_interval(self) -> None:
         """Algorithm 1 steps 1/4: evaluate the student, set r_t (Eq. 1 or Eq. 2), draw the

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
+from ddk.commands.cache_teacher import build_cache
 from ddk.config import PrepareSection
 from ddk.data.dataset import PreparedData
 from ddk.data.packing import MASK_SUFFIX, TARGET
@@ -21,6 +22,8 @@ from ddk.demo.build import tiny_causal_lm
 from ddk.evaluate import domain_perplexities
 from ddk.logits import hidden_and_head
 from ddk.losses import IGNORE_INDEX
+from ddk.metrics import read_metrics
+from ddk.run_dir import start_run
 from ddk.trainer import Trainer
 from tests.conftest import make_config
 from tests.data.test_chat import chat_tokenizer, write_chat_corpus  # noqa: F401 (fixture)
@@ -125,3 +128,41 @@ def test_loss_and_perplexity_count_masked_targets_only(tmp_path, student_dir, pr
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
         assert ppl[name]["tokens"] == int(kept.sum())
         assert ppl[name]["loss"] == pytest.approx(float(ce) / int(kept.sum()), rel=1e-5)
+
+
+def _save_chat_model(path: Path, tokenizer: Path, **kwargs) -> Path:
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    tiny_causal_lm(len(tok), **kwargs).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_offline_cache_of_packed_chat_trains_like_online(
+    tmp_path,
+    packed_chat,
+    chat_tokenizer,  # noqa: F811
+):
+    """The cache stores every position of a packed row, computed with the rows' position ids:
+    at k = vocabulary size the offline run's masked loss matches the online run's."""
+    teacher = _save_chat_model(tmp_path / "t", chat_tokenizer, hidden_size=48, seed=1)
+    student = _save_chat_model(tmp_path / "s", chat_tokenizer, hidden_size=32, num_heads=2)
+    vocab = PreparedData(packed_chat).vocab_size
+    extra = {
+        "distill.method": "kd", "trainer.max_steps": 3, "trainer.log_every": 1,
+        "teacher.cache": str(tmp_path / "cache"), "teacher.cache_k": vocab,
+        "trainer.micro_batch_size": 2, "trainer.grad_accum_steps": 1,
+    }  # fmt: skip
+    build_cache(make_config(tmp_path / "c", teacher, student, packed_chat, **extra), False)
+    logs = {}
+    for mode in ("online", "offline"):
+        run = tmp_path / mode
+        cfg = make_config(run, teacher, student, packed_chat, **extra, **{"teacher.mode": mode})
+        start_run(cfg)
+        logs[mode] = [r for r in read_metrics(run / "metrics.jsonl") if "kl" in r]
+        final = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "final_eval"]
+        assert final[0]["targets"].startswith("chat loss mask")
+    assert len(logs["online"]) == len(logs["offline"]) == 3
+    for on, off in zip(logs["online"], logs["offline"]):
+        assert off["kl"] == pytest.approx(on["kl"], rel=1e-3)
+        assert off["loss"] == pytest.approx(on["loss"], rel=1e-3)

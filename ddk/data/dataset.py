@@ -246,6 +246,12 @@ class PreparedData:
         """Chat data: losses and perplexities count the loss mask's targets only."""
         return self.manifest.chat is not None
 
+    @property
+    def targets(self) -> str | None:
+        """What losses and perplexities count, for reports: None for raw text (every token)."""
+        chat = self.manifest.chat
+        return None if chat is None else f"chat loss mask (prepare.train_on={chat.train_on})"
+
     def train_batch(self, rows, domains: list[str], device=None):
         """(inputs, labels, position_ids or None) of `rows` ((domain index into `domains`,
         window index) pairs), concatenated in order, on `device`."""
