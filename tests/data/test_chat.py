@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from ddk.cli import main
 from ddk.config import PrepareSection
 from ddk.data.chat import ChatRenderer
 from ddk.data.dataset import PreparedData
@@ -202,13 +201,15 @@ def test_chat_format_is_detected(tmp_path, chat_tokenizer):
     assert prepare(cfg, str(chat_tokenizer), progress=False)["chat"] is not None
 
 
-def _prepare_cli(tmp_path, tokenizer, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ddk.cli", "prepare", "--input", str(tmp_path / "corpus"),
-         "--output", str(tmp_path / "out"), "--tokenizer", str(tokenizer), "--seq-len", "160",
-         "--val-sequences", "2", "--format", "chat", *extra],
-        capture_output=True, text=True,
+def _prepare_cli(tmp_path, tokenizer, capsys, *extra, corpus="corpus") -> tuple[int, str]:
+    """`ddk prepare --format chat` in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    code = main(
+        ["prepare", "--input", str(tmp_path / corpus), "--output", str(tmp_path / "out"),
+         "--tokenizer", str(tokenizer), "--seq-len", "160", "--val-sequences", "2",
+         "--format", "chat", *extra]
     )  # fmt: skip
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -218,34 +219,32 @@ def _prepare_cli(tmp_path, tokenizer, *extra) -> subprocess.CompletedProcess:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "role 'wizard'"),
     ],
 )
-def test_bad_records_one_line_nothing_written(tmp_path, chat_tokenizer, record, expected):
+def test_bad_records_one_line_nothing_written(tmp_path, chat_tokenizer, capsys, record, expected):
     write_chat_corpus(tmp_path / "corpus", per_domain=20)
     with open(tmp_path / "corpus" / "math" / "chat.jsonl", "a") as fh:
         fh.write(json.dumps(record) + "\n")
     before = tree_digest(tmp_path)
-    r = _prepare_cli(tmp_path, chat_tokenizer)
-    assert r.returncode == 2 and expected in one_error_line(r.stderr)
+    code, err = _prepare_cli(tmp_path, chat_tokenizer, capsys)
+    assert code == 2 and expected in one_error_line(err)
     assert tree_digest(tmp_path) == before
 
 
-def test_tokenizer_without_template_and_empty_domain(tmp_path, tokenizer_dir, chat_tokenizer):
+def test_tokenizer_without_template_and_empty_domain(
+    tmp_path, tokenizer_dir, chat_tokenizer, capsys
+):
     write_chat_corpus(tmp_path / "corpus", per_domain=20)
-    r = _prepare_cli(tmp_path, tokenizer_dir)
-    assert r.returncode == 2 and "has no chat template" in one_error_line(r.stderr)
+    code, err = _prepare_cli(tmp_path, tokenizer_dir, capsys)
+    assert code == 2 and "has no chat template" in one_error_line(err)
     with open(tmp_path / "corpus" / "code" / "chat.jsonl", "w") as fh:  # no assistant turns
         fh.write(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    r = _prepare_cli(tmp_path, chat_tokenizer)
-    assert r.returncode == 2 and "domain 'code' has no conversation" in r.stderr.splitlines()[-1]
-    assert "skipped" in r.stderr and not (tmp_path / "out").exists()
+    code, err = _prepare_cli(tmp_path, chat_tokenizer, capsys)
+    assert code == 2 and "domain 'code' has no conversation" in err.splitlines()[-1]
+    assert "skipped 1 conversation" in err and not (tmp_path / "out").exists()
     template = tmp_path / "unstable.jinja"
     template.write_text(UNSTABLE)
-    write_chat_corpus(tmp_path / "c2", per_domain=20)
-    (tmp_path / "c2").rename(tmp_path / "corpus2")
-    r = subprocess.run(
-        [sys.executable, "-m", "ddk.cli", "prepare", "--input", str(tmp_path / "corpus2"),
-         "--output", str(tmp_path / "out"), "--tokenizer", str(chat_tokenizer),
-         "--chat-template", str(template)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert r.returncode == 2 and "cannot find the assistant tokens" in one_error_line(r.stderr)
+    write_chat_corpus(tmp_path / "corpus2", per_domain=20)
+    code, err = _prepare_cli(
+        tmp_path, chat_tokenizer, capsys, "--chat-template", str(template), corpus="corpus2"
+    )
+    assert code == 2 and "cannot find the assistant tokens" in one_error_line(err)
     assert not (tmp_path / "out").exists()
