@@ -248,16 +248,16 @@ class Trainer:
         sums[3] = float(stop_requested)
         micro_batches = self.plan.rows(self.state.step, self.rank)
         batches = [self.data.train_batch(rows, self.domains, self.device) for rows in micro_batches]
-        tokens = self.step_tokens  # packed raw text: every position is a target
+        targets = self.step_tokens  # packed raw text: every position is a target
         if self.data.masked:  # chat data: the loss mask's targets over the whole step
-            tokens = float(rt.reduce_sum(target_count(batches, self.device)).clamp_min(1))
+            targets = float(rt.reduce_sum(target_count(batches, self.device)).clamp_min(1))
         for i, (rows, (input_ids, labels, positions)) in enumerate(zip(micro_batches, batches)):
             signal = Batch(input_ids, rows, positions)
             teacher = self.teacher.signal(signal) if self.uses_teacher else None
             with rt.no_sync(self.step_module, skip_sync=i < len(micro_batches) - 1):
                 out: LossSums = self.step_module(input_ids, labels, teacher, positions)
-                # DDP averages gradients over ranks; scale so the result is sum / global tokens.
-                rt.backward(out.total * (self.world / tokens))
+                # DDP averages gradients over ranks; scale so the result is sum / global targets.
+                rt.backward(out.total * (self.world / targets))
             sums[:3] += torch.stack(
                 [out.total.detach().double(), out.ce.double(), out.div.double()]
             )
@@ -273,12 +273,12 @@ class Trainer:
         lr = self.schedule.last_lr()  # the rate this step used
         self.schedule.step()
         s.step += 1
-        s.tokens_seen += tokens
+        s.tokens_seen += self.step_tokens  # positions read, padding of chat rows included
         return {
             "lr": lr,
-            "loss": float(sums[0]) / tokens,
-            "ce": float(sums[1]) / tokens,
-            "kl": float(sums[2]) / tokens,
+            "loss": float(sums[0]) / targets,
+            "ce": float(sums[1]) / targets,
+            "kl": float(sums[2]) / targets,
             "grad_norm": grad_norm,
             "skipped": not applied,
             "stop": float(sums[3]) > 0,

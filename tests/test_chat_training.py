@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from ddk.commands.cache_teacher import build_cache
+from ddk.commands.eval_model import evaluate_model_cli
 from ddk.config import PrepareSection
 from ddk.data.dataset import PreparedData
 from ddk.data.packing import MASK_SUFFIX, TARGET
@@ -166,3 +167,17 @@ def test_offline_cache_of_packed_chat_trains_like_online(
     for on, off in zip(logs["online"], logs["offline"]):
         assert off["kl"] == pytest.approx(on["kl"], rel=1e-3)
         assert off["loss"] == pytest.approx(on["loss"], rel=1e-3)
+
+
+def test_ddk_eval_says_it_counts_masked_targets(packed_chat, chat_tokenizer, tmp_path, capsys):  # noqa: F811
+    student = _save_chat_model(tmp_path / "s", chat_tokenizer, hidden_size=32, num_heads=2)
+    result = evaluate_model_cli(
+        str(student), str(packed_chat), domains=None, batch_size=4, max_sequences=None,
+        as_json=True,
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    payload = json.loads(out[out.index('{\n  "model"') :])
+    assert payload["targets"] == "chat loss mask (prepare.train_on=assistant)"
+    manifest = json.loads((packed_chat / "manifest.json").read_text())
+    for name, info in manifest["domains"].items():
+        assert result[name]["tokens"] == info["test_target_tokens"]

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from ddk.cli import main
 from ddk.config import PrepareSection
-from ddk.data.chat import ChatRenderer
+from ddk.data.chat import ChatRenderer, record_messages
 from ddk.data.dataset import PreparedData
 from ddk.data.packing import START, TARGET, pack_rows, position_ids
 from ddk.data.prepare import prepare
@@ -248,3 +248,12 @@ def test_tokenizer_without_template_and_empty_domain(
     )
     assert code == 2 and "cannot find the assistant tokens" in one_error_line(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_prompt_completion_pair_trains_on_the_completion(chat_tokenizer):
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer)
+    messages, tools = record_messages({"prompt": "two and three", "completion": "is five"}, "r")
+    assert [m["role"] for m in messages] == ["user", "assistant"] and tools is None
+    r = ChatRenderer(tok, CHATML).render(messages)
+    trained = tok.decode(r.ids[r.mask.astype(bool)])
+    assert trained == "is five<|im_end|>"
