@@ -443,6 +443,8 @@ def _prepare_locked(
     fmt = chat_prepare.detect_format(cfg, corpus)
     if fmt == "chat" and (cfg.auto_domains is not None or cfg.split_domains is not None):
         raise DDKError("chat data takes its domains from folders or a field, not auto_domains")
+    if fmt == "chat" and cfg.exclude_heldout:
+        raise DDKError("prepare.exclude_heldout is not supported for chat data yet; unset it")
     fingerprint = _fingerprint(cfg, corpus, tokenizer_name, fmt)
     existing = _check_output(out, fingerprint, cfg.overwrite)
     if existing is not None:
