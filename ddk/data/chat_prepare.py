@@ -58,13 +58,14 @@ def _records(path: Path) -> Iterator[tuple[object, str]]:
         for i, rec in enumerate(data if isinstance(data, list) else [data]):
             yield rec, f"{path} item {i}"
         return
-    with open(path, encoding="utf-8-sig") as fh:
+    with open(path, "rb") as fh:
         for number, line in enumerate(fh, 1):
             if line.strip():
-                try:
-                    yield json.loads(line), f"{path} line {number}"
-                except ValueError:
-                    raise DDKError(f"{path} line {number}: not valid JSON") from None
+                try:  # json.loads takes UTF-8 bytes (and a byte-order mark) as they are
+                    record = json.loads(line.removeprefix(b"\xef\xbb\xbf"))
+                except ValueError:  # UnicodeDecodeError included
+                    raise DDKError(f"{path} line {number}: not valid UTF-8 JSON") from None
+                yield record, f"{path} line {number}"
 
 
 def detect_format(cfg: PrepareSection, corpus: Corpus) -> str:
@@ -74,8 +75,11 @@ def detect_format(cfg: PrepareSection, corpus: Corpus) -> str:
     files = [f for f in corpus.files if f.path.suffix.lower() in (".jsonl", ".json")]
     if corpus.layout == "hf_dataset" or not files:
         return "text"
-    for record, _ in _records(files[0].path):
-        return "chat" if is_chat_record(record) else "text"
+    try:
+        for record, _ in _records(files[0].path):
+            return "chat" if is_chat_record(record) else "text"
+    except DDKError:  # not JSON records: reading it as text says what is wrong
+        return "text"
     return "text"
 
 

@@ -188,6 +188,11 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
 
         train_bpe_tokenizer(texts(), size.vocab, tok_dir)
         _stage(f"trained a {size.vocab}-token BPE tokenizer", t0)
+    return corpus, _prepare_stage(corpus, tok_dir, out, size, seed, configs)
+
+
+def _prepare_stage(corpus, tok_dir: Path, out: Path, size: DemoSize, seed, configs, **extra):
+    """`ddk prepare` of the demo corpus with the demo's own tokenizer; OUT/prepared."""
     cfg = Config(
         prepare=PrepareSection(
             input=str(corpus),
@@ -197,11 +202,12 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
             val_sequences=size.val_sequences,
             seed=seed,
             overwrite=True,  # the demo owns OUT/prepared; a --quick run may have left another size
+            **extra,
         )
     )
     cfg.save(configs / "prepare.yaml")
-    prepare(cfg.prepare, str(tok_dir), trust_remote_code=False)  # the demo's own tokenizer
-    return corpus, out / "prepared"
+    prepare(cfg.prepare, str(tok_dir), trust_remote_code=False)
+    return out / "prepared"
 
 
 def _prepare_chat(cache: Path, out: Path, size: DemoSize, seed: int, configs: Path, t0):
@@ -215,21 +221,7 @@ def _prepare_chat(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pa
     if not (tok_dir / "tokenizer.json").exists():
         train_chat_tokenizer(corpus, size.vocab, tok_dir)
         _stage(f"trained a {size.vocab}-token BPE tokenizer with a ChatML template", t0)
-    cfg = Config(
-        prepare=PrepareSection(
-            input=str(corpus),
-            output=str(out / "prepared"),
-            tokenizer=str(tok_dir),
-            seq_len=size.seq_len,
-            val_sequences=size.val_sequences,
-            seed=seed,
-            format="chat",
-            overwrite=True,
-        )
-    )
-    cfg.save(configs / "prepare.yaml")
-    prepare(cfg.prepare, str(tok_dir), trust_remote_code=False)
-    return corpus, out / "prepared"
+    return corpus, _prepare_stage(corpus, tok_dir, out, size, seed, configs, format="chat")
 
 
 def distill_stage(
