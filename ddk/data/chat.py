@@ -62,7 +62,8 @@ def record_messages(record: object, where: str) -> tuple[list[dict], list | None
             raise DDKError(
                 f"{where}: message {i} has role {role!r}; expected one of {', '.join(ROLES)}"
             )
-        if not isinstance(m.get("content"), str):
+        calls = m["role"] == "assistant" and m.get("tool_calls")  # content may then be null
+        if not isinstance(m.get("content"), str) and not calls:
             raise DDKError(f"{where}: message {i} ({m['role']}) has no text 'content'")
     tools = record.get("tools")
     if tools is not None and not isinstance(tools, list):
