@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from ddk.run_dir import start_run
 from ddk.trainer import Trainer
 from tests.conftest import make_config
 from tests.data.test_chat import chat_tokenizer, write_chat_corpus  # noqa: F401 (fixture)
+from tests.test_sharding import _assert_same_run, _config, _env, _torchrun, needs_torchrun
 
 CHAT_INFO = {
     "template_sha256": "0" * 64,
@@ -181,3 +184,20 @@ def test_ddk_eval_says_it_counts_masked_targets(packed_chat, chat_tokenizer, tmp
     manifest = json.loads((packed_chat / "manifest.json").read_text())
     for name, info in manifest["domains"].items():
         assert result[name]["tokens"] == info["test_target_tokens"]
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_chat_ddp_two_processes_match_one(tmp_path, packed_chat, chat_tokenizer):  # noqa: F811
+    """Rows of chat data hold different numbers of targets, so a rank that divided by its own
+    count would not match: the step divides by the global count, as one process does."""
+    teacher = _save_chat_model(tmp_path / "t", chat_tokenizer, hidden_size=48, seed=1)
+    student = _save_chat_model(tmp_path / "s", chat_tokenizer, hidden_size=32, num_heads=2)
+    one = _config(tmp_path / "one.yaml", tmp_path / "one", teacher, student, packed_chat, 4, 2)
+    subprocess.run(
+        [sys.executable, "-m", "ddk.cli", "distill", str(one)],
+        check=True, env=_env(), capture_output=True,
+    )  # fmt: skip
+    two = _config(tmp_path / "two.yaml", tmp_path / "two", teacher, student, packed_chat, 2, 2)
+    _torchrun(["distill", str(two)], _env())
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
