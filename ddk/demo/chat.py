@@ -135,7 +135,7 @@ def train_chat_tokenizer(corpus: Path, vocab: int, out_dir: Path) -> Path:
                     yield f"{m['role']}\n{m['content']}"
 
     train_bpe_tokenizer(texts(), vocab, out_dir)
-    tok = AutoTokenizer.from_pretrained(out_dir)
+    tok = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=False)  # our own tokenizer
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
     tok.chat_template = CHATML
     tok.save_pretrained(out_dir)
