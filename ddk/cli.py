@@ -192,14 +192,19 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--out", default="ddk-demo", help="output folder (default ./ddk-demo)")
     p.add_argument("--cache-dir", help="where the demo teacher is cached (~/.cache/ddk/demo)")
     p.add_argument("--quick", action="store_true", help="a first look in about 3 minutes")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="post-training data: conversations (math Q&A, code explanation, record lookup) with "
+        "an assistant-only loss; perplexities count assistant tokens",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["cpt", "kd", "ddk", "ddk+robust", "equal"],
-        help="methods to compare (default: cpt kd ddk ddk+robust equal; ddk+robust = ddk with "
-        "distill.preset=robust; also ddk_no_smoothing, ddk+floor = ddk with "
-        "distill.init_floor=true)",
+        help="methods to compare (default: cpt kd ddk ddk+robust equal; with --chat: kd ddk "
+        "ddk+robust equal; ddk+robust = ddk with distill.preset=robust; also ddk_no_smoothing, "
+        "ddk+floor = ddk with distill.init_floor=true)",
     )
     p.add_argument(
         "--init-floor-variant", action="store_true", help="also run ddk+floor (init_floor=true)"

@@ -163,6 +163,25 @@ class PrepareSection(_Section):
         "model trained on this data can be scored on that folder's domains.",
     )
     batch_docs: StrictInt = Field(1000, ge=1, description="Documents per tokenizer batch.")
+    format: Literal["auto", "text", "chat"] = Field(
+        "auto",
+        description="'text': raw documents; 'chat': conversations (records with 'messages', or "
+        "'prompt'/'completion'), rendered with the tokenizer's chat template and a loss mask; "
+        "'auto': chat when the first record has 'messages' or 'prompt'/'completion'.",
+    )
+    chat_template: str | None = Field(
+        None, description="Chat: a Jinja template file that replaces the tokenizer's template."
+    )
+    train_on: Literal["assistant", "all", "last_turn"] = Field(
+        "assistant",
+        description="Chat: which target tokens count in the loss and perplexities: every "
+        "assistant turn, every token, or the last assistant turn only.",
+    )
+    packing: Literal["isolated", "padded"] = Field(
+        "isolated",
+        description="Chat: several whole conversations per seq_len row that do not attend to "
+        "each other (per-conversation position_ids), or one conversation per row, padded.",
+    )
     seed: StrictInt = Field(0, description="Seed of the held-out split and clustering sample.")
     overwrite: bool = Field(
         False, description="Replace an output folder that ddk prepared (never other files)."

@@ -38,6 +38,7 @@ from enum import Enum
 from pathlib import Path
 
 from ddk.data.manifest import MANIFEST, SPLITS, read_manifest
+from ddk.data.packing import MASK_SUFFIX
 from ddk.errors import DDKError
 from ddk.fileutil import sha256_file, write_json_atomic
 from ddk.models import WEIGHT_SUFFIXES, local_model_folder
@@ -126,7 +127,7 @@ def data_fingerprint(
             )
         return h.hexdigest()
     memo = memo if memo is not None else FileHashMemo()
-    names = {f"{split}.bin" for split in splits}
+    names = {f"{split}{suffix}" for split in splits for suffix in (".bin", MASK_SUFFIX)}
     for path in _data_files(folder):
         if path.name in names:
             h.update(f"{path.relative_to(folder).as_posix()}:{memo.sha256(path)};".encode())

@@ -68,15 +68,17 @@ def transform_from_config(config) -> LogitTransform | None:
     return None if t.is_identity else t
 
 
-def base_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The last hidden state, before the LM head."""
-    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+def base_hidden(model, input_ids: torch.Tensor, position_ids=None) -> torch.Tensor:
+    """The last hidden state, before the LM head. `position_ids` that restart inside a row
+    (packed conversations) make Hugging Face models attend within each sequence only."""
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    return model.base_model(input_ids=input_ids, use_cache=False, **extra).last_hidden_state
 
 
-def hidden_and_head(model, input_ids: torch.Tensor):
+def hidden_and_head(model, input_ids: torch.Tensor, position_ids=None):
     """Last hidden states and the LM head, so logits can be built chunk by chunk. Models whose
     logits are not `hidden @ W.T + b` need `logit_transform(model)` on top."""
-    return base_hidden(model, input_ids), model.get_output_embeddings()
+    return base_hidden(model, input_ids, position_ids), model.get_output_embeddings()
 
 
 def fused_logits(model, input_ids: torch.Tensor, transform: LogitTransform | None):

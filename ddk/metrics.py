@@ -78,6 +78,7 @@ class EvalRecord:
     domains: dict[str, DomainStats]
     eval_seconds: float | None = None  # domain_update: time the evaluation took
     split: str | None = None  # final_eval: the held-out split of the numbers
+    targets: str | None = None  # chat data: which targets the perplexities count (None: all)
 
     def to_json(self) -> dict:
         keep = _DOMAIN_FIELDS + _EVENT_FIELDS[self.event]
@@ -91,6 +92,8 @@ class EvalRecord:
             out["eval_seconds"] = self.eval_seconds
         else:
             out["split"] = self.split
+        if self.targets is not None:
+            out["targets"] = self.targets
         return out
 
     @classmethod
@@ -100,7 +103,7 @@ class EvalRecord:
             for n, d in raw["domains"].items()
             if isinstance(d, dict)
         }
-        split = raw.get("split")
+        split, targets = raw.get("split"), raw.get("targets")
         return cls(
             event=raw["event"],
             step=_int(raw.get("step")) or 0,
@@ -108,6 +111,7 @@ class EvalRecord:
             domains=domains,
             eval_seconds=json_number(raw.get("eval_seconds")),
             split=split if isinstance(split, str) else None,
+            targets=targets if isinstance(targets, str) else None,
         )
 
 

@@ -266,6 +266,7 @@ def _run_summary(r: _Run) -> dict:
         "worst_ratio": known[worst] if worst is not None else None,
         "geomean_ppl": _geomean(v for v in ppl.values() if v is not None),
         "split": r.split,
+        "targets": r.final.targets,
         "epochs": dict(r.epochs),
         "teachers": dict(r.teachers),
     }
@@ -301,6 +302,7 @@ def _summarize(runs: list[_Run], references: tuple[dict, ...] = ()) -> dict:
         "domain_teachers": dict(runs[0].teachers) or None,
         "same_domains": all(set(r.domains) == set(domains) for r in runs),
         "split": "/".join(sorted({r.split for r in runs})),
+        "targets": sorted({r.final.targets for r in runs if r.final.targets}),
         "benchmark_columns": _benchmark_columns(
             [r.benchmarks[-1] for r in runs if r.benchmarks] + list(references), domains
         ),
@@ -548,6 +550,10 @@ def _notes(summary: dict) -> list[str]:
         "ℓ_S/ℓ_T (what DDK steers by), not the largest perplexity. "
         "Geo-mean ppl = geometric mean of the per-domain perplexities (lower is better)."
     )
+    if summary.get("targets"):
+        notes.append(
+            f"Perplexities count only the targets of the {' / '.join(summary['targets'])}."
+        )
     if summary["before_from"]:
         notes.append(f"Student before = the step-0 evaluation of {summary['before_from']}.")
     notes.append(

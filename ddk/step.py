@@ -20,9 +20,10 @@ class DistillStep(torch.nn.Module):
         self.student_transform = logit_transform(student)
         self.loss = loss_from_config(cfg.distill, vocab_size)
 
-    def forward(self, input_ids, labels, teacher=None) -> LossSums:
-        """``teacher``: a DenseSignal, a SparseSignal (offline cache) or None."""
-        hidden, head = hidden_and_head(self.student, input_ids)
+    def forward(self, input_ids, labels, teacher=None, position_ids=None) -> LossSums:
+        """``teacher``: a DenseSignal, a SparseSignal (offline cache) or None. ``labels``:
+        IGNORE_INDEX outside a chat loss mask; ``position_ids``: packed conversations (or None)."""
+        hidden, head = hidden_and_head(self.student, input_ids, position_ids)
         return self.loss(
             hidden.reshape(-1, hidden.shape[-1]),
             head.weight,

@@ -29,7 +29,7 @@ from ddk.checkpoint import latest_good_checkpoint
 from ddk.checkpointer import Checkpointer, RNGState, TrainState, seed_everything
 from ddk.config import Config
 from ddk.curriculum import IntervalPlan
-from ddk.data.dataset import PreparedData
+from ddk.data.dataset import PreparedData, target_count
 from ddk.errors import DDKError
 from ddk.evaluate import report_split, run_perplexities
 from ddk.final import save_final, whole_student
@@ -220,7 +220,9 @@ class Trainer:
             )
             for i, d in enumerate(self.domains)
         }
-        return EvalRecord(event, self.state.step, self.plan.interval, domains)
+        return EvalRecord(
+            event, self.state.step, self.plan.interval, domains, targets=self.data.targets
+        )
 
     def begin_interval(self) -> None:
         """Algorithm 1 steps 1/4: evaluate the student, set r_t (Eq. 1 or Eq. 2), draw the
@@ -244,20 +246,21 @@ class Trainer:
     def train_step(self, stop_requested: bool = False) -> dict:
         """One optimizer step over this rank's micro-batches; every returned number is the
         global batch's (all-reduced)."""
-        rt, tokens = self.runtime, self.step_tokens
+        rt = self.runtime
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         sums[3] = float(stop_requested)
         micro_batches = self.plan.rows(self.state.step, self.rank)
-        for i, rows in enumerate(micro_batches):
-            seqs = torch.cat(
-                [self.data.domains[self.domains[d]].sequences("train", [j]) for d, j in rows]
-            ).to(self.device)
-            input_ids, labels = seqs[:, :-1], seqs[:, 1:]
-            teacher = self.teacher.signal(Batch(input_ids, rows)) if self.uses_teacher else None
+        batches = [self.data.train_batch(rows, self.domains, self.device) for rows in micro_batches]
+        targets = self.step_tokens  # packed raw text: every position is a target
+        if self.data.masked:  # chat data: the loss mask's targets over the whole step
+            targets = float(rt.reduce_sum(target_count(batches, self.device)).clamp_min(1))
+        for i, (rows, (input_ids, labels, positions)) in enumerate(zip(micro_batches, batches)):
+            signal = Batch(input_ids, rows, positions)
+            teacher = self.teacher.signal(signal) if self.uses_teacher else None
             with rt.no_sync(self.step_module, skip_sync=i < len(micro_batches) - 1):
-                out: LossSums = self.step_module(input_ids, labels, teacher)
-                # DDP averages gradients over ranks; scale so the result is sum / global tokens.
-                rt.backward(out.total * (self.world / tokens))
+                out: LossSums = self.step_module(input_ids, labels, teacher, positions)
+                # DDP averages gradients over ranks; scale so the result is sum / global targets.
+                rt.backward(out.total * (self.world / targets))
             sums[:3] += torch.stack(
                 [out.total.detach().double(), out.ce.double(), out.div.double()]
             )
@@ -273,12 +276,12 @@ class Trainer:
         lr = self.schedule.last_lr()  # the rate this step used
         self.schedule.step()
         s.step += 1
-        s.tokens_seen += tokens
+        s.tokens_seen += self.step_tokens  # positions read, padding of chat rows included
         return {
             "lr": lr,
-            "loss": float(sums[0]) / tokens,
-            "ce": float(sums[1]) / tokens,
-            "kl": float(sums[2]) / tokens,
+            "loss": float(sums[0]) / targets,
+            "ce": float(sums[1]) / targets,
+            "kl": float(sums[2]) / targets,
             "grad_norm": grad_norm,
             "skipped": not applied,
             "stop": float(sums[3]) > 0,

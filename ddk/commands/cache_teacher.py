@@ -129,14 +129,8 @@ def _preflight(cfg) -> None:
 
 def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:
     data = PreparedData(cfg.data.prepared, cfg.data.domains)
-    if (
-        cfg.teacher.engine == "vllm"
-        and len(set(cfg.model.domain_teachers(data.names).values())) > 1
-    ):
-        raise DDKError(
-            "teacher.engine: vllm serves one teacher; build a per-domain teachers cache "
-            "(model.teachers) with teacher.engine: hf"
-        )
+    if cfg.teacher.engine == "vllm":
+        _check_vllm_fits(cfg, data)
     plan = rt.main_result(lambda: _plan(cfg, data))  # hashes the data and teacher once
     if is_finished(folder, plan):  # every rank sees the same: rank 0 writes nothing here
         print0(f"'{folder}' already holds this cache; nothing to do")
@@ -160,6 +154,19 @@ def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:
     rt.barrier()
 
 
+def _check_vllm_fits(cfg, data: PreparedData) -> None:
+    if len(set(cfg.model.domain_teachers(data.names).values())) > 1:
+        raise DDKError(
+            "teacher.engine: vllm serves one teacher; build a per-domain teachers cache "
+            "(model.teachers) with teacher.engine: hf"
+        )
+    if data.masked:  # packed conversations need per-conversation position ids
+        raise DDKError(
+            "teacher.engine: vllm cannot take the per-conversation position ids of packed chat "
+            "data; build this cache with teacher.engine: hf"
+        )
+
+
 def _heldout_splits(data: PreparedData) -> list[str]:
     return ["val", "test"] if data.has_split("test") else ["val"]  # older data: no test split
 
@@ -171,8 +178,9 @@ def _build_with_hf(cfg, name, domains, folder, plan, data, rt, progress, write_s
     check_vocab(data.vocab_size, embedding_rows(model), embedding_rows(model))
     teacher = OnlineTeacher(model, rt.autocast)
 
-    def rows(seqs, name, idx):
-        return _rows(cfg, plan, teacher, seqs.to(rt.device), name, idx)
+    def rows(name, idx):
+        inputs, _, positions = data.domains[name].train_batch(idx)
+        return _rows(cfg, plan, teacher, _on(inputs, positions, rt), name, idx)
 
     # A sharded teacher's forward is a collective: every rank runs as many as the busiest one.
     sharded = is_sharded(teacher.model)
@@ -202,7 +210,8 @@ def _build_with_vllm(cfg, folder, plan, data, rt, progress, write_shard) -> dict
     engine = vllm_engine.VLLMTeacher(cfg, k=plan["k"], vocab=data.vocab_size, rows=rows_in_head)
     try:
 
-        def rows(seqs, name, idx):
+        def rows(name, idx):
+            seqs = data.domains[name].sequences("train", idx)
             return shard_arrays(engine.topk(seqs.numpy()), plan["vocab_size"])
 
         _write_shards(folder, plan, data, rt, progress, write_shard, rows, SHARD_SEQUENCES)
@@ -299,7 +308,7 @@ def _write_shards(
     folder, plan, data, rt, progress, write_shard, rows, batch: int, domains=None, sharded=False
 ) -> int:
     """Write this rank's missing shards of `domains` (default: all), `batch` sequences per
-    `rows(seqs, domain, idx)` call. Returns how many throwaway forwards a `sharded` teacher still
+    `rows(domain, idx)` call. Returns how many throwaway forwards a `sharded` teacher still
     owes the busiest rank."""
     shards = [
         (n, j)
@@ -335,25 +344,28 @@ def _write_shards(
             for start in range(0, m, batch):
                 first = j * SHARD_SEQUENCES + start
                 idx = list(range(first, first + min(batch, m - start)))
-                seqs = data.domains[name].sequences("train", idx)
-                pieces.append(rows(seqs, name, idx))
+                pieces.append(rows(name, idx))
             write_shard(shard_path(folder, info, j), [np.concatenate(p) for p in zip(*pieces)])
             bar.update(m * data.seq_len)
     return most - forwards if sharded else 0
 
 
 def _rows(
-    cfg, plan: dict, teacher: OnlineTeacher, seqs: torch.Tensor, domain: str, idx: list[int]
+    cfg, plan: dict, teacher: OnlineTeacher, batch: tuple, domain: str, idx: list[int]
 ) -> list[np.ndarray]:
-    """The shard arrays of sequences `idx` of `domain` (`seqs`): the teacher's top-k at tau,
-    then with samples the tail draws, each position with its own uniform."""
+    """The shard arrays of sequences `idx` of `domain` (`batch`: their inputs and position
+    ids): the teacher's top-k at tau, then with samples the tail draws, each position with its
+    own uniform. Chat data: every position is stored; the data's loss mask marks the ones a run
+    counts, so rows stay fixed-size and found by index."""
+    inputs, positions = batch
     common = dict(
-        vocab=plan["vocab_size"], k=plan["k"], tau=plan["tau"], chunk=cfg.distill.loss_chunk_tokens
-    )
+        vocab=plan["vocab_size"], k=plan["k"], tau=plan["tau"], chunk=cfg.distill.loss_chunk_tokens,
+        position_ids=positions,
+    )  # fmt: skip
     if not cache_samples(plan):
-        return shard_arrays(teacher.topk(seqs[:, :-1], **common), plan["vocab_size"])
+        return shard_arrays(teacher.topk(inputs, **common), plan["vocab_size"])
     signal, log_norm = teacher.sampled(
-        seqs[:, :-1],
+        inputs,
         samples=cache_samples(plan),
         uniforms=torch.from_numpy(position_uniforms(plan, domain, idx)),
         logp_dtype=getattr(torch, LOGP_DTYPE.name),
@@ -366,9 +378,14 @@ def _throwaway_forwards(cfg, plan, data, teacher, rt, count: int) -> None:
     """Forwards whose result is dropped: a sharded teacher's collectives on a rank with fewer
     shards to write than the busiest one."""
     name = next(iter(data.domains))
-    seqs = data.domains[name].sequences("train", [0]).to(rt.device)
+    inputs, _, positions = data.domains[name].train_batch([0])
     for _ in range(count):
-        _rows(cfg, plan, teacher, seqs, name, [0])
+        _rows(cfg, plan, teacher, _on(inputs, positions, rt), name, [0])
+
+
+def _on(inputs: torch.Tensor, positions, rt) -> tuple:
+    """(inputs, position ids or None) on the runtime's device."""
+    return inputs.to(rt.device), None if positions is None else positions.to(rt.device)
 
 
 def _finish(folder: Path, plan: dict, ppl: dict, seq_len: int) -> None:

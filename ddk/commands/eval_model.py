@@ -128,9 +128,12 @@ def evaluate_model_cli(
     )
     if as_json:
         payload = {"model": model_name, "data": str(data_dir), "split": split, "domains": result}
+        if data.targets:
+            payload["targets"] = data.targets
         print(json.dumps(payload, indent=2))
     else:
-        print(f"{split} split perplexity per domain")
+        counted = f", counting only the targets of the {data.targets}" if data.targets else ""
+        print(f"{split} split perplexity per domain{counted}")
         print(_table(result))
     return result
 

@@ -10,8 +10,8 @@ import torch
 
 from ddk.data.dedup import HASH_DTYPE
 from ddk.data.manifest import (
-    FORMAT_VERSION,
     SPLITS,
+    TEXT_FORMAT_VERSION,
     DomainInfo,
     Manifest,
     confine,
@@ -19,6 +19,7 @@ from ddk.data.manifest import (
     read_array,
     read_manifest,
 )
+from ddk.data.packing import MASK_SUFFIX, TARGET, position_ids
 from ddk.data.split import window_spans
 from ddk.errors import DDKError
 from ddk.losses import IGNORE_INDEX
@@ -36,7 +37,8 @@ class DomainShard:
         info: DomainInfo,
         dtype: np.dtype,
         seq_len: int,
-        format_version: int = FORMAT_VERSION,
+        format_version: int = TEXT_FORMAT_VERSION,
+        masked: bool = False,
     ):
         self.name = name
         self.seq_len = seq_len
@@ -54,7 +56,17 @@ class DomainShard:
                 raise DDKError(
                     f"prepared shard '{path}' is missing or truncated; prepare the data again"
                 )
+        self.masked = masked  # chat data: a loss mask beside each split's tokens
+        if masked:
+            for split, path in self._paths.items():
+                mask = path.with_suffix(MASK_SUFFIX)
+                confine(folder, mask)
+                if not mask.is_file() or mask.stat().st_size != info.tokens(split):
+                    raise DDKError(
+                        f"loss mask '{mask}' is missing or truncated; prepare the data again"
+                    )
         self._maps: dict[str, np.memmap] = {}
+        self._masks: dict[str, np.memmap] = {}
         self._spans: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def has_split(self, split: str) -> bool:
@@ -93,6 +105,26 @@ class DomainShard:
             self._check_split(split)
             self._maps[split] = np.memmap(self._paths[split], dtype=self._dtype, mode="r")
         return self._maps[split]
+
+    def _mask(self, split: str) -> np.memmap:
+        if split not in self._masks:
+            path = self._paths[split].with_suffix(MASK_SUFFIX)
+            self._masks[split] = np.memmap(path, dtype=np.uint8, mode="r")
+        return self._masks[split]
+
+    def train_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Training windows `indices` as (inputs, labels, position_ids) [len(indices), L]. Raw
+        text: labels are the next tokens and position_ids None. Chat data: labels outside the
+        loss mask are IGNORE_INDEX, and position ids restart at each packed conversation, so
+        conversations sharing a row do not attend to each other (`ddk.data.packing`)."""
+        seqs = self.sequences("train", indices)
+        inputs, labels = seqs[:, :-1], seqs[:, 1:].clone()
+        if not self.masked:
+            return inputs, labels, None
+        mask, L = self._mask("train"), self.seq_len
+        rows = np.stack([mask[int(i) * L : int(i) * L + L + 1] for i in indices])
+        labels[torch.from_numpy((rows[:, 1:] & TARGET) == 0)] = IGNORE_INDEX
+        return inputs, labels, torch.from_numpy(position_ids(rows[:, :-1]))
 
     def sequences(self, split: str, indices) -> torch.Tensor:
         """[len(indices), seq_len + 1] int64 training windows (held-out splits: `heldout_batch`)."""
@@ -143,10 +175,14 @@ class DomainShard:
         width = int(lengths[idx].max()) - 1 if len(idx) else 0
         inputs = np.zeros((len(idx), width), dtype=np.int64)
         labels = np.full((len(idx), width), IGNORE_INDEX, dtype=np.int64)
+        mask = self._mask(split) if self.masked else None
         for row, (start, n) in enumerate(zip(starts[idx].tolist(), lengths[idx].tolist())):
             window = tokens[start : start + n]
             inputs[row, : n - 1] = window[:-1]
             labels[row, : n - 1] = window[1:]
+            if mask is not None:  # chat data: only the loss mask's targets count
+                off = (mask[start + 1 : start + n] & TARGET) == 0
+                labels[row, : n - 1][off] = IGNORE_INDEX
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
     def heldout_hashes(self) -> np.ndarray:
@@ -156,6 +192,12 @@ class DomainShard:
         if not path.is_file():
             return np.zeros(0, dtype=HASH_DTYPE)
         return read_array(self.folder, path, HASH_DTYPE)
+
+
+def target_count(batches, device=None) -> torch.Tensor:
+    """float64 scalar: the loss targets (labels not IGNORE_INDEX) of `train_batch` results."""
+    total = sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _ in batches)
+    return torch.tensor(float(total), dtype=torch.float64, device=device)
 
 
 class PreparedData:
@@ -186,10 +228,11 @@ class PreparedData:
                 dtype,
                 self.seq_len,
                 self.manifest.format_version,
+                masked=self.manifest.chat is not None,
             )
             for n in names
         }
-        if self.manifest.format_version < FORMAT_VERSION:
+        if self.manifest.format_version < TEXT_FORMAT_VERSION:
             print(
                 f"warning: '{folder}' was prepared by an older ddk (format "
                 f"{self.manifest.format_version}): a text it holds out may be in another domain's "
@@ -197,6 +240,25 @@ class PreparedData:
                 "for held-out perplexities you can trust",
                 file=sys.stderr,  # stdout may be `ddk eval --json`
             )
+
+    @property
+    def masked(self) -> bool:
+        """Chat data: losses and perplexities count the loss mask's targets only."""
+        return self.manifest.chat is not None
+
+    @property
+    def targets(self) -> str | None:
+        """What losses and perplexities count, for reports: None for raw text (every token)."""
+        chat = self.manifest.chat
+        return None if chat is None else f"chat loss mask (prepare.train_on={chat.train_on})"
+
+    def train_batch(self, rows, domains: list[str], device=None):
+        """(inputs, labels, position_ids or None) of `rows` ((domain index into `domains`,
+        window index) pairs), concatenated in order, on `device`."""
+        parts = [self.domains[domains[d]].train_batch([j]) for d, j in rows]
+        inputs, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        positions = torch.cat([p[2] for p in parts]).to(device) if self.masked else None
+        return inputs.to(device), labels.to(device), positions
 
     @property
     def names(self) -> list[str]:

@@ -25,7 +25,11 @@ FORMAT = "ddk.prepared"
 # 2: test split, BOS setting, duplicate counts, held-out hashes, owner.
 # 3: held-out texts unique across domains; held-out windows of one document each (up to
 #    heldout_windows_per_document per document); token counts of what no split keeps.
-FORMAT_VERSION = 3
+# 4: chat data: a loss-mask file beside each split's tokens (`ddk.data.packing`) and the `chat`
+#    key. Raw text is still written as 3, so an older ddk reads it; it refuses chat data.
+FORMAT_VERSION = 4
+TEXT_FORMAT_VERSION = 3
+CHAT_FORMAT_VERSION = 4
 OWNER_KIND = "prepared"
 SPLITS = ("train", "val", "test")
 
@@ -90,6 +94,18 @@ class DomainInfo(_Model):
         return getattr(self, f"{split}_sequences")
 
 
+class ChatInfo(_Model):
+    """Chat data: how conversations were rendered and which tokens their masks train on."""
+
+    template_sha256: str
+    template_source: str
+    spans_from: Literal["generation", "prefix"]
+    train_on: Literal["assistant", "all", "last_turn"]
+    packing: Literal["isolated", "padded"]
+    pad_token_id: int
+    mask_suffix: str = ".mask"
+
+
 class Manifest(_Model):
     format: Literal["ddk.prepared"] | None = None  # absent before format 2
     format_version: int = Field(ge=1)
@@ -110,6 +126,7 @@ class Manifest(_Model):
     sources: list[dict] = Field(default_factory=list)
     fingerprint: dict = Field(default_factory=dict)
     domains: dict[str, DomainInfo] = Field(min_length=1)
+    chat: ChatInfo | None = None  # chat data (format 4): every split has a loss mask
     owner: dict | None = None  # ddk.ownership record: every file the writer found in the folder
 
     def has_split(self, split: str) -> bool:
@@ -193,7 +210,7 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     now in the folder (and the manifest itself) as ddk's, for `--overwrite` to check later."""
     files = [f for f in list_files(folder) if f not in (LOCK_NAME, MANIFEST)] + [MANIFEST]
     manifest.format = FORMAT
-    manifest.format_version = FORMAT_VERSION
+    manifest.format_version = CHAT_FORMAT_VERSION if manifest.chat else TEXT_FORMAT_VERSION
     manifest.owner = ownership_record(OWNER_KIND, files)
     write_json_atomic(folder / MANIFEST, manifest.model_dump(mode="json"))
 

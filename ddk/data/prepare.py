@@ -34,13 +34,14 @@ from tqdm.auto import tqdm
 
 from ddk import __version__
 from ddk.config import PrepareSection
-from ddk.data import autodomains
+from ddk.data import autodomains, chat_prepare
 from ddk.data.dedup import HASH_DTYPE, text_hash
 from ddk.data.longdocs import encode_documents
 from ddk.data.manifest import (
+    CHAT_FORMAT_VERSION,
     FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
+    TEXT_FORMAT_VERSION,
     Manifest,
     read_manifest,
     write_manifest,
@@ -124,7 +125,7 @@ class _DomainWriter:
             fh.close()
 
 
-def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str) -> dict:
+def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str, fmt: str) -> dict:
     """What makes two prepared folders the same corpus (cheap: no re-hashing)."""
     return {
         "input": str(Path(cfg.input).expanduser().resolve()),
@@ -135,11 +136,12 @@ def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str) -> di
         "test_sequences": cfg.test_sequences,
         "add_bos": cfg.add_bos,
         "heldout_windows_per_document": cfg.heldout_windows_per_document,
-        "format_version": FORMAT_VERSION,
+        "format_version": CHAT_FORMAT_VERSION if fmt == "chat" else TEXT_FORMAT_VERSION,
         "seed": cfg.seed,
         "text_field": cfg.text_field,
         "domain_field": cfg.domain_field,
         **autodomains.fingerprint(cfg),
+        **chat_prepare.fingerprint(cfg, fmt),
     }
 
 
@@ -438,7 +440,12 @@ def _prepare_locked(
     cfg: PrepareSection, tokenizer_name: str, out: Path, progress: bool, trust_remote_code: bool
 ) -> dict:
     corpus = discover(cfg.input)
-    fingerprint = _fingerprint(cfg, corpus, tokenizer_name)
+    fmt = chat_prepare.detect_format(cfg, corpus)
+    if fmt == "chat" and (cfg.auto_domains is not None or cfg.split_domains is not None):
+        raise DDKError("chat data takes its domains from folders or a field, not auto_domains")
+    if fmt == "chat" and cfg.exclude_heldout:
+        raise DDKError("prepare.exclude_heldout is not supported for chat data yet; unset it")
+    fingerprint = _fingerprint(cfg, corpus, tokenizer_name, fmt)
     existing = _check_output(out, fingerprint, cfg.overwrite)
     if existing is not None:
         if progress:
@@ -458,9 +465,12 @@ def _prepare_locked(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        manifest = _write_prepared(
-            tmp, cfg, corpus, tokenizer, tokenizer_name, domain_plan, progress
-        )
+        if fmt == "chat":
+            manifest = _write_chat(tmp, cfg, corpus, tokenizer, tokenizer_name)
+        else:
+            manifest = _write_prepared(
+                tmp, cfg, corpus, tokenizer, tokenizer_name, domain_plan, progress
+            )
         manifest["fingerprint"] = fingerprint
         typed = Manifest.model_validate(manifest)
         write_manifest(tmp, typed)  # also records what `--overwrite` may later replace
@@ -473,6 +483,19 @@ def _prepare_locked(
         raise
     if progress:
         print(summary_table(manifest))
+    return manifest
+
+
+def _write_chat(tmp, cfg, corpus, tokenizer, tokenizer_name) -> dict:
+    """Chat data (`ddk.data.chat_prepare`) into `tmp`; the manifest, as `_write_prepared`."""
+    started = time.perf_counter()
+    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    domains, chat = chat_prepare.write_chat(
+        tmp, cfg, corpus, tokenizer, tokenizer_name, _new_domain_folder
+    )
+    manifest = _manifest(cfg, corpus, tokenizer, tokenizer_name, vocab_size, None, domains)
+    manifest.update(chat=chat, heldout_windows_per_document=1)
+    manifest["seconds"] = round(time.perf_counter() - started, 3)
     return manifest
 
 
@@ -512,7 +535,7 @@ def _manifest(cfg, corpus, tokenizer, tokenizer_name, vocab_size, bos, domains) 
     """The manifest of a prepared folder (before its fingerprint, owner record and clusters)."""
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": TEXT_FORMAT_VERSION,
         "ddk_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": None,

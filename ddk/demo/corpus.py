@@ -49,6 +49,9 @@ __all__ = [
     "TARGET_BYTES",
     "build_demo_corpus",
     "default_stdlib_dir",
+    "math_qa",
+    "order_record",
+    "person_record",
     "stdlib_python_files",
 ]
 
@@ -678,11 +681,16 @@ _MATH_TEMPLATES: tuple[Callable[[random.Random], tuple[str, str]], ...] = (
 )
 
 
-def math_problems(rng: random.Random) -> Iterator[str]:
-    """Endless word problems ``"Q: ...\\nA: ... The answer is N."``; every step in the answer
-    has the form ``<arithmetic> = <value>`` and is correct."""
+def math_qa(rng: random.Random) -> Iterator[tuple[str, str]]:
+    """Endless (question, worked answer) pairs; every step in the answer has the form
+    ``<arithmetic> = <value>`` and is correct, and it ends ``The answer is N.``"""
     while True:
-        question, answer = rng.choice(_MATH_TEMPLATES)(rng)
+        yield rng.choice(_MATH_TEMPLATES)(rng)
+
+
+def math_problems(rng: random.Random) -> Iterator[str]:
+    """Endless word problems ``"Q: ...\\nA: ... The answer is N."`` (`math_qa` as text)."""
+    for question, answer in math_qa(rng):
         yield f"Q: {question}\nA: {answer}"
 
 
@@ -810,6 +818,16 @@ def record_texts(rng: random.Random) -> Iterator[str]:
             yield _sensor_log(rng)
         else:
             yield _bank_statement(rng)
+
+
+def person_record(rng: random.Random, people: list[str]) -> dict:
+    """A person record of the records domain; its id joins `people`."""
+    return _person(rng, people)
+
+
+def order_record(rng: random.Random, people: list[str], number: int) -> dict:
+    """Order `number` of a person in `people` (not empty), as the records domain writes it."""
+    return _order(rng, people, number)
 
 
 def _person(rng: random.Random, people: list[str]) -> dict:

@@ -28,6 +28,7 @@ from ddk.commands.eval_model import eval_model, eval_tokenizer
 from ddk.config import Config, PrepareSection, load_config
 from ddk.data.prepare import prepare
 from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
+from ddk.demo.chat import build_chat_corpus, train_chat_tokenizer
 from ddk.demo.corpus import build_demo_corpus
 from ddk.demo.tasks import write_demo_tasks
 from ddk.errors import DDKError
@@ -86,6 +87,10 @@ TEACHER = {"hidden_size": 128, "num_layers": 4, "num_heads": 4}
 STUDENT = {"hidden_size": 64, "num_layers": 2, "num_heads": 2}
 # The student's pre-training mix: mostly prose, little of the rest, none of math.
 STUDENT_MIX = {"prose": 0.8, "records": 0.15, "code": 0.05, "math": 0.0}
+# --chat: conversations need longer rows; the student has seen little code and no math.
+CHAT_SEQ_LEN = 128
+CHAT_STUDENT_MIX = {"records": 0.85, "code": 0.15, "math": 0.0}
+CHAT_METHODS = ["kd", "ddk", "ddk+robust", "equal"]
 
 
 def _stage(msg: str, started: float) -> None:
@@ -142,7 +147,7 @@ def pretrain(
     return _finished(start_run(cfg))
 
 
-def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, configs: Path, t0):
+def _models(cache: Path, data: Path, size: DemoSize, seed: int, configs: Path, t0, student_mix):
     """Tokenizer, teacher and student base: built once, cached, reused by later runs."""
     tok_dir = cache / "tokenizer"
     teacher = cache / "teacher" / "final"
@@ -153,7 +158,7 @@ def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, co
     tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     for name, shape, steps, mix, lr in (
         ("teacher", TEACHER, size.teacher_steps, "natural", 3e-3),
-        ("student", STUDENT, size.student_steps, STUDENT_MIX, 3e-3),
+        ("student", STUDENT, size.student_steps, student_mix, 3e-3),
     ):
         init = cache / f"{name}-init"
         model = tiny_causal_lm(len(tok), max_positions=size.seq_len, seed=seed + len(name), **shape)
@@ -227,6 +232,11 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
 
         train_bpe_tokenizer(texts(), size.vocab, tok_dir)
         _stage(f"trained a {size.vocab}-token BPE tokenizer", t0)
+    return corpus, _prepare_stage(corpus, tok_dir, out, size, seed, configs)
+
+
+def _prepare_stage(corpus, tok_dir: Path, out: Path, size: DemoSize, seed, configs, **extra):
+    """`ddk prepare` of the demo corpus with the demo's own tokenizer; OUT/prepared."""
     cfg = Config(
         prepare=PrepareSection(
             input=str(corpus),
@@ -236,11 +246,26 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
             val_sequences=size.val_sequences,
             seed=seed,
             overwrite=True,  # the demo owns OUT/prepared; a --quick run may have left another size
+            **extra,
         )
     )
     cfg.save(configs / "prepare.yaml")
-    prepare(cfg.prepare, str(tok_dir), trust_remote_code=False)  # the demo's own tokenizer
-    return corpus, out / "prepared"
+    prepare(cfg.prepare, str(tok_dir), trust_remote_code=False)
+    return out / "prepared"
+
+
+def _prepare_chat(cache: Path, out: Path, size: DemoSize, seed: int, configs: Path, t0):
+    """`--chat`: the chat corpus, its tokenizer (with a ChatML template) and `ddk prepare
+    --format chat` (assistant-only loss mask, isolated packing)."""
+    corpus = out / "corpus"
+    stats = build_chat_corpus(corpus, scale=size.scale, seed=seed)
+    sizes = ", ".join(f"{d} {s['conversations']} conversations" for d, s in stats.items())
+    _stage(f"chat corpus built in {corpus}: {sizes}", t0)
+    tok_dir = cache / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        train_chat_tokenizer(corpus, size.vocab, tok_dir)
+        _stage(f"trained a {size.vocab}-token BPE tokenizer with a ChatML template", t0)
+    return corpus, _prepare_stage(corpus, tok_dir, out, size, seed, configs, format="chat")
 
 
 def distill_stage(
@@ -372,6 +397,8 @@ def results_text(summary: dict, teachers: str | None = None) -> str:
         + ("held out, nothing was tuned on it" if summary["split"] == "test" else "no test split")
         + "); worst ratio = largest student/teacher perplexity ratio."
     )
+    if summary.get("targets"):  # chat data
+        caption += f" Perplexities count only the targets of the {' / '.join(summary['targets'])}."
     text = caption + "\n\n```\n" + demo_table(summary) + "\n```\n"
     if teachers is not None:
         text += (
@@ -398,8 +425,11 @@ def run_demo(args) -> dict:
         "student_steps": args.student_steps,
     }
     size = DemoSize(**{**size.__dict__, **{k: v for k, v in changes.items() if v is not None}})
+    chat = getattr(args, "chat", False)
+    if chat:  # rows twice as long, half as many: the same tokens per step
+        size = DemoSize(**{**size.__dict__, "seq_len": CHAT_SEQ_LEN, "batch": size.batch // 2})
     steps = args.steps or size.distill_steps
-    methods = list(args.methods) + (
+    methods = list(args.methods or (CHAT_METHODS if chat else DEFAULT_METHODS)) + (
         ["ddk+floor"] if getattr(args, "init_floor_variant", False) else []
     )
     if getattr(args, "domain_teachers", False):
@@ -419,6 +449,7 @@ def run_demo(args) -> dict:
             write_demo_record(out)
 
 
+DEFAULT_METHODS = ["cpt", "kd", "ddk", "ddk+robust", "equal"]
 DEMO_RECORD = ".ddk-demo.json"
 
 
@@ -441,15 +472,16 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
     out.mkdir(parents=True, exist_ok=True)
     configs = out / "configs"
     configs.mkdir(exist_ok=True)
+    chat = getattr(args, "chat", False)
     tag = (
-        f"{'quick' if args.quick else 'full'}-scale{size.scale:g}-seed{args.seed}"
+        f"{'chat-' if chat else ''}{'quick' if args.quick else 'full'}-scale{size.scale:g}-seed{args.seed}"
         f"-t{size.teacher_steps}-s{size.student_steps}"
     )
     cache = Path(args.cache_dir or Path.home() / ".cache" / "ddk" / "demo").expanduser() / tag
     cache.mkdir(parents=True, exist_ok=True)
     cached = (cache / "teacher" / "final").exists() and (cache / "student" / "final").exists()
     expect = ESTIMATE[(args.quick, cached)]
-    if importlib.util.find_spec("lm_eval") is not None:
+    if importlib.util.find_spec("lm_eval") is not None and not chat:
         expect += " plus about 3 minutes of benchmark scoring"
     print(
         f"ddk demo ({tag}) -> {out}\n"
@@ -459,12 +491,15 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
         flush=True,
     )
 
-    corpus, data = _prepare_all(cache, out, size, args.seed, configs, t0)
-    _, teacher, student = _models(cache, corpus, data, size, args.seed, configs, t0)
+    prepare_stage = _prepare_chat if chat else _prepare_all
+    corpus, data = prepare_stage(cache, out, size, args.seed, configs, t0)
+    mix = CHAT_STUDENT_MIX if chat else STUDENT_MIX
+    _, teacher, student = _models(cache, data, size, args.seed, configs, t0, mix)
+    # the benchmark tasks are built from raw-text test documents: none for chat data
     domain_teachers = None
     if any(split_variant(m)[1] == "domain" for m in methods):
         domain_teachers = _domain_teachers(cache, data, teacher, size, args.seed, configs, t0)
-    benchmarks = demo_benchmarks(corpus, data, out, args.seed, t0)
+    benchmarks = [] if chat else demo_benchmarks(corpus, data, out, args.seed, t0)
     references = score_references(
         {"teacher": teacher, "student before": student}, benchmarks, out, t0
     )

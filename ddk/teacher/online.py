@@ -39,7 +39,7 @@ class OnlineTeacher:
         if self.model is None:
             raise RuntimeError("this run loaded no teacher model for its training signal")
         with self.autocast():
-            hidden, head = hidden_and_head(self.model, batch.input_ids)
+            hidden, head = hidden_and_head(self.model, batch.input_ids, batch.position_ids)
         return DenseSignal(
             hidden.reshape(-1, hidden.shape[-1]),
             head.weight,
@@ -48,10 +48,14 @@ class OnlineTeacher:
         )
 
     @torch.no_grad()
-    def topk(self, input_ids: torch.Tensor, *, vocab: int, k: int, tau: float, chunk: int):
+    def topk(
+        self, input_ids: torch.Tensor, *, vocab: int, k: int, tau: float, chunk: int,
+        position_ids=None,
+    ):  # fmt: skip
         """The exact top-k signal at `tau` of every position of `input_ids` (rows [B*L]),
         built `chunk` rows of logits at a time."""
-        parts = [sparse_from_logits(z, k, tau) for _, z in self._logits(input_ids, vocab, chunk)]
+        logits = self._logits(input_ids, vocab, chunk, position_ids)
+        parts = [sparse_from_logits(z, k, tau) for _, z in logits]
         return _cat(parts)
 
     @torch.no_grad()
@@ -66,6 +70,7 @@ class OnlineTeacher:
         chunk: int,
         uniforms: torch.Tensor,
         logp_dtype: torch.dtype | None = None,
+        position_ids=None,
     ) -> tuple[SparseSignal, torch.Tensor]:
         """The top-k head plus `samples` tail draws at `tau` of every position of `input_ids`
         (rows [B*L], one uniform per row; `ddk.teacher.sampling.sampled_from_logits`), and the
@@ -74,16 +79,16 @@ class OnlineTeacher:
             sampled_from_logits(
                 z, k, samples, tau, uniforms[start : start + len(z)], logp_dtype=logp_dtype
             )
-            for start, z in self._logits(input_ids, vocab, chunk)
+            for start, z in self._logits(input_ids, vocab, chunk, position_ids)
         ]
         signals, norms = zip(*parts)
         return _cat(signals), torch.cat(norms)
 
-    def _logits(self, input_ids: torch.Tensor, vocab: int, chunk: int):
+    def _logits(self, input_ids: torch.Tensor, vocab: int, chunk: int, position_ids=None):
         """(first row, float32 logits [<= chunk, vocab]) of each chunk of rows, after the
         teacher's logit transform: full [B*L, V] logits never exist."""
         with self.autocast():
-            hidden, head = hidden_and_head(self.model, input_ids)
+            hidden, head = hidden_and_head(self.model, input_ids, position_ids)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         weight = head.weight[:vocab]
         bias = getattr(head, "bias", None)

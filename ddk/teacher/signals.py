@@ -63,6 +63,7 @@ class Batch(NamedTuple):
 
     input_ids: torch.Tensor  # [B, T]
     rows: np.ndarray  # [B, 2] int: (domain index in the run's domain list, train sequence index)
+    position_ids: torch.Tensor | None = None  # chat data: restarting at each packed conversation
 
 
 @runtime_checkable

@@ -92,6 +92,11 @@ def _served(cfg, data, runtime, groups, student_rows, plan, step) -> ServedTeach
             "teacher.mode: served reads one teacher server; per-domain teachers "
             "(model.teachers) run online or from an offline cache"
         )
+    if data.masked:  # packed conversations need per-conversation position ids
+        raise DDKError(
+            "teacher.mode: served sends token ids only, not the per-conversation position ids "
+            "of packed chat data; use teacher.mode: online or offline"
+        )
     check_vocab(data.vocab_size, None, student_rows)
     return ServedTeacher(cfg, data, runtime, plan=plan, step=step)
 

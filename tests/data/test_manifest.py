@@ -10,7 +10,14 @@ import yaml
 
 from ddk.cli import main
 from ddk.data.dataset import PreparedData
-from ddk.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, read_owner
+from ddk.data.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    TEXT_FORMAT_VERSION,
+    read_manifest,
+    read_owner,
+)
 from ddk.errors import DDKError
 from ddk.lock import LOCK_NAME
 from ddk.losses import IGNORE_INDEX
@@ -32,7 +39,9 @@ def edit_manifest(folder: Path, fn) -> None:
 
 def test_reader_is_typed_and_owner_lists_every_file(prepared_dir, tmp_path):
     m = read_manifest(prepared_dir)
-    assert m.format == FORMAT and m.format_version == FORMAT_VERSION == 3
+    # raw text is still written as format 3 (an older ddk reads it); chat data is format 4
+    assert m.format == FORMAT and m.format_version == TEXT_FORMAT_VERSION == 3
+    assert FORMAT_VERSION == 4
     assert m.seq_len == 32 and m.val_sequences == 4 and m.test_sequences == 4
     assert m.add_bos is False  # the test tokenizer (GPT-2 style) adds no BOS
     assert m.has_split("test")

@@ -1,5 +1,6 @@
 """`ddk demo --quick` end to end at tiny sizes, and the README's first command as written."""
 
+import json
 import math
 import os
 import re
@@ -175,3 +176,21 @@ def test_readme_first_command_as_written(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (work / "ddk-demo" / "report" / "report.html").is_file()
     assert "worst ratio" in done.stdout
+
+
+@pytest.mark.slow  # the whole chat demo at tiny sizes
+def test_demo_chat_quick_reports_masked_perplexities(tmp_path, capsys):
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    argv = ["demo", "--chat", "--quick", "--out", str(out), "--cache-dir", str(cache), *TINY]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "count only the targets of the chat loss mask" in printed
+    table = printed[printed.index("domain  ") :]
+    for word in ("code", "math", "records", "kd", "ddk", "equal", "worst ratio"):
+        assert word in table, word
+    manifest = json.loads((out / "prepared" / "manifest.json").read_text())
+    assert manifest["chat"]["spans_from"] == "generation"
+    for method in ("kd", "ddk", "equal"):
+        records = read_metrics(out / "runs" / method / "metrics.jsonl")
+        final = next(r for r in records if r.get("event") == "final_eval")
+        assert final["split"] == "test" and final["targets"].startswith("chat loss mask")
