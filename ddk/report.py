@@ -522,26 +522,29 @@ def _run_table(summary: dict) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
-def _notes(summary: dict) -> list[str]:
-    notes = []
-    runs = summary["runs"]
+def _ranking_note(runs: list[dict]) -> str:
+    """The runs from the lowest worst-domain ratio up."""
     judged = sorted(
         (r for r in runs if r["worst_ratio"] is not None), key=lambda r: _rank(r["worst_ratio"])
     )
-    if judged:
-        best = judged[0]
-        text = (
-            f"Lowest worst-domain ratio: **{best['label']}** "
-            f"({fmt_cell(best['worst_ratio'])} on {best['worst_domain']})"
-        )
-        others = [
-            f"{r['label']} {fmt_cell(r['worst_ratio'])} on {r['worst_domain']}" for r in judged[1:]
-        ]
-        if others:
-            text += "; " + ", ".join(others)
-        notes.append(text + ".")
-    else:
-        notes.append("No run has teacher perplexities, so there are no ratios to compare.")
+    if not judged:
+        return "No run has teacher perplexities, so there are no ratios to compare."
+    best = judged[0]
+    text = (
+        f"Lowest worst-domain ratio: **{best['label']}** "
+        f"({fmt_cell(best['worst_ratio'])} on {best['worst_domain']})"
+    )
+    others = [
+        f"{r['label']} {fmt_cell(r['worst_ratio'])} on {r['worst_domain']}" for r in judged[1:]
+    ]
+    if others:
+        text += "; " + ", ".join(others)
+    return text + "."
+
+
+def _notes(summary: dict) -> list[str]:
+    runs = summary["runs"]
+    notes = [_ranking_note(runs)]
     ref = _reference_note(summary)
     if ref:
         notes.append(ref)

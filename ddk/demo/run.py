@@ -506,21 +506,8 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
     runs = []
     for i, method in enumerate(methods, 1):
         _stage(f"distilling with {method} ({i}/{len(methods)}, {steps} steps)", t0)
-        runs.append(
-            distill_stage(
-                method,
-                teacher,
-                student,
-                data,
-                out,
-                size,
-                steps,
-                args.seed,
-                configs,
-                benchmarks,
-                domain_teachers,
-            )
-        )
+        stage_args = (teacher, student, data, out, size, steps, args.seed, configs)
+        runs.append(distill_stage(method, *stage_args, benchmarks, domain_teachers))
 
     summary = summarize_runs(runs, benchmark_files=references)
     html = write_report(runs, out / "report", benchmark_files=references)
