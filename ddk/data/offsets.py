@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer  # transformers' fast tokenizers are built on it
 
 from ddk.data.longdocs import PIECE_CHARS, split_at_whitespace
 from ddk.errors import DDKError
@@ -34,8 +35,6 @@ def offsets_tokenizer(backend):
     """A copy of a `tokenizers.Tokenizer` without its post-processor, whose offsets are the
     model's own (a ByteLevel post-processor can trim spaces out of them); ids are unchanged
     because documents are encoded without special tokens."""
-    from tokenizers import Tokenizer  # a dependency of transformers' fast tokenizers
-
     copy = Tokenizer.from_str(backend.to_str())
     copy.post_processor = None
     return copy
