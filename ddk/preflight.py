@@ -23,6 +23,7 @@ from ddk.methods import method_spec
 from ddk.models import check_tokenizers_match, load_tokenizer, resolve_local_path
 from ddk.ranks import print0
 from ddk.teacher.offline import cache_problems
+from ddk.teacher.retokenize import cross_tokenizer_problems
 
 
 def _load_quietly(fn, *args, **kwargs):
@@ -109,7 +110,9 @@ def preflight_problems(cfg: Config) -> list[str]:
     configs, tokenizers = _models(cfg, problems)
     if manifest:
         _data_model_problems(cfg, manifest, configs, tokenizers, problems)
-    if "student" in tokenizers and "teacher" in tokenizers:
+    if cfg.teacher.tokenizer == "cross":
+        problems.extend(cross_tokenizer_problems(cfg, manifest, tokenizers))
+    elif "student" in tokenizers and "teacher" in tokenizers:
         _, err = _load_quietly(
             check_tokenizers_match,
             tokenizers["teacher"],
@@ -233,6 +236,8 @@ def _data_model_problems(cfg: Config, manifest, configs, tokenizers, problems) -
         )
     vocab = manifest.tokenizer.vocab_size
     for role, model_cfg in configs.items():
+        if role == "teacher" and cfg.teacher.tokenizer == "cross":
+            continue  # its own vocabulary: checked against its own tokenizer when it loads
         rows = getattr(model_cfg, "vocab_size", None)
         if rows is not None and rows < vocab:
             problems.append(

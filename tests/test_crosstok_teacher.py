@@ -3,6 +3,7 @@ DDK's ratio from the total NLL over the same bytes."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ddk.cli import main
 from ddk.config import PrepareSection
 from ddk.data.dataset import PreparedData
 from ddk.data.prepare import prepare
@@ -19,6 +21,7 @@ from ddk.logits import hidden_and_head
 from ddk.losses.chunked import fused_distill_loss
 from ddk.teacher.crosstok import CrossTokenizerTeacher
 from ddk.teacher.signals import Batch, DenseSignal
+from tests.conftest import one_error_line, run_config, write_config
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +106,69 @@ def test_another_tokenizer_gives_a_signal_the_student_learns_from(spans_data, ot
     for r in ppl.values():
         assert r["bytes"] > 0 and r["ppl_byte"] > 1
         assert math.isclose(r["ppl"], r["ppl_byte"] ** (r["bytes"] / r["tokens"]), rel_tol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def other_teacher_dir(tmp_path_factory, other_teacher):
+    model, tok = other_teacher
+    path = tmp_path_factory.mktemp("other_teacher")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _cross_config(tmp_path, teacher, student, data, **extra) -> str:
+    values = run_config(tmp_path / "run", str(teacher), str(student), str(data),
+                        **{"teacher.tokenizer": "cross", **extra})  # fmt: skip
+    return write_config(tmp_path / "c.yaml", values)
+
+
+def test_data_without_byte_spans_is_refused(tmp_path, other_teacher_dir, student_dir,
+                                            prepared_dir, capsys):  # fmt: skip
+    cfg = _cross_config(tmp_path, other_teacher_dir, student_dir, prepared_dir)
+    assert main(["distill", cfg]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "prepare.byte_spans: true" in err and not (tmp_path / "run").exists()
+
+
+def test_a_teacher_tokenizer_that_changes_the_text_is_refused_before_weights_load(
+    tmp_path, spans_data, student_dir, capsys
+):
+    """A lowercasing tokenizer, and no weights at all: preflight names the first character
+    that does not come back, exit 2, before any weights are read."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    lossy = Tokenizer(models.BPE())
+    lossy.normalizer = normalizers.Lowercase()
+    lossy.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    lossy.decoder = decoders.ByteLevel()
+    from tokenizers import trainers
+
+    lossy.train_from_iterator(["abc"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    teacher = tmp_path / "lossy"
+    PreTrainedTokenizerFast(tokenizer_object=lossy, eos_token="<eos>").save_pretrained(teacher)
+    AutoConfig.from_pretrained(student_dir).save_pretrained(teacher)  # no weights file
+    cfg = _cross_config(tmp_path, teacher, student_dir, spans_data.folder)
+    assert main(["distill", cfg]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "does not give the data's text back" in err and "character" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ddk", "cpt"])
+def test_distill_through_a_teacher_with_another_tokenizer(
+    tmp_path, other_teacher_dir, student_dir, spans_data, method
+):
+    cfg = _cross_config(tmp_path, other_teacher_dir, student_dir, spans_data.folder,
+                        **{"distill.method": method, "trainer.max_steps": 6})  # fmt: skip
+    assert main(["distill", cfg]) == 0
+    ppl = json.loads((tmp_path / "run" / "teacher_ppl.json").read_text())
+    assert set(ppl["ppl"]["val"]) == set(spans_data.names)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    kl = [json.loads(x)["kl"] for x in lines if '"kl"' in x]
+    assert len(kl) == 3 and all(math.isfinite(v) for v in kl)
+    assert (min(kl) > 0) == (method == "ddk")  # cpt trains without the teacher's signal

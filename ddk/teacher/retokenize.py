@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -82,6 +83,41 @@ def shared_vocabulary(student, teacher) -> tuple[np.ndarray, np.ndarray]:
 
 def _teacher_bos(teacher) -> int:
     return teacher.bos_token_id if teacher.bos_token_id is not None else teacher.eos_token_id
+
+
+def cross_tokenizer_problems(cfg, manifest, tokenizers: dict, samples: int = 8) -> list[str]:
+    """Preflight of `teacher.tokenizer: cross` (before any weights load): online mode, data
+    with byte spans, and a teacher tokenizer that gives back the text of the data's first
+    held-out windows."""
+    if cfg.teacher.mode != "online":
+        return ["teacher.tokenizer: 'cross' needs teacher.mode 'online' (no offline cache yet)"]
+    if manifest is not None and not (manifest.model_extra or {}).get("byte_spans"):
+        return [
+            f"data.prepared: '{cfg.data.prepared}' has no byte spans, which a teacher with "
+            "another tokenizer reads its text from; prepare it again with prepare.byte_spans: true"
+        ]
+    teacher = tokenizers.get("teacher")
+    if teacher is None or manifest is None:
+        return []
+    for text in sample_texts(cfg.data.prepared, manifest, samples):
+        at = decode_problem(teacher, text)
+        if at is not None:
+            return [
+                f"model.teacher: its tokenizer does not give the data's text back (it first "
+                f"differs at character {at}: {text[at : at + 10]!r}); a teacher with another "
+                "tokenizer must decode to the same text"
+            ]
+    return []
+
+
+def sample_texts(folder, manifest, n: int) -> list[str]:
+    """The text of the first `n` validation documents of each domain (from the byte spans)."""
+    texts = []
+    for info in manifest.domains.values():
+        path = Path(folder).expanduser() / info.folder / "val_text.bin"
+        data = path.read_bytes()[: 1 << 16] if path.is_file() else b""
+        texts.append(data.decode("utf-8", errors="ignore"))
+    return [t for t in texts if t][:n]
 
 
 def decode_problem(tokenizer, text: str) -> int | None:
