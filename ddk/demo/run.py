@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 from ddk.commands.eval_model import eval_model, eval_tokenizer
 from ddk.config import Config, PrepareSection, load_config
 from ddk.data.prepare import prepare
+from ddk.demo import crosstok
 from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
 from ddk.demo.corpus import build_demo_corpus
 from ddk.demo.tasks import write_demo_tasks
@@ -168,7 +169,9 @@ def _models(cache: Path, corpus: Path, data: Path, size: DemoSize, seed: int, co
     return tok_dir, teacher, student
 
 
-def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Path, t0):
+def _prepare_all(
+    cache: Path, out: Path, size: DemoSize, seed: int, configs: Path, t0, byte_spans: bool = False
+):
     corpus = out / "corpus"
     stats = build_demo_corpus(corpus, scale=size.scale, seed=seed)
     sizes = ", ".join(f"{d} {s['bytes'] / 1e6:.2f} MB" for d, s in stats.items())
@@ -192,6 +195,7 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
             val_sequences=size.val_sequences,
             seed=seed,
             overwrite=True,  # the demo owns OUT/prepared; a --quick run may have left another size
+            byte_spans=byte_spans,  # a cross-tokenizer teacher reads the text
         )
     )
     cfg.save(configs / "prepare.yaml")
@@ -210,11 +214,12 @@ def distill_stage(
     seed: int,
     configs: Path,
     benchmarks: list[str] = (),
+    extra: list[str] = (),
 ) -> Path:
     run_dir = out / "runs" / method
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    base, variant = split_variant(method)
+    base, variant = split_variant(method.partition(crosstok.SUFFIX)[0])
     overrides = [
         f"model.teacher={teacher}",
         f"model.student={student}",
@@ -223,6 +228,7 @@ def distill_stage(
         f"distill.K={size.K}",
         *_common_trainer(size, steps, run_dir, 1e-3, seed),
         *benchmarks,
+        *extra,
     ]
     if variant == "floor":
         overrides.append("distill.init_floor=true")
@@ -269,6 +275,40 @@ def score_references(models: dict[str, Path], benchmarks: list[str], out: Path, 
 
 
 VARIANTS = {"": "the method as configured", "floor": "distill.init_floor=true (ddk only)"}
+
+
+def _cross_stage(args, out, cache, corpus, data, models, size, steps, runs, t0) -> str:
+    """`--cross-teacher` (`ddk.demo.crosstok`): teacher-x with its own tokenizer, kd@x and
+    ddk@x through it, and every model's test perplexity per byte; returns results.md's part."""
+    configs = out / "configs"
+    tok_x = crosstok.second_tokenizer(cache, corpus, size.vocab)
+    teacher_x = cache / "teacher-x" / "final"
+    if not teacher_x.exists():
+        data_x = crosstok.prepare_in(tok_x, corpus, out / "prepared-x", 2 * size.seq_len,
+                                     size.val_sequences, args.seed)  # fmt: skip
+        tok = AutoTokenizer.from_pretrained(tok_x)
+        init = cache / "teacher-x-init"
+        tiny_causal_lm(len(tok), max_positions=4 * size.seq_len, seed=args.seed + 7,
+                       **TEACHER).save_pretrained(init)  # fmt: skip
+        tok.save_pretrained(init)
+        _stage(
+            f"pre-training teacher-x ({len(tok)}-token tokenizer, {size.teacher_steps} steps)", t0
+        )
+        _pretrain(init, data_x, cache / "teacher-x", size, size.teacher_steps, "natural", 3e-3,
+                  args.seed, configs, "pretrain_teacher_x")  # fmt: skip
+    cross_runs = []
+    for method in args.cross_methods:
+        label, extra = crosstok.cross_method(method)
+        _stage(f"distilling with {label} (teacher-x, {steps} steps)", t0)
+        cross_runs.append(distill_stage(label, teacher_x, models["student before"], data, out,
+                                        size, steps, args.seed, configs, extra=extra))  # fmt: skip
+    ppl = crosstok.byte_perplexities(models, runs + cross_runs, data, teacher_x)
+    (out / "cross_results.json").write_text(json.dumps(ppl, indent=2))
+    return (
+        "\nTest perplexity PER BYTE (total NLL / UTF-8 bytes of the same texts; comparable "
+        "across tokenizers). teacher-x has its own tokenizer; @x runs distilled through it.\n\n"
+        "```\n" + crosstok.byte_table(ppl) + "\n```\n"
+    )
 
 
 def split_variant(label: str) -> tuple[str, str]:
@@ -391,9 +431,11 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
         flush=True,
     )
 
-    corpus, data = _prepare_all(cache, out, size, args.seed, configs, t0)
+    cross = bool(getattr(args, "cross_teacher", False))
+    corpus, data = _prepare_all(cache, out, size, args.seed, configs, t0, byte_spans=cross)
     _, teacher, student = _models(cache, corpus, data, size, args.seed, configs, t0)
-    benchmarks = demo_benchmarks(corpus, data, out, args.seed, t0)
+    no_benchmarks = getattr(args, "no_benchmarks", False)
+    benchmarks = [] if no_benchmarks else demo_benchmarks(corpus, data, out, args.seed, t0)
     references = score_references(
         {"teacher": teacher, "student before": student}, benchmarks, out, t0
     )
@@ -409,6 +451,9 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
     summary = summarize_runs(runs, benchmark_files=references)
     html = write_report(runs, out / "report", benchmark_files=references)
     results = results_text(summary)
+    if cross:
+        models = {"teacher": teacher, "student before": student}
+        results += _cross_stage(args, out, cache, corpus, data, models, size, steps, runs, t0)
     (out / "results.md").write_text(results)
     print("\n" + results.replace("```\n", ""))
     _stage(f"done. Report: {html}  Configs to copy: {configs}", t0)
