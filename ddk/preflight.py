@@ -121,7 +121,10 @@ def preflight_problems(cfg: Config) -> list[str]:
             cfg.model.student,
         )
         if err:
-            problems.append(f"model.teacher: {err}")
+            problems.append(
+                f"model.teacher: {err} (or set teacher.tokenizer: cross for a teacher with "
+                "its own tokenizer, on data prepared with prepare.byte_spans: true)"
+            )
     if cfg.teacher.mode == "offline" and cfg.distill.method != "cpt":
         problems.extend(cache_problems(cfg, manifest, domains))
     if cfg.eval.tasks:
