@@ -153,6 +153,26 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _add_cross_demo_arguments(p) -> None:
+    """`ddk demo`'s cross-tokenizer teacher (`ddk.demo.crosstok`)."""
+    p.add_argument(
+        "--cross-teacher",
+        action="store_true",
+        help="also build a teacher with another tokenizer (half the vocabulary, digits split) "
+        "and distil through it (teacher.tokenizer: cross); report test perplexity per byte",
+    )
+    p.add_argument(
+        "--cross-methods",
+        nargs="+",
+        default=["kd", "ddk"],
+        help="methods run through the cross-tokenizer teacher (default: kd ddk); 'kd:skip' = "
+        "kd with distill.cross_mismatch=skip",
+    )
+    p.add_argument(
+        "--no-benchmarks", action="store_true", help="skip the lm-eval benchmark scoring"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddk", description="Domain-aware knowledge distillation (DDK) for Hugging Face LMs."
@@ -215,6 +235,7 @@ def _add_demo_parser(sub) -> None:
         help="also train a math teacher and a code teacher (the teacher trained longer on its "
         "own domain) and run each teacher-using method with them too (METHOD+domain)",
     )
+    _add_cross_demo_arguments(p)
     p.add_argument("--steps", type=int, help="distillation steps per method")
     p.add_argument("--scale", type=float, help="corpus size multiplier")
     p.add_argument("--teacher-steps", type=int, help="teacher pre-training steps")

@@ -182,6 +182,12 @@ class PrepareSection(_Section):
         description="Chat: several whole conversations per seq_len row that do not attend to "
         "each other (per-conversation position_ids), or one conversation per row, padded.",
     )
+    byte_spans: bool = Field(
+        False,
+        description="Also store each split's text and every token's byte offset into it "
+        "(`ddk.data.offsets`): needed by a teacher with another tokenizer and for perplexity "
+        "per byte; costs about 8 bytes per token plus the text.",
+    )
     seed: StrictInt = Field(0, description="Seed of the held-out split and clustering sample.")
     overwrite: bool = Field(
         False, description="Replace an output folder that ddk prepared (never other files)."
@@ -298,6 +304,12 @@ class DistillSection(_Section):
     loss_chunk_tokens: StrictInt = Field(
         512, ge=1, description="Tokens per loss chunk; bounds the logits held in memory."
     )
+    cross_mismatch: Literal["uld", "skip"] = Field(
+        "uld",
+        description="A teacher with another tokenizer (teacher.tokenizer: cross): at aligned "
+        "positions whose next tokens cover different bytes, 'uld' = the sorted-probability L1 "
+        "distance (Boizard et al. 2024), 'skip' = no divergence there (exact matches only).",
+    )
 
     def steering(self) -> Steering:
         """The keys beyond alpha that shape DDK's weights, as ddk.domains takes them."""
@@ -393,6 +405,13 @@ class TeacherSection(_Section):
     placement: Literal["auto", "replicated", "sharded", "cpu_offload"] = Field(
         "auto",
         description="Teacher placement across processes; auto = replicated when it fits.",
+    )
+    tokenizer: Literal["same", "cross"] = Field(
+        "same",
+        description="same: the teacher shares the student's vocabulary (the paper); cross: the "
+        "teacher has its own tokenizer: it reads each window's text (data prepared with "
+        "prepare.byte_spans), positions are aligned by byte offsets, DDK's ratio uses the same "
+        "total NLL over the same bytes (online mode).",
     )
     ppl_cache_dir: str | None = Field(
         None,

@@ -59,7 +59,7 @@ def domain_perplexities(
     rank, world = runtime.rank, runtime.world_size
     transform = logit_transform(model)
     names = [n for n in data.domains if domains is None or n in domains]
-    sums = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(names), 3, dtype=torch.float64, device=device)
     for d, shard in enumerate(data.domains[n] for n in names):
         available = shard.num_sequences(split)
         n = available if max_sequences is None else min(max_sequences, available)
@@ -88,13 +88,28 @@ def domain_perplexities(
                 )
             sums[d, 0] += float(loss_sum)
             sums[d, 1] += float(tokens)
+            sums[d, 2] += target_bytes(shard, split, rows) if data.has_byte_spans else 0
     sums = runtime.reduce_sum(sums)
     model.train(was_training)
-    out = {}
-    for d, name in enumerate(names):
-        loss = (sums[d, 0] / sums[d, 1].clamp_min(1)).item()
-        out[name] = {"ppl": math.exp(min(loss, 700.0)), "loss": loss, "tokens": int(sums[d, 1])}
+    return {name: _result(sums[d], data.has_byte_spans) for d, name in enumerate(names)}
+
+
+def _result(sums: torch.Tensor, per_byte: bool) -> dict:
+    """{"ppl", "loss", "tokens"} of one domain's (NLL, targets, bytes) sums; with byte spans
+    also "bytes" and "ppl_byte", the same total NLL per UTF-8 byte (comparable across
+    tokenizers)."""
+    loss = (sums[0] / sums[1].clamp_min(1)).item()
+    out = {"ppl": math.exp(min(loss, 700.0)), "loss": loss, "tokens": int(sums[1])}
+    if per_byte:
+        out["bytes"] = int(sums[2])
+        out["ppl_byte"] = math.exp(min(float(sums[0]) / max(int(sums[2]), 1), 700.0))
     return out
+
+
+def target_bytes(shard, split: str, rows) -> int:
+    """UTF-8 bytes of the targets of held-out windows `rows` (`ddk.data.offsets`)."""
+    spans = shard.byte_spans(split)
+    return sum(spans.target_bytes(*shard.window_start(split, r)) for r in rows)
 
 
 def run_perplexities(

@@ -25,6 +25,7 @@ from ddk.models import check_tokenizers_match, load_tokenizer, resolve_local_pat
 from ddk.ranks import print0
 from ddk.teacher.offline import cache_problems
 from ddk.teacher.placement import teachers_placement_problem
+from ddk.teacher.retokenize import cross_tokenizer_problems
 
 
 def _load_quietly(fn, *args, **kwargs):
@@ -119,7 +120,14 @@ def preflight_problems(cfg: Config, *, teachers_at_once: bool = True) -> list[st
     configs, tokenizers = _models(cfg, problems)
     if manifest:
         _data_model_problems(cfg, manifest, configs, tokenizers, problems)
-    for role, name in _teacher_roles(cfg):
+    if cfg.teacher.tokenizer == "cross":
+        problems.extend(cross_tokenizer_problems(cfg, manifest, tokenizers))
+        if len(set(cfg.model.teachers.values()) - {cfg.model.teacher}):
+            problems.append(
+                "teacher.tokenizer: cross takes one teacher; unset model.teachers (a teacher per "
+                "domain shares the student's tokenizer)"
+            )
+    for role, name in _teacher_roles(cfg) if cfg.teacher.tokenizer != "cross" else ():
         if "student" in tokenizers and role in tokenizers:
             _, err = _load_quietly(
                 check_tokenizers_match,
@@ -129,7 +137,10 @@ def preflight_problems(cfg: Config, *, teachers_at_once: bool = True) -> list[st
                 cfg.model.student,
             )
             if err:
-                problems.append(f"model.{role}: {err}")
+                problems.append(
+                    f"model.{role}: {err} (or set teacher.tokenizer: cross for a teacher with "
+                    "its own tokenizer, on data prepared with prepare.byte_spans: true)"
+                )
     if teachers_at_once:
         problems.extend(_placement_problems(cfg, configs))
     if cfg.model.lora is not None and "student" in configs:
@@ -292,6 +303,8 @@ def _data_model_problems(cfg: Config, manifest, configs, tokenizers, problems) -
         )
     vocab = manifest.tokenizer.vocab_size
     for role, model_cfg in configs.items():
+        if role == "teacher" and cfg.teacher.tokenizer == "cross":
+            continue  # its own vocabulary: checked against its own tokenizer when it loads
         rows = getattr(model_cfg, "vocab_size", None)
         if rows is not None and rows < vocab:
             problems.append(

@@ -19,6 +19,7 @@ from ddk.data.manifest import (
     read_array,
     read_manifest,
 )
+from ddk.data.offsets import SplitSpans
 from ddk.data.packing import MASK_SUFFIX, TARGET, position_ids
 from ddk.data.split import window_spans
 from ddk.errors import DDKError
@@ -68,6 +69,7 @@ class DomainShard:
         self._maps: dict[str, np.memmap] = {}
         self._masks: dict[str, np.memmap] = {}
         self._spans: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._byte_spans: dict[str, SplitSpans] = {}
 
     def has_split(self, split: str) -> bool:
         return split in self._paths
@@ -185,6 +187,20 @@ class DomainShard:
                 labels[row, : n - 1][off] = IGNORE_INDEX
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
+    def byte_spans(self, split: str) -> SplitSpans:
+        """The text behind `split`'s tokens (data prepared with prepare.byte_spans)."""
+        if split not in self._byte_spans:
+            self._check_split(split)
+            self._byte_spans[split] = SplitSpans(self.folder, split, self.info.tokens(split))
+        return self._byte_spans[split]
+
+    def window_start(self, split: str, index: int) -> tuple[int, int]:
+        """(first token, tokens) of window `index` of `split` in its token file."""
+        if split == "train":
+            return int(index) * self.seq_len, self.seq_len + 1
+        starts, lengths = self._window_spans(split)
+        return int(starts[index]), int(lengths[index])
+
     def heldout_hashes(self) -> np.ndarray:
         """Sorted uint64 text hashes of this domain's validation and test documents (empty for
         data prepared before they were recorded)."""
@@ -263,6 +279,11 @@ class PreparedData:
     @property
     def names(self) -> list[str]:
         return list(self.domains)
+
+    @property
+    def has_byte_spans(self) -> bool:
+        """Whether prepare stored every split's text and token byte ends (`ddk.data.offsets`)."""
+        return bool((self.manifest.model_extra or {}).get("byte_spans"))
 
     def has_split(self, split: str) -> bool:
         """Whether every selected domain has `split`; data prepared before the test split has

@@ -46,6 +46,14 @@ from ddk.data.manifest import (
     read_manifest,
     write_manifest,
 )
+from ddk.data.offsets import (
+    SPANS_KEY,
+    SpanWriter,
+    encode_with_ends,
+    offsets_tokenizer,
+    remove_temporary,
+    write_split_spans,
+)
 from ddk.data.sources import Corpus, discover, iter_documents
 from ddk.data.split import (
     DROPPED,
@@ -78,6 +86,7 @@ def _domain_dirname(domain: str) -> str:
 class _DomainWriter:
     folder: Path
     dtype: np.dtype
+    byte_spans: bool = False
     documents: int = 0
     tokens: int = 0
     _ids: list[int] = field(default_factory=list)
@@ -89,6 +98,7 @@ class _DomainWriter:
         self._lens_fh = open(self.folder / "all_lens.bin", "ab")
         self._ids_fh = open(self.folder / "all_ids.bin", "ab")
         self._hash_fh = open(self.folder / "all_hash.bin", "ab")
+        self.spans = SpanWriter(self.folder) if self.byte_spans else None
 
     def append(
         self,
@@ -123,6 +133,8 @@ class _DomainWriter:
     def close(self) -> None:
         for fh in (self._tokens_fh, self._lens_fh, self._ids_fh, self._hash_fh):
             fh.close()
+        if self.spans is not None:
+            self.spans.close()
 
 
 def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str, fmt: str) -> dict:
@@ -142,6 +154,7 @@ def _fingerprint(cfg: PrepareSection, corpus: Corpus, tokenizer_name: str, fmt: 
         "domain_field": cfg.domain_field,
         **autodomains.fingerprint(cfg),
         **chat_prepare.fingerprint(cfg, fmt),
+        **({SPANS_KEY: True} if cfg.byte_spans else {}),  # older folders keep their fingerprint
     }
 
 
@@ -347,6 +360,8 @@ def _write_splits(
             for i, n in zip(docs.tolist(), kept.tolist()):
                 np.asarray(tokens[int(starts[i]) : int(starts[i]) + n]).tofile(fh)
         np.save(folder / f"{split}_docs.npy", np.stack([ids[docs], kept], axis=1))
+        if cfg.byte_spans:
+            write_split_spans(folder, split, docs, kept, lens)
         stats[f"{split}_documents"] = len(docs)
         stats[f"{split}_tokens"] = int(kept.sum())
         stats[f"{split}_sequences"] = int(windows.sum())
@@ -355,6 +370,9 @@ def _write_splits(
     train = codes == TRAIN
     _write_train(folder / "train.bin", tokens, starts, lens, train)
     np.save(folder / "train_docs.npy", np.stack([ids[train], lens[train]], axis=1))
+    if cfg.byte_spans:
+        write_split_spans(folder, "train", np.flatnonzero(train), lens[train], lens)
+        remove_temporary(folder)
     np.save(folder / "heldout_hashes.npy", np.unique(hashes[codes > TRAIN]).astype(HASH_DTYPE))
     del tokens
     for tmp in ("all.bin", "all_lens.bin", "all_ids.bin", "all_hash.bin"):
@@ -445,6 +463,8 @@ def _prepare_locked(
         raise DDKError("chat data takes its domains from folders or a field, not auto_domains")
     if fmt == "chat" and cfg.exclude_heldout:
         raise DDKError("prepare.exclude_heldout is not supported for chat data yet; unset it")
+    if fmt == "chat" and cfg.byte_spans:  # a cross-tokenizer teacher re-tokenises raw text
+        raise DDKError("prepare.byte_spans is not supported for chat data yet; unset it")
     fingerprint = _fingerprint(cfg, corpus, tokenizer_name, fmt)
     existing = _check_output(out, fingerprint, cfg.overwrite)
     if existing is not None:
@@ -508,6 +528,8 @@ def _write_prepared(tmp, cfg, corpus, tokenizer, tokenizer_name, domain_plan, pr
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     docs = domain_plan.documents(tmp) if domain_plan else None
+    if cfg.byte_spans:  # ids and offsets from one encode (`ddk.data.offsets`)
+        encode = offsets_tokenizer(backend)
     writers, names = _tokenize_all(
         corpus, cfg, encode, tokenizer.eos_token_id, dtype, tmp, progress, docs, bos=bos
     )
@@ -525,6 +547,8 @@ def _write_prepared(tmp, cfg, corpus, tokenizer, tokenizer_name, domain_plan, pr
         for d in writers
     }
     manifest = _manifest(cfg, corpus, tokenizer, tokenizer_name, vocab_size, bos, domains)
+    if cfg.byte_spans:
+        manifest[SPANS_KEY] = True
     manifest["seconds"] = round(time.perf_counter() - started, 3)
     if domain_plan:  # clusters.json, assignments.jsonl: before the owner record lists files
         manifest["auto_domains"] = domain_plan.finish(tmp)
@@ -628,10 +652,10 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, docs=None, bos
             domain, (doc_ids, texts) = a, b
             if domain not in writers:
                 names[domain] = _new_domain_folder(domain, names)
-                writers[domain] = _DomainWriter(tmp / names[domain], dtype)
+                writers[domain] = _DomainWriter(tmp / names[domain], dtype, cfg.byte_spans)
                 if progress:
                     bars[domain] = _domain_bar(domain, domain_bytes.get(domain), len(bars))
-            encodings = encode_documents(encode, texts)  # long documents in bounded pieces
+            encodings = _encode(encode, texts, writers[domain], bos is not None)
             hashes = [text_hash(t) for t in texts]  # for the held-out duplicate check
             writers[domain].append(doc_ids, encodings, eos, hashes, bos)
             if progress:
@@ -649,6 +673,16 @@ def _tokenize_all(corpus, cfg, encode, eos, dtype, tmp, progress, docs=None, bos
             bar.close()
     reader.join(timeout=5)
     return writers, names
+
+
+def _encode(encode, texts: list[str], writer: _DomainWriter, bos: bool) -> list:
+    """Token ids per document, long documents in bounded pieces; with byte spans, `encode` is
+    an offsets tokenizer and the spans go to the writer's `SpanWriter`."""
+    if writer.spans is None:
+        return encode_documents(encode, texts)
+    encodings, ends = encode_with_ends(encode, texts)
+    writer.spans.append(texts, ends, bos)
+    return encodings
 
 
 def summary_table(manifest: dict) -> str:

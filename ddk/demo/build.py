@@ -16,10 +16,19 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 EOS = "<|endoftext|>"
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Path:
-    """Byte-level BPE (GPT-2 style) trained on `texts`, saved as a transformers fast tokenizer."""
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | Path, *, split_digits: bool = False
+) -> Path:
+    """Byte-level BPE (GPT-2 style) trained on `texts`, saved as a transformers fast tokenizer.
+    `split_digits`: every digit its own pre-token (LLaMA style), so the tokenizer cuts text
+    differently from one without it, beyond the vocabulary size (a cross-tokenizer teacher)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

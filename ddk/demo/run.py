@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 from ddk.commands.eval_model import eval_model, eval_tokenizer
 from ddk.config import Config, PrepareSection, load_config
 from ddk.data.prepare import prepare
+from ddk.demo import crosstok
 from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
 from ddk.demo.chat import build_chat_corpus, train_chat_tokenizer
 from ddk.demo.corpus import build_demo_corpus
@@ -217,7 +218,9 @@ def domain_teacher_table(runs: list[Path]) -> str | None:
     return format_table(["domain", "shared teacher", "its own teacher", "which"], rows)
 
 
-def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Path, t0):
+def _prepare_all(
+    cache: Path, out: Path, size: DemoSize, seed: int, configs: Path, t0, byte_spans: bool = False
+):
     corpus = out / "corpus"
     stats = build_demo_corpus(corpus, scale=size.scale, seed=seed)
     sizes = ", ".join(f"{d} {s['bytes'] / 1e6:.2f} MB" for d, s in stats.items())
@@ -232,7 +235,9 @@ def _prepare_all(cache: Path, out: Path, size: DemoSize, seed: int, configs: Pat
 
         train_bpe_tokenizer(texts(), size.vocab, tok_dir)
         _stage(f"trained a {size.vocab}-token BPE tokenizer", t0)
-    return corpus, _prepare_stage(corpus, tok_dir, out, size, seed, configs)
+    # byte spans: a cross-tokenizer teacher (--cross-teacher) re-tokenises the text
+    extra = {"byte_spans": True} if byte_spans else {}
+    return corpus, _prepare_stage(corpus, tok_dir, out, size, seed, configs, **extra)
 
 
 def _prepare_stage(corpus, tok_dir: Path, out: Path, size: DemoSize, seed, configs, **extra):
@@ -280,11 +285,12 @@ def distill_stage(
     configs: Path,
     benchmarks: list[str] = (),
     domain_teachers: dict[str, Path] | None = None,
+    extra: list[str] = (),
 ) -> Path:
     run_dir = out / "runs" / method
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    base, variant = split_variant(method)
+    base, variant = split_variant(method.partition(crosstok.SUFFIX)[0])
     overrides = [
         f"model.teacher={teacher}",
         f"model.student={student}",
@@ -294,6 +300,7 @@ def distill_stage(
         *common_trainer(size, steps, run_dir, 1e-3, seed),
         *benchmarks,
         *VARIANTS[variant],
+        *extra,
     ]
     if variant == "domain":
         teachers = {d: str(t) for d, t in (domain_teachers or {}).items()}
@@ -348,6 +355,40 @@ VARIANTS: dict[str, list[str]] = {
     **{name: [f"distill.preset={name}"] for name in PRESETS},
     "domain": [],  # a teacher per domain: model.teachers, set from the demo's teachers
 }
+
+
+def _cross_stage(args, out, cache, corpus, data, models, size, steps, runs, t0) -> str:
+    """`--cross-teacher` (`ddk.demo.crosstok`): teacher-x with its own tokenizer, kd@x and
+    ddk@x through it, and every model's test perplexity per byte; returns results.md's part."""
+    configs = out / "configs"
+    tok_x = crosstok.second_tokenizer(cache, corpus, size.vocab)
+    teacher_x = cache / "teacher-x" / "final"
+    if not teacher_x.exists():
+        data_x = crosstok.prepare_in(tok_x, corpus, out / "prepared-x", 2 * size.seq_len,
+                                     size.val_sequences, args.seed)  # fmt: skip
+        tok = AutoTokenizer.from_pretrained(tok_x)
+        init = cache / "teacher-x-init"
+        tiny_causal_lm(len(tok), max_positions=4 * size.seq_len, seed=args.seed + 7,
+                       **TEACHER).save_pretrained(init)  # fmt: skip
+        tok.save_pretrained(init)
+        _stage(
+            f"pre-training teacher-x ({len(tok)}-token tokenizer, {size.teacher_steps} steps)", t0
+        )
+        pretrain(init, data_x, cache / "teacher-x", size, size.teacher_steps, "natural", 3e-3,
+                  args.seed, configs, "pretrain_teacher_x")  # fmt: skip
+    cross_runs = []
+    for method in args.cross_methods:
+        label, extra = crosstok.cross_method(method)
+        _stage(f"distilling with {label} (teacher-x, {steps} steps)", t0)
+        cross_runs.append(distill_stage(label, teacher_x, models["student before"], data, out,
+                                        size, steps, args.seed, configs, extra=extra))  # fmt: skip
+    ppl = crosstok.byte_perplexities(models, runs + cross_runs, data, teacher_x)
+    (out / "cross_results.json").write_text(json.dumps(ppl, indent=2))
+    return (
+        "\nTest perplexity PER BYTE (total NLL / UTF-8 bytes of the same texts; comparable "
+        "across tokenizers). teacher-x has its own tokenizer; @x runs distilled through it.\n\n"
+        "```\n" + crosstok.byte_table(ppl) + "\n```\n"
+    )
 
 
 def split_variant(label: str) -> tuple[str, str]:
@@ -491,15 +532,19 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
         flush=True,
     )
 
-    prepare_stage = _prepare_chat if chat else _prepare_all
-    corpus, data = prepare_stage(cache, out, size, args.seed, configs, t0)
+    cross = bool(getattr(args, "cross_teacher", False))
+    if chat:
+        corpus, data = _prepare_chat(cache, out, size, args.seed, configs, t0)
+    else:
+        corpus, data = _prepare_all(cache, out, size, args.seed, configs, t0, byte_spans=cross)
     mix = CHAT_STUDENT_MIX if chat else STUDENT_MIX
     _, teacher, student = _models(cache, data, size, args.seed, configs, t0, mix)
-    # the benchmark tasks are built from raw-text test documents: none for chat data
     domain_teachers = None
     if any(split_variant(m)[1] == "domain" for m in methods):
         domain_teachers = _domain_teachers(cache, data, teacher, size, args.seed, configs, t0)
-    benchmarks = [] if chat else demo_benchmarks(corpus, data, out, args.seed, t0)
+    # the benchmark tasks are built from raw-text test documents: none for chat data
+    no_benchmarks = chat or getattr(args, "no_benchmarks", False)
+    benchmarks = [] if no_benchmarks else demo_benchmarks(corpus, data, out, args.seed, t0)
     references = score_references(
         {"teacher": teacher, "student before": student}, benchmarks, out, t0
     )
@@ -512,6 +557,9 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
     summary = summarize_runs(runs, benchmark_files=references)
     html = write_report(runs, out / "report", benchmark_files=references)
     results = results_text(summary, domain_teacher_table(runs))
+    if cross:
+        models = {"teacher": teacher, "student before": student}
+        results += _cross_stage(args, out, cache, corpus, data, models, size, steps, runs, t0)
     (out / "results.md").write_text(results)
     print("\n" + results.replace("```\n", ""))
     _stage(f"done. Report: {html}  Configs to copy: {configs}", t0)

@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddk.losses import sparse
+from ddk.losses import crosstok, sparse
 from ddk.losses.divergences import NO_DIVERGENCE, DivergenceFn, get_divergence
 from ddk.methods import divergence_active, method_spec
-from ddk.teacher.signals import DenseSignal, SparseSignal, TeacherSignal
+from ddk.teacher.signals import CrossSignal, DenseSignal, SparseSignal, TeacherSignal
 
 if TYPE_CHECKING:
     from ddk.config import DistillSection
@@ -82,6 +82,7 @@ class _Settings:
     # Scalar scale / softcap of models whose logits are not hidden @ W.T + b (ddk.logits).
     student_transform: LogitTransform | None = None
     divergence: str = NO_DIVERGENCE  # the name: a sparse teacher's estimator looks it up
+    cross_mismatch: str = "uld"  # a cross-tokenizer teacher's rows without an exact match
     # (The teacher's transform travels in its DenseSignal; a sparse signal already has it.)
 
 
@@ -104,11 +105,17 @@ def _divergence(logits: Tensor, teacher: TeacherSignal, s: _Settings) -> Tensor:
         return sparse.sparse_divergence(logits, teacher, s.tau, s.divergence, s.skew_lambda)
     with torch.no_grad():
         teacher_logits = _teacher_logits(teacher)
+    if isinstance(teacher, CrossSignal):
+        return crosstok.cross_divergence(
+            logits, teacher_logits, teacher, s.divergence_fn, s.tau, s.skew_lambda,
+            s.cross_mismatch,
+        )  # fmt: skip
     return s.divergence_fn(logits, teacher_logits, s.tau, s.skew_lambda)
 
 
-def _teacher_logits(teacher: DenseSignal) -> Tensor:
-    return _logits(teacher.hidden, teacher.head_weight, teacher.head_bias, teacher.transform)
+def _teacher_logits(teacher: DenseSignal | CrossSignal) -> Tensor:
+    z = _logits(teacher.hidden, teacher.head_weight, teacher.head_bias, teacher.transform)
+    return z[:, : teacher.teacher_vocab] if isinstance(teacher, CrossSignal) else z
 
 
 def _with_transform(teacher: TeacherSignal | None, transform) -> TeacherSignal | None:
@@ -148,6 +155,9 @@ def _teacher_rows(teacher: TeacherSignal | None, idx: Tensor) -> TeacherSignal |
         return None
     if isinstance(teacher, SparseSignal):
         return sparse.slice_rows(teacher, idx)
+    if isinstance(teacher, CrossSignal):
+        return teacher._replace(hidden=teacher.hidden.index_select(0, idx).detach(),
+                                mode=teacher.mode.index_select(0, idx))  # fmt: skip
     return teacher._replace(hidden=teacher.hidden.index_select(0, idx).detach())
 
 
@@ -280,9 +290,17 @@ def _validate(
         given = [t for t in teacher[3:] if t is not None]  # the sample_* fields
         if given and (len(given) != 3 or any(t.shape != (n, given[0].shape[-1]) for t in given)):
             raise ValueError("sparse teacher: sample_ids, sample_logp, sample_logw must be [N, m]")
+    elif isinstance(teacher, CrossSignal):
+        if teacher.hidden.shape[0] != student_hidden.shape[0] or teacher.mode.shape != (
+            student_hidden.shape[0],
+        ):
+            raise ValueError("cross-tokenizer teacher hidden and mode must have N rows")
+        if teacher.student_shared.shape != teacher.teacher_shared.shape:
+            raise ValueError("cross-tokenizer teacher: shared id lists differ in length")
     elif teacher is not None:
         raise ValueError(
-            f"teacher must be a DenseSignal, a SparseSignal or None, got {type(teacher)}"
+            f"teacher must be a DenseSignal, a SparseSignal, a CrossSignal or None, got "
+            f"{type(teacher)}"
         )
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
@@ -312,6 +330,7 @@ def fused_distill_loss(
     ignore_index: int = IGNORE_INDEX,
     student_transform: LogitTransform | None = None,
     teacher_transform: LogitTransform | None = None,
+    cross_mismatch: str = "uld",
 ) -> LossSums:
     """Σ CE + γ Σ divergence over non-ignored tokens, chunk by chunk (see the module doc).
 
@@ -339,6 +358,7 @@ def fused_distill_loss(
         chunk_tokens,
         student_transform,
         divergence,
+        cross_mismatch,
     )
     rows = (labels != ignore_index).nonzero().squeeze(1)  # the one host sync of a call
     args = (student_hidden, student_head_weight, student_head_bias, teacher, rows, labels)
@@ -369,6 +389,7 @@ def naive_distill_loss(
     ignore_index: int = IGNORE_INDEX,
     student_transform: LogitTransform | None = None,
     teacher_transform: LogitTransform | None = None,
+    cross_mismatch: str = "uld",
 ) -> LossSums:
     """Reference for ``fused_distill_loss``: full [N, V] logits, ordinary autograd.
 
@@ -396,7 +417,13 @@ def naive_distill_loss(
         else:
             with torch.no_grad():
                 teacher_logits = _teacher_logits(_trim_teacher(teacher, vocab_size))
-            per_token = div_fn(logits, teacher_logits, float(tau), float(skew_lambda))
+            if isinstance(teacher, CrossSignal):
+                per_token = crosstok.cross_divergence(
+                    logits, teacher_logits, teacher, div_fn, float(tau), float(skew_lambda),
+                    cross_mismatch,
+                )  # fmt: skip
+            else:
+                per_token = div_fn(logits, teacher_logits, float(tau), float(skew_lambda))
         div = torch.where(mask, per_token, 0.0).sum()
         total = ce + gamma * div
     return LossSums(total, ce.detach(), div.detach(), tokens)
@@ -440,8 +467,12 @@ class FusedDistillLoss(nn.Module):
         skew_lambda: float = 0.1,
         chunk_tokens: int = 1024,
         ignore_index: int = IGNORE_INDEX,
+        cross_mismatch: str = "uld",
     ) -> None:
         super().__init__()
+        if cross_mismatch not in crosstok.MISMATCH_LOSSES:
+            raise ValueError(f"cross_mismatch must be one of {crosstok.MISMATCH_LOSSES}")
+        self.cross_mismatch = cross_mismatch
         get_divergence(divergence)  # fail at construction on an unknown name
         self.vocab_size = vocab_size
         self.gamma = gamma
@@ -477,6 +508,7 @@ class FusedDistillLoss(nn.Module):
             ignore_index=self.ignore_index,
             student_transform=student_transform,
             teacher_transform=teacher_transform,
+            cross_mismatch=self.cross_mismatch,
         )
 
     def extra_repr(self) -> str:
@@ -499,4 +531,5 @@ def loss_from_config(distill: DistillSection, vocab_size: int) -> FusedDistillLo
         divergence=method_spec(distill.method).loss_divergence(distill.divergence),
         skew_lambda=distill.skew_lambda,
         chunk_tokens=distill.loss_chunk_tokens,
+        cross_mismatch=distill.cross_mismatch,
     )

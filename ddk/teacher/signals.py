@@ -55,7 +55,25 @@ class SparseSignal(NamedTuple):
         return self.sample_ids is not None
 
 
-TeacherSignal = DenseSignal | SparseSignal
+class CrossSignal(NamedTuple):
+    """A live teacher with ANOTHER tokenizer, gathered to the student's rows by byte alignment
+    (`ddk.teacher.alignment`): row n holds the teacher's hidden state at the position that has
+    seen the same text as student row n, and `mode[n]` says how the loss compares them
+    (`ddk.losses.crosstok`): 0 no aligned teacher position (no divergence), 1 exact (both next
+    tokens cover the same bytes: KL over the shared token strings), 2 otherwise (a
+    vocabulary-free distance)."""
+
+    hidden: torch.Tensor  # [N, H_t]; rows with mode 0 are ignored
+    head_weight: torch.Tensor  # [>= teacher_vocab, H_t]
+    mode: torch.Tensor  # [N] int8
+    student_shared: torch.Tensor  # [M] int64: student ids of the token strings both share
+    teacher_shared: torch.Tensor  # [M] int64: the teacher's ids of the same strings
+    teacher_vocab: int
+    head_bias: torch.Tensor | None = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+TeacherSignal = DenseSignal | SparseSignal | CrossSignal
 
 
 class Batch(NamedTuple):

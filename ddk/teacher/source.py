@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from ddk.errors import DDKError
 from ddk.methods import method_spec
-from ddk.models import check_vocab, embedding_rows
+from ddk.models import check_vocab, embedding_rows, load_tokenizer
 from ddk.teacher.cache_format import cache_identity
+from ddk.teacher.crosstok import CrossTokenizerTeacher
 from ddk.teacher.offline import OfflineTeacher
 from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.per_domain import PerDomainTeachers, teacher_groups
@@ -76,6 +77,8 @@ def teacher_source(
             cfg.teacher.sparse_estimator,
             fallback=fallback,
         )
+    if cfg.teacher.tokenizer == "cross" and cfg.model.teacher:
+        return _cross_teacher(cfg, data, runtime, student_rows)
     trains = bool(cfg.model.teacher) and method.trains_with_teacher(cfg.distill)
     if len(groups) > 1:
         return per_domain(load=trains)
@@ -99,6 +102,19 @@ def _served(cfg, data, runtime, groups, student_rows, plan, step) -> ServedTeach
         )
     check_vocab(data.vocab_size, None, student_rows)
     return ServedTeacher(cfg, data, runtime, plan=plan, step=step)
+
+
+def _cross_teacher(cfg, data, runtime, student_rows: int) -> CrossTokenizerTeacher:
+    """A live teacher with its own tokenizer (also for cpt's perplexities: they need it)."""
+    check_vocab(data.vocab_size, None, student_rows)
+    model = load_configured_teacher(cfg, runtime)
+    tokenizer = load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code)
+    check_vocab(len(tokenizer), embedding_rows(model), embedding_rows(model))
+    student_tokenizer = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
+    return CrossTokenizerTeacher(
+        model, tokenizer, student_tokenizer, data, autocast=runtime.autocast,
+        chunk=cfg.distill.loss_chunk_tokens,
+    )  # fmt: skip
 
 
 def pinned_cache(cfg) -> str | None:

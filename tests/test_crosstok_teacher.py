@@ -1,0 +1,174 @@
+"""A teacher with another tokenizer (`ddk.teacher.crosstok`): its signal through the loss, and
+DDK's ratio from the total NLL over the same bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ddk.cli import main
+from ddk.config import PrepareSection
+from ddk.data.dataset import PreparedData
+from ddk.data.prepare import prepare
+from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
+from ddk.evaluate import domain_perplexities
+from ddk.logits import hidden_and_head
+from ddk.losses.chunked import fused_distill_loss
+from ddk.teacher.crosstok import CrossTokenizerTeacher
+from ddk.teacher.signals import Batch, DenseSignal
+from tests.conftest import one_error_line, run_config, write_config
+
+
+@pytest.fixture(scope="module")
+def spans_data(tmp_path_factory, corpus, tokenizer_dir):
+    out = tmp_path_factory.mktemp("xprep") / "data"
+    cfg = PrepareSection(input=str(corpus[0]), output=str(out), seq_len=32, val_sequences=4,
+                         byte_spans=True)  # fmt: skip
+    prepare(cfg, str(tokenizer_dir), progress=False)
+    return PreparedData(out)
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory, corpus):
+    """A teacher with another tokenizer: 200 tokens, digits split, trained on the same corpus."""
+    texts = [t for d in corpus[1].values() for t in d]
+    tok_dir = train_bpe_tokenizer(texts, 200, tmp_path_factory.mktemp("otok"), split_digits=True)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    return tiny_causal_lm(len(tok), hidden_size=32, seed=3).eval(), tok
+
+
+def _batch(data, rows):
+    seqs = torch.cat([data.domains[data.names[d]].sequences("train", [j]) for d, j in rows])
+    return seqs[:, :-1], seqs[:, 1:]
+
+
+def test_one_tokenizer_gives_todays_ratio_and_loss(spans_data, teacher_dir, student_dir):
+    """Through the cross-tokenizer path (re-tokenising every window's text), a teacher with the
+    student's own tokenizer gives today's perplexity ratio and today's KL within 1e-5."""
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    cross = CrossTokenizerTeacher(teacher, tok, tok, spans_data)
+    today_t = domain_perplexities(teacher, spans_data, vocab_size=spans_data.vocab_size)
+    today_s = domain_perplexities(student, spans_data, vocab_size=spans_data.vocab_size)
+    for d in spans_data.names:
+        mine = cross.details("val")[d]
+        assert mine["bytes"] == today_s[d]["bytes"] == today_t[d]["bytes"] > 0
+        assert mine["tokens"] == today_s[d]["tokens"]
+        today_ratio = today_s[d]["ppl"] / today_t[d]["ppl"]
+        assert math.isclose(today_s[d]["ppl"] / mine["ppl"], today_ratio, rel_tol=1e-5)
+        # the same ratio from per-byte perplexities, in student-token units
+        per_byte = today_s[d]["ppl_byte"] / mine["ppl_byte"]
+        exponent = mine["bytes"] / mine["tokens"]
+        assert math.isclose(per_byte**exponent, today_ratio, rel_tol=1e-5)
+    rows = np.array([[0, 0], [1, 2], [2, 1]])
+    input_ids, labels = _batch(spans_data, rows)
+    signal = cross.signal(Batch(input_ids, rows))
+    assert (signal.mode == 1).float().mean() > 0.95  # identity but for re-tokenised edges
+    hidden, head = hidden_and_head(student, input_ids)
+    t_hidden, t_head = hidden_and_head(teacher, input_ids)
+    kw = dict(vocab_size=spans_data.vocab_size, gamma=1.0, tau=1.0, divergence="forward_kl")
+    flat = labels.reshape(-1).clone()
+    flat[signal.mode.long() != 1] = -100  # compare where the path found the identity
+    a = fused_distill_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat, signal, **kw)
+    dense = DenseSignal(t_hidden.reshape(-1, t_hidden.shape[-1]), t_head.weight)
+    b = fused_distill_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat, dense, **kw)
+    assert abs(float(a.div - b.div)) < 1e-5 and float(a.div) > 0
+
+
+def test_another_tokenizer_gives_a_signal_the_student_learns_from(spans_data, other_teacher,
+                                                                 student_dir):  # fmt: skip
+    model, tok = other_teacher
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    s_tok = AutoTokenizer.from_pretrained(student_dir)
+    cross = CrossTokenizerTeacher(model, tok, s_tok, spans_data)
+    rows = np.array([[0, 0], [1, 1], [2, 3]])
+    input_ids, labels = _batch(spans_data, rows)
+    signal = cross.signal(Batch(input_ids, rows))
+    modes = signal.mode.tolist()
+    assert (
+        modes.count(1) > 0
+        and modes.count(2) > 0
+        and modes.count(1) + modes.count(2) > 0.5 * len(modes)
+    )
+    hidden, head = hidden_and_head(student, input_ids)
+    out = fused_distill_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1),
+                             signal, vocab_size=spans_data.vocab_size, gamma=1.0, tau=1.0,
+                             divergence="forward_kl", chunk_tokens=16)  # fmt: skip
+    out.total.backward()
+    assert float(out.div) > 0 and head.weight.grad.abs().sum() > 0
+    ppl = cross.details("val")
+    for r in ppl.values():
+        assert r["bytes"] > 0 and r["ppl_byte"] > 1
+        assert math.isclose(r["ppl"], r["ppl_byte"] ** (r["bytes"] / r["tokens"]), rel_tol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def other_teacher_dir(tmp_path_factory, other_teacher):
+    model, tok = other_teacher
+    path = tmp_path_factory.mktemp("other_teacher")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _cross_config(tmp_path, teacher, student, data, **extra) -> str:
+    values = run_config(tmp_path / "run", str(teacher), str(student), str(data),
+                        **{"teacher.tokenizer": "cross", **extra})  # fmt: skip
+    return write_config(tmp_path / "c.yaml", values)
+
+
+def test_data_without_byte_spans_is_refused(tmp_path, other_teacher_dir, student_dir,
+                                            prepared_dir, capsys):  # fmt: skip
+    cfg = _cross_config(tmp_path, other_teacher_dir, student_dir, prepared_dir)
+    assert main(["distill", cfg]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "prepare.byte_spans: true" in err and not (tmp_path / "run").exists()
+
+
+def test_a_teacher_tokenizer_that_changes_the_text_is_refused_before_weights_load(
+    tmp_path, spans_data, student_dir, capsys
+):
+    """A lowercasing tokenizer, and no weights at all: preflight names the first character
+    that does not come back, exit 2, before any weights are read."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    lossy = Tokenizer(models.BPE())
+    lossy.normalizer = normalizers.Lowercase()
+    lossy.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    lossy.decoder = decoders.ByteLevel()
+    from tokenizers import trainers
+
+    lossy.train_from_iterator(["abc"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    teacher = tmp_path / "lossy"
+    PreTrainedTokenizerFast(tokenizer_object=lossy, eos_token="<eos>").save_pretrained(teacher)
+    AutoConfig.from_pretrained(student_dir).save_pretrained(teacher)  # no weights file
+    cfg = _cross_config(tmp_path, teacher, student_dir, spans_data.folder)
+    assert main(["distill", cfg]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "does not give the data's text back" in err and "character" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ddk", "cpt"])
+def test_distill_through_a_teacher_with_another_tokenizer(
+    tmp_path, other_teacher_dir, student_dir, spans_data, method
+):
+    cfg = _cross_config(tmp_path, other_teacher_dir, student_dir, spans_data.folder,
+                        **{"distill.method": method, "trainer.max_steps": 6})  # fmt: skip
+    assert main(["distill", cfg]) == 0
+    ppl = json.loads((tmp_path / "run" / "teacher_ppl.json").read_text())
+    assert set(ppl["ppl"]["val"]) == set(spans_data.names)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    kl = [json.loads(x)["kl"] for x in lines if '"kl"' in x]
+    assert len(kl) == 3 and all(math.isfinite(v) for v in kl)
+    assert (min(kl) > 0) == (method == "ddk")  # cpt trains without the teacher's signal
