@@ -64,12 +64,14 @@ def byte_perplexities(models: dict[str, Path], runs: list[Path], data: Path, cro
     split = split if prepared.has_split(split) else "val"
     out = {}
     for label, path in [*models.items(), *((r.name, r / "final") for r in runs)]:
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False).eval()
         res = domain_perplexities(model, prepared, vocab_size=prepared.vocab_size, split=split)
         out[label] = {d: r["ppl_byte"] for d, r in res.items()}
-    student_tok = AutoTokenizer.from_pretrained(next(iter(models.values())))
-    teacher = CrossTokenizerTeacher(AutoModelForCausalLM.from_pretrained(cross).eval(),
-                                    AutoTokenizer.from_pretrained(cross), student_tok, prepared)  # fmt: skip
+    student_tok = AutoTokenizer.from_pretrained(
+        next(iter(models.values())), trust_remote_code=False
+    )
+    teacher = CrossTokenizerTeacher(AutoModelForCausalLM.from_pretrained(cross, trust_remote_code=False).eval(),
+                                    AutoTokenizer.from_pretrained(cross, trust_remote_code=False), student_tok, prepared)  # fmt: skip
     out["teacher-x"] = {d: r["ppl_byte"] for d, r in teacher.details(split).items()}
     return out
 

@@ -366,7 +366,7 @@ def _cross_stage(args, out, cache, corpus, data, models, size, steps, runs, t0) 
     if not teacher_x.exists():
         data_x = crosstok.prepare_in(tok_x, corpus, out / "prepared-x", 2 * size.seq_len,
                                      size.val_sequences, args.seed)  # fmt: skip
-        tok = AutoTokenizer.from_pretrained(tok_x)
+        tok = AutoTokenizer.from_pretrained(tok_x, trust_remote_code=False)
         init = cache / "teacher-x-init"
         tiny_causal_lm(len(tok), max_positions=4 * size.seq_len, seed=args.seed + 7,
                        **TEACHER).save_pretrained(init)  # fmt: skip
