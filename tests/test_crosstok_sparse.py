@@ -1,0 +1,85 @@
+"""The cross-tokenizer divergence from sparse (top-k) teacher rows (`ddk.losses.crosstok_sparse`)
+against the online one (`ddk.losses.crosstok`) it stands in for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddk.losses.crosstok import cross_divergence
+from ddk.losses.crosstok_sparse import SparseCrossRows, sparse_cross_divergence, teacher_shared_mass
+from ddk.losses.divergences import DIVERGENCES
+from ddk.teacher.signals import CrossSignal, log_probs
+
+
+def shared_index(teacher_shared: torch.Tensor, teacher_vocab: int) -> torch.Tensor:
+    index = torch.full((teacher_vocab,), -1, dtype=torch.long)
+    index[teacher_shared] = torch.arange(len(teacher_shared))
+    return index
+
+
+def sparse_rows(z_t, mode, teacher_shared, k, tau) -> SparseCrossRows:
+    """What a cache of the teacher's rows `z_t` at top-k would hold."""
+    log_p = log_probs(z_t, tau)
+    logp, ids = log_p.topk(k, dim=-1)
+    rest = log_p.scatter(1, ids, float("-inf")).logsumexp(-1)
+    return SparseCrossRows(ids, logp, rest, teacher_shared_mass(z_t, teacher_shared, tau), mode)
+
+
+def online_and_sparse(z_s, z_t, mode, s_shared, t_shared, k, divergence, tau, mismatch="uld"):
+    fn = DIVERGENCES[divergence]
+    signal = CrossSignal(None, None, mode, s_shared, t_shared, z_t.shape[1])
+    online = cross_divergence(z_s, z_t, signal, fn, tau, 0.1, mismatch)
+    rows = sparse_rows(z_t, mode, t_shared, k, tau)
+    index = shared_index(t_shared, z_t.shape[1])
+    return online, sparse_cross_divergence(z_s, rows, s_shared, index, fn, tau, 0.1, mismatch)
+
+
+@pytest.fixture
+def pair():
+    g = torch.Generator().manual_seed(0)
+    n, v_s, v_t, m = 64, 50, 40, 30
+    z_s = torch.randn(n, v_s, generator=g, dtype=torch.float64) * 2
+    z_t = torch.randn(n, v_t, generator=g, dtype=torch.float64) * 2
+    mode = torch.randint(0, 3, (n,), generator=g).to(torch.int8)
+    s_shared = torch.randperm(v_s, generator=g)[:m]
+    t_shared = torch.randperm(v_t, generator=g)[:m]
+    return z_s, z_t, mode, s_shared, t_shared
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_a_full_row_gives_the_online_loss(pair, divergence, tau):
+    """k = the teacher's vocabulary: the sparse rows hold everything, the loss is the online one
+    (exact KL rows and ULD rows), values and gradients."""
+    z_s, z_t, mode, s_shared, t_shared = pair
+    z_s = z_s.clone().requires_grad_()
+    online, sparse = online_and_sparse(z_s, z_t, mode, s_shared, t_shared, z_t.shape[1],
+                                       divergence, tau)  # fmt: skip
+    torch.testing.assert_close(sparse, online, atol=1e-9, rtol=1e-9)
+    (g_online,) = torch.autograd.grad(online.sum(), z_s)
+    (g_sparse,) = torch.autograd.grad(sparse.sum(), z_s)
+    torch.testing.assert_close(g_sparse, g_online, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+def test_top_k_rows_bound_the_online_loss_from_below(pair, divergence):
+    """Fewer than V_T entries: every row's loss is at most the online one (coarsening for the
+    exact rows, the triangle inequality for ULD), and grows toward it with k."""
+    z_s, z_t, mode, s_shared, t_shared = pair
+    online, _ = online_and_sparse(z_s, z_t, mode, s_shared, t_shared, 4, divergence, 1.0)
+    totals = []
+    for k in (4, 16, 32):
+        _, sparse = online_and_sparse(z_s, z_t, mode, s_shared, t_shared, k, divergence, 1.0)
+        assert (sparse <= online + 1e-12).all()
+        assert (sparse[mode == 0] == 0).all()
+        totals.append(float(sparse.sum()))
+    assert totals[0] < totals[1] < totals[2] < float(online.sum())
+
+
+def test_skip_leaves_mismatched_rows_out(pair):
+    z_s, z_t, mode, s_shared, t_shared = pair
+    online, sparse = online_and_sparse(z_s, z_t, mode, s_shared, t_shared, 40, "forward_kl", 1.0,
+                                       mismatch="skip")  # fmt: skip
+    assert (sparse[mode != 1] == 0).all()
+    torch.testing.assert_close(sparse, online, atol=1e-9, rtol=1e-9)
