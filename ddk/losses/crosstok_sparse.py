@@ -20,11 +20,15 @@ to its index in the shared list (-1: not shared).
   a lower bound of the online D (coarsening never increases it), exact when every shared
   string with mass is in the top-k (k = V_T).
 - **other rows** (ULD): the teacher's sorted distribution is known down to rank k, then only
-  its tail mass P; the student's ranks past k are summed the same way:
+  its tail mass P, spread evenly over its V_T − k other ranks (each at most p_(k), so the order
+  holds):
 
-      ULD_topk = Σ_{i ≤ k} |sort↓(p)_i − sort↓(q)_i| + |P − Σ_{i > k} sort↓(q)_i|
+      ULD_topk = Σ_{i ≤ k} |sort↓(p)_i − sort↓(q)_i| + Σ_{i > k} |p̄_i − sort↓(q)_i|,
+      p̄_i = P / (V_T − k) for i ≤ V_T, 0 beyond (i up to max(V_S, V_T))
 
-  a lower bound of the online ULD (triangle inequality), exact at k = V_T.
+  exact at k = V_T and whenever the teacher's tail is flat; otherwise neither bound (summing
+  the student's tail into one bucket instead, |P − Σ_{i>k} sort↓(q)_i|, is a lower bound but
+  loses 69 % of the loss on the tests' near-uniform tiny teacher at k = 64).
 """
 
 from __future__ import annotations
@@ -74,15 +78,16 @@ def _exact_rows(z_s: Tensor, rows: SparseCrossRows, student_shared, shared_index
     return fn(student_b, teacher_b, 1.0, lam)  # tau already applied
 
 
-def _uld_rows(z_s: Tensor, rows: SparseCrossRows, tau: float) -> Tensor:
-    """[n] ULD_topk (module doc)."""
+def _uld_rows(z_s: Tensor, rows: SparseCrossRows, tau: float, teacher_vocab: int) -> Tensor:
+    """[n] ULD_topk (module doc): the teacher's tail spread evenly over its V_T - k ranks."""
     q = log_probs(z_s, tau).exp().sort(dim=-1, descending=True).values
     p = rows.logp.to(q.dtype).exp().sort(dim=-1, descending=True).values
-    k = p.shape[-1]
-    if q.shape[-1] < k:
-        q = torch.nn.functional.pad(q, (0, k - q.shape[-1]))
-    head = (q[:, :k] - p).abs().sum(-1)
-    return head + (q[:, k:].sum(-1) - rows.log_tail.to(q.dtype).exp()).abs()
+    k, width = p.shape[-1], max(q.shape[-1], teacher_vocab)
+    q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    flat = rows.log_tail.to(q.dtype).exp() / max(teacher_vocab - k, 1)
+    tail = flat[:, None].expand(-1, teacher_vocab - k)
+    p = torch.nn.functional.pad(torch.cat([p, tail], dim=1), (0, width - teacher_vocab))
+    return (q - p).abs().sum(-1)
 
 
 def sparse_cross_divergence(
@@ -108,6 +113,6 @@ def sparse_cross_divergence(
     other = (mode == MISMATCH).nonzero().squeeze(1)
     if other.numel() and mismatch == "uld":
         part = SparseCrossRows(*(t.index_select(0, other) for t in rows))
-        d = _uld_rows(student_logits.index_select(0, other), part, tau)
+        d = _uld_rows(student_logits.index_select(0, other), part, tau, len(shared_index))
         out = out.index_put((other,), d.to(out.dtype))
     return out
