@@ -7,15 +7,14 @@ import pytest
 import torch
 
 from ddk.losses.crosstok import cross_divergence
-from ddk.losses.crosstok_sparse import SparseCrossRows, sparse_cross_divergence, teacher_shared_mass
+from ddk.losses.crosstok_sparse import (
+    SparseCrossRows,
+    shared_index,
+    sparse_cross_divergence,
+    teacher_shared_mass,
+)
 from ddk.losses.divergences import DIVERGENCES
 from ddk.teacher.signals import CrossSignal, log_probs
-
-
-def shared_index(teacher_shared: torch.Tensor, teacher_vocab: int) -> torch.Tensor:
-    index = torch.full((teacher_vocab,), -1, dtype=torch.long)
-    index[teacher_shared] = torch.arange(len(teacher_shared))
-    return index
 
 
 def sparse_rows(z_t, mode, teacher_shared, k, tau) -> SparseCrossRows:

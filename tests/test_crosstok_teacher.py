@@ -20,10 +20,10 @@ from ddk.evaluate import domain_perplexities
 from ddk.logits import hidden_and_head
 from ddk.losses.chunked import fused_distill_loss
 from ddk.losses.crosstok import cross_divergence
-from ddk.losses.crosstok_sparse import SparseCrossRows, sparse_cross_divergence, teacher_shared_mass
+from ddk.losses.crosstok_sparse import shared_index, sparse_cross_divergence, sparse_cross_rows
 from ddk.losses.divergences import DIVERGENCES
 from ddk.teacher.crosstok import CrossTokenizerTeacher
-from ddk.teacher.signals import Batch, DenseSignal, log_probs
+from ddk.teacher.signals import Batch, DenseSignal
 from tests.conftest import one_error_line, run_config, write_config
 
 
@@ -193,17 +193,14 @@ def test_sparse_teacher_rows_stand_in_for_the_live_teacher(spans_data, other_tea
     with torch.no_grad():
         hidden, head = hidden_and_head(student, _batch(spans_data, rows)[0])
         z_s = (hidden.reshape(-1, hidden.shape[-1]) @ head.weight.T)[:, : spans_data.vocab_size]
-        z_t = (signal.hidden @ signal.head_weight.T)[:, : signal.teacher_vocab]
-    index = torch.full((signal.teacher_vocab,), -1, dtype=torch.long)
-    index[signal.teacher_shared] = torch.arange(len(signal.teacher_shared))
-    shared = teacher_shared_mass(z_t, signal.teacher_shared, 1.0)
+        z_t = (signal.hidden @ signal.head_weight.T)[:, : signal.teacher_vocab]  # online's
+    index = shared_index(signal.teacher_shared, signal.teacher_vocab)
     for divergence in ("forward_kl", "reverse_kl"):
         fn = DIVERGENCES[divergence]
         online = cross_divergence(z_s, z_t, signal, fn, 1.0, 0.1)
         for k in (64, signal.teacher_vocab):
-            logp, ids = log_probs(z_t, 1.0).topk(k, dim=-1)
-            rest = log_probs(z_t, 1.0).scatter(1, ids, float("-inf")).logsumexp(-1)
-            cached = SparseCrossRows(ids, logp.half(), rest, shared, signal.mode)
+            cached = sparse_cross_rows(signal, k, 1.0, chunk=48)
+            cached = cached._replace(logp=cached.logp.half())  # as a cache stores them
             sparse = sparse_cross_divergence(z_s, cached, signal.student_shared, index, fn,
                                              1.0, 0.1)  # fmt: skip
             for mode in (1, 2):

@@ -37,9 +37,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from ddk.losses.crosstok import EXACT, MISMATCH
-from ddk.teacher.signals import log_probs
+from ddk.teacher.signals import CrossSignal, log_probs
 
 
 class SparseCrossRows(NamedTuple):
@@ -55,6 +56,33 @@ class SparseCrossRows(NamedTuple):
 def teacher_shared_mass(teacher_logits: Tensor, teacher_shared: Tensor, tau: float) -> Tensor:
     """[n] log P_sh: what a cache stores next to the top-k, from the teacher's full rows."""
     return log_probs(teacher_logits, tau).index_select(1, teacher_shared).logsumexp(-1)
+
+
+def shared_index(teacher_shared: Tensor, teacher_vocab: int) -> Tensor:
+    """[V_T] each teacher id's index in the shared list (-1: a string the student lacks)."""
+    index = torch.full((teacher_vocab,), -1, dtype=torch.long, device=teacher_shared.device)
+    index[teacher_shared] = torch.arange(len(teacher_shared), device=teacher_shared.device)
+    return index
+
+
+@torch.no_grad()
+def sparse_cross_rows(
+    signal: CrossSignal, k: int, tau: float, chunk: int = 1024
+) -> SparseCrossRows:
+    """The rows a cache would store for a live `CrossSignal`: per student row the teacher's top-k
+    (its vocabulary) at tau, log tail and log shared masses, and the alignment mode, computed
+    `chunk` rows at a time (no [rows, V_T] tensor)."""
+    parts = []
+    for start in range(0, signal.hidden.shape[0], chunk):
+        z = F.linear(signal.hidden[start : start + chunk], signal.head_weight, signal.head_bias)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        z = (z if signal.transform is None else signal.transform(z))[:, : signal.teacher_vocab]
+        log_p = log_probs(z, tau)
+        logp, ids = log_p.topk(k, dim=-1)
+        tail = log_p.scatter(1, ids, float("-inf")).logsumexp(-1)
+        shared = log_p.index_select(1, signal.teacher_shared.to(z.device)).logsumexp(-1)
+        parts.append((ids, logp, tail, shared))
+    return SparseCrossRows(*(torch.cat(t) for t in zip(*parts)), signal.mode)
 
 
 def _exact_rows(z_s: Tensor, rows: SparseCrossRows, student_shared, shared_index, fn, tau, lam):
