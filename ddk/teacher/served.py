@@ -165,7 +165,7 @@ class ServedTeacher:
                 "the configured teacher there (or set teacher.served.model to its name)"
             )
         # A request is seq_len + 1 prompt tokens plus the 1 generated token the API insists on;
-        # a shorter context answers HTTP 400 mid-run (vLLM and SGLang list max_model_len).
+        # a shorter context answers HTTP 400 at the first full row (vLLM and SGLang list max_model_len).
         card = next(m for m in models["data"] if m.get("id") == self.model)
         context, needed = card.get("max_model_len"), self.data.seq_len + 2
         if isinstance(context, int) and context < needed:
