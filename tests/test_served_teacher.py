@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from ddk.checkpoint import list_checkpoints
 from ddk.cli import main
+from ddk.data.dataset import PreparedData
 from ddk.metrics import read_metrics
 from tests.conftest import SHORT_RUN, make_config, one_error_line
 
@@ -148,7 +149,6 @@ def test_a_server_whose_perplexities_are_not_the_teachers_is_refused(
     """model.teacher's perplexities in the shared cache (here: made 1.5x the truth, as if the
     server ran another model) must match the server's before step 1."""
     from ddk.config import load_config
-    from ddk.data.dataset import PreparedData
     from ddk.teacher.served import hf_perplexity_cache
 
     path = tmp_path / "c.yaml"
@@ -192,9 +192,9 @@ def test_killing_the_server_stops_the_run_in_one_line_and_resume_continues(
 
 # ---------------------------------------------------------------------- bad servers (no vLLM)
 @contextlib.contextmanager
-def stand_in_server(models: list[str], prompt_logprobs: bool):
-    """An HTTP server on 127.0.0.1 that lists `models` and answers completions, with or
-    without prompt_logprobs."""
+def stand_in_server(models: list[str], prompt_logprobs: bool, max_model_len: int | None = None):
+    """An HTTP server on 127.0.0.1 that lists `models` (with `max_model_len` when given) and
+    answers completions, with or without prompt_logprobs."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _reply(self, body: dict) -> None:
@@ -206,7 +206,8 @@ def stand_in_server(models: list[str], prompt_logprobs: bool):
             self.wfile.write(data)
 
         def do_GET(self):
-            self._reply({"object": "list", "data": [{"id": m} for m in models]})
+            card = {} if max_model_len is None else {"max_model_len": max_model_len}
+            self._reply({"object": "list", "data": [{"id": m, **card} for m in models]})
 
         def do_POST(self):
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -229,7 +230,9 @@ def stand_in_server(models: list[str], prompt_logprobs: bool):
         httpd.server_close()
 
 
-@pytest.mark.parametrize("case", ["unreachable", "other model", "no prompt_logprobs"])
+@pytest.mark.parametrize(
+    "case", ["unreachable", "other model", "no prompt_logprobs", "context too short"]
+)
 def test_a_bad_server_is_refused_in_one_line(wide, tmp_path, capsys, case):
     with contextlib.ExitStack() as stack:
         if case == "unreachable":
@@ -237,9 +240,13 @@ def test_a_bad_server_is_refused_in_one_line(wide, tmp_path, capsys, case):
         elif case == "other model":
             url = stack.enter_context(stand_in_server(["another/model"], True))
             words = "not '"
-        else:
+        elif case == "no prompt_logprobs":
             url = stack.enter_context(stand_in_server([str(wide["teacher"])], False))
             words = "returned no prompt_logprobs"
+        else:  # a request is seq_len + 1 prompt tokens and 1 generated: one token short
+            seq_len = PreparedData(wide["data"]).seq_len
+            url = stack.enter_context(stand_in_server([str(wide["teacher"])], True, seq_len + 1))
+            words = f"max_model_len is {seq_len + 1}"
         run = tmp_path / "run"
         assert main(["distill", served_config(tmp_path / "c.yaml", wide, run, url)]) == 2
     assert words in one_error_line(capsys.readouterr().err)

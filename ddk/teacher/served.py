@@ -164,6 +164,16 @@ class ServedTeacher:
                 f"teacher.url: the server at {self.url} serves {names}, not '{self.model}'; serve "
                 "the configured teacher there (or set teacher.served.model to its name)"
             )
+        # A request is seq_len + 1 prompt tokens plus the 1 generated token the API insists on;
+        # a shorter context answers HTTP 400 at the first full row (vLLM and SGLang list max_model_len).
+        card = next(m for m in models["data"] if m.get("id") == self.model)
+        context, needed = card.get("max_model_len"), self.data.seq_len + 2
+        if isinstance(context, int) and context < needed:
+            raise DDKError(
+                f"teacher.url: the server's max_model_len is {context}, a request needs "
+                f"seq_len + 2 = {needed} tokens; prepare the data with seq_len <= {context - 2} "
+                "or serve the teacher with a longer context"
+            )
         name = self.data.names[0]
         probe = self.data.domains[name].sequences("train", [0])[:, :9].tolist()
         try:
