@@ -47,7 +47,7 @@ from ddk.data.prepare import prepare
 from ddk.data.sources import discover
 from ddk.demo.corpora import Shape, build_corpus
 from ddk.demo.corpus import build_demo_corpus
-from ddk.demo.run import FULL, QUICK, DemoSize, distill_stage, pretrain
+from ddk.demo.run import FULL, QUICK, DemoSize, distill_stage, pretrain_models
 from ddk.errors import DDKError
 from ddk.table import format_table
 
@@ -211,10 +211,7 @@ def _demo_models(cache: Path, size: DemoSize, quick: bool, seed: int) -> tuple[P
 def _own_models(corpus: Path, cache: Path, size: DemoSize, seed: int, configs: Path, common):
     """Tokenizer, teacher (natural mix) and student (UNBALANCED_STUDENT_MIX) for a corpus the
     demo models never saw; built once per corpus, size and seed, then cached."""
-    from transformers import AutoTokenizer
-
-    from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
-    from ddk.demo.run import STUDENT, TEACHER
+    from ddk.demo.build import train_bpe_tokenizer
 
     tok = cache / "tokenizer"
     teacher, student = cache / "teacher" / "final", cache / "student" / "final"
@@ -232,21 +229,7 @@ def _own_models(corpus: Path, cache: Path, size: DemoSize, seed: int, configs: P
     prepare(PrepareSection(input=str(corpus), output=str(data), **common(tok)), str(tok))
     domains = [p.name for p in sorted(corpus.iterdir()) if p.is_dir()]
     student_mix = {d: w for d, w in UNBALANCED_STUDENT_MIX.items() if d in domains}
-    loaded = AutoTokenizer.from_pretrained(tok)
-    for name, shape, steps, mix in (
-        ("teacher", TEACHER, size.teacher_steps, "natural"),
-        ("student", STUDENT, size.student_steps, student_mix),
-    ):
-        init = cache / f"{name}-init"
-        model = tiny_causal_lm(
-            len(loaded), max_positions=size.seq_len, seed=seed + len(name), **shape
-        )
-        model.save_pretrained(init)
-        loaded.save_pretrained(init)
-        print(f"pre-training the {name} on {corpus.name} ({steps} steps)", flush=True)
-        pretrain(
-            init, data, cache / name, size, steps, mix, 3e-3, seed, configs, f"pretrain_{name}"
-        )
+    pretrain_models(cache, data, size, seed, configs, time.time(), student_mix)
     return teacher, student, tok
 
 

@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
-
-from transformers import AutoTokenizer
 
 from ddk.config import PrepareSection, load_config
 from ddk.data.prepare import prepare
-from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
+from ddk.demo.build import train_bpe_tokenizer
 from ddk.demo.corpora import SHAPES, build_corpus
-from ddk.demo.run import FULL, QUICK, STUDENT, TEACHER, DemoSize, common_trainer, pretrain
+from ddk.demo.run import FULL, QUICK, DemoSize, common_trainer, pretrain_models
 
 # The student's pre-training mix per shape (domains the corpus lacks are dropped).
 STUDENT_MIXES: dict[str, dict[str, float]] = {
@@ -68,20 +67,7 @@ def build_base(shape: str, out: Path, size: DemoSize, seed: int, scale: float = 
         domains = [p.name for p in sorted(corpus.iterdir()) if p.is_dir()]
         mix = STUDENT_MIXES.get(shape, DEFAULT_STUDENT_MIX)
         student_mix = {d: w for d, w in mix.items() if d in domains}
-        loaded = AutoTokenizer.from_pretrained(tok)
-        for name, arch, steps, mixture in (
-            ("teacher", TEACHER, size.teacher_steps, "natural"),
-            ("student", STUDENT, size.student_steps, student_mix),
-        ):
-            init = out / f"{name}-init"
-            model = tiny_causal_lm(
-                len(loaded), max_positions=size.seq_len, seed=seed + len(name), **arch
-            )
-            model.save_pretrained(init)
-            loaded.save_pretrained(init)
-            print(f"pre-training the {name} on {shape} ({steps} steps)", flush=True)
-            pretrain(init, data, out / name, size, steps, mixture, 3e-3, seed, configs,
-                     f"pretrain_{name}")  # fmt: skip
+        pretrain_models(out, data, size, seed, configs, time.time(), student_mix)
     cfg = load_config(
         None,
         [

@@ -148,8 +148,12 @@ def pretrain(
     return _finished(start_run(cfg))
 
 
-def _models(cache: Path, data: Path, size: DemoSize, seed: int, configs: Path, t0, student_mix):
-    """Tokenizer, teacher and student base: built once, cached, reused by later runs."""
+def pretrain_models(
+    cache: Path, data: Path, size: DemoSize, seed: int, configs: Path, t0, student_mix
+):
+    """The teacher (natural mix) and the student base (`student_mix`) pre-trained on `data`
+    with the tokenizer in CACHE/tokenizer: built once under `cache`, reused by later runs.
+    Returns (tokenizer, teacher, student) folders. The demo and the benchmarks' corpora use it."""
     tok_dir = cache / "tokenizer"
     teacher = cache / "teacher" / "final"
     student = cache / "student" / "final"
@@ -538,7 +542,7 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
     else:
         corpus, data = _prepare_all(cache, out, size, args.seed, configs, t0, byte_spans=cross)
     mix = CHAT_STUDENT_MIX if chat else STUDENT_MIX
-    _, teacher, student = _models(cache, data, size, args.seed, configs, t0, mix)
+    _, teacher, student = pretrain_models(cache, data, size, args.seed, configs, t0, mix)
     domain_teachers = None
     if any(split_variant(m)[1] == "domain" for m in methods):
         domain_teachers = _domain_teachers(cache, data, teacher, size, args.seed, configs, t0)
