@@ -46,7 +46,7 @@ from ddk.data.autodomains import DomainPlan
 from ddk.data.prepare import prepare
 from ddk.data.sources import discover
 from ddk.demo.corpora import Shape, build_corpus
-from ddk.demo.corpus import build_demo_corpus
+from ddk.demo.corpus import build_demo_corpus, corpus_texts
 from ddk.demo.run import FULL, QUICK, DemoSize, distill_stage, pretrain_models
 from ddk.errors import DDKError
 from ddk.table import format_table
@@ -218,13 +218,7 @@ def _own_models(corpus: Path, cache: Path, size: DemoSize, seed: int, configs: P
     if teacher.exists() and student.exists():
         return teacher, student, tok
     if not (tok / "tokenizer.json").exists():
-
-        def texts():
-            for f in sorted(corpus.glob("*/*.jsonl")):
-                for line in f.open(encoding="utf-8"):
-                    yield json.loads(line)["text"]
-
-        train_bpe_tokenizer(texts(), size.vocab, tok)
+        train_bpe_tokenizer(corpus_texts(corpus), size.vocab, tok)
     data = cache / "prepared"
     prepare(PrepareSection(input=str(corpus), output=str(data), **common(tok)), str(tok))
     domains = [p.name for p in sorted(corpus.iterdir()) if p.is_dir()]

@@ -16,7 +16,6 @@ finished teacher and student is reused.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from ddk.config import PrepareSection, load_config
 from ddk.data.prepare import prepare
 from ddk.demo.build import train_bpe_tokenizer
 from ddk.demo.corpora import SHAPES, build_corpus
+from ddk.demo.corpus import corpus_texts
 from ddk.demo.run import FULL, QUICK, DemoSize, common_trainer, pretrain_models
 
 # The student's pre-training mix per shape (domains the corpus lacks are dropped).
@@ -34,12 +34,6 @@ STUDENT_MIXES: dict[str, dict[str, float]] = {
     "near_dup6": {"prose": 0.8, "records": 0.1, "math": 0.1},  # no docstrings, Python, C
 }
 DEFAULT_STUDENT_MIX = {"prose": 0.8, "math": 0.2}
-
-
-def _texts(corpus: Path):
-    for f in sorted(corpus.glob("*/*.jsonl")):
-        for line in f.open(encoding="utf-8"):
-            yield json.loads(line)["text"]
 
 
 def build_base(shape: str, out: Path, size: DemoSize, seed: int, scale: float = 1.0) -> Path:
@@ -53,7 +47,7 @@ def build_base(shape: str, out: Path, size: DemoSize, seed: int, scale: float = 
         if not (corpus / "SOURCES.md").exists():
             build_corpus(shape, corpus, seed=seed, scale=scale)
         if not (tok / "tokenizer.json").exists():
-            train_bpe_tokenizer(_texts(corpus), size.vocab, tok)
+            train_bpe_tokenizer(corpus_texts(corpus), size.vocab, tok)
         cfg = PrepareSection(
             input=str(corpus),
             output=str(data),

@@ -916,6 +916,15 @@ def _bank_statement(rng: random.Random) -> str:
 # --------------------------------------------------------------------------- output
 
 
+def corpus_texts(corpus: Path) -> Iterator[str]:
+    """Every document of a corpus folder this module wrote (`DOMAIN/*.jsonl`), folders in
+    sorted order: what the demo's tokenizers are trained on."""
+    for f in sorted(corpus.glob("*/*.jsonl")):
+        with f.open(encoding="utf-8") as lines:
+            for line in lines:
+                yield json.loads(line)["text"]
+
+
 def write_domain_jsonl(path: Path, texts: Iterable[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

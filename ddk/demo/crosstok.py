@@ -11,7 +11,6 @@ second tokenizer: byte-level BPE with half the vocabulary and every digit its ow
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ddk.config import PrepareSection
 from ddk.data.dataset import PreparedData
 from ddk.data.prepare import prepare
 from ddk.demo.build import train_bpe_tokenizer
+from ddk.demo.corpus import corpus_texts
 from ddk.evaluate import domain_perplexities
 from ddk.table import format_table
 from ddk.teacher.crosstok import CrossTokenizerTeacher
@@ -41,10 +41,7 @@ def second_tokenizer(cache: Path, corpus: Path, vocab: int) -> Path:
     """The other tokenizer (module doc), trained once per cache."""
     tok_dir = cache / "tokenizer-x"
     if not (tok_dir / "tokenizer.json").exists():
-        texts = (
-            json.loads(line)["text"] for f in sorted(corpus.glob("*/*.jsonl")) for line in f.open()
-        )
-        train_bpe_tokenizer(texts, max(300, vocab // 2), tok_dir, split_digits=True)
+        train_bpe_tokenizer(corpus_texts(corpus), max(300, vocab // 2), tok_dir, split_digits=True)
     return tok_dir
 
 

@@ -30,7 +30,7 @@ from ddk.data.prepare import prepare
 from ddk.demo import crosstok
 from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
 from ddk.demo.chat import build_chat_corpus, train_chat_tokenizer
-from ddk.demo.corpus import build_demo_corpus
+from ddk.demo.corpus import build_demo_corpus, corpus_texts
 from ddk.demo.tasks import write_demo_tasks
 from ddk.errors import DDKError
 from ddk.harness import LM_EVAL_EXTRA, BenchmarkPlan, benchmarks_payload, score, write_benchmarks
@@ -231,13 +231,7 @@ def _prepare_all(
     _stage(f"corpus built in {corpus}: {sizes}", t0)
     tok_dir = cache / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-
-        def texts():
-            for f in sorted(corpus.glob("*/*.jsonl")):
-                for line in f.open():
-                    yield json.loads(line)["text"]
-
-        train_bpe_tokenizer(texts(), size.vocab, tok_dir)
+        train_bpe_tokenizer(corpus_texts(corpus), size.vocab, tok_dir)
         _stage(f"trained a {size.vocab}-token BPE tokenizer", t0)
     # byte spans: a cross-tokenizer teacher (--cross-teacher) re-tokenises the text
     extra = {"byte_spans": True} if byte_spans else {}
