@@ -120,27 +120,7 @@ def preflight_problems(cfg: Config, *, teachers_at_once: bool = True) -> list[st
     configs, tokenizers = _models(cfg, problems)
     if manifest:
         _data_model_problems(cfg, manifest, configs, tokenizers, problems)
-    if cfg.teacher.tokenizer == "cross":
-        problems.extend(cross_tokenizer_problems(cfg, manifest, tokenizers))
-        if len(set(cfg.model.teachers.values()) - {cfg.model.teacher}):
-            problems.append(
-                "teacher.tokenizer: cross takes one teacher; unset model.teachers (a teacher per "
-                "domain shares the student's tokenizer)"
-            )
-    for role, name in _teacher_roles(cfg) if cfg.teacher.tokenizer != "cross" else ():
-        if "student" in tokenizers and role in tokenizers:
-            _, err = _load_quietly(
-                check_tokenizers_match,
-                tokenizers[role],
-                tokenizers["student"],
-                name,
-                cfg.model.student,
-            )
-            if err:
-                problems.append(
-                    f"model.{role}: {err} (or set teacher.tokenizer: cross for a teacher with "
-                    "its own tokenizer, on data prepared with prepare.byte_spans: true)"
-                )
+    problems.extend(_teacher_tokenizer_problems(cfg, manifest, tokenizers))
     if teachers_at_once:
         problems.extend(_placement_problems(cfg, configs))
     if cfg.model.lora is not None and "student" in configs:
@@ -219,6 +199,32 @@ def _mixture_problems(cfg: Config, manifest, domains: list[str], problems: list[
         problems.append(
             "distill.mixture: every weight is 0; give at least one domain a positive weight"
         )
+
+
+def _teacher_tokenizer_problems(cfg: Config, manifest, tokenizers: dict) -> list[str]:
+    """A cross-tokenizer teacher (one, with byte spans in the data), else every teacher's
+    tokenizer against the student's."""
+    if cfg.teacher.tokenizer == "cross":
+        problems = list(cross_tokenizer_problems(cfg, manifest, tokenizers))
+        if set(cfg.model.teachers.values()) - {cfg.model.teacher}:
+            problems.append(
+                "teacher.tokenizer: cross takes one teacher; unset model.teachers (a teacher per "
+                "domain shares the student's tokenizer)"
+            )
+        return problems
+    problems = []
+    for role, name in _teacher_roles(cfg):
+        if "student" in tokenizers and role in tokenizers:
+            _, err = _load_quietly(
+                check_tokenizers_match, tokenizers[role], tokenizers["student"], name,
+                cfg.model.student,
+            )  # fmt: skip
+            if err:
+                problems.append(
+                    f"model.{role}: {err} (or set teacher.tokenizer: cross for a teacher with "
+                    "its own tokenizer, on data prepared with prepare.byte_spans: true)"
+                )
+    return problems
 
 
 def _roles(cfg: Config, problems: list[str]) -> list[tuple[str, str]]:
