@@ -342,6 +342,13 @@ class VLLMSection(_Section):
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="Fraction of GPU memory the engine may use."
     )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0.0,
+        description="KV-cache size in GiB, instead of sizing it from gpu_memory_utilization. "
+        "On CPU set it: there gpu_memory_utilization is a share of host memory that also "
+        "counts everything the calling process already holds.",
+    )
     max_num_batched_tokens: StrictInt | None = Field(
         None, ge=1, description="Tokens per engine step (chunked prefill); default: vLLM's."
     )

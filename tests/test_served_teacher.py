@@ -58,7 +58,7 @@ def served_config(path: Path, w: dict, run: Path, url: str, **extra) -> str:
             "teacher.sparse_estimator": "topk",
             "teacher.served.retries": 1,
             "teacher.served.timeout_s": 20,
-            "teacher.vllm.gpu_memory_utilization": 0.05,
+            "teacher.vllm.kv_cache_gib": 0.25,
             "teacher.vllm.enforce_eager": True,
             "model.dtype": "float32",
             **extra,

@@ -55,8 +55,8 @@ def config(teacher, prepared, cache, engine: str, **extra):
         "teacher.engine": engine,
         "teacher.sparse_estimator": "topk",
         "model.dtype": "float32",
-        # a small share of this shared machine's memory, and no compilation: a fast start
-        "teacher.vllm.gpu_memory_utilization": 0.05,
+        # a fixed KV cache (not a share of host memory, which counts all that pytest holds) and no compilation: a fast start
+        "teacher.vllm.kv_cache_gib": 0.25,
         "teacher.vllm.enforce_eager": True,
         **extra,
     }

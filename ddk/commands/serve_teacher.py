@@ -40,6 +40,8 @@ def server_command(cfg) -> list[str]:
         cmd += ["--quantization", v.quantization]
     if v.max_num_batched_tokens:
         cmd += ["--max-num-batched-tokens", str(v.max_num_batched_tokens)]
+    if v.kv_cache_gib is not None:
+        cmd += ["--kv-cache-memory-bytes", str(vllm_engine.kv_cache_bytes(v.kv_cache_gib))]
     if v.enforce_eager:
         cmd.append("--enforce-eager")
     if cfg.model.trust_remote_code:

@@ -113,6 +113,11 @@ def cpu_problem(cfg) -> str:
     return ""
 
 
+def kv_cache_bytes(gib: float) -> int:
+    """teacher.vllm.kv_cache_gib as the byte count vLLM's kv_cache_memory_bytes takes."""
+    return int(gib * 1024**3)
+
+
 def _start_problem(error: Exception) -> str:
     """vLLM's start-up error in one line, with the fix for the ones a CPU user meets."""
     text = " ".join(str(error).split())
@@ -120,8 +125,9 @@ def _start_problem(error: Exception) -> str:
     lower = text.lower()
     if "memory" in lower:
         fix = (
-            "lower teacher.vllm.gpu_memory_utilization: on CPU it is the share of host memory "
-            "the engine reserves"
+            "set teacher.vllm.kv_cache_gib (e.g. 1), or on a GPU lower "
+            "teacher.vllm.gpu_memory_utilization; on CPU that share of host memory also "
+            "counts what this process already holds"
         )
     elif "head size" in lower or "head_size" in lower or "head dim" in lower:
         fix = "vLLM's CPU attention needs a teacher with a head dimension of at least 32"
@@ -159,6 +165,8 @@ class VLLMTeacher:
         }
         if v.max_num_batched_tokens is not None:
             options["max_num_batched_tokens"] = v.max_num_batched_tokens
+        if v.kv_cache_gib is not None:
+            options["kv_cache_memory_bytes"] = kv_cache_bytes(v.kv_cache_gib)
         self._vllm = vllm
         try:
             self.llm = vllm.LLM(**options)
