@@ -166,7 +166,7 @@ def _add_cross_demo_arguments(p) -> None:
         nargs="+",
         default=["kd", "ddk"],
         help="methods run through the cross-tokenizer teacher (default: kd ddk); 'kd:skip' = "
-        "kd with distill.cross_mismatch=skip",
+        "kd with distill.cross_mismatch=skip ('kd:merge': =merge)",
     )
     p.add_argument(
         "--no-benchmarks", action="store_true", help="skip the lm-eval benchmark scoring"

@@ -304,11 +304,13 @@ class DistillSection(_Section):
     loss_chunk_tokens: StrictInt = Field(
         512, ge=1, description="Tokens per loss chunk; bounds the logits held in memory."
     )
-    cross_mismatch: Literal["uld", "skip"] = Field(
+    cross_mismatch: Literal["uld", "merge", "skip"] = Field(
         "uld",
         description="A teacher with another tokenizer (teacher.tokenizer: cross): at aligned "
         "positions whose next tokens cover different bytes, 'uld' = the sorted-probability L1 "
-        "distance (Boizard et al. 2024), 'skip' = no divergence there (exact matches only).",
+        "distance (Boizard et al. 2024), 'merge' = the same distance between the two sides' "
+        "merged probabilities of the whole span up to the next shared boundary (TRL's GOLD), "
+        "'skip' = no divergence there (exact matches only).",
     )
 
     def steering(self) -> Steering:

@@ -18,7 +18,7 @@ from ddk.data.prepare import prepare
 from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
 from ddk.evaluate import domain_perplexities
 from ddk.logits import hidden_and_head
-from ddk.losses.chunked import fused_distill_loss
+from ddk.losses.chunked import fused_distill_loss, naive_distill_loss
 from ddk.losses.crosstok import cross_divergence
 from ddk.losses.crosstok_sparse import shared_index, sparse_cross_divergence, sparse_cross_rows
 from ddk.losses.divergences import DIVERGENCES
@@ -109,6 +109,39 @@ def test_another_tokenizer_gives_a_signal_the_student_learns_from(spans_data, ot
     for r in ppl.values():
         assert r["bytes"] > 0 and r["ppl_byte"] > 1
         assert math.isclose(r["ppl"], r["ppl_byte"] ** (r["bytes"] / r["tokens"]), rel_tol=1e-9)
+
+
+def test_merged_spans_of_a_real_teacher_train_the_student(spans_data, other_teacher,
+                                                           student_dir):  # fmt: skip
+    """cross_mismatch: merge: every mismatched pair becomes one span whose loss sits on its last
+    student row (mode 3, none left at mode 2); the chunked loss equals full autograd."""
+    model, tok = other_teacher
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    s_tok = AutoTokenizer.from_pretrained(student_dir)
+    rows = np.array([[0, 0], [1, 1], [2, 3]])
+    input_ids, labels = _batch(spans_data, rows)
+    batch = Batch(input_ids, rows)
+    plain = CrossTokenizerTeacher(model, tok, s_tok, spans_data).signal(batch)
+    signal = CrossTokenizerTeacher(model, tok, s_tok, spans_data, mismatch="merge").signal(batch)
+    modes = signal.mode.tolist()
+    assert modes.count(2) == 0 and modes.count(3) == plain.mode.tolist().count(2) > 0
+    assert torch.equal(signal.mode == 1, plain.mode == 1)
+    row = signal.merge.student_row
+    for last in (signal.mode == 3).nonzero().squeeze(1).tolist():
+        members = (row == last).nonzero().squeeze(1)  # contiguous rows ending at `last`
+        assert members.tolist() == list(range(last - len(members) + 1, last + 1))
+    assert len(signal.merge.teacher_ids) > 0  # some spans hold several teacher tokens
+    hidden, head = hidden_and_head(student, input_ids)
+    flat = hidden.reshape(-1, hidden.shape[-1]).detach()
+    kw = dict(vocab_size=spans_data.vocab_size, gamma=1.0, tau=1.0, divergence="forward_kl",
+              cross_mismatch="merge")  # fmt: skip
+    a = fused_distill_loss(flat, head.weight, labels.reshape(-1), signal, chunk_tokens=16, **kw)
+    (ga,) = torch.autograd.grad(a.total, head.weight)
+    b = naive_distill_loss(flat, head.weight, labels.reshape(-1), signal, **kw)
+    (gb,) = torch.autograd.grad(b.total, head.weight)
+    assert float(a.div) > 0
+    torch.testing.assert_close(a.total, b.total)
+    torch.testing.assert_close(ga, gb)
 
 
 @pytest.fixture(scope="module")

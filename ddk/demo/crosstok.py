@@ -30,8 +30,9 @@ CROSS_OVERRIDES = ["teacher.tokenizer=cross"]
 
 
 def cross_method(method: str) -> tuple[str, list[str]]:
-    """'kd' -> ('kd@x', overrides); 'kd:skip' -> ('kd@x-skip', ... distill.cross_mismatch=skip):
-    the mismatch loss ULD (default) or none, the ablation the README reports."""
+    """'kd' -> ('kd@x', overrides); 'kd:skip' -> ('kd@x-skip', ... distill.cross_mismatch=skip),
+    likewise 'kd:merge': the mismatch loss ULD (default), GOLD's merged spans or none, the
+    ablations the README reports."""
     base, _, mismatch = method.partition(":")
     extra = [*CROSS_OVERRIDES, *([f"distill.cross_mismatch={mismatch}"] if mismatch else [])]
     return base + SUFFIX + (f"-{mismatch}" if mismatch else ""), extra

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddk.losses import crosstok, sparse
+from ddk.losses import crosstok, crosstok_merge, sparse
 from ddk.losses.divergences import NO_DIVERGENCE, DivergenceFn, get_divergence
 from ddk.methods import divergence_active, method_spec
 from ddk.teacher.signals import CrossSignal, DenseSignal, SparseSignal, TeacherSignal
@@ -156,8 +156,7 @@ def _teacher_rows(teacher: TeacherSignal | None, idx: Tensor) -> TeacherSignal |
     if isinstance(teacher, SparseSignal):
         return sparse.slice_rows(teacher, idx)
     if isinstance(teacher, CrossSignal):
-        return teacher._replace(hidden=teacher.hidden.index_select(0, idx).detach(),
-                                mode=teacher.mode.index_select(0, idx))  # fmt: skip
+        return crosstok.slice_rows(teacher, idx)
     return teacher._replace(hidden=teacher.hidden.index_select(0, idx).detach())
 
 
@@ -349,6 +348,9 @@ def fused_distill_loss(
     )  # fmt: skip
     if not _uses_teacher(divergence, gamma, teacher):
         div_fn = teacher = None
+    head = (student_head_weight, student_head_bias, student_transform, vocab_size)
+    teacher = crosstok_merge.prepare_signal(teacher, cross_mismatch, student_hidden, head, labels,
+                                            float(tau), chunk_tokens, ignore_index)  # fmt: skip
     settings = _Settings(
         vocab_size,
         float(gamma),
@@ -418,9 +420,9 @@ def naive_distill_loss(
             with torch.no_grad():
                 teacher_logits = _teacher_logits(_trim_teacher(teacher, vocab_size))
             if isinstance(teacher, CrossSignal):
-                per_token = crosstok.cross_divergence(
-                    logits, teacher_logits, teacher, div_fn, float(tau), float(skew_lambda),
-                    cross_mismatch,
+                per_token = crosstok.full_cross_divergence(
+                    logits, teacher_logits, teacher, labels, div_fn, float(tau),
+                    float(skew_lambda), cross_mismatch, ignore_index,
                 )  # fmt: skip
             else:
                 per_token = div_fn(logits, teacher_logits, float(tau), float(skew_lambda))

@@ -17,6 +17,9 @@ q = softmax(z_S / τ) (student vocabulary V_S):
 
       ULD = Σ_k | sort↓(p)_k − sort↓(q)_k |,  k = 1 .. max(V_S, V_T)
 
+  or, "merge" (TRL's GOLD), the same distance between the two sides' probabilities of the
+  whole byte span up to the next shared boundary, each merged along the text by the chain
+  rule, at the span's last student row (`ddk.losses.crosstok_merge` has the formula),
   or nothing ("skip": exact rows only, the ablation measured in the README).
 - rows without an aligned teacher position: 0.
 
@@ -29,10 +32,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddk.teacher.signals import CrossSignal, log_probs
+from ddk.losses import crosstok_merge
+from ddk.teacher.signals import CrossSignal, MergeTerms, log_probs
 
 NONE, EXACT, MISMATCH = 0, 1, 2
-MISMATCH_LOSSES = ("uld", "skip")
+MISMATCH_LOSSES = ("uld", "merge", "skip")
 
 
 def uld_distance(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
@@ -69,4 +73,31 @@ def cross_divergence(
         d = uld_distance(student_logits.index_select(0, other),
                          teacher_logits.index_select(0, other), tau)  # fmt: skip
         out = out.index_put((other,), d.to(out.dtype))
+    if mismatch == "merge":
+        out = out + crosstok_merge.merge_divergence(student_logits, teacher_logits, teacher, tau)
+    return out
+
+
+def slice_rows(teacher: CrossSignal, idx: Tensor) -> CrossSignal:
+    """The signal's rows `idx` (one chunk), its merged-span terms included."""
+    terms = teacher.merge_terms
+    if terms is not None:
+        terms = MergeTerms(*(t.index_select(0, idx) for t in terms))
+    return teacher._replace(hidden=teacher.hidden.index_select(0, idx).detach(),
+                            mode=teacher.mode.index_select(0, idx), merge=None,
+                            merge_terms=terms)  # fmt: skip
+
+
+def full_cross_divergence(student_logits: Tensor, teacher_logits: Tensor, teacher: CrossSignal,
+                          labels: Tensor, divergence_fn, tau: float, skew_lambda: float,
+                          mismatch: str, ignore_index: int) -> Tensor:  # fmt: skip
+    """`cross_divergence` over ALL rows at once (full logits, plain autograd), the merged spans
+    computed directly from `labels` (`ddk.losses.crosstok_merge`): the reference path."""
+    rowwise = "skip" if mismatch == "merge" else mismatch
+    out = cross_divergence(student_logits, teacher_logits, teacher, divergence_fn, tau,
+                           skew_lambda, rowwise)  # fmt: skip
+    if mismatch == "merge":
+        out = out + crosstok_merge.naive_merge_divergence(
+            student_logits, teacher, labels, tau, ignore_index
+        )
     return out

@@ -77,3 +77,23 @@ def identity_alignment(n: int) -> Alignment:
     """Every position of a window of n tokens with itself, all exact (one tokenizer)."""
     pos = np.arange(max(n - 1, 0), dtype=np.int64)
     return Alignment(pos, pos.copy(), np.ones(len(pos), dtype=bool))
+
+
+def mismatch_spans(a: Alignment, student: Tokens, teacher: Tokens) -> np.ndarray:
+    """[g, 4] (student start, student stop, teacher start, teacher stop) per non-exact aligned
+    pair: student rows [start, stop) and teacher positions [start, stop) predict the tokens that
+    cover the same bytes, from the pair's shared boundary to the next one (the next aligned
+    pair, or the window's end: both sides' last positions have seen all of its text). A span
+    that would end on a student token inside a character (a window cut mid-character) is left
+    out: its last token's bytes are not in the window."""
+    n_s, n_t = len(student.ends), len(teacher.ends)
+    s_stop = np.append(a.student_pos[1:], n_s - 1).astype(np.int64)
+    t_stop = np.append(a.teacher_pos[1:], n_t - 1).astype(np.int64)
+    spans = np.stack([a.student_pos, s_stop, a.teacher_pos, t_stop], axis=1)[~a.exact]
+    last = n_s - 1
+    cut_inside = (
+        n_s > 1 and student.kinds[last] == TEXT and student.ends[last] == student.ends[last - 1]
+    )
+    if cut_inside:
+        spans = spans[spans[:, 1] != last]
+    return spans.reshape(-1, 4).astype(np.int64)

@@ -26,6 +26,7 @@ quantity (the NLL of the same text).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import numpy as np
@@ -33,9 +34,9 @@ import torch
 
 from ddk.logits import hidden_and_head, logit_transform
 from ddk.losses import chunked_ce_sum
-from ddk.teacher.alignment import Tokens, align
+from ddk.teacher.alignment import Tokens, align, mismatch_spans
 from ddk.teacher.retokenize import Retokenizer, shared_vocabulary
-from ddk.teacher.signals import Batch, CrossSignal
+from ddk.teacher.signals import Batch, CrossSignal, MergeGroups
 
 IGNORE = -100
 
@@ -43,8 +44,10 @@ IGNORE = -100
 class CrossTokenizerTeacher:
     """A `TeacherSource` over a live model whose tokenizer differs from the student's."""
 
-    def __init__(self, model, tokenizer, student_tokenizer, data, *, autocast=None, chunk=1024):
+    def __init__(self, model, tokenizer, student_tokenizer, data, *, autocast=None, chunk=1024,
+                 mismatch: str = "uld"):  # fmt: skip
         self.model, self.tokenizer, self.data = model, tokenizer, data
+        self.mismatch = mismatch  # "merge": the signal carries the mismatched spans
         self.autocast = autocast or contextlib.nullcontext
         self.chunk = chunk
         self.names = data.names
@@ -73,25 +76,30 @@ class CrossTokenizerTeacher:
         for d, j in np.asarray(batch.rows).tolist():
             ids, s_tokens, text = self._window("train", self.names[d], j)
             t_ids, t_tokens = self.retok.window(text, s_tokens)
-            out.append((t_ids, align(s_tokens, t_tokens)))
+            a = align(s_tokens, t_tokens)
+            spans = mismatch_spans(a, s_tokens, t_tokens) if self.mismatch == "merge" else None
+            out.append((t_ids, a, spans))
         return out
 
     @torch.no_grad()
     def signal(self, batch: Batch) -> CrossSignal:
         B, L = batch.input_ids.shape
         rows = self._aligned_rows(batch)
-        hidden = self._hidden([t_ids[:-1] for t_ids, _ in rows])  # [B, m, H_t]
+        hidden = self._hidden([t_ids[:-1] for t_ids, _, _ in rows])  # [B, m, H_t]
         gathered = hidden.new_zeros(B * L, hidden.shape[-1])
         mode = torch.zeros(B * L, dtype=torch.int8, device=hidden.device)
-        for r, (_, a) in enumerate(rows):
+        for r, (_, a, _) in enumerate(rows):
             dst = torch.as_tensor(r * L + a.student_pos, device=hidden.device)
             gathered[dst] = hidden[r, torch.as_tensor(a.teacher_pos, device=hidden.device)]
             mode[dst] = torch.as_tensor(np.where(a.exact, 1, 2), dtype=torch.int8,
                                         device=hidden.device)  # fmt: skip
+        merge = None
+        if self.mismatch == "merge":
+            merge = merge_groups(rows, hidden, gathered, mode, L)
         head = self.model.get_output_embeddings()
         return CrossSignal(
             gathered, head.weight, mode, self.student_shared, self.teacher_shared, self.vocab,
-            getattr(head, "bias", None), self.transform,
+            getattr(head, "bias", None), self.transform, merge,
         )  # fmt: skip
 
     def _hidden(self, sequences: list[np.ndarray]) -> torch.Tensor:
@@ -160,6 +168,29 @@ class CrossTokenizerTeacher:
     @property
     def ppl_source(self) -> dict[str, str]:
         return {split: "computed" for split in self._ppl}
+
+
+def merge_groups(rows, hidden, gathered, mode, L: int) -> MergeGroups:
+    """`cross_mismatch: merge`: move each mismatched pair's loss to its span's last student row
+    (mode 3, the teacher's last position of the span gathered there), and collect the rows
+    before it on both sides (`MergeGroups`); `gathered` and `mode` are updated in place."""
+    device = hidden.device
+    student_row = torch.full((mode.shape[0],), -1, dtype=torch.long, device=device)
+    t_rows, t_pos, t_ids_next, t_loss_row = [], [], [], []
+    mode[mode == 2] = 0
+    for r, (t_ids, _, spans) in enumerate(rows):
+        for s_start, s_stop, t_start, t_stop in spans.tolist():
+            loss_row = r * L + s_stop - 1
+            student_row[r * L + s_start : loss_row + 1] = loss_row
+            mode[loss_row] = 3
+            gathered[loss_row] = hidden[r, t_stop - 1]
+            t_rows += [r] * (t_stop - 1 - t_start)
+            t_pos += range(t_start, t_stop - 1)
+            t_ids_next += t_ids[t_start + 1 : t_stop].tolist()
+            t_loss_row += [loss_row] * (t_stop - 1 - t_start)
+    as_long = functools.partial(torch.as_tensor, dtype=torch.long, device=device)
+    prefix_hidden = hidden[as_long(t_rows), as_long(t_pos)].reshape(-1, hidden.shape[-1])
+    return MergeGroups(student_row, prefix_hidden, as_long(t_ids_next), as_long(t_loss_row))
 
 
 def per_byte_result(nll: float, student_targets: int, nbytes: int) -> dict:

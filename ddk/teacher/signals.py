@@ -55,13 +55,36 @@ class SparseSignal(NamedTuple):
         return self.sample_ids is not None
 
 
+class MergeGroups(NamedTuple):
+    """`distill.cross_mismatch: merge`: the byte spans (GOLD's alignment groups) that start at an
+    aligned position whose next tokens differ and end at the next boundary both sides share.
+    A span's loss sits at its student LAST row (mode 3), whose teacher row is the teacher's last
+    position in the span; the earlier rows of both sides only contribute the probability of
+    their actual next token (`ddk.losses.crosstok_merge`)."""
+
+    student_row: torch.Tensor  # [N] int64: the span's last row for each row of a span, else -1
+    teacher_hidden: torch.Tensor  # [P, H_t]: the teacher's earlier positions of every span
+    teacher_ids: torch.Tensor  # [P] int64: the teacher token each of them predicts (the text's)
+    teacher_row: torch.Tensor  # [P] int64: the student row of the span's loss
+
+
+class MergeTerms(NamedTuple):
+    """Per student row, what the loss's pre-pass computes from `MergeGroups` (chunked, no grad)
+    so that each chunk's merged-span loss needs only its own rows."""
+
+    student_prefix: torch.Tensor  # [N] at a span's last row: log Π q(earlier student tokens)
+    teacher_prefix: torch.Tensor  # [N] at a span's last row: log Π p(earlier teacher tokens)
+    weight: torch.Tensor  # [N] at a span's earlier rows: d(span loss)/d(student_prefix)
+    label: torch.Tensor  # [N] the student's next token (the text's)
+
+
 class CrossSignal(NamedTuple):
     """A live teacher with ANOTHER tokenizer, gathered to the student's rows by byte alignment
     (`ddk.teacher.alignment`): row n holds the teacher's hidden state at the position that has
     seen the same text as student row n, and `mode[n]` says how the loss compares them
     (`ddk.losses.crosstok`): 0 no aligned teacher position (no divergence), 1 exact (both next
     tokens cover the same bytes: KL over the shared token strings), 2 otherwise (a
-    vocabulary-free distance)."""
+    vocabulary-free distance), 3 the last row of a merged span (`merge`)."""
 
     hidden: torch.Tensor  # [N, H_t]; rows with mode 0 are ignored
     head_weight: torch.Tensor  # [>= teacher_vocab, H_t]
@@ -71,6 +94,8 @@ class CrossSignal(NamedTuple):
     teacher_vocab: int
     head_bias: torch.Tensor | None = None
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    merge: MergeGroups | None = None  # cross_mismatch: merge (mode 3 rows)
+    merge_terms: MergeTerms | None = None  # filled by the loss from `merge`
 
 
 TeacherSignal = DenseSignal | SparseSignal | CrossSignal

@@ -113,7 +113,7 @@ def _cross_teacher(cfg, data, runtime, student_rows: int) -> CrossTokenizerTeach
     student_tokenizer = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
     return CrossTokenizerTeacher(
         model, tokenizer, student_tokenizer, data, autocast=runtime.autocast,
-        chunk=cfg.distill.loss_chunk_tokens,
+        chunk=cfg.distill.loss_chunk_tokens, mismatch=cfg.distill.cross_mismatch,
     )  # fmt: skip
 
 
