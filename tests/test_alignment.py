@@ -3,17 +3,23 @@ property tests over random texts with multi-byte UTF-8, code and whitespace runs
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ddk.data.offsets import encode_with_ends, offsets_tokenizer
 from ddk.demo.build import train_bpe_tokenizer
+from ddk.teacher import alignment
 from ddk.teacher.alignment import BOS, EOS, TEXT, Tokens, align, identity_alignment
 from ddk.teacher.retokenize import Retokenizer, decode_problem, shared_vocabulary, token_bytes
 from tests.data.test_offsets import random_texts
+
+UNK, EOS_TOKEN = "<unk>", "<|endoftext|>"
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +29,38 @@ def two_tokenizers(tmp_path_factory):
     small = train_bpe_tokenizer(texts, 300, tmp_path_factory.mktemp("small"))
     large = train_bpe_tokenizer(texts, 700, tmp_path_factory.mktemp("large"), split_digits=True)
     return AutoTokenizer.from_pretrained(small), AutoTokenizer.from_pretrained(large)
+
+
+def train_unigram_tokenizer(texts: list[str], extra: int, out_dir) -> Path:
+    """A SentencePiece-style unigram LM tokenizer: '▁' for spaces (no prefix added), `extra`
+    pieces beyond the training alphabet (the trainer needs every character in its
+    vocabulary), and byte fallback (<0xNN> pieces) for characters it never saw, so it decodes
+    back to any text."""
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    alphabet = len(set("".join(texts).replace(" ", "")))
+    trainer = trainers.UnigramTrainer(vocab_size=alphabet + extra, special_tokens=[UNK, EOS_TOKEN],
+                                      unk_token=UNK, max_piece_length=8, show_progress=False)  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    pieces = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+    floor = min(score for _, score in pieces) - 1.0  # bytes only where no piece fits
+    pieces += [(f"<0x{b:02X}>", floor) for b in range(256)]
+    unigram = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    unigram.pre_tokenizer = tok.pre_tokenizer
+    unigram.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    unigram.add_special_tokens([UNK, EOS_TOKEN])
+    fast = PreTrainedTokenizerFast(tokenizer_object=unigram, eos_token=EOS_TOKEN, unk_token=UNK)
+    fast.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="module")
+def bpe_and_unigram(tmp_path_factory, two_tokenizers):
+    """The 300-token byte-level BPE and a unigram LM tokenizer trained on the same texts."""
+    out = train_unigram_tokenizer(random_texts(400, 7), 300, tmp_path_factory.mktemp("uni"))
+    return two_tokenizers[0], AutoTokenizer.from_pretrained(out)
 
 
 def student_window(tok, texts: list[str], rng: random.Random, cut: int | None = None):
@@ -45,27 +83,63 @@ def _bytes(tok, table, ids) -> bytes:
     return b"".join(table.get(int(i), b"") for i in ids)
 
 
+def check_alignment(student, teacher, seed: int) -> np.ndarray:
+    """One random window of `student`, re-read by `teacher`: every aligned pair has seen the
+    same bytes and specials (read from the ids, not the offsets), every exact pair's next
+    tokens are the same bytes, and every mismatched span covers the same bytes on both sides."""
+    rng = random.Random(seed)
+    s_tab, t_tab = token_bytes(student), token_bytes(teacher)
+    text, s_ids, s_ends = student_window(student, random_texts(rng.randint(1, 3), seed), rng)
+    retok = Retokenizer(teacher, None, student.eos_token_id)
+    s_tokens = retok.student_tokens(s_ids, s_ends)
+    t_ids, t_tokens = retok.window(text, s_tokens)
+    a = align(s_tokens, t_tokens)
+    assert len(a.student_pos) > 0.3 * len(s_ids)
+    for i, k, exact in zip(a.student_pos, a.teacher_pos, a.exact):
+        # the same text so far, read from the ids themselves (not from the offsets)
+        assert _bytes(student, s_tab, s_ids[: i + 1]) == _bytes(teacher, t_tab, t_ids[: k + 1])
+        assert (s_tokens.kinds[: i + 1] != TEXT).sum() == (t_tokens.kinds[: k + 1] != TEXT).sum()
+        if exact:  # and the same next token's bytes (or the same special)
+            assert s_tokens.kinds[i + 1] == t_tokens.kinds[k + 1]
+            assert s_tab.get(int(s_ids[i + 1]), b"") == t_tab.get(int(t_ids[k + 1]), b"")
+    assert a.exact.any() and not a.exact.all()  # different tokenizers: both kinds occur
+    spans = alignment.mismatch_spans(a, s_tokens, t_tokens)
+    assert len(spans) >= (~a.exact).sum() - 1  # all but a span cut inside a character
+    for s0, s1, t0, t1 in spans.tolist():  # the tokens each side predicts in the span
+        assert s1 > s0 and t1 > t0
+        s_span, t_span = s_ids[s0 + 1 : s1 + 1], t_ids[t0 + 1 : t1 + 1]
+        assert _bytes(student, s_tab, s_span) == _bytes(teacher, t_tab, t_span)
+        s_specials = (s_tokens.kinds[s0 + 1 : s1 + 1] != TEXT).sum()
+        assert s_specials == (t_tokens.kinds[t0 + 1 : t1 + 1] != TEXT).sum()
+    return spans
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_aligned_pairs_have_seen_the_same_bytes(two_tokenizers, seed):
-    rng = random.Random(seed)
+    """Two byte-level BPEs (300 tokens; 700 with digits split), each as student and teacher."""
     for student, teacher in (two_tokenizers, two_tokenizers[::-1]):
-        s_tab, t_tab = token_bytes(student), token_bytes(teacher)
-        text, s_ids, s_ends = student_window(student, random_texts(rng.randint(1, 3), seed), rng)
-        retok = Retokenizer(teacher, None, student.eos_token_id)
-        s_tokens = retok.student_tokens(s_ids, s_ends)
-        t_ids, t_tokens = retok.window(text, s_tokens)
-        a = align(s_tokens, t_tokens)
-        assert len(a.student_pos) > 0.3 * len(s_ids)
-        for i, k, exact in zip(a.student_pos, a.teacher_pos, a.exact):
-            # the same text so far, read from the ids themselves (not from the offsets)
-            assert _bytes(student, s_tab, s_ids[: i + 1]) == _bytes(teacher, t_tab, t_ids[: k + 1])
-            assert (s_tokens.kinds[: i + 1] != TEXT).sum() == (
-                t_tokens.kinds[: k + 1] != TEXT
-            ).sum()
-            if exact:  # and the same next token's bytes (or the same special)
-                assert s_tokens.kinds[i + 1] == t_tokens.kinds[k + 1]
-                assert s_tab.get(int(s_ids[i + 1]), b"") == t_tab.get(int(t_ids[k + 1]), b"")
-        assert a.exact.any() and not a.exact.all()  # different tokenizers: both kinds occur
+        check_alignment(student, teacher, seed)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_bpe_and_unigram_align_on_the_same_bytes(bpe_and_unigram, seed):
+    """A byte-level BPE and a unigram LM tokenizer (SentencePiece style: '▁' pieces, byte
+    fallback for unseen characters, which cuts emoji and Han into <0xNN> pieces)."""
+    for student, teacher in (bpe_and_unigram, bpe_and_unigram[::-1]):
+        check_alignment(student, teacher, seed)
+
+
+def test_the_unigram_tokenizer_round_trips_and_falls_back_to_bytes(bpe_and_unigram):
+    uni = bpe_and_unigram[1]
+    assert uni.backend_tokenizer.model.__class__.__name__ == "Unigram"
+    for text in random_texts(50, 11):
+        assert decode_problem(uni, text) is None
+    spans = np.concatenate([check_alignment(*bpe_and_unigram, seed) for seed in range(4)])
+    assert ((spans[:, 1] - spans[:, 0] > 1) & (spans[:, 3] - spans[:, 2] > 1)).any()
+    ids = uni("a  b 🎉x", add_special_tokens=False)["input_ids"]
+    assert [uni.convert_ids_to_tokens(i) for i in ids] == [
+        "a", "▁", "▁", "b", "▁", "<0xF0>", "<0x9F>", "<0x8E>", "<0x89>", "x"
+    ]  # fmt: skip
 
 
 def test_one_tokenizer_aligns_as_the_identity(two_tokenizers):
