@@ -195,12 +195,13 @@ def test_a_teacher_tokenizer_that_changes_the_text_is_refused_before_weights_loa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ddk", "cpt"])
+@pytest.mark.parametrize("method, mismatch", [("ddk", "uld"), ("cpt", "uld"), ("ddk", "merge")])
 def test_distill_through_a_teacher_with_another_tokenizer(
-    tmp_path, other_teacher_dir, student_dir, spans_data, method
+    tmp_path, other_teacher_dir, student_dir, spans_data, method, mismatch
 ):
     cfg = _cross_config(tmp_path, other_teacher_dir, student_dir, spans_data.folder,
-                        **{"distill.method": method, "trainer.max_steps": 6})  # fmt: skip
+                        **{"distill.method": method, "trainer.max_steps": 6,
+                           "distill.cross_mismatch": mismatch})  # fmt: skip
     assert main(["distill", cfg]) == 0
     ppl = json.loads((tmp_path / "run" / "teacher_ppl.json").read_text())
     assert set(ppl["ppl"]["val"]) == set(spans_data.names)

@@ -129,6 +129,8 @@ def sparse_cross_divergence(
     mismatch: str = "uld",
 ) -> Tensor:
     """Per-row divergence of one chunk against sparse teacher rows (module doc)."""
+    if mismatch == "merge":  # needs the teacher's span-prefix probabilities, not stored here
+        raise ValueError("cross_mismatch 'merge' needs a live teacher; use 'uld' or 'skip'")
     mode = rows.mode.to(student_logits.device)
     out = torch.zeros(student_logits.shape[0], dtype=student_logits.dtype,
                       device=student_logits.device)  # fmt: skip

@@ -9,6 +9,7 @@ import torch
 from ddk.losses.chunked import FusedDistillLoss, fused_distill_loss, naive_distill_loss
 from ddk.losses.crosstok import EXACT, NONE
 from ddk.losses.crosstok_merge import MERGED, merged_uld
+from ddk.losses.crosstok_sparse import SparseCrossRows, sparse_cross_divergence
 from ddk.teacher.signals import CrossSignal, MergeGroups
 
 N, H, HT, VS, VT, TAU = 20, 8, 6, 17, 29, 1.5
@@ -103,3 +104,12 @@ def test_merge_needs_the_spans():
     loss = FusedDistillLoss(VS, cross_mismatch="merge")
     with pytest.raises(ValueError, match="merge spans"):
         loss(hidden, weight, labels, cross._replace(merge=None))
+
+
+def test_sparse_teacher_rows_refuse_merge():
+    """A cache's sparse rows hold no span-prefix probabilities: merge is refused, not skipped."""
+    rows = SparseCrossRows(*(torch.zeros(2, 1), torch.zeros(2, 1)), torch.zeros(2),
+                           torch.zeros(2), torch.zeros(2, dtype=torch.int8))  # fmt: skip
+    with pytest.raises(ValueError, match="live teacher"):
+        sparse_cross_divergence(torch.zeros(2, VS), rows, torch.arange(3), torch.arange(3),
+                                None, 1.0, 0.0, "merge")  # fmt: skip
