@@ -2,7 +2,9 @@
 perplexity per byte (mean over domains), per model, as mean ± spread (half the max-min range).
 
     python benchmarks/cross_seeds.py [--seeds 0 1 2] [--out /tmp/ddk-cross]
-        [--methods cpt kd ddk] [--cross-methods kd ddk kd:skip]
+        [--methods cpt kd ddk] [--cross-methods kd ddk kd:skip kd:merge]
+
+('kd:skip' / 'kd:merge': kd with distill.cross_mismatch=skip / merge; plain 'kd' uses uld.)
 
 Each seed is exactly `ddk demo --quick --seed S --cross-teacher --no-benchmarks ...` (its own
 corpus, tokenizers, teachers and student, cached under --out); the numbers are read from each
@@ -27,7 +29,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="/tmp/ddk-cross")
     parser.add_argument("--methods", nargs="+", default=["cpt", "kd", "ddk"])
-    parser.add_argument("--cross-methods", nargs="+", default=["kd", "ddk", "kd:skip"])
+    parser.add_argument("--cross-methods", nargs="+", default=["kd", "ddk", "kd:skip", "kd:merge"])
     args = parser.parse_args()
     per_model: dict[str, list[float]] = {}
     for seed in args.seeds:

@@ -21,7 +21,13 @@ A. A span with one token on a side has no prefix there (A = 0). GOLD's default "
 strategy multiplies the first position's distribution by the later tokens' probabilities read
 one position off (its own docs: only "bayesian" makes probs[k] predict token_ids[k]); this is
 the "bayesian" one. GOLD also sums over the exact spans; here those keep the exact KL over the
-shared strings (`ddk.losses.crosstok`), as its hybrid mode does.
+shared strings (`ddk.losses.crosstok`), as its hybrid mode does. (Read in huggingface/trl at
+f2cd577, trl/experimental/gold/gold_trainer.py: `ULDLoss._align_by_byte_offsets`,
+`_merge_probabilities_with_alignment_groups`, `_compute_distillation_loss`; gold_config.py.)
+
+Because the merged vectors are not normalised, when every sorted entry of e^A q lies below the
+teacher's (a student far less sure of the span's start than the teacher), MERGE = e^B − e^A and
+its gradient moves only A, the student's probability of the span's earlier tokens.
 
 Chunked like the rest (no [tokens, vocab] tensor): a no-grad pre-pass (`with_merge_terms`)
 computes, per span, A and B from the label log-probs of its earlier rows, and dMERGE/dA at its
