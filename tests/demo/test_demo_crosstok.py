@@ -16,6 +16,7 @@ def test_cross_methods_name_their_mismatch_loss():
         "ddk@x-skip",
         ["teacher.tokenizer=cross", "distill.cross_mismatch=skip"],
     )
+    assert cross_method("kd:merge")[1][-1] == "distill.cross_mismatch=merge"
 
 
 def test_byte_table_has_a_mean_row():
