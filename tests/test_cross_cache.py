@@ -28,6 +28,7 @@ from ddk.teacher.retokenize import shared_vocabulary
 from ddk.teacher.signals import Batch, SparseCrossSignal
 from tests import test_crosstok_teacher as online
 from tests.conftest import make_config, one_error_line, tree_digest
+from tests.test_teacher_cache import cache_teacher_on_two_processes
 
 # the online tests' data with byte spans and teacher with another tokenizer
 spans_data, other_teacher, other_teacher_dir = (
@@ -245,3 +246,18 @@ def test_offline_cross_at_small_k_is_close(tmp_path, cross_cache, other_teacher_
     print(f"k={K}: first-step KL online {kl['online']:.5f} offline {kl['offline']:.5f} "
           f"({gap:+.2%})")  # fmt: skip
     assert abs(gap) < 0.5
+
+
+def test_two_processes_write_the_same_cross_cache(
+    tmp_path, cross_cache, other_teacher_dir, student_dir, spans_data
+):
+    """Under torchrun rank r writes shards r::world: the same shards, byte for byte."""
+    cfg = tmp_path / "cfg.yaml"
+    config(other_teacher_dir, student_dir, spans_data.folder, tmp_path / "c").save(cfg)
+    cache_teacher_on_two_processes(cfg)
+    one, two = tree(cross_cache), tree(tmp_path / "c")
+    assert one.keys() == two.keys()
+    assert all(one[f] == two[f] for f in one if f != "manifest.json")
+    m1, m2 = (read_cache_manifest(f) for f in (cross_cache, tmp_path / "c"))
+    ppl1, ppl2 = m1.pop("teacher_ppl"), m2.pop("teacher_ppl")
+    assert m1 == m2 and all(ppl2[s] == pytest.approx(ppl1[s], rel=1e-6) for s in ppl1)

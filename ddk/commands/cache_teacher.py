@@ -164,7 +164,7 @@ def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:
     if rt.is_main:
         plan = _begin(folder, plan)
         if is_cross(plan):
-            write_shared(folder, shared_bytes(*shared_vocabulary(*cross_tokenizers(cfg)[::-1])))
+            write_shared(folder, _shared_file(cfg))
     rt.barrier()
     if cfg.teacher.engine == "vllm":
         ppl = _build_with_vllm(cfg, folder, plan, data, rt, progress, write_shard)
@@ -320,15 +320,20 @@ def _cross_entries(cfg) -> dict:
     """A cross-tokenizer cache's own manifest entries: its format, the teacher's vocabulary
     (size and hash) and the checksum of the shared strings' ids (`shared.npy`)."""
     teacher, student = cross_tokenizers(cfg)
-    pairs = shared_vocabulary(student, teacher)
     return {
         "format_version": CROSS_FORMAT,
         "tokenizer": "cross",
         "teacher_vocab_size": tokenizer_vocab(teacher),
         "teacher_vocab_sha256": vocab_hash(teacher),
-        "shared_strings": len(pairs[0]),
-        SHARED_KEY: hashlib.sha256(shared_bytes(*pairs)).hexdigest(),
+        "shared_strings": len(shared_vocabulary(student, teacher)[0]),
+        SHARED_KEY: hashlib.sha256(_shared_file(cfg)).hexdigest(),
     }
+
+
+def _shared_file(cfg) -> bytes:
+    """`shared.npy` of a cross-tokenizer cache: the token strings both tokenizers hold."""
+    teacher, student = cross_tokenizers(cfg)
+    return shared_bytes(*shared_vocabulary(student, teacher))
 
 
 def _domain_entries(cfg, data: PreparedData, memo) -> dict:
