@@ -35,6 +35,12 @@ from ddk.teacher.perplexity import SharedPerplexities, hash_memo
 from ddk.teacher.sampling import sample_log_weights
 from ddk.teacher.signals import Batch, SparseCrossSignal, SparseSignal
 
+# What each array of a shard's layout becomes in a signal (`cache_format._layout` order): ids,
+# log-probs, log tail, then sample ids, their log-probs, log normaliser; or (format 3) log
+# shared mass and alignment mode.
+_TOPK_KINDS = (np.int64, np.float32, np.float32, np.int64, np.float32, np.float32)
+_CROSS_KINDS = (np.int64, np.float32, np.float32, np.float32, np.int8)
+
 
 class OfflineTeacher:
     """A `TeacherSource` that reads the cache: sparse signals, and the perplexities the cache
@@ -121,11 +127,11 @@ class OfflineTeacher:
         pairs = np.asarray(batch.rows).tolist()
         shards = [self._shard(self.domains[d], i // per) for d, i in pairs]
 
+        kinds = _CROSS_KINDS if self.cross else _TOPK_KINDS
+
         def stacked(j: int) -> torch.Tensor:  # array j of the shard layout, rows of the batch
             arr = np.stack([arrays[j][i % per] for arrays, (_, i) in zip(shards, pairs)])
-            ids = j == 0 or (j == 3 and not self.cross)  # format 3: array 4 is the int8 mode
-            kind = np.int64 if ids else np.int8 if j == 4 else np.float32
-            arr = arr.astype(kind, copy=False)
+            arr = arr.astype(kinds[j], copy=False)
             return torch.from_numpy(arr.reshape(-1, *arr.shape[2:])).to(self.device)
 
         if self.cross:
@@ -188,11 +194,6 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
             "values are checked when first read, not its exact bytes; rerun `ddk "
             "cache-teacher` with this config to check every shard and record its checksum"
         )
-    if int(m["k"]) != cfg.teacher.cache_k:  # k only sets how a cache is built: say which one
-        print0(
-            f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
-            f"{cfg.teacher.cache_k}; distilling with k = {m['k']}"
-        )
     if cfg.teacher.sparse_estimator == "sampled" and cache_samples(m) != cfg.teacher.cache_samples:
         print0(
             f"warning: {where} holds {cache_samples(m)} tail samples per token, not "
@@ -205,6 +206,11 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
 def _common_problems(cfg, m: dict, where: str, prepared_manifest, domains: list[str]) -> list:
     """What every cache must match: finished, the run's tau, data and teacher."""
     problems = []
+    if int(m["k"]) != cfg.teacher.cache_k:  # k only sets how a cache is built: say which one
+        print0(
+            f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
+            f"{cfg.teacher.cache_k}; distilling with k = {m['k']}"
+        )
     if not m.get("complete"):
         problems.append(f"{where} is incomplete; finish it with `ddk cache-teacher`")
     if float(m["tau"]) != float(cfg.distill.tau):
@@ -223,9 +229,6 @@ def _cross_problems(cfg, m: dict, where: str, prepared_manifest, domains: list[s
     """A cache of a teacher with another tokenizer (format 3): as any cache, plus the teacher's
     own tokenizer (when it is on this machine) and the perplexities DDK steers by."""
     problems = _common_problems(cfg, m, where, prepared_manifest, domains)
-    if int(m["k"]) != cfg.teacher.cache_k:
-        print0(f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
-               f"{cfg.teacher.cache_k}; distilling with k = {m['k']}")  # fmt: skip
     if cfg.model.teacher and identity.teacher_on_disk(cfg.model.teacher):
         try:
             tokenizer = load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code)
