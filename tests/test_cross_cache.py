@@ -155,14 +155,14 @@ def other_teachers(tmp_path_factory, other_teacher_dir, student_dir):
     return same_weights, other_weights
 
 
-@pytest.mark.parametrize("case", ["same_tokenizer", "tokenizer", "weights", "format2"])
+@pytest.mark.parametrize("case", ["same_tokenizer", "tokenizer", "weights", "format2", "shared"])
 def test_a_cache_for_another_teacher_or_tokenizer_is_refused(
     tmp_path, cross_cache, other_teacher_dir, other_teachers, student_dir, spans_data, capsys,
     case,
 ):  # fmt: skip
     """One line, exit 2, before any weights load: a cross cache read as a same-tokenizer one,
-    a cache whose teacher tokenizer or weights differ from model.teacher's, and a
-    same-tokenizer cache read with teacher.tokenizer: cross."""
+    a cache whose teacher tokenizer or weights differ from model.teacher's, a same-tokenizer
+    cache read with teacher.tokenizer: cross, and a changed shared-strings file."""
     teacher, cache, extra = other_teacher_dir, cross_cache, []
     if case == "same_tokenizer":
         extra = ["teacher.tokenizer=same"]
@@ -170,10 +170,14 @@ def test_a_cache_for_another_teacher_or_tokenizer_is_refused(
         teacher = other_teachers[0]
     elif case == "weights":
         teacher = other_teachers[1]
-    else:  # what a same-tokenizer cache's manifest says
+    elif case == "format2":  # what a same-tokenizer cache's manifest says
         cache = shutil.copytree(cross_cache, tmp_path / "c2")
         m = read_cache_manifest(cache)
         cache_format.write_cache_manifest(cache, {**m, "format_version": 2})
+    else:  # the shared strings' ids changed on disk
+        cache = shutil.copytree(cross_cache, tmp_path / "c2")
+        pairs = np.load(cache / "shared.npy")
+        np.save(cache / "shared.npy", pairs[:, ::-1].copy())
     cfg = offline(teacher, student_dir, spans_data.folder, cache, tmp_path / "run", *extra)
     err = _refused(tmp_path, cfg, capsys)
     words = {
@@ -181,6 +185,7 @@ def test_a_cache_for_another_teacher_or_tokenizer_is_refused(
         "tokenizer": "another teacher tokenizer",
         "weights": "another teacher",
         "format2": "built for a teacher with the student's tokenizer",
+        "shared": "shared.npy' does not match its checksum",
     }[case]
     assert words in err, err
 

@@ -30,6 +30,7 @@ from ddk.teacher.cache_format import (
     read_cache_manifest,
     read_shared,
     shard_problem,
+    shared_problem,
 )
 from ddk.teacher.perplexity import SharedPerplexities, hash_memo
 from ddk.teacher.sampling import sample_log_weights
@@ -226,9 +227,13 @@ def _common_problems(cfg, m: dict, where: str, prepared_manifest, domains: list[
 
 
 def _cross_problems(cfg, m: dict, where: str, prepared_manifest, domains: list[str]) -> list:
-    """A cache of a teacher with another tokenizer (format 3): as any cache, plus the teacher's
-    own tokenizer (when it is on this machine) and the perplexities DDK steers by."""
+    """A cache of a teacher with another tokenizer (format 3): as any cache, plus its shared
+    strings' file, the teacher's own tokenizer (when it is on this machine) and the
+    perplexities DDK steers by."""
     problems = _common_problems(cfg, m, where, prepared_manifest, domains)
+    shared = shared_problem(Path(cfg.teacher.cache).expanduser(), m)
+    if shared:
+        problems.append(f"{shared}; rerun `ddk cache-teacher` to rebuild it")
     if cfg.model.teacher and identity.teacher_on_disk(cfg.model.teacher):
         try:
             tokenizer = load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code)
