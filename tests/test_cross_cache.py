@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ddk.cli import main
@@ -19,7 +20,7 @@ from ddk.demo.build import tiny_causal_lm
 from ddk.lock import LOCK_NAME
 from ddk.losses.crosstok_sparse import sparse_cross_rows
 from ddk.metrics import read_metrics
-from ddk.run_dir import start_run
+from ddk.run_dir import resume_run, start_run
 from ddk.teacher import cache_format
 from ddk.teacher.cache_format import read_cache_manifest
 from ddk.teacher.crosstok import CrossTokenizerTeacher
@@ -266,3 +267,28 @@ def test_two_processes_write_the_same_cross_cache(
     m1, m2 = (read_cache_manifest(f) for f in (cross_cache, tmp_path / "c"))
     ppl1, ppl2 = m1.pop("teacher_ppl"), m2.pop("teacher_ppl")
     assert m1 == m2 and all(ppl2[s] == pytest.approx(ppl1[s], rel=1e-6) for s in ppl1)
+
+
+def test_offline_cross_ddk_needs_no_teacher_and_resumes_to_the_same_weights(
+    tmp_path, cross_cache, student_dir, spans_data, crash_at_step
+):
+    """No model.teacher at all (the cache stands in for it, perplexities too): two runs give
+    the same weights, and a run killed after step 2 resumes to them."""
+    finals = []
+    for name, crash in (("a", None), ("b", 2)):
+        cfg = offline(None, student_dir, spans_data.folder, cross_cache, tmp_path / name,
+                      "distill.method=ddk", "trainer.save_every=2")  # fmt: skip
+        cfg.model.teacher = None
+        if crash is None:
+            start_run(cfg)
+        else:
+            disarm = crash_at_step(crash)
+            with pytest.raises(RuntimeError, match="crash"):
+                start_run(cfg)
+            disarm()
+            resume_run(tmp_path / name)
+        finals.append(load_file(tmp_path / name / "final" / "model.safetensors"))
+        record = json.loads((tmp_path / name / "teacher_ppl.json").read_text())
+        assert set(record["source"].values()) == {"teacher cache"}
+    a, b = finals
+    assert all(torch.equal(a[k], b[k]) for k in a)
