@@ -400,7 +400,12 @@ class TeacherSection(_Section):
         "prompt_logprobs (teacher.vllm), top-k only, so with sparse_estimator topk and tau 1.",
     )
     vllm: VLLMSection = Field(default_factory=VLLMSection)
-    cache_k: StrictInt = Field(64, ge=1, description="Top-k log-probs stored per token.")
+    cache_k: StrictInt = Field(
+        64,
+        ge=1,
+        description="Top-k log-probs stored per token (tokenizer: cross: in the teacher's "
+        "vocabulary).",
+    )
     sparse_estimator: Literal["sampled", "topk"] = Field(
         "sampled",
         description="How offline mode estimates the divergence from the cache. sampled: the "
@@ -420,7 +425,8 @@ class TeacherSection(_Section):
         description="same: the teacher shares the student's vocabulary (the paper); cross: the "
         "teacher has its own tokenizer: it reads each window's text (data prepared with "
         "prepare.byte_spans), positions are aligned by byte offsets, DDK's ratio uses the same "
-        "total NLL over the same bytes (online mode).",
+        "total NLL over the same bytes (online, or offline from a `ddk cache-teacher` cache of "
+        "the teacher's top-k in its own vocabulary; sparse_estimator does not apply there).",
     )
     ppl_cache_dir: str | None = Field(
         None,

@@ -393,7 +393,7 @@ def test_offline_ddk_uses_cached_teacher_perplexities(
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
-def _cache_teacher_on_two_processes(cfg: Path) -> subprocess.CompletedProcess:
+def cache_teacher_on_two_processes(cfg: Path) -> subprocess.CompletedProcess:
     if not os.path.exists(TORCHRUN):
         pytest.skip("torchrun not installed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -412,7 +412,7 @@ def test_two_processes_write_the_same_cache(
     """Under torchrun/accelerate launch rank r writes shards r::world: same shards, same bytes."""
     cfg = tmp_path / "cfg.yaml"
     config(teacher_dir, student_dir, prepared_dir, tmp_path / "c").save(cfg)
-    _cache_teacher_on_two_processes(cfg)
+    cache_teacher_on_two_processes(cfg)
     one, two = tree(cache_dir), tree(tmp_path / "c")
     assert one.keys() == two.keys()
     assert all(one[f] == two[f] for f in one if f.endswith(".bin"))
@@ -431,7 +431,7 @@ def test_cache_teacher_honours_a_sharded_teacher_placement(
     cfg = tmp_path / "cfg.yaml"
     folder = tmp_path / "c"
     config(teacher_dir, student_dir, prepared_dir, folder, "teacher.placement=sharded").save(cfg)
-    done = _cache_teacher_on_two_processes(cfg)
+    done = cache_teacher_on_two_processes(cfg)
     assert "teacher placement: sharded" in done.stdout
     whole, sharded = read_cache_manifest(cache_dir), read_cache_manifest(folder)
     assert sharded["complete"] and sharded["domains"] == whole["domains"]

@@ -8,10 +8,17 @@ are collectives, so every rank then runs as many forwards as the busiest one. Ea
 written whole or not at all, so an interrupted run resumes with the missing shards and the
 result is byte for byte what an uninterrupted run writes (each shard's batches are the same
 either way).
+
+With `teacher.tokenizer: cross` (a teacher with another tokenizer) the same machinery writes
+format 3 (`ddk.teacher.cache_format`): per student position the live cross-tokenizer teacher's
+(`ddk.teacher.crosstok`) top-k in its own vocabulary plus what the sparse cross loss needs
+(`ddk.losses.crosstok_sparse`), the shared strings' ids, and the teacher's perplexities over
+the same bytes the student scores.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -22,10 +29,12 @@ from tqdm.auto import tqdm
 from ddk import identity
 from ddk.data.dataset import PreparedData
 from ddk.data.split import HELDOUT_WINDOWS
+from ddk.data.vocab import vocab_hash
 from ddk.errors import DDKError
 from ddk.evaluate import run_perplexities
 from ddk.identity import Strength
 from ddk.lock import LOCK_NAME, FolderLock
+from ddk.losses.crosstok_sparse import sparse_cross_rows
 from ddk.models import check_vocab, embedding_rows
 from ddk.preflight import preflight
 from ddk.ranks import print0
@@ -34,15 +43,20 @@ from ddk.teacher import cache_format
 from ddk.teacher.cache_format import (
     CHECKSUMS_KEY,
     CONTENT_KEY,
+    CROSS_FORMAT,
     FORMAT_VERSION,
     LOGP_DTYPE,
     MANIFEST,
+    MODE_DTYPE,
     SHARD_SEQUENCES,
+    SHARED_KEY,
     TAIL_DTYPE,
     bytes_per_token,
     cache_samples,
     check_target,
+    cross_shard_arrays,
     id_dtype,
+    is_cross,
     is_finished,
     position_uniforms,
     read_cache_manifest,
@@ -52,29 +66,41 @@ from ddk.teacher.cache_format import (
     shard_path,
     shard_problem,
     shard_sequences,
+    shared_bytes,
     write_cache_manifest,
+    write_shared,
 )
+from ddk.teacher.crosstok import cross_tokenizers, load_cross_teacher, tokenizer_vocab
 from ddk.teacher.engines import vllm as vllm_engine
 from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.per_domain import teacher_groups
 from ddk.teacher.perplexity import hash_memo
 from ddk.teacher.placement import is_sharded, load_configured_teacher
+from ddk.teacher.retokenize import shared_vocabulary
 from ddk.teacher.sampling import PROPOSAL_POWER
+from ddk.teacher.signals import Batch
 
 
 def build_cache(cfg, progress: bool = True, write_shard=None, runtime=None) -> Path:
     """Run the teacher over every training sequence of `data.prepared` (the `data.domains`
     subset if set) and write the cache to `teacher.cache`. Resumes an interrupted cache.
     `write_shard(path, arrays)` writes one shard (default: `cache_format.write_shard`)."""
+    cross = cfg.teacher.tokenizer == "cross"
     for key, what in (
         ("teacher.cache", "the folder to write the cache to"),
         ("model.teacher", "the teacher to cache"),
         ("data.prepared", "the output folder of `ddk prepare`"),
+        *([("model.student", "its tokenizer is matched with the teacher's")] if cross else []),
     ):
         section, name = key.split(".")
         if not getattr(getattr(cfg, section), name):
             raise DDKError(f"{key}: required ({what})")
     if cfg.teacher.engine == "vllm":  # refused before anything is written or loaded
+        if cross:
+            raise DDKError(
+                "teacher.engine: vllm caches a teacher with the student's tokenizer; build a "
+                "teacher.tokenizer: cross cache with teacher.engine: hf"
+            )
         problem = vllm_engine.settings_problem(cfg)
         if problem:
             raise DDKError(problem)
@@ -137,9 +163,13 @@ def _build_locked(cfg, folder: Path, rt, progress: bool, write_shard) -> None:
         return
     if rt.is_main:
         plan = _begin(folder, plan)
+        if is_cross(plan):
+            write_shared(folder, _shared_file(cfg))
     rt.barrier()
     if cfg.teacher.engine == "vllm":
         ppl = _build_with_vllm(cfg, folder, plan, data, rt, progress, write_shard)
+    elif is_cross(plan):
+        ppl = _build_cross(cfg, folder, plan, data, rt, progress, write_shard)
     else:
         ppl: dict[str, dict[str, float]] = {}
         # One teacher at a time (model.teachers: each over the domains it serves), freed after.
@@ -188,8 +218,7 @@ def _build_with_hf(cfg, name, domains, folder, plan, data, rt, progress, write_s
     rounds = _write_shards(
         folder, plan, data, rt, progress, write_shard, rows, batch, domains, sharded
     )
-    if rounds:
-        _throwaway_forwards(cfg, plan, data, teacher, rt, rounds)
+    _throwaway_forwards(rows, data, rounds)
     rt.barrier()
     # The teacher's exact perplexities (full softmax, not top-k): DDK's Eq. 1/2 use them.
     ppl = {}
@@ -197,6 +226,26 @@ def _build_with_hf(cfg, name, domains, folder, plan, data, rt, progress, write_s
         result = run_perplexities(cfg, model, data, split, rt, domains=domains)
         ppl[split] = {d: r["ppl"] for d, r in result.items()}
     return ppl  # the model is freed with this frame, before the next teacher loads
+
+
+def _build_cross(cfg, folder, plan, data, rt, progress, write_shard) -> dict:
+    """Format 3 (module doc): the shards from the live cross-tokenizer teacher, then its
+    perplexities over the held-out bytes (in student-token units, as an online run's)."""
+    teacher = load_cross_teacher(cfg, data, rt)
+    k, tau, chunk = plan["k"], plan["tau"], cfg.distill.loss_chunk_tokens
+
+    def rows(name, idx):
+        inputs, _, _ = data.domains[name].train_batch(idx)
+        where = np.asarray([[data.names.index(name), i] for i in idx])
+        signal = teacher.signal(Batch(inputs, where))
+        return cross_shard_arrays(sparse_cross_rows(signal, k, tau, chunk), teacher.vocab)
+
+    batch, sharded = cfg.trainer.eval_batch_size, is_sharded(teacher.model)
+    rounds = _write_shards(folder, plan, data, rt, progress, write_shard, rows, batch,
+                           sharded=sharded)  # fmt: skip
+    _throwaway_forwards(rows, data, rounds)
+    rt.barrier()
+    return {split: teacher.perplexities(split) for split in _heldout_splits(data)}
 
 
 def _build_with_vllm(cfg, folder, plan, data, rt, progress, write_shard) -> dict:
@@ -231,14 +280,19 @@ def _plan(cfg, data: PreparedData) -> dict:
     vocab = data.vocab_size
     manifest = data.manifest
     k = cfg.teacher.cache_k
-    if k > vocab:
-        raise DDKError(f"teacher.cache_k {k} exceeds the vocabulary ({vocab} tokens); lower it")
+    cross = _cross_entries(cfg) if cfg.teacher.tokenizer == "cross" else {}
+    top = cross.get("teacher_vocab_size", vocab)  # the vocabulary the top-k is taken in
+    if k > top:
+        raise DDKError(f"teacher.cache_k {k} exceeds the vocabulary ({top} tokens); lower it")
     samples = cfg.teacher.cache_samples if cfg.teacher.sparse_estimator == "sampled" else 0
-    dtypes = {"ids": id_dtype(vocab).name, "logp": LOGP_DTYPE.name, "log_tail": TAIL_DTYPE.name}
+    samples = 0 if cross else samples  # a cross cache holds the top-k only
+    dtypes = {"ids": id_dtype(top).name, "logp": LOGP_DTYPE.name, "log_tail": TAIL_DTYPE.name}
     if samples:
         dtypes.update(
             sample_ids=dtypes["ids"], sample_logp=dtypes["logp"], log_norm=dtypes["log_tail"]
         )
+    if cross:
+        dtypes.update(log_shared=TAIL_DTYPE.name, mode=MODE_DTYPE.name)
     memo = hash_memo(cfg)
     return {
         "format_version": FORMAT_VERSION,
@@ -255,10 +309,31 @@ def _plan(cfg, data: PreparedData) -> dict:
         "proposal_power": PROPOSAL_POWER if samples else None,
         "shard_sequences": SHARD_SEQUENCES,
         "dtypes": dtypes,
-        "bytes_per_token": bytes_per_token(k, vocab, samples),
+        "bytes_per_token": bytes_per_token(k, top, samples, cross=bool(cross)),
         "domains": _domain_entries(cfg, data, memo),
         "complete": False,
+        **cross,
     }
+
+
+def _cross_entries(cfg) -> dict:
+    """A cross-tokenizer cache's own manifest entries: its format, the teacher's vocabulary
+    (size and hash) and the checksum of the shared strings' ids (`shared.npy`)."""
+    teacher, student = cross_tokenizers(cfg)
+    return {
+        "format_version": CROSS_FORMAT,
+        "tokenizer": "cross",
+        "teacher_vocab_size": tokenizer_vocab(teacher),
+        "teacher_vocab_sha256": vocab_hash(teacher),
+        "shared_strings": len(shared_vocabulary(student, teacher)[0]),
+        SHARED_KEY: hashlib.sha256(_shared_file(cfg)).hexdigest(),
+    }
+
+
+def _shared_file(cfg) -> bytes:
+    """`shared.npy` of a cross-tokenizer cache: the token strings both tokenizers hold."""
+    teacher, student = cross_tokenizers(cfg)
+    return shared_bytes(*shared_vocabulary(student, teacher))
 
 
 def _domain_entries(cfg, data: PreparedData, memo) -> dict:
@@ -374,13 +449,11 @@ def _rows(
     return shard_arrays(signal, plan["vocab_size"], log_norm)
 
 
-def _throwaway_forwards(cfg, plan, data, teacher, rt, count: int) -> None:
-    """Forwards whose result is dropped: a sharded teacher's collectives on a rank with fewer
-    shards to write than the busiest one."""
-    name = next(iter(data.domains))
-    inputs, _, positions = data.domains[name].train_batch([0])
+def _throwaway_forwards(rows, data, count: int) -> None:
+    """`count` calls of `rows` whose result is dropped: a sharded teacher's collectives on a
+    rank with fewer shards to write than the busiest one."""
     for _ in range(count):
-        _rows(cfg, plan, teacher, _on(inputs, positions, rt), name, [0])
+        rows(next(iter(data.domains)), [0])
 
 
 def _on(inputs: torch.Tensor, positions, rt) -> tuple:

@@ -30,7 +30,8 @@ dtypes; the W/b gradient is accumulated over chunks in float32.
 The teacher is ONE argument: a ``DenseSignal`` (hidden states + LM head: teacher logits are
 built chunk by chunk like the student's), a ``SparseSignal`` (a cache: the top-k head plus
 either a tail bucket or importance-weighted tail samples, see ``ddk.losses.sparse``) or
-``None`` (CE only).
+a ``CrossSignal`` (a live teacher with another tokenizer, ``ddk.losses.crosstok``), a
+``SparseCrossSignal`` (its offline cache, ``ddk.losses.crosstok_sparse``) or ``None`` (CE only).
 
 ``naive_distill_loss`` is the plain reference with the same signature (full
 logits, ordinary autograd), and ``chunked_ce_sum`` the evaluation helper
@@ -46,10 +47,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ddk.losses import crosstok, crosstok_merge, sparse
+from ddk.losses import crosstok, crosstok_merge, crosstok_sparse, sparse
 from ddk.losses.divergences import NO_DIVERGENCE, DivergenceFn, get_divergence
 from ddk.methods import divergence_active, method_spec
-from ddk.teacher.signals import CrossSignal, DenseSignal, SparseSignal, TeacherSignal
+from ddk.teacher.signals import (
+    CrossSignal,
+    DenseSignal,
+    SparseCrossSignal,
+    SparseSignal,
+    TeacherSignal,
+)
 
 if TYPE_CHECKING:
     from ddk.config import DistillSection
@@ -103,6 +110,9 @@ def _divergence(logits: Tensor, teacher: TeacherSignal, s: _Settings) -> Tensor:
     """Per-row divergence of one chunk; ``teacher`` holds the chunk's rows (trimmed head)."""
     if isinstance(teacher, SparseSignal):
         return sparse.sparse_divergence(logits, teacher, s.tau, s.divergence, s.skew_lambda)
+    if isinstance(teacher, SparseCrossSignal):
+        return _sparse_cross(logits, teacher, s.divergence_fn, s.tau, s.skew_lambda,
+                             s.cross_mismatch)  # fmt: skip
     with torch.no_grad():
         teacher_logits = _teacher_logits(teacher)
     if isinstance(teacher, CrossSignal):
@@ -111,6 +121,13 @@ def _divergence(logits: Tensor, teacher: TeacherSignal, s: _Settings) -> Tensor:
             s.cross_mismatch,
         )  # fmt: skip
     return s.divergence_fn(logits, teacher_logits, s.tau, s.skew_lambda)
+
+
+def _sparse_cross(logits, teacher: SparseCrossSignal, fn, tau, skew_lambda, mismatch) -> Tensor:
+    rows = crosstok_sparse.SparseCrossRows(*teacher.row_fields)
+    return crosstok_sparse.sparse_cross_divergence(
+        logits, rows, teacher.student_shared, teacher.shared_index, fn, tau, skew_lambda, mismatch
+    )
 
 
 def _teacher_logits(teacher: DenseSignal | CrossSignal) -> Tensor:
@@ -122,7 +139,7 @@ def _with_transform(teacher: TeacherSignal | None, transform) -> TeacherSignal |
     """Fold a ``teacher_transform`` argument into the dense signal that it belongs to."""
     if transform is None or teacher is None:
         return teacher
-    if isinstance(teacher, SparseSignal):
+    if isinstance(teacher, SparseSignal | SparseCrossSignal):
         raise ValueError("teacher_transform applies to a dense teacher; a sparse signal has it")
     return teacher._replace(transform=transform)
 
@@ -155,6 +172,9 @@ def _teacher_rows(teacher: TeacherSignal | None, idx: Tensor) -> TeacherSignal |
         return None
     if isinstance(teacher, SparseSignal):
         return sparse.slice_rows(teacher, idx)
+    if isinstance(teacher, SparseCrossSignal):
+        rows = (t.index_select(0, idx) for t in teacher.row_fields)
+        return SparseCrossSignal(*rows, teacher.student_shared, teacher.shared_index)
     if isinstance(teacher, CrossSignal):
         return crosstok.slice_rows(teacher, idx)
     return teacher._replace(hidden=teacher.hidden.index_select(0, idx).detach())
@@ -289,24 +309,32 @@ def _validate(
         given = [t for t in teacher[3:] if t is not None]  # the sample_* fields
         if given and (len(given) != 3 or any(t.shape != (n, given[0].shape[-1]) for t in given)):
             raise ValueError("sparse teacher: sample_ids, sample_logp, sample_logw must be [N, m]")
-    elif isinstance(teacher, CrossSignal):
-        if teacher.hidden.shape[0] != student_hidden.shape[0] or teacher.mode.shape != (
-            student_hidden.shape[0],
-        ):
-            raise ValueError("cross-tokenizer teacher hidden and mode must have N rows")
-        if teacher.student_shared.shape != teacher.teacher_shared.shape:
-            raise ValueError("cross-tokenizer teacher: shared id lists differ in length")
     elif teacher is not None:
-        raise ValueError(
-            f"teacher must be a DenseSignal, a SparseSignal, a CrossSignal or None, got "
-            f"{type(teacher)}"
-        )
+        _validate_cross(teacher, student_hidden.shape[0])
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if not 0.0 <= skew_lambda <= 1.0:
         raise ValueError(f"skew_lambda must be in [0, 1], got {skew_lambda}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+
+
+def _validate_cross(teacher, n: int) -> None:
+    """`_validate` of a cross-tokenizer teacher's rows (live or cached) against N rows."""
+    if isinstance(teacher, CrossSignal):
+        if teacher.hidden.shape[0] != n or teacher.mode.shape != (n,):
+            raise ValueError("cross-tokenizer teacher hidden and mode must have N rows")
+        if teacher.student_shared.shape != teacher.teacher_shared.shape:
+            raise ValueError("cross-tokenizer teacher: shared id lists differ in length")
+    elif isinstance(teacher, SparseCrossSignal):
+        k = teacher.ids.shape[1]
+        if any(t.shape[0] != n for t in teacher.row_fields) or teacher.logp.shape != (n, k):
+            raise ValueError("sparse cross-tokenizer teacher rows must be [N] or [N, k]")
+    else:
+        raise ValueError(
+            "teacher must be a DenseSignal, a SparseSignal, a CrossSignal, a SparseCrossSignal "
+            f"or None, got {type(teacher)}"
+        )
 
 
 def _uses_teacher(divergence: str, gamma: float, teacher: TeacherSignal | None) -> bool:
@@ -416,6 +444,9 @@ def naive_distill_loss(
             per_token = sparse.sparse_divergence(
                 logits, teacher, float(tau), divergence, float(skew_lambda)
             )
+        elif isinstance(teacher, SparseCrossSignal):
+            per_token = _sparse_cross(logits, teacher, div_fn, float(tau), float(skew_lambda),
+                                      cross_mismatch)  # fmt: skip
         else:
             with torch.no_grad():
                 teacher_logits = _teacher_logits(_trim_teacher(teacher, vocab_size))

@@ -1,8 +1,7 @@
 """The cross-tokenizer divergence (`ddk.losses.crosstok`) from a SPARSE teacher row: what an
-offline cache of a teacher with another tokenizer would hold per aligned student position.
-
-Not yet wired into a cache or a run (`teacher.tokenizer: cross` is online only); this module is
-the loss such a cache feeds, tested against the online one (tests/test_crosstok_sparse.py).
+offline cache of a teacher with another tokenizer holds per student position (`ddk
+cache-teacher` with `teacher.tokenizer: cross`, cache format 3; read back as a
+`SparseCrossSignal`), tested against the online loss (tests/test_crosstok_sparse.py).
 
 Per student row the teacher row holds, at temperature τ and in the TEACHER's vocabulary: its
 top-k ids and log-probs log p_S, the log tail mass log P (as `ddk.losses.sparse`), the log of
@@ -69,7 +68,7 @@ def shared_index(teacher_shared: Tensor, teacher_vocab: int) -> Tensor:
 def sparse_cross_rows(
     signal: CrossSignal, k: int, tau: float, chunk: int = 1024
 ) -> SparseCrossRows:
-    """The rows a cache would store for a live `CrossSignal`: per student row the teacher's top-k
+    """The rows a cache stores for a live `CrossSignal`: per student row the teacher's top-k
     (its vocabulary) at tau, log tail and log shared masses, and the alignment mode, computed
     `chunk` rows at a time (no [rows, V_T] tensor)."""
     parts = []

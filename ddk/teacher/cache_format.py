@@ -17,6 +17,14 @@ sequence, position) (``position_uniforms``). Format 1 (before samples) is format
 the top-k estimator still reads it. Each shard is written to a temporary file and renamed,
 so a shard either exists whole or not at all.
 
+Format 3 is a teacher with ANOTHER tokenizer (`teacher.tokenizer: cross`): per student position
+(the same rows as above) the teacher's top-k ids in ITS vocabulary [n, L, k] (uint16 or uint32
+by the teacher's vocabulary) and log-probs at tau [n, L, k] (float16), the log tail mass
+[n, L], the log mass on the token strings both vocabularies share [n, L] (float32) and the
+alignment mode [n, L] (int8: 0 none, 1 exact, 2 other; `ddk.losses.crosstok_sparse`):
+k·(2 + id bytes) + 9 bytes per token. `shared.npy` beside the manifest holds the shared strings'
+ids [2, M] (int64; row 0 the student's, row 1 the teacher's), its SHA-256 in the manifest.
+
 The manifest's identity (`IDENTITY_KEYS`) says which teacher, data, k, tau and sampling a cache
 holds;
 `data_content_fingerprint` (added without a format change: caches without it are matched on
@@ -31,6 +39,7 @@ and records the checksums.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -47,10 +56,14 @@ from ddk.teacher.signals import SparseSignal
 
 FORMAT_VERSION = 2
 TOPK_FORMATS = (1, 2)  # format 1 is format 2 without tail samples
+CROSS_FORMAT = 3  # a teacher with another tokenizer (module doc)
+SHARED_FILE = "shared.npy"
+SHARED_KEY = "shared_sha256"
 MANIFEST = "manifest.json"
 SHARD_SEQUENCES = 64  # (choice) ~50 MB per shard at seq_len 2048, k = 64, a 150k vocabulary
 LOGP_DTYPE = np.dtype(np.float16)
 TAIL_DTYPE = np.dtype(np.float32)
+MODE_DTYPE = np.dtype(np.int8)
 IDENTITY_KEYS = (
     "format_version",
     "teacher_fingerprint",
@@ -60,6 +73,7 @@ IDENTITY_KEYS = (
     "samples",
     "proposal_power",
     "domains",
+    "teacher_vocab_sha256",  # format 3: the teacher's own vocabulary (absent before: None)
 )
 CONTENT_KEY = "data_content_fingerprint"
 CHECKSUMS_KEY = "shard_sha256"  # {domain: [sha256 of shard 0, 1, ...]}
@@ -69,11 +83,19 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def bytes_per_token(k: int, vocab_size: int, samples: int = 0) -> int:
+def bytes_per_token(k: int, vocab_size: int, samples: int = 0, cross: bool = False) -> int:
     """k ids and log-probs plus the log tail mass; with m tail samples, m more ids and log-probs
-    plus the tail proposal's log normaliser."""
+    plus the tail proposal's log normaliser; `cross` (format 3, `vocab_size` the teacher's):
+    plus the log shared mass and the alignment mode."""
     entry = id_dtype(vocab_size).itemsize + LOGP_DTYPE.itemsize
+    if cross:
+        return k * entry + 2 * TAIL_DTYPE.itemsize + MODE_DTYPE.itemsize
     return (k + samples) * entry + TAIL_DTYPE.itemsize * (2 if samples else 1)
+
+
+def is_cross(m: dict) -> bool:
+    """Whether a cache manifest is of a teacher with another tokenizer (format 3)."""
+    return m.get("format_version") == CROSS_FORMAT
 
 
 def cache_samples(m: dict) -> int:
@@ -85,7 +107,9 @@ def _layout(m: dict, sequences: int) -> list[tuple[str, np.dtype, tuple[int, ...
     """(name, dtype, shape) of each array of a shard of ``sequences`` sequences, in file order."""
     L, k, s, dt = m["seq_len"], int(m["k"]), cache_samples(m), m["dtypes"]
     arrays = [("ids", (k,)), ("logp", (k,)), ("log_tail", ())]
-    if s:
+    if is_cross(m):
+        arrays += [("log_shared", ()), ("mode", ())]
+    elif s:
         arrays += [("sample_ids", (s,)), ("sample_logp", (s,)), ("log_norm", ())]
     return [(name, np.dtype(dt[name]), (sequences, L, *tail)) for name, tail in arrays]
 
@@ -128,6 +152,50 @@ def shard_arrays(
         arrays += [signal.sample_ids, signal.sample_logp, log_norm]
     dtypes = (id_dtype(vocab_size), LOGP_DTYPE, TAIL_DTYPE) * 2
     return [a.cpu().numpy().astype(d) for a, d in zip(arrays, dtypes)]
+
+
+def cross_shard_arrays(rows, teacher_vocab: int) -> list[np.ndarray]:
+    """Sparse cross-tokenizer rows (`ddk.losses.crosstok_sparse.SparseCrossRows`) as a format-3
+    shard's arrays in ``_layout`` order and the stored dtypes."""
+    dtypes = (id_dtype(teacher_vocab), LOGP_DTYPE, TAIL_DTYPE, TAIL_DTYPE, MODE_DTYPE)
+    return [t.cpu().numpy().astype(d) for t, d in zip(rows, dtypes)]
+
+
+def shared_bytes(student_ids: np.ndarray, teacher_ids: np.ndarray) -> bytes:
+    """The bytes of `shared.npy` (format 3): the shared strings' ids as int64 [2, M]."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.stack([student_ids, teacher_ids]).astype(np.int64), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_shared(folder: Path, data: bytes) -> None:
+    """Write `shared.npy` (`shared_bytes`) whole or not at all."""
+    path = folder / SHARED_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_shared(folder: Path, m: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(student ids, teacher ids) of a format-3 cache's shared strings, checked against the
+    manifest's checksum, or a one-line DDKError."""
+    problem = shared_problem(folder, m)
+    if problem:
+        raise DDKError(f"{problem}; rerun `ddk cache-teacher` to rebuild it")
+    pairs = np.load(folder / SHARED_FILE, allow_pickle=False)
+    return pairs[0], pairs[1]
+
+
+def shared_problem(folder: Path, m: dict) -> str:
+    """Why a format-3 cache's `shared.npy` cannot be read ('' when it can, or no format 3)."""
+    if not is_cross(m):
+        return ""
+    path = Path(folder) / SHARED_FILE
+    if not path.is_file():
+        return f"teacher cache file '{path}' is missing"
+    if sha256_file(path) != m.get(SHARED_KEY):
+        return f"teacher cache file '{path}' does not match its checksum (changed or corrupt)"
+    return ""
 
 
 def write_shard(path: Path, arrays: list[np.ndarray]) -> None:
@@ -189,26 +257,37 @@ def shard_values_problem(folder: Path, m: dict, name: str, shard: int) -> str:
     before checksums existed): it catches random bytes and edited log-probs, not a shard
     swapped for another valid one."""
     path = shard_path(folder, m["domains"][name], shard)
-    vocab = m["vocab_size"]
+    vocab = m["teacher_vocab_size"] if is_cross(m) else m["vocab_size"]
     arrays = open_shard(folder, m, name, shard)
     for seq in range(arrays[0].shape[0]):  # one sequence at a time: bounded memory
         ids, logp, log_tail, *tail = (np.asarray(a[seq]) for a in arrays)
         logp, log_tail = logp.astype(np.float32), log_tail.astype(np.float32)
         problem = ""
-        if int(ids.max(initial=0)) >= vocab or (tail and int(tail[0].max(initial=0)) >= vocab):
-            problem = f"token ids beyond the vocabulary of {vocab}"
-        elif any(np.isnan(a).any() or (a > LOGP_SLACK).any() for a in (logp, log_tail)):
-            problem = "log-probabilities that are NaN or above 0"
-        elif tail and (np.isnan(tail[1]).any() or (tail[1] > LOGP_SLACK).any()):
-            problem = "tail sample log-probabilities that are NaN or above 0"
-        elif tail and not np.isfinite(tail[2]).all():
-            problem = "tail proposal normalisers that are not finite"
-        else:
-            mass = np.exp(logp).sum(-1) + np.exp(log_tail)
-            if np.abs(mass - 1).max() > MASS_TOLERANCE:
-                problem = "top-k probabilities and tail mass that do not sum to 1"
+        if is_cross(m):  # tail: the log shared mass and the alignment mode
+            if ((tail[1] < 0) | (tail[1] > 2)).any():
+                problem = "alignment modes other than 0, 1, 2"
+            elif np.isnan(tail[0]).any() or (tail[0] > LOGP_SLACK).any():
+                problem = "shared-string log masses that are NaN or above 0"
+            tail = []
+        problem = problem or _row_problem(ids, logp, log_tail, tail, vocab)
         if problem:
             return f"teacher cache shard '{path}' holds {problem} (sequence {seq})"
+    return ""
+
+
+def _row_problem(ids, logp, log_tail, tail: list, vocab: int) -> str:
+    """`shard_values_problem` of one sequence's top-k head (and tail samples, if any)."""
+    if int(ids.max(initial=0)) >= vocab or (tail and int(tail[0].max(initial=0)) >= vocab):
+        return f"token ids beyond the vocabulary of {vocab}"
+    if any(np.isnan(a).any() or (a > LOGP_SLACK).any() for a in (logp, log_tail)):
+        return "log-probabilities that are NaN or above 0"
+    if tail and (np.isnan(tail[1]).any() or (tail[1] > LOGP_SLACK).any()):
+        return "tail sample log-probabilities that are NaN or above 0"
+    if tail and not np.isfinite(tail[2]).all():
+        return "tail proposal normalisers that are not finite"
+    mass = np.exp(logp).sum(-1) + np.exp(log_tail)
+    if np.abs(mass - 1).max() > MASS_TOLERANCE:
+        return "top-k probabilities and tail mass that do not sum to 1"
     return ""
 
 
@@ -364,6 +443,7 @@ def is_finished(folder: Path, plan: dict) -> bool:
         bool(old.get("complete"))
         and same_cache(old, plan)
         and CHECKSUMS_KEY in old  # a cache from before checksums: a rerun checks and adds them
+        and not shared_problem(folder, old)
         and not any(
             shard_problem(folder, old, name, j)
             for name, info in old["domains"].items()

@@ -34,7 +34,9 @@ import torch
 
 from ddk.logits import hidden_and_head, logit_transform
 from ddk.losses import chunked_ce_sum
+from ddk.models import check_vocab, embedding_rows, load_tokenizer
 from ddk.teacher.alignment import Tokens, align, mismatch_spans
+from ddk.teacher.placement import load_configured_teacher
 from ddk.teacher.retokenize import Retokenizer, shared_vocabulary
 from ddk.teacher.signals import Batch, CrossSignal, MergeGroups
 
@@ -55,7 +57,7 @@ class CrossTokenizerTeacher:
             tokenizer, data.manifest.tokenizer.bos_token_id, data.manifest.tokenizer.eos_token_id
         )
         s_ids, t_ids = shared_vocabulary(student_tokenizer, tokenizer)
-        self.vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+        self.vocab = tokenizer_vocab(tokenizer)
         self.device = model.get_output_embeddings().weight.device
         self.student_shared = torch.as_tensor(s_ids, device=self.device)
         self.teacher_shared = torch.as_tensor(t_ids, device=self.device)
@@ -191,6 +193,28 @@ def merge_groups(rows, hidden, gathered, mode, L: int) -> MergeGroups:
     as_long = functools.partial(torch.as_tensor, dtype=torch.long, device=device)
     prefix_hidden = hidden[as_long(t_rows), as_long(t_pos)].reshape(-1, hidden.shape[-1])
     return MergeGroups(student_row, prefix_hidden, as_long(t_ids_next), as_long(t_loss_row))
+
+
+def tokenizer_vocab(tokenizer) -> int:
+    """The teacher's vocabulary size: every id its tokenizer can give (specials included)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+
+
+def cross_tokenizers(cfg) -> tuple:
+    """(teacher tokenizer, student tokenizer) of a `teacher.tokenizer: cross` config."""
+    trust = cfg.model.trust_remote_code
+    return load_tokenizer(cfg.model.teacher, trust), load_tokenizer(cfg.model.student, trust)
+
+
+def load_cross_teacher(cfg, data, runtime) -> CrossTokenizerTeacher:
+    """model.teacher, placed as `teacher.placement` asks, with its own tokenizer."""
+    model = load_configured_teacher(cfg, runtime)
+    tokenizer, student_tokenizer = cross_tokenizers(cfg)
+    check_vocab(len(tokenizer), embedding_rows(model), embedding_rows(model))
+    return CrossTokenizerTeacher(
+        model, tokenizer, student_tokenizer, data, autocast=runtime.autocast,
+        chunk=cfg.distill.loss_chunk_tokens, mismatch=cfg.distill.cross_mismatch,
+    )  # fmt: skip
 
 
 def per_byte_result(nll: float, student_targets: int, nbytes: int) -> dict:

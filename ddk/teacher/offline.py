@@ -1,5 +1,6 @@
-"""The offline teacher: a `ddk cache-teacher` cache (top-k head, sampled tail) read back, so
-training loads no teacher model at all; and the preflight check that a cache can serve a run."""
+"""The offline teacher: a `ddk cache-teacher` cache (top-k head, sampled tail; or a teacher
+with another tokenizer's top-k rows, format 3) read back, so training loads no teacher model at
+all; and the preflight check that a cache can serve a run."""
 
 from __future__ import annotations
 
@@ -12,21 +13,34 @@ import torch
 
 from ddk import identity
 from ddk.data.split import HELDOUT_WINDOWS
+from ddk.data.vocab import vocab_hash
 from ddk.errors import DDKError
 from ddk.identity import Strength
+from ddk.losses.crosstok_sparse import shared_index
+from ddk.models import load_tokenizer
 from ddk.ranks import print0
 from ddk.teacher.cache_format import (
     CHECKSUMS_KEY,
     CONTENT_KEY,
+    CROSS_FORMAT,
     TOPK_FORMATS,
     cache_samples,
+    is_cross,
     open_shard,
     read_cache_manifest,
+    read_shared,
     shard_problem,
+    shared_problem,
 )
 from ddk.teacher.perplexity import SharedPerplexities, hash_memo
 from ddk.teacher.sampling import sample_log_weights
-from ddk.teacher.signals import Batch, SparseSignal
+from ddk.teacher.signals import Batch, SparseCrossSignal, SparseSignal
+
+# What each array of a shard's layout becomes in a signal (`cache_format._layout` order): ids,
+# log-probs, log tail, then sample ids, their log-probs, log normaliser; or (format 3) log
+# shared mass and alignment mode.
+_TOPK_KINDS = (np.int64, np.float32, np.float32, np.int64, np.float32, np.float32)
+_CROSS_KINDS = (np.int64, np.float32, np.float32, np.float32, np.int8)
 
 
 class OfflineTeacher:
@@ -53,7 +67,12 @@ class OfflineTeacher:
         self.k = int(self.manifest["k"])
         self.tau = float(self.manifest["tau"])
         self.samples = cache_samples(self.manifest)
-        if estimator == "sampled" and not self.samples:
+        self.cross = is_cross(self.manifest)  # top-k only: the estimator does not apply
+        if self.cross:
+            s_ids, t_ids = (torch.from_numpy(a) for a in read_shared(self.folder, self.manifest))
+            self.student_shared = s_ids.to(device)
+            self.shared_index = shared_index(t_ids, self.manifest["teacher_vocab_size"]).to(device)
+        elif estimator == "sampled" and not self.samples:
             raise DDKError(
                 f"teacher cache '{self.folder}' holds no tail samples; rebuild it with "
                 "`ddk cache-teacher` or set teacher.sparse_estimator=topk"
@@ -101,7 +120,7 @@ class OfflineTeacher:
             self._maps.popitem(last=False)
         return arrays
 
-    def signal(self, batch: Batch) -> SparseSignal:
+    def signal(self, batch: Batch) -> SparseSignal | SparseCrossSignal:
         per = self.manifest["shard_sequences"]
         L = batch.input_ids.shape[1]
         if L != self.manifest["seq_len"]:
@@ -109,11 +128,16 @@ class OfflineTeacher:
         pairs = np.asarray(batch.rows).tolist()
         shards = [self._shard(self.domains[d], i // per) for d, i in pairs]
 
+        kinds = _CROSS_KINDS if self.cross else _TOPK_KINDS
+
         def stacked(j: int) -> torch.Tensor:  # array j of the shard layout, rows of the batch
             arr = np.stack([arrays[j][i % per] for arrays, (_, i) in zip(shards, pairs)])
-            arr = arr.astype(np.int64 if j in (0, 3) else np.float32, copy=False)  # ids: 0, 3
+            arr = arr.astype(kinds[j], copy=False)
             return torch.from_numpy(arr.reshape(-1, *arr.shape[2:])).to(self.device)
 
+        if self.cross:
+            rows = (stacked(j) for j in range(5))
+            return SparseCrossSignal(*rows, self.student_shared, self.shared_index)
         ids, logp, log_tail, *tail = (stacked(j) for j in range(6 if self.sampled else 3))
         if not tail:
             return SparseSignal(ids, logp, log_tail)
@@ -147,27 +171,29 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
     except DDKError as e:
         return [f"teacher.cache: {e}"]
     where = f"teacher.cache: '{cfg.teacher.cache}'"
-    if m.get("format_version") not in TOPK_FORMATS:
+    cross = cfg.teacher.tokenizer == "cross"
+    if m.get("format_version") in (*TOPK_FORMATS, CROSS_FORMAT) and is_cross(m) != cross:
+        built, wanted = ("another", "same") if is_cross(m) else ("the student's", "cross")
+        return [
+            f"{where} was built for a teacher with {built} tokenizer, but teacher.tokenizer is "
+            f"'{wanted}'; build a cache with this teacher.tokenizer (or point at the right one)"
+        ]
+    if m.get("format_version") not in ((CROSS_FORMAT,) if cross else TOPK_FORMATS):
         return [f"{where} has cache format {m.get('format_version')}; build it again"]
+    if cross:
+        return _cross_problems(cfg, m, where, prepared_manifest, domains)
     if cfg.teacher.sparse_estimator == "sampled" and not cache_samples(m):
         return [
             f"{where} holds no tail samples (top-k only: built with sparse_estimator topk or by "
             "an older ddk); rebuild it with `ddk cache-teacher` or set "
             "teacher.sparse_estimator=topk"
         ]
-    problems = []
-    if not m.get("complete"):
-        problems.append(f"{where} is incomplete; finish it with `ddk cache-teacher`")
-    elif CHECKSUMS_KEY not in m:
+    problems = _common_problems(cfg, m, where, prepared_manifest, domains)
+    if m.get("complete") and CHECKSUMS_KEY not in m:
         print0(
             f"warning: {where} was written before ddk recorded shard checksums: each shard's "
             "values are checked when first read, not its exact bytes; rerun `ddk "
             "cache-teacher` with this config to check every shard and record its checksum"
-        )
-    if int(m["k"]) != cfg.teacher.cache_k:  # k only sets how a cache is built: say which one
-        print0(
-            f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
-            f"{cfg.teacher.cache_k}; distilling with k = {m['k']}"
         )
     if cfg.teacher.sparse_estimator == "sampled" and cache_samples(m) != cfg.teacher.cache_samples:
         print0(
@@ -175,6 +201,19 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
             f"teacher.cache_samples={cfg.teacher.cache_samples}; distilling with "
             f"{cache_samples(m)}"
         )
+    return problems
+
+
+def _common_problems(cfg, m: dict, where: str, prepared_manifest, domains: list[str]) -> list:
+    """What every cache must match: finished, the run's tau, data and teacher."""
+    problems = []
+    if int(m["k"]) != cfg.teacher.cache_k:  # k only sets how a cache is built: say which one
+        print0(
+            f"warning: {where} holds the teacher's top-{m['k']}, not teacher.cache_k="
+            f"{cfg.teacher.cache_k}; distilling with k = {m['k']}"
+        )
+    if not m.get("complete"):
+        problems.append(f"{where} is incomplete; finish it with `ddk cache-teacher`")
     if float(m["tau"]) != float(cfg.distill.tau):
         problems.append(
             f"{where} was built at tau {m['tau']} but distill.tau is {cfg.distill.tau}; use the "
@@ -184,6 +223,30 @@ def cache_problems(cfg, prepared_manifest, domains: list[str]) -> list[str]:
         problems += _data_problems(cfg, m, where, prepared_manifest, domains)
     if cfg.model.teacher:
         problems += _teacher_problems(cfg, m, where, domains)
+    return problems
+
+
+def _cross_problems(cfg, m: dict, where: str, prepared_manifest, domains: list[str]) -> list:
+    """A cache of a teacher with another tokenizer (format 3): as any cache, plus its shared
+    strings' file, the teacher's own tokenizer (when it is on this machine) and the
+    perplexities DDK steers by."""
+    problems = _common_problems(cfg, m, where, prepared_manifest, domains)
+    shared = shared_problem(Path(cfg.teacher.cache).expanduser(), m)
+    if shared:
+        problems.append(f"{shared}; rerun `ddk cache-teacher` to rebuild it")
+    if cfg.model.teacher and identity.teacher_on_disk(cfg.model.teacher):
+        try:
+            tokenizer = load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code)
+        except DDKError:  # no tokenizer there: preflight warns of it
+            tokenizer = None
+        if tokenizer is not None and vocab_hash(tokenizer) != m.get("teacher_vocab_sha256"):
+            problems.append(
+                f"{where} was built for another teacher tokenizer than model.teacher's "
+                f"('{cfg.model.teacher}'); run `ddk cache-teacher` with this teacher"
+            )
+    if m.get("complete") and m.get("teacher_ppl_windows") != HELDOUT_WINDOWS:
+        problems.append(f"{where} holds teacher perplexities of older held-out windows; "
+                        "run `ddk cache-teacher` into a new folder")  # fmt: skip
     return problems
 
 

@@ -86,11 +86,19 @@ def _teacher_bos(teacher) -> int:
 
 
 def cross_tokenizer_problems(cfg, manifest, tokenizers: dict, samples: int = 8) -> list[str]:
-    """Preflight of `teacher.tokenizer: cross` (before any weights load): online mode, data
-    with byte spans, and a teacher tokenizer that gives back the text of the data's first
-    held-out windows."""
-    if cfg.teacher.mode != "online":
-        return ["teacher.tokenizer: 'cross' needs teacher.mode 'online' (no offline cache yet)"]
+    """Preflight of `teacher.tokenizer: cross` (before any weights load): online or offline
+    mode (the cache's own checks: `ddk.teacher.offline`), data with byte spans, and a teacher
+    tokenizer that gives back the text of the data's first held-out windows."""
+    if cfg.teacher.mode == "served":
+        return [
+            "teacher.tokenizer: 'cross' needs teacher.mode 'online' or 'offline' (a server "
+            "scores the student's token ids, not the teacher's)"
+        ]
+    if cfg.teacher.mode == "offline" and cfg.distill.cross_mismatch == "merge":
+        return [
+            "distill.cross_mismatch: 'merge' needs teacher.mode 'online' (a cache stores no "
+            "span prefixes); use uld or skip offline"
+        ]
     if manifest is not None and not (manifest.model_extra or {}).get("byte_spans"):
         return [
             f"data.prepared: '{cfg.data.prepared}' has no byte spans, which a teacher with "

@@ -98,7 +98,27 @@ class CrossSignal(NamedTuple):
     merge_terms: MergeTerms | None = None  # filled by the loss from `merge`
 
 
-TeacherSignal = DenseSignal | SparseSignal | CrossSignal
+class SparseCrossSignal(NamedTuple):
+    """A teacher with ANOTHER tokenizer read from an offline cache (`ddk cache-teacher` with
+    `teacher.tokenizer: cross`): per student row, the teacher's top-k ids (its vocabulary) and
+    log-probs at tau, the log mass outside them, the log mass on the shared token strings and
+    the alignment mode (as `CrossSignal`). The loss is `ddk.losses.crosstok_sparse`."""
+
+    ids: torch.Tensor  # [N, k] int64 teacher ids
+    logp: torch.Tensor  # [N, k]
+    log_tail: torch.Tensor  # [N]
+    log_shared: torch.Tensor  # [N]
+    mode: torch.Tensor  # [N] int8: 0 none, 1 exact, 2 other
+    student_shared: torch.Tensor  # [M] int64: student ids of the shared token strings
+    shared_index: torch.Tensor  # [V_T] int64: each teacher id's index among them (-1: none)
+
+    @property
+    def row_fields(self) -> tuple[torch.Tensor, ...]:
+        """The per-row tensors (ids, logp, log_tail, log_shared, mode)."""
+        return tuple(self[:5])
+
+
+TeacherSignal = DenseSignal | SparseSignal | CrossSignal | SparseCrossSignal
 
 
 class Batch(NamedTuple):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from ddk.errors import DDKError
 from ddk.methods import method_spec
-from ddk.models import check_vocab, embedding_rows, load_tokenizer
+from ddk.models import check_vocab, embedding_rows
 from ddk.teacher.cache_format import cache_identity
-from ddk.teacher.crosstok import CrossTokenizerTeacher
+from ddk.teacher.crosstok import CrossTokenizerTeacher, load_cross_teacher
 from ddk.teacher.offline import OfflineTeacher
 from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.per_domain import PerDomainTeachers, teacher_groups
@@ -65,10 +65,10 @@ def teacher_source(
         # No teacher model: the signal and the perplexities come from the cache (a cache
         # without perplexities falls back to computing them, when model.teacher is set).
         check_vocab(data.vocab_size, None, student_rows)
-        fallback = None
+        fallback = None  # a cross-tokenizer cache holds its perplexities (preflight checks)
         if len(groups) > 1:
             fallback = lambda: per_domain(load=False)  # noqa: E731
-        elif cfg.model.teacher:
+        elif cfg.model.teacher and cfg.teacher.tokenizer != "cross":
             fallback = shared
         return OfflineTeacher(
             cfg.teacher.cache,
@@ -107,14 +107,7 @@ def _served(cfg, data, runtime, groups, student_rows, plan, step) -> ServedTeach
 def _cross_teacher(cfg, data, runtime, student_rows: int) -> CrossTokenizerTeacher:
     """A live teacher with its own tokenizer (also for cpt's perplexities: they need it)."""
     check_vocab(data.vocab_size, None, student_rows)
-    model = load_configured_teacher(cfg, runtime)
-    tokenizer = load_tokenizer(cfg.model.teacher, cfg.model.trust_remote_code)
-    check_vocab(len(tokenizer), embedding_rows(model), embedding_rows(model))
-    student_tokenizer = load_tokenizer(cfg.model.student, cfg.model.trust_remote_code)
-    return CrossTokenizerTeacher(
-        model, tokenizer, student_tokenizer, data, autocast=runtime.autocast,
-        chunk=cfg.distill.loss_chunk_tokens, mismatch=cfg.distill.cross_mismatch,
-    )  # fmt: skip
+    return load_cross_teacher(cfg, data, runtime)
 
 
 def pinned_cache(cfg) -> str | None:
