@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from ddk.cli import main
 from ddk.config import PrepareSection
@@ -159,6 +160,48 @@ def test_a_teacher_tokenizer_that_changes_the_text_is_refused_before_weights_loa
     err = one_error_line(capsys.readouterr().err)
     assert "does not give the data's text back" in err and "character" in err
     assert not (tmp_path / "run").exists()
+
+
+def _fullwidth(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c.isalnum() else c for c in text)
+
+
+def test_a_teacher_tokenizer_that_changes_training_text_only_is_refused(
+    tmp_path, tokenizer_dir, student_dir, capsys
+):
+    """An NFKC tokenizer turns full-width letters into ASCII. Here they sit only at the end of
+    long documents, past every held-out window, so only the training text holds them: the
+    teacher would read other text than the student at every step."""
+    words = "the model reads text and code".split()
+    for domain in ("prose", "notes"):
+        (tmp_path / "corpus" / domain).mkdir(parents=True)
+        with open(tmp_path / "corpus" / domain / "d.jsonl", "w") as fh:
+            for i in range(24):
+                body = f"doc {i} " + " ".join(words[(i + j * j) % len(words)] for j in range(120))
+                tail = f"\n{_fullwidth('Subject ' + domain)} {i}" if domain == "notes" else ""
+                fh.write(json.dumps({"text": body + tail}) + "\n")
+    data = tmp_path / "data"
+    prepare(PrepareSection(input=str(tmp_path / "corpus"), output=str(data), seq_len=32,
+                           val_sequences=4, heldout_windows_per_document=1, byte_spans=True),
+            str(tokenizer_dir), progress=False)  # fmt: skip
+    notes = (data / "notes" / "train_text.bin").read_bytes().decode()
+    assert "Ｓ" not in (data / "notes" / "val_text.bin").read_bytes().decode()
+    lossy = Tokenizer(models.BPE())
+    lossy.normalizer = normalizers.NFKC()
+    lossy.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    lossy.decoder = decoders.ByteLevel()
+    lossy.train_from_iterator(["abc"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    teacher = tmp_path / "nfkc"
+    PreTrainedTokenizerFast(tokenizer_object=lossy, eos_token="<eos>").save_pretrained(teacher)
+    AutoConfig.from_pretrained(student_dir).save_pretrained(teacher)  # no weights file
+    cfg = _cross_config(tmp_path, teacher, student_dir, data)
+    assert main(["distill", cfg]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    at = notes.index("Ｓ")
+    assert f"domain 'notes', train text: it first differs at character {at}:" in err
+    assert "comes back as 'Subject" in err and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
