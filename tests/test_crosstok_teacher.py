@@ -172,7 +172,7 @@ def test_a_teacher_tokenizer_that_changes_training_text_only_is_refused(
     """An NFKC tokenizer turns full-width letters into ASCII. Here they sit only at the end of
     long documents, past every held-out window, so only the training text holds them: the
     teacher would read other text than the student at every step."""
-    words = "the model reads text and code".split()
+    words = ["the", "model", "reads", "text", "and", "code"]
     for domain in ("prose", "notes"):
         (tmp_path / "corpus" / domain).mkdir(parents=True)
         with open(tmp_path / "corpus" / domain / "d.jsonl", "w") as fh:
