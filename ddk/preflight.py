@@ -82,7 +82,7 @@ def drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
         except ValidationError as err:
             # Decide every removal before making any: one bad value can raise several errors
             # (one per union branch), and a later one must not climb to the whole section.
-            targets = {_deepest_key(data, [str(p) for p in e["loc"]]) for e in err.errors()}
+            targets = {_deepest_key(data, _key_of(e)) for e in err.errors()}
             for path in sorted(targets - {()}, key=len, reverse=True):
                 parent = data
                 for part in path[:-1]:
@@ -91,11 +91,23 @@ def drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
     return None
 
 
+# A cross-field rule's error names the model it validates; the key that depends on the others
+# is the one to drop (dropping the whole section would hide its valid keys, e.g. the student).
+_DEPENDENT_KEY = {(): ["trainer", "min_lr"], ("model",): ["model", "teachers"]}
+
+
+def _key_of(error: dict) -> list[str]:
+    loc = [str(p) for p in error["loc"]]
+    if error["type"] == "value_error" and tuple(loc) in _DEPENDENT_KEY:
+        return _DEPENDENT_KEY[tuple(loc)]
+    return loc
+
+
 def _deepest_key(data: dict, loc: list[str]) -> tuple[str, ...]:
     """The deepest mapping key on `loc` that exists (a list item or a union's type tag in the
     location selects the whole value that holds it)."""
     if not loc:  # a cross-field rule (min_lr > lr): the dependent key
-        loc = ["trainer", "min_lr"]
+        loc = _DEPENDENT_KEY[()]
     path, node = [], data
     for part in loc:
         if not isinstance(node, dict) or part not in node:

@@ -297,6 +297,7 @@ def test_teachers_without_a_default_teacher_is_refused(tmp_path, student_dir, pr
     path = write_config(tmp_path / "c.yaml", {**values, "model.teachers": {"math": "x"}})
     status, line = _cli(["distill", path], capsys)
     assert status == 2 and "model.teachers needs model.teacher" in line
+    assert "model.student" not in line  # the rest of the model section is kept and checked
 
 
 def test_demo_names_runs_with_a_teacher_per_domain():
