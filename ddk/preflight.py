@@ -24,7 +24,7 @@ from ddk.methods import method_spec
 from ddk.models import check_tokenizers_match, load_tokenizer, resolve_local_path
 from ddk.ranks import print0
 from ddk.teacher.offline import cache_problems
-from ddk.teacher.placement import teachers_placement_problem
+from ddk.teacher.placement import launch_placement_problem, teachers_placement_problem
 from ddk.teacher.retokenize import cross_tokenizer_problems
 
 
@@ -133,6 +133,8 @@ def preflight_problems(cfg: Config, *, teachers_at_once: bool = True) -> list[st
     if manifest:
         _data_model_problems(cfg, manifest, configs, tokenizers, problems)
     problems.extend(_teacher_tokenizer_problems(cfg, manifest, tokenizers))
+    if _teacher_roles(cfg) and (problem := launch_placement_problem(cfg)):
+        problems.append(problem)
     if teachers_at_once:
         problems.extend(_placement_problems(cfg, configs))
     if cfg.model.lora is not None and "student" in configs:
