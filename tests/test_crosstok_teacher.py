@@ -135,26 +135,27 @@ def test_data_without_byte_spans_is_refused(tmp_path, other_teacher_dir, student
     assert "prepare.byte_spans: true" in err and not (tmp_path / "run").exists()
 
 
-def test_a_teacher_tokenizer_that_changes_the_text_is_refused_before_weights_load(
-    tmp_path, spans_data, student_dir, capsys
-):
-    """A lowercasing tokenizer, and no weights at all: preflight names the first character
-    that does not come back, exit 2, before any weights are read."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import AutoConfig, PreTrainedTokenizerFast
-
+def _lossy_teacher(folder, normalizer, student_dir):
+    """A teacher folder with a tokenizer whose `normalizer` changes text, and no weights at
+    all: a refusal that came after weights load would name the missing weight file."""
     lossy = Tokenizer(models.BPE())
-    lossy.normalizer = normalizers.Lowercase()
+    lossy.normalizer = normalizer
     lossy.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     lossy.decoder = decoders.ByteLevel()
-    from tokenizers import trainers
-
     lossy.train_from_iterator(["abc"], trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<eos>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
-    teacher = tmp_path / "lossy"
-    PreTrainedTokenizerFast(tokenizer_object=lossy, eos_token="<eos>").save_pretrained(teacher)
-    AutoConfig.from_pretrained(student_dir).save_pretrained(teacher)  # no weights file
+    PreTrainedTokenizerFast(tokenizer_object=lossy, eos_token="<eos>").save_pretrained(folder)
+    AutoConfig.from_pretrained(student_dir).save_pretrained(folder)  # no weights file
+    return folder
+
+
+def test_a_teacher_tokenizer_that_changes_the_text_is_refused_before_weights_load(
+    tmp_path, spans_data, student_dir, capsys
+):
+    """A lowercasing tokenizer: preflight names the first character that does not come back,
+    exit 2, before any weights are read."""
+    teacher = _lossy_teacher(tmp_path / "lossy", normalizers.Lowercase(), student_dir)
     cfg = _cross_config(tmp_path, teacher, student_dir, spans_data.folder)
     assert main(["distill", cfg]) == 2
     err = one_error_line(capsys.readouterr().err)
@@ -186,16 +187,7 @@ def test_a_teacher_tokenizer_that_changes_training_text_only_is_refused(
             str(tokenizer_dir), progress=False)  # fmt: skip
     notes = (data / "notes" / "train_text.bin").read_bytes().decode()
     assert "Ｓ" not in (data / "notes" / "val_text.bin").read_bytes().decode()
-    lossy = Tokenizer(models.BPE())
-    lossy.normalizer = normalizers.NFKC()
-    lossy.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    lossy.decoder = decoders.ByteLevel()
-    lossy.train_from_iterator(["abc"], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
-    teacher = tmp_path / "nfkc"
-    PreTrainedTokenizerFast(tokenizer_object=lossy, eos_token="<eos>").save_pretrained(teacher)
-    AutoConfig.from_pretrained(student_dir).save_pretrained(teacher)  # no weights file
+    teacher = _lossy_teacher(tmp_path / "nfkc", normalizers.NFKC(), student_dir)
     cfg = _cross_config(tmp_path, teacher, student_dir, data)
     assert main(["distill", cfg]) == 2
     err = one_error_line(capsys.readouterr().err)
