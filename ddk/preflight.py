@@ -21,7 +21,12 @@ from ddk.harness import BenchmarkPlan, plan_problems
 from ddk.identity import teacher_on_disk
 from ddk.lora import lora_problems
 from ddk.methods import method_spec
-from ddk.models import check_tokenizers_match, load_tokenizer, resolve_local_path
+from ddk.models import (
+    check_tokenizers_match,
+    load_tokenizer,
+    resolve_local_path,
+    tokenizer_file_difference,
+)
 from ddk.ranks import print0
 from ddk.teacher.offline import cache_problems
 from ddk.teacher.placement import launch_placement_problem, teachers_placement_problem
@@ -220,6 +225,10 @@ def _teacher_tokenizer_problems(cfg: Config, manifest, tokenizers: dict) -> list
     tokenizer against the student's."""
     if cfg.teacher.tokenizer == "cross":
         problems = list(cross_tokenizer_problems(cfg, manifest, tokenizers))
+        if "teacher" in tokenizers:  # it encodes the data's text at every step
+            differs = tokenizer_file_difference(tokenizers["teacher"], cfg.model.teacher)
+            if differs:
+                print0(f"warning: model.teacher: {differs}")
         if set(cfg.model.teachers.values()) - {cfg.model.teacher}:
             problems.append(
                 "teacher.tokenizer: cross takes one teacher; unset model.teachers (a teacher per "

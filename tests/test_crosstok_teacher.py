@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from ddk.cli import main
 from ddk.config import PrepareSection
@@ -23,6 +30,7 @@ from ddk.losses.chunked import fused_distill_loss
 from ddk.losses.crosstok import cross_divergence
 from ddk.losses.crosstok_sparse import shared_index, sparse_cross_divergence, sparse_cross_rows
 from ddk.losses.divergences import DIVERGENCES
+from ddk.models import tokenizer_file_difference
 from ddk.teacher.crosstok import CrossTokenizerTeacher
 from ddk.teacher.signals import Batch, DenseSignal
 from tests.conftest import one_error_line, run_config, write_config
@@ -194,6 +202,38 @@ def test_a_teacher_tokenizer_that_changes_training_text_only_is_refused(
     at = notes.index("Ｓ")
     assert f"domain 'notes', train text: it first differs at character {at}:" in err
     assert "comes back as 'Subject" in err and not (tmp_path / "run").exists()
+
+
+def test_a_teacher_tokenizer_transformers_rebuilds_is_warned_about(
+    tmp_path, spans_data, student_dir, corpus, capsys
+):
+    """A Unigram tokenizer.json in a qwen2 model folder: transformers 5 loads it as
+    Qwen2Tokenizer (a BPE without the file's pieces), which still gives the text back but cuts
+    it otherwise than the model was trained with. The preflight says so; a folder whose class
+    keeps its tokenizer.json (TokenizersBackend for a mistral config) passes silently."""
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    unigram.decoder = decoders.ByteLevel()
+    texts = [t for docs in corpus[1].values() for t in docs]
+    unigram.train_from_iterator(texts, trainers.UnigramTrainer(
+        vocab_size=320, special_tokens=["<eos>"], unk_token="<eos>", show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    for name, config in (("qwen2", Qwen2Config), ("mistral", MistralConfig)):
+        folder = tmp_path / name
+        PreTrainedTokenizerFast(tokenizer_object=unigram, eos_token="<eos>").save_pretrained(folder)
+        config(vocab_size=320, hidden_size=32, num_attention_heads=1, num_hidden_layers=1,
+               intermediate_size=64).save_pretrained(folder)  # fmt: skip
+    differs = tokenizer_file_difference(AutoTokenizer.from_pretrained(tmp_path / "qwen2"), "q")
+    assert differs is None  # "q" is no folder here: nothing to compare with
+    qwen2 = AutoTokenizer.from_pretrained(tmp_path / "qwen2")
+    differs = tokenizer_file_difference(qwen2, str(tmp_path / "qwen2"))
+    assert "as Qwen2Tokenizer, which splits text differently from its tokenizer.json" in differs
+    mistral = AutoTokenizer.from_pretrained(tmp_path / "mistral")
+    assert tokenizer_file_difference(mistral, str(tmp_path / "mistral")) is None
+    capsys.readouterr()
+    cfg = _cross_config(tmp_path, tmp_path / "qwen2", student_dir, spans_data.folder)
+    assert main(["distill", cfg]) == 2  # the folder has no weights: stops when they load
+    assert f"warning: model.teacher: {differs}" in capsys.readouterr().out
 
 
 @pytest.mark.slow
