@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from ddk.config import LoraSection
 from ddk.errors import DDKError
+from ddk.models import whole_weights
 
 ADAPTER = "default"  # peft's name for the one adapter ddk trains
 ALL_LINEAR = "all-linear"
@@ -101,7 +102,8 @@ def lora_problems(lora: LoraSection, model_config, trust_remote_code: bool) -> l
         _peft()
     except DDKError as e:
         return [f"model.lora: {e}"]
-    with torch.device("meta"):
+    # whole_weights: under a ZeRO-3 launch transformers would partition (and initialise) it.
+    with whole_weights(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     return target_problems(lora, model)
 

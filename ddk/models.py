@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import deepspeed as hf_deepspeed
 
@@ -57,6 +58,37 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     if not getattr(tok, "is_fast", False):
         raise DDKError(f"tokenizer '{name}' has no fast (Rust) version; ddk needs a fast tokenizer")
     return tok
+
+
+# Digits, accents (composed and not), full-width letters, whitespace runs and code: text that
+# normalizers and pre-tokenizers treat differently.
+_PROBE = "Hello World 12345 + 678 = 13023; cafe\u0301 café ＦＵＬＬ  \t\n  x=[1,2] # ÉCOLE straße"
+
+
+def tokenizer_file_difference(tok, name: str) -> str | None:
+    """How the tokenizer transformers built for `name` splits text differently from the
+    folder's own tokenizer.json, or None. transformers 5 builds a model type's tokenizer class
+    (Qwen2Tokenizer for a qwen2 config, ...), which replaces the file's normalizer,
+    pre-tokenizer and decoder with the class's own (huggingface/transformers#44462): a model
+    trained with its tokenizer.json then reads text cut another way, with the same vocabulary."""
+    folder = local_model_folder(name, "tokenizer")
+    file = folder / "tokenizer.json" if folder is not None else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        own = Tokenizer.from_file(str(file)).encode(_PROBE, add_special_tokens=False).ids
+    except Exception:  # a file the tokenizers library cannot read: nothing to compare with
+        return None
+    built = tok(_PROBE, add_special_tokens=False)["input_ids"]
+    if list(built) == list(own):
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(built, own)) if a != b), min(len(built), len(own)))
+    return (
+        f"transformers loads the tokenizer of '{name}' as {type(tok).__name__}, which splits "
+        f"text differently from its tokenizer.json (a probe text: {len(built)} tokens against "
+        f"{len(own)}, first different at token {at}); ddk uses what transformers loads, so "
+        "check that the model was trained with that tokenisation"
+    )
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -21,10 +21,15 @@ from ddk.harness import BenchmarkPlan, plan_problems
 from ddk.identity import teacher_on_disk
 from ddk.lora import lora_problems
 from ddk.methods import method_spec
-from ddk.models import check_tokenizers_match, load_tokenizer, resolve_local_path
+from ddk.models import (
+    check_tokenizers_match,
+    load_tokenizer,
+    resolve_local_path,
+    tokenizer_file_difference,
+)
 from ddk.ranks import print0
 from ddk.teacher.offline import cache_problems
-from ddk.teacher.placement import teachers_placement_problem
+from ddk.teacher.placement import launch_placement_problem, teachers_placement_problem
 from ddk.teacher.retokenize import cross_tokenizer_problems
 
 
@@ -82,7 +87,7 @@ def drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
         except ValidationError as err:
             # Decide every removal before making any: one bad value can raise several errors
             # (one per union branch), and a later one must not climb to the whole section.
-            targets = {_deepest_key(data, [str(p) for p in e["loc"]]) for e in err.errors()}
+            targets = {_deepest_key(data, _key_of(e)) for e in err.errors()}
             for path in sorted(targets - {()}, key=len, reverse=True):
                 parent = data
                 for part in path[:-1]:
@@ -91,11 +96,23 @@ def drop_invalid(raw: dict, rounds: int = 10) -> Config | None:
     return None
 
 
+# A cross-field rule's error names the model it validates; the key that depends on the others
+# is the one to drop (dropping the whole section would hide its valid keys, e.g. the student).
+_DEPENDENT_KEY = {(): ["trainer", "min_lr"], ("model",): ["model", "teachers"]}
+
+
+def _key_of(error: dict) -> list[str]:
+    loc = [str(p) for p in error["loc"]]
+    if error["type"] == "value_error" and tuple(loc) in _DEPENDENT_KEY:
+        return _DEPENDENT_KEY[tuple(loc)]
+    return loc
+
+
 def _deepest_key(data: dict, loc: list[str]) -> tuple[str, ...]:
     """The deepest mapping key on `loc` that exists (a list item or a union's type tag in the
     location selects the whole value that holds it)."""
     if not loc:  # a cross-field rule (min_lr > lr): the dependent key
-        loc = ["trainer", "min_lr"]
+        loc = _DEPENDENT_KEY[()]
     path, node = [], data
     for part in loc:
         if not isinstance(node, dict) or part not in node:
@@ -121,6 +138,8 @@ def preflight_problems(cfg: Config, *, teachers_at_once: bool = True) -> list[st
     if manifest:
         _data_model_problems(cfg, manifest, configs, tokenizers, problems)
     problems.extend(_teacher_tokenizer_problems(cfg, manifest, tokenizers))
+    if _teacher_roles(cfg) and (problem := launch_placement_problem(cfg)):
+        problems.append(problem)
     if teachers_at_once:
         problems.extend(_placement_problems(cfg, configs))
     if cfg.model.lora is not None and "student" in configs:
@@ -206,6 +225,10 @@ def _teacher_tokenizer_problems(cfg: Config, manifest, tokenizers: dict) -> list
     tokenizer against the student's."""
     if cfg.teacher.tokenizer == "cross":
         problems = list(cross_tokenizer_problems(cfg, manifest, tokenizers))
+        if "teacher" in tokenizers:  # it encodes the data's text at every step
+            differs = tokenizer_file_difference(tokenizers["teacher"], cfg.model.teacher)
+            if differs:
+                print0(f"warning: model.teacher: {differs}")
         if set(cfg.model.teachers.values()) - {cfg.model.teacher}:
             problems.append(
                 "teacher.tokenizer: cross takes one teacher; unset model.teachers (a teacher per "

@@ -9,7 +9,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from ddk.cli import main
 from ddk.config import PrepareSection
@@ -22,6 +30,7 @@ from ddk.losses.chunked import fused_distill_loss, naive_distill_loss
 from ddk.losses.crosstok import cross_divergence
 from ddk.losses.crosstok_sparse import shared_index, sparse_cross_divergence, sparse_cross_rows
 from ddk.losses.divergences import DIVERGENCES
+from ddk.models import tokenizer_file_difference
 from ddk.teacher.crosstok import CrossTokenizerTeacher
 from ddk.teacher.signals import Batch, DenseSignal
 from tests.conftest import one_error_line, run_config, write_config
@@ -167,31 +176,97 @@ def test_data_without_byte_spans_is_refused(tmp_path, other_teacher_dir, student
     assert "prepare.byte_spans: true" in err and not (tmp_path / "run").exists()
 
 
-def test_a_teacher_tokenizer_that_changes_the_text_is_refused_before_weights_load(
-    tmp_path, spans_data, student_dir, capsys
-):
-    """A lowercasing tokenizer, and no weights at all: preflight names the first character
-    that does not come back, exit 2, before any weights are read."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import AutoConfig, PreTrainedTokenizerFast
-
+def _lossy_teacher(folder, normalizer, student_dir):
+    """A teacher folder with a tokenizer whose `normalizer` changes text, and no weights at
+    all: a refusal that came after weights load would name the missing weight file."""
     lossy = Tokenizer(models.BPE())
-    lossy.normalizer = normalizers.Lowercase()
+    lossy.normalizer = normalizer
     lossy.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     lossy.decoder = decoders.ByteLevel()
-    from tokenizers import trainers
-
     lossy.train_from_iterator(["abc"], trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<eos>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
-    teacher = tmp_path / "lossy"
-    PreTrainedTokenizerFast(tokenizer_object=lossy, eos_token="<eos>").save_pretrained(teacher)
-    AutoConfig.from_pretrained(student_dir).save_pretrained(teacher)  # no weights file
+    PreTrainedTokenizerFast(tokenizer_object=lossy, eos_token="<eos>").save_pretrained(folder)
+    AutoConfig.from_pretrained(student_dir).save_pretrained(folder)  # no weights file
+    return folder
+
+
+def test_a_teacher_tokenizer_that_changes_the_text_is_refused_before_weights_load(
+    tmp_path, spans_data, student_dir, capsys
+):
+    """A lowercasing tokenizer: preflight names the first character that does not come back,
+    exit 2, before any weights are read."""
+    teacher = _lossy_teacher(tmp_path / "lossy", normalizers.Lowercase(), student_dir)
     cfg = _cross_config(tmp_path, teacher, student_dir, spans_data.folder)
     assert main(["distill", cfg]) == 2
     err = one_error_line(capsys.readouterr().err)
     assert "does not give the data's text back" in err and "character" in err
     assert not (tmp_path / "run").exists()
+
+
+def _fullwidth(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c.isalnum() else c for c in text)
+
+
+def test_a_teacher_tokenizer_that_changes_training_text_only_is_refused(
+    tmp_path, tokenizer_dir, student_dir, capsys
+):
+    """An NFKC tokenizer turns full-width letters into ASCII. Here they sit only at the end of
+    long documents, past every held-out window, so only the training text holds them: the
+    teacher would read other text than the student at every step."""
+    words = ["the", "model", "reads", "text", "and", "code"]
+    for domain in ("prose", "notes"):
+        (tmp_path / "corpus" / domain).mkdir(parents=True)
+        with open(tmp_path / "corpus" / domain / "d.jsonl", "w") as fh:
+            for i in range(24):
+                body = f"doc {i} " + " ".join(words[(i + j * j) % len(words)] for j in range(120))
+                tail = f"\n{_fullwidth('Subject ' + domain)} {i}" if domain == "notes" else ""
+                fh.write(json.dumps({"text": body + tail}) + "\n")
+    data = tmp_path / "data"
+    prepare(PrepareSection(input=str(tmp_path / "corpus"), output=str(data), seq_len=32,
+                           val_sequences=4, heldout_windows_per_document=1, byte_spans=True),
+            str(tokenizer_dir), progress=False)  # fmt: skip
+    notes = (data / "notes" / "train_text.bin").read_bytes().decode()
+    assert "Ｓ" not in (data / "notes" / "val_text.bin").read_bytes().decode()
+    teacher = _lossy_teacher(tmp_path / "nfkc", normalizers.NFKC(), student_dir)
+    cfg = _cross_config(tmp_path, teacher, student_dir, data)
+    assert main(["distill", cfg]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    at = notes.index("Ｓ")
+    assert f"domain 'notes', train text: it first differs at character {at}:" in err
+    assert "comes back as 'Subject" in err and not (tmp_path / "run").exists()
+
+
+def test_a_teacher_tokenizer_transformers_rebuilds_is_warned_about(
+    tmp_path, spans_data, student_dir, corpus, capsys
+):
+    """A Unigram tokenizer.json in a qwen2 model folder: transformers 5 loads it as
+    Qwen2Tokenizer (a BPE without the file's pieces), which still gives the text back but cuts
+    it otherwise than the model was trained with. The preflight says so; a folder whose class
+    keeps its tokenizer.json (TokenizersBackend for a mistral config) passes silently."""
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    unigram.decoder = decoders.ByteLevel()
+    texts = [t for docs in corpus[1].values() for t in docs]
+    unigram.train_from_iterator(texts, trainers.UnigramTrainer(
+        vocab_size=320, special_tokens=["<eos>"], unk_token="<eos>", show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    for name, config in (("qwen2", Qwen2Config), ("mistral", MistralConfig)):
+        folder = tmp_path / name
+        PreTrainedTokenizerFast(tokenizer_object=unigram, eos_token="<eos>").save_pretrained(folder)
+        config(vocab_size=320, hidden_size=32, num_attention_heads=1, num_hidden_layers=1,
+               intermediate_size=64).save_pretrained(folder)  # fmt: skip
+    differs = tokenizer_file_difference(AutoTokenizer.from_pretrained(tmp_path / "qwen2"), "q")
+    assert differs is None  # "q" is no folder here: nothing to compare with
+    qwen2 = AutoTokenizer.from_pretrained(tmp_path / "qwen2")
+    differs = tokenizer_file_difference(qwen2, str(tmp_path / "qwen2"))
+    assert "as Qwen2Tokenizer, which splits text differently from its tokenizer.json" in differs
+    mistral = AutoTokenizer.from_pretrained(tmp_path / "mistral")
+    assert tokenizer_file_difference(mistral, str(tmp_path / "mistral")) is None
+    capsys.readouterr()
+    cfg = _cross_config(tmp_path, tmp_path / "qwen2", student_dir, spans_data.folder)
+    assert main(["distill", cfg]) == 2  # the folder has no weights: stops when they load
+    assert f"warning: model.teacher: {differs}" in capsys.readouterr().out
 
 
 @pytest.mark.slow

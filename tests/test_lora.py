@@ -14,6 +14,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ddk.checkpoint import list_checkpoints
 from ddk.cli import main
@@ -120,6 +122,25 @@ def test_deepspeed_with_lora_stops_the_run_before_anything_is_written(
     cfg = make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir, LORA_RUN)
     with pytest.raises(DDKError, match="not supported under DeepSpeed ZeRO"):
         start_run(cfg, runtime=runtime)
+    assert not (tmp_path / "run").exists()
+
+
+def test_zero3_with_lora_is_refused_not_crashed(tmp_path, teacher_dir, student_dir, prepared_dir):
+    """Under a ZeRO-3 launch transformers partitions every model it builds from a config; the
+    preflight's meta-device skeleton must not be one of them."""
+    pytest.importorskip("deepspeed", reason="pip install 'ddk-distill[deepspeed]'")
+    runtime = Runtime(cpu=True)
+    runtime.backend = "deepspeed"
+    # What Accelerate's ZeRO-3 plugin keeps alive for transformers while a launch runs.
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_batch_size": 1})
+    assert is_deepspeed_zero3_enabled()
+    cfg = make_config(tmp_path / "run", teacher_dir, student_dir, prepared_dir, LORA_RUN)
+    try:
+        with pytest.raises(DDKError, match="not supported under DeepSpeed ZeRO"):
+            start_run(cfg, runtime=runtime)
+    finally:
+        del zero3
+        unset_hf_deepspeed_config()
     assert not (tmp_path / "run").exists()
 
 

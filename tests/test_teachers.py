@@ -297,6 +297,22 @@ def test_teachers_without_a_default_teacher_is_refused(tmp_path, student_dir, pr
     path = write_config(tmp_path / "c.yaml", {**values, "model.teachers": {"math": "x"}})
     status, line = _cli(["distill", path], capsys)
     assert status == 2 and "model.teachers needs model.teacher" in line
+    assert "model.student" not in line  # the rest of the model section is kept and checked
+
+
+@pytest.mark.parametrize("placement", ["sharded", "cpu_offload"])
+def test_a_placement_one_process_cannot_give_is_refused_before_weights_load(
+    tmp_path, placement, teacher_dir, other_teacher, student_dir, prepared_dir, capsys
+):
+    """A student folder without weights: a refusal that comes after the student loads would
+    name its missing weight file instead."""
+    student = tmp_path / "student"
+    shutil.copytree(student_dir, student, ignore=shutil.ignore_patterns("*.safetensors"))
+    values = run_config(tmp_path / "run", teacher_dir, student, prepared_dir, TINY_RUN)
+    values.update({"model.teachers": {"math": str(other_teacher)}, "teacher.placement": placement})
+    status, line = _cli(["distill", write_config(tmp_path / "c.yaml", values)], capsys)
+    assert status == 2 and f"teacher.placement={placement} needs a distributed launch" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_demo_names_runs_with_a_teacher_per_domain():

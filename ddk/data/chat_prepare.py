@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from jinja2 import TemplateError
 
 from ddk.config import PrepareSection
 from ddk.data.chat import (
@@ -36,7 +37,7 @@ from ddk.data.packing import MASK_SUFFIX, TARGET, conversation_bytes, fill_rows,
 from ddk.data.sources import RECORD_SUFFIXES, Corpus
 from ddk.data.split import TRAIN, choose_heldout, split_codes
 from ddk.data.vocab import token_dtype
-from ddk.errors import DDKError
+from ddk.errors import DDKError, first_line
 from ddk.fileutil import sha256_file
 
 
@@ -140,7 +141,13 @@ def render_corpus(corpus: Corpus, cfg: PrepareSection, renderer: ChatRenderer):
     first_skipped: dict[str, str] = {}
     for doc_id, (domain, record, where) in enumerate(_iter_conversations(corpus, cfg.domain_field)):
         messages, tools = record_messages(record, where)
-        r = renderer.render(messages, tools)
+        try:
+            r = renderer.render(messages, tools)
+        except TemplateError as e:  # the template's raise_exception: a role it does not take
+            raise DDKError(
+                f"{where}: the chat template cannot render this conversation ({first_line(e)}); "
+                "fix the record or give a template that takes it in prepare.chat_template"
+            ) from None
         conv = out.setdefault(domain, Conversations())
         if not conv.add(doc_id, r.ids, r.mask, r.text, cfg.seq_len) and conv.skipped == 1:
             first_skipped[domain] = where

@@ -34,6 +34,16 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def launch_problem(requested: str, world_size: int) -> str | None:
+    """Why `requested` cannot place a teacher on `world_size` processes (None: it can)."""
+    if requested in ("sharded", "cpu_offload") and world_size < 2:
+        return (
+            f"teacher.placement={requested} needs a distributed launch (accelerate launch / "
+            "torchrun with 2+ processes); use teacher.placement=replicated for one process"
+        )
+    return None
+
+
 def choose_placement(
     requested: str,
     *,
@@ -44,11 +54,9 @@ def choose_placement(
     """(placement, why). `free_bytes` None means no accelerator (CPU run). Unsupported
     combinations raise DDKError with one line saying what to change."""
     if requested in ("sharded", "cpu_offload"):
-        if world_size < 2:
-            raise DDKError(
-                f"teacher.placement={requested} needs a distributed launch (accelerate launch / "
-                "torchrun with 2+ processes); use teacher.placement=replicated for one process"
-            )
+        problem = launch_problem(requested, world_size)
+        if problem:
+            raise DDKError(problem)
         return requested, "as configured"
     if requested == "replicated":
         return "replicated", "as configured"
@@ -256,6 +264,14 @@ def teachers_placement_problem(cfg, teachers: dict[str, str]) -> str | None:
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return teachers_fit_problem(sizes, cfg.teacher.placement, free_bytes=free, world_size=world)
+
+
+def launch_placement_problem(cfg) -> str | None:
+    """`launch_problem` for this launch (WORLD_SIZE processes), checked before any weights
+    load whenever a live teacher will be placed."""
+    if cfg.teacher.mode != "online" or cfg.teacher.engine != "hf":
+        return None
+    return launch_problem(cfg.teacher.placement, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _launch_device() -> torch.device:

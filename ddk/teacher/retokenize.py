@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddk.data.manifest import SPLITS
 from ddk.data.offsets import encode_with_ends, offsets_tokenizer
 from ddk.teacher.alignment import BOS, EOS, TEXT, Tokens
 
@@ -85,10 +86,11 @@ def _teacher_bos(teacher) -> int:
     return teacher.bos_token_id if teacher.bos_token_id is not None else teacher.eos_token_id
 
 
-def cross_tokenizer_problems(cfg, manifest, tokenizers: dict, samples: int = 8) -> list[str]:
+def cross_tokenizer_problems(cfg, manifest, tokenizers: dict) -> list[str]:
     """Preflight of `teacher.tokenizer: cross` (before any weights load): online or offline
     mode (the cache's own checks: `ddk.teacher.offline`), data with byte spans, and a teacher
-    tokenizer that gives back the text of the data's first held-out windows."""
+    tokenizer that gives back the data's text (a sample of every domain's and split's text,
+    `text_file_problem`)."""
     if cfg.teacher.mode == "served":
         return [
             "teacher.tokenizer: 'cross' needs teacher.mode 'online' or 'offline' (a server "
@@ -107,25 +109,56 @@ def cross_tokenizer_problems(cfg, manifest, tokenizers: dict, samples: int = 8) 
     teacher = tokenizers.get("teacher")
     if teacher is None or manifest is None:
         return []
-    for text in sample_texts(cfg.data.prepared, manifest, samples):
-        at = decode_problem(teacher, text)
-        if at is not None:
-            return [
-                f"model.teacher: its tokenizer does not give the data's text back (it first "
-                f"differs at character {at}: {text[at : at + 10]!r}); a teacher with another "
-                "tokenizer must decode to the same text"
-            ]
+    for domain, info in manifest.domains.items():
+        if cfg.data.domains and domain not in cfg.data.domains:
+            continue
+        for split in SPLITS:  # training text too: the teacher reads it at every step
+            path = Path(cfg.data.prepared).expanduser() / info.folder / f"{split}_text.bin"
+            found = text_file_problem(teacher, path) if path.is_file() else None
+            if found is not None:
+                at, text, back = found
+                return [
+                    f"model.teacher: its tokenizer does not give the data's text back (domain "
+                    f"'{domain}', {split} text: it first differs at character {at}: "
+                    f"{text!r} comes back as {back!r}); a teacher with another tokenizer must "
+                    "decode to the same text"
+                ]
     return []
 
 
-def sample_texts(folder, manifest, n: int) -> list[str]:
-    """The text of the first `n` validation documents of each domain (from the byte spans)."""
-    texts = []
-    for info in manifest.domains.values():
-        path = Path(folder).expanduser() / info.folder / "val_text.bin"
-        data = path.read_bytes()[: 1 << 16] if path.is_file() else b""
-        texts.append(data.decode("utf-8", errors="ignore"))
-    return [t for t in texts if t][:n]
+def text_file_problem(tokenizer, path: Path, pieces: int = 8, piece_bytes: int = 1 << 16):
+    """(character offset in the file, its text there, what comes back) where `tokenizer` first
+    fails to give back a split's text (`<split>_text.bin`), or None. Checks up to `pieces`
+    slices of `piece_bytes`, spread evenly over the file (all of a small file), each cut at
+    character boundaries: a tokenizer that normalises a rare character is found where it
+    occurs in the sampled text, not only in the first held-out documents."""
+    data = (
+        np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    )
+    n = len(data)
+    starts = np.linspace(0, max(n - piece_bytes, 0), num=pieces).astype(np.int64)
+    for start in sorted(set(starts.tolist())):
+        lo = _char_start(data, start)
+        while lo < n and int(data[lo]) in _SPACES:  # a decoder may drop a leading space (Metaspace)
+            lo += 1
+        hi = _char_start(data, min(start + piece_bytes, n))
+        text = bytes(data[lo:hi]).decode("utf-8", errors="replace")
+        at = decode_problem(tokenizer, text)
+        if at is not None:
+            back = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
+            chars_before = int(np.count_nonzero((data[:lo] & 0xC0) != 0x80))
+            return chars_before + at, text[at : at + 10], back[at : at + 10]
+    return None
+
+
+_SPACES = frozenset(b" \t\r\n")
+
+
+def _char_start(data: np.ndarray, i: int) -> int:
+    """The first UTF-8 character boundary at or after byte `i`."""
+    while i < len(data) and (int(data[i]) & 0xC0) == 0x80:
+        i += 1
+    return i
 
 
 def decode_problem(tokenizer, text: str) -> int | None:

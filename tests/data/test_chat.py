@@ -257,3 +257,34 @@ def test_prompt_completion_pair_trains_on_the_completion(chat_tokenizer):
     r = ChatRenderer(tok, CHATML).render(messages)
     trained = tok.decode(r.ids[r.mask.astype(bool)])
     assert trained == "is five<|im_end|>"
+
+
+# Many real templates (Gemma, LLaMA-2) raise on a role they do not take.
+NO_SYSTEM = (
+    "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}"
+    "{{ raise_exception('roles must be user or assistant, not ' + m.role) }}{% endif %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("generation", [False, True])
+def test_template_refusing_a_conversation_is_one_line(tmp_path, chat_tokenizer, capsys, generation):
+    write_chat_corpus(tmp_path / "corpus", per_domain=20)
+    with open(tmp_path / "corpus" / "math" / "chat.jsonl", "a") as fh:
+        fh.write(json.dumps({"messages": [{"role": "system", "content": "be brief"}]}) + "\n")
+    template = tmp_path / "no_system.jinja"
+    body = (
+        NO_SYSTEM.replace(
+            "{{ m.content }}<|im_end|>",
+            "{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}",
+        )
+        if generation
+        else NO_SYSTEM
+    )
+    template.write_text(body)
+    before = tree_digest(tmp_path)
+    code, err = _prepare_cli(tmp_path, chat_tokenizer, capsys, "--chat-template", str(template))
+    line = one_error_line(err)
+    assert code == 2 and "chat.jsonl line" in line and "not system" in line
+    assert tree_digest(tmp_path) == before
