@@ -288,6 +288,14 @@ class DistillSection(_Section):
         "the last update: gap + gap_trend * (gap - previous gap); 1 = optimistic mirror "
         "descent. A gap that closes fast then pulls less (not in the paper).",
     )
+    prior_power: float = Field(
+        0.0,
+        ge=0.0,
+        description="Lean Eq. 1/2 toward the natural mix: weights go as pi^prior_power * "
+        "exp(gap / weight_temperature), pi = each domain's share of the training tokens. 0 = "
+        "the paper (gaps only); 1 = a lagging domain that is most of the corpus keeps most of "
+        "the samples (not in the paper).",
+    )
     max_weight_change: float | None = Field(
         None,
         ge=1.0,
@@ -321,6 +329,7 @@ class DistillSection(_Section):
             min_share=self.min_share,
             max_change=self.max_weight_change,
             trend=self.gap_trend,
+            prior_power=self.prior_power,
         )
 
 
