@@ -283,10 +283,11 @@ class DistillSection(_Section):
     )
     gap_trend: float = Field(
         0.0,
-        ge=0.0,
+        allow_inf_nan=False,
         description="Extrapolate each domain's gap one interval ahead from its change since "
         "the last update: gap + gap_trend * (gap - previous gap); 1 = optimistic mirror "
-        "descent. A gap that closes fast then pulls less (not in the paper).",
+        "descent. A gap that closes fast then pulls less; below 0 it pulls more (learning "
+        "progress, as in teacher-student curricula). Not in the paper.",
     )
     prior_power: float = Field(
         0.0,

@@ -30,7 +30,9 @@ step of the recipe and defaults to the paper's behaviour::
                                               the teacher (DoReMi clips excess loss at 0)
     g        = g + β·(g - g_prev)            trend = β: the gap extrapolated one interval
                                               ahead from its change since the last
-                                              evaluation (optimistic mirror descent: β = 1)
+                                              evaluation (optimistic mirror descent: β = 1);
+                                              β < 0 rewards progress instead: a domain whose
+                                              gap closed fast pulls more (learning progress)
     x        = g / temperature               temperature on Eq. 1's and Eq. 2's softmax
     x        = x + β·log π                   prior_power = β, π = each domain's share of the
                                               training tokens (the natural mix): the weights
@@ -118,8 +120,8 @@ class Steering:
             raise ValueError(f"min_share must be in [0, 1], got {self.min_share}")
         if self.max_change is not None and not self.max_change >= 1.0:
             raise ValueError(f"max_change must be >= 1, got {self.max_change}")
-        if not self.trend >= 0.0:
-            raise ValueError(f"trend must be >= 0, got {self.trend}")
+        if not np.isfinite(self.trend):
+            raise ValueError(f"trend must be finite, got {self.trend}")
         if not self.prior_power >= 0.0:
             raise ValueError(f"prior_power must be >= 0, got {self.prior_power}")
 

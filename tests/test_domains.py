@@ -545,7 +545,7 @@ def test_trend_extrapolates_the_gap_like_the_naive_formula(gap):
     for _ in range(30):
         s, t = _random_case(rng, spread=3.0)
         prev = s * np.exp(rng.uniform(-0.5, 1.0, len(s)))
-        beta, temp = float(rng.uniform(0, 2)), float(rng.uniform(0.5, 3))
+        beta, temp = float(rng.uniform(-2, 2)), float(rng.uniform(0.5, 3))
         st = Steering(gap=gap, trend=beta, temperature=temp)
         g, g0 = np.array(_naive_gap(s, t, gap, False)), np.array(_naive_gap(prev, t, gap, False))
         x = (g + beta * (g - g0)) / temp
@@ -573,7 +573,11 @@ def test_trend_in_next_weights():
     r1 = next_weights("ddk", 1, [0.5, 0.5], now, teacher, 0.5, None, None, st, prev)
     np.testing.assert_allclose(r1, 0.5 * np.array([2 / 5, 3 / 5]) + 0.25)
     with pytest.raises(ValueError, match="trend"):
-        Steering(trend=-1.0)
+        Steering(trend=float("inf"))
+    # a negative trend rewards progress: 'a' (closing) now pulls more than 'b' (standing)
+    progress = Steering(gap="log_ratio", trend=-1.0)
+    w = next_weights("ddk_no_smoothing", 1, None, now, teacher, 0.5, None, None, progress, prev)
+    np.testing.assert_allclose(w, [8 / 11, 3 / 11])  # log 4 - (log 4 - log 8) = log 8 vs log 3
 
 
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.0, 2.0])
