@@ -310,7 +310,7 @@ SHAPES: dict[str, Shape] = {
             "han": 120,
             "c": 30,
             "tcl": 25,
-        },  # fmt: skip
+        },
     ),
 }
 
