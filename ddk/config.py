@@ -283,10 +283,19 @@ class DistillSection(_Section):
     )
     gap_trend: float = Field(
         0.0,
-        ge=0.0,
+        allow_inf_nan=False,
         description="Extrapolate each domain's gap one interval ahead from its change since "
         "the last update: gap + gap_trend * (gap - previous gap); 1 = optimistic mirror "
-        "descent. A gap that closes fast then pulls less (not in the paper).",
+        "descent. A gap that closes fast then pulls less; below 0 it pulls more (learning "
+        "progress, as in teacher-student curricula). Not in the paper.",
+    )
+    prior_power: float = Field(
+        0.0,
+        ge=0.0,
+        description="Lean Eq. 1/2 toward the natural mix: weights go as pi^prior_power * "
+        "exp(gap / weight_temperature), pi = each domain's share of the training tokens. 0 = "
+        "the paper (gaps only); 1 = a lagging domain that is most of the corpus keeps most of "
+        "the samples (not in the paper).",
     )
     max_weight_change: float | None = Field(
         None,
@@ -323,6 +332,7 @@ class DistillSection(_Section):
             min_share=self.min_share,
             max_change=self.max_weight_change,
             trend=self.gap_trend,
+            prior_power=self.prior_power,
         )
 
 

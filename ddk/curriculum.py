@@ -13,6 +13,7 @@ rank computes the same one; `state_dict` is what a checkpoint needs to continue 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -49,6 +50,9 @@ class IntervalPlan:
         self.domains = data.names
         self.K, self.max_steps = d.K, t.max_steps
         self.alpha, self.steering, self.max_epochs = d.alpha, d.steering(), d.max_domain_epochs
+        if self.steering.prior_power:  # distill.prior_power: the natural mix of training tokens
+            tokens = data.train_tokens()
+            self.steering = replace(self.steering, prior=tuple(tokens[n] for n in self.domains))
         self.micro, self.accum, self.world = t.micro_batch_size, t.grad_accum_steps, world_size
         self.global_batch = self.micro * self.accum * world_size
         self.fixed = None

@@ -30,8 +30,14 @@ step of the recipe and defaults to the paper's behaviour::
                                               the teacher (DoReMi clips excess loss at 0)
     g        = g + β·(g - g_prev)            trend = β: the gap extrapolated one interval
                                               ahead from its change since the last
-                                              evaluation (optimistic mirror descent: β = 1)
+                                              evaluation (optimistic mirror descent: β = 1);
+                                              β < 0 rewards progress instead: a domain whose
+                                              gap closed fast pulls more (learning progress)
     x        = g / temperature               temperature on Eq. 1's and Eq. 2's softmax
+    x        = x + β·log π                   prior_power = β, π = each domain's share of the
+                                              training tokens (the natural mix): the weights
+                                              go as π^β·exp(g/T), so a large domain that lags
+                                              gets more than a small one with the same gap
     r0       = softmax(x)  (+ Eq. 2's floor with init_floor)
     r'       = Eq. 2 with x
     r'       ∈ [r/c, c·r]                    max_change = c (interval 0: relative to 1/N)
@@ -69,6 +75,7 @@ __all__ = [
     "perplexity_ratio",
     "domain_gap",
     "steering_exponent",
+    "prior_tilt",
     "bounded_rescale",
     "limit_change",
     "apply_min_share",
@@ -100,6 +107,9 @@ class Steering:
     min_share: float = 0.0
     max_change: float | None = None
     trend: float = 0.0
+    prior_power: float = 0.0
+    prior: tuple[float, ...] | None = None
+    """π: the natural share of each domain (any scale; normalised), needed when prior_power > 0."""
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -110,8 +120,10 @@ class Steering:
             raise ValueError(f"min_share must be in [0, 1], got {self.min_share}")
         if self.max_change is not None and not self.max_change >= 1.0:
             raise ValueError(f"max_change must be >= 1, got {self.max_change}")
-        if not self.trend >= 0.0:
-            raise ValueError(f"trend must be >= 0, got {self.trend}")
+        if not np.isfinite(self.trend):
+            raise ValueError(f"trend must be finite, got {self.trend}")
+        if not self.prior_power >= 0.0:
+            raise ValueError(f"prior_power must be >= 0, got {self.prior_power}")
 
 
 #: The paper's DDK: every knob off.
@@ -220,16 +232,37 @@ def steering_exponent(
     steering: Steering = PAPER,
     previous_student_ppl: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
-    """The per-domain exponent of Eq. 1 and Eq. 2: ``x = g / temperature``, where ``g`` is
-    :func:`domain_gap`, extrapolated by ``steering.trend`` from the gap of
-    ``previous_student_ppl`` (the last evaluation) when that is given. The paper: ``ℓ_S/ℓ_T``."""
+    """The per-domain exponent of Eq. 1 and Eq. 2: ``x = g / temperature + β log π``, where
+    ``g`` is :func:`domain_gap`, extrapolated by ``steering.trend`` from the gap of
+    ``previous_student_ppl`` (the last evaluation) when that is given, and ``β log π`` is
+    :func:`prior_tilt` (``steering.prior_power``; 0 by default). The paper: ``ℓ_S/ℓ_T``."""
     g = domain_gap(student_ppl, teacher_ppl, steering.gap, steering.clip_gap, domains)
     if steering.trend and previous_student_ppl is not None:
         before = domain_gap(
             previous_student_ppl, teacher_ppl, steering.gap, steering.clip_gap, domains
         )
         g = g + steering.trend * (g - before)
-    return g / steering.temperature
+    x = g / steering.temperature
+    if steering.prior_power:
+        if steering.prior is None:
+            raise ValueError("prior_power > 0 needs the natural share of every domain (prior)")
+        x = x + prior_tilt(steering.prior, steering.prior_power, x.size)
+    return x
+
+
+def prior_tilt(shares: Sequence[float] | np.ndarray, power: float, n: int) -> np.ndarray:
+    """``β · log π``, with ``π = shares / Σ shares``: added to Eq. 1/2's exponent it makes the
+    weights go as ``π^β · exp(x)``. A domain with share 0 gets ``-inf`` (weight 0 before
+    Eq. 2's floor) when ``β > 0``; ``β = 0`` adds nothing."""
+    pi = _as_vector(shares, "prior shares")
+    if pi.size != n:
+        raise ValueError(f"prior shares have {pi.size} entries for {n} domains")
+    if not np.all(np.isfinite(pi)) or np.any(pi < 0) or not pi.sum() > 0:
+        raise ValueError(f"prior shares must be finite, >= 0 and not all zero, got {pi.tolist()}")
+    if power == 0:
+        return np.zeros(n)
+    with np.errstate(divide="ignore"):
+        return power * np.log(pi / pi.sum())
 
 
 def initial_weights(

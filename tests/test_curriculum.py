@@ -45,6 +45,16 @@ def test_an_interval_draws_eq1_weights_and_every_rank_its_slice(prepared_dir):
     assert sum(plan.rows_per_domain()) == len(plan.plan)
 
 
+def test_prior_power_leans_eq1_toward_the_training_token_shares(prepared_dir):
+    """distill.prior_power reads each domain's training tokens from the prepared data."""
+    plan = _plan(prepared_dir, **{"distill.prior_power": 1.0})
+    names = plan.domains
+    tokens = np.array([PreparedData(prepared_dir).train_tokens()[d] for d in names], float)
+    gaps = np.array([STUDENT[d] / TEACHER[d] for d in names])
+    expected = tokens * np.exp(gaps) / (tokens * np.exp(gaps)).sum()
+    np.testing.assert_allclose(plan.begin_interval(STUDENT, TEACHER), expected, rtol=1e-12)
+
+
 def test_the_last_interval_plans_only_the_steps_that_run(prepared_dir):
     plan = _plan(prepared_dir)  # K = 4, 10 steps: intervals of 4, 4, 2 steps
     for _ in range(3):

@@ -20,6 +20,7 @@ from ddk.domains import (
     limit_change,
     next_weights,
     perplexity_ratio,
+    prior_tilt,
     smooth_update,
     steering_exponent,
     uniform_weights,
@@ -544,7 +545,7 @@ def test_trend_extrapolates_the_gap_like_the_naive_formula(gap):
     for _ in range(30):
         s, t = _random_case(rng, spread=3.0)
         prev = s * np.exp(rng.uniform(-0.5, 1.0, len(s)))
-        beta, temp = float(rng.uniform(0, 2)), float(rng.uniform(0.5, 3))
+        beta, temp = float(rng.uniform(-2, 2)), float(rng.uniform(0.5, 3))
         st = Steering(gap=gap, trend=beta, temperature=temp)
         g, g0 = np.array(_naive_gap(s, t, gap, False)), np.array(_naive_gap(prev, t, gap, False))
         x = (g + beta * (g - g0)) / temp
@@ -572,4 +573,51 @@ def test_trend_in_next_weights():
     r1 = next_weights("ddk", 1, [0.5, 0.5], now, teacher, 0.5, None, None, st, prev)
     np.testing.assert_allclose(r1, 0.5 * np.array([2 / 5, 3 / 5]) + 0.25)
     with pytest.raises(ValueError, match="trend"):
-        Steering(trend=-1.0)
+        Steering(trend=float("inf"))
+    # a negative trend rewards progress: 'a' (closing) now pulls more than 'b' (standing)
+    progress = Steering(gap="log_ratio", trend=-1.0)
+    w = next_weights("ddk_no_smoothing", 1, None, now, teacher, 0.5, None, None, progress, prev)
+    np.testing.assert_allclose(w, [8 / 11, 3 / 11])  # log 4 - (log 4 - log 8) = log 8 vs log 3
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0, 2.0])
+def test_prior_power_matches_naive_pi_to_the_beta_times_exp(power):
+    """distill.prior_power: Eq. 1 and Eq. 2 with weights going as pi^beta * exp(g / T)."""
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        s, t = _random_case(rng, spread=3.0)
+        tokens = rng.integers(1, 10**6, len(s)).astype(float)
+        temp = float(rng.uniform(0.5, 3))
+        st = Steering(gap="log_ratio", temperature=temp, prior_power=power, prior=tuple(tokens))
+        pi = tokens / tokens.sum()
+        q = pi**power * np.exp(np.array(_naive_gap(s, t, "log_ratio", False)) / temp)
+        np.testing.assert_allclose(initial_weights(s, t, steering=st), q / q.sum(), rtol=1e-10)
+        r, alpha = rng.dirichlet(np.ones(len(s))), float(rng.uniform())
+        naive = alpha * r * q / (r * q).sum() + (1 - alpha) / len(s)
+        np.testing.assert_allclose(smooth_update(r, s, t, alpha, steering=st), naive, rtol=1e-10)
+
+
+def test_prior_power_by_hand_and_errors():
+    # equal gaps: Eq. 1 is the natural mix at beta = 1, its square root at beta = 0.5
+    s, t, tokens = [3.0, 3.0, 3.0], [1.0, 1.0, 1.0], (600.0, 300.0, 100.0)
+    one = Steering(prior_power=1.0, prior=tokens)
+    np.testing.assert_allclose(initial_weights(s, t, steering=one), [0.6, 0.3, 0.1])
+    half = Steering(prior_power=0.5, prior=tokens)
+    np.testing.assert_allclose(initial_weights(s, t, steering=half),
+                               np.sqrt(tokens) / np.sqrt(tokens).sum())  # fmt: skip
+    # beta = 0 is the paper whatever the prior; a domain with no tokens gets only the floor
+    np.testing.assert_array_equal(
+        initial_weights(s, [1.0, 2.0, 4.0], steering=Steering(prior=tokens)),
+        initial_weights(s, [1.0, 2.0, 4.0]),
+    )
+    empty = Steering(prior_power=1.0, prior=(1.0, 1.0, 0.0), init_floor=True)
+    r0 = next_weights("ddk", 0, None, s, t, 0.5, None, None, empty)
+    np.testing.assert_allclose(r0, [0.25 + 0.5 / 3, 0.25 + 0.5 / 3, 0.5 / 3])
+    with pytest.raises(ValueError, match="prior_power must be >= 0"):
+        Steering(prior_power=-1.0)
+    with pytest.raises(ValueError, match="needs the natural share"):
+        initial_weights(s, t, steering=Steering(prior_power=1.0))
+    with pytest.raises(ValueError, match="2 entries for 3 domains"):
+        prior_tilt([1.0, 2.0], 1.0, 3)
+    with pytest.raises(ValueError, match="not all zero"):
+        prior_tilt([0.0, 0.0], 1.0, 2)

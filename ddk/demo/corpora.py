@@ -291,6 +291,27 @@ SHAPES: dict[str, Shape] = {
         "six domains; `docstrings` nearly duplicates `prose`; C headers at 60 documents",
         {"prose": 600, "python": 250, "math": 600, "records": 300, "docstrings": 300, "c": 60},
     ),
+    # A fifth corpus for confirming a chosen DDK setting, defined (issue 19) before any run on
+    # it and before the candidates' 3-seed results were read. Every source, so 8 domains (Eq.
+    # 2's floor (1-alpha)/N is smallest here); the near-duplicate pair of near_dup6
+    # (docstrings/prose); and one domain both large and hard that is not math: `records`, about
+    # a quarter of the tokens, templated (the teacher's perplexity is low, so the student's
+    # ratio is high) and never in the student's pre-training (benchmarks/sweep_bases.py), as
+    # are Python (the other large domain), C and Tcl. Han is mid-size and seen a little.
+    "wide8": Shape(
+        "eight domains; records (a quarter of the tokens) and Python large and unseen by the "
+        "student; docstrings nearly duplicate prose",
+        {
+            "records": 450,
+            "python": 120,
+            "prose": 250,
+            "docstrings": 250,
+            "math": 600,
+            "han": 120,
+            "c": 30,
+            "tcl": 25,
+        },
+    ),
 }
 
 
