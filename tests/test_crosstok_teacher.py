@@ -319,3 +319,28 @@ def test_sparse_teacher_rows_stand_in_for_the_live_teacher(spans_data, other_tea
                     assert math.isclose(off, on, rel_tol=1e-2 if mode == 2 else 2e-3)
                 else:  # exact rows: a lower bound (measured: -55 % forward KL at k = 64)
                     assert off < on
+
+
+def test_eval_scores_a_model_with_another_tokenizer_per_byte(
+    spans_data, other_teacher_dir, student_dir, capsys
+):
+    """`ddk eval --data` of a model with another tokenizer, on data with byte spans: the total
+    NLL of the same held-out text per byte, as the cross-tokenizer teacher scores it; the
+    student on the same data reports a per-byte perplexity too, so the two compare."""
+    assert main(["eval", "--model", str(other_teacher_dir), "--data", str(spans_data.folder),
+                 "--json"]) == 0  # fmt: skip
+    got = json.loads(capsys.readouterr().out)["domains"]
+    model = AutoModelForCausalLM.from_pretrained(other_teacher_dir).eval()
+    tok = AutoTokenizer.from_pretrained(other_teacher_dir)
+    want = CrossTokenizerTeacher(model, tok, tok, spans_data).details("test")
+    for domain, r in want.items():
+        assert got[domain]["ppl_byte"] == pytest.approx(r["ppl_byte"], rel=1e-5)
+        assert got[domain]["bytes"] == r["bytes"] > 0
+    assert main(["eval", "--model", str(student_dir), "--data", str(spans_data.folder)]) == 0
+    out = capsys.readouterr().out
+    assert "ppl per byte" in out and "geometric mean" in out
+
+
+def test_eval_of_another_tokenizer_needs_byte_spans(other_teacher_dir, prepared_dir, capsys):
+    assert main(["eval", "--model", str(other_teacher_dir), "--data", str(prepared_dir)]) == 2
+    assert "prepare.byte_spans: true" in one_error_line(capsys.readouterr().err)

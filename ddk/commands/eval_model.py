@@ -1,5 +1,7 @@
 """`ddk eval`: per-domain test (or validation) perplexity of any model on prepared data
-(`--data`), and benchmark scores through lm-evaluation-harness (`--tasks`, ddk.harness)."""
+(`--data`; a model with another tokenizer is scored per byte on data with byte spans, as a
+cross-tokenizer teacher is), and benchmark scores through lm-evaluation-harness (`--tasks`,
+ddk.harness)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ddk.harness import benchmark_model_cli
 from ddk.models import check_vocab, embedding_rows, eval_model, eval_tokenizer
 from ddk.runtime import LocalRuntime
 from ddk.table import format_table
+from ddk.teacher.crosstok import CrossTokenizerTeacher
 
 
 def eval_command(args) -> None:
@@ -107,25 +110,27 @@ def evaluate_model_cli(
         raise DDKError("--domains needs at least one domain name")
     data = PreparedData(data_dir, domains)
     model, tokenizer = loaded or (None, eval_tokenizer(model_name))
-    if tokenizer is not None and not same_vocabulary(data.manifest, tokenizer):
-        raise DDKError(
-            f"'{data_dir}' was tokenised with '{data.manifest.tokenizer.name_or_path}', whose "
-            f"vocabulary differs from the tokenizer of '{model_name}'; prepare it with the model's"
-        )
+    cross = tokenizer is not None and not same_vocabulary(data.manifest, tokenizer)
+    if cross:
+        _check_cross_eval(data, model_name, max_sequences)
     runtime = _local_runtime()
     if model is None:
         model = eval_model(model_name, runtime.device)
-    check_vocab(data.vocab_size, None, embedding_rows(model))
     split = report_split(data, split)
-    result = domain_perplexities(
-        model,
-        data,
-        vocab_size=data.vocab_size,
-        split=split,
-        batch_size=batch_size,
-        max_sequences=max_sequences,
-        runtime=runtime,
-    )
+    if cross:
+        teacher = CrossTokenizerTeacher(model, tokenizer, tokenizer, data)
+        result = {d: teacher.domain_nll(split, d, batch_size) for d in data.names}
+    else:
+        check_vocab(data.vocab_size, None, embedding_rows(model))
+        result = domain_perplexities(
+            model,
+            data,
+            vocab_size=data.vocab_size,
+            split=split,
+            batch_size=batch_size,
+            max_sequences=max_sequences,
+            runtime=runtime,
+        )
     if as_json:
         payload = {"model": model_name, "data": str(data_dir), "split": split, "domains": result}
         if data.targets:
@@ -138,9 +143,38 @@ def evaluate_model_cli(
     return result
 
 
+def _check_cross_eval(data, model_name: str, max_sequences: int | None) -> None:
+    """A model with another tokenizer is scored per byte on the data's own text: that needs
+    byte spans, unmasked text and every window."""
+    if not (data.manifest.model_extra or {}).get("byte_spans"):
+        raise DDKError(
+            f"'{data.folder}' was tokenised with '{data.manifest.tokenizer.name_or_path}', whose "
+            f"vocabulary differs from the tokenizer of '{model_name}'; prepare it with the "
+            "model's, or with prepare.byte_spans: true to score any tokenizer per byte"
+        )
+    if data.targets:
+        raise DDKError(
+            f"'{model_name}' has another tokenizer than '{data.folder}', and masked (chat) "
+            "data is scored only with the data's own tokenizer; prepare it with the model's"
+        )
+    if max_sequences is not None:
+        raise DDKError(
+            "--max-sequences applies to a model with the data's tokenizer; a model with "
+            "another tokenizer is scored on every held-out window (omit it)"
+        )
+
+
 def _table(result: dict) -> str:
-    rows = [[name, r["ppl"], r["loss"], r["tokens"]] for name, r in result.items()]
+    """Per domain: perplexity (in the data's tokens), loss, tokens and, with byte spans, the
+    perplexity per byte that compares models across tokenizers."""
+    per_byte = all("ppl_byte" in r for r in result.values())
+    rows = []
+    for name, r in result.items():
+        rows.append([name, r["ppl"], r["loss"], r["tokens"]] + ([r["ppl_byte"]] if per_byte else []))
     ppls = [r["ppl"] for r in result.values()]
     geo = math.exp(sum(math.log(p) for p in ppls) / len(ppls))
-    rows.append(["geometric mean", geo, math.log(geo), sum(r["tokens"] for r in result.values())])
-    return format_table(["domain", "perplexity", "loss (nats)", "tokens"], rows)
+    total = ["geometric mean", geo, math.log(geo), sum(r["tokens"] for r in result.values())]
+    if per_byte:
+        total.append(math.exp(sum(math.log(r["ppl_byte"]) for r in result.values()) / len(ppls)))
+    header = ["domain", "perplexity", "loss (nats)", "tokens"]
+    return format_table(header + (["ppl per byte"] if per_byte else []), rows + [total])
