@@ -267,6 +267,11 @@ def test_a_teacher_tokenizer_transformers_rebuilds_is_warned_about(
     cfg = _cross_config(tmp_path, tmp_path / "qwen2", student_dir, spans_data.folder)
     assert main(["distill", cfg]) == 2  # the folder has no weights: stops when they load
     assert f"warning: model.teacher: {differs}" in capsys.readouterr().out
+    # ddk prepare with that folder as its tokenizer warns the same way (on stderr)
+    out = tmp_path / "prep"
+    prepare(PrepareSection(input=str(corpus[0]), output=str(out), seq_len=32, val_sequences=2),
+            str(tmp_path / "qwen2"), progress=False)  # fmt: skip
+    assert f"warning: prepare tokenizer: {differs}" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -170,7 +170,9 @@ def _table(result: dict) -> str:
     per_byte = all("ppl_byte" in r for r in result.values())
     rows = []
     for name, r in result.items():
-        rows.append([name, r["ppl"], r["loss"], r["tokens"]] + ([r["ppl_byte"]] if per_byte else []))
+        rows.append(
+            [name, r["ppl"], r["loss"], r["tokens"]] + ([r["ppl_byte"]] if per_byte else [])
+        )
     ppls = [r["ppl"] for r in result.values()]
     geo = math.exp(sum(math.log(p) for p in ppls) / len(ppls))
     total = ["geometric mean", geo, math.log(geo), sum(r["tokens"] for r in result.values())]

@@ -67,7 +67,7 @@ from ddk.data.vocab import same_vocabulary, token_dtype, vocab_hash
 from ddk.errors import DDKError
 from ddk.fileutil import disk_full, human_bytes, publish_dir
 from ddk.lock import FolderLock
-from ddk.models import load_tokenizer
+from ddk.models import load_tokenizer, tokenizer_file_difference
 from ddk.ownership import check_replaceable, read_record
 from ddk.table import format_table
 
@@ -473,6 +473,9 @@ def _prepare_locked(
         return existing
 
     tokenizer = load_tokenizer(tokenizer_name, trust_remote_code)
+    differs = tokenizer_file_difference(tokenizer, tokenizer_name)
+    if differs:  # the data would be cut otherwise than the model was trained with
+        _warn(f"prepare tokenizer: {differs}")
     domain_plan = autodomains.plan(
         cfg, corpus, tokenizer_name, progress, trust_remote_code
     )  # pass 1 if clustering
