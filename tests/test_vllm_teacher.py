@@ -138,7 +138,7 @@ def test_vllm_cache_equals_the_hf_cache(caches):
     assert np.abs(hf["log_tail"] - vl["log_tail"]).max() < TOLERANCE
     m_hf, m_vl = read_cache_manifest(caches["hf"]), read_cache_manifest(caches["vllm"])
     for key in cache_format.IDENTITY_KEYS:  # same cache identity: either one serves a run
-        assert m_hf[key] == m_vl[key], key
+        assert m_hf.get(key) == m_vl.get(key), key  # absent: None, as same_cache reads it
     for split, ppl in m_hf["teacher_ppl"].items():
         for domain, value in ppl.items():
             assert abs(m_vl["teacher_ppl"][split][domain] / value - 1) < TOLERANCE
