@@ -6,23 +6,30 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from tokenizers import normalizers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ddk.cli import main
 from ddk.config import PrepareSection, load_config
 from ddk.data.dataset import PreparedData
 from ddk.data.prepare import prepare
 from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
 from ddk.logits import hidden_and_head
 from ddk.losses.chunked import fused_distill_loss
+from ddk.metrics import read_metrics
+from ddk.models import load_model
+from ddk.run_dir import start_run
 from ddk.teacher.crosstok import CrossTokenizerTeacher
 from ddk.teacher.per_domain import PerDomainTeachers
 from ddk.teacher.signals import Batch, CompositeSignal, CrossSignal
 from ddk.trainer import Trainer
-from tests.conftest import run_config, write_config
+from tests.conftest import one_error_line, run_config, write_config
+from tests.test_crosstok_teacher import _lossy_teacher
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +127,98 @@ def test_eq1_ratio_is_each_domains_own_teacher_per_byte(tmp_path, spans_data, co
                 assert record["ppl_byte"]["val"][d] == pytest.approx(alone[d]["ppl_byte"], rel=1e-6)
                 assert record["key"]["teachers"][d] == str(teacher)
     assert record["key"]["teacher"]["code"]["cross_tokenizer"] is True
+
+
+# ---------------------------------------------------------------- what is refused, in one line
+def _refused(tmp_path, values, capsys) -> str:
+    capsys.readouterr()
+    assert main(["distill", write_config(tmp_path / "c.yaml", values)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+    return line
+
+
+@pytest.mark.parametrize("mode", ["offline", "served"])
+def test_cross_teachers_per_domain_run_online_only(tmp_path, mode, spans_data, code_teacher,
+                                                   teacher_dir, student_dir, capsys):  # fmt: skip
+    extra = {"teacher.mode": mode, "teacher.cache": str(tmp_path / "cache"),
+             "teacher.url": "http://localhost:1", "model.teachers": {"code": str(code_teacher)}}  # fmt: skip
+    line = _refused(tmp_path, _config(tmp_path, teacher_dir, student_dir, spans_data, **extra),
+                    capsys)  # fmt: skip
+    assert "teacher.tokenizer: cross with model.teachers runs online only" in line
+
+
+def test_each_teachers_tokenizer_must_give_its_domains_text_back(
+    tmp_path, spans_data, teacher_dir, student_dir, capsys
+):
+    """A lowercasing tokenizer (and no weights) as the math teacher: named, with the math text
+    it changes, before any weights load. The same tokenizer for code, whose text has no capital
+    letters, passes that check (the run then stops at the missing weights)."""
+    lossy = _lossy_teacher(tmp_path / "lossy", normalizers.Lowercase(), student_dir)
+    values = _config(tmp_path, teacher_dir, student_dir, spans_data,
+                     **{"model.teachers": {"math": str(lossy)}})  # fmt: skip
+    line = _refused(tmp_path, values, capsys)
+    assert "problem(s): model.teachers.math: its tokenizer does not give the data" in line
+    assert "(domain 'math', " in line
+    values["model.teachers"] = {"code": str(lossy)}
+    assert "does not give the data's text back" not in _refused(tmp_path, values, capsys)
+
+
+def test_cross_teachers_per_domain_need_byte_spans(tmp_path, prepared_dir, code_teacher,
+                                                   teacher_dir, student_dir, capsys):  # fmt: skip
+    values = run_config(tmp_path / "run", str(teacher_dir), str(student_dir), str(prepared_dir),
+                        **{"teacher.tokenizer": "cross",
+                           "model.teachers": {"code": str(code_teacher)}})  # fmt: skip
+    assert "prepare.byte_spans: true" in _refused(tmp_path, values, capsys)
+
+
+# ---------------------------------------------------------------- end to end
+def _train(tmp_path, name, teacher, student_dir, data, **extra):
+    run_dir = tmp_path / name
+    values = run_config(run_dir, str(teacher), str(student_dir), str(data.folder),
+                        **{"teacher.tokenizer": "cross", "distill.method": "ddk",
+                           "trainer.max_steps": 8, **extra})  # fmt: skip
+    start_run(load_config(write_config(tmp_path / f"{name}.yaml", values)))
+    logs = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    weights = load_model(str(run_dir / "final"), dtype=torch.float32, what="student")
+    return logs, weights.state_dict(), run_dir
+
+
+@pytest.mark.slow
+def test_a_copy_of_the_teacher_for_one_domain_equals_the_single_cross_teacher_run(
+    tmp_path, spans_data, teacher_dir, student_dir
+):
+    """math mapped to a copy of the (student-tokenizer) teacher: two cross-tokenizer teachers,
+    mixed micro-batches take the composite signal, and the run matches the single-teacher
+    cross-tokenizer run to float rounding."""
+    copy = tmp_path / "teacher_copy"
+    shutil.copytree(teacher_dir, copy)
+    base_logs, base_weights, _ = _train(tmp_path, "single", teacher_dir, student_dir, spans_data)
+    logs, weights, _ = _train(tmp_path, "copy", teacher_dir, student_dir, spans_data,
+                              **{"model.teachers": {"math": str(copy)}})  # fmt: skip
+    assert len(base_logs) > 2 and [r["step"] for r in logs] == [r["step"] for r in base_logs]
+    for a, b in zip(logs, base_logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
+    for key, value in base_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mismatch", ["uld", "merge"])
+def test_teachers_of_different_tokenizers_train_the_student(
+    tmp_path, mismatch, spans_data, code_teacher, teacher_dir, student_dir
+):
+    """The code teacher with its own tokenizer, the default teacher elsewhere: the loss is
+    finite and falls, and each domain's ratio is against its own teacher."""
+    logs, _, run_dir = _train(tmp_path, "run", teacher_dir, student_dir, spans_data,
+                              **{"model.teachers": {"code": str(code_teacher)},
+                                 "distill.cross_mismatch": mismatch,
+                                 "trainer.max_steps": 12})  # fmt: skip
+    losses = [r["loss"] for r in logs]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert all(r["kl"] > 0 for r in logs)
+    record = json.loads((run_dir / "teacher_ppl.json").read_text())
+    assert record["key"]["teachers"]["code"] == str(code_teacher)
+    alone = _cross(code_teacher, student_dir, spans_data, ["code"]).details("val")["code"]
+    assert record["ppl"]["val"]["code"] == pytest.approx(alone["ppl"], rel=1e-6)
+    assert record["ppl_byte"]["val"]["code"] == pytest.approx(alone["ppl_byte"], rel=1e-6)
