@@ -201,6 +201,12 @@ def test_a_copy_of_the_teacher_for_one_domain_equals_the_single_cross_teacher_ru
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5)
     for key, value in base_weights.items():
         torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-5)
+    # every domain mapped to the teacher itself: the one-teacher run, bit for bit
+    same = {d: str(teacher_dir) for d in spans_data.names}
+    logs, weights, _ = _train(tmp_path, "same", teacher_dir, student_dir, spans_data,
+                              **{"model.teachers": same})  # fmt: skip
+    assert [r["loss"] for r in logs] == [r["loss"] for r in base_logs]
+    assert all(torch.equal(weights[k], v) for k, v in base_weights.items())
 
 
 @pytest.mark.slow
