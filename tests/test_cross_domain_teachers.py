@@ -148,6 +148,20 @@ def test_cross_teachers_per_domain_run_online_only(tmp_path, mode, spans_data, c
     assert "teacher.tokenizer: cross with model.teachers runs online only" in line
 
 
+def test_no_cache_of_cross_teachers_per_domain(tmp_path, spans_data, code_teacher, teacher_dir,
+                                               student_dir, capsys):  # fmt: skip
+    """`ddk cache-teacher` would write one teacher's cache: refused in one line, no folder."""
+    extra = {
+        "teacher.cache": str(tmp_path / "cache"),
+        "model.teachers": {"code": str(code_teacher)},
+    }
+    values = _config(tmp_path, teacher_dir, student_dir, spans_data, **extra)
+    capsys.readouterr()
+    assert main(["cache-teacher", write_config(tmp_path / "c.yaml", values)]) == 2
+    assert "runs online only" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_each_teachers_tokenizer_must_give_its_domains_text_back(
     tmp_path, spans_data, teacher_dir, student_dir, capsys
 ):

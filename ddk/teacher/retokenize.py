@@ -92,14 +92,19 @@ CROSS_TEACHERS_ONLINE = (
 )
 
 
+def several_cross_teachers(cfg) -> bool:
+    """`teacher.tokenizer: cross` with `model.teachers` naming a teacher besides model.teacher."""
+    others = set(cfg.model.teachers.values()) - {cfg.model.teacher}
+    return cfg.teacher.tokenizer == "cross" and bool(others)
+
+
 def cross_tokenizer_problems(cfg, manifest, tokenizers: dict) -> list[str]:
     """Preflight of `teacher.tokenizer: cross` (before any weights load): online or offline
     mode (the cache's own checks: `ddk.teacher.offline`; a teacher per domain: online only),
     data with byte spans, and teacher tokenizers that give back the data's text (a sample of
     every domain's and split's text, `text_file_problem`). `tokenizers`: {role: tokenizer},
     roles "teacher" and "teachers.DOMAIN" (each other teacher of model.teachers)."""
-    several = len(set(cfg.model.teachers.values()) - {cfg.model.teacher}) > 0
-    if several and cfg.teacher.mode != "online":
+    if several_cross_teachers(cfg) and cfg.teacher.mode != "online":
         return [CROSS_TEACHERS_ONLINE]
     if cfg.teacher.mode == "served":
         return [
