@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from tokenizers import normalizers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -30,6 +31,8 @@ from ddk.teacher.signals import Batch, CompositeSignal, CrossSignal
 from ddk.trainer import Trainer
 from tests.conftest import one_error_line, run_config, write_config
 from tests.test_crosstok_teacher import _lossy_teacher
+from tests.test_sharding import _assert_same_run, _env, _torchrun, needs_torchrun
+from tests.test_sharding import _config as sharded_config
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +245,27 @@ def test_teachers_of_different_tokenizers_train_the_student(
     alone = _cross(code_teacher, student_dir, spans_data, ["code"]).details("val")["code"]
     assert record["ppl"]["val"]["code"] == pytest.approx(alone["ppl"], rel=1e-6)
     assert record["ppl_byte"]["val"]["code"] == pytest.approx(alone["ppl_byte"], rel=1e-6)
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_two_processes_with_cross_teachers_per_domain_match_one_teacher(
+    tmp_path, spans_data, teacher_dir, student_dir
+):
+    """2 gloo processes (DDP) with math mapped to a copy of the teacher, through the cross
+    path: composite signals cross the DDP forward, and the run equals the one-process
+    single-teacher cross run with the same global batch."""
+    copy = tmp_path / "teacher_copy"
+    shutil.copytree(teacher_dir, copy)
+    runs = {}
+    for name, micro, teachers in (("one", 4, {}), ("two", 2, {"math": str(copy)})):
+        cfg = sharded_config(tmp_path / f"{name}.yaml", tmp_path / name, str(teacher_dir),
+                      str(student_dir), str(spans_data.folder), micro, 2)  # fmt: skip
+        values = yaml.safe_load(cfg.read_text())
+        values["teacher"]["tokenizer"] = "cross"
+        values["model"]["teachers"] = teachers
+        cfg.write_text(yaml.safe_dump(values))
+        runs[name] = cfg
+    _torchrun(["distill", str(runs["one"])], _env(), processes=1)
+    _torchrun(["distill", str(runs["two"])], _env())
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
