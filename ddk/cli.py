@@ -233,7 +233,8 @@ def _add_demo_parser(sub) -> None:
         "--domain-teachers",
         action="store_true",
         help="also train a math teacher and a code teacher (the teacher trained longer on its "
-        "own domain) and run each teacher-using method with them too (METHOD+domain)",
+        "own domain) and run each teacher-using method with them too (METHOD+domain); with "
+        "--cross-teacher also METHOD@x+domain (code from teacher-x, math from the math teacher)",
     )
     _add_cross_demo_arguments(p)
     p.add_argument("--steps", type=int, help="distillation steps per method")

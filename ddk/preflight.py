@@ -224,17 +224,12 @@ def _teacher_tokenizer_problems(cfg: Config, manifest, tokenizers: dict) -> list
     """A cross-tokenizer teacher (one, with byte spans in the data), else every teacher's
     tokenizer against the student's."""
     if cfg.teacher.tokenizer == "cross":
-        problems = list(cross_tokenizer_problems(cfg, manifest, tokenizers))
-        if "teacher" in tokenizers:  # it encodes the data's text at every step
-            differs = tokenizer_file_difference(tokenizers["teacher"], cfg.model.teacher)
-            if differs:
-                print0(f"warning: model.teacher: {differs}")
-        if set(cfg.model.teachers.values()) - {cfg.model.teacher}:
-            problems.append(
-                "teacher.tokenizer: cross takes one teacher; unset model.teachers (a teacher per "
-                "domain shares the student's tokenizer)"
-            )
-        return problems
+        for role, name in _teacher_roles(cfg):
+            if role in tokenizers:  # it encodes the data's text at every step
+                differs = tokenizer_file_difference(tokenizers[role], name)
+                if differs:
+                    print0(f"warning: model.{role}: {differs}")
+        return list(cross_tokenizer_problems(cfg, manifest, tokenizers))
     problems = []
     for role, name in _teacher_roles(cfg):
         if "student" in tokenizers and role in tokenizers:
@@ -332,7 +327,7 @@ def _data_model_problems(cfg: Config, manifest, configs, tokenizers, problems) -
         )
     vocab = manifest.tokenizer.vocab_size
     for role, model_cfg in configs.items():
-        if role == "teacher" and cfg.teacher.tokenizer == "cross":
+        if role != "student" and cfg.teacher.tokenizer == "cross":
             continue  # its own vocabulary: checked against its own tokenizer when it loads
         rows = getattr(model_cfg, "vocab_size", None)
         if rows is not None and rows < vocab:

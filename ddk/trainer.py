@@ -55,7 +55,7 @@ from ddk.runtime import Runtime
 from ddk.schedule import Schedule
 from ddk.step import DistillStep
 from ddk.teacher import Batch
-from ddk.teacher.perplexity import write_teacher_ppl
+from ddk.teacher.perplexity import per_byte_perplexities, write_teacher_ppl
 from ddk.teacher.source import pinned_cache, teacher_source
 from ddk.trackers import start_trackers
 
@@ -200,7 +200,8 @@ class Trainer:
                 return None
             if self.is_main:
                 source = {s: self.teacher.ppl_source.get(s) for s in splits}
-                write_teacher_ppl(self.run_dir, self.teacher.ppl_key, source, ppl)
+                per_byte = per_byte_perplexities(self.teacher, splits)
+                write_teacher_ppl(self.run_dir, self.teacher.ppl_key, source, ppl, per_byte)
             self._teacher_ppl = ppl
         return self._teacher_ppl
 

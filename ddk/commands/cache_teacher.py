@@ -76,7 +76,7 @@ from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.per_domain import teacher_groups
 from ddk.teacher.perplexity import hash_memo
 from ddk.teacher.placement import is_sharded, load_configured_teacher
-from ddk.teacher.retokenize import shared_vocabulary
+from ddk.teacher.retokenize import CROSS_TEACHERS_ONLINE, several_cross_teachers, shared_vocabulary
 from ddk.teacher.sampling import PROPOSAL_POWER
 from ddk.teacher.signals import Batch
 
@@ -143,6 +143,8 @@ def _preflight(cfg) -> None:
     length), as the run that will read this cache makes them: a cache for data the teacher
     cannot serve would only fail there, after the cost of building it. The cache itself does
     not exist yet, so they run as for an online teacher."""
+    if several_cross_teachers(cfg):
+        raise DDKError(CROSS_TEACHERS_ONLINE)
     model = {"student": cfg.model.student or cfg.model.teacher}
     check = cfg.model_copy(
         update={

@@ -355,9 +355,12 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def _cross_stage(args, out, cache, corpus, data, models, size, steps, runs, t0) -> str:
+def _cross_stage(args, out, cache, corpus, data, models, size, steps, runs, t0,
+                 domain_teachers=None) -> str:  # fmt: skip
     """`--cross-teacher` (`ddk.demo.crosstok`): teacher-x with its own tokenizer, kd@x and
-    ddk@x through it, and every model's test perplexity per byte; returns results.md's part."""
+    ddk@x through it, and every model's test perplexity per byte; returns results.md's part.
+    With `domain_teachers` (--domain-teachers) also METHOD@x+domain: teacher-x for code, the
+    math teacher for math, the shared teacher elsewhere, all through the cross path."""
     configs = out / "configs"
     tok_x = crosstok.second_tokenizer(cache, corpus, size.vocab)
     teacher_x = cache / "teacher-x" / "final"
@@ -380,6 +383,13 @@ def _cross_stage(args, out, cache, corpus, data, models, size, steps, runs, t0) 
         _stage(f"distilling with {label} (teacher-x, {steps} steps)", t0)
         cross_runs.append(distill_stage(label, teacher_x, models["student before"], data, out,
                                         size, steps, args.seed, configs, extra=extra))  # fmt: skip
+        if domain_teachers:
+            teachers = {**{d: str(t) for d, t in domain_teachers.items()}, "code": str(teacher_x)}
+            extra = [*extra, f"model.teachers={json.dumps(teachers)}"]
+            _stage(f"distilling with {label}+domain (code: teacher-x, {steps} steps)", t0)
+            cross_runs.append(distill_stage(f"{label}+domain", models["teacher"],
+                                            models["student before"], data, out, size, steps,
+                                            args.seed, configs, extra=extra))  # fmt: skip
     ppl = crosstok.byte_perplexities(models, runs + cross_runs, data, teacher_x)
     (out / "cross_results.json").write_text(json.dumps(ppl, indent=2))
     return (
@@ -538,7 +548,8 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
     mix = CHAT_STUDENT_MIX if chat else STUDENT_MIX
     _, teacher, student = pretrain_models(cache, data, size, args.seed, configs, t0, mix)
     domain_teachers = None
-    if any(split_variant(m)[1] == "domain" for m in methods):
+    wants = getattr(args, "domain_teachers", False) and cross  # METHOD@x+domain
+    if wants or any(split_variant(m)[1] == "domain" for m in methods):
         domain_teachers = _domain_teachers(cache, data, teacher, size, args.seed, configs, t0)
     # the benchmark tasks are built from raw-text test documents: none for chat data
     no_benchmarks = chat or getattr(args, "no_benchmarks", False)
@@ -557,7 +568,8 @@ def _run_stages(args, out: Path, size: DemoSize, steps: int, t0: float, methods:
     results = results_text(summary, domain_teacher_table(runs))
     if cross:
         models = {"teacher": teacher, "student before": student}
-        results += _cross_stage(args, out, cache, corpus, data, models, size, steps, runs, t0)
+        results += _cross_stage(args, out, cache, corpus, data, models, size, steps, runs, t0,
+                                domain_teachers)  # fmt: skip
     (out / "results.md").write_text(results)
     print("\n" + results.replace("```\n", ""))
     _stage(f"done. Report: {html}  Configs to copy: {configs}", t0)

@@ -31,7 +31,9 @@ The teacher is ONE argument: a ``DenseSignal`` (hidden states + LM head: teacher
 built chunk by chunk like the student's), a ``SparseSignal`` (a cache: the top-k head plus
 either a tail bucket or importance-weighted tail samples, see ``ddk.losses.sparse``) or
 a ``CrossSignal`` (a live teacher with another tokenizer, ``ddk.losses.crosstok``), a
-``SparseCrossSignal`` (its offline cache, ``ddk.losses.crosstok_sparse``) or ``None`` (CE only).
+``SparseCrossSignal`` (its offline cache, ``ddk.losses.crosstok_sparse``), a ``CompositeSignal``
+(a teacher per domain: several of these, each over its own rows; each part goes through its
+own path on its rows' student states and the sums add up) or ``None`` (CE only).
 
 ``naive_distill_loss`` is the plain reference with the same signature (full
 logits, ordinary autograd), and ``chunked_ce_sum`` the evaluation helper
@@ -51,6 +53,7 @@ from ddk.losses import crosstok, crosstok_merge, crosstok_sparse, sparse
 from ddk.losses.divergences import NO_DIVERGENCE, DivergenceFn, get_divergence
 from ddk.methods import divergence_active, method_spec
 from ddk.teacher.signals import (
+    CompositeSignal,
     CrossSignal,
     DenseSignal,
     SparseCrossSignal,
@@ -139,7 +142,7 @@ def _with_transform(teacher: TeacherSignal | None, transform) -> TeacherSignal |
     """Fold a ``teacher_transform`` argument into the dense signal that it belongs to."""
     if transform is None or teacher is None:
         return teacher
-    if isinstance(teacher, SparseSignal | SparseCrossSignal):
+    if isinstance(teacher, SparseSignal | SparseCrossSignal | CompositeSignal):
         raise ValueError("teacher_transform applies to a dense teacher; a sparse signal has it")
     return teacher._replace(transform=transform)
 
@@ -309,6 +312,8 @@ def _validate(
         given = [t for t in teacher[3:] if t is not None]  # the sample_* fields
         if given and (len(given) != 3 or any(t.shape != (n, given[0].shape[-1]) for t in given)):
             raise ValueError("sparse teacher: sample_ids, sample_logp, sample_logw must be [N, m]")
+    elif isinstance(teacher, CompositeSignal):
+        _validate_parts(teacher, student_hidden, student_head_weight, vocab_size)
     elif teacher is not None:
         _validate_cross(teacher, student_hidden.shape[0])
     if tau <= 0:
@@ -335,6 +340,38 @@ def _validate_cross(teacher, n: int) -> None:
             "teacher must be a DenseSignal, a SparseSignal, a CrossSignal, a SparseCrossSignal "
             f"or None, got {type(teacher)}"
         )
+
+
+def _validate_parts(teacher: CompositeSignal, student_hidden: Tensor, head: Tensor,
+                    vocab_size: int) -> None:  # fmt: skip
+    """Each part's signal against its rows (shapes only: meta tensors), and every row of the
+    micro-batch in exactly one part."""
+    rows = [r.reshape(-1).cpu() for r, _ in teacher.parts]
+    n = student_hidden.shape[0]
+    covered = torch.cat(rows).sort().values if rows else torch.zeros(0, dtype=torch.long)
+    if not torch.equal(covered, torch.arange(n)):
+        raise ValueError("a composite teacher signal's parts must cover every row exactly once")
+    for r, signal in teacher.parts:
+        if isinstance(signal, CompositeSignal) or signal is None:
+            raise ValueError("a composite teacher signal's parts are signals of one teacher each")
+        shape = (r.numel(), student_hidden.shape[1])
+        meta = torch.empty(shape, device="meta")
+        _validate(meta, head, torch.empty(r.numel(), device="meta"), signal, vocab_size,
+                  1.0, 0.0, 1)  # fmt: skip
+
+
+def _composite_sums(student_hidden: Tensor, head_weight: Tensor, labels: Tensor,
+                    teacher: CompositeSignal, **kw) -> LossSums:  # fmt: skip
+    """`fused_distill_loss` of each part on its rows, summed: each row against its own teacher,
+    the normalisation (by the micro-batch's targets) left to the caller as for one teacher."""
+    parts = []
+    for rows, signal in teacher.parts:
+        rows = rows.reshape(-1).to(student_hidden.device)
+        parts.append(fused_distill_loss(student_hidden.index_select(0, rows), head_weight,
+                                        labels.index_select(0, rows), signal, **kw))  # fmt: skip
+    ce, div = (torch.stack([getattr(p, f) for p in parts]).sum() for f in ("ce", "div"))
+    total = torch.stack([p.total for p in parts]).sum()
+    return LossSums(total, ce, div, sum(p.tokens for p in parts))
 
 
 def _uses_teacher(divergence: str, gamma: float, teacher: TeacherSignal | None) -> bool:
@@ -364,8 +401,8 @@ def fused_distill_loss(
     ``student_hidden`` [N, H] are the final hidden states already aligned with
     ``labels`` [N] (shifted, flattened); ``student_head_weight`` [V_s, H] is the LM
     head (V_s >= vocab_size; extra rows are padding and get a zero gradient).
-    ``teacher`` is a ``DenseSignal``, a ``SparseSignal`` (rows aligned with ``labels``) or
-    ``None``. The teacher is skipped entirely (no matmul) when ``divergence == "none"``,
+    ``teacher``: any ``TeacherSignal`` (rows aligned with ``labels``; a ``CompositeSignal``:
+    each part's rows against its own signal) or ``None``. The teacher is skipped entirely (no matmul) when ``divergence == "none"``,
     ``gamma == 0`` or ``teacher is None``. No gradient reaches the teacher.
     """
     div_fn = get_divergence(divergence)  # validates the name even when unused
@@ -374,22 +411,21 @@ def fused_distill_loss(
         student_hidden, student_head_weight, labels, teacher, vocab_size, tau, skew_lambda,
         chunk_tokens,
     )  # fmt: skip
+    if isinstance(teacher, CompositeSignal):
+        return _composite_sums(
+            student_hidden, student_head_weight, labels, teacher, vocab_size=vocab_size,
+            gamma=gamma, tau=tau, divergence=divergence, skew_lambda=skew_lambda,
+            chunk_tokens=chunk_tokens, student_head_bias=student_head_bias,
+            ignore_index=ignore_index, student_transform=student_transform,
+            cross_mismatch=cross_mismatch,
+        )  # fmt: skip
     if not _uses_teacher(divergence, gamma, teacher):
         div_fn = teacher = None
     head = (student_head_weight, student_head_bias, student_transform, vocab_size)
     teacher = crosstok_merge.prepare_signal(teacher, cross_mismatch, student_hidden, head, labels,
                                             float(tau), chunk_tokens, ignore_index)  # fmt: skip
-    settings = _Settings(
-        vocab_size,
-        float(gamma),
-        float(tau),
-        div_fn,
-        float(skew_lambda),
-        chunk_tokens,
-        student_transform,
-        divergence,
-        cross_mismatch,
-    )
+    settings = _Settings(vocab_size, float(gamma), float(tau), div_fn, float(skew_lambda),
+                         chunk_tokens, student_transform, divergence, cross_mismatch)  # fmt: skip
     rows = (labels != ignore_index).nonzero().squeeze(1)  # the one host sync of a call
     args = (student_hidden, student_head_weight, student_head_bias, teacher, rows, labels)
     needs_grad = torch.is_grad_enabled() and any(
@@ -440,26 +476,37 @@ def naive_distill_loss(
         div = torch.zeros_like(ce)
         total = ce
     else:
-        if isinstance(teacher, SparseSignal):
-            per_token = sparse.sparse_divergence(
-                logits, teacher, float(tau), divergence, float(skew_lambda)
-            )
-        elif isinstance(teacher, SparseCrossSignal):
-            per_token = _sparse_cross(logits, teacher, div_fn, float(tau), float(skew_lambda),
-                                      cross_mismatch)  # fmt: skip
+        settings = (vocab_size, divergence, div_fn, float(tau), float(skew_lambda), cross_mismatch,
+                    ignore_index)  # fmt: skip
+        if isinstance(teacher, CompositeSignal):  # each part's rows against its own teacher
+            per_token = logits.new_zeros(logits.shape[0])
+            for rows, part in teacher.parts:
+                rows = rows.reshape(-1).to(logits.device)
+                got = _naive_per_token(logits[rows], labels[rows], part, *settings)
+                per_token = per_token.index_put((rows,), got.to(per_token.dtype))
         else:
-            with torch.no_grad():
-                teacher_logits = _teacher_logits(_trim_teacher(teacher, vocab_size))
-            if isinstance(teacher, CrossSignal):
-                per_token = crosstok.full_cross_divergence(
-                    logits, teacher_logits, teacher, labels, div_fn, float(tau),
-                    float(skew_lambda), cross_mismatch, ignore_index,
-                )  # fmt: skip
-            else:
-                per_token = div_fn(logits, teacher_logits, float(tau), float(skew_lambda))
+            per_token = _naive_per_token(logits, labels, teacher, *settings)
         div = torch.where(mask, per_token, 0.0).sum()
         total = ce + gamma * div
     return LossSums(total, ce.detach(), div.detach(), tokens)
+
+
+def _naive_per_token(logits: Tensor, labels: Tensor, teacher: TeacherSignal, vocab_size: int,
+                     divergence: str, div_fn, tau: float, skew_lambda: float,
+                     cross_mismatch: str, ignore_index: int) -> Tensor:  # fmt: skip
+    """`naive_distill_loss`'s per-token divergence against one teacher's signal."""
+    if isinstance(teacher, SparseSignal):
+        return sparse.sparse_divergence(logits, teacher, tau, divergence, skew_lambda)
+    if isinstance(teacher, SparseCrossSignal):
+        return _sparse_cross(logits, teacher, div_fn, tau, skew_lambda, cross_mismatch)
+    with torch.no_grad():
+        teacher_logits = _teacher_logits(_trim_teacher(teacher, vocab_size))
+    if isinstance(teacher, CrossSignal):
+        return crosstok.full_cross_divergence(
+            logits, teacher_logits, teacher, labels, div_fn, tau, skew_lambda, cross_mismatch,
+            ignore_index,
+        )  # fmt: skip
+    return div_fn(logits, teacher_logits, tau, skew_lambda)
 
 
 @torch.no_grad()

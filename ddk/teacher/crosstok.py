@@ -47,12 +47,15 @@ class CrossTokenizerTeacher:
     """A `TeacherSource` over a live model whose tokenizer differs from the student's."""
 
     def __init__(self, model, tokenizer, student_tokenizer, data, *, autocast=None, chunk=1024,
-                 mismatch: str = "uld"):  # fmt: skip
+                 mismatch: str = "uld", domains=None):  # fmt: skip
+        """`domains`: the domains whose perplexities it scores (default: all of the data's;
+        a teacher per domain scores its own only)."""
         self.model, self.tokenizer, self.data = model, tokenizer, data
         self.mismatch = mismatch  # "merge": the signal carries the mismatched spans
         self.autocast = autocast or contextlib.nullcontext
         self.chunk = chunk
-        self.names = data.names
+        self.names = data.names  # what Batch.rows's domain index counts in
+        self.scored = list(domains) if domains is not None else list(data.names)
         self.retok = Retokenizer(
             tokenizer, data.manifest.tokenizer.bos_token_id, data.manifest.tokenizer.eos_token_id
         )
@@ -156,7 +159,7 @@ class CrossTokenizerTeacher:
 
     def perplexities(self, split: str) -> dict[str, float]:
         if split not in self._ppl:
-            self._ppl[split] = {d: self.domain_nll(split, d) for d in self.names}
+            self._ppl[split] = {d: self.domain_nll(split, d) for d in self.scored}
         return {d: r["ppl"] for d, r in self._ppl[split].items()}
 
     def details(self, split: str) -> dict[str, dict]:
@@ -200,20 +203,24 @@ def tokenizer_vocab(tokenizer) -> int:
     return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
 
 
-def cross_tokenizers(cfg) -> tuple:
-    """(teacher tokenizer, student tokenizer) of a `teacher.tokenizer: cross` config."""
+def cross_tokenizers(cfg, name: str | None = None) -> tuple:
+    """(teacher tokenizer, student tokenizer) of a `teacher.tokenizer: cross` config; `name`:
+    one teacher of `model.teachers` (default model.teacher)."""
     trust = cfg.model.trust_remote_code
-    return load_tokenizer(cfg.model.teacher, trust), load_tokenizer(cfg.model.student, trust)
+    teacher = load_tokenizer(name or cfg.model.teacher, trust)
+    return teacher, load_tokenizer(cfg.model.student, trust)
 
 
-def load_cross_teacher(cfg, data, runtime) -> CrossTokenizerTeacher:
-    """model.teacher, placed as `teacher.placement` asks, with its own tokenizer."""
-    model = load_configured_teacher(cfg, runtime)
-    tokenizer, student_tokenizer = cross_tokenizers(cfg)
+def load_cross_teacher(cfg, data, runtime, name=None, domains=None) -> CrossTokenizerTeacher:
+    """model.teacher (or `name`, one teacher of model.teachers, scoring `domains`), placed as
+    `teacher.placement` asks, with its own tokenizer."""
+    model = load_configured_teacher(cfg, runtime, name)
+    tokenizer, student_tokenizer = cross_tokenizers(cfg, name)
     check_vocab(len(tokenizer), embedding_rows(model), embedding_rows(model))
     return CrossTokenizerTeacher(
         model, tokenizer, student_tokenizer, data, autocast=runtime.autocast,
         chunk=cfg.distill.loss_chunk_tokens, mismatch=cfg.distill.cross_mismatch,
+        domains=domains,
     )  # fmt: skip
 
 

@@ -12,6 +12,12 @@ layout, against their LM heads concatenated along the hidden axis,
 
 so the fused loss builds each chunk's teacher logits with one matmul as before, and no
 [tokens, vocab] tensor exists. The zero blocks cost a matmul over sum(H_t) instead of H_t.
+
+With `teacher.tokenizer: cross` each teacher is a `CrossTokenizerTeacher` (its own tokenizer,
+or the student's: then its alignment is the identity). Their signals cannot share one head, so
+a mixed micro-batch hands the loss a `CompositeSignal`: each teacher's `CrossSignal` over its
+rows' tokens, which the loss takes part by part (`ddk.losses.chunked`). Each domain's Eq. 1
+ratio is then against its own teacher's per-byte NLL (`ddk.teacher.crosstok`).
 """
 
 from __future__ import annotations
@@ -21,9 +27,8 @@ import torch
 
 from ddk.errors import DDKError
 from ddk.logits import LogitTransform
-from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.placement import is_sharded
-from ddk.teacher.signals import Batch, DenseSignal
+from ddk.teacher.signals import Batch, CompositeSignal, CrossSignal, DenseSignal
 
 
 def teacher_groups(domain_teachers: dict[str, str]) -> dict[str, list[str]]:
@@ -83,13 +88,23 @@ def merge_dense(
     return DenseSignal(hidden, head, None, None if cap is None else LogitTransform(1.0, cap))
 
 
-class PerDomainTeachers:
-    """A `TeacherSource` over one `OnlineTeacher` per distinct teacher of `model.teachers`.
+def composite(parts: list[tuple[np.ndarray, CrossSignal]], seq: int) -> CompositeSignal:
+    """`parts` (micro-batch rows, that teacher's signal over them) as the loss's parts: each
+    signal with the flattened token rows of its micro-batch rows."""
+    return CompositeSignal(tuple(
+        (torch.from_numpy((rows[:, None] * seq + np.arange(seq)).reshape(-1)), signal)
+        for rows, signal in parts
+    ))  # fmt: skip
 
-    `teachers`: {teacher: its OnlineTeacher}; `domain_teachers`: {domain: teacher} over the
+
+class PerDomainTeachers:
+    """A `TeacherSource` over one teacher per distinct teacher of `model.teachers`: all
+    `OnlineTeacher`s (one tokenizer) or all `CrossTokenizerTeacher`s (`teacher.tokenizer: cross`).
+
+    `teachers`: {teacher: its source}; `domain_teachers`: {domain: teacher} over the
     run's domains, in the order `Batch.rows` indexes them."""
 
-    def __init__(self, teachers: dict[str, OnlineTeacher], domain_teachers: dict[str, str]):
+    def __init__(self, teachers: dict, domain_teachers: dict[str, str]):
         self.teachers = teachers
         self.domain_teachers = dict(domain_teachers)
         names = list(teachers)
@@ -104,7 +119,7 @@ class PerDomainTeachers:
         return None
 
     @torch.no_grad()
-    def signal(self, batch: Batch) -> DenseSignal:
+    def signal(self, batch: Batch) -> DenseSignal | CrossSignal | CompositeSignal:
         which = self._row_teacher[np.asarray(batch.rows)[:, 0]]
         parts = []
         for t, teacher in enumerate(self.teachers.values()):
@@ -119,6 +134,8 @@ class PerDomainTeachers:
                 teacher.signal(_rows_of(batch, np.arange(1)))  # joins the collectives, dropped
         if len(parts) == 1:
             return parts[0][1]
+        if not isinstance(parts[0][1], DenseSignal):
+            return composite(parts, batch.input_ids.shape[1])
         key = tuple(id(s.head_weight) for _, s in parts)
         if self._head is None or self._head[0] != key:
             self._head = None  # free the old one first
@@ -137,15 +154,28 @@ class PerDomainTeachers:
         self.ppl_source[split] = "computed" if "computed" in sources else sources.pop()
         return {d: merged[d] for d in self.domain_teachers}
 
+    def details(self, split: str) -> dict[str, dict] | None:
+        """Each domain's per-byte result from its own teacher (cross-tokenizer teachers, which
+        read text; None for teachers that read the student's tokens)."""
+        merged: dict[str, dict] = {}
+        for teacher in self.teachers.values():
+            if not hasattr(teacher, "details"):
+                return None
+            merged.update(teacher.details(split))
+        return {d: merged[d] for d in self.domain_teachers}
+
     @property
     def ppl_key(self) -> dict:
-        """The data's fingerprint and each domain's teacher with its fingerprint."""
+        """The data's fingerprint and each domain's teacher with its fingerprint (a
+        cross-tokenizer teacher's: its tokenizer)."""
         keys = {name: t.ppl_key for name, t in self.teachers.items()}
         first = next(iter(keys.values()))
         return {
             "data": first.get("data"),
             "windows": first.get("windows"),
-            "teacher": {d: keys[t].get("teacher") for d, t in self.domain_teachers.items()},
+            "teacher": {
+                d: keys[t].get("teacher", keys[t]) for d, t in self.domain_teachers.items()
+            },
             "teachers": dict(self.domain_teachers),
             "teacher_cache": None,
         }

@@ -152,8 +152,23 @@ class SharedPerplexities:
         return model
 
 
-def write_teacher_ppl(run_dir: Path, key: dict, source: dict, ppl: dict) -> None:
+def write_teacher_ppl(run_dir: Path, key: dict, source: dict, ppl: dict,
+                      ppl_byte: dict | None = None) -> None:  # fmt: skip
     """`RUN/teacher_ppl.json`, the one writer: the run's teacher perplexities per split
     (`ppl`), where each came from (`source`: "cache", "computed" or "teacher cache") and what
-    identifies the data and teacher they belong to (`key`: data, teacher, teacher_cache)."""
-    write_json_atomic(Path(run_dir) / RECORD, {"key": key, "source": source, "ppl": ppl})
+    identifies the data and teacher they belong to (`key`: data, teacher, teacher_cache);
+    teachers that read text (cross-tokenizer) add them per UTF-8 byte (`ppl_byte`)."""
+    record = {"key": key, "source": source, "ppl": ppl}
+    if ppl_byte is not None:
+        record["ppl_byte"] = ppl_byte
+    write_json_atomic(Path(run_dir) / RECORD, record)
+
+
+def per_byte_perplexities(teacher, splits) -> dict[str, dict[str, float]] | None:
+    """{split: {domain: teacher ppl per byte}} of a teacher that reads text (its `details`),
+    else None."""
+    details = getattr(teacher, "details", None)
+    found = {s: details(s) for s in splits} if details is not None else {}
+    if not found or any(v is None for v in found.values()):
+        return None
+    return {s: {d: r["ppl_byte"] for d, r in v.items()} for s, v in found.items()}

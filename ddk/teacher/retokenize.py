@@ -86,11 +86,26 @@ def _teacher_bos(teacher) -> int:
     return teacher.bos_token_id if teacher.bos_token_id is not None else teacher.eos_token_id
 
 
+CROSS_TEACHERS_ONLINE = (
+    "teacher.tokenizer: cross with model.teachers runs online only (teacher.mode: online); "
+    "for an offline cache or a server, map every domain to model.teacher"
+)
+
+
+def several_cross_teachers(cfg) -> bool:
+    """`teacher.tokenizer: cross` with `model.teachers` naming a teacher besides model.teacher."""
+    others = set(cfg.model.teachers.values()) - {cfg.model.teacher}
+    return cfg.teacher.tokenizer == "cross" and bool(others)
+
+
 def cross_tokenizer_problems(cfg, manifest, tokenizers: dict) -> list[str]:
     """Preflight of `teacher.tokenizer: cross` (before any weights load): online or offline
-    mode (the cache's own checks: `ddk.teacher.offline`), data with byte spans, and a teacher
-    tokenizer that gives back the data's text (a sample of every domain's and split's text,
-    `text_file_problem`)."""
+    mode (the cache's own checks: `ddk.teacher.offline`; a teacher per domain: online only),
+    data with byte spans, and teacher tokenizers that give back the data's text (a sample of
+    every domain's and split's text, `text_file_problem`). `tokenizers`: {role: tokenizer},
+    roles "teacher" and "teachers.DOMAIN" (each other teacher of model.teachers)."""
+    if several_cross_teachers(cfg) and cfg.teacher.mode != "online":
+        return [CROSS_TEACHERS_ONLINE]
     if cfg.teacher.mode == "served":
         return [
             "teacher.tokenizer: 'cross' needs teacher.mode 'online' or 'offline' (a server "
@@ -106,24 +121,36 @@ def cross_tokenizer_problems(cfg, manifest, tokenizers: dict) -> list[str]:
             f"data.prepared: '{cfg.data.prepared}' has no byte spans, which a teacher with "
             "another tokenizer reads its text from; prepare it again with prepare.byte_spans: true"
         ]
-    teacher = tokenizers.get("teacher")
-    if teacher is None or manifest is None:
+    if manifest is None:
         return []
-    for domain, info in manifest.domains.items():
-        if cfg.data.domains and domain not in cfg.data.domains:
-            continue
+    teachers = {r: t for r, t in tokenizers.items() if r == "teacher" or r.startswith("teachers.")}
+    for role, tokenizer in teachers.items():
+        if (problem := _text_problem(cfg, manifest, role, tokenizer)) is not None:
+            return [problem]
+    return []
+
+
+def _text_problem(cfg, manifest, role: str, teacher) -> str | None:
+    """Where teacher `role`'s tokenizer first fails to give back its domains' text, or None.
+    model.teacher reads every domain (its perplexities too, when it is the only teacher)."""
+    mine = [d for d in manifest.domains if not cfg.data.domains or d in cfg.data.domains]
+    if role != "teacher" or cfg.model.teachers:
+        name = cfg.model.teacher if role == "teacher" else cfg.model.teachers[role[9:]]
+        mine = [d for d in mine if cfg.model.teacher_of(d) == name]
+    for domain in mine:
         for split in SPLITS:  # training text too: the teacher reads it at every step
-            path = Path(cfg.data.prepared).expanduser() / info.folder / f"{split}_text.bin"
+            path = Path(cfg.data.prepared).expanduser() / manifest.domains[domain].folder
+            path = path / f"{split}_text.bin"
             found = text_file_problem(teacher, path) if path.is_file() else None
             if found is not None:
                 at, text, back = found
-                return [
-                    f"model.teacher: its tokenizer does not give the data's text back (domain "
+                return (
+                    f"model.{role}: its tokenizer does not give the data's text back (domain "
                     f"'{domain}', {split} text: it first differs at character {at}: "
                     f"{text!r} comes back as {back!r}); a teacher with another tokenizer must "
                     "decode to the same text"
-                ]
-    return []
+                )
+    return None
 
 
 def text_file_problem(tokenizer, path: Path, pieces: int = 8, piece_bytes: int = 1 << 16):

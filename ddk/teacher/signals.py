@@ -118,7 +118,19 @@ class SparseCrossSignal(NamedTuple):
         return tuple(self[:5])
 
 
-TeacherSignal = DenseSignal | SparseSignal | CrossSignal | SparseCrossSignal
+class CompositeSignal(NamedTuple):
+    """Several teachers' signals over one micro-batch (`model.teachers` whose teachers cannot
+    share one dense signal, e.g. teachers with other tokenizers): each part is (the flattened
+    student rows it covers [n_i] int64, that teacher's signal over exactly those rows in that
+    order). The parts cover every row once. The loss runs each part through its own signal's
+    path on those rows and sums the sums (`ddk.losses.chunked`)."""
+
+    parts: tuple[
+        tuple[torch.Tensor, DenseSignal | SparseSignal | CrossSignal | SparseCrossSignal], ...
+    ]
+
+
+TeacherSignal = DenseSignal | SparseSignal | CrossSignal | SparseCrossSignal | CompositeSignal
 
 
 class Batch(NamedTuple):

@@ -7,7 +7,8 @@
                            perplexities, on first use, and freed after
     no model.teacher       None: the method needs none (cpt without a teacher)
 
-    model.teachers         a teacher per domain (`PerDomainTeachers`), each as above
+    model.teachers         a teacher per domain (`PerDomainTeachers`), each as above (with
+                           teacher.tokenizer cross: online only, each a cross-tokenizer one)
 
 A new kind of teacher (served, ...) is another `TeacherSource` chosen here.
 """
@@ -24,6 +25,7 @@ from ddk.teacher.online import OnlineTeacher
 from ddk.teacher.per_domain import PerDomainTeachers, teacher_groups
 from ddk.teacher.perplexity import SharedPerplexities
 from ddk.teacher.placement import load_configured_teacher
+from ddk.teacher.retokenize import CROSS_TEACHERS_ONLINE
 from ddk.teacher.served import ServedTeacher
 from ddk.teacher.signals import TeacherSource
 
@@ -32,12 +34,13 @@ def teacher_source(
     cfg, data, runtime, *, student_rows: int, splits, plan=None, step=None
 ) -> TeacherSource | None:
     """The run's teacher. `splits`: the held-out splits whose perplexities the run will ask
-    for (computed together, so a teacher loaded only for them is loaded once). With
-    `model.teachers` naming 2+ teachers: a `PerDomainTeachers` over one per teacher. `plan` and
-    `step` (the run's IntervalPlan and a callable giving its current step) let a served teacher
-    ask for the next micro-batches ahead."""
+    for (computed together: a teacher loaded only for them loads once). With `model.teachers`
+    naming 2+ teachers: a `PerDomainTeachers` over one per teacher. `plan`, `step` (the run's
+    IntervalPlan, its current step) let a served teacher ask for micro-batches ahead."""
     method = method_spec(cfg.distill.method)
     groups = teacher_groups(cfg.model.domain_teachers(data.names)) if cfg.model.teacher else {}
+    if cfg.teacher.tokenizer == "cross" and len(groups) > 1 and cfg.teacher.mode != "online":
+        raise DDKError(CROSS_TEACHERS_ONLINE)
     if cfg.teacher.mode == "served" and method.teacher_for_training:
         return _served(cfg, data, runtime, groups, student_rows, plan, step)
 
@@ -78,7 +81,7 @@ def teacher_source(
             fallback=fallback,
         )
     if cfg.teacher.tokenizer == "cross" and cfg.model.teacher:
-        return _cross_teacher(cfg, data, runtime, student_rows)
+        return _cross_teacher(cfg, data, runtime, student_rows, groups)
     trains = bool(cfg.model.teacher) and method.trains_with_teacher(cfg.distill)
     if len(groups) > 1:
         return per_domain(load=trains)
@@ -104,10 +107,19 @@ def _served(cfg, data, runtime, groups, student_rows, plan, step) -> ServedTeach
     return ServedTeacher(cfg, data, runtime, plan=plan, step=step)
 
 
-def _cross_teacher(cfg, data, runtime, student_rows: int) -> CrossTokenizerTeacher:
-    """A live teacher with its own tokenizer (also for cpt's perplexities: they need it)."""
+def _cross_teacher(
+    cfg, data, runtime, student_rows: int, groups
+) -> CrossTokenizerTeacher | PerDomainTeachers:
+    """A live teacher with its own tokenizer (also for cpt's perplexities: they need it); with
+    `model.teachers` naming 2+ teachers, one per teacher, each scoring its own domains."""
     check_vocab(data.vocab_size, None, student_rows)
-    return load_cross_teacher(cfg, data, runtime)
+    if len(groups) < 2:
+        return load_cross_teacher(cfg, data, runtime)
+    teachers = {
+        name: load_cross_teacher(cfg, data, runtime, name, domains)
+        for name, domains in groups.items()
+    }
+    return PerDomainTeachers(teachers, cfg.model.domain_teachers(data.names))
 
 
 def pinned_cache(cfg) -> str | None:

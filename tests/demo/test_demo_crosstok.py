@@ -39,3 +39,22 @@ def test_demo_distils_through_a_teacher_with_another_tokenizer(tmp_path, capsys)
     assert set(teacher_ppl["ppl"]["val"]) == domains
     assert "Test perplexity PER BYTE" in (out / "results.md").read_text()
     assert "Test perplexity PER BYTE" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # the tiny demo, teacher-x and the two domain teachers: a few minutes
+def test_demo_gives_code_to_teacher_x_and_math_to_the_math_teacher(tmp_path):
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    argv = ["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), *TINY,
+            "--methods", "cpt", "--cross-teacher", "--cross-methods", "ddk", "--domain-teachers",
+            "--no-benchmarks"]  # fmt: skip
+    assert main(argv) == 0
+    ppl = json.loads((out / "cross_results.json").read_text())
+    assert list(ppl) == ["teacher", "student before", "cpt", "ddk@x", "ddk@x+domain", "teacher-x"]
+    record = json.loads((out / "runs" / "ddk@x+domain" / "teacher_ppl.json").read_text())
+    teachers = record["key"]["teachers"]
+    assert teachers["code"].endswith("teacher-x/final")
+    assert teachers["math"].endswith("teacher-math/final")
+    assert set(record["ppl_byte"]["val"]) == set(ppl["cpt"])
+    # code is scored by teacher-x, as in the single-teacher ddk@x run
+    alone = json.loads((out / "runs" / "ddk@x" / "teacher_ppl.json").read_text())
+    assert record["ppl_byte"]["val"]["code"] == pytest.approx(alone["ppl_byte"]["val"]["code"])
