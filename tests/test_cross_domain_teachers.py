@@ -16,9 +16,7 @@ from tokenizers import normalizers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ddk.cli import main
-from ddk.config import PrepareSection, load_config
-from ddk.data.dataset import PreparedData
-from ddk.data.prepare import prepare
+from ddk.config import load_config
 from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
 from ddk.logits import hidden_and_head
 from ddk.losses.chunked import fused_distill_loss
@@ -29,19 +27,13 @@ from ddk.teacher.crosstok import CrossTokenizerTeacher
 from ddk.teacher.per_domain import PerDomainTeachers
 from ddk.teacher.signals import Batch, CompositeSignal, CrossSignal
 from ddk.trainer import Trainer
+from tests import test_crosstok_teacher
 from tests.conftest import one_error_line, run_config, write_config
 from tests.test_crosstok_teacher import _lossy_teacher
 from tests.test_sharding import _assert_same_run, _env, _torchrun, needs_torchrun
 from tests.test_sharding import _config as sharded_config
 
-
-@pytest.fixture(scope="module")
-def spans_data(tmp_path_factory, corpus, tokenizer_dir):
-    out = tmp_path_factory.mktemp("xdprep") / "data"
-    cfg = PrepareSection(input=str(corpus[0]), output=str(out), seq_len=32, val_sequences=4,
-                         byte_spans=True)  # fmt: skip
-    prepare(cfg, str(tokenizer_dir), progress=False)
-    return PreparedData(out)
+spans_data = test_crosstok_teacher.spans_data  # the same byte-span data, built per module
 
 
 @pytest.fixture(scope="module")
