@@ -145,17 +145,12 @@ def evaluate_model_cli(
 
 def _check_cross_eval(data, model_name: str, max_sequences: int | None) -> None:
     """A model with another tokenizer is scored per byte on the data's own text: that needs
-    byte spans, unmasked text and every window."""
+    byte spans (which chat data never has: prepare refuses them) and every window."""
     if not (data.manifest.model_extra or {}).get("byte_spans"):
         raise DDKError(
             f"'{data.folder}' was tokenised with '{data.manifest.tokenizer.name_or_path}', whose "
             f"vocabulary differs from the tokenizer of '{model_name}'; prepare it with the "
             "model's, or with prepare.byte_spans: true to score any tokenizer per byte"
-        )
-    if data.targets:
-        raise DDKError(
-            f"'{model_name}' has another tokenizer than '{data.folder}', and masked (chat) "
-            "data is scored only with the data's own tokenizer; prepare it with the model's"
         )
     if max_sequences is not None:
         raise DDKError(
