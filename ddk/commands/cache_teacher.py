@@ -322,13 +322,14 @@ def _cross_entries(cfg) -> dict:
     """A cross-tokenizer cache's own manifest entries: its format, the teacher's vocabulary
     (size and hash) and the checksum of the shared strings' ids (`shared.npy`)."""
     teacher, student = cross_tokenizers(cfg)
+    shared = shared_vocabulary(student, teacher)
     return {
         "format_version": CROSS_FORMAT,
         "tokenizer": "cross",
         "teacher_vocab_size": tokenizer_vocab(teacher),
         "teacher_vocab_sha256": vocab_hash(teacher),
-        "shared_strings": len(shared_vocabulary(student, teacher)[0]),
-        SHARED_KEY: hashlib.sha256(_shared_file(cfg)).hexdigest(),
+        "shared_strings": len(shared[0]),
+        SHARED_KEY: hashlib.sha256(shared_bytes(*shared)).hexdigest(),
     }
 
 
