@@ -29,7 +29,7 @@ from ddk.teacher.retokenize import shared_vocabulary
 from ddk.teacher.signals import Batch, SparseCrossSignal
 from tests import test_crosstok_teacher as online
 from tests.conftest import make_config, one_error_line, tree_digest
-from tests.test_teacher_cache import cache_teacher_on_two_processes
+from tests.test_teacher_cache import cache_teacher_on_two_processes, shard_writer_killed_after
 
 # the online tests' data with byte spans and teacher with another tokenizer
 spans_data, other_teacher, other_teacher_dir = (
@@ -110,17 +110,8 @@ def test_interrupted_cross_cache_resumes_to_same_bytes(
 ):
     folder = tmp_path / "c"
     cfg = config(other_teacher_dir, student_dir, spans_data.folder, folder)
-    written = []
-
-    def die_after_one(path, arrays):
-        if written:
-            path.with_name(path.name + ".tmp").write_bytes(b"half a shard")  # as if killed
-            raise RuntimeError("killed")
-        cache_format.write_shard(path, arrays)
-        written.append(path)
-
     with pytest.raises(RuntimeError, match="killed"):
-        build_cache(cfg, progress=False, write_shard=die_after_one)
+        build_cache(cfg, progress=False, write_shard=shard_writer_killed_after(1))
     assert not read_cache_manifest(folder)["complete"]
     assert len(list(folder.rglob("*.bin"))) == 1
     build_cache(cfg, progress=False)

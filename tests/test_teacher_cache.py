@@ -133,21 +133,27 @@ def test_interrupted_cache_resumes_to_same_bytes(
 ):
     folder = tmp_path / "c"
     cfg = config(teacher_dir, student_dir, prepared_dir, folder)
-    original, written = cache_format.write_shard, []
-
-    def die_after_two(path, arrays):
-        if len(written) == 2:
-            path.with_name(path.name + ".tmp").write_bytes(b"half a shard")  # as if killed
-            raise RuntimeError("killed")
-        original(path, arrays)
-        written.append(path)
-
     with pytest.raises(RuntimeError, match="killed"):
-        build_cache(cfg, progress=False, write_shard=die_after_two)
+        build_cache(cfg, progress=False, write_shard=shard_writer_killed_after(2))
     assert not read_cache_manifest(folder)["complete"]
     assert len(list(folder.rglob("*.bin"))) == 2
     build_cache(cfg, progress=False)
     assert tree(folder) == tree(cache_dir)
+
+
+def shard_writer_killed_after(shards: int):
+    """A `write_shard` that writes `shards` shards, then leaves half of the next one's
+    temporary file and raises, as a build killed mid-write would."""
+    written = []
+
+    def write(path, arrays):
+        if len(written) == shards:
+            path.with_name(path.name + ".tmp").write_bytes(b"half a shard")  # as if killed
+            raise RuntimeError("killed")
+        cache_format.write_shard(path, arrays)
+        written.append(path)
+
+    return write
 
 
 def test_rerun_deletes_only_its_own_temporary_shards(
