@@ -20,13 +20,23 @@ command continues a sweep; a run folder whose config differs from what the comma
 is refused. The numbers come from each run's final_eval record (the test split when the data
 has one); the table is printed and written to OUT/results.md, every run's numbers to
 OUT/results.json.
+
+With --benchmarks (needs lm-eval), each base's data gets one lm-eval task per domain, built from
+its held-out test documents as `ddk demo` builds its own (ddk.demo.tasks; written once to
+OUT/tasks/), and every finished run whose final student has no score on them yet is scored
+(RUN/sweep_benchmarks.json); the table gains each setting's benchmark average. It works with
+--table-only too, so a finished sweep can be scored afterwards. A run scored in training (its
+config's eval.tasks) keeps that score. The tasks are built from the corpus the data was prepared
+from (found from the data's manifest; --corpus names it when it moved).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -164,6 +174,8 @@ def run_numbers(run_dir: Path) -> dict | None:
         return None
     scored = [r for r in records if r.get("event") == BENCHMARK_EVAL and r.get("final")]
     average = scored[-1].get("average") if scored else None  # None too when scoring failed
+    if not scored and (run_dir / SWEEP_BENCHMARKS).is_file():
+        average = json.loads((run_dir / SWEEP_BENCHMARKS).read_text()).get("average")
     domains = finals[-1]["domains"]  # a resumed run may repeat it; the last one stands
     ppl = {d: float(e["student_ppl"]) for d, e in domains.items()}
     ratio = {
@@ -425,6 +437,80 @@ def write_results(out: Path, rows, results: dict, settings: dict, reference: str
     (out / "results.json").write_text(json.dumps({"summary": rows, "runs": results}, indent=2))
 
 
+# ----------------------------------------------------------------------------- benchmarks
+SWEEP_BENCHMARKS = "sweep_benchmarks.json"  # a finished run's final student, scored afterwards
+
+
+def corpus_of(prepared: Path) -> Path:
+    """The corpus `prepared` was made from: the folder (or file) above its manifest's sources
+    that `ddk prepare` would read as exactly those sources."""
+    from ddk.data.manifest import read_manifest
+    from ddk.data.sources import discover
+
+    sources = {Path(s["path"]) for s in read_manifest(prepared).sources}
+    if sources and all(p.is_file() for p in sources):
+        top = Path(os.path.commonpath(sorted(sources)))
+        for candidate in (top, *top.parents[:2]):
+            try:
+                found = {f.path for f in discover(candidate).files}
+            except DDKError:
+                continue
+            if found == sources:
+                return candidate
+    raise DDKError(
+        f"the corpus '{prepared}' was prepared from is not where its manifest says; give it "
+        "with --corpus (the benchmark tasks are built from its test documents)"
+    )
+
+
+def build_tasks(out: Path, prepared: Path, corpus: Path | None) -> tuple[dict, Path]:
+    """One lm-eval task per domain of `prepared`, from its test documents, in OUT/tasks/<data>
+    (built once per data folder; every setting and seed is scored on the same items)."""
+    from ddk.demo.tasks import write_demo_tasks
+
+    prepared = prepared.resolve()
+    digest = hashlib.sha1(str(prepared).encode()).hexdigest()[:8]
+    folder = out / "tasks" / f"{prepared.parent.name}-{prepared.name}-{digest}"
+    index = folder / "tasks.json"
+    if index.is_file():
+        return json.loads(index.read_text()), folder
+    tasks = write_demo_tasks(prepared, corpus or corpus_of(prepared), folder, seed=0)
+    index.write_text(json.dumps(tasks, indent=2))
+    return tasks, folder
+
+
+def _scored_on(run_dir: Path, folder: Path) -> bool:
+    """Whether the run's final student has a score: from training, or on these tasks."""
+    if run_numbers(run_dir).get("benchmark_avg") is None:
+        return False
+    saved = run_dir / SWEEP_BENCHMARKS
+    if not saved.is_file():
+        return True  # scored in training, on the tasks of its own config
+    return json.loads(saved.read_text()).get("task_folder") == str(folder.resolve())
+
+
+def score_finished(runs: list[Run], out: Path, corpus: Path | None, say: Callable = print):
+    """Score every finished run's final student on its data's tasks, unless it has a score."""
+    from ddk.config import EvalSection
+    from ddk.harness import BenchmarkPlan, benchmarks_payload, score, write_benchmarks
+    from ddk.models import eval_model, eval_tokenizer
+
+    done = [r for r in runs if run_numbers(r.run_dir) is not None]
+    for run in done:
+        data = Path(requested_config(run).data.prepared)
+        tasks, folder = build_tasks(out, data, corpus)
+        if _scored_on(run.run_dir, folder):
+            continue
+        say(f"benchmarks: {run.setting} on {run.replicate.label}")
+        final = str(run.run_dir / "final")
+        section = EvalSection(tasks=tasks, include_path=[str(folder.resolve())])
+        record = score(
+            eval_model(final), eval_tokenizer(final), BenchmarkPlan.from_section(section)
+        )
+        payload = benchmarks_payload(final, record, task_folder=str(folder.resolve()))
+        write_benchmarks(run.run_dir / SWEEP_BENCHMARKS, payload)
+
+
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -444,6 +530,10 @@ def parse_args(argv=None):
     p.add_argument("--launcher", default=None,
                    help="command that takes ddk's arguments (default: this Python -m ddk.cli)")  # fmt: skip
     p.add_argument("--table-only", action="store_true", help="run nothing; tabulate what is done")
+    p.add_argument("--benchmarks", action="store_true",
+                   help="score each finished run's final student on lm-eval tasks built from "
+                   "the data's test documents (needs lm-eval)")  # fmt: skip
+    p.add_argument("--corpus", help="with --benchmarks: the corpus the data was prepared from")
     p.add_argument("--list", action="store_true", help="print the built-in settings and exit")
     args = p.parse_args(argv)
     if not args.list and not args.out:
@@ -490,6 +580,15 @@ def main(argv=None) -> int:
             sys.executable, "-m", "ddk.cli"]  # fmt: skip
         with FolderLock(out, "another sweep uses this --out"):
             sweep(runs, launcher, out / "logs")
+    if args.benchmarks:
+        from ddk.harness.tasks import require_lm_eval
+        from ddk.lock import FolderLock
+
+        require_lm_eval()
+        corpus = Path(args.corpus).expanduser() if args.corpus else None
+        out.mkdir(parents=True, exist_ok=True)
+        with FolderLock(out, "another sweep uses this --out"):
+            score_finished(runs, out, corpus)
     results = collect(runs)
     rows = summarize(results, reference)
     splits = sorted({n["split"] for by_rep in results.values() for n in by_rep.values()})

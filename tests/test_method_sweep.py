@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -218,3 +219,68 @@ def test_tiny_sweep_end_to_end_and_resumable(
     # the same folder asked for with other values is refused, not tabulated as if it matched
     with pytest.raises(DDKError, match="other values of distill.alpha"):
         sweep.main([*argv[:-3], "--setting", "equal", "distill.method=equal", "distill.alpha=0.1"])
+
+
+@pytest.mark.slow
+def test_benchmarks_score_each_finished_final_student_once(tmp_path, capsys):
+    """--benchmarks builds one task per domain from the data's test documents, scores every
+    finished run's final student with lm-eval (as `ddk eval --tasks` does), leaves a score made
+    in training alone, and finds the corpus from the data's manifest (--corpus once it moved)."""
+    pytest.importorskip("lm_eval")
+    from transformers import AutoTokenizer
+
+    from ddk.config import EvalSection, PrepareSection
+    from ddk.data.prepare import prepare
+    from ddk.demo.build import tiny_causal_lm, train_bpe_tokenizer
+    from ddk.demo.corpus import build_demo_corpus
+    from ddk.harness import benchmark_model_cli
+
+    corpus = tmp_path / "corpus"
+    build_demo_corpus(corpus, scale=0.05, seed=0)
+    texts = [json.loads(x)["text"] for f in sorted(corpus.glob("*/*.jsonl")) for x in open(f)]
+    tok = train_bpe_tokenizer(texts, 512, tmp_path / "tokenizer")
+    prepared = tmp_path / "prepared"
+    prepare(PrepareSection(input=str(corpus), output=str(prepared), seq_len=64, val_sequences=6),
+            str(tok), progress=False)  # fmt: skip
+    model = tmp_path / "model"
+    tiny_causal_lm(len(AutoTokenizer.from_pretrained(tok))).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tok).save_pretrained(model)
+    cfg = Config()
+    cfg.model.teacher, cfg.model.student, cfg.data.prepared = str(model), str(model), str(prepared)
+    base = tmp_path / "base.yaml"
+    cfg.save(base)
+    out = tmp_path / "sweep"
+    for setting, bench in (("equal", None), ("robust", 0.9)):
+        run = fake_run(out / "runs" / setting / "base", {"code": 30.0, "math": 20.0}, TEACHER, bench=bench)  # fmt: skip
+        (run / "final").symlink_to(model, target_is_directory=True)
+    argv = ["--out", str(out), "--base", str(base), "--table-only", "--benchmarks",
+            "--settings", "equal", "robust"]  # fmt: skip
+    assert sweep.main(argv) == 0
+    shown = capsys.readouterr().out
+    assert "benchmarks: equal on base" in shown and "benchmarks: robust" not in shown
+    saved = json.loads((out / "runs" / "equal" / "base" / sweep.SWEEP_BENCHMARKS).read_text())
+    assert not (out / "runs" / "robust" / "base" / sweep.SWEEP_BENCHMARKS).exists()
+    tasks = json.loads(next((out / "tasks").glob("*/tasks.json")).read_text())
+    assert sorted(tasks) == sorted(json.loads((prepared / "manifest.json").read_text())["domains"])
+    # the same number `ddk eval --tasks` gives for that model on those tasks
+    folder = Path(saved["task_folder"])
+    direct = benchmark_model_cli(
+        str(model), EvalSection(tasks=tasks, include_path=[str(folder)]), out=None, as_json=True
+    )
+    capsys.readouterr()
+    assert saved["average"] == pytest.approx(direct["average"])
+    row = {x.split()[0]: x for x in shown.splitlines() if x.startswith(("equal", "robust"))}
+    assert f"{100 * saved['average']:.2f} ± 0.00" in row["equal"] and "90.00" in row["robust"]
+    mtime = (out / "runs" / "equal" / "base" / sweep.SWEEP_BENCHMARKS).stat().st_mtime_ns
+    assert sweep.main(argv) == 0  # scored already: nothing scored again
+    assert "benchmarks:" not in capsys.readouterr().out
+    assert (out / "runs" / "equal" / "base" / sweep.SWEEP_BENCHMARKS).stat().st_mtime_ns == mtime
+    # the corpus moved: a one-line refusal naming --corpus, then --corpus finds it
+    shutil.rmtree(out / "tasks")
+    (out / "runs" / "equal" / "base" / sweep.SWEEP_BENCHMARKS).unlink()
+    corpus.rename(tmp_path / "moved")
+    with pytest.raises(DDKError, match="give it with --corpus"):
+        sweep.main(argv)
+    assert sweep.main([*argv, "--corpus", str(tmp_path / "moved")]) == 0
+    again = json.loads((out / "runs" / "equal" / "base" / sweep.SWEEP_BENCHMARKS).read_text())
+    assert again["average"] == saved["average"]
