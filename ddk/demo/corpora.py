@@ -312,6 +312,14 @@ SHAPES: dict[str, Shape] = {
             "tcl": 25,
         },
     ),
+    # A sixth corpus, defined (issue 19, round 4) before any run on it, to confirm a setting
+    # chosen on the five above: Han is the largest domain and barely seen by the student
+    # (benchmarks/sweep_bases.py), code in three languages at three sizes, records small.
+    "han7": Shape(
+        "seven domains; Han script the largest and barely seen by the student; Python, "
+        "C and Tcl at three sizes; records and word problems small",
+        {"han": 700, "prose": 300, "python": 150, "math": 250, "records": 120, "c": 40, "tcl": 30},
+    ),
 }
 
 
