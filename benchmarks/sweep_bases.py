@@ -63,7 +63,7 @@ def build_base(shape: str, out: Path, size: DemoSize, seed: int, scale: float = 
         domains = [p.name for p in sorted(corpus.iterdir()) if p.is_dir()]
         mix = STUDENT_MIXES.get(shape, DEFAULT_STUDENT_MIX)
         student_mix = {d: w for d, w in mix.items() if d in domains}
-        pretrain_models(out, data, size, seed, configs, time.time(), student_mix)
+        pretrain_models(out, data, size, seed, configs, time.perf_counter(), student_mix)
     cfg = load_config(
         None,
         [

@@ -297,6 +297,29 @@ class DistillSection(_Section):
         "the paper (gaps only); 1 = a lagging domain that is most of the corpus keeps most of "
         "the samples (not in the paper).",
     )
+    uniform_intervals: StrictInt = Field(
+        0,
+        ge=0,
+        description="Sample uniformly for this many intervals before DDK's weights start (Eq. "
+        "1, or focus, then applies at interval uniform_intervals as at 0): a student's first "
+        "gaps mostly measure what it never saw, which closes within an interval under any "
+        "mixture (not in the paper; 0 = the paper).",
+    )
+    focus: Literal["all", "worst"] = Field(
+        "all",
+        description="Which domains DDK tilts toward: 'all' = Eq. 1/2 (paper); 'worst' = only "
+        "the one with the largest gap, to m / (m + N - 1) of the samples, m = exp((its gap - "
+        "the median gap) / weight_temperature); the others share the rest equally. With "
+        "'worst' the weights are recomputed at every update (alpha and init_floor unused). "
+        "Not in the paper.",
+    )
+    natural_floor: float | None = Field(
+        None,
+        ge=0.0,
+        description="With focus 'worst': that domain gets at least (1 + natural_floor) times "
+        "its share of the training tokens, more than the natural mix (KD's) gives it "
+        "(not in the paper; null = off).",
+    )
     max_weight_change: float | None = Field(
         None,
         ge=1.0,
@@ -322,6 +345,12 @@ class DistillSection(_Section):
         "'skip' = no divergence there (exact matches only).",
     )
 
+    @model_validator(mode="after")
+    def _floor_needs_focus(self) -> DistillSection:
+        if self.natural_floor is not None and self.focus != "worst":
+            raise ValueError("distill.natural_floor needs distill.focus: worst")
+        return self
+
     def steering(self) -> Steering:
         """The keys beyond alpha that shape DDK's weights, as ddk.domains takes them."""
         return Steering(
@@ -333,6 +362,9 @@ class DistillSection(_Section):
             max_change=self.max_weight_change,
             trend=self.gap_trend,
             prior_power=self.prior_power,
+            focus=self.focus,
+            uniform_intervals=self.uniform_intervals,
+            natural_floor=self.natural_floor,
         )
 
 

@@ -50,7 +50,7 @@ class IntervalPlan:
         self.domains = data.names
         self.K, self.max_steps = d.K, t.max_steps
         self.alpha, self.steering, self.max_epochs = d.alpha, d.steering(), d.max_domain_epochs
-        if self.steering.prior_power:  # distill.prior_power: the natural mix of training tokens
+        if self.steering.needs_prior:  # the natural mix of training tokens
             tokens = data.train_tokens()
             self.steering = replace(self.steering, prior=tuple(tokens[n] for n in self.domains))
         self.micro, self.accum, self.world = t.micro_batch_size, t.grad_accum_steps, world_size

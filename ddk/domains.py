@@ -33,6 +33,10 @@ step of the recipe and defaults to the paper's behaviour::
                                               evaluation (optimistic mirror descent: β = 1);
                                               β < 0 rewards progress instead: a domain whose
                                               gap closed fast pulls more (learning progress)
+    r        = 1/N before interval U          uniform_intervals = U: a student's first gaps
+                                              mostly measure what it never saw, which closes
+                                              within an interval under any mixture; Eq. 1
+                                              (or focus) starts at interval U as at 0
     x        = g / temperature               temperature on Eq. 1's and Eq. 2's softmax
     x        = x + β·log π                   prior_power = β, π = each domain's share of the
                                               training tokens (the natural mix): the weights
@@ -43,7 +47,14 @@ step of the recipe and defaults to the paper's behaviour::
     r'       ∈ [r/c, c·r]                    max_change = c (interval 0: relative to 1/N)
     r'       ≥ min_share / N                 min_share
 
-The last two are projections: ``w_i = clip(s·p_i, lo_i, hi_i)`` with the one scale
+    focus="worst"                           only the largest x (the domain that lags most)
+                                              moves: its share is m / (m + N - 1),
+                                              m = exp(x_worst - median x), and with
+                                              natural_floor = ε at least (1 + ε)·π_worst; the
+                                              others share the rest equally (no Eq. 1/2, α
+                                              or init_floor: recomputed at every update)
+
+max_change and min_share are projections: ``w_i = clip(s·p_i, lo_i, hi_i)`` with the one scale
 ``s`` that makes the weights sum to 1 (:func:`bounded_rescale`), so the domains that
 are not clipped keep their proportions.
 
@@ -76,6 +87,7 @@ __all__ = [
     "domain_gap",
     "steering_exponent",
     "prior_tilt",
+    "worst_focus_weights",
     "bounded_rescale",
     "limit_change",
     "apply_min_share",
@@ -91,6 +103,7 @@ __all__ = [
 METHODS = tuple(_METHOD_TABLE)
 
 Gap = Literal["ratio", "log_ratio"]
+Focus = Literal["all", "worst"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,12 @@ class Steering:
     trend: float = 0.0
     prior_power: float = 0.0
     prior: tuple[float, ...] | None = None
-    """π: the natural share of each domain (any scale; normalised), needed when prior_power > 0."""
+    """π: the natural share of each domain (any scale; normalised), needed when prior_power > 0
+    or natural_floor is set."""
+    focus: Focus = "all"
+    natural_floor: float | None = None
+    uniform_intervals: int = 0
+    """Intervals sampled uniformly before the steering starts (then counted from 0)."""
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -124,6 +142,19 @@ class Steering:
             raise ValueError(f"trend must be finite, got {self.trend}")
         if not self.prior_power >= 0.0:
             raise ValueError(f"prior_power must be >= 0, got {self.prior_power}")
+        if not (isinstance(self.uniform_intervals, int) and self.uniform_intervals >= 0):
+            raise ValueError(f"uniform_intervals must be an int >= 0, got {self.uniform_intervals}")
+        if self.focus not in ("all", "worst"):
+            raise ValueError(f"focus must be 'all' or 'worst', got {self.focus!r}")
+        if self.natural_floor is not None and not (
+            self.focus == "worst" and self.natural_floor >= 0.0
+        ):
+            raise ValueError("natural_floor needs focus 'worst' and a value >= 0")
+
+    @property
+    def needs_prior(self) -> bool:
+        """Whether the weights read the natural shares (``prior``)."""
+        return bool(self.prior_power) or self.natural_floor is not None
 
 
 #: The paper's DDK: every knob off.
@@ -334,6 +365,38 @@ def smooth_update(
     with np.errstate(divide="ignore"):
         log_psi = np.log(r) + x
     return alpha * _softmax_log(log_psi) + (1.0 - alpha) / x.size
+
+
+def worst_focus_weights(
+    x: Sequence[float] | np.ndarray,
+    prior: Sequence[float] | np.ndarray | None = None,
+    natural_floor: float | None = None,
+) -> np.ndarray:
+    """``distill.focus: worst``: only the domain with the largest exponent ``x`` (the largest
+    gap; the lowest index on ties) gets more than the others. Its share is
+    ``s = m / (m + N - 1)`` with ``m = exp(x_worst - median(x))``: the uniform share when it
+    lags no more than the median domain, growing with how far it lags. With ``natural_floor``
+    ε, ``s`` is at least ``(1 + ε)·π_worst`` (``π = prior / Σ prior``, the natural shares), so
+    the domain that lags most never gets less than a natural mixture (KD's) gives it. The
+    others share ``1 - s`` equally: tilting every lagging domain, as Eq. 1 does, costs the
+    domains that respond without moving the worst ratio."""
+    x = _as_vector(x, "steering exponents")
+    n = x.size
+    if n == 1:
+        return np.ones(1)
+    worst = int(np.argmax(x))
+    m = float(np.exp(min(x[worst] - float(np.median(x)), 700.0)))
+    share = m / (m + n - 1)
+    if natural_floor is not None:
+        if prior is None:
+            raise ValueError("natural_floor needs the natural share of every domain (prior)")
+        pi = _as_vector(prior, "prior shares")
+        if pi.size != n or not np.all(np.isfinite(pi)) or np.any(pi < 0) or not pi.sum() > 0:
+            raise ValueError(f"prior shares must be {n} finite values >= 0, not all zero")
+        share = max(share, min(1.0, (1.0 + natural_floor) * pi[worst] / pi.sum()))
+    w = np.full(n, (1.0 - share) / (n - 1))
+    w[worst] = share
+    return w
 
 
 def bounded_rescale(weights, lower, upper) -> np.ndarray:
@@ -547,8 +610,15 @@ def _ddk_weights(
     method, rule, interval, weights, student_ppl, teacher_ppl, alpha, domains, steering, previous
 ) -> np.ndarray:
     """``next_weights`` for the two DDK methods: Eq. 1 / Eq. 2 with the steering keys."""
+    n = len(student_ppl) if student_ppl is not None else len(teacher_ppl)
+    if interval < steering.uniform_intervals:
+        return uniform_weights(n)
+    interval -= steering.uniform_intervals  # the steering starts as at interval 0
     before = previous if interval > 0 else None
-    if rule == "eq1_every_interval":
+    if steering.focus == "worst":
+        x = steering_exponent(student_ppl, teacher_ppl, domains, steering, before)
+        new = worst_focus_weights(x, steering.prior, steering.natural_floor)
+    elif rule == "eq1_every_interval":
         new = initial_weights(student_ppl, teacher_ppl, domains, steering, before)
     elif interval == 0 and steering.init_floor:
         new = floored_initial_weights(student_ppl, teacher_ppl, alpha, domains, steering)

@@ -55,6 +55,20 @@ def test_prior_power_leans_eq1_toward_the_training_token_shares(prepared_dir):
     np.testing.assert_allclose(plan.begin_interval(STUDENT, TEACHER), expected, rtol=1e-12)
 
 
+def test_worst_focus_floors_the_worst_domain_at_its_token_share(prepared_dir):
+    """distill.natural_floor reads each domain's training tokens from the prepared data."""
+    plan = _plan(prepared_dir, **{"distill.focus": "worst", "distill.natural_floor": 0.5,
+                                  "distill.gap": "log_ratio"})  # fmt: skip
+    names = plan.domains
+    tokens = np.array([PreparedData(prepared_dir).train_tokens()[d] for d in names], float)
+    weights = plan.begin_interval(STUDENT, TEACHER)
+    worst = names.index("prose")  # ratio 4.5, against code 3 and math 1.09
+    m = 4.5 / 3.0
+    share = max(m / (m + 2), min(1.0, 1.5 * tokens[worst] / tokens.sum()))
+    np.testing.assert_allclose(weights[worst], share, rtol=1e-12)
+    np.testing.assert_allclose(np.delete(weights, worst), (1 - share) / 2, rtol=1e-12)
+
+
 def test_the_last_interval_plans_only_the_steps_that_run(prepared_dir):
     plan = _plan(prepared_dir)  # K = 4, 10 steps: intervals of 4, 4, 2 steps
     for _ in range(3):

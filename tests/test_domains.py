@@ -24,6 +24,7 @@ from ddk.domains import (
     smooth_update,
     steering_exponent,
     uniform_weights,
+    worst_focus_weights,
 )
 
 E = math.e
@@ -621,3 +622,82 @@ def test_prior_power_by_hand_and_errors():
         prior_tilt([1.0, 2.0], 1.0, 3)
     with pytest.raises(ValueError, match="not all zero"):
         prior_tilt([0.0, 0.0], 1.0, 2)
+
+
+def _naive_worst_focus(x, prior=None, floor=None):
+    """distill.focus: worst written out: the domain of the largest x gets m / (m + N - 1)
+    (m = e^(x_max - median x)), at least (1 + floor) x its natural share; the rest equally."""
+    x = list(x)
+    n = len(x)
+    worst = x.index(max(x))
+    ordered = sorted(x)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    m = math.exp(x[worst] - median)
+    share = m / (m + n - 1)
+    if floor is not None:
+        share = max(share, min(1.0, (1 + floor) * prior[worst] / sum(prior)))
+    return [share if i == worst else (1 - share) / (n - 1) for i in range(n)]
+
+
+def test_worst_focus_matches_the_naive_rule():
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n = int(rng.integers(2, 9))
+        x = rng.normal(0, 2, n)
+        prior = rng.integers(0, 10**6, n).astype(float) + (rng.uniform() < 0.5)
+        floor = None if rng.uniform() < 0.3 else float(rng.uniform(0, 2))
+        got = worst_focus_weights(x, prior, floor)
+        np.testing.assert_allclose(got, _naive_worst_focus(x, prior, floor), rtol=1e-12)
+        assert got.sum() == pytest.approx(1.0)
+        # only the worst domain moves off an equal split of the rest
+        others = np.delete(got, int(np.argmax(x)))
+        assert np.ptp(others) < 1e-15 and got.max() >= 1 / n - 1e-15
+
+
+def test_worst_focus_by_hand_in_next_weights():
+    """Ratios 9, 1, 1, 4 at temperature 2 on the log ratio: the median log ratio is log 2
+    (between log 1 and log 4), so m = sqrt(9 / 2)."""
+    s, t = [9.0, 1.0, 1.0, 4.0], [1.0, 1.0, 1.0, 1.0]
+    st = Steering(gap="log_ratio", temperature=2.0, focus="worst")
+    m = math.sqrt(9 / 2)
+    expect = [m / (m + 3)] + [1 / (m + 3)] * 3
+    for method, interval in (("ddk", 0), ("ddk", 3), ("ddk_no_smoothing", 1)):
+        w = next_weights(method, interval, [0.7, 0.1, 0.1, 0.1], s, t, 0.5, None, None, st)
+        np.testing.assert_allclose(w, expect, rtol=1e-12)  # no memory, no alpha: same each time
+    # the natural floor: 40 % of the tokens -> at least 44 % with natural_floor 0.1
+    floored = Steering(gap="log_ratio", temperature=2.0, focus="worst", natural_floor=0.1,
+                       prior=(400.0, 300.0, 200.0, 100.0))  # fmt: skip
+    w = next_weights("ddk", 2, None, s, t, 0.5, None, None, floored)
+    np.testing.assert_allclose(w, [0.44, 0.56 / 3, 0.56 / 3, 0.56 / 3])
+    # a domain that lags no more than the median gets the uniform share: all equal
+    np.testing.assert_allclose(worst_focus_weights([0.0, 0.0, 0.0]), [1 / 3] * 3)
+    assert worst_focus_weights([5.0]).tolist() == [1.0]
+    with pytest.raises(ValueError, match="natural_floor needs focus 'worst'"):
+        Steering(natural_floor=0.1)
+    with pytest.raises(ValueError, match="focus must be"):
+        Steering(focus="best")
+    with pytest.raises(ValueError, match="needs the natural share"):
+        worst_focus_weights([1.0, 2.0], None, 0.1)
+
+
+def test_uniform_intervals_delay_the_steering_and_then_start_it_as_at_interval_0():
+    s, t = [9.0, 1.0, 1.0, 4.0], [1.0, 1.0, 1.0, 1.0]
+    late = Steering(uniform_intervals=2)
+    for interval in (0, 1):
+        w = next_weights("ddk", interval, None, s, t, 0.5, None, None, late)
+        np.testing.assert_array_equal(w, [0.25] * 4)
+    # interval 2 is Eq. 1 (no previous weights needed), interval 3 Eq. 2 on it
+    r2 = next_weights("ddk", 2, None, s, t, 0.5, None, None, late)
+    np.testing.assert_allclose(r2, initial_weights(s, t), rtol=1e-12)
+    r3 = next_weights("ddk", 3, r2, s, t, 0.5, None, None, late)
+    np.testing.assert_allclose(r3, smooth_update(r2, s, t, 0.5), rtol=1e-12)
+    focused = Steering(gap="log_ratio", focus="worst", uniform_intervals=1)
+    np.testing.assert_array_equal(next_weights("ddk", 0, None, s, t, 0.5, None, None, focused),
+                                  [0.25] * 4)  # fmt: skip
+    m = 9.0 / 2.0  # exp(log 9 - median log ratio log 2), temperature 1
+    np.testing.assert_allclose(
+        next_weights("ddk", 1, None, s, t, 0.5, None, None, focused),
+        [m / (m + 3)] + [1 / (m + 3)] * 3,
+    )
+    with pytest.raises(ValueError, match="uniform_intervals must be"):
+        Steering(uniform_intervals=-1)
