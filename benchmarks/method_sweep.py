@@ -273,7 +273,7 @@ def table(rows: list[dict], reference: str | None, markdown: bool = False) -> st
                 c = vs["change"].get(m.key) if vs else None
                 line.append(f"{c:+.1%}" if c is not None else "")
             line.append(f"{'yes' if vs['both_means'] else 'no'} ({vs['wins']}/{vs['shared']})"
-                        if vs else "(reference)")  # fmt: skip
+                        if vs else "(reference)" if r["setting"] == reference else "")  # fmt: skip
         lines.append(line)
     return format_table(headers, lines, markdown=markdown)
 
