@@ -16,7 +16,6 @@ gradient norm, not transfer, decides. Without --run, c is uniform.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 
 from ddk.data.dataset import PreparedData
+from ddk.errors import DDKError
+from ddk.metrics import DOMAIN_UPDATE, read_metrics
 from ddk.models import eval_model
 from ddk.table import format_table
 
@@ -52,12 +53,16 @@ def alignment_scores(gram: np.ndarray, emphasis: np.ndarray) -> np.ndarray:
 
 
 def emphasis_of(run: Path, domains: list[str], update: int) -> np.ndarray:
-    updates = [
-        json.loads(line)
-        for line in (run / "metrics.jsonl").read_text().splitlines()
-        if '"domain_update"' in line
-    ]
-    ratios = np.array([updates[update]["domains"][d]["ratio"] for d in domains])
+    """c ∝ exp(log(ratio) / 2) from the run's `update`-th domain update (as `robust`)."""
+    updates = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == DOMAIN_UPDATE]
+    if not updates:
+        raise DDKError(f"'{run}' has no domain updates in metrics.jsonl; give a DDK run")
+    try:
+        ratios = np.array([float(updates[update]["domains"][d]["ratio"]) for d in domains])
+    except IndexError:
+        raise DDKError(f"'{run}' has {len(updates)} domain updates; --update {update}") from None
+    except (KeyError, TypeError):
+        raise DDKError(f"'{run}' has no teacher ratio for every domain of the data") from None
     c = np.exp(np.log(ratios) / 2.0)
     return c / c.sum()
 
@@ -76,7 +81,8 @@ def main(argv=None) -> int:
     grads = domain_gradients(model, data)
     gram = (grads @ grads.T).double().numpy()
     norms = np.sqrt(np.diag(gram))
-    cosine = gram / np.outer(norms, norms)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a zero gradient: no direction
+        cosine = gram / np.outer(norms, norms)
     c = (
         emphasis_of(Path(args.run), domains, args.update)
         if args.run
@@ -95,4 +101,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DDKError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

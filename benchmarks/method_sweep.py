@@ -154,7 +154,8 @@ class Metric:
 
 
 # Columns of the table; a column none of the runs has is left out. The benchmark average is
-# shown, not judged: runs score it only with an `eval.tasks` section (lm-eval).
+# shown, not judged: runs score it in training with an `eval.tasks` section, or afterwards with
+# --benchmarks (lm-eval).
 METRICS = (
     Metric("worst_ratio", "worst ratio S/T", "worst", True),
     Metric("geomean_ppl", "geo-mean ppl", "geo-mean", True),
@@ -165,7 +166,8 @@ METRICS = (
 def run_numbers(run_dir: Path) -> dict | None:
     """The final evaluation of one run folder, or None while it has none: {"split",
     "worst_ratio", "worst_domain", "geomean_ppl", "ppl": {domain: ppl}, "ratio": {...},
-    "benchmark_avg": the final model's lm-eval average in percent, or None}.
+    "benchmark_avg": the final model's lm-eval average in percent (from training, else from
+    RUN/sweep_benchmarks.json), or None}.
     A NaN ratio or perplexity (a diverged domain) makes the run's worst ratio / mean NaN."""
     path = run_dir / "metrics.jsonl"
     records = read_metrics(path) if path.is_file() else []
@@ -174,7 +176,7 @@ def run_numbers(run_dir: Path) -> dict | None:
         return None
     scored = [r for r in records if r.get("event") == BENCHMARK_EVAL and r.get("final")]
     average = scored[-1].get("average") if scored else None  # None too when scoring failed
-    if not scored and (run_dir / SWEEP_BENCHMARKS).is_file():
+    if average is None and (run_dir / SWEEP_BENCHMARKS).is_file():  # scored by --benchmarks
         average = json.loads((run_dir / SWEEP_BENCHMARKS).read_text()).get("average")
     domains = finals[-1]["domains"]  # a resumed run may repeat it; the last one stands
     ppl = {d: float(e["student_ppl"]) for d, e in domains.items()}
@@ -480,19 +482,18 @@ def build_tasks(out: Path, prepared: Path, corpus: Path | None) -> tuple[dict, P
 
 
 def _scored_on(run_dir: Path, folder: Path) -> bool:
-    """Whether the run's final student has a score: from training, or on these tasks."""
-    if run_numbers(run_dir).get("benchmark_avg") is None:
-        return False
+    """Whether the run's final student has a score (or a failure) on these tasks, or one from
+    training (on the tasks of its own config: not comparable with the others')."""
     saved = run_dir / SWEEP_BENCHMARKS
-    if not saved.is_file():
-        return True  # scored in training, on the tasks of its own config
-    return json.loads(saved.read_text()).get("task_folder") == str(folder.resolve())
+    if saved.is_file():
+        return json.loads(saved.read_text()).get("task_folder") == str(folder.resolve())
+    return run_numbers(run_dir).get("benchmark_avg") is not None
 
 
 def score_finished(runs: list[Run], out: Path, corpus: Path | None, say: Callable = print):
     """Score every finished run's final student on its data's tasks, unless it has a score."""
     from ddk.config import EvalSection
-    from ddk.harness import BenchmarkPlan, benchmarks_payload, score, write_benchmarks
+    from ddk.harness import BenchmarkPlan, benchmarks_payload, score_or_failure, write_benchmarks
     from ddk.models import eval_model, eval_tokenizer
 
     done = [r for r in runs if run_numbers(r.run_dir) is not None]
@@ -504,9 +505,9 @@ def score_finished(runs: list[Run], out: Path, corpus: Path | None, say: Callabl
         say(f"benchmarks: {run.setting} on {run.replicate.label}")
         final = str(run.run_dir / "final")
         section = EvalSection(tasks=tasks, include_path=[str(folder.resolve())])
-        record = score(
-            eval_model(final), eval_tokenizer(final), BenchmarkPlan.from_section(section)
-        )
+        plan = BenchmarkPlan.from_section(section)
+        # a failure is recorded (no average) and the sweep goes on to the next run
+        record = score_or_failure(eval_model(final), eval_tokenizer(final), plan)
         payload = benchmarks_payload(final, record, task_folder=str(folder.resolve()))
         write_benchmarks(run.run_dir / SWEEP_BENCHMARKS, payload)
 
@@ -533,7 +534,8 @@ def parse_args(argv=None):
     p.add_argument("--benchmarks", action="store_true",
                    help="score each finished run's final student on lm-eval tasks built from "
                    "the data's test documents (needs lm-eval)")  # fmt: skip
-    p.add_argument("--corpus", help="with --benchmarks: the corpus the data was prepared from")
+    p.add_argument("--corpus", help="with --benchmarks: the corpus the data was prepared from, "
+                   "when it moved (one corpus for every base)")  # fmt: skip
     p.add_argument("--list", action="store_true", help="print the built-in settings and exit")
     args = p.parse_args(argv)
     if not args.list and not args.out:

@@ -309,15 +309,17 @@ class DistillSection(_Section):
         "all",
         description="Which domains DDK tilts toward: 'all' = Eq. 1/2 (paper); 'worst' = only "
         "the one with the largest gap, to m / (m + N - 1) of the samples, m = exp((its gap - "
-        "the median gap) / weight_temperature); the others share the rest equally. With "
-        "'worst' the weights are recomputed at every update (alpha and init_floor unused). "
-        "Not in the paper.",
+        "the median gap) / weight_temperature) (gaps tilted by prior_power when that is set); "
+        "the others share the rest equally. With 'worst' the weights are recomputed at every "
+        "update (alpha and init_floor unused); use it with gap: log_ratio (raw ratios of 50+ "
+        "give the worst domain every sample). Not in the paper.",
     )
     natural_floor: float | None = Field(
         None,
         ge=0.0,
+        allow_inf_nan=False,
         description="With focus 'worst': that domain gets at least (1 + natural_floor) times "
-        "its share of the training tokens, more than the natural mix (KD's) gives it "
+        "its share of the training tokens, at least what the natural mix (KD's) gives it "
         "(not in the paper; null = off).",
     )
     max_weight_change: float | None = Field(
@@ -348,7 +350,9 @@ class DistillSection(_Section):
     @model_validator(mode="after")
     def _floor_needs_focus(self) -> DistillSection:
         if self.natural_floor is not None and self.focus != "worst":
-            raise ValueError("distill.natural_floor needs distill.focus: worst")
+            raise ValueError(
+                "distill.natural_floor needs distill.focus: worst (or remove natural_floor)"
+            )
         return self
 
     def steering(self) -> Steering:

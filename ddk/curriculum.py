@@ -70,6 +70,7 @@ class IntervalPlan:
                 f"warning: distill.K {self.K} > trainer.max_steps {self.max_steps}: the domain "
                 "weights are set once and never updated; lower distill.K"
             )
+        self._warn_steering(d)
         self.geometry = {
             "sequences_per_step": self.global_batch,
             "processes": world_size,
@@ -193,6 +194,12 @@ class IntervalPlan:
             )
             self.plan = np.concatenate([self.plan, extra])
 
+    @property
+    def _floor_hint(self) -> str:
+        if self.steering.focus == "worst":
+            return "distill.min_share or distill.gap: log_ratio keeps every domain sampled"
+        return "Eq. 1 has no floor, distill.init_floor=true adds one"
+
     def _warn_bad_evaluation(self, student_ppl: dict[str, float], step: int) -> None:
         """Baselines do not steer by perplexity: a NaN/inf one is logged, not fatal."""
         bad = [d for d in self.domains if not math.isfinite(student_ppl[d])]
@@ -200,6 +207,22 @@ class IntervalPlan:
             print0(
                 f"warning: student perplexity is NaN/inf on {', '.join(bad)} at step {step}; "
                 f"{self.method.name} does not use it, logged as NaN"
+            )
+
+    def _warn_steering(self, d) -> None:
+        """Steering keys that turn DDK into something the user did not ask for."""
+        if not self.method.teacher_for_weights:
+            return
+        intervals = -(-self.max_steps // self.K)
+        if d.uniform_intervals >= intervals:
+            print0(
+                f"warning: distill.uniform_intervals {d.uniform_intervals} covers all "
+                f"{intervals} intervals: this run samples uniformly (equal sampling); lower it"
+            )
+        if d.focus == "worst" and d.gap == "ratio":
+            print0(
+                "warning: distill.focus: worst on raw ratios (distill.gap: ratio): a ratio far "
+                "above the others gives that domain every sample; use distill.gap: log_ratio"
             )
 
     def _warn_starved_or_repeated(self) -> None:
@@ -214,7 +237,7 @@ class IntervalPlan:
             if rows == 0 and repeat:
                 print0(
                     f"warning: domain '{d}' gets 0 of {n} sequences in interval {self.interval} "
-                    f"(weight {w:.2g}; Eq. 1 has no floor, distill.init_floor=true adds one)"
+                    f"(weight {w:.2g}; {self._floor_hint})"
                 )
             if epochs > self.max_epochs and d not in self._epoch_warned:
                 self._epoch_warned.add(d)

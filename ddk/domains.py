@@ -44,15 +44,17 @@ step of the recipe and defaults to the paper's behaviour::
                                               gets more than a small one with the same gap
     r0       = softmax(x)  (+ Eq. 2's floor with init_floor)
     r'       = Eq. 2 with x
+    r'       = worst focus                   focus="worst", instead of Eq. 1/2: only the
+                                              largest x (the domain that lags most) moves,
+                                              to m / (m + N - 1), m = exp(x_worst - median x);
+                                              with natural_floor = ε at least (1 + ε)·π_worst;
+                                              the others share the rest equally (no α or
+                                              init_floor; recomputed at every update; meant
+                                              for gap="log_ratio": raw ratios of 50+ give the
+                                              worst domain every sample)
     r'       ∈ [r/c, c·r]                    max_change = c (interval 0: relative to 1/N)
     r'       ≥ min_share / N                 min_share
 
-    focus="worst"                           only the largest x (the domain that lags most)
-                                              moves: its share is m / (m + N - 1),
-                                              m = exp(x_worst - median x), and with
-                                              natural_floor = ε at least (1 + ε)·π_worst; the
-                                              others share the rest equally (no Eq. 1/2, α
-                                              or init_floor: recomputed at every update)
 
 max_change and min_share are projections: ``w_i = clip(s·p_i, lo_i, hi_i)`` with the one scale
 ``s`` that makes the weights sum to 1 (:func:`bounded_rescale`), so the domains that
@@ -142,7 +144,9 @@ class Steering:
             raise ValueError(f"trend must be finite, got {self.trend}")
         if not self.prior_power >= 0.0:
             raise ValueError(f"prior_power must be >= 0, got {self.prior_power}")
-        if not (isinstance(self.uniform_intervals, int) and self.uniform_intervals >= 0):
+        if isinstance(self.uniform_intervals, bool) or not (
+            isinstance(self.uniform_intervals, int) and self.uniform_intervals >= 0
+        ):
             raise ValueError(f"uniform_intervals must be an int >= 0, got {self.uniform_intervals}")
         if self.focus not in ("all", "worst"):
             raise ValueError(f"focus must be 'all' or 'worst', got {self.focus!r}")
@@ -609,10 +613,13 @@ def next_weights(
 def _ddk_weights(
     method, rule, interval, weights, student_ppl, teacher_ppl, alpha, domains, steering, previous
 ) -> np.ndarray:
-    """``next_weights`` for the two DDK methods: Eq. 1 / Eq. 2 with the steering keys."""
-    n = len(student_ppl) if student_ppl is not None else len(teacher_ppl)
+    """``next_weights`` for the two DDK methods: Eq. 1 / Eq. 2 with the steering keys.
+    ``steering.uniform_intervals`` U: uniform before interval U (the perplexities still
+    checked), then everything below as if interval U were 0. ``steering.focus == "worst"``:
+    :func:`worst_focus_weights` at every interval instead of Eq. 1/2. Then the two
+    projections (max_change, min_share)."""
     if interval < steering.uniform_intervals:
-        return uniform_weights(n)
+        return uniform_weights(perplexity_ratio(student_ppl, teacher_ppl, domains).size)
     interval -= steering.uniform_intervals  # the steering starts as at interval 0
     before = previous if interval > 0 else None
     if steering.focus == "worst":

@@ -71,6 +71,8 @@ class _Run:
         # a variant of a method (a preset, else the opt-in interval-0 floor) gets its own label
         if distill.get("preset"):
             self.variant = f"{self.method}+{distill['preset']}"
+        elif distill.get("focus") == "worst":
+            self.variant = f"{self.method}+worst"
         else:
             self.variant = self.method + ("+floor" if distill.get("init_floor") else "")
         self.variant += "+domain" if (self.config.get("model") or {}).get("teachers") else ""

@@ -69,6 +69,17 @@ def test_worst_focus_floors_the_worst_domain_at_its_token_share(prepared_dir):
     np.testing.assert_allclose(np.delete(weights, worst), (1 - share) / 2, rtol=1e-12)
 
 
+def test_steering_that_is_not_what_was_asked_for_is_warned_about(prepared_dir, capsys):
+    _plan(prepared_dir, **{"distill.uniform_intervals": 3})  # 10 steps, K = 4: 3 intervals
+    _plan(prepared_dir, **{"distill.focus": "worst"})  # on raw ratios
+    said = capsys.readouterr().out
+    assert "uniform_intervals 3 covers all 3 intervals" in said
+    assert "use distill.gap: log_ratio" in said
+    _plan(prepared_dir, **{"distill.uniform_intervals": 2, "distill.focus": "worst",
+                           "distill.gap": "log_ratio"})  # fmt: skip
+    assert capsys.readouterr().out == ""
+
+
 def test_the_last_interval_plans_only_the_steps_that_run(prepared_dir):
     plan = _plan(prepared_dir)  # K = 4, 10 steps: intervals of 4, 4, 2 steps
     for _ in range(3):

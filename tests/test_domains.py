@@ -701,3 +701,8 @@ def test_uniform_intervals_delay_the_steering_and_then_start_it_as_at_interval_0
     )
     with pytest.raises(ValueError, match="uniform_intervals must be"):
         Steering(uniform_intervals=-1)
+    with pytest.raises(ValueError, match="uniform_intervals must be"):
+        Steering(uniform_intervals=True)
+    # the perplexities are checked during the uniform intervals too
+    with pytest.raises(ValueError, match="student perplexity must be finite"):
+        next_weights("ddk", 0, None, [float("nan"), 1.0, 1.0, 1.0], t, 0.5, None, None, late)

@@ -271,6 +271,15 @@ def test_benchmarks_score_each_finished_final_student_once(tmp_path, capsys):
     assert saved["average"] == pytest.approx(direct["average"])
     row = {x.split()[0]: x for x in shown.splitlines() if x.startswith(("equal", "robust"))}
     assert f"{100 * saved['average']:.2f} ± 0.00" in row["equal"] and "90.00" in row["robust"]
+    # a final score that failed in training (no average) is scored again by the sweep
+    failed = out / "runs" / "robust" / "base" / "metrics.jsonl"
+    failed.write_text(failed.read_text().replace('"average": 0.9', '"average": null'))
+    assert sweep.run_numbers(failed.parent)["benchmark_avg"] is None
+    assert sweep.main(argv) == 0
+    assert "benchmarks: robust on base" in capsys.readouterr().out
+    assert sweep.run_numbers(failed.parent)["benchmark_avg"] == pytest.approx(
+        100 * saved["average"]
+    )
     mtime = (out / "runs" / "equal" / "base" / sweep.SWEEP_BENCHMARKS).stat().st_mtime_ns
     assert sweep.main(argv) == 0  # scored already: nothing scored again
     assert "benchmarks:" not in capsys.readouterr().out
