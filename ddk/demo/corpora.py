@@ -320,6 +320,22 @@ SHAPES: dict[str, Shape] = {
         "C and Tcl at three sizes; records and word problems small",
         {"han": 700, "prose": 300, "python": 150, "math": 250, "records": 120, "c": 40, "tcl": 30},
     ),
+    # A seventh, defined (issue 19, round 4) before any run on it, after han7's runs were read:
+    # code-heavy (Python the largest domain, C mid-size), docstrings and prose both present,
+    # Han small; the student saw prose and a little math (benchmarks/sweep_bases.py).
+    "code7": Shape(
+        "seven domains; Python the largest and unseen by the student, C mid-size, docstrings "
+        "next to prose, Han small",
+        {
+            "python": 500,
+            "c": 120,
+            "prose": 250,
+            "docstrings": 200,
+            "math": 200,
+            "records": 150,
+            "han": 60,
+        },
+    ),
 }
 
 

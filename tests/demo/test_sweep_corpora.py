@@ -40,7 +40,9 @@ def _cosine(a: Counter, b: Counter) -> float:
     return dot / math.sqrt(sum(n * n for n in a.values()) * sum(n * n for n in b.values()))
 
 
-@pytest.mark.parametrize("shape, n", [("skewed7", 7), ("near_dup6", 6), ("wide8", 8), ("han7", 7)])
+@pytest.mark.parametrize(
+    "shape, n", [("skewed7", 7), ("near_dup6", 6), ("wide8", 8), ("han7", 7), ("code7", 7)]
+)
 def test_sweep_shapes_more_domains_unequal_sizes_no_shared_documents(tmp_path, shape, n):
     stats = build_corpus(shape, tmp_path, seed=0, scale=0.1, log=lambda m: None)
     assert len(stats) == n
