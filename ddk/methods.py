@@ -90,8 +90,10 @@ def method_spec(name: str) -> MethodSpec:
 # and the fifth corpus wide8 robust's mean is above equal sampling's; the preset is unchanged.
 # Round 4: `distill.focus: worst` (focus4u in the README) meets the bar on three of those five
 # corpora, robust on one; on a sixth, han7, defined before any run on it, no setting and no
-# mixture tried meets it (beating KD's worst ratio costs about 10 % on the mean there), so
-# focus4u is not confirmed and the preset is unchanged.
+# mixture tried meets it (getting near KD's worst ratio costs about 10 % on the mean there),
+# and on a seventh, code7, nothing beats even equal sampling (its validation split points at
+# another worst domain than its test split); focus4u is not confirmed and the preset is
+# unchanged.
 PRESETS: dict[str, dict[str, Any]] = {
     "robust": {"gap": "log_ratio", "weight_temperature": 2.0, "init_floor": True},
 }
