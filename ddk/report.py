@@ -58,6 +58,18 @@ NA = "n/a"  # a ratio that cannot exist (the run has no teacher)
 
 
 # ----------------------------------------------------------------------------- loading
+def _variant(method: str, distill: dict, model: dict) -> str:
+    """A run's label: a variant of a method (a preset, else focus: worst, else the opt-in
+    interval-0 floor) gets its own, and so does a teacher per domain."""
+    if distill.get("preset"):
+        label = f"{method}+{distill['preset']}"
+    elif distill.get("focus") == "worst":
+        label = f"{method}+worst"
+    else:
+        label = method + ("+floor" if distill.get("init_floor") else "")
+    return label + ("+domain" if model.get("teachers") else "")
+
+
 class _Run:
     """One run folder, parsed: its config, training logs and evaluation records."""
 
@@ -68,14 +80,7 @@ class _Run:
         distill = self.config.get("distill") or {}
         trainer = self.config.get("trainer") or {}
         self.method = str(distill.get("method") or "unknown")
-        # a variant of a method (a preset, else the opt-in interval-0 floor) gets its own label
-        if distill.get("preset"):
-            self.variant = f"{self.method}+{distill['preset']}"
-        elif distill.get("focus") == "worst":
-            self.variant = f"{self.method}+worst"
-        else:
-            self.variant = self.method + ("+floor" if distill.get("init_floor") else "")
-        self.variant += "+domain" if (self.config.get("model") or {}).get("teachers") else ""
+        self.variant = _variant(self.method, distill, self.config.get("model") or {})
         self.K = distill.get("K")
         self.alpha = distill.get("alpha")
         self.gamma = distill.get("gamma")
