@@ -24,6 +24,7 @@ import torch
 
 from ddk.data.dataset import PreparedData
 from ddk.errors import DDKError
+from ddk.losses import IGNORE_INDEX
 from ddk.metrics import DOMAIN_UPDATE, read_metrics
 from ddk.models import eval_model
 from ddk.table import format_table
@@ -38,7 +39,7 @@ def domain_gradients(model, data: PreparedData, split: str = "val") -> torch.Ten
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=inputs).logits.float()
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
         )
         loss.backward()
         rows.append(

@@ -481,13 +481,13 @@ def build_tasks(out: Path, prepared: Path, corpus: Path | None) -> tuple[dict, P
     return tasks, folder
 
 
-def _scored_on(run_dir: Path, folder: Path) -> bool:
-    """Whether the run's final student has a score (or a failure) on these tasks, or one from
-    training (on the tasks of its own config: not comparable with the others')."""
+def _scored_on(run_dir: Path, numbers: dict, folder: Path) -> bool:
+    """Whether the run's final student (its `run_numbers`) has a score (or a failure) on these
+    tasks, or one from training (on its own config's tasks: not comparable with the others')."""
     saved = run_dir / SWEEP_BENCHMARKS
     if saved.is_file():
         return json.loads(saved.read_text()).get("task_folder") == str(folder.resolve())
-    return run_numbers(run_dir).get("benchmark_avg") is not None
+    return numbers.get("benchmark_avg") is not None
 
 
 def score_finished(runs: list[Run], out: Path, corpus: Path | None, say: Callable = print):
@@ -496,11 +496,16 @@ def score_finished(runs: list[Run], out: Path, corpus: Path | None, say: Callabl
     from ddk.harness import BenchmarkPlan, benchmarks_payload, score_or_failure, write_benchmarks
     from ddk.models import eval_model, eval_tokenizer
 
-    done = [r for r in runs if run_numbers(r.run_dir) is not None]
-    for run in done:
+    tasks_of: dict[Path, tuple[dict, Path]] = {}  # per data folder
+    for run in runs:
+        numbers = run_numbers(run.run_dir)
+        if numbers is None:  # not finished
+            continue
         data = Path(requested_config(run).data.prepared)
-        tasks, folder = build_tasks(out, data, corpus)
-        if _scored_on(run.run_dir, folder):
+        if data not in tasks_of:
+            tasks_of[data] = build_tasks(out, data, corpus)
+        tasks, folder = tasks_of[data]
+        if _scored_on(run.run_dir, numbers, folder):
             continue
         say(f"benchmarks: {run.setting} on {run.replicate.label}")
         final = str(run.run_dir / "final")

@@ -70,7 +70,7 @@ class IntervalPlan:
                 f"warning: distill.K {self.K} > trainer.max_steps {self.max_steps}: the domain "
                 "weights are set once and never updated; lower distill.K"
             )
-        self._warn_steering(d)
+        self._warn_steering()
         self.geometry = {
             "sequences_per_step": self.global_batch,
             "processes": world_size,
@@ -209,17 +209,18 @@ class IntervalPlan:
                 f"{self.method.name} does not use it, logged as NaN"
             )
 
-    def _warn_steering(self, d) -> None:
+    def _warn_steering(self) -> None:
         """Steering keys that turn DDK into something the user did not ask for."""
         if not self.method.teacher_for_weights:
             return
+        steering = self.steering
         intervals = -(-self.max_steps // self.K)
-        if d.uniform_intervals >= intervals:
+        if steering.uniform_intervals >= intervals:
             print0(
-                f"warning: distill.uniform_intervals {d.uniform_intervals} covers all "
+                f"warning: distill.uniform_intervals {steering.uniform_intervals} covers all "
                 f"{intervals} intervals: this run samples uniformly (equal sampling); lower it"
             )
-        if d.focus == "worst" and d.gap == "ratio":
+        if steering.focus == "worst" and steering.gap == "ratio":
             print0(
                 "warning: distill.focus: worst on raw ratios (distill.gap: ratio): a ratio far "
                 "above the others gives that domain every sample; use distill.gap: log_ratio"

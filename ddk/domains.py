@@ -289,15 +289,22 @@ def prior_tilt(shares: Sequence[float] | np.ndarray, power: float, n: int) -> np
     """``β · log π``, with ``π = shares / Σ shares``: added to Eq. 1/2's exponent it makes the
     weights go as ``π^β · exp(x)``. A domain with share 0 gets ``-inf`` (weight 0 before
     Eq. 2's floor) when ``β > 0``; ``β = 0`` adds nothing."""
+    pi = _natural_shares(shares, n)
+    if power == 0:
+        return np.zeros(n)
+    with np.errstate(divide="ignore"):
+        return power * np.log(pi)
+
+
+def _natural_shares(shares: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
+    """``π = shares / Σ shares`` for ``n`` domains; a one-line ``ValueError`` for the wrong
+    length, a value that is not finite or negative, or all zeros."""
     pi = _as_vector(shares, "prior shares")
     if pi.size != n:
         raise ValueError(f"prior shares have {pi.size} entries for {n} domains")
     if not np.all(np.isfinite(pi)) or np.any(pi < 0) or not pi.sum() > 0:
         raise ValueError(f"prior shares must be finite, >= 0 and not all zero, got {pi.tolist()}")
-    if power == 0:
-        return np.zeros(n)
-    with np.errstate(divide="ignore"):
-        return power * np.log(pi / pi.sum())
+    return pi / pi.sum()
 
 
 def initial_weights(
@@ -394,10 +401,8 @@ def worst_focus_weights(
     if natural_floor is not None:
         if prior is None:
             raise ValueError("natural_floor needs the natural share of every domain (prior)")
-        pi = _as_vector(prior, "prior shares")
-        if pi.size != n or not np.all(np.isfinite(pi)) or np.any(pi < 0) or not pi.sum() > 0:
-            raise ValueError(f"prior shares must be {n} finite values >= 0, not all zero")
-        share = max(share, min(1.0, (1.0 + natural_floor) * pi[worst] / pi.sum()))
+        pi = _natural_shares(prior, n)
+        share = max(share, min(1.0, (1.0 + natural_floor) * pi[worst]))
     w = np.full(n, (1.0 - share) / (n - 1))
     w[worst] = share
     return w
