@@ -5,6 +5,7 @@ and the geometric-mean perplexity on the test split, mean ± half-range over see
         --base /tmp/demo-0 /tmp/demo-1 /tmp/demo-2 \
         --settings paper equal kd floor_a25 log_floor robust \
         [--setting mine distill.method=ddk distill.alpha=0.3 ...] [--seeds 0 1 2] \
+        [--tilt han30 han=0.30 python=0.17 ...] \
         [--set trainer.max_steps=500 ...] [--teacher T --student S --data D] \
         [--inprocess | --launcher "accelerate launch -m ddk.cli"] [--reference equal] \
         [--table-only]
@@ -13,7 +14,10 @@ A base is a run config (YAML) or a `ddk demo --out` folder (its configs/distill_
 base x trainer seed (`--seeds`; default: the base's own seed) is one replicate, a "seed" in the
 table. `ddk demo --seed S` builds a corpus, tokenizer, teacher and student per seed, so its
 folders are bases of their own. A setting is a named bundle of `--set` overrides applied over
-the base (built-in: --list). Every run goes to OUT/runs/SETTING/REPLICATE through `ddk distill`
+the base (built-in: --list). `--tilt NAME DOMAIN=SHARE ...` is a static mixture: the named
+domains get their shares of the samples and the others split the rest equally (DDK's loss,
+`distill.method=kd` with that `distill.mixture`), to find what a fixed mixture can reach on the
+data. Every run goes to OUT/runs/SETTING/REPLICATE through `ddk distill`
 (a subprocess, or in this process with --inprocess), one at a time. Finished runs (a final_eval
 record in metrics.jsonl) are skipped and interrupted ones resumed, so rerunning the same
 command continues a sweep; a run folder whose config differs from what the command asks for
@@ -526,6 +530,9 @@ def parse_args(argv=None):
     p.add_argument("--settings", nargs="+", default=[], help="built-in settings (see --list)")
     p.add_argument("--setting", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
                    help="a setting of your own: a name and its --set overrides")  # fmt: skip
+    p.add_argument("--tilt", nargs="+", action="append", default=[],
+                   metavar="NAME DOMAIN=SHARE",
+                   help="a static mixture: the named domains' shares, the rest split equally")  # fmt: skip
     p.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for every run (e.g. trainer.max_steps=500)")  # fmt: skip
     p.add_argument("--teacher", help="= --set model.teacher=...")
@@ -548,7 +555,8 @@ def parse_args(argv=None):
     return args
 
 
-def chosen_settings(args) -> dict[str, list[str]]:
+def chosen_settings(args, domains: Callable[[], list[str]]) -> dict[str, list[str]]:
+    """The settings asked for, by name; `domains` (read only for --tilt) lists the data's."""
     settings: dict[str, list[str]] = {}
     for name in args.settings:
         if name not in SETTINGS:
@@ -558,9 +566,55 @@ def chosen_settings(args) -> dict[str, list[str]]:
         if "=" in name or "/" in name:
             raise DDKError(f"--setting needs a name first, then KEY=VALUE overrides; got '{name}'")
         settings[name] = overrides
+    for name, *shares in args.tilt:
+        if "=" in name or "/" in name:
+            raise DDKError(f"--tilt needs a name first, then DOMAIN=SHARE pairs; got '{name}'")
+        settings[name] = tilt_setting(shares, domains())
     if not settings:
         raise DDKError("no settings: give --settings NAME ... or --setting NAME KEY=VALUE ...")
     return settings
+
+
+def data_domains(bases: list[str], common: list[str]) -> list[str]:
+    """The domains of the prepared data every base trains on (the same in each)."""
+    from ddk.config import load_config
+    from ddk.data.manifest import read_manifest
+
+    found = []
+    for base in bases or [None]:
+        prepared = load_config(base and base_config(base), common).data.prepared
+        if not prepared:
+            raise DDKError("--tilt needs the data: give --data or a base with data.prepared")
+        found.append(list(read_manifest(prepared).domains))
+    if any(f != found[0] for f in found):
+        raise DDKError(f"--tilt needs one set of domains; the bases' data have {found}")
+    return found[0]
+
+
+def tilt_setting(shares: list[str], domains: list[str]) -> list[str]:
+    """`DOMAIN=SHARE ...` as the overrides of a static mixture: those domains get their shares,
+    every other domain an equal part of the rest."""
+    given: dict[str, float] = {}
+    for item in shares:
+        domain, _, value = item.partition("=")
+        if domain not in domains:
+            raise DDKError(
+                f"--tilt names '{domain}', not a domain of the data ({', '.join(domains)})"
+            )
+        try:
+            given[domain] = float(value)
+        except ValueError:
+            raise DDKError(f"--tilt {item}: give DOMAIN=SHARE with a share in (0, 1)") from None
+        if not 0 < given[domain] < 1:
+            raise DDKError(f"--tilt {item}: a share is a fraction of the samples, in (0, 1)")
+    rest = [d for d in domains if d not in given]
+    left = 1 - sum(given.values())
+    if not given or not rest or left <= 0:
+        raise DDKError(
+            f"--tilt {' '.join(shares)}: name some domains, not all, with shares summing below 1"
+        )
+    mixture = {d: round(given.get(d, left / len(rest)), 6) for d in domains}
+    return ["distill.method=kd", f"distill.mixture={json.dumps(mixture, separators=(',', ':'))}"]
 
 
 def main(argv=None) -> int:
@@ -570,12 +624,12 @@ def main(argv=None) -> int:
             print(f"{name:16s} {describe(overrides)}")
         return 0
     out = Path(args.out).expanduser()
-    settings = chosen_settings(args)
     common = list(args.common)
     for key, value in (("model.teacher", args.teacher), ("model.student", args.student),
                        ("data.prepared", args.data)):  # fmt: skip
         if value:
             common.append(f"{key}={value}")
+    settings = chosen_settings(args, lambda: data_domains(args.base, common))
     reps = replicates(args.base, args.seeds)
     runs = plan(out, settings, reps, common)
     reference = args.reference if args.reference in settings else None

@@ -172,9 +172,43 @@ def test_plan_configs_and_refusals(tmp_path):
     with pytest.raises(DDKError, match="distill.gap_trend"):
         sweep.check_same_run(runs[0], cfg)
     with pytest.raises(DDKError, match="unknown setting 'nope'"):
-        sweep.chosen_settings(sweep.parse_args(["--out", "x", "--settings", "nope"]))
+        sweep.chosen_settings(sweep.parse_args(["--out", "x", "--settings", "nope"]), list)
     with pytest.raises(DDKError, match="neither a config file nor a demo folder"):
         sweep.base_config(tmp_path / "nothing")
+
+
+def test_tilt_is_a_static_mixture_over_the_data_domains(tmp_path, prepared_dir, capsys):
+    from ddk.data.manifest import read_manifest
+    from ddk.domains import fixed_mixture
+
+    domains = list(read_manifest(prepared_dir).domains)
+    up, *others = domains
+    demo = _base(tmp_path / "d")
+    out = tmp_path / "sweep"
+    fake_run(out / "runs" / "up40" / "d.seed0", dict.fromkeys(domains, 30.0), dict.fromkeys(domains, 10.0))  # fmt: skip
+    argv = ["--out", str(out), "--base", str(demo), "--data", str(prepared_dir), "--seeds", "0",
+            "--table-only", "--tilt", "up40", f"{up}=0.4"]  # fmt: skip
+    assert sweep.main(argv) == 0
+    runs = sweep.plan(out, sweep.chosen_settings(sweep.parse_args(argv), lambda: domains),
+                      sweep.replicates([str(demo)], [0]), [f"data.prepared={prepared_dir}"])  # fmt: skip
+    cfg = sweep.requested_config(runs[0])
+    assert cfg.distill.method == "kd"
+    # the same shares reach training: the named domain 40 %, the others an equal part of 60 %
+    shares = dict(zip(domains, fixed_mixture(domains, cfg.distill.mixture)))
+    assert shares[up] == pytest.approx(0.4)
+    assert all(shares[d] == pytest.approx(0.6 / len(others)) for d in others)
+    assert "`up40`: `distill.method=kd distill.mixture=" in (out / "results.md").read_text()
+    for bad, message in (
+        (["nope=0.3"], "not a domain of the data"),
+        ([f"{up}=1.2"], r"in \(0, 1\)"),
+        ([f"{up}=x"], "DOMAIN=SHARE"),
+        ([f"{d}=0.1" for d in domains], "not all"),
+        ([f"{up}=0.6", f"{others[0]}=0.5"], "summing below 1"),
+    ):
+        with pytest.raises(DDKError, match=message):
+            sweep.tilt_setting(bad, domains)
+    with pytest.raises(DDKError, match="--tilt needs the data"):
+        sweep.data_domains([str(demo)], ["data.prepared="])
 
 
 @pytest.mark.slow
