@@ -68,6 +68,10 @@ PAPER_KEYS = [
     "distill.min_share=0.0",
     "distill.max_weight_change=null",
     "distill.gap_trend=0",
+    "distill.prior_power=0.0",
+    "distill.uniform_intervals=0",
+    "distill.focus=all",
+    "distill.natural_floor=null",
 ]
 
 
@@ -143,6 +147,7 @@ SETTINGS: dict[str, list[str]] = {
     "floor_min75": _ddk("distill.init_floor=true", "distill.min_share=0.75"),
     "log_min75": _ddk("distill.gap=log_ratio", "distill.min_share=0.75"),
     "robust": _ddk("distill.preset=robust"),
+    "focus": _ddk("distill.preset=focus"),
 }
 
 

@@ -222,9 +222,9 @@ def _add_demo_parser(sub) -> None:
     p.add_argument(
         "--methods",
         nargs="+",
-        help="methods to compare (default: cpt kd ddk ddk+robust equal; with --chat: kd ddk "
-        "ddk+robust equal; ddk+robust = ddk with distill.preset=robust; also ddk_no_smoothing, "
-        "ddk+floor = ddk with distill.init_floor=true)",
+        help="methods to compare (default: cpt kd ddk ddk+robust ddk+focus equal; with --chat: "
+        "kd ddk ddk+robust equal; ddk+PRESET = ddk with distill.preset=PRESET; also "
+        "ddk_no_smoothing, ddk+floor = ddk with distill.init_floor=true)",
     )
     p.add_argument(
         "--init-floor-variant", action="store_true", help="also run ddk+floor (init_floor=true)"

@@ -203,7 +203,7 @@ class DataSection(_Section):
 
 # The keys of ddk.methods.METHODS and PRESETS (a test checks they agree).
 Method = Literal["ddk", "kd", "cpt", "ddk_no_smoothing", "equal"]
-Preset = Literal["robust"]
+Preset = Literal["robust", "focus"]
 # The trackers Accelerate's tracker API knows (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test
 # checks they agree).
 Tracker = Literal[
@@ -230,8 +230,9 @@ class DistillSection(_Section):
     preset: Preset | None = Field(
         None,
         description="A named bundle of the domain-weight keys below (ddk.methods.PRESETS; "
-        "'robust': see the README). It sets each key it names that the config leaves at its "
-        "default; the saved config shows the values it resolved to. null: the paper's DDK.",
+        "'robust', 'focus': see the README). It sets each key it names that the config leaves "
+        "at its default; the saved config shows the values it resolved to. null: the paper's "
+        "DDK.",
     )
     K: StrictInt = Field(
         1000, ge=1, description="Distillation interval: steps between domain updates."

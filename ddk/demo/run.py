@@ -498,7 +498,7 @@ def run_demo(args) -> dict:
             write_demo_record(out)
 
 
-DEFAULT_METHODS = ["cpt", "kd", "ddk", "ddk+robust", "equal"]
+DEFAULT_METHODS = ["cpt", "kd", "ddk", "ddk+robust", "ddk+focus", "equal"]
 DEMO_RECORD = ".ddk-demo.json"
 
 

@@ -53,10 +53,13 @@ def test_demo_quick(tmp_path, capsys):
         "worst ratio",
     ):
         assert word in table, word
-    assert "ddk+robust" in table  # paper DDK, the preset, equal and KD side by side
+    # paper DDK, both presets, equal and KD side by side
+    assert "ddk+robust" in table and "ddk+focus" in table
     robust = yaml.safe_load((out / "runs" / "ddk+robust" / "config.yaml").read_text())
     assert robust["distill"]["preset"] == "robust" and robust["distill"]["gap"] == "log_ratio"
-    for method in ("cpt", "kd", "ddk", "ddk+robust", "equal"):
+    focus = yaml.safe_load((out / "runs" / "ddk+focus" / "config.yaml").read_text())
+    assert focus["distill"]["preset"] == "focus" and focus["distill"]["focus"] == "worst"
+    for method in ("cpt", "kd", "ddk", "ddk+robust", "ddk+focus", "equal"):
         start, final = _final_and_start(out / "runs" / method)
         for domain, d in start.items():
             assert d["teacher_ppl"] < d["student_ppl"], f"teacher not better on {domain}"
