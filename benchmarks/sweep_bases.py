@@ -35,6 +35,7 @@ STUDENT_MIXES: dict[str, dict[str, float]] = {
     "wide8": {"prose": 0.7, "math": 0.2, "han": 0.1},  # no records, Python, C, Tcl, docstrings
     "han7": {"prose": 0.75, "math": 0.2, "han": 0.05},  # no Python, C, Tcl, records
     "code7": {"prose": 0.8, "math": 0.2},  # no Python, C, docstrings, records, Han
+    "lag6": {"prose": 0.8, "math": 0.2},  # no records, Python, Han, C
 }
 DEFAULT_STUDENT_MIX = {"prose": 0.8, "math": 0.2}
 
