@@ -37,6 +37,7 @@ from (found from the data's manifest; --corpus names it when it moved).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -49,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddk.config import Config, read_raw_config
+from ddk.config import Config, load_config, read_raw_config
 from ddk.errors import DDKError
 from ddk.metrics import BENCHMARK_EVAL, FINAL_EVAL, read_metrics
 from ddk.run_dir import flatten
@@ -345,8 +346,6 @@ def plan(out: Path, settings: dict[str, list[str]], reps: list[Replicate], commo
 
 
 def requested_config(run: Run) -> Config:
-    from ddk.config import load_config
-
     return load_config(run.replicate.base, list(run.overrides))
 
 
@@ -563,26 +562,32 @@ def parse_args(argv=None):
 def chosen_settings(args, domains: Callable[[], list[str]]) -> dict[str, list[str]]:
     """The settings asked for, by name; `domains` (read only for --tilt) lists the data's."""
     settings: dict[str, list[str]] = {}
+
+    def add(flag: str, name: str, overrides: list[str]) -> None:
+        if flag != "--settings" and ("=" in name or "/" in name):
+            raise DDKError(f"{flag} needs a name first, then its pairs; got '{name}'")
+        if name in settings:
+            raise DDKError(f"setting '{name}' is asked for twice; give each setting its own name")
+        settings[name] = overrides
+
     for name in args.settings:
         if name not in SETTINGS:
             raise DDKError(f"unknown setting '{name}'; built-in: {', '.join(SETTINGS)}")
-        settings[name] = SETTINGS[name]
+        add("--settings", name, SETTINGS[name])
     for name, *overrides in args.setting:
-        if "=" in name or "/" in name:
-            raise DDKError(f"--setting needs a name first, then KEY=VALUE overrides; got '{name}'")
-        settings[name] = overrides
+        add("--setting", name, overrides)
     for name, *shares in args.tilt:
-        if "=" in name or "/" in name:
-            raise DDKError(f"--tilt needs a name first, then DOMAIN=SHARE pairs; got '{name}'")
-        settings[name] = tilt_setting(shares, domains())
+        add("--tilt", name, tilt_setting(name, shares, domains()))
     if not settings:
-        raise DDKError("no settings: give --settings NAME ... or --setting NAME KEY=VALUE ...")
+        raise DDKError(
+            "no settings: give --settings NAME ..., --setting NAME KEY=VALUE ... or "
+            "--tilt NAME DOMAIN=SHARE ..."
+        )
     return settings
 
 
 def data_domains(bases: list[str], common: list[str]) -> list[str]:
     """The domains of the prepared data every base trains on (the same in each)."""
-    from ddk.config import load_config
     from ddk.data.manifest import read_manifest
 
     found = []
@@ -596,7 +601,7 @@ def data_domains(bases: list[str], common: list[str]) -> list[str]:
     return found[0]
 
 
-def tilt_setting(shares: list[str], domains: list[str]) -> list[str]:
+def tilt_setting(name: str, shares: list[str], domains: list[str]) -> list[str]:
     """`DOMAIN=SHARE ...` as the overrides of a static mixture: those domains get their shares,
     every other domain an equal part of the rest."""
     given: dict[str, float] = {}
@@ -604,21 +609,29 @@ def tilt_setting(shares: list[str], domains: list[str]) -> list[str]:
         domain, _, value = item.partition("=")
         if domain not in domains:
             raise DDKError(
-                f"--tilt names '{domain}', not a domain of the data ({', '.join(domains)})"
+                f"--tilt {name}: '{domain}' is not a domain of the data ({', '.join(domains)})"
             )
+        if domain in given:
+            raise DDKError(f"--tilt {name}: '{domain}' is given twice")
         try:
             given[domain] = float(value)
         except ValueError:
-            raise DDKError(f"--tilt {item}: give DOMAIN=SHARE with a share in (0, 1)") from None
-        if not 0 < given[domain] < 1:
-            raise DDKError(f"--tilt {item}: a share is a fraction of the samples, in (0, 1)")
+            given[domain] = math.nan
+        if not 0 < given[domain] < 1:  # NaN fails too
+            raise DDKError(f"--tilt {name} {item}: give DOMAIN=SHARE, a share in (0, 1)")
     rest = [d for d in domains if d not in given]
     left = 1 - sum(given.values())
-    if not given or not rest or left <= 0:
+    if not given:
+        raise DDKError(f"--tilt {name}: name at least one domain with its share (DOMAIN=SHARE)")
+    if not rest:
+        raise DDKError(f"--tilt {name}: leave at least one domain out; it shares the rest")
+    if left < 1e-6:
         raise DDKError(
-            f"--tilt {' '.join(shares)}: name some domains, not all, with shares summing below 1"
+            f"--tilt {name}: the shares sum to {1 - left:g}; keep them below 1 so the other "
+            "domains get the rest"
         )
-    mixture = {d: round(given.get(d, left / len(rest)), 6) for d in domains}
+    # the given shares as given; the rest rounded only to drop float noise (0.53 / 5)
+    mixture = {d: given[d] if d in given else round(left / len(rest), 12) for d in domains}
     return ["distill.method=kd", f"distill.mixture={json.dumps(mixture, separators=(',', ':'))}"]
 
 
@@ -634,7 +647,7 @@ def main(argv=None) -> int:
                        ("data.prepared", args.data)):  # fmt: skip
         if value:
             common.append(f"{key}={value}")
-    settings = chosen_settings(args, lambda: data_domains(args.base, common))
+    settings = chosen_settings(args, functools.cache(lambda: data_domains(args.base, common)))
     reps = replicates(args.base, args.seeds)
     runs = plan(out, settings, reps, common)
     reference = args.reference if args.reference in settings else None

@@ -199,16 +199,43 @@ def test_tilt_is_a_static_mixture_over_the_data_domains(tmp_path, prepared_dir, 
     assert all(shares[d] == pytest.approx(0.6 / len(others)) for d in others)
     assert "`up40`: `distill.method=kd distill.mixture=" in (out / "results.md").read_text()
     for bad, message in (
-        (["nope=0.3"], "not a domain of the data"),
+        (["nope=0.3"], "'nope' is not a domain of the data"),
         ([f"{up}=1.2"], r"in \(0, 1\)"),
-        ([f"{up}=x"], "DOMAIN=SHARE"),
-        ([f"{d}=0.1" for d in domains], "not all"),
-        ([f"{up}=0.6", f"{others[0]}=0.5"], "summing below 1"),
+        ([f"{up}=x"], "give DOMAIN=SHARE"),
+        ([f"{up}=nan"], "give DOMAIN=SHARE"),
+        ([f"{up}=0.2", f"{up}=0.3"], "given twice"),
+        ([], "name at least one domain"),
+        ([f"{d}=0.1" for d in domains], "leave at least one domain out"),
+        ([f"{up}=0.6", f"{others[0]}=0.5"], "the shares sum to 1.1"),
     ):
         with pytest.raises(DDKError, match=message):
-            sweep.tilt_setting(bad, domains)
+            sweep.tilt_setting("t", bad, domains)
+    # a tilt may not take the name of another setting (equal is the default reference)
+    clash = [*argv[:-3], "--settings", "equal", "--tilt", "equal", f"{up}=0.4"]
+    with pytest.raises(DDKError, match="'equal' is asked for twice"):
+        sweep.chosen_settings(sweep.parse_args(clash), lambda: domains)
+
+
+def test_tilt_reads_the_domains_from_each_base(tmp_path, prepared_dir):
+    from ddk.data.manifest import read_manifest
+
+    domains = list(read_manifest(prepared_dir).domains)
+    cfg = Config()
+    cfg.data.prepared = str(prepared_dir)
+    cfg.save(tmp_path / "a.yaml")
+    assert sweep.data_domains([str(tmp_path / "a.yaml")], []) == domains
+    # data with other domains under a second base: refused, not mixed up
+    other = tmp_path / "other"
+    shutil.copytree(prepared_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["domains"].pop(domains[0])
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    cfg.data.prepared = str(other)
+    cfg.save(tmp_path / "b.yaml")
+    with pytest.raises(DDKError, match="one set of domains"):
+        sweep.data_domains([str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")], [])
     with pytest.raises(DDKError, match="--tilt needs the data"):
-        sweep.data_domains([str(demo)], ["data.prepared="])
+        sweep.data_domains([str(tmp_path / "a.yaml")], ["data.prepared="])
 
 
 @pytest.mark.slow

@@ -337,11 +337,11 @@ SHAPES: dict[str, Shape] = {
         },
     ),
     # An eighth, defined (issue 19, round 5) before any run on it, to check preset `focus`
-    # (round 4's focus4n): four domains the student never saw, at similar sizes (records,
-    # Python, Han, C), so several domains lag at once, not one; prose and math seen.
+    # (round 4's focus4n): four domains the student never saw (records, Python and Han at 150
+    # documents, C at 60), so several domains lag at once, not one; prose and math seen.
     "lag6": Shape(
-        "six domains; four unseen by the student at similar sizes (records, Python, Han, C); "
-        "prose the largest",
+        "six domains; four unseen by the student (records, Python and Han at 150 documents, C "
+        "at 60); prose the largest",
         {"prose": 500, "math": 300, "records": 150, "python": 150, "han": 150, "c": 60},
     ),
 }

@@ -162,7 +162,9 @@ def test_readme_first_command_as_written(tmp_path):
     # the base interpreter, so pip installs what a new user gets (torch included, several
     # GB): it is removed afterwards, or three kept pytest temp dirs fill a small disk.
     free_gb = shutil.disk_usage(tmp_path).free / 2**30
-    assert free_gb > 10, f"the README install needs ~7 GB free in {tmp_path}; {free_gb:.1f} GB is"
+    assert free_gb > 10, (
+        f"the README install needs 10 GB free in {tmp_path}; {free_gb:.1f} GB is free"
+    )
     work = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(work)], check=True)
     for path in ("README.md", "pyproject.toml"):  # uncommitted edits count too
