@@ -159,7 +159,8 @@ def test_readme_first_command_as_written(tmp_path):
     command = _readme_first_command()
     assert command.endswith("ddk demo --quick"), command
     # Run it in a copy of the repository, with the demo at tiny sizes. The venv is made by
-    # the base interpreter, so pip installs what a new user gets (torch included, several
+    # the base interpreter and sees only its packages (--system-site-packages), not this
+    # test's venv, so pip installs the rest as a new user gets it (torch included, several
     # GB): it is removed afterwards, or three kept pytest temp dirs fill a small disk.
     free_gb = shutil.disk_usage(tmp_path).free / 2**30
     assert free_gb > 10, (
